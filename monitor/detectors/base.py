@@ -1,0 +1,44 @@
+"""The detector interface: a small pure class per concern.
+
+A detector watches one run. It is built with its settings and a read-only view
+of the run's state, and answers each record with a list of Events. It never
+reads the wall clock and does no I/O: the record's time is the clock, and
+``tick(now)`` is how time passes without records (the server calls it from a
+timer, replay from the records' own timestamps).
+
+Thresholds are read from ``self.settings`` on every call, so a config reload
+(which assigns a new settings object) changes them without losing state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..events import Event
+    from ..record import Record
+    from ..state import RunState
+
+
+@dataclass(kw_only=True, slots=True)
+class NoSettings:
+    """For a detector with nothing to tune."""
+
+
+class Detector:
+    """Base class; subclasses set ``name`` (the config section) and ``Settings``."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[Any]] = NoSettings
+
+    def __init__(self, settings: Any, run: RunState) -> None:
+        self.settings = settings
+        self.run = run
+
+    def update(self, record: Record) -> list[Event]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def tick(self, now: float) -> list[Event]:
+        """Time passed without records (``now`` in record-time seconds)."""
+        return []

@@ -1,0 +1,175 @@
+"""The pipeline of DESIGN.md: records -> run state -> detectors -> alert transitions.
+
+The same object runs in the server and in ``trainhealth replay``. It is pure:
+time is the records' own ``time``; the server adds wall time only through
+``tick_wall`` (time passing with no records), which extrapolates each run's
+record clock by the wall time since its newest record arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from .alerts import Alert, AlertBook
+from .config import Limits
+from .detectors import ALL, Detector
+from .events import Event, resolved
+from .record import Record
+from .state import RankState, RunState
+
+
+class CapExceeded(ValueError):
+    """A record refused because a cap (runs, ranks per run) is reached."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Outcome:
+    alerts: list[Alert]
+    refused: list[tuple[int, CapExceeded]]  # (index in the batch, why)
+
+
+def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
+    """Order by step then time; a record without a step takes its rank's previous step."""
+    prev: dict[tuple[str, int], int] = {}
+    keys: list[tuple[int, float]] = []
+    for rec in records:
+        ident = (rec.run, rec.rank)
+        step = rec.step if rec.step is not None else prev.get(ident, -1)
+        prev[ident] = step
+        keys.append((step, rec.time))
+    return keys.__getitem__
+
+
+class Pipeline:
+    def __init__(self, detector_settings: dict[str, Any], limits: Limits | None = None,
+                 tick_seconds: float = 1.0, detectors: Sequence[type[Detector]] = ALL,
+                 book: AlertBook | None = None) -> None:
+        self.detector_settings = detector_settings
+        self.limits = limits or Limits()
+        self.tick_seconds = tick_seconds
+        self.detector_classes = list(detectors)
+        self.runs: dict[str, RunState] = {}
+        self.detectors: dict[str, list[Detector]] = {}
+        self.book = book or AlertBook()
+        self.records_processed = 0
+
+    # -- configuration ------------------------------------------------------
+    def reconfigure(self, detector_settings: dict[str, Any]) -> None:
+        """New thresholds, same state."""
+        self.detector_settings = detector_settings
+        for dets in self.detectors.values():
+            for det in dets:
+                det.settings = detector_settings[det.name]
+
+    # -- records ------------------------------------------------------------
+    def process(self, records: Sequence[Record], wall: float = 0.0) -> Outcome:
+        """Feed a batch (any order); returns alert transitions and refused records."""
+        alerts: list[Alert] = []
+        refused: list[tuple[int, CapExceeded]] = []
+        order = range(len(records))
+        if len(records) > 1:
+            order = sorted(order, key=_order_key(records))  # type: ignore[assignment]
+        for i in order:
+            rec = records[i]
+            try:
+                run = self._admit(rec)
+            except CapExceeded as exc:
+                refused.append((i, exc))
+                continue
+            alerts.extend(self._feed(run, rec, wall))
+        refused.sort(key=lambda r: r[0])
+        return Outcome(alerts, refused)
+
+    def _admit(self, rec: Record) -> RunState:
+        run = self.runs.get(rec.run)
+        if run is None:
+            if len(self.runs) >= self.limits.max_runs:
+                raise CapExceeded("run", f"the sidecar already tracks {len(self.runs)} runs "
+                                         f"(limits.max_runs); {rec.run!r} is refused")
+            run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time)
+            self.runs[rec.run] = run
+            self.detectors[rec.run] = [
+                cls(self.detector_settings[cls.name], run) for cls in self.detector_classes
+            ]
+        if rec.rank not in run.ranks:
+            if len(run.ranks) >= self.limits.max_ranks_per_run:
+                raise CapExceeded("rank", f"run {rec.run!r} already has {len(run.ranks)} ranks "
+                                          f"(limits.max_ranks_per_run); rank {rec.rank} is refused")
+            run.ranks[rec.rank] = RankState(rank=rec.rank, first_time=rec.time)
+        return run
+
+    def _feed(self, run: RunState, rec: Record, wall: float) -> list[Alert]:
+        run.records += 1
+        self.records_processed += 1
+        run.ranks[rec.rank].apply(rec)
+        if rec.type == "start":
+            run.add_start(rec)
+        events: list[Event] = []
+        for det in self.detectors[run.run]:
+            out = det.update(rec)
+            if out:
+                events.extend(out)
+        if rec.time > run.clock:
+            run.clock = rec.time
+            run.clock_wall = wall
+        if run.clock - run.last_tick >= self.tick_seconds:
+            events.extend(self._tick_run(run, run.clock))
+        return self.book.apply(run.run, events) if events else []
+
+    # -- time ---------------------------------------------------------------
+    def _tick_run(self, run: RunState, now: float) -> list[Event]:
+        run.last_tick = now
+        events: list[Event] = []
+        for det in self.detectors[run.run]:
+            out = det.tick(now)
+            if out:
+                events.extend(out)
+        return events
+
+    def tick_wall(self, wall: float) -> list[Alert]:
+        """Server timer: let time pass for every run, and forget expired runs."""
+        alerts: list[Alert] = []
+        for run in list(self.runs.values()):
+            idle = max(0.0, wall - run.clock_wall)
+            if idle > self.limits.run_ttl_seconds:
+                alerts.extend(self.forget(run.run, f"run {run.run} expired after {idle:.0f}s "
+                                                   f"without records"))
+                continue
+            now = run.clock + idle
+            if now - run.last_tick >= self.tick_seconds:
+                events = self._tick_run(run, now)
+                if events:
+                    alerts.extend(self.book.apply(run.run, events))
+        return alerts
+
+    def forget(self, name: str, why: str) -> list[Alert]:
+        """Drop a run; its open alerts resolve."""
+        run = self.runs.pop(name, None)
+        self.detectors.pop(name, None)
+        if run is None:
+            return []
+        events = [resolved(a["alert"], a["rank"], max(0, run_last_step(run)), run.clock, why)
+                  for a in self.book.firing(name)]
+        return self.book.apply(name, events)
+
+
+def run_last_step(run: RunState) -> int:
+    return max((r.last_step for r in run.ranks.values()), default=0)
+
+
+def replay(records: Iterable[Record], pipeline: Pipeline, batch: int = 1) -> Iterable[Alert]:
+    """Feed records in order (record time is the clock); yield alert transitions."""
+    chunk: list[Record] = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) >= batch:
+            yield from pipeline.process(chunk).alerts
+            chunk = []
+    if chunk:
+        yield from pipeline.process(chunk).alerts

@@ -1,0 +1,159 @@
+"""The record: the contract between client, server, replay and recorded runs.
+
+One msgspec Struct carries every field of DESIGN.md. Decoding is strict (no
+string-to-number coercion); the only strings a number field accepts are the
+non-finite spellings Python's ``float()`` reads ("nan", "-Infinity", "+inf"),
+and those are turned into floats *before* validation by ``normalize``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+RUN_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+Run = Annotated[str, msgspec.Meta(pattern=RUN_PATTERN)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Detail = Annotated[str, msgspec.Meta(max_length=1 << 20)]
+MetricName = Annotated[str, msgspec.Meta(max_length=128)]
+
+RecordType = Literal["sample", "start", "heartbeat", "oom", "end"]
+
+# Fields holding a number (or null = not measured); non-finite spellings are accepted here.
+NUMBER_FIELDS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "grad_scale",
+    "gpu_mem_allocated_bytes",
+    "gpu_mem_reserved_bytes",
+    "gpu_mem_peak_bytes",
+    "gpu_mem_total_bytes",
+    "host_mem_bytes",
+    "host_mem_total_bytes",
+    "host_mem_available_bytes",
+    "step_time_seconds",
+    "data_time_seconds",
+    "reference_lr",
+)
+
+
+class Record(msgspec.Struct, omit_defaults=True):
+    """One telemetry record. ``None`` means "not measured", never NaN."""
+
+    run: Run
+    rank: NonNegInt
+    time: float
+    type: RecordType = "sample"
+    step: NonNegInt | None = None
+    # sample
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    grad_scale: float | None = None
+    gpu_mem_allocated_bytes: float | None = None
+    gpu_mem_reserved_bytes: float | None = None
+    gpu_mem_peak_bytes: float | None = None
+    gpu_mem_total_bytes: float | None = None
+    host_mem_bytes: float | None = None
+    host_mem_total_bytes: float | None = None
+    host_mem_available_bytes: float | None = None
+    step_time_seconds: float | None = None
+    data_time_seconds: float | None = None
+    batch_size: NonNegInt | None = None
+    world_size: NonNegInt | None = None
+    metrics: dict[MetricName, float | None] | None = None
+    # start
+    reference_lr: float | None = None
+    reference_batch_size: NonNegInt | None = None
+    warmup_steps: NonNegInt | None = None
+    optimizer: Text | None = None
+    host: Text | None = None
+    pid: int | None = None
+    config: dict[str, Any] | None = None
+    # oom
+    message: Text | None = None
+    detail: Detail | None = None
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; names the field and the value."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+_NONFINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+def nonfinite_from_str(value: str) -> float | None:
+    """The float for a non-finite spelling ("NaN", "-Infinity", "+inf"), else None."""
+    if len(value) <= 9 and value.lower() in _NONFINITE:
+        return float(value)
+    return None
+
+
+def normalize(obj: dict[str, Any]) -> dict[str, Any]:
+    """Turn non-finite string spellings in number fields into floats (in place)."""
+    for name in NUMBER_FIELDS:
+        value = obj.get(name)
+        if isinstance(value, str):
+            number = nonfinite_from_str(value)
+            if number is not None:
+                obj[name] = number
+    metrics = obj.get("metrics")
+    if isinstance(metrics, dict):
+        for key, value in metrics.items():
+            if isinstance(value, str):
+                number = nonfinite_from_str(value)
+                if number is not None:
+                    metrics[key] = number
+    return obj
+
+
+def check(record: Record) -> Record:
+    """Cross-field rules msgspec cannot express; raises RecordError."""
+    if not math.isfinite(record.time) or record.time < 0:
+        raise RecordError("time", f"must be finite unix seconds, got {record.time!r}")
+    if record.step is None and record.type != "start":
+        raise RecordError("step", f"required for a {record.type!r} record, got null")
+    return record
+
+
+def from_obj(obj: Any) -> Record:
+    """Validate one decoded JSON value into a Record; raises RecordError."""
+    if not isinstance(obj, dict):
+        raise RecordError("$", f"a record must be a JSON object, got {type(obj).__name__}")
+    try:
+        record = msgspec.convert(normalize(obj), Record, strict=True)
+    except msgspec.ValidationError as exc:
+        raise RecordError(*_split_msgspec_error(str(exc), obj)) from None
+    return check(record)
+
+
+def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
+    """'Expected `int`, got `str` - at `$.rank`' -> ('rank', "Expected `int`, got `str` ('x')")."""
+    reason, sep, where = message.rpartition(" - at `$")
+    if not sep:
+        if message.startswith("Object missing required field"):
+            field = message.split("`")[1]
+            return field, "required"
+        return "$", message
+    path = where.rstrip("`").lstrip(".")
+    top = path.split(".")[0].split("[")[0]
+    value = obj.get(top, None) if top else None
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return path or "$", f"{reason}, got value {shown}"
+
+
+def to_obj(record: Record) -> dict[str, Any]:
+    """The record as a plain dict with only the fields that were set."""
+    return {f: v for f in record.__struct_fields__ if (v := getattr(record, f)) is not None}

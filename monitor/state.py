@@ -1,0 +1,106 @@
+"""In-memory per-run, per-rank state: what the status API shows and detectors may read.
+
+Bounded: one RankState per rank (latest values only), a few start records per
+run. Detectors keep their own bounded windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .record import NUMBER_FIELDS, Record
+
+SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size")  # without reference_lr
+MAX_STARTS_KEPT = 16
+
+
+@dataclass(slots=True)
+class RankState:
+    rank: int
+    first_time: float
+    last_time: float = 0.0  # newest record time of any type
+    last_step: int = -1  # highest step seen
+    last_step_time: float = 0.0  # record time when last_step first advanced
+    last_sample_time: float | None = None
+    last_heartbeat_time: float | None = None
+    records: int = 0
+    latest: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    host: str | None = None
+    pid: int | None = None
+    ended: bool = False
+    last_oom: dict[str, Any] | None = None
+
+    def apply(self, rec: Record) -> None:
+        self.records += 1
+        if rec.time > self.last_time:
+            self.last_time = rec.time
+        if rec.step is not None and rec.step > self.last_step:
+            self.last_step = rec.step
+            self.last_step_time = rec.time
+        kind = rec.type
+        if kind == "sample":
+            if self.last_sample_time is None or rec.time >= self.last_sample_time:
+                self.last_sample_time = rec.time
+                latest = self.latest
+                for name in SAMPLE_VALUE_FIELDS:
+                    value = getattr(rec, name)
+                    if value is not None:
+                        latest[name] = value
+                if rec.metrics:
+                    if len(self.metrics) < 256 or all(k in self.metrics for k in rec.metrics):
+                        self.metrics.update(rec.metrics)
+            self.ended = False
+        elif kind == "heartbeat":
+            if self.last_heartbeat_time is None or rec.time > self.last_heartbeat_time:
+                self.last_heartbeat_time = rec.time
+            self.ended = False
+        elif kind == "start":
+            self.host = rec.host or self.host
+            self.pid = rec.pid if rec.pid is not None else self.pid
+            self.ended = False
+        elif kind == "end":
+            self.ended = True
+        elif kind == "oom":
+            self.last_oom = {
+                "step": rec.step,
+                "time": rec.time,
+                "message": rec.message,
+                "detail": rec.detail,
+                **{
+                    f: getattr(rec, f)
+                    for f in ("gpu_mem_allocated_bytes", "gpu_mem_reserved_bytes",
+                              "gpu_mem_peak_bytes", "gpu_mem_total_bytes")
+                    if getattr(rec, f) is not None
+                },
+            }
+
+
+@dataclass(slots=True)
+class RunState:
+    run: str
+    created: float  # record time of the first record
+    ranks: dict[int, RankState] = field(default_factory=dict)
+    starts: list[Record] = field(default_factory=list)  # first start, then the latest ones
+    clock: float = 0.0  # newest record time seen in this run
+    clock_wall: float = 0.0  # wall time when clock last advanced (server only)
+    last_tick: float = 0.0
+    records: int = 0
+
+    @property
+    def first_start(self) -> Record | None:
+        return self.starts[0] if self.starts else None
+
+    @property
+    def last_start(self) -> Record | None:
+        return self.starts[-1] if self.starts else None
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.ranks) and all(r.ended for r in self.ranks.values())
+
+    def add_start(self, rec: Record) -> None:
+        if len(self.starts) >= MAX_STARTS_KEPT:
+            del self.starts[1]  # keep the first start: it is the run's own reference
+        self.starts.append(rec)
