@@ -151,7 +151,7 @@ def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return path or "$", f"{reason}, got value {shown}"
+    return path or "$", f"{reason} (value: {shown})"
 
 
 def to_obj(record: Record) -> dict[str, Any]:
