@@ -7,10 +7,14 @@ here; ``config.py`` finds its settings by ``name``.
 from __future__ import annotations
 
 from .base import Detector
+from .liveness import RankStalled
 from .nan_divergence import NanDivergence
+from .straggler import Straggler
 
 ALL: list[type[Detector]] = [
     NanDivergence,
+    RankStalled,
+    Straggler,
 ]
 
 __all__ = ["ALL", "Detector"]
