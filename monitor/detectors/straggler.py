@@ -153,7 +153,7 @@ class Straggler(Detector):
             if len(meds) < 2:
                 continue
             ordered = sorted(meds.values())
-            index = {}
+            index: dict[float, int] = {}
             for i, v in enumerate(ordered):
                 index.setdefault(v, i)
             base = step_time
