@@ -160,7 +160,7 @@ class NanDivergence(Detector):
         return [self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,
                            peak_scale=peak)]
 
-    def _fire(self, record: Record, field: str, value: float, rank: _Rank, why: str = "",
+    def _fire(self, record: Record, field: str, value: float | None, rank: _Rank, why: str = "",
               **data: Any) -> Event:
         rank.fired = True
         rank.pending = None

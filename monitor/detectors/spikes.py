@@ -3,26 +3,32 @@
 Early warnings before divergence, from robust statistics of each rank's recent
 history rather than fixed thresholds. Per rank, the last ``window`` finite
 values are kept in log space (log-loss, log-grad-norm: an LR drop that
-divides the loss by 10 is a shift, not a change of noise), together with a
-sorted copy, so the median and the interquartile range cost O(1) to read and
-O(window) memmove to maintain. The robust deviation is ``IQR / 1.349`` (the
-standard deviation for Gaussian noise).
+divides the loss by 10 is a shift, not a change of noise), and so are the
+absolute step-to-step changes of those values, each with a sorted copy, so the
+medians cost O(1) to read and an O(window) memmove to maintain.
 
-A sample is *high* when it is at least ``z_threshold`` robust deviations above
-the window's median AND at least ``min_ratio`` times the median (the ratio
-guards very smooth curves whose IQR is tiny). The alert fires after
-``confirm_samples`` high samples in a row, once the rank has ``min_history``
-values. Trends do not fire: for any monotone curve the newest value sits about
-1.35 robust deviations above the median of its window, so warmup, a slowly
-rising grad norm and a loss drop after an LR step stay quiet; heavy-tailed
-noise needs two 10-deviation outliers in a row.
+- level: the median of the window;
+- noise: the median absolute step-to-step change / 0.954 (the standard
+  deviation for Gaussian noise). Unlike the spread of the window, it does not
+  grow with a trend: a loss that climbs by orders of magnitude, steadily, as a
+  run diverges, stands out against its step-to-step noise, while the spread of
+  the window would grow with it.
 
-Resolution is judged against the baseline frozen when the alert fired:
-``resolve_samples`` samples in a row below ``z_resolve`` deviations and below
-``min_ratio`` resolve it ("back to ..."). If the value stays high for a whole
-window, the alert resolves as a new level (the window then holds only the new
-level, so it does not fire again). A ``start`` record of the rank (a restart)
-clears its history and resolves its open alert.
+A sample is *high* when it is at least ``z_threshold`` noise deviations above
+the level AND at least ``min_ratio`` times the level (the ratio guards smooth
+curves whose noise is tiny, and healthy trends: a grad norm rising 30x over
+400 steps is only 1.5x above the median of its last 100). The alert fires
+after ``confirm_samples`` high samples in a row, once the rank has
+``min_history`` values. Losses going down (warmup, LR drops) never count:
+only upward jumps do. Heavy-tailed noise needs two 10-deviation outliers in a
+row.
+
+Resolution is judged against the level and noise frozen when the alert fired:
+``resolve_samples`` samples in a row within ``z_resolve`` deviations (or
+within sqrt(min_ratio) times the level) resolve it ("back to ..."). If the
+value stays high for a whole window and is no longer high against that window
+(it settled, it is not still climbing), the alert resolves as a new level. A ``start``
+record of the rank (a restart) clears its history and resolves its open alert.
 
 Non-finite values are left to nan_divergence. Losses <= 0 switch that rank to
 linear values (no log, no ratio guard); grad norms <= 0 are skipped.
@@ -42,11 +48,11 @@ from ..state import RunState
 from .base import Detector
 from .steps import step_of as _step_of
 
-IQR_TO_SIGMA = 1.349
+MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 
 
 class RobustWindow:
-    """The last ``size`` values, with a sorted copy for median and quartiles."""
+    """The last ``size`` values, with a sorted copy for the median."""
 
     __slots__ = ("values", "ordered", "size")
 
@@ -81,12 +87,6 @@ class RobustWindow:
         n = len(s)
         m = n // 2
         return s[m] if n % 2 else 0.5 * (s[m - 1] + s[m])
-
-    def sigma(self) -> float:
-        """Robust deviation: interquartile range / 1.349."""
-        s = self.ordered
-        n = len(s)
-        return (s[(3 * n) // 4] - s[n // 4]) / IQR_TO_SIGMA
 
 
 @dataclass(kw_only=True, slots=True)
@@ -132,11 +132,13 @@ class GradExplosionSettings(SpikeSettings):
 
 
 class _Rank:
-    __slots__ = ("window", "linear", "high", "onset_step", "firing", "base_median", "base_sigma",
-                 "calm", "fired_for")
+    __slots__ = ("window", "changes", "prev", "linear", "high", "onset_step", "firing", "base_median",
+                 "base_sigma", "calm", "fired_for")
 
     def __init__(self, size: int) -> None:
-        self.window = RobustWindow(size)
+        self.window = RobustWindow(size)  # values (log space)
+        self.changes = RobustWindow(size)  # |value - previous value|
+        self.prev: float | None = None
         self.linear = False  # True once a value <= 0 was seen (losses only)
         self.high = 0  # high samples in a row
         self.onset_step = 0
@@ -171,11 +173,14 @@ class _SpikeDetector(Detector):
             st = self.ranks[record.rank] = _Rank(s.window)
         elif st.window.size != s.window:  # config reload changed the window
             st.window.resize(s.window)
+            st.changes.resize(s.window)
         if value <= 0 and not st.linear:
             if not self.linear_below_zero:
                 return []
             st.linear = True
             st.window.clear()
+            st.changes.clear()
+            st.prev = None
         x = value if st.linear else math.log(value)
         win = st.window
         out: list[Event] = []
@@ -183,9 +188,8 @@ class _SpikeDetector(Detector):
             st.fired_for += 1
             out = self._judge_firing(record, st, x, value)
         elif len(win) >= s.min_history:
-            med, sigma = win.median(), win.sigma()
-            jump = x - med
-            if jump > 0 and jump >= s.z_threshold * sigma and (st.linear or jump >= math.log(s.min_ratio)):
+            med, sigma = win.median(), st.changes.median() / MAD_DIFF_TO_SIGMA
+            if self._high(st, x - med, sigma):
                 st.high += 1
                 if st.high == 1:
                     st.onset_step = record.step or 0
@@ -194,7 +198,14 @@ class _SpikeDetector(Detector):
             else:
                 st.high = 0
         win.push(x)
+        if st.prev is not None:
+            st.changes.push(abs(x - st.prev))
+        st.prev = x
         return out
+
+    def _high(self, st: _Rank, jump: float, sigma: float) -> bool:
+        s = self.settings
+        return jump > 0 and jump >= s.z_threshold * sigma and (st.linear or jump >= math.log(s.min_ratio))
 
     def _fire(self, record: Record, st: _Rank, x: float, value: float, med: float,
               sigma: float) -> Event:
@@ -205,7 +216,7 @@ class _SpikeDetector(Detector):
         z = (x - med) / sigma if sigma > 0 else math.inf
         ratio = value / base if base > 0 else math.inf
         summary = (f"{self.label} jumped to {value:.4g} at step {step} on rank {record.rank}, "
-                   f"{ratio:.1f}x its recent median {base:.4g} ({_z(z)} robust deviations above, "
+                   f"{ratio:.3g}x its recent median {base:.4g} ({_z(z)} robust deviations above, "
                    f"since step {st.onset_step}); {self.advice}")
         return firing(self.name, record.rank, step, record.time, summary, "warning",
                       value=value, baseline=base, ratio=ratio, z=z, onset_step=st.onset_step,
@@ -223,7 +234,8 @@ class _SpikeDetector(Detector):
         base = st.base_median if st.linear else math.exp(st.base_median)
         if st.calm >= s.resolve_samples:
             how = f"back to {value:.4g}"
-        elif st.fired_for >= s.window:
+        elif not calm and st.fired_for >= s.window and not self._high(
+                st, x - st.window.median(), st.changes.median() / MAD_DIFF_TO_SIGMA):
             how = f"settled at a new level {value:.4g} for {st.fired_for} samples"
         else:
             return []

@@ -10,7 +10,7 @@ from monitor.config import default_detector_settings
 from monitor.detectors.nan_divergence import NanDivergenceSettings
 from monitor.pipeline import Pipeline
 
-from .traces import healthy, merge, only, run_pipeline, samples, set_at, start, with_amp
+from .traces import healthy, merge, run_pipeline, samples, set_at, start, with_amp
 
 NAN, INF = math.nan, math.inf
 
