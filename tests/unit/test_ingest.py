@@ -136,7 +136,7 @@ def test_single_object_is_a_batch_of_one():
     (b"[1]", "application/json", "br", 415),
     (b"not gzip", "application/json", "gzip", 400),
     (b"[" * 100000 + b"]" * 100000, "application/json", None, 400),  # deep nesting
-])
+], ids=["truncated", "empty", "number", "xml", "brotli", "not-gzip", "deep-nesting"])
 def test_whole_body_errors_have_a_status_and_a_message(raw, ctype, cenc, status):
     with pytest.raises(BodyError) as err:
         decode_body(raw, ctype, cenc)
