@@ -1,4 +1,4 @@
-"""Settings loading (file < env < flags), JSON output that never writes NaN as null, the flight recorder, replay reading."""
+"""Settings (file < env < flags), JSON output that never writes NaN as null, flight recorder, replay reading."""
 
 from __future__ import annotations
 
