@@ -74,6 +74,7 @@ class _Rank:
     seen: float  # newest record time
     step: int = -1  # -1: no step known since the last start
     shown: int = 0  # the last step it reported (kept across a start), for alerts
+    sample_step: int = -1  # highest step of its samples (the training thread's own order)
     advanced: bool = False  # step advanced since the baseline
     beats: bool = False  # sends heartbeats
     ended: bool = False
@@ -114,6 +115,7 @@ class RankStalled(Detector):
         why = ""
         if kind == "start":
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
+            r.sample_step = -1
             why = "started again"
             if t > self.end_time:
                 self.end_step = None
@@ -130,7 +132,6 @@ class RankStalled(Detector):
                 r.beats = True
             step = record.step
             if step is not None:
-                r.shown = step
                 if r.step < 0:  # baseline after a start or at first sight: not progress yet
                     r.step = step
                 elif step > r.step:
@@ -142,9 +143,14 @@ class RankStalled(Detector):
                                 self.longest = interval
                     r.step, r.advance_time, r.advanced, r.ended = step, t, True, False
                     why = f"advanced to step {step}"
-                elif step < r.step and t > r.advance_time:  # restarted without a start record
-                    r.step, r.advance_time, r.advanced = step, t, False
+                elif kind == "sample" and step < r.sample_step and t > r.advance_time:
+                    # its training thread went back: restarted without a start record. (A heartbeat
+                    # may carry an older step than the sample before it: the threads race.)
+                    r.step, r.advance_time, r.advanced, r.sample_step = step, t, False, step
                     why = f"restarted at step {step}"
+                if kind == "sample" and step > r.sample_step:
+                    r.sample_step = step
+                r.shown = r.step
         if not self.firing:
             return []
         check = list(self.firing) if kind in ("start", "end") else (

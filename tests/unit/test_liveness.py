@@ -89,6 +89,24 @@ def test_frozen_rank_resolves_when_its_steps_advance():
     assert "advanced to step 191" in alerts[2]["summary"]
 
 
+def test_heartbeat_with_an_older_step_than_the_last_sample_changes_nothing():
+    # the heartbeat thread read step 99 just before the training thread recorded step 100
+    job = ddp_job(ranks=1, steps=100, until=T0 + 400)
+    late = from_obj({"type": "heartbeat", "run": RUN, "rank": 0, "time": job.t(100) + 0.01, "step": 99})
+    alerts = stalled(sorted(job.records + [late], key=lambda r: r.time), until=T0 + 400)
+    assert brief(alerts) == [(NAME, "firing", 0, 100)]
+    assert alerts[0]["time"] == pytest.approx(job.t(100) + 180)
+
+
+def test_restart_without_a_start_record_is_a_new_baseline():
+    # samples go back from step 100 to 1 (restarted from scratch, 2 s steps): step 100 is passed
+    # again 280 s later, but this is no hang
+    before = ddp_job(ranks=1, steps=100, until=T0 + 60)
+    after = ddp_job(ranks=1, steps=150, step_seconds=2.0, t0=T0 + 70, start=False)
+    alerts = stalled(before.records + after.records, until=after.t(150))
+    assert alerts == []
+
+
 def test_rank_without_heartbeats_that_stops_is_silent_after_the_step_limit():
     job = ddp_job(ranks=2, steps=100, heartbeat=None)
     alerts = stalled(job.records, until=job.t(100) + 400)
