@@ -286,8 +286,8 @@ def _service_families(snap: Snapshot) -> Iterator[Metric]:
     if snap.deliveries is not None:
         deliveries = CounterMetricFamily("trainhealth_webhook_deliveries", "Alert webhook delivery "
                                          "attempts by result.", labels=["result"])
-        for result, n in sorted(snap.deliveries.items()):
-            deliveries.add_metric([result], n)
+        for result, count in sorted(snap.deliveries.items()):
+            deliveries.add_metric([result], count)
         yield deliveries
     if snap.outbox is not None:
         yield GaugeMetricFamily("trainhealth_webhook_outbox_depth", "Alerts waiting for delivery.",
