@@ -123,6 +123,14 @@ def test_alerts_firing_counts_ranks_per_run_alert_and_severity() -> None:
     assert value(reg, "trainhealth_alerts_raised_total") == 2
 
 
+def test_run_seen_once_stays_exported_across_timer_ticks() -> None:
+    service, reg, clock = make(limits=Limits(run_ttl_seconds=60))
+    send(service, sample(loss=1.0))
+    clock.now += 30
+    service.tick()
+    assert value(reg, "trainhealth_loss", run="job", rank="0") == 1.0
+
+
 def test_expired_run_and_its_alerts_drop_out() -> None:
     service, reg, clock = make(limits=Limits(run_ttl_seconds=60))
     send(service, sample(loss="nan"))
