@@ -197,10 +197,14 @@ class Deliveries:
 def test_webhook_delivery_stats_are_read_from_a_sink_when_present() -> None:
     service, reg, _ = make()
     assert value(reg, "trainhealth_webhook_deliveries_total", result="delivered") is None
-    service.sinks.append(Deliveries({"deliveries": {"delivered": 5, "failed": 2}, "outbox_depth": 3}))
-    service.sinks.append(Deliveries({"delivered": 1, "outbox": 1}))
-    assert value(reg, "trainhealth_webhook_deliveries_total", result="delivered") == 6
+    # the shape of alerts-out's Deliverer.delivery_stats(), and a flat one
+    service.sinks.append(Deliveries({"deliveries": {"ok": 5, "retry": 1, "failed": 2}, "outbox_depth": 3,
+                                     "targets": [{"name": "hook", "kind": "webhook", "ok": 5, "pending": 3}]}))
+    service.sinks.append(Deliveries({"ok": 1, "outbox": 1}))
+    assert value(reg, "trainhealth_webhook_deliveries_total", result="ok") == 6
+    assert value(reg, "trainhealth_webhook_deliveries_total", result="retry") == 1
     assert value(reg, "trainhealth_webhook_deliveries_total", result="failed") == 2
+    assert value(reg, "trainhealth_webhook_deliveries_total", result="targets") is None
     assert value(reg, "trainhealth_webhook_outbox_depth") == 4
 
 
