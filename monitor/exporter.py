@@ -52,6 +52,7 @@ PER_RANK_VALUES: tuple[tuple[str, str, str], ...] = (
     ("trainhealth_step_time_seconds", "step_time_seconds", "Wall time of the rank's last step."),
     ("trainhealth_data_time_seconds", "data_time_seconds", "Time of the last step spent waiting for data."),
 )
+EXPORTED_KEYS = frozenset(key for _, key, _ in PER_RANK_VALUES)  # latest also holds batch/world size
 PER_RANK_STATE = ("trainhealth_step", "trainhealth_last_record_timestamp_seconds", "trainhealth_rank_ended")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WEBHOOK_NAMES = ("trainhealth_webhook_deliveries_total", "trainhealth_webhook_outbox_depth")
@@ -145,7 +146,7 @@ class StateCollector(Collector):
         self.latency = latency
 
     def describe(self) -> list[Metric]:
-        return []  # names are dynamic only in labels; no need to collect at register time
+        return []  # nothing up front: registering then neither collects nor checks name clashes
 
     def collect(self) -> Iterator[Metric]:
         snap = _PINNED.get()
@@ -179,7 +180,7 @@ class StateCollector(Collector):
             if run.ended and wall - run.clock_wall > keep_ended:
                 snap.omitted["ended"] += 1
                 continue
-            cost = sum(len(PER_RANK_STATE) + len(r.latest) for r in run.ranks.values())
+            cost = sum(len(PER_RANK_STATE) + len(EXPORTED_KEYS & r.latest.keys()) for r in run.ranks.values())
             if cost > budget:
                 snap.omitted["series_cap"] += 1
                 continue

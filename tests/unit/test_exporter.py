@@ -167,9 +167,9 @@ def test_ended_run_is_exported_until_ended_run_seconds_then_omitted() -> None:
 
 
 def test_series_cap_keeps_live_runs_newest_first_and_counts_omitted() -> None:
-    # each rank here costs 3 state series + 1 value (loss) = 4 series; a 2-rank run costs 8
+    # each rank here costs 3 state series + 1 value (loss; batch_size is not exported) = 4; a 2-rank run 8
     service, reg, clock = make(ExporterSettings(max_series=16))
-    send(service, sample(run="old", rank=0, loss=1.0), sample(run="old", rank=1, loss=1.0))
+    send(service, sample(run="old", rank=0, loss=1.0, batch_size=2), sample(run="old", rank=1, loss=1.0))
     send(service, sample(run="ended", rank=0, dt=5, loss=1.0),
          {"type": "end", "run": "ended", "rank": 0, "time": T0 + 6, "step": 1})
     send(service, sample(run="new", rank=0, dt=10, loss=1.0), sample(run="new", rank=1, dt=10, loss=1.0))
