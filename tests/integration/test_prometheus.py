@@ -54,9 +54,9 @@ class Prometheus:
             stdout=self.log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
         self.workdir = workdir
-        self._wait(lambda: self.client.get("/-/ready").status_code == 200, "ready")
+        self.wait_for(lambda: self.client.get("/-/ready").status_code == 200, "ready")
 
-    def _wait(self, ready: Any, what: str, seconds: float = 30) -> None:
+    def wait_for(self, ready: Any, what: str, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,7 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sidecar, P
     try:
         feed(sidecar)
         prometheus = Prometheus(binary, workdir, sidecar.url.removeprefix("http://"))
-        prometheus._wait(lambda: len(prometheus.result("trainhealth_loss")) == 3, "scraping the sidecar")
+        prometheus.wait_for(lambda: len(prometheus.result("trainhealth_loss")) == 3, "scraping the sidecar")
         yield sidecar, prometheus
     finally:
         if prometheus is not None:
@@ -182,7 +182,7 @@ def test_fleet_rules_load_and_evaluate_in_prometheus(stack: tuple[Sidecar, Prome
         groups = prom.client.get("/api/v1/rules").json()["data"]["groups"]
         return [r for g in groups for r in g["rules"]]
 
-    prom._wait(lambda: all(not r["lastEvaluation"].startswith("0001") for r in rules()), "evaluating rules")
+    prom.wait_for(lambda: all(not r["lastEvaluation"].startswith("0001") for r in rules()), "evaluating rules")
     loaded = rules()
     assert {r["name"] for r in loaded} == {w.split()[1] for w, _ in EXPRESSIONS if w.startswith("rules.yml")}
     assert [(r["name"], r["health"], r.get("lastError", "")) for r in loaded if r["health"] != "ok"] == []
