@@ -8,10 +8,11 @@ from fastapi import FastAPI
 
 from .api import create_app
 from .config import Settings
+from .metrics_api import metrics_hook
 from .service import Service
 
 
 def build_service_and_app(settings: Settings, config_file: str | None = None) -> tuple[Service, FastAPI]:
     service = Service(settings, config_file=config_file)
-    hooks: list[Callable[[FastAPI], Any]] = []
+    hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service)]
     return service, create_app(service, hooks)
