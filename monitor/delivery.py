@@ -85,13 +85,17 @@ def backoff(attempts: int, initial: float, maximum: float, rng: random.Random) -
     return rng.uniform(d / 2, d)
 
 
-def outbox_rows(targets: Sequence[Target], alerts: list[Alert]) -> list[tuple[str, str, str]]:
-    """(target key, idempotency key, payload) for each notification these transitions make."""
+def outbox_rows(targets: Sequence[Target], alerts: list[Alert],
+                encode: Callable[[Alert], str] = jsonout.dumps) -> list[tuple[str, str, str]]:
+    """(target key, idempotency key, payload) for each notification these transitions make.
+
+    ``encode`` turns one alert into JSON; pass the encodings already made to encode each alert once.
+    """
     rows = []
     for t in targets:
         mine = [a for a in alerts if t.accepts(a)]
         for group in t.split(mine) if mine else []:
-            rows.append((t.key, uuid.uuid4().hex, jsonout.dumps(group)))
+            rows.append((t.key, uuid.uuid4().hex, "[" + ",".join(map(encode, group)) + "]"))
     return rows
 
 

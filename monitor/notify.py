@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import jsonout
 from .alertmanager import AlertmanagerSettings
 from .alertmanager import target as alertmanager_target
 from .alerts import Alert
@@ -70,6 +71,7 @@ class AlertsOut:
         transitions: list[Transition] = []
         closed: list[int] = []
         notify: list[Alert] = []
+        bodies: dict[int, str] = {}  # id(alert) -> JSON, encoded once for the store and the outbox
         for a in alerts:
             a["id"] = self.store.new_id()
             previous = self.open.pop(a["fingerprint"], None)
@@ -82,10 +84,11 @@ class AlertsOut:
             else:
                 silenced = previous.silenced if previous is not None else False
                 episode = previous.alert["id"] if previous is not None else a["id"]
-            transitions.append(Transition(a, episode, silenced))
+            bodies[id(a)] = jsonout.dumps(a)
+            transitions.append(Transition(a, episode, silenced, bodies[id(a)]))
             if not silenced:
                 notify.append(a)
-        rows = outbox_rows(self.targets, notify)
+        rows = outbox_rows(self.targets, notify, lambda a: bodies[id(a)])
         self.store.write(transitions, closed, rows)
         self.deliverer.enqueued(rows)
 

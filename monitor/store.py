@@ -62,6 +62,7 @@ class Transition:
     alert: Alert
     episode: int
     silenced: bool
+    body: str  # the alert as JSON (jsonout), encoded once for the store and the outbox
 
 
 @dataclass(slots=True)
@@ -139,7 +140,7 @@ class Store:
         now = self.clock()
         rows = [(t.alert["id"], t.episode, t.alert["fingerprint"], t.alert["run"], t.alert["rank"],
                  t.alert["alert"], t.alert["state"], t.alert["severity"], t.alert["time"], now,
-                 int(t.alert["state"] == "firing"), int(t.silenced), jsonout.dumps(t.alert))
+                 int(t.alert["state"] == "firing"), int(t.silenced), t.body)
                 for t in transitions]
         with self.tx() as db:
             db.executemany("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)

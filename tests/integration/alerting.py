@@ -25,6 +25,7 @@ class Delivery:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float  # time.perf_counter() on arrival
 
     @property
     def key(self) -> str:
@@ -61,7 +62,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver._lock:
                     headers = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.received.append(Delivery(self.path, headers, body))
+                    receiver.received.append(Delivery(self.path, headers, body, time.perf_counter()))
                     receiver.in_flight += 1
                 try:
                     receiver._gate.wait(60)

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from monitor import jsonout
 from monitor.alerts import fingerprint
 from monitor.record import from_obj
 from monitor.store import Store, Transition
@@ -49,13 +50,13 @@ def make_alert(store: Store, state: str, run: str = "r1", rank: int | None = 0, 
 
 def fire(store: Store, **kw: object) -> dict:
     a = make_alert(store, "firing", **kw)  # type: ignore[arg-type]
-    store.write([Transition(a, a["id"], False)], [], [])
+    store.write([Transition(a, a["id"], False, jsonout.dumps(a))], [], [])
     return a
 
 
 def resolve(store: Store, firing: dict, time: float = 200.0) -> dict:
     a = make_alert(store, "resolved", run=firing["run"], rank=firing["rank"], name=firing["alert"], time=time)
-    store.write([Transition(a, firing["id"], False)], [firing["id"]], [])
+    store.write([Transition(a, firing["id"], False, jsonout.dumps(a))], [firing["id"]], [])
     return a
 
 
@@ -135,7 +136,7 @@ def test_reopening_restores_open_alerts_and_continues_ids(tmp_path: Path, opened
 def test_outbox_rows_are_fifo_per_target_and_keep_attempts(tmp_path: Path, opened: Opener) -> None:
     store = opened(tmp_path / "t.db")
     a = make_alert(store, "firing")
-    store.write([Transition(a, a["id"], False)], [],
+    store.write([Transition(a, a["id"], False, jsonout.dumps(a))], [],
                 [("hook1", "k1", "[1]"), ("hook2", "k2", "[2]"), ("hook1", "k3", "[3]")])
     assert store.pending() == {"hook1": 2, "hook2": 1}
     head = store.due("hook1", 1)[0]
