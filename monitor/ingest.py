@@ -94,7 +94,7 @@ def decode_body(body: bytes, content_type: str | None = None, content_encoding: 
 def _decode_array(body: bytes, max_records: int) -> Decoded:
     try:
         records = _array_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         pass  # bad record, non-finite tokens, or bad JSON: the slow path tells which
     else:
         if len(records) > max_records:
@@ -122,7 +122,7 @@ def _decode_lines(body: bytes, max_records: int) -> Decoded:
         raise _too_many(len(lines), max_records)
     try:  # fast path: the lines joined into one array
         return _checked(_array_decoder.decode(b"[" + b",".join(lines) + b"]"))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         pass
     out = Decoded()
     for i, line in enumerate(lines):

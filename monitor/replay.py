@@ -12,7 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
-from .record import Record, RecordError, from_obj
+import msgspec
+
+from .record import Record, RecordError, check, from_obj
+
+_decoder = msgspec.json.Decoder(Record)
 
 
 @dataclass(slots=True)
@@ -48,7 +52,10 @@ def read_file(path: str, stats: ReadStats) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                rec = from_obj(json.loads(line))
+                try:  # fast path; bare NaN tokens and bad lines take the checked slow path
+                    rec = check(_decoder.decode(line))
+                except (msgspec.DecodeError, RecursionError):
+                    rec = from_obj(json.loads(line))
             except (ValueError, RecordError, RecursionError) as exc:
                 stats.skip(f"{path}:{lineno}", str(exc))
                 continue
