@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from . import jsonout
 from .alerts import Alert
-from .config import ConfigError, Settings, _build
+from .config import ConfigError, Settings, _build, require_positive
 from .delivery import Target
 
 SOURCE = "trainhealth"
@@ -37,10 +37,8 @@ class AlertmanagerSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"alertmanager.url: must be an http(s) URL, got {self.url!r}")
-        for key in ("resend_seconds", "timeout", "backoff_initial", "backoff_max", "give_up_after"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"alertmanager.{key}: must be a positive number, got {value!r}")
+        require_positive("alertmanager", self, ("resend_seconds", "timeout", "backoff_initial",
+                                                "backoff_max", "give_up_after"))
 
 
 def alertmanager_settings(settings: Settings) -> AlertmanagerSettings | None:

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_by_target ON outbox (target, id);
 """
 
+INSERT_OUTBOX = "INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)"
 RUN_TOUCH_SECONDS = 60.0  # runs.last_seen is refreshed at most this often per run
 
 
@@ -147,16 +148,14 @@ class Store:
             if closed:
                 db.executemany("UPDATE alerts SET open = 0 WHERE id = ?", [(i,) for i in closed])
             if outbox:
-                db.executemany("INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)",
-                               [(*row, now) for row in outbox])
+                db.executemany(INSERT_OUTBOX, [(*row, now) for row in outbox])
 
     def unsilence(self, ids: Sequence[int], outbox: Sequence[tuple[str, str, str]]) -> None:
         """Open alerts whose silence ended: now notified (one commit with their outbox rows)."""
         now = self.clock()
         with self.tx() as db:
             db.executemany("UPDATE alerts SET silenced = 0 WHERE id = ?", [(i,) for i in ids])
-            db.executemany("INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)",
-                           [(*row, now) for row in outbox])
+            db.executemany(INSERT_OUTBOX, [(*row, now) for row in outbox])
 
     def open_alerts(self) -> list[tuple[Alert, bool]]:
         """Alerts open when the sidecar stopped: (alert object, silenced), oldest first."""

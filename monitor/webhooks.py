@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from . import jsonout
 from .alertmanager import ZERO_TIME, label_fingerprint, labels, rfc3339, summary_annotations
 from .alerts import Alert
-from .config import ConfigError, Settings, _build
+from .config import ConfigError, Settings, _build, require_positive
 from .delivery import Target
 
 FORMATS = ("trainhealth", "alertmanager")
@@ -64,10 +64,7 @@ class WebhookSettings:
             raise ConfigError(f"webhooks.alerts: must be a list of alert names, got {self.alerts!r}")
         if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):
             raise ConfigError("webhooks.secret: must be a non-empty string")
-        for key in ("timeout", "backoff_initial", "backoff_max", "give_up_after"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"webhooks.{key}: must be a positive number, got {value!r}")
+        require_positive("webhooks", self, ("timeout", "backoff_initial", "backoff_max", "give_up_after"))
 
     def accepts(self, alert: Alert) -> bool:
         return ((self.send_resolved or alert["state"] == "firing")
@@ -150,7 +147,7 @@ def _render_alertmanager(alerts: list[Alert], now: float) -> bytes:
 
 def target(w: WebhookSettings) -> Target:
     am = w.format == "alertmanager"
-    return Target(key=f"webhook {w.url}", name=w.name or w.url, kind="webhook", url=w.url,
+    return Target(key=f"webhook {w.url}", name=w.name or urlsplit(w.url).netloc, kind="webhook", url=w.url,
                   render=_render_alertmanager if am else _render_trainhealth, accepts=w.accepts,
                   split=_by_group if am else _one_each, secret=w.secret, timeout=w.timeout,
                   backoff_initial=w.backoff_initial, backoff_max=w.backoff_max, give_up_after=w.give_up_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import sqlite3
@@ -11,6 +12,9 @@ from typing import Iterator
 
 import pytest
 
+from monitor.delivery import Deliverer, outbox_rows
+from monitor.store import Store
+from monitor.webhooks import WebhookSettings, target
 from tests.integration.alerting import Receiver, config, ingest, nan_records
 
 pytestmark = pytest.mark.integration
@@ -131,3 +135,42 @@ def test_silenced_alert_is_stored_and_posted_only_once_its_silence_ends(start_si
     assert receiver.deliveries()[1].json()["run"] == "quiet"
     assert sidecar.client.get("/v1/silences").json()["silences"] == []
     assert sidecar.client.delete("/v1/silences/999").status_code == 404
+
+
+def test_delivery_stats_count_ok_retry_and_dropped(receiver, tmp_path: Path) -> None:
+    """In-process Deliverer against the real receiver: 503 is retried, 400 is dropped, each counted."""
+    receiver.start()
+    store = Store(str(tmp_path / "stats.db"))
+    settings = WebhookSettings(url=f"{receiver.url}/hook", backoff_initial=0.05, backoff_max=0.1)
+    deliverer = Deliverer(store, [target(settings)])
+    alert = {"alert": "nan_divergence", "state": "firing", "severity": "critical", "run": "s", "rank": 0,
+             "step": 1, "time": 1.0, "summary": "x", "started_at": 1.0, "fingerprint": "s/0/nan_divergence"}
+
+    async def scenario() -> dict:
+        task = asyncio.create_task(deliverer.run())
+        receiver.status = 503
+        rows = outbox_rows(deliverer.targets, [alert])
+        store.write([], [], rows)
+        deliverer.enqueued(rows)
+        while len(receiver.deliveries()) < 3:  # retried while the receiver says 503
+            await asyncio.sleep(0.02)
+        receiver.status = 200
+        while deliverer.delivery_stats()["deliveries"]["ok"] < 1:
+            await asyncio.sleep(0.02)
+        receiver.status = 400
+        rows = outbox_rows(deliverer.targets, [alert])
+        store.write([], [], rows)
+        deliverer.enqueued(rows)
+        while deliverer.delivery_stats()["deliveries"]["failed"] < 1:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        return deliverer.delivery_stats()
+
+    stats = asyncio.run(asyncio.wait_for(scenario(), 20))
+    store.close()
+    assert stats["deliveries"]["ok"] == 1 and stats["deliveries"]["failed"] == 1
+    assert stats["deliveries"]["retry"] == len(receiver.deliveries()) - 2 >= 2
+    assert stats["outbox_depth"] == 0
+    (per_target,) = stats["targets"]
+    assert per_target["name"] == f"127.0.0.1:{receiver.port}" and per_target["last_error"].startswith("HTTP 400")
+    assert len({d.key for d in receiver.deliveries()}) == 2  # one key per notification, across its retries
