@@ -97,6 +97,7 @@ def serve(settings: Settings, config_file: str | None, log_level: str = "info") 
     from .server import build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
     service, app = build_service_and_app(settings, config_file)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
