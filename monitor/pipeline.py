@@ -9,6 +9,7 @@ record clock by the wall time since its newest record arrived.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Callable, Iterable, Sequence
 
 from .alerts import Alert, AlertBook
@@ -34,10 +35,19 @@ class Outcome:
     refused: list[tuple[int, CapExceeded]]  # (index in the batch, why)
 
 
+_step_and_time = attrgetter("step", "time")
+
+
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
     """Order by step then time; a record without a step takes its rank's previous step."""
+    keys = list(map(_step_and_time, records))
+    for step, _ in keys:
+        if step is None:
+            break
+    else:  # every record has its step (the common case)
+        return keys.__getitem__
     prev: dict[tuple[str, int], int] = {}
-    keys: list[tuple[int, float]] = []
+    keys = []
     for rec in records:
         ident = (rec.run, rec.rank)
         step = rec.step if rec.step is not None else prev.get(ident, -1)
@@ -56,6 +66,7 @@ class Pipeline:
         self.detector_classes = list(detectors)
         self.runs: dict[str, RunState] = {}
         self.detectors: dict[str, list[Detector]] = {}
+        self._updates: dict[str, list[Callable[[Record], list[Event]]]] = {}  # their bound update()s
         self.book = book or AlertBook()
         self.records_processed = 0
 
@@ -75,14 +86,19 @@ class Pipeline:
         order = range(len(records))
         if len(records) > 1:
             order = sorted(order, key=_order_key(records))  # type: ignore[assignment]
+        runs, feed = self.runs, self._feed
         for i in order:
             rec = records[i]
-            try:
-                run = self._admit(rec, wall)
-            except CapExceeded as exc:
-                refused.append((i, exc))
-                continue
-            alerts.extend(self._feed(run, rec, wall))
+            run = runs.get(rec.run)
+            if run is None or rec.rank not in run.ranks:
+                try:
+                    run = self._admit(rec, wall)
+                except CapExceeded as exc:
+                    refused.append((i, exc))
+                    continue
+            out = feed(run, rec, wall)
+            if out:
+                alerts.extend(out)
         refused.sort(key=lambda r: r[0])
         return Outcome(alerts, refused)
 
@@ -95,9 +111,9 @@ class Pipeline:
             run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time,
                            clock_wall=wall, last_wall=wall)
             self.runs[rec.run] = run
-            self.detectors[rec.run] = [
-                cls(self.detector_settings[cls.name], run) for cls in self.detector_classes
-            ]
+            dets = [cls(self.detector_settings[cls.name], run) for cls in self.detector_classes]
+            self.detectors[rec.run] = dets
+            self._updates[rec.run] = [det.update for det in dets]
         if rec.rank not in run.ranks:
             if len(run.ranks) >= self.limits.max_ranks_per_run:
                 raise CapExceeded("rank", f"run {rec.run!r} already has {len(run.ranks)} ranks "
@@ -113,8 +129,8 @@ class Pipeline:
         if rec.type == "start":
             run.add_start(rec)
         events: list[Event] = []
-        for det in self.detectors[run.run]:
-            out = det.update(rec)
+        for update in self._updates[run.run]:
+            out = update(rec)
             if out:
                 events.extend(out)
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
@@ -154,6 +170,7 @@ class Pipeline:
         """Drop a run; its open alerts resolve."""
         run = self.runs.pop(name, None)
         self.detectors.pop(name, None)
+        self._updates.pop(name, None)
         if run is None:
             return []
         events = [resolved(a["alert"], a["rank"], max(0, run_last_step(run)), run.clock, why)

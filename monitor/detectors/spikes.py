@@ -40,6 +40,7 @@ import math
 from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
+from math import isfinite, log
 from typing import Any, ClassVar
 
 from ..events import Event, firing, resolved
@@ -87,6 +88,60 @@ class RobustWindow:
         n = len(s)
         m = n // 2
         return s[m] if n % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+class LazyWindow(RobustWindow):
+    """A RobustWindow whose sorted copy catches up only when a median is read.
+
+    For a window read rarely (the step-to-step changes: their median is needed only when a value
+    is already far above the level): a push is O(1); the values it added and dropped wait until
+    the next ``median()``, which inserts and deletes them, or re-sorts the window once more than a
+    window's worth has changed (then nothing waits: memory stays bounded). Same medians as
+    RobustWindow, always.
+    """
+
+    __slots__ = ("added", "dropped", "resort")
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.added: list[float] = []
+        self.dropped: list[float] = []
+        self.resort = False  # ordered is stale: rebuild it from values
+
+    def push(self, x: float) -> None:
+        values = self.values
+        if len(values) >= self.size:
+            old = values.popleft()
+            if not self.resort:
+                self.dropped.append(old)
+        values.append(x)
+        if not self.resort:
+            added = self.added
+            added.append(x)
+            if len(added) > self.size:
+                self.resort = True
+                added.clear()
+                self.dropped.clear()
+
+    def clear(self) -> None:
+        super().clear()
+        self.added.clear()
+        self.dropped.clear()
+        self.resort = False
+
+    def median(self) -> float:
+        if self.resort:
+            self.ordered = sorted(self.values)
+            self.resort = False
+        elif self.added:
+            ordered = self.ordered
+            for x in self.added:  # first the adds: a dropped value may be one of them
+                insort(ordered, x)
+            for x in self.dropped:
+                del ordered[bisect_left(ordered, x)]
+            self.added.clear()
+            self.dropped.clear()
+        return super().median()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -137,7 +192,7 @@ class _Rank:
 
     def __init__(self, size: int) -> None:
         self.window = RobustWindow(size)  # values (log space)
-        self.changes = RobustWindow(size)  # |value - previous value|
+        self.changes = LazyWindow(size)  # |value - previous value|; its median is read rarely
         self.prev: float | None = None
         self.linear = False  # True once a value <= 0 was seen (losses only)
         self.high = 0  # high samples in a row
@@ -160,13 +215,14 @@ class _SpikeDetector(Detector):
         self.ranks: dict[int, _Rank] = {}
 
     def update(self, record: Record) -> list[Event]:
-        if record.type == "start":
-            return self._restart(record)
+        kind = record.type
+        if kind != "sample":
+            return self._restart(record) if kind == "start" else []
         s = self.settings
-        if record.type != "sample" or not s.enabled:
+        if not s.enabled:
             return []
         value = getattr(record, self.field)
-        if value is None or not math.isfinite(value):
+        if value is None or not isfinite(value):
             return []
         st = self.ranks.get(record.rank)
         if st is None:
@@ -181,15 +237,18 @@ class _SpikeDetector(Detector):
             st.window.clear()
             st.changes.clear()
             st.prev = None
-        x = value if st.linear else math.log(value)
+        x = value if st.linear else log(value)
         win = st.window
         out: list[Event] = []
         if st.firing:
             st.fired_for += 1
             out = self._judge_firing(record, st, x, value)
-        elif len(win) >= s.min_history:
-            med, sigma = win.median(), st.changes.median() / MAD_DIFF_TO_SIGMA
-            if self._high(st, x - med, sigma):
+        elif len(win.values) >= s.min_history:
+            med = win.median()
+            jump = x - med
+            # _high(), with the changes' median (sigma) read only for a value already high enough
+            if jump > 0 and (st.linear or jump >= log(s.min_ratio)) and jump >= s.z_threshold * (
+                    sigma := st.changes.median() / MAD_DIFF_TO_SIGMA):
                 st.high += 1
                 if st.high == 1:
                     st.onset_step = record.step or 0
@@ -198,8 +257,9 @@ class _SpikeDetector(Detector):
             else:
                 st.high = 0
         win.push(x)
-        if st.prev is not None:
-            st.changes.push(abs(x - st.prev))
+        prev = st.prev
+        if prev is not None:
+            st.changes.push(abs(x - prev))
         st.prev = x
         return out
 

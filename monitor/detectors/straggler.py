@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from math import isfinite
+from typing import Iterable
 
 from ..events import Event, firing, resolved
 from ..record import Record
@@ -71,7 +73,7 @@ class _Rank:
     ended: bool = False
 
 
-def _median(values: list[float]) -> float:
+def _median(values: Iterable[float]) -> float:
     s = sorted(values)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
@@ -79,12 +81,11 @@ def _median(values: list[float]) -> float:
 
 def _median_without(s: list[float], i: int) -> float:
     """Median of sorted ``s`` without its element ``i`` (len(s) >= 2)."""
-    m = len(s) - 1
-
-    def at(j: int) -> float:
-        return s[j] if j < i else s[j + 1]
-
-    return at(m // 2) if m % 2 else (at(m // 2 - 1) + at(m // 2)) / 2
+    k = (len(s) - 1) // 2  # the middle of the m = len(s) - 1 others; s[j] is s[j + 1] from j = i on
+    hi = s[k] if k < i else s[k + 1]
+    if len(s) % 2 == 0:  # m odd: one middle element
+        return hi
+    return ((s[k - 1] if k - 1 < i else s[k]) + hi) / 2
 
 
 class Straggler(Detector):
@@ -107,15 +108,19 @@ class Straggler(Detector):
             r.samples += 1
             r.ended = False
             value = record.data_time_seconds
-            if value is not None and math.isfinite(value) and value >= 0:
-                self._push(r, "data_time", value)
+            if value is not None and isfinite(value) and value >= 0:
+                dq = r.windows.get("data_time")
+                if dq is not None and dq.maxlen == self.settings.window:
+                    dq.append(value)
+                else:
+                    self._push(r, "data_time", value)
             step = record.step
             if step is not None and step > r.last_step:
                 if r.last_step >= 0 and record.time > r.last_time:
                     self._push(r, "step_interval", (record.time - r.last_time) / (step - r.last_step))
                 r.last_step, r.last_time = step, record.time
             value = record.step_time_seconds
-            if value is not None and math.isfinite(value) and value > 0:
+            if value is not None and isfinite(value) and value > 0:
                 self.step_times.append(value)
             return []
         if kind in ("start", "end") and record.rank in self.ranks:
@@ -144,11 +149,11 @@ class Straggler(Detector):
         live = {q: r for q, r in self.ranks.items() if not r.ended}
         if len(live) < 2 or not s.enabled:
             return self._resolve_all(now, "straggler was disabled") if not s.enabled else []
-        step_time = _median(list(self.step_times)) if self.step_times else None
+        step_time = _median(self.step_times) if self.step_times else None
         verdicts: dict[int, tuple[str, float, float]] = {}  # rank -> (signal, median, peers)
         holding: set[int] = set()
         for signal in SIGNALS:
-            meds = {q: _median(list(dq)) for q, r in live.items()
+            meds = {q: _median(dq) for q, r in live.items()
                     if (dq := r.windows.get(signal)) is not None and len(dq) >= s.window}
             if len(meds) < 2:
                 continue
@@ -180,7 +185,7 @@ class Straggler(Detector):
         for q in [q for q in self.firing if q in live and q not in holding and q not in verdicts]:
             signal = self.firing.pop(q)
             r = live[q]
-            m = _median(list(r.windows[signal]))
+            m = _median(r.windows[signal])
             out.append(resolved(self.name, q, max(r.last_step, 0), now,
                                 f"rank {q} caught up: it now {WHAT[signal]} {m:.3f} s (median)",
                                 signal=signal, median_seconds=m))

@@ -1,0 +1,99 @@
+"""Sidecar memory: RSS after 10^4 ... 10^7 records from 64 ranks (goal: flat once windows are full).
+
+    python benchmarks/memory.py [--quick] [--max 10000000]
+
+A child process builds the sidecar's Service with its store attached (as ``serve`` does, without
+the HTTP server) and feeds it a healthy 64-rank run through ``Service.ingest`` in JSON bodies of
+1000 records (encoded on the fly; steps and times advance). RSS is read after each power of ten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Feed, Figure, table  # noqa: E402
+
+BATCH = 1000
+
+
+def _child(checkpoints: list[int], out: Any) -> None:
+    import psutil
+
+    from monitor.config import load
+    from monitor.server import attach_alerts_out
+    from monitor.service import Service
+
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory() as tmp:
+        service = Service(load(None, {"db": os.path.join(tmp, "memory.db")}, {}))
+        attach_alerts_out(service)
+        feed = Feed("memory", ranks=64)
+        gc.collect()
+        out.put(("start", 0, proc.memory_info().rss, 0.0))
+        done, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+        for target in checkpoints:
+            while done < target:
+                n = min(BATCH, target - done)
+                answer = service.ingest(feed.body(n), "application/json")
+                if answer.status != 200:
+                    raise RuntimeError(f"ingest answered {answer.status}: {answer.body}")
+                done += n
+            gc.collect()
+            out.put(("at", done, proc.memory_info().rss, time.process_time() - cpu0))
+        out.put(("alerts", service.stats.alerts_raised, 0, time.perf_counter() - t0))
+        service.close()
+
+
+def run(quick: bool = False, maximum: int | None = None) -> list[Figure]:
+    maximum = maximum or (10**6 if quick else 10**7)
+    checkpoints = [10**k for k in range(4, 8) if 10**k <= maximum]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(checkpoints, q))
+    p.start()
+    points: list[tuple[int, int, float]] = []
+    base, alerts = 0, 0
+    while True:
+        kind, n, rss, cpu = q.get(timeout=3600)
+        if kind == "start":
+            base = rss
+        elif kind == "at":
+            points.append((n, rss, cpu))
+            print(f"  memory: {n:>10,} records, RSS {rss / 2**20:7.1f} MiB ({cpu:.0f} s CPU)", file=sys.stderr)
+        else:
+            alerts = n
+            break
+    p.join()
+    figures = [Figure("memory", f"RSS after {n:.0e} records".replace("e+0", "e"), rss / 2**20, "MiB", None, "<",
+                      {"records": n, "cpu_seconds": cpu, "rss_before_records_mib": base / 2**20,
+                       "alerts_raised": alerts})
+               for n, rss, cpu in points]
+    windows_full = [pt for pt in points if pt[0] >= 10**5]  # 10^5 records = 1,560 samples per rank
+    if len(windows_full) >= 2:
+        (n0, r0, _), (n1, r1, _) = windows_full[0], windows_full[-1]
+        figures.append(Figure("memory", f"RSS growth {n0:.0e} -> {n1:.0e} records".replace("e+0", "e"),
+                              (r1 - r0) / r0, "ratio", 0.05, "<",
+                              {"from_mib": r0 / 2**20, "to_mib": r1 / 2**20}))
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max", type=int, help="records to feed (default 10^7, --quick 10^6)")
+    args = ap.parse_args()
+    print(table(run(args.quick, args.max)))
+
+
+if __name__ == "__main__":
+    main()
