@@ -8,12 +8,14 @@ and those are turned into floats *before* validation by ``normalize``.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-RUN_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+RUN_PATTERN = r"\A[A-Za-z0-9._:-]{1,128}\Z"  # \Z, not $: "$" also matches before a final newline
+RUN_RULE = "must be 1-128 characters of [A-Za-z0-9._:-]"
 
 Run = Annotated[str, msgspec.Meta(pattern=RUN_PATTERN)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -139,20 +141,58 @@ def from_obj(obj: Any) -> Record:
 
 
 def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
-    """'Expected `int`, got `str` - at `$.rank`' -> ('rank', "Expected `int`, got `str` ('x')")."""
+    """'Expected `int`, got `str` - at `$.rank`' -> ('rank', "Expected `int`, got `str` (value: 'x')")."""
     reason, sep, where = message.rpartition(" - at `$")
     if not sep:
         if message.startswith("Object missing required field"):
             field = message.split("`")[1]
             return field, "required"
+        if message.endswith("in `$.metrics`"):  # a bad metric name
+            return _metric_error(obj.get("metrics"), message.split(" - at ")[0])
         return "$", message
     path = where.rstrip("`").lstrip(".")
     top = path.split(".")[0].split("[")[0]
-    value = obj.get(top, None) if top else None
+    if top == "metrics" and path != "metrics":  # msgspec says `$.metrics[...]`: name the metric
+        return _metric_error(obj.get("metrics"), reason)
+    if path == "run" and "regex" in reason:
+        reason = RUN_RULE
+    return path or "$", f"{reason} (value: {_shown(obj.get(top) if top else None)})"
+
+
+def _metric_error(metrics: Any, reason: str) -> tuple[str, str]:
+    """The first bad entry of ``metrics``, as ('metrics.NAME', reason with the value)."""
+    for key, value in (metrics or {}).items():
+        if not isinstance(key, str) or len(key) > 128:
+            return "metrics", f"metric names are at most 128 characters (name: {_shown(key)})"
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return f"metrics.{key}", f"must be a number, null, or a non-finite spelling like \"nan\" " \
+                                     f"(value: {_shown(value)})"
+        if isinstance(value, int) and abs(value) >= 2**1024:
+            return f"metrics.{key}", f"number out of range (value: {_shown(value)})"
+    return "metrics", reason
+
+
+def _shown(value: Any) -> str:
     shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return path or "$", f"{reason} (value: {shown})"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _big_int(text: str) -> int | float:
+    return int(text) if len(text) <= 4300 else float(text)  # past the digit limit: +-inf
+
+
+def loads(data: bytes | str) -> Any:
+    """Python's json (it reads the bare NaN/Infinity tokens), also for integers of any length.
+
+    Past Python's int digit limit (4300) ``json.loads`` refuses the whole text; such a number is out
+    of range for every field, so it is read as +-inf and the field it is in judges it.
+    """
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # an integer past the digit limit
+        return json.loads(data, parse_int=_big_int)
 
 
 def to_obj(record: Record) -> dict[str, Any]:
