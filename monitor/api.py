@@ -10,7 +10,9 @@ import signal
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException
 
 from . import jsonout
 from .service import Service
@@ -49,16 +51,19 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     app = FastAPI(title="trainhealth", lifespan=lifespan, default_response_class=JSON)
     app.state.service = service
+    app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
+    app.add_exception_handler(RequestValidationError, _bad_query)
     token = service.settings.server.token
 
     if token:
-        expected = f"Bearer {token}".encode()
+        expected = token.encode()
 
         @app.middleware("http")
         async def require_token(request: Request, call_next: Any) -> Response:
             if request.url.path not in OPEN_PATHS:
-                got = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(got, expected):
+                scheme, _, got = request.headers.get("authorization", "").partition(" ")
+                # the scheme is case-insensitive (RFC 9110): "bearer T" is as good as "Bearer T"
+                if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), expected):
                     return JSON({"error": "missing or wrong Authorization: Bearer token"}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
@@ -117,6 +122,23 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
     for hook in extra or []:
         hook(app)
     return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 404:
+        paths = [getattr(r, "path", "") for r in request.app.routes]
+        ours = [p for p in paths if p.startswith(("/v1", "/-", "/metrics", "/health"))]
+        message += f" (routes: {', '.join(ours)})"
+    return JSON({"error": message}, exc.status_code, headers=exc.headers)
+
+
+async def _bad_query(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    return JSON({"error": f"{where}: {first.get('msg', 'invalid')} (value: {first.get('input')!r})"}, 400)
 
 
 async def _timer(service: Service) -> None:

@@ -25,6 +25,8 @@ Detail = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 MetricName = Annotated[str, msgspec.Meta(max_length=128)]
 
 RecordType = Literal["sample", "start", "heartbeat", "oom", "end"]
+RECORD_TYPES = ("sample", "start", "heartbeat", "oom", "end")
+NUMBER_RULE = 'must be a number or null; the only strings taken are non-finite spellings ("nan", "-inf", "+Infinity")'
 
 # Fields holding a number (or null = not measured); non-finite spellings are accepted here.
 NUMBER_FIELDS = (
@@ -154,9 +156,14 @@ def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
     top = path.split(".")[0].split("[")[0]
     if top == "metrics" and path != "metrics":  # msgspec says `$.metrics[...]`: name the metric
         return _metric_error(obj.get("metrics"), reason)
+    value = obj.get(top) if top else None
     if path == "run" and "regex" in reason:
-        reason = RUN_RULE
-    return path or "$", f"{reason} (value: {_shown(obj.get(top) if top else None)})"
+        reason = RUN_RULE if 1 <= len(value) <= 128 else f"{RUN_RULE}, got {len(value)} characters"
+    elif path == "type" and reason.startswith("Invalid enum value"):
+        reason = f"must be one of {', '.join(RECORD_TYPES)}"
+    elif path in NUMBER_FIELDS and isinstance(value, str):
+        reason = NUMBER_RULE
+    return path or "$", f"{reason} (value: {_shown(value)})"
 
 
 def _metric_error(metrics: Any, reason: str) -> tuple[str, str]:
@@ -165,8 +172,7 @@ def _metric_error(metrics: Any, reason: str) -> tuple[str, str]:
         if not isinstance(key, str) or len(key) > 128:
             return "metrics", f"metric names are at most 128 characters (name: {_shown(key)})"
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            return f"metrics.{key}", f"must be a number, null, or a non-finite spelling like \"nan\" " \
-                                     f"(value: {_shown(value)})"
+            return f"metrics.{key}", f"{NUMBER_RULE} (value: {_shown(value)})"
         if isinstance(value, int) and abs(value) >= 2**1024:
             return f"metrics.{key}", f"number out of range (value: {_shown(value)})"
     return "metrics", reason

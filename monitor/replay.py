@@ -55,8 +55,11 @@ def read_file(path: str, stats: ReadStats) -> Iterator[Record]:
                     rec = check(_decoder.decode(line))
                 except (msgspec.DecodeError, RecursionError):
                     rec = from_obj(loads(line))
-            except (ValueError, RecordError, RecursionError) as exc:
+            except RecordError as exc:
                 stats.skip(f"{path}:{lineno}", str(exc))
+                continue
+            except (ValueError, RecursionError) as exc:
+                stats.skip(f"{path}:{lineno}", f"not valid JSON: {exc}")
                 continue
             stats.records += 1
             yield rec

@@ -12,18 +12,22 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from monitor import jsonout
 from monitor.config import Settings
 from monitor.ingest import BodyError, decode_body
 from monitor.record import NUMBER_FIELDS
 from monitor.service import Service
 
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SCALE = int(os.environ.get("FUZZ_SCALE", "1"))  # FUZZ_SCALE=20 for a longer hunt (all pass at 600 examples)
+FUZZ = settings(max_examples=50 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(FUZZ, max_examples=25 * SCALE)  # examples that run the whole service
 
 # -- the contract, written out independently of monitor/record.py ---------------------------------------
 RUN_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -276,7 +280,7 @@ def make_service() -> Service:
     return Service(s, clock=lambda: 1_800_000_000.0)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@SLOW
 @given(st.lists(batches, min_size=1, max_size=4), st.sampled_from(["application/json", "application/x-ndjson"]))
 def test_service_answers_every_batch_with_counts_that_add_up(sequence, ctype):
     service = make_service()
@@ -295,3 +299,34 @@ def test_service_answers_every_batch_with_counts_that_add_up(sequence, ctype):
         assert sorted(e["index"] for e in b.get("errors", [])) == [e["index"] for e in b.get("errors", [])]
         json.dumps(b, allow_nan=False)  # the answer itself is plain JSON
     service.tick()
+
+
+# -- long runs with arbitrary values reach every detector's windows ---------------------------------------
+ALERT_NAMES = {"nan_divergence", "loss_spike", "grad_explosion", "gpu_oom_risk", "gpu_oom", "host_memory_leak",
+               "rank_stalled", "straggler", "lr_scaling"}
+any_float = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-10, 10) | st.none()
+any_count = st.none() | st.integers(0, 2**63 - 1) | st.integers(0, 64)
+sample = st.fixed_dictionaries({}, optional={
+    "loss": any_float, "grad_norm": any_float, "lr": any_float, "grad_scale": any_float,
+    "batch_size": any_count, "world_size": any_count, "rank": st.integers(0, 2),
+    "type": st.sampled_from(TYPES), "dt": st.floats(0, 1e6) | st.just(0.0),
+    "reference_lr": any_float, "reference_batch_size": any_count, "warmup_steps": any_count})
+
+
+@SLOW
+@given(st.lists(sample, min_size=20, max_size=120))
+def test_arbitrary_values_through_every_detector_give_well_formed_alerts(steps):
+    service, t, out = make_service(), 1.7e9, []
+    for step, fields in enumerate(steps):
+        t += fields.pop("dt", 1.0)
+        out.append({"run": "fuzz", "rank": fields.pop("rank", 0), "time": t, "step": step, **fields})
+    answers = [service.ingest(dumps(out[i:i + 10]), "application/json") for i in range(0, len(out), 10)]
+    assert sum(a.body["accepted"] for a in answers) == len(out)
+    service.tick()
+    for alert in service.book.query(limit=10_000):
+        assert alert["alert"] in ALERT_NAMES and alert["state"] in ("firing", "resolved")
+        assert alert["severity"] in ("critical", "warning", "info") and alert["run"] == "fuzz"
+        assert alert["rank"] is None or is_int(alert["rank"])
+        assert is_int(alert["step"]) and isinstance(alert["time"], float)
+        assert isinstance(alert["summary"], str) and alert["summary"]
+        json.loads(jsonout.dumps(alert))  # printable as replay does, posted as webhooks do
