@@ -52,16 +52,25 @@ class Decoded:
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BodyError(400, f"Content-Encoding gzip: body is not valid gzip ({exc})") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise BodyError(413, f"body decompresses to more than {limit} bytes (limits.max_decoded_bytes)")
-    if not d.eof:
-        raise BodyError(400, "Content-Encoding gzip: body is truncated")
-    return out
+    """Every member of a gzip body (``cat a.gz b.gz`` is valid gzip), at most ``limit`` bytes out."""
+    out: list[bytes] = []
+    size = 0
+    rest = body
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            chunk = d.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise BodyError(400, f"Content-Encoding gzip: body is not valid gzip ({exc})") from None
+        size += len(chunk)
+        if size > limit or d.unconsumed_tail:
+            raise BodyError(413, f"body decompresses to more than {limit} bytes (limits.max_decoded_bytes)")
+        if not d.eof:
+            raise BodyError(400, "Content-Encoding gzip: body is truncated")
+        out.append(chunk)
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # trailing zero padding is allowed by gzip tools
+            return b"".join(out)
 
 
 def media_type(content_type: str | None) -> str:

@@ -214,15 +214,17 @@ def test_one_object_compact_or_pretty_is_a_batch_of_one(item, pretty, ctype):
 
 
 @FUZZ
-@given(batches, st.sampled_from(["application/json", "application/x-ndjson"]))
-def test_gzip_body_decodes_like_the_plain_one(items, ctype):
+@given(batches, st.sampled_from(["application/json", "application/x-ndjson"]), st.lists(st.floats(0, 1), max_size=3))
+def test_gzip_body_in_one_or_several_members_decodes_like_the_plain_one(items, ctype, cuts):
     plain = dumps(items) if ctype == "application/json" else b"\n".join(dumps(i) for i in items)
     try:
         want = decode_body(plain, ctype)
     except BodyError as exc:  # an empty NDJSON body
         assert exc.status == 400
         return
-    got = decode_body(gzip.compress(plain), ctype, "gzip")
+    edges = [0, *sorted(int(c * len(plain)) for c in cuts), len(plain)]
+    members = b"".join(gzip.compress(plain[a:b]) for a, b in zip(edges, edges[1:]))  # `cat a.gz b.gz`
+    got = decode_body(members, ctype, "gzip")
     assert got.indexes == want.indexes
     assert [(r.index, r.field) for r in got.rejected] == [(r.index, r.field) for r in want.rejected]
 

@@ -41,7 +41,8 @@ def test_run_names_of_the_charset_up_to_128_chars_are_taken(run):
 def test_run_names_outside_the_charset_are_rejected_with_the_rule(run):
     field, why = reason(rec(run=run))
     rule = "must be 1-128 characters of [A-Za-z0-9._:-]"
-    assert field == "run" and why.startswith(rule if 1 <= len(run) <= 128 else f"{rule}, got {len(run)} characters (value: ")
+    want = rule if 1 <= len(run) <= 128 else f"{rule}, got {len(run)} characters (value: "
+    assert field == "run" and why.startswith(want)
 
 
 def test_run_name_with_a_trailing_newline_is_rejected_on_the_fast_path_too():
@@ -150,6 +151,15 @@ def test_integer_past_pythons_digit_limit_costs_only_its_record():
              b'{"run":"j","rank":0,"time":1,"step":4}'
     out = decode_body(ndjson, "application/x-ndjson")
     assert out.indexes == [1] and [(r.index, r.field) for r in out.rejected] == [(0, "step")]
+
+
+def test_gzip_of_several_members_loses_no_record_and_trailing_junk_is_a_400():
+    a, b = (json.dumps(rec(step=s)).encode() + b"\n" for s in (1, 2))
+    out = decode_body(gzip.compress(a) + gzip.compress(b), "application/x-ndjson", "gzip")
+    assert [r.step for r in out.records] == [1, 2]
+    with pytest.raises(BodyError) as info:
+        decode_body(gzip.compress(a) + b"junk", "application/x-ndjson", "gzip")
+    assert info.value.status == 400 and "not valid gzip" in str(info.value)
 
 
 def test_utf8_byte_order_mark_is_skipped():
