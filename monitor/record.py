@@ -105,7 +105,9 @@ def nonfinite_from_str(value: str) -> float | None:
 
 
 def normalize(obj: dict[str, Any]) -> dict[str, Any]:
-    """Turn non-finite string spellings in number fields into floats (in place)."""
+    """Turn non-finite string spellings in number fields into floats (in place); ``"type": null`` is the default."""
+    if "type" in obj and obj["type"] is None:  # a client that writes every field, unset ones as null
+        del obj["type"]
     for name in NUMBER_FIELDS:
         value = obj.get(name)
         if isinstance(value, str):

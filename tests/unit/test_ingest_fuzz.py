@@ -56,11 +56,16 @@ def number_ok(v: Any) -> bool:
     return isinstance(v, str) and nonfinite(v) is not None
 
 
+def record_type(obj: dict[str, Any]) -> Any:
+    kind = obj.get("type")
+    return "sample" if kind is None else kind  # absent or null: the default
+
+
 def expected_valid(obj: Any) -> bool:
     """DESIGN.md: is this decoded JSON value a usable record?"""
     if not isinstance(obj, dict):
         return False
-    run, rank, time, kind = obj.get("run"), obj.get("rank"), obj.get("time"), obj.get("type", "sample")
+    run, rank, time, kind = obj.get("run"), obj.get("rank"), obj.get("time"), record_type(obj)
     if not (isinstance(run, str) and RUN_RE.fullmatch(run)):
         return False
     if not (is_int(rank) and 0 <= rank < 2**31):
@@ -110,7 +115,7 @@ def same_number(sent: Any, got: Any) -> bool:
 
 
 def assert_holds_what_was_sent(obj: dict[str, Any], rec: Any) -> None:
-    assert (rec.run, rec.rank, rec.type) == (obj["run"], obj["rank"], obj.get("type", "sample"))
+    assert (rec.run, rec.rank, rec.type) == (obj["run"], obj["rank"], record_type(obj))
     assert rec.time == float(obj["time"]) and rec.step == obj.get("step")
     for name in NUMBER_FIELDS:
         assert same_number(obj.get(name), getattr(rec, name)), (name, obj.get(name), getattr(rec, name))
@@ -147,7 +152,7 @@ record_fields = {
     "run": field_value(runs),
     "rank": field_value(st.integers(-2, 5)),
     "time": field_value(st.floats(0, 2e9) | st.integers(0, 2 * 10**9)),
-    "type": field_value(st.sampled_from([*TYPES, "Sample", "other"])),
+    "type": field_value(st.sampled_from([*TYPES, "Sample", "other", None])),
     "step": field_value(st.integers(-1, 10**6)),
     **{name: field_value(numbers) for name in NUMBER_FIELDS},
     **{name: field_value(st.none() | st.integers(-1, 4096)) for name in INT_FIELDS},

@@ -50,8 +50,10 @@ def test_run_name_with_a_trailing_newline_is_rejected_on_the_fast_path_too():
 
 
 # -- type, step ---------------------------------------------------------------------------------------------
-def test_type_defaults_to_sample():
+def test_type_defaults_to_sample_also_when_sent_as_null():
     assert from_obj(rec()).type == "sample"
+    assert from_obj(rec(type=None)).type == "sample"
+    assert verdicts(json.dumps([rec(type=None)]).encode()) == ([0], [])
 
 
 def test_unknown_type_names_the_allowed_ones():
