@@ -280,11 +280,15 @@ def test_gzip_of_random_bytes_is_a_body_error_or_decodes(raw):
 
 
 # -- Service.ingest: decoding, caps and every detector --------------------------------------------------
+WALL = [1_800_000_000.0]  # the service's wall clock; tests move it
+
+
 def make_service() -> Service:
     s = Settings()
     s.limits.max_runs = 4
     s.limits.max_ranks_per_run = 3
-    return Service(s, clock=lambda: 1_800_000_000.0)
+    WALL[0] = 1_800_000_000.0
+    return Service(s, clock=lambda: WALL[0])
 
 
 @SLOW
@@ -306,6 +310,7 @@ def test_service_answers_every_batch_with_counts_that_add_up(sequence, ctype):
         assert sorted(e["index"] for e in b.get("errors", [])) == [e["index"] for e in b.get("errors", [])]
         json.dumps(b, allow_nan=False)  # the answer itself is plain JSON
     service.tick()
+    assert service.pipeline.detector_errors == {}
 
 
 # -- long runs with arbitrary values reach every detector's windows ---------------------------------------
@@ -313,23 +318,31 @@ ALERT_NAMES = {"nan_divergence", "loss_spike", "grad_explosion", "gpu_oom_risk",
                "rank_stalled", "straggler", "lr_scaling"}
 any_float = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-10, 10) | st.none()
 any_count = st.none() | st.integers(0, 2**63 - 1) | st.integers(0, 64)
+mem = st.none() | st.floats(0, 2**50) | st.floats(allow_nan=True, allow_infinity=True) | st.integers(0, 2**40)
 sample = st.fixed_dictionaries({}, optional={
     "loss": any_float, "grad_norm": any_float, "lr": any_float, "grad_scale": any_float,
     "batch_size": any_count, "world_size": any_count, "rank": st.integers(0, 2),
-    "type": st.sampled_from(TYPES), "dt": st.floats(0, 1e6) | st.just(0.0),
-    "reference_lr": any_float, "reference_batch_size": any_count, "warmup_steps": any_count})
+    "type": st.sampled_from(TYPES), "dt": st.floats(-100, 1e6) | st.just(0.0), "advance": st.integers(0, 1),
+    "reference_lr": any_float, "reference_batch_size": any_count, "warmup_steps": any_count,
+    "gpu_mem_peak_bytes": mem, "gpu_mem_total_bytes": mem, "gpu_mem_reserved_bytes": mem, "host_mem_bytes": mem,
+    "host_mem_total_bytes": mem, "host_mem_available_bytes": mem, "step_time_seconds": any_float,
+    "data_time_seconds": any_float})
 
 
 @SLOW
 @given(st.lists(sample, min_size=20, max_size=120))
 def test_arbitrary_values_through_every_detector_give_well_formed_alerts(steps):
-    service, t, out = make_service(), 1.7e9, []
-    for step, fields in enumerate(steps):
-        t += fields.pop("dt", 1.0)
+    service, t, step, out = make_service(), 1.7e9, 0, []
+    for fields in steps:
+        t = max(0.0, t + fields.pop("dt", 1.0))
+        step += fields.pop("advance", 1)
         out.append({"run": "fuzz", "rank": fields.pop("rank", 0), "time": t, "step": step, **fields})
     answers = [service.ingest(dumps(out[i:i + 10]), "application/json") for i in range(0, len(out), 10)]
     assert sum(a.body["accepted"] for a in answers) == len(out)
-    service.tick()
+    for idle in (0.0, 30.0, 600.0, 7 * 3600.0):  # time passes with no records: liveness, then expiry
+        WALL[0] += idle
+        service.tick()
+    assert service.pipeline.detector_errors == {}  # a detector that raised (logged above) is a bug
     for alert in service.book.query(limit=10_000):
         assert alert["alert"] in ALERT_NAMES and alert["state"] in ("firing", "resolved")
         assert alert["severity"] in ("critical", "warning", "info") and alert["run"] == "fuzz"
