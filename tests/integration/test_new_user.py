@@ -68,8 +68,8 @@ def test_readme_walkthrough_gives_the_answers_it_shows(start_sidecar, tmp_path):
     assert [a["alert"] for a in alerts("/v1/alerts", params={"since": 1732500001}).json()["alerts"]] == [
         "nan_divergence"]
     assert [a["alert"] for a in alerts("/v1/alerts", params={"limit": 1}).json()["alerts"]] == ["nan_divergence"]
-    assert alerts("/v1/alerts", params={"state": "resolved"}).json() == {"alerts": []}
-    assert alerts("/v1/alerts", params={"run": "other"}).json() == {"alerts": []}
+    assert alerts("/v1/alerts", params={"state": "resolved"}).json()["alerts"] == []
+    assert alerts("/v1/alerts", params={"run": "other"}).json()["alerts"] == []
 
     runs = sc.client.get("/v1/runs").json()["runs"]
     assert [(r["run"], r["ranks"], r["step"], r["records"], sorted(a["alert"] for a in r["firing"]))
@@ -82,12 +82,20 @@ def test_readme_walkthrough_gives_the_answers_it_shows(start_sidecar, tmp_path):
                               "batch_size": 2, "world_size": 1, "reference_lr": 0.02,
                               "reference_batch_size": 16, "warmup_steps": 500}]
     assert sc.client.get("/healthz").json() == {"status": "ok", "runs": 1}
+    job7 = {ln for ln in sc.client.get("/metrics").text.splitlines() if 'run="job-7"' in ln}
+    assert {'trainhealth_loss{rank="0",run="job-7"} 0.4', 'trainhealth_grad_norm{rank="0",run="job-7"} +Inf',
+            'trainhealth_step{rank="0",run="job-7"} 814.0',
+            'trainhealth_alerts_firing{alert="nan_divergence",run="job-7",severity="critical"} 1.0',
+            'trainhealth_alerts_firing{alert="lr_scaling",run="job-7",severity="critical"} 1.0'} <= job7
 
     # replay on what the flight recorder saw: the same transitions, in the order they happened
     out = subprocess.run([sys.executable, "-m", "monitor", "replay", str(tmp_path / "records" / "job-7.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     replayed = [json.loads(line) for line in out.stdout.splitlines()]
-    assert replayed == list(reversed(sc.client.get("/v1/alerts").json()["alerts"]))
+    served = sc.client.get("/v1/alerts").json()["alerts"]
+    assert [(a.pop("id"), a.pop("silenced"), a.pop("acknowledged")) for a in served] == [
+        (2, False, False), (1, False, False)]  # what the store adds
+    assert replayed == list(reversed(served))
     assert out.stderr.splitlines()[0] == "trainhealth replay: 4 records, 0 corrupt lines skipped"
 
 
