@@ -9,7 +9,7 @@ import logging
 import signal
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
@@ -105,7 +105,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     @app.get("/v1/alerts")
     async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,
-                     since: float | None = None, limit: int = 1000, cursor: int | None = None) -> Response:
+                     since: float | None = None, limit: int = 1000,
+                     cursor: int | None = Query(None, ge=0, le=2**63 - 1)) -> Response:
         if state not in (None, "firing", "resolved"):
             return JSON({"error": f"state: must be 'firing' or 'resolved', got {state!r}"}, 400)
         if not 1 <= limit <= 10_000:

@@ -147,3 +147,12 @@ def test_token_accepts_the_bearer_scheme_in_any_case(start_sidecar):
     assert post(sc, body, authorization="bearer s3cret").json()["accepted"] == 1
     assert post(sc, body, authorization="Bearer s3cret").json()["accepted"] == 1
     assert sc.client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("method,path", [
+    ("DELETE", "/v1/silences/99999999999999999999999"), ("POST", "/v1/alerts/99999999999999999999999/ack"),
+    ("GET", "/v1/alerts?cursor=99999999999999999999999"), ("DELETE", "/v1/silences/-1")])
+def test_ids_past_sqlite_integers_are_a_400_naming_the_parameter_not_a_500(sidecar, method, path):
+    r = sidecar.client.request(method, path, content=b"{}")
+    assert r.status_code == 400 and r.json()["error"].split(":")[0] in ("silence_id", "alert_id", "cursor")
+    assert sidecar.client.get("/healthz").status_code == 200
