@@ -177,6 +177,10 @@ def _decode_lines(body: bytes, max_records: int) -> Decoded:
         except (ValueError, UnicodeDecodeError) as exc:
             out.rejected.append(Rejection(i, "$", f"line is not valid JSON: {exc}"))
             continue
+        if isinstance(item, list):
+            out.rejected.append(Rejection(i, "$", "line is a JSON array: NDJSON holds one record object per "
+                                                  "line; send an array as application/json"))
+            continue
         _add(out, i, item)
     return out
 

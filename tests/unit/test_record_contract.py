@@ -164,6 +164,12 @@ def test_gzip_of_several_members_loses_no_record_and_trailing_junk_is_a_400():
     assert info.value.status == 400 and "not valid gzip" in str(info.value)
 
 
+def test_array_sent_as_ndjson_is_told_to_use_application_json():
+    out = decode_body(json.dumps([rec(), rec()]).encode(), "application/x-ndjson")
+    assert out.records == [] and [(r.index, r.field) for r in out.rejected] == [(0, "$")]
+    assert "send an array as application/json" in out.rejected[0].reason
+
+
 def test_utf8_byte_order_mark_is_skipped():
     assert verdicts(b"\xef\xbb\xbf" + json.dumps([rec()]).encode()) == ([0], [])
     assert verdicts(b"\xef\xbb\xbf" + json.dumps(rec()).encode(), "application/x-ndjson") == ([0], [])
