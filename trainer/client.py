@@ -124,10 +124,10 @@ class Telemetry:
                 if value is None:
                     continue
                 kind = type(value)
-                if kind is float or (kind is int and name not in INT_FIELDS):
+                if name in INT_FIELDS:
+                    assign(rec, name, int(value))  # counts: a number (a CUDA tensor here would sync)
+                elif kind is float or kind is int:
                     assign(rec, name, value)
-                elif name in INT_FIELDS:
-                    assign(rec, name, int(value))
                 elif hasattr(value, "detach") or hasattr(value, "_get_scale_async"):  # a tensor, a GradScaler
                     if tensors is None:
                         tensors = {}
@@ -244,7 +244,12 @@ class Telemetry:
         self._closed = True
         atexit.unregister(self.close)
         deadline = self._monotonic() + timeout
-        ok = self.flush(timeout) if self._threads else True
+        if self._threads:
+            ok = self.flush(timeout)
+        else:  # driven by hand: one last synchronous attempt
+            self._flush_now = True
+            self.pump()
+            ok = not self._last_failed
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
@@ -278,8 +283,12 @@ class Telemetry:
     # -- the background threads ----------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
-            if self._active:
-                self.heartbeat()
+            self._beat()
+
+    def _beat(self) -> None:
+        """A heartbeat, once the run started (start() or a record) and until it ended."""
+        if self._active:
+            self.heartbeat()
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
