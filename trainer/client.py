@@ -39,6 +39,7 @@ SAMPLE_FIELDS = frozenset((
     "host_mem_available_bytes", "step_time_seconds", "data_time_seconds", "batch_size", "world_size",
 ))
 INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid"))
+FLOAT_FIELDS = SAMPLE_FIELDS - INT_FIELDS
 MESSAGE_CHARS = 4000
 DETAIL_CHARS = 1_000_000
 
@@ -88,7 +89,9 @@ class Telemetry:
         self._probes = list(probes) if probes is not None else _default_probes(s)
         self._stager = next((p for p in self._probes if hasattr(p, "stage")), None)
         self._warn = _LimitedLog()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # the training thread takes it only to append
+        self._cond = threading.Condition(self._lock)
+        self._capacity = s.capacity
         self._queue: deque[dict[str, Any]] = deque()
         self._batch_limit = s.batch_records
         self._backoff = 0.0
@@ -119,30 +122,56 @@ class Telemetry:
         try:
             rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank,
                                    "time": self._clock(), "step": int(step)}
-            tensors: dict[str, Any] | None = None
-            for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), *fields.items()):
-                if value is None:
-                    continue
-                kind = type(value)
-                if name in INT_FIELDS:
-                    assign(rec, name, int(value))  # counts: a number (a CUDA tensor here would sync)
-                elif kind is float or kind is int:
-                    assign(rec, name, value)
-                elif hasattr(value, "detach") or hasattr(value, "_get_scale_async"):  # a tensor, a GradScaler
-                    if tensors is None:
-                        tensors = {}
-                    tensors[name] = value
+            tensors: dict[str, Any] = {}
+            # the fast path (a float) inline: this runs every step
+            if loss is not None:
+                if type(loss) is float:
+                    rec["loss"] = loss
                 else:
-                    assign(rec, name, float(value))  # numpy scalars and friends
+                    self._put(rec, "loss", loss, tensors)
+            if lr is not None:
+                if type(lr) is float:
+                    rec["lr"] = lr
+                else:
+                    self._put(rec, "lr", lr, tensors)
+            if grad_norm is not None:
+                if type(grad_norm) is float:
+                    rec["grad_norm"] = grad_norm
+                else:
+                    self._put(rec, "grad_norm", grad_norm, tensors)
+            for name, value in fields.items():
+                if value is not None:
+                    if type(value) is float and name in FLOAT_FIELDS:
+                        rec[name] = value
+                    else:
+                        self._put(rec, name, value, tensors)
             if tensors:
                 self._stage(rec, tensors)
             if not self._bound:
                 self._bind()
             self.last_step = rec["step"]
             self._active = True
-            self._push(rec)
+            with self._lock:
+                if len(self._queue) >= self._capacity:
+                    self._queue.popleft()
+                    self.counts["dropped"] += 1
+                self._queue.append(rec)
+                full = len(self._queue) >= self._batch_limit
+            if full:
+                self._wake.set()
         except Exception as exc:  # never break training because of telemetry
             self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
+
+    @staticmethod
+    def _put(rec: dict[str, Any], name: str, value: Any, tensors: dict[str, Any]) -> None:
+        if name in INT_FIELDS:
+            assign(rec, name, int(value))  # counts: a number (a CUDA tensor here would sync)
+        elif type(value) is float or type(value) is int:
+            assign(rec, name, value)
+        elif hasattr(value, "detach") or hasattr(value, "_get_scale_async"):  # a tensor, a GradScaler
+            tensors[name] = value
+        else:
+            assign(rec, name, float(value))  # numpy scalars and friends
 
     def start(self, **fields: Any) -> None:
         """The run's start: world_size, batch_size, lr, reference_lr, reference_batch_size, warmup_steps,
@@ -208,8 +237,8 @@ class Telemetry:
         return oom_guard(self, step=step)
 
     def _push(self, rec: dict[str, Any]) -> None:
-        with self._cond:
-            if len(self._queue) >= self.settings.capacity:
+        with self._lock:
+            if len(self._queue) >= self._capacity:
                 self._queue.popleft()
                 self.counts["dropped"] += 1
             self._queue.append(rec)
@@ -232,10 +261,13 @@ class Telemetry:
                 if not self._threads:
                     return False
                 left = deadline - self._monotonic()
-                if left <= 0 or not self._cond.wait_for(lambda s=seen: self._cycles > s, left):
+                if left <= 0 or not self._cond.wait_for(self._cycle_after(seen), left):
                     return False
                 if self._last_failed:
                     return not self._queue
+
+    def _cycle_after(self, seen: int) -> Callable[[], bool]:
+        return lambda: self._cycles > seen
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (up to ``timeout`` seconds), stop the threads; idempotent."""

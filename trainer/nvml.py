@@ -32,7 +32,9 @@ def open_device(pci_bus_id: str | None, index: int, nvml: Any = None) -> NvmlDev
     else by index; None when NVML is unavailable."""
     try:
         if nvml is None:
-            import pynvml as nvml
+            import pynvml
+
+            nvml = pynvml
         nvml.nvmlInit()
         if pci_bus_id:
             try:
