@@ -78,7 +78,7 @@ class Pipeline:
         for i in order:
             rec = records[i]
             try:
-                run = self._admit(rec)
+                run = self._admit(rec, wall)
             except CapExceeded as exc:
                 refused.append((i, exc))
                 continue
@@ -86,13 +86,14 @@ class Pipeline:
         refused.sort(key=lambda r: r[0])
         return Outcome(alerts, refused)
 
-    def _admit(self, rec: Record) -> RunState:
+    def _admit(self, rec: Record, wall: float) -> RunState:
         run = self.runs.get(rec.run)
         if run is None:
             if len(self.runs) >= self.limits.max_runs:
                 raise CapExceeded("run", f"the sidecar already tracks {len(self.runs)} runs "
                                          f"(limits.max_runs); {rec.run!r} is refused")
-            run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time)
+            run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time,
+                           clock_wall=wall, last_wall=wall)
             self.runs[rec.run] = run
             self.detectors[rec.run] = [
                 cls(self.detector_settings[cls.name], run) for cls in self.detector_classes
@@ -106,6 +107,7 @@ class Pipeline:
 
     def _feed(self, run: RunState, rec: Record, wall: float) -> list[Alert]:
         run.records += 1
+        run.last_wall = wall
         self.records_processed += 1
         run.ranks[rec.rank].apply(rec)
         if rec.type == "start":
@@ -136,12 +138,12 @@ class Pipeline:
         """Server timer: let time pass for every run, and forget expired runs."""
         alerts: list[Alert] = []
         for run in list(self.runs.values()):
-            idle = max(0.0, wall - run.clock_wall)
+            idle = max(0.0, wall - run.last_wall)
             if idle > self.limits.run_ttl_seconds:
                 alerts.extend(self.forget(run.run, f"run {run.run} expired after {idle:.0f}s "
                                                    f"without records"))
                 continue
-            now = run.clock + idle
+            now = run.clock + max(0.0, wall - run.clock_wall)
             if now - run.last_tick >= self.tick_seconds:
                 events = self._tick_run(run, now)
                 if events:

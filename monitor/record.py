@@ -16,7 +16,8 @@ import msgspec
 RUN_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 Run = Annotated[str, msgspec.Meta(pattern=RUN_PATTERN)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Rank = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 Detail = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 MetricName = Annotated[str, msgspec.Meta(max_length=128)]
@@ -46,7 +47,7 @@ class Record(msgspec.Struct, omit_defaults=True):
     """One telemetry record. ``None`` means "not measured", never NaN."""
 
     run: Run
-    rank: NonNegInt
+    rank: Rank
     time: float
     type: RecordType = "sample"
     step: NonNegInt | None = None
@@ -73,7 +74,7 @@ class Record(msgspec.Struct, omit_defaults=True):
     warmup_steps: NonNegInt | None = None
     optimizer: Text | None = None
     host: Text | None = None
-    pid: int | None = None
+    pid: NonNegInt | None = None
     config: dict[str, Any] | None = None
     # oom
     message: Text | None = None
@@ -151,7 +152,7 @@ def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return path or "$", f"{reason}, got value {shown}"
+    return path or "$", f"{reason} (value: {shown})"
 
 
 def to_obj(record: Record) -> dict[str, Any]:

@@ -85,6 +85,7 @@ class RunState:
     starts: list[Record] = field(default_factory=list)  # first start, then the latest ones
     clock: float = 0.0  # newest record time seen in this run
     clock_wall: float = 0.0  # wall time when clock last advanced (server only)
+    last_wall: float = 0.0  # wall time of the newest arrival (server only; for expiry)
     last_tick: float = 0.0
     records: int = 0
 

@@ -7,9 +7,14 @@ here; ``config.py`` finds its settings by ``name``.
 from __future__ import annotations
 
 from .base import Detector
+from .lr_scaling import LrScaling
 from .nan_divergence import NanDivergence
+from .spikes import GradExplosion, LossSpike
 
 ALL: list[type[Detector]] = [
+    LrScaling,
+    LossSpike,
+    GradExplosion,
     NanDivergence,
 ]
 

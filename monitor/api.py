@@ -1,0 +1,130 @@
+"""HTTP adapter: FastAPI routes over a Service. Routes only adapt; status.py builds answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from . import jsonout
+from .service import Service
+from .status import run_view, runs_view
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = {"/healthz"}
+
+
+class JSON(Response):
+    """JSON that keeps NaN as "NaN" (never null); see jsonout."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return jsonout.dumpb(content)
+
+
+def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None = None) -> FastAPI:
+    """The sidecar's ASGI app. ``extra`` hooks add routes (e.g. /metrics) without touching this file."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timer = asyncio.create_task(_timer(service))
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, service.reload)  # main thread only
+        try:
+            yield
+        finally:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+            service.close()
+
+    app = FastAPI(title="trainhealth", lifespan=lifespan, default_response_class=JSON)
+    app.state.service = service
+    token = service.settings.server.token
+
+    if token:
+        expected = f"Bearer {token}".encode()
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next: Any) -> Response:
+            if request.url.path not in OPEN_PATHS:
+                got = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(got, expected):
+                    return JSON({"error": "missing or wrong Authorization: Bearer token"}, 401,
+                                headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    @app.post("/v1/ingest")
+    async def ingest(request: Request) -> Response:
+        limit = service.settings.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            answer = service.refuse(413, f"body of {declared} bytes is over the limit of {limit} bytes "
+                                         "(limits.max_body_bytes): send smaller batches")
+            return JSON(answer.body, answer.status)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                answer = service.refuse(413, f"body is over the limit of {limit} bytes "
+                                             "(limits.max_body_bytes): send smaller batches")
+                return JSON(answer.body, answer.status)
+            chunks.append(chunk)
+        answer = service.ingest(b"".join(chunks), request.headers.get("content-type"),
+                                request.headers.get("content-encoding"))
+        return JSON(answer.body, answer.status)
+
+    @app.get("/v1/runs")
+    async def runs() -> Response:
+        return JSON(runs_view(service.pipeline))
+
+    @app.get("/v1/runs/{run}")
+    async def run(run: str) -> Response:
+        state = service.pipeline.runs.get(run)
+        if state is None:
+            return JSON({"error": f"run {run!r} is not known to this sidecar"}, 404)
+        return JSON(run_view(state, service.book, detail=True))
+
+    @app.get("/v1/alerts")
+    async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,
+                     since: float | None = None, limit: int = 1000) -> Response:
+        if state not in (None, "firing", "resolved"):
+            return JSON({"error": f"state: must be 'firing' or 'resolved', got {state!r}"}, 400)
+        if not 1 <= limit <= 10_000:
+            return JSON({"error": f"limit: must be 1-10000, got {limit}"}, 400)
+        query = getattr(service, "query_alerts", None) or service.book.query
+        return JSON({"alerts": query(run=run, state=state, alert=alert, since=since, limit=limit)})
+
+    @app.post("/-/reload")
+    async def reload() -> Response:
+        result = service.reload()
+        return JSON(result, 200 if result["reloaded"] else 400)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSON({"status": "ok", "runs": len(service.pipeline.runs)})
+
+    for hook in extra or []:
+        hook(app)
+    return app
+
+
+async def _timer(service: Service) -> None:
+    """Time passes without records: liveness checks run on the wall clock."""
+    period = service.settings.server.tick_seconds
+    while True:
+        await asyncio.sleep(period)
+        try:
+            service.tick()
+        except Exception:  # the timer must outlive a detector bug
+            log.exception("timer tick failed")
