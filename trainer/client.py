@@ -175,12 +175,14 @@ class Telemetry:
 
     def start(self, **fields: Any) -> None:
         """The run's start: world_size, batch_size, lr, reference_lr, reference_batch_size, warmup_steps,
-        optimizer, config... host and pid are filled in."""
+        optimizer, config... host and pid are filled in. Sent at once, ahead of the first samples."""
         if dataclasses.is_dataclass(fields.get("config")):
             fields["config"] = dataclasses.asdict(fields["config"])
         self._send_kind("start", None, {"world_size": self.world_size, "host": socket.gethostname(),
                                         "pid": os.getpid(), **fields})
         self._active = True
+        self._flush_now = True
+        self._wake.set()
 
     def heartbeat(self, step: int | None = None) -> None:
         self._send_kind("heartbeat", step, {})

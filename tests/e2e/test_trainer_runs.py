@@ -19,14 +19,19 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-             timeout: float = 180) -> tuple[subprocess.CompletedProcess, dict[int, list[Record]]]:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINHEALTH_RUN": "e2e",
-               "TRAINHEALTH_OFFLINE": str(tmp_path / "rank{rank}.jsonl"), **(env or {})}
-    environ.pop("TRAINHEALTH_URL", None)
+def torchrun_process(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
+    environ.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_RUN": "e2e", **env})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainer", "--log-every", "1000", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 180) -> tuple[subprocess.CompletedProcess, dict[int, list[Record]]]:
+    """Run with the client's offline mode; returns the process and each rank's records."""
+    env = {"TRAINHEALTH_OFFLINE": str(tmp_path / "rank{rank}.jsonl"), **(env or {})}
+    proc = torchrun_process(*args, env=env, timeout=timeout)
     records = {}
     for rank in (0, 1):
         path = tmp_path / f"rank{rank}.jsonl"
@@ -102,3 +107,18 @@ def test_die_leaves_no_end_record_on_the_dead_rank(tmp_path):
     assert proc.returncode != 0
     assert not any(r.type == "end" for r in records[1])
     assert all(r.step < 3 for r in records[1] if r.type == "sample")
+
+
+def test_nan_data_against_the_real_sidecar_fires_nan_divergence_naming_the_rank(sidecar):
+    proc = torchrun_process("--inject", "nan-data", "--inject-rank", "1", "--inject-step", "8", "--steps", "12",
+                            "--step-sleep", "0.05", env={"TRAINHEALTH_URL": sidecar.url, "TRAINHEALTH_RUN": "e2e-nan"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alerts = sidecar.client.get("/v1/alerts", params={"run": "e2e-nan", "state": "firing"}).json()["alerts"]
+    nan = {a["rank"]: a for a in alerts if a["alert"] == "nan_divergence"}
+    assert sorted((rank, a["step"]) for rank, a in nan.items()) == [(0, 8), (1, 8)]
+    # rank 1's loss went NaN on its own bad batch; rank 0 only through the all-reduced gradients.
+    # first_rank is not asserted: the detector takes it from arrival order, and each rank sends its own
+    # batches (reported to the lead)
+    assert (nan[1]["cause"], nan[0]["cause"]) == ("nonfinite_loss", "nonfinite_grad_norm")
+    run = sidecar.client.get("/v1/runs/e2e-nan").json()
+    assert run["step"] == 12 and len(run["rank_states"]) == 2

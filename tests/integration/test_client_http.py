@@ -246,3 +246,39 @@ def test_close_with_the_sidecar_down_returns_and_counts_what_was_lost():
     tm.record(1, loss=1.0)
     tm.close(timeout=1.0)
     assert tm.stats()["dropped"] == 1 and tm.stats()["queued"] == 0
+
+
+# -- against the real sidecar (python -m monitor serve, the conftest fixture) ---------------------------
+
+def test_a_nan_loss_sent_by_the_client_fires_on_the_real_sidecar(sidecar):
+    tm = Telemetry(url=sidecar.url, run="client-job", rank=1, world_size=2, environ={}, **FAST)
+    try:
+        tm.start(batch_size=2, lr=0.005, reference_lr=0.02, reference_batch_size=16, warmup_steps=0)
+        for step in range(1, 11):
+            tm.record(step, loss=1.0 / step, lr=0.005, grad_norm=1.0)
+        tm.record(11, loss=math.nan, lr=0.005, grad_norm=1.0)
+        assert tm.flush(30)
+    finally:
+        tm.close()
+    assert tm.stats()["rejected"] == 0
+    alerts = sidecar.client.get("/v1/alerts", params={"run": "client-job", "state": "firing"}).json()["alerts"]
+    assert [(a["alert"], a["rank"], a["step"]) for a in alerts] == [("nan_divergence", 1, 11)]
+    run = sidecar.client.get("/v1/runs/client-job").json()
+    latest = run["rank_states"][0]["latest"]
+    assert latest["loss"] == "NaN" and latest["host_mem_bytes"] > 0
+
+
+def test_batches_too_large_for_the_real_sidecar_are_split_until_accepted(start_sidecar, tmp_path):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[limits]\nmax_records_per_batch = 50\n")
+    sc = start_sidecar("--config", str(cfg))
+    tm = Telemetry(url=sc.url, run="split-job", rank=0, world_size=1, environ={},
+                   **{**FAST, "batch_records": 500})
+    try:
+        for step in range(1, 201):
+            tm.record(step, loss=1.0)
+        assert tm.flush(30)
+    finally:
+        tm.close()
+    assert tm.stats()["sent"] == 200 and tm.stats()["rejected"] == 0
+    assert sc.client.get("/v1/runs/split-job").json()["step"] == 200
