@@ -7,9 +7,10 @@
 the network and never raises into training. A background thread drains the
 buffer about once a second (at once when ``batch_records`` are waiting), reads
 values that the GPU has finished computing (torch tensors are copied without a
-sync, see ``torch_helpers``), adds host/GPU memory, and sends the batch; failed
-sends are retried with exponential backoff, and when the buffer is full the
-oldest records are dropped and counted. A second thread sends heartbeats while
+sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
+exponential backoff, and when the buffer is full the oldest records are dropped
+and counted. Every cycle it also measures host/GPU memory (the probes); each
+sample carries the latest measurement. A second thread sends heartbeats while
 the training thread is busy or blocked.
 """
 
@@ -87,6 +88,7 @@ class Telemetry:
         self._monotonic = monotonic
         self._sink = sink if sink is not None else _make_sink(s)
         self._probes = list(probes) if probes is not None else _default_probes(s)
+        self._measured: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
         self._stager = next((p for p in self._probes if hasattr(p, "stage")), None)
         self._warn = _LimitedLog()
         self._lock = threading.Lock()  # the training thread takes it only to append
@@ -120,8 +122,11 @@ class Telemetry:
                **fields: Any) -> None:
         """One sample. Tensors are read later without a device sync; never raises."""
         try:
+            measured, metrics = self._measured  # host/GPU memory, NVML: refreshed by the background thread
             rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank,
-                                   "time": self._clock(), "step": int(step)}
+                                   "time": self._clock(), "step": int(step), **measured}
+            if metrics:
+                rec["metrics"] = metrics.copy()
             tensors: dict[str, Any] = {}
             # the fast path (a float) inline: this runs every step
             if loss is not None:
@@ -325,6 +330,7 @@ class Telemetry:
             self.heartbeat()
 
     def _send_loop(self) -> None:
+        self._refresh()  # the first samples get host memory too
         while not self._stop.is_set():
             self._wake.wait(self.settings.flush_seconds)
             self._wake.clear()
@@ -337,13 +343,13 @@ class Telemetry:
         """One sender cycle: resolve finished device values, send what is ready (unless backing off)."""
         with self._cond:
             force, self._flush_now = self._flush_now, False
+        self._refresh()
         failed = False
         if force or self._monotonic() >= self._next_send:
             while True:
                 batch = self._take()
                 if not batch:
                     break
-                self._enrich(batch)
                 result = self._sink.send(batch)
                 failed = not self._settle(batch, result)
                 if failed or len(batch) < self._batch_limit:
@@ -384,26 +390,22 @@ class Telemetry:
         for name, value in rec.pop(STAGED).values().items():
             assign(rec, name, value)
 
-    def _enrich(self, batch: list[dict[str, Any]]) -> None:
-        samples = [r for r in batch if r["type"] == "sample"]
-        if not samples:
-            return
-        extra: dict[str, Any] = {}
+    def _refresh(self) -> None:
+        """Measure (each probe keeps its own interval) for the samples recorded from now on. Runs every
+        cycle, also while sends are failing, so samples recorded during an outage keep their values."""
+        top: dict[str, Any] = {}
+        metrics: dict[str, Any] = {}
         for probe in self._probes:
             try:
-                extra.update(probe.sample())
+                fields = dict(probe.sample())
             except Exception as exc:
                 self._warn(f"probe-{type(probe).__name__}", "%s failed: %r", type(probe).__name__, exc)
-        metrics = extra.pop("metrics", None) or {}
+                continue
+            metrics.update(fields.pop("metrics", None) or {})
+            top.update(fields)
         if self.counts["dropped"]:
             metrics["client_dropped_records"] = self.counts["dropped"]
-        for rec in samples:
-            for name, value in extra.items():
-                rec.setdefault(name, value)
-            if metrics:
-                mine = rec.setdefault("metrics", {})
-                for name, value in metrics.items():
-                    mine.setdefault(name, value)
+        self._measured = (top, metrics or None)  # one reference swap: the training thread reads either
 
     def _settle(self, batch: list[dict[str, Any]], result: Result) -> bool:
         """Account for a send; put the batch back for a retry. True when the sink took a decision."""

@@ -3,7 +3,8 @@
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``TORCHELASTIC_RUN_ID``; trainhealth's own
 variables are ``TRAINHEALTH_URL``, ``TRAINHEALTH_RUN`` (overrides the run name),
 ``TRAINHEALTH_TOKEN``, ``TRAINHEALTH_OFFLINE`` (write a .jsonl instead of sending),
-``TRAINHEALTH_HEARTBEAT_SECONDS`` and ``TRAINHEALTH_FLUSH_SECONDS``.
+``TRAINHEALTH_HEARTBEAT_SECONDS``, ``TRAINHEALTH_FLUSH_SECONDS`` and ``TRAINHEALTH_SAMPLE_SECONDS``
+(host PSS and NVML).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "offline_path": env.get("TRAINHEALTH_OFFLINE") or None,
         "heartbeat_seconds": _env_float(env, "TRAINHEALTH_HEARTBEAT_SECONDS", 5.0),
         "flush_seconds": _env_float(env, "TRAINHEALTH_FLUSH_SECONDS", 1.0),
+        "sample_seconds": _env_float(env, "TRAINHEALTH_SAMPLE_SECONDS", 5.0),
     }
     known = {f.name for f in fields(ClientSettings)}
     for key, value in overrides.items():

@@ -7,9 +7,10 @@ different threads:
   into pinned host memory with ``non_blocking=True`` and a CUDA event is recorded after the
   copy. Nothing waits for the GPU. (``loss.item()`` here would be a CPU-GPU sync point on
   every step.) A CPU tensor is just read: that is not a device sync.
-- ``sample()`` on the background thread, when a batch is sent: the caching allocator's
-  counters (host-side bookkeeping, no device sync), the peak since the previous batch, and
-  every few seconds NVML utilisation and temperature.
+- ``sample()`` on the background thread, every client cycle (about a second): the caching
+  allocator's counters (host-side bookkeeping, no device sync), the peak since the previous
+  cycle, and every few seconds NVML utilisation and temperature. Samples recorded after it
+  carry these values.
 
 The background thread reads a staged value only once ``event.query()`` says the copy is done.
 
@@ -118,7 +119,7 @@ class TorchProbe:
 
     # -- background thread ---------------------------------------------------------------------------
     def sample(self) -> dict[str, Any]:
-        """GPU memory fields (and NVML metrics every few seconds) for the samples of a batch."""
+        """GPU memory fields (and NVML metrics every few seconds) for the next samples."""
         if not self.on_gpu or self.device is None:
             return {}
         dev = self.device

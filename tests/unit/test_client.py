@@ -35,10 +35,10 @@ def test_settings_follow_torchrun_environment():
 def test_trainhealth_run_overrides_the_torchelastic_run_id_and_url_token_offline_are_read():
     env = {**ENV, "TRAINHEALTH_RUN": "my-run", "TRAINHEALTH_URL": "http://10.0.0.5:9000/",
            "TRAINHEALTH_TOKEN": "s3", "TRAINHEALTH_OFFLINE": "/tmp/x-{rank}.jsonl",
-           "TRAINHEALTH_HEARTBEAT_SECONDS": "0.5"}
+           "TRAINHEALTH_HEARTBEAT_SECONDS": "0.5", "TRAINHEALTH_SAMPLE_SECONDS": "0.25"}
     s = from_environ(env)
-    assert (s.run, s.url, s.token, s.offline_path, s.heartbeat_seconds) == (
-        "my-run", "http://10.0.0.5:9000", "s3", "/tmp/x-{rank}.jsonl", 0.5)
+    assert (s.run, s.url, s.token, s.offline_path, s.heartbeat_seconds, s.sample_seconds) == (
+        "my-run", "http://10.0.0.5:9000", "s3", "/tmp/x-{rank}.jsonl", 0.5, 0.25)
 
 
 def test_explicit_arguments_win_over_the_environment():
@@ -145,7 +145,9 @@ def test_full_buffer_drops_the_oldest_and_counts_them():
     tm.pump()
     assert [r["step"] for r in sink.records] == [3, 4, 5]
     assert tm.stats()["dropped"] == 2
-    assert sink.records[0]["metrics"] == {"client_dropped_records": 2}
+    tm.record(6, loss=1.0)  # samples after the loss say how many were lost
+    tm.pump()
+    assert sink.records[-1]["metrics"] == {"client_dropped_records": 2}
 
 
 def test_batches_hold_at_most_batch_records_and_a_cycle_sends_them_all():
@@ -272,8 +274,11 @@ def test_unfinished_device_values_wait_while_later_heartbeats_go_out():
 # -- probes ---------------------------------------------------------------------------------------------
 
 class FixedProbe:
+    def __init__(self):
+        self.value = 123
+
     def sample(self):
-        return {"host_mem_bytes": 123, "metrics": {"gpu_util_percent": 50.0}}
+        return {"host_mem_bytes": self.value, "metrics": {"gpu_util_percent": 50.0}}
 
 
 class BrokenProbe:
@@ -281,16 +286,39 @@ class BrokenProbe:
         raise RuntimeError("no /proc here")
 
 
-def test_probe_fields_fill_samples_without_overriding_what_the_loop_gave():
-    tm, sink, _ = make(probes=[BrokenProbe(), FixedProbe()])
-    tm.record(1, loss=1.0, host_mem_bytes=7, gpu_util_percent=99.0)
-    tm.record(2, loss=1.0)
+def test_samples_carry_the_latest_measurement_without_overriding_what_the_loop_gave():
+    probe = FixedProbe()
+    tm, sink, _ = make(probes=[BrokenProbe(), probe])
+    tm.record(1, loss=1.0)  # nothing measured yet
+    tm.pump()  # the background thread measures every cycle
+    tm.record(2, loss=1.0, host_mem_bytes=7, gpu_util_percent=99.0)
+    tm.record(3, loss=1.0)
     tm.heartbeat()
+    probe.value = 456
+    tm.pump()  # sends 2, 3 and the heartbeat, measures again
+    tm.record(4, loss=1.0)
     tm.pump()
-    a, b, hb = sink.records
-    assert (a["host_mem_bytes"], a["metrics"]) == (7, {"gpu_util_percent": 99.0})
-    assert (b["host_mem_bytes"], b["metrics"]) == (123, {"gpu_util_percent": 50.0})
-    assert "host_mem_bytes" not in hb
+    s1, s2, s3, hb, s4 = sink.records
+    assert "host_mem_bytes" not in s1 and "metrics" not in s1
+    assert (s2["host_mem_bytes"], s2["metrics"]) == (7, {"gpu_util_percent": 99.0})
+    assert (s3["host_mem_bytes"], s3["metrics"]) == (123, {"gpu_util_percent": 50.0})
+    assert "host_mem_bytes" not in hb and s4["host_mem_bytes"] == 456
+
+
+def test_measurements_go_on_while_the_sidecar_is_down():
+    probe = FixedProbe()
+    tm, sink, clock = make(FakeSink([Result("retry", "down")]), probes=[probe], backoff_seconds=10.0)
+    tm.pump()
+    tm.record(1, loss=1.0)
+    tm.pump()  # fails: backing off for 10 s
+    probe.value = 999
+    clock.now += 1.0
+    tm.pump()  # no send, but a new measurement
+    tm.record(2, loss=1.0)
+    clock.now += 10.0
+    tm.pump()
+    tm.pump()
+    assert [(r["step"], r["host_mem_bytes"]) for r in sink.records] == [(1, 123), (2, 999)]
 
 
 # -- threads --------------------------------------------------------------------------------------------

@@ -154,12 +154,15 @@ def test_client_holds_a_gpu_loss_until_the_copy_is_done_and_nan_arrives_as_nan()
     probe, _, clock = gpu_probe()
     sink = FakeSink()
     tm = Telemetry(environ=ENV, sink=sink, probes=[probe], start_threads=False, clock=clock, monotonic=clock)
+    tm.record(11, loss=1.0)  # the first record tells the probe the training thread's device
+    FakeEvent.instances.clear()
+    tm.pump()  # sends step 11 and measures the allocator
     tm.record(12, loss=torch.tensor(float("nan")), grad_norm=torch.tensor(1.0), lr=0.1, grad_scale=None)
     tm.pump()
-    assert sink.records == []
+    assert [r["step"] for r in sink.records] == [11]
     FakeEvent.instances[0].done = True
     tm.pump()
-    (rec,) = sink.records
+    rec = sink.records[-1]
     assert math.isnan(rec["loss"]) and rec["grad_norm"] == 1.0 and rec["step"] == 12
     assert (rec["gpu_mem_allocated_bytes"], rec["gpu_mem_total_bytes"]) == (100, 1000.0)
     assert math.isnan(from_obj(rec).loss)
