@@ -1,8 +1,9 @@
 """What the telemetry client costs the training thread, on the CPU.
 
-    python benchmarks/client_overhead.py [--steps 500] [--repeats 15]
+    python benchmarks/client_overhead.py [--steps 400] [--repeats 9]
 
-Part 1: a small MLP training step (the reference trainer's model, batch 32) run as
+Part 1: an MLP training step (the reference trainer's model; a tiny one, ~0.3 ms/step, the worst case
+for per-step overhead, and a wider one, a few ms/step) run as
   - bare: no monitoring
   - item: ``loss.item()`` and ``grad_norm.item()`` every step (the naive way; on a GPU each is a
           device sync, which this CPU figure cannot show)
@@ -64,15 +65,15 @@ class FakeCuda:
         return False
 
 
-def training_loop(mode: str, steps: int, tm: Telemetry | None) -> list[float]:
+def training_loop(mode: str, steps: int, tm: Telemetry | None, hidden: int, batch: int) -> list[float]:
     """Seconds of each step (monitoring included)."""
     torch.manual_seed(0)
-    cfg = Config(batch_size=32)
+    cfg = Config(batch_size=batch, hidden=hidden, input_dim=hidden // 2)
     model = make_model(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, cfg.input_dim, generator=gen) * cfg.input_scale
-    y = torch.randn(32, 1, generator=gen)
+    x = torch.randn(batch, cfg.input_dim, generator=gen) * cfg.input_scale
+    y = torch.randn(batch, 1, generator=gen)
     sink = 0.0
     durations = []
     for step in range(1, steps + 1):
@@ -87,7 +88,7 @@ def training_loop(mode: str, steps: int, tm: Telemetry | None) -> list[float]:
         elif mode == "record":
             assert tm is not None
             tm.record(step, loss=loss.detach(), lr=0.001, grad_norm=grad_norm,
-                      step_time_seconds=time.perf_counter() - ts, data_time_seconds=0.0, batch_size=32,
+                      step_time_seconds=time.perf_counter() - ts, data_time_seconds=0.0, batch_size=batch,
                       world_size=1)
         durations.append(time.perf_counter() - ts)
     return durations
@@ -100,41 +101,45 @@ def per_call(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def part1(url: str, steps: int, repeats: int, hidden: int, batch: int) -> None:
+    tm = Telemetry(url=url, run="bench", environ={}, capacity=1_000_000)
+    training_loop("bare", 50, None, hidden, batch)  # warm up
+    times: dict[str, list[float]] = {"bare": [], "item": [], "record": []}
+    modes = list(times)
+    for i in range(repeats):
+        for mode in modes[i % 3:] + modes[:i % 3]:  # rotate the order
+            times[mode] += training_loop(mode, steps, tm, hidden, batch)
+    tm.flush(30)
+    stats = tm.stats()
+    tm.close()
+    med = {mode: statistics.median(v) for mode, v in times.items()}
+    mean = {mode: statistics.fmean(v) for mode, v in times.items()}
+    print(f"  MLP hidden {hidden}, batch {batch}: {repeats} interleaved runs of {steps} steps per mode")
+    for mode in ("bare", "item", "record"):
+        print(f"    {mode:7s} median {med[mode] * 1e6:8.1f} us/step {med[mode] / med['bare']:.3f}x bare "
+              f"{(med[mode] - med['bare']) * 1e6:+6.1f} us | mean {mean[mode] * 1e6:8.1f} us/step "
+              f"{mean[mode] / mean['bare']:.3f}x bare {(mean[mode] - mean['bare']) * 1e6:+6.1f} us")
+    print(f"    record vs item: median {med['record'] / med['item']:.3f}x, "
+          f"mean {mean['record'] / mean['item']:.3f}x; client {stats}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    print("Part 1: a training step on the CPU, 1 torch thread; per-step median (robust to other load on a "
+          "shared machine) and mean (includes the background thread's share of the GIL)")
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
     try:
-        port = int(receiver.stdout.readline())
-        tm = Telemetry(url=f"http://127.0.0.1:{port}", run="bench", environ={}, capacity=1_000_000)
-        training_loop("bare", 200, None)  # warm up
-        times: dict[str, list[float]] = {"bare": [], "item": [], "record": []}
-        modes = list(times)
-        for i in range(args.repeats):
-            for mode in modes[i % 3:] + modes[:i % 3]:  # rotate the order
-                times[mode] += training_loop(mode, args.steps, tm)
-        tm.flush(30)
-        stats = tm.stats()
-        tm.close()
+        url = f"http://127.0.0.1:{int(receiver.stdout.readline())}"
+        part1(url, args.steps, args.repeats, hidden=64, batch=32)  # ~0.3 ms: thousands of records/s
+        part1(url, args.steps // 4, args.repeats, hidden=1024, batch=256)  # a few ms per step
     finally:
         receiver.terminate()
         receiver.wait()
-
-    print(f"Part 1: MLP step on the CPU, {args.repeats} interleaved runs of {args.steps} steps per mode, "
-          "1 torch thread. Per-step median (robust to other load) and mean (includes the background "
-          "thread's share of the GIL)")
-    med = {mode: statistics.median(v) for mode, v in times.items()}
-    mean = {mode: statistics.fmean(v) for mode, v in times.items()}
-    for mode in ("bare", "item", "record"):
-        print(f"  {mode:7s} median {med[mode] * 1e6:7.1f} us/step {med[mode] / med['bare']:.3f}x bare "
-              f"{(med[mode] - med['bare']) * 1e6:+6.1f} us | mean {mean[mode] * 1e6:7.1f} us/step "
-              f"{mean[mode] / mean['bare']:.3f}x bare {(mean[mode] - mean['bare']) * 1e6:+6.1f} us")
-    print(f"  record vs item: median {med['record'] / med['item']:.3f}x, "
-          f"mean {mean['record'] / mean['item']:.3f}x; client stats {stats}")
 
     n = 20_000
     quiet = Telemetry(run="bench", environ={}, probes=[], start_threads=False, capacity=n * 4)

@@ -109,6 +109,7 @@ class Telemetry:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._refresh()  # once here, so that the first samples carry host memory too
         if start_threads:
             for target, name in ((self._send_loop, "trainhealth-sender"),
                                  (self._heartbeat_loop, "trainhealth-heartbeat")):
@@ -161,7 +162,7 @@ class Telemetry:
                     self._queue.popleft()
                     self.counts["dropped"] += 1
                 self._queue.append(rec)
-                full = len(self._queue) >= self._batch_limit
+                full = len(self._queue) == self._batch_limit  # crossing it: wake the sender once, not per record
             if full:
                 self._wake.set()
         except Exception as exc:  # never break training because of telemetry
@@ -249,7 +250,7 @@ class Telemetry:
                 self._queue.popleft()
                 self.counts["dropped"] += 1
             self._queue.append(rec)
-            full = len(self._queue) >= self._batch_limit
+            full = len(self._queue) == self._batch_limit  # crossing it: wake the sender once, not per record
         if full:
             self._wake.set()
 
@@ -330,7 +331,6 @@ class Telemetry:
             self.heartbeat()
 
     def _send_loop(self) -> None:
-        self._refresh()  # the first samples get host memory too
         while not self._stop.is_set():
             self._wake.wait(self.settings.flush_seconds)
             self._wake.clear()

@@ -86,21 +86,20 @@ class TorchProbe:
         now: dict[str, float] = {}
         later: dict[str, Any] = {}
         for name, value in tensors.items():
-            if hasattr(value, "_get_scale_async"):  # a GradScaler: get_scale() would .item() (a sync)
-                if not value.is_enabled():
+            if not isinstance(value, torch.Tensor):
+                if not hasattr(value, "_get_scale_async") or not value.is_enabled():
                     continue
-                value = value._get_scale_async()  # the scale tensor itself; None before the first step
-                if value is None:
+                value = value._get_scale_async()  # a GradScaler's scale tensor (get_scale() would sync)
+                if value is None:  # before its first step
                     continue
-            t = value.detach()
-            if t.numel() != 1:
-                self._warn_once(name, f"{name}: expected a one-element tensor, got shape {tuple(t.shape)}; "
-                                      "not recorded")
+            if value.numel() != 1:
+                self._warn_once(name, f"{name}: expected a one-element tensor, got shape "
+                                      f"{tuple(value.shape)}; not recorded")
                 continue
-            if t.device.type == "cpu" and not self.defer_all:
-                now[name] = t.item()  # a CPU tensor: reading it does not touch a device
+            if value.is_cpu and not self.defer_all:
+                now[name] = value.item()  # a CPU tensor: reading it does not touch a device
             else:
-                later[name] = t
+                later[name] = value.detach()
         if not later:
             return now, None
         if self.device is None and self.on_gpu:

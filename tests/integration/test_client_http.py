@@ -159,9 +159,10 @@ def test_down_too_long_drops_the_oldest_and_says_how_many():
             tm.record(step, loss=1.0)
         receiver = Receiver(port)
         assert receiver.wait_for(lambda recs: len(recs) >= 50)
-        got = receiver.records
-        assert steps(got) == list(range(71, 121))
-        assert got[0]["metrics"] == {"client_dropped_records": 70}
+        assert steps(receiver.records) == list(range(71, 121))
+        tm.record(121, loss=1.0)  # samples from now on say how many were lost
+        assert receiver.wait_for(lambda recs: 121 in steps(recs))
+        assert receiver.records[-1]["metrics"] == {"client_dropped_records": 70}
     finally:
         tm.close()
         if receiver:

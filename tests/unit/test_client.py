@@ -288,8 +288,10 @@ class BrokenProbe:
 
 def test_samples_carry_the_latest_measurement_without_overriding_what_the_loop_gave():
     probe = FixedProbe()
-    tm, sink, _ = make(probes=[BrokenProbe(), probe])
-    tm.record(1, loss=1.0)  # nothing measured yet
+    probe.value = 100
+    tm, sink, _ = make(probes=[BrokenProbe(), probe])  # measures once when built
+    probe.value = 123
+    tm.record(1, loss=1.0)
     tm.pump()  # the background thread measures every cycle
     tm.record(2, loss=1.0, host_mem_bytes=7, gpu_util_percent=99.0)
     tm.record(3, loss=1.0)
@@ -299,7 +301,7 @@ def test_samples_carry_the_latest_measurement_without_overriding_what_the_loop_g
     tm.record(4, loss=1.0)
     tm.pump()
     s1, s2, s3, hb, s4 = sink.records
-    assert "host_mem_bytes" not in s1 and "metrics" not in s1
+    assert s1["host_mem_bytes"] == 100
     assert (s2["host_mem_bytes"], s2["metrics"]) == (7, {"gpu_util_percent": 99.0})
     assert (s3["host_mem_bytes"], s3["metrics"]) == (123, {"gpu_util_percent": 50.0})
     assert "host_mem_bytes" not in hb and s4["host_mem_bytes"] == 456
