@@ -35,16 +35,19 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timer = asyncio.create_task(_timer(service))
+        tasks = [asyncio.create_task(_timer(service))]
+        tasks += [asyncio.create_task(job()) for job in service.background]
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, service.reload)  # main thread only
         try:
             yield
         finally:
-            timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await timer
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             service.close()
 
     app = FastAPI(title="trainhealth", lifespan=lifespan, default_response_class=JSON)
@@ -97,13 +100,16 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     @app.get("/v1/alerts")
     async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,
-                     since: float | None = None, limit: int = 1000) -> Response:
+                     since: float | None = None, limit: int = 1000, cursor: int | None = None) -> Response:
         if state not in (None, "firing", "resolved"):
             return JSON({"error": f"state: must be 'firing' or 'resolved', got {state!r}"}, 400)
         if not 1 <= limit <= 10_000:
             return JSON({"error": f"limit: must be 1-10000, got {limit}"}, 400)
-        query = getattr(service, "query_alerts", None) or service.book.query
-        return JSON({"alerts": query(run=run, state=state, alert=alert, since=since, limit=limit)})
+        if service.query_alerts is not None:  # the store: full history, paged with next_cursor
+            return JSON(service.query_alerts(run=run, state=state, alert=alert, since=since, limit=limit,
+                                             cursor=cursor))
+        return JSON({"alerts": service.book.query(run=run, state=state, alert=alert, since=since,
+                                                  limit=limit)})
 
     @app.post("/-/reload")
     async def reload() -> Response:

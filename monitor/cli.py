@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="run the detectors over recorded .jsonl files")
     r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records")
     r.add_argument("--config", help="TOML file with thresholds to try")
+    r.add_argument("--until", type=float, metavar="SECONDS",
+                   help="after the last record, let SECONDS pass with no records (as the server's "
+                        "timer would), so a hang or a silent rank at the end of a recording is reported")
     return p
 
 
@@ -45,13 +48,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             settings = load(args.config, flags, environ)
             return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), args.log_level)
         settings = load(args.config, {}, {})
-        return replay(args.files, settings)
+        if args.until is not None and not args.until >= 0:
+            raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
+        return replay(args.files, settings, args.until)
     except ConfigError as exc:
         print(f"trainhealth: {exc}", file=sys.stderr)
         return 2
 
 
-def replay(files: Sequence[str], settings: Settings) -> int:
+def replay(files: Sequence[str], settings: Settings, until: float | None = None) -> int:
     from .pipeline import Pipeline
     from .replay import ReadStats, read_files
 
@@ -62,14 +67,21 @@ def replay(files: Sequence[str], settings: Settings) -> int:
     stats = ReadStats()
     pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
     out = sys.stdout
-    batch = []
+    batch: list = []
+    tick = settings.server.tick_seconds
     for rec in read_files(files, stats):
-        batch.append(rec)
-        if len(batch) >= 256:
+        # A batch is sorted by step; keeping it within one tick of record time keeps the clock
+        # honest (a rank stuck at a lower step must not have its records applied minutes late).
+        if batch and (len(batch) >= 256 or rec.time - batch[0].time >= tick):
             for alert in pipeline.process(batch).alerts:
                 out.write(jsonout.dumps(alert) + "\n")
             batch = []
-    for alert in pipeline.process(batch).alerts:
+        batch.append(rec)
+    alerts = pipeline.process(batch).alerts
+    if until is not None:
+        # replay runs with wall=0.0, so tick_wall(until) lets each run's clock pass by `until`
+        alerts += pipeline.tick_wall(until)
+    for alert in alerts:
         out.write(jsonout.dumps(alert) + "\n")
     out.flush()
     msg = f"trainhealth replay: {stats.records} records, {stats.skipped} corrupt lines skipped"
@@ -85,6 +97,7 @@ def serve(settings: Settings, config_file: str | None, log_level: str = "info") 
     from .server import build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
     service, app = build_service_and_app(settings, config_file)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -77,6 +77,14 @@ class Settings:
     raw: dict[str, Any] = field(default_factory=dict)  # the whole TOML, for later components
 
 
+def require_positive(section: str, obj: Any, keys: tuple[str, ...]) -> None:
+    """For a component's Settings.__post_init__: each key a positive number, else a ConfigError naming it."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{section}.{key}: must be a positive number, got {value!r}")
+
+
 def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"[{section}]: must be a table, got {values!r}")

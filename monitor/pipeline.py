@@ -117,7 +117,7 @@ class Pipeline:
             out = det.update(rec)
             if out:
                 events.extend(out)
-        if rec.time > run.clock:
+        if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
             run.clock_wall = wall
         if run.clock - run.last_tick >= self.tick_seconds:

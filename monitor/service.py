@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol, Sequence
 
 from . import config as config_mod
 from .alerts import Alert
 from .config import Settings
 from .ingest import BodyError, Decoded, Rejection, decode_body
 from .pipeline import Pipeline
+from .record import Record
 from .recorder import FlightRecorder
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ class Service:
         self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
         self.book = self.pipeline.book
         self.sinks: list[AlertSink] = list(sinks or [])
+        # Components wired in by server.py: accepted records (one call per batch), jobs run in the
+        # app's lifespan (cancelled at shutdown), cleanups for close(), and the alert history reader.
+        self.record_sinks: list[Callable[[Sequence[Record]], None]] = []
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.closers: list[Callable[[], None]] = []
+        self.query_alerts: Callable[..., dict[str, Any]] | None = None
         self.stats = IngestStats()
         self.recorder = (FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
                          if settings.server.record_dir else None)
@@ -94,6 +101,12 @@ class Service:
             kept = decoded.records
         if self.recorder is not None and kept:
             self.recorder.write(kept)
+        if kept:
+            for record_sink in self.record_sinks:
+                try:
+                    record_sink(kept)
+                except Exception:  # like alert sinks: never break ingest
+                    log.exception("record sink %r failed", record_sink)
         self.stats.accepted += len(kept)
         if decoded.rejected:
             self.stats.reject("invalid", len(decoded.rejected))
@@ -147,3 +160,5 @@ class Service:
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
+        for closer in self.closers:
+            closer()

@@ -7,15 +7,19 @@ here; ``config.py`` finds its settings by ``name``.
 from __future__ import annotations
 
 from .base import Detector
+from .liveness import RankStalled
 from .lr_scaling import LrScaling
 from .nan_divergence import NanDivergence
 from .spikes import GradExplosion, LossSpike
+from .straggler import Straggler
 
 ALL: list[type[Detector]] = [
     LrScaling,
     LossSpike,
     GradExplosion,
     NanDivergence,
+    RankStalled,
+    Straggler,
 ]
 
 __all__ = ["ALL", "Detector"]
