@@ -24,54 +24,26 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Iterable
 
 from . import host_memory
+from .fields import DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
+from .outbox import LimitedLog, Outbox
 from .settings import ClientSettings, from_environ
-from .transport import FileSink, HttpSink, Result
+from .transport import FileSink, HttpSink
+
+__all__ = ["STAGED", "Telemetry"]
 
 log = logging.getLogger("trainer.client")
 
-STAGED = "_staged"  # key of a record whose tensor values the device has not finished yet
-SAMPLE_FIELDS = frozenset((
-    "loss", "lr", "grad_norm", "grad_scale", "gpu_mem_allocated_bytes", "gpu_mem_reserved_bytes",
-    "gpu_mem_peak_bytes", "gpu_mem_total_bytes", "host_mem_bytes", "host_mem_total_bytes",
-    "host_mem_available_bytes", "step_time_seconds", "data_time_seconds", "batch_size", "world_size",
-))
-INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid"))
-FLOAT_FIELDS = SAMPLE_FIELDS - INT_FIELDS
-MESSAGE_CHARS = 4000
-DETAIL_CHARS = 1_000_000
-
-
-def assign(rec: dict[str, Any], name: str, value: Any) -> None:
-    """Known sample fields go top level, anything else into ``metrics``."""
-    if name in SAMPLE_FIELDS:
-        rec[name] = value
-    else:
-        rec.setdefault("metrics", {})[name] = value
-
-
-class _LimitedLog:
-    """Logs the first occurrence of each kind of trouble, then at most once a minute with a count."""
-
-    def __init__(self, every: float = 60.0) -> None:
-        self.every = every
-        self._seen: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        last, count = self._seen.get(key, (-1e18, 0))
-        if now - last >= self.every:
-            suffix = f" ({count} more since last report)" if count else ""
-            log.warning("trainhealth: " + msg + suffix, *args)
-            self._seen[key] = (now, 0)
-        else:
-            self._seen[key] = (last, count + 1)
-
 
 class Telemetry:
+    """One per rank. ``url``, ``run``, ``rank``, ``world_size``, ``token``, ``offline_path`` default from
+    ``environ`` (os.environ; see settings.py); further keywords are ``ClientSettings`` fields
+    (``capacity``, ``batch_records``, ``flush_seconds``, ``heartbeat_seconds``, ...). ``probes``: what to
+    measure on the background thread (default: host memory, and torch's when torch is imported).
+    ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests."""
+
     def __init__(self, url: str | None = None, run: str | None = None, rank: int | None = None,
                  world_size: int | None = None, environ: dict[str, str] | None = None, *,
                  token: str | None = None, offline_path: str | None = None,
@@ -90,23 +62,13 @@ class Telemetry:
         self._probes = list(probes) if probes is not None else _default_probes(s)
         self._measured: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
         self._stager = next((p for p in self._probes if hasattr(p, "stage")), None)
-        self._warn = _LimitedLog()
-        self._lock = threading.Lock()  # the training thread takes it only to append
-        self._cond = threading.Condition(self._lock)
-        self._capacity = s.capacity
-        self._queue: deque[dict[str, Any]] = deque()
-        self._batch_limit = s.batch_records
-        self._backoff = 0.0
-        self._next_send = 0.0
-        self._cycles = 0
-        self._last_failed = False
-        self._flush_now = False
+        self._warn = LimitedLog()
+        self._outbox = Outbox(self._sink, s, monotonic, self._warn)
+        self._push = self._outbox.push
         self._closed = False
         self._active = False
         self._bound = False
         self.last_step: int | None = None
-        self.counts = {"sent": 0, "dropped": 0, "rejected": 0, "failures": 0}
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._refresh()  # once here, so that the first samples carry host memory too
@@ -157,14 +119,7 @@ class Telemetry:
                 self._bind()
             self.last_step = rec["step"]
             self._active = True
-            with self._lock:
-                if len(self._queue) >= self._capacity:
-                    self._queue.popleft()
-                    self.counts["dropped"] += 1
-                self._queue.append(rec)
-                full = len(self._queue) == self._batch_limit  # crossing it: wake the sender once, not per record
-            if full:
-                self._wake.set()
+            self._push(rec)
         except Exception as exc:  # never break training because of telemetry
             self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
 
@@ -187,8 +142,7 @@ class Telemetry:
         self._send_kind("start", None, {"world_size": self.world_size, "host": socket.gethostname(),
                                         "pid": os.getpid(), **fields})
         self._active = True
-        self._flush_now = True
-        self._wake.set()
+        self._outbox.request_flush()
 
     def heartbeat(self, step: int | None = None) -> None:
         self._send_kind("heartbeat", step, {})
@@ -203,8 +157,7 @@ class Telemetry:
         if detail is not None:
             extra["detail"] = str(detail)[:DETAIL_CHARS]
         self._send_kind("oom", step, extra)
-        self._flush_now = True
-        self._wake.set()
+        self._outbox.request_flush()
 
     def _send_kind(self, kind: str, step: int | None, fields: dict[str, Any]) -> None:
         try:
@@ -244,38 +197,15 @@ class Telemetry:
 
         return oom_guard(self, step=step)
 
-    def _push(self, rec: dict[str, Any]) -> None:
-        with self._lock:
-            if len(self._queue) >= self._capacity:
-                self._queue.popleft()
-                self.counts["dropped"] += 1
-            self._queue.append(rec)
-            full = len(self._queue) == self._batch_limit  # crossing it: wake the sender once, not per record
-        if full:
-            self._wake.set()
-
     # -- flushing and closing ------------------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything recorded so far is delivered; False if that failed or took longer than
         ``timeout`` (the records stay queued)."""
-        deadline = self._monotonic() + timeout
-        while True:
-            with self._cond:
-                if not self._queue:
-                    return True
-                seen = self._cycles
-                self._flush_now = True
-                self._wake.set()
-                if not self._threads:
-                    return False
-                left = deadline - self._monotonic()
-                if left <= 0 or not self._cond.wait_for(self._cycle_after(seen), left):
-                    return False
-                if self._last_failed:
-                    return not self._queue
-
-    def _cycle_after(self, seen: int) -> Callable[[], bool]:
-        return lambda: self._cycles > seen
+        if not self._threads:  # driven by hand (tests, benchmarks): one synchronous attempt
+            self._outbox.request_flush()
+            self.pump()
+            return self._outbox.stats()["queued"] == 0
+        return self._outbox.flush(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (up to ``timeout`` seconds), stop the threads; idempotent."""
@@ -284,25 +214,17 @@ class Telemetry:
         self._closed = True
         atexit.unregister(self.close)
         deadline = self._monotonic() + timeout
-        if self._threads:
-            ok = self.flush(timeout)
-        else:  # driven by hand: one last synchronous attempt
-            self._flush_now = True
-            self.pump()
-            ok = not self._last_failed
+        self.flush(timeout)
         self._stop.set()
-        self._wake.set()
+        self._outbox.wake.set()
         for thread in self._threads:
             thread.join(timeout=max(0.1, deadline - self._monotonic()))
         if any(t.is_alive() for t in self._threads):
             return  # stuck in a slow request: leave the daemon thread and its connection be
-        with self._cond:
-            left = len(self._queue)
-            self._queue.clear()
+        left = self._outbox.discard()
         if left:
-            self.counts["dropped"] += left
             log.warning("trainhealth: %d records not delivered at close (%s)", left,
-                        "sidecar unreachable" if not ok else "timeout")
+                        "sidecar unreachable" if self._outbox.last_failed else "timeout")
         try:
             self._sink.close()
         except Exception as exc:  # pragma: no cover - closing a socket or file
@@ -317,8 +239,9 @@ class Telemetry:
         self.close()
 
     def stats(self) -> dict[str, int]:
-        with self._cond:
-            return {**self.counts, "queued": len(self._queue)}
+        """Records sent, dropped (buffer full, or undelivered at close), rejected by the sidecar, failed
+        sends, and queued now."""
+        return self._outbox.stats()
 
     # -- the background threads ----------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -331,64 +254,19 @@ class Telemetry:
             self.heartbeat()
 
     def _send_loop(self) -> None:
+        wake = self._outbox.wake
         while not self._stop.is_set():
-            self._wake.wait(self.settings.flush_seconds)
-            self._wake.clear()
+            wake.wait(self.settings.flush_seconds)
+            wake.clear()
             try:
                 self.pump()
             except Exception as exc:  # pragma: no cover - a bug here must not kill the thread
                 self._warn("sender", "sender cycle failed: %r", exc)
 
     def pump(self) -> None:
-        """One sender cycle: resolve finished device values, send what is ready (unless backing off)."""
-        with self._cond:
-            force, self._flush_now = self._flush_now, False
+        """One background cycle: measure, then send what is ready (unless backing off)."""
         self._refresh()
-        failed = False
-        if force or self._monotonic() >= self._next_send:
-            while True:
-                batch = self._take()
-                if not batch:
-                    break
-                result = self._sink.send(batch)
-                failed = not self._settle(batch, result)
-                if failed or len(batch) < self._batch_limit:
-                    break
-        else:
-            self._take(resolve_only=True)
-            failed = True
-        with self._cond:
-            self._cycles += 1
-            self._last_failed = failed
-            self._cond.notify_all()
-
-    def _take(self, resolve_only: bool = False) -> list[dict[str, Any]]:
-        """Pop up to a batch of ready records (oldest first); records the device has not finished stay."""
-        batch: list[dict[str, Any]] = []
-        held: list[dict[str, Any]] = []
-        with self._cond:
-            queue = self._queue
-            if resolve_only:
-                for rec in queue:
-                    staged = rec.get(STAGED)
-                    if staged is not None and staged.ready():
-                        self._fill(rec)
-                return batch
-            while queue and len(batch) < self._batch_limit:
-                rec = queue.popleft()
-                staged = rec.get(STAGED)
-                if staged is not None:
-                    if not staged.ready():  # cudaEventQuery: never blocks
-                        held.append(rec)
-                        continue
-                    self._fill(rec)
-                batch.append(rec)
-            queue.extendleft(reversed(held))
-        return batch
-
-    def _fill(self, rec: dict[str, Any]) -> None:
-        for name, value in rec.pop(STAGED).values().items():
-            assign(rec, name, value)
+        self._outbox.cycle()
 
     def _refresh(self) -> None:
         """Measure (each probe keeps its own interval) for the samples recorded from now on. Runs every
@@ -403,43 +281,10 @@ class Telemetry:
                 continue
             metrics.update(fields.pop("metrics", None) or {})
             top.update(fields)
-        if self.counts["dropped"]:
-            metrics["client_dropped_records"] = self.counts["dropped"]
+        dropped = self._outbox.counts["dropped"]
+        if dropped:
+            metrics["client_dropped_records"] = dropped
         self._measured = (top, metrics or None)  # one reference swap: the training thread reads either
-
-    def _settle(self, batch: list[dict[str, Any]], result: Result) -> bool:
-        """Account for a send; put the batch back for a retry. True when the sink took a decision."""
-        s = self.settings
-        if result.outcome == "ok":
-            self.counts["sent"] += len(batch)
-            self._backoff = 0.0
-            return True
-        if result.outcome == "drop":
-            self.counts["rejected"] += len(batch)
-            self._warn("rejected", "sidecar refused %d records, dropped them: %s", len(batch), result.reason)
-            self._backoff = 0.0
-            return True
-        if result.outcome == "split" and len(batch) == 1:
-            self.counts["rejected"] += 1
-            self._warn("too-large", "a record too large for the sidecar was dropped: %s", result.reason)
-            return True
-        self.counts["failures"] += 1
-        if result.outcome == "split":
-            self._batch_limit = max(1, len(batch) // 2)
-            self._warn("split", "batch too large (%s); now at most %d records per batch",
-                       result.reason, self._batch_limit)
-        else:
-            self._backoff = min(max(self._backoff * 2, s.backoff_seconds), s.max_backoff_seconds)
-            delay = max(self._backoff, result.retry_after or 0.0)
-            self._next_send = self._monotonic() + delay
-            self._warn("retry", "could not send %d records (%s); retrying in %.1fs",
-                       len(batch), result.reason, delay)
-        with self._cond:
-            self._queue.extendleft(reversed(batch))
-            while len(self._queue) > s.capacity:
-                self._queue.popleft()
-                self.counts["dropped"] += 1
-        return result.outcome == "split"
 
 
 def _make_sink(s: ClientSettings) -> Any:
