@@ -1,6 +1,6 @@
 """Cost of GET /metrics at many ranks, and how long it holds the event loop.
 
-    python benchmarks/metrics_exposition.py [--ranks 1000] [--runs 1] [--repeat 15]
+    python benchmarks/metrics_exposition.py [--ranks 1000] [--runs 1] [--repeat 30]
 
 Part 1 (in process): the snapshot (taken on the event loop) and the render
 (families + text formatting, done in a worker thread by the route), per scrape.
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from benchmarks.common import Figure  # noqa: E402
 from monitor.config import Settings  # noqa: E402
 from monitor.exporter import StateCollector, render  # noqa: E402
 from monitor.service import Service  # noqa: E402
@@ -45,7 +46,7 @@ def ms(xs: list[float]) -> str:
     return f"median {statistics.median(xs) * 1e3:.1f} ms, max {max(xs) * 1e3:.1f} ms"
 
 
-def in_process(body: bytes, repeat: int) -> None:
+def in_process(body: bytes, repeat: int) -> dict[str, float]:
     service = Service(Settings())
     service.ingest(body, "application/json")
     collector = StateCollector(service)
@@ -65,9 +66,11 @@ def in_process(body: bytes, repeat: int) -> None:
     print(f"  snapshot (on the event loop): {ms(snaps)}")
     print(f"  render (worker thread):       {ms(renders)}  = {statistics.median(renders) / series * 1e6:.1f} "
           "us/series")
+    return {"series": series, "snapshot_ms": statistics.median(snaps) * 1e3,
+            "render_ms": statistics.median(renders) * 1e3}
 
 
-def real_server(body: bytes, repeat: int) -> None:
+def real_server(body: bytes, repeat: int, probe_seconds: float = 5.0) -> dict[str, float]:
     from tests.conftest import Sidecar
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,16 +85,31 @@ def real_server(body: bytes, repeat: int) -> None:
                 assert client.get("/metrics").status_code == 200
                 scrapes.append(time.perf_counter() - t0)
             print(f"real sidecar: GET /metrics {ms(scrapes)}")
-            idle = probe(sidecar.url, None, 2.0)
+            idle = probe(sidecar.url, None, probe_seconds / 2)
             stop = threading.Event()
             worker = threading.Thread(target=scrape_loop, args=(sidecar.url, stop))
             worker.start()
-            busy = probe(sidecar.url, stop, 5.0)
+            busy = probe(sidecar.url, stop, probe_seconds)
             worker.join()
             print(f"  /healthz alone:                 {ms(idle)}")
             print(f"  /healthz during back-to-back scrapes: {ms(busy)} ({len(busy)} probes)")
         finally:
             sidecar.stop()
+    return {"median_ms": statistics.median(scrapes) * 1e3, "max_ms": max(scrapes) * 1e3,
+            "healthz_idle_median_ms": statistics.median(idle) * 1e3,
+            "healthz_during_scrapes_median_ms": statistics.median(busy) * 1e3,
+            "healthz_during_scrapes_max_ms": max(busy) * 1e3}
+
+
+def run(quick: bool = False, ranks: int = 1000) -> list[Figure]:
+    repeat = 15 if quick else 30
+    body = json.dumps(records(ranks, 1)).encode()
+    local = in_process(body, repeat)
+    served = real_server(body, repeat, 2.0 if quick else 5.0)
+    return [Figure("exposition", f"GET /metrics, {ranks:,} ranks (median)", served["median_ms"], "ms", 50.0, "<",
+                   {"ranks": ranks, **local, **served}),
+            Figure("exposition", f"render only, {ranks:,} ranks ({local['series']:,} series)", local["render_ms"],
+                   "ms", None, "<", local)]
 
 
 def scrape_loop(url: str, stop: threading.Event) -> None:
@@ -122,7 +140,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=1000)
     p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--no-server", action="store_true")
     args = p.parse_args()
     body = json.dumps(records(args.ranks, args.runs)).encode()

@@ -22,13 +22,14 @@ import logging
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .config import ConfigError, _build
+from .exposition import per_rank_text
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ class Snapshot:
     outbox: float | None = None
 
 
-_PINNED: contextvars.ContextVar[Snapshot | None] = contextvars.ContextVar("trainhealth_snapshot",
-                                                                         default=None)
+# render(): the snapshot to show, and whether the per-rank families are already written as text
+_PINNED: contextvars.ContextVar[tuple[Snapshot, bool] | None] = contextvars.ContextVar("trainhealth_snapshot",
+                                                                                     default=None)
 
 
 class StateCollector(Collector):
@@ -149,8 +151,11 @@ class StateCollector(Collector):
         return []  # nothing up front: registering then neither collects nor checks name clashes
 
     def collect(self) -> Iterator[Metric]:
-        snap = _PINNED.get()
-        return families(snap if snap is not None else self.snapshot())
+        pinned = _PINNED.get()
+        if pinned is None:
+            return families(self.snapshot())
+        snap, per_rank_as_text = pinned
+        return _service_families(snap) if per_rank_as_text else families(snap)
 
     def snapshot(self) -> Snapshot:
         service = self.service
@@ -216,8 +221,23 @@ def merge_delivery_stats(stats: Mapping[str, Any], snap: Snapshot) -> None:
     snap.deliveries = results
 
 
+PER_RANK_STATE_FAMILIES: tuple[tuple[str, str, Callable[[RankRow], float | None]], ...] = (
+    ("trainhealth_step", "Highest completed optimizer step the rank reported.",
+     lambda row: row.step if row.step >= 0 else None),
+    ("trainhealth_last_record_timestamp_seconds",
+     "Record time (unix seconds) of the rank's newest record of any type.", lambda row: row.last_time),
+    ("trainhealth_rank_ended", "1 once the rank sent an end record.", lambda row: 1.0 if row.ended else 0.0),
+)
+
+
 def families(snap: Snapshot) -> Iterator[Metric]:
     """The metric families of one snapshot (pure; runs in a worker thread for the route)."""
+    yield from per_rank_families(snap)
+    yield from _service_families(snap)
+
+
+def per_rank_families(snap: Snapshot) -> Iterator[Metric]:
+    """As prometheus-client objects; ``render`` writes the same text through exposition.py, faster."""
     labels = ["run", "rank"]
     for name, key, help_text in PER_RANK_VALUES:
         fam = GaugeMetricFamily(name, help_text, labels=labels)
@@ -227,21 +247,14 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                 if value is not None:
                     fam.add_metric([run, row.rank], value)
         yield fam
-    step = GaugeMetricFamily("trainhealth_step", "Highest completed optimizer step the rank reported.",
-                             labels=labels)
-    seen = GaugeMetricFamily("trainhealth_last_record_timestamp_seconds",
-                             "Record time (unix seconds) of the rank's newest record of any type.",
-                             labels=labels)
-    ended = GaugeMetricFamily("trainhealth_rank_ended", "1 once the rank sent an end record.",
-                              labels=labels)
-    for run, rows in snap.runs:
-        for row in rows:
-            if row.step >= 0:
-                step.add_metric([run, row.rank], row.step)
-            seen.add_metric([run, row.rank], row.last_time)
-            ended.add_metric([run, row.rank], 1.0 if row.ended else 0.0)
-    yield from (step, seen, ended)
-    yield from _service_families(snap)
+    for name, help_text, get in PER_RANK_STATE_FAMILIES:
+        fam = GaugeMetricFamily(name, help_text, labels=labels)
+        for run, rows in snap.runs:
+            for row in rows:
+                value = get(row)
+                if value is not None:
+                    fam.add_metric([run, row.rank], value)
+        yield fam
 
 
 def _service_families(snap: Snapshot) -> Iterator[Metric]:
@@ -296,9 +309,14 @@ def _service_families(snap: Snapshot) -> Iterator[Metric]:
 
 
 def render(registry: CollectorRegistry, snap: Snapshot) -> bytes:
-    """Text exposition of ``registry`` with the collector reading ``snap`` (callable from any thread)."""
-    token = _PINNED.set(snap)
+    """Text exposition of ``registry`` with the collector reading ``snap`` (callable from any thread).
+
+    The per-rank families (nearly every series) are written by exposition.py, first; the
+    collector then yields only the service-wide families to prometheus-client. Same text as
+    ``generate_latest`` over ``families(snap)``."""
+    token = _PINNED.set((snap, True))
     try:
-        return generate_latest(registry)
+        rest = generate_latest(registry)
     finally:
         _PINNED.reset(token)
+    return per_rank_text(snap.runs, PER_RANK_VALUES, PER_RANK_STATE_FAMILIES).encode() + rest

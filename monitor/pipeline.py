@@ -8,6 +8,7 @@ record clock by the wall time since its newest record arrived.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Sequence
@@ -18,6 +19,8 @@ from .detectors import ALL, Detector
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
+
+log = logging.getLogger(__name__)
 
 
 class CapExceeded(ValueError):
@@ -66,9 +69,9 @@ class Pipeline:
         self.detector_classes = list(detectors)
         self.runs: dict[str, RunState] = {}
         self.detectors: dict[str, list[Detector]] = {}
-        self._updates: dict[str, list[Callable[[Record], list[Event]]]] = {}  # their bound update()s
         self.book = book or AlertBook()
         self.records_processed = 0
+        self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -111,9 +114,9 @@ class Pipeline:
             run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time,
                            clock_wall=wall, last_wall=wall)
             self.runs[rec.run] = run
-            dets = [cls(self.detector_settings[cls.name], run) for cls in self.detector_classes]
-            self.detectors[rec.run] = dets
-            self._updates[rec.run] = [det.update for det in dets]
+            self.detectors[rec.run] = [
+                cls(self.detector_settings[cls.name], run) for cls in self.detector_classes
+            ]
         if rec.rank not in run.ranks:
             if len(run.ranks) >= self.limits.max_ranks_per_run:
                 raise CapExceeded("rank", f"run {rec.run!r} already has {len(run.ranks)} ranks "
@@ -129,8 +132,11 @@ class Pipeline:
         if rec.type == "start":
             run.add_start(rec)
         events: list[Event] = []
-        for update in self._updates[run.run]:
-            out = update(rec)
+        for det in self.detectors[run.run]:
+            try:
+                out = det.update(rec)
+            except Exception:  # one detector's bug must not fail the batch nor blind the others
+                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
             if out:
                 events.extend(out)
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
@@ -145,10 +151,19 @@ class Pipeline:
         run.last_tick = now
         events: list[Event] = []
         for det in self.detectors[run.run]:
-            out = det.tick(now)
+            try:
+                out = det.tick(now)
+            except Exception:
+                out = self._detector_failed(det, run.run, None, None)
             if out:
                 events.extend(out)
         return events
+
+    def _detector_failed(self, det: Detector, run: str, rank: int | None, step: int | None) -> list[Event]:
+        n = self.detector_errors[det.name] = self.detector_errors.get(det.name, 0) + 1
+        if n <= 10 or n % 1000 == 0:  # the first ones in full, then a reminder
+            log.exception("detector %s failed on run %s rank %s step %s (%d times)", det.name, run, rank, step, n)
+        return []
 
     def tick_wall(self, wall: float) -> list[Alert]:
         """Server timer: let time pass for every run, and forget expired runs."""
@@ -170,7 +185,6 @@ class Pipeline:
         """Drop a run; its open alerts resolve."""
         run = self.runs.pop(name, None)
         self.detectors.pop(name, None)
-        self._updates.pop(name, None)
         if run is None:
             return []
         events = [resolved(a["alert"], a["rank"], max(0, run_last_step(run)), run.clock, why)

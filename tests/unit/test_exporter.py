@@ -20,6 +20,7 @@ from monitor.exporter import (
     StateCollector,
     exported_names,
     exporter_settings,
+    families,
     render,
 )
 from monitor.metrics_api import metrics_hook
@@ -259,6 +260,34 @@ def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
     text = render(registry, snap).decode()
     assert 'trainhealth_loss{rank="0",run="job"} 1.0' in text
     assert value(registry, "trainhealth_loss", run="job", rank="0") == 0.5
+
+
+def test_render_writes_exactly_what_prometheus_client_writes() -> None:
+    service, _, clock = make()
+    latency = LatencyHistogram()
+    collector = StateCollector(service, latency=latency)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    send(service, sample(rank=0, loss="nan", lr=0.1, grad_norm="inf", gpu_mem_total_bytes=8.0e10,
+                         host_mem_bytes=123456789012.0, step_time_seconds=1e-7),
+         sample(rank=1, loss="-inf", lr=3, step=7), sample(run="other.job:2", rank=12, step=0, loss=0.5),
+         {"run": "other.job:2", "rank": 3, "time": T0, "type": "start"},
+         {"run": "job", "rank": 2, "time": T0, "step": 9, "type": "end"})
+    service.ingest(b"[", "application/json")
+    latency.observe(0.003)
+    clock.now += 5
+    snap = collector.snapshot()
+
+    class Families:  # the same snapshot through prometheus-client alone
+        def collect(self) -> Any:
+            return families(snap)
+
+    plain = CollectorRegistry()
+    plain.register(Families())  # type: ignore[arg-type]
+    text = render(registry, snap)
+    assert text == generate_latest(plain)
+    assert b'trainhealth_loss{rank="0",run="job"} NaN\n' in text
+    assert b'trainhealth_step{rank="3",run="other.job:2"}' not in text  # a start has no step yet
 
 
 def test_exporter_settings_come_from_the_toml_table_and_name_bad_values() -> None:
