@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from .record import Record, RecordError, check, from_obj, loads
+from .record import _GOOD_RUNS, Record, RecordError, check, from_obj, loads
 
 _array_decoder = msgspec.json.Decoder(list[Record])
 _record_decoder = msgspec.json.Decoder(Record)
@@ -198,7 +198,9 @@ def _add(out: Decoded, index: int, item: Any) -> None:
 
 def _checked(records: list[Record]) -> Decoded:
     # fast path: check()'s rules in one comprehension; any record they flag goes through check()
-    if not [r for r in records if not 0.0 <= r.time < _INF or (r.step is None and r.type != "start")]:
+    good_runs = _GOOD_RUNS
+    if not [r for r in records if r.run not in good_runs or not 0.0 <= r.time < _INF
+            or (r.step is None and r.type != "start")]:
         return Decoded(records, list(range(len(records))))
     out = Decoded()
     for i, rec in enumerate(records):

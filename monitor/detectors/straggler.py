@@ -161,11 +161,18 @@ class Straggler(Detector):
             index: dict[float, int] = {}
             for i, v in enumerate(ordered):
                 index.setdefault(v, i)
+            middle = _median(ordered)
             base = step_time
             if base is None and signal == "step_interval":
-                base = _median(ordered)
+                base = middle
             need = max(s.min_excess_seconds, s.min_excess_fraction * base) if base else s.min_excess_seconds
             for q, m in meds.items():
+                if m < middle and q not in self.firing:
+                    # below the middle: its peers' median is above it, so it is not slow (most ranks)
+                    onset = live[q].onset
+                    if onset:
+                        onset.pop(signal, None)
+                    continue
                 peers = _median_without(ordered, index[m])
                 r = live[q]
                 slow = m >= s.ratio * peers and m - peers >= need
