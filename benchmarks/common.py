@@ -131,7 +131,7 @@ class Sidecar:
             print("(py-spy not installed: pip install py-spy; no profile taken)", file=sys.stderr)
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(["py-spy", "record", "--nonblocking", "-r", "250", "-f", "speedscope",
+        return subprocess.Popen(["py-spy", "record", "-r", "250", "-f", "speedscope",
                                  "-d", str(max(1, round(seconds))), "-p", str(self.proc.pid), "-o", str(path)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

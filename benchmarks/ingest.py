@@ -133,6 +133,8 @@ def run(quick: bool = False, profile: bool = False, pinned: bool = False) -> lis
                 if size == 1000:
                     figures.append(Figure("ingest", "HTTP / in-process, batch 1000", rate / limit, "ratio",
                                           0.7, ">="))
+            figures.append(Figure("ingest", "sidecar RSS after the HTTP runs", sidecar.rss() / 2**20, "MiB", None,
+                                  "<", {"runs": len(SIZES) * 2 * CONNECTIONS, "ranks_per_run": 64}))
         finally:
             sidecar.stop()
         rate, cpu_rate, startup = replay_rate(100_000 if quick else 300_000, tmp)
