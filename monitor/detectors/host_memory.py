@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from statistics import median
 
-from ..events import Event, firing, resolved
+from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from .base import Detector
 from .trend import DropWatch, Growth, MinBuckets, rolling_floor, steady_growth, theil_sen
@@ -53,7 +53,7 @@ def jitter(values: list[float]) -> float:
     """Robust standard deviation of the noise of a series (MAD of its centred differences)."""
     if len(values) < 3:
         return 0.0
-    diffs = [b - a for a, b in zip(values, values[1:])]
+    diffs = [values[i + 1] - values[i] for i in range(len(values) - 1)]
     mid = median(diffs)
     return 1.4826 * median(abs(d - mid) for d in diffs) / math.sqrt(2)
 
@@ -190,7 +190,8 @@ class HostMemoryLeak(Detector):
         if series.growth is None:
             if was_open:
                 return [resolved(self.name, rec.rank, step, rec.time,
-                                 f"host memory of rank {rec.rank} stopped growing",
+                                 f"host memory of rank {rec.rank} stopped growing (its floor is flat "
+                                 f"or fell back), now {series.buckets.last / 1e9:.2f} GB",
                                  scope="process")]
             return []
         if was_open:
@@ -198,22 +199,22 @@ class HostMemoryLeak(Detector):
         g = series.growth
         rate_mb_h = g.rate * HOUR / MB
         host = self._host(rec.rank)
-        leaking = [r for r, x in self.ranks.items()
-                   if x.growth is not None and self._host(r) == host]
-        combined = sum(self.ranks[r].growth.rate for r in leaking)  # type: ignore[union-attr]
+        rates = [x.growth.rate for r, x in self.ranks.items()
+                 if x.growth is not None and self._host(r) == host]
+        combined = sum(rates)
         avail = self.run.ranks[rec.rank].latest.get("host_mem_available_bytes")
-        hours = avail / combined / HOUR if avail is not None and combined > 0 else None
+        hours = None if avail is None else avail / combined / HOUR
         summary = (f"host memory of rank {rec.rank} grows {rate_mb_h:.0f} MB/hour, steadily over "
                    f"the last {g.lookback / 60:.0f} min (+{g.rise / MB:.0f} MB, now "
                    f"{series.buckets.last / 1e9:.2f} GB); ")
-        if hours is None:
+        if avail is None or hours is None:
             summary += "the machine's available memory is not reported"
         else:
-            who = "at that rate" if len(leaking) == 1 else (
-                f"at the {combined * HOUR / MB:.0f} MB/hour of its {len(leaking)} leaking ranks")
+            who = "at that rate" if len(rates) == 1 else (
+                f"at the {combined * HOUR / MB:.0f} MB/hour of its {len(rates)} leaking ranks")
             summary += (f"{who} the machine's {avail / 1e9:.1f} GB available is gone in "
                         f"~{hours:.1f} h")
-        severity = "critical" if hours is not None and hours <= s.critical_hours else "warning"
+        severity: Severity = "critical" if hours is not None and hours <= s.critical_hours else "warning"
         return [firing(self.name, rec.rank, step, rec.time, summary, severity, scope="process",
                        rate_mb_per_hour=round(rate_mb_h, 1), growth_mb=round(g.rise / MB, 1),
                        lookback_seconds=g.lookback, host_mem_bytes=series.buckets.last,
@@ -224,10 +225,10 @@ class HostMemoryLeak(Detector):
     def _judge_machine(self, rec: Record, series: _Series, s: HostMemoryLeakSettings) -> list[Event]:
         avail = -series.buckets.last
         growth = series.judge(s, rec.time)
-        if growth is not None and series.growth is None and avail / growth.rate > s.machine_horizon_hours * HOUR:
-            growth = None  # declining, but not toward zero within the horizon
-        if growth is not None and series.growth is not None and avail / growth.rate > 2 * s.machine_horizon_hours * HOUR:
-            growth = None  # the forecast moved well past the horizon
+        # fire when the forecast is within the horizon; resolve when it moves well past it
+        horizon = s.machine_horizon_hours * HOUR * (1 if series.growth is None else 2)
+        if growth is not None and avail / growth.rate > horizon:
+            growth = None
         series.growth = growth
         return self._machine_events(rec, s)
 
@@ -252,7 +253,7 @@ class HostMemoryLeak(Detector):
         hours = seconds / HOUR
         summary = (f"available memory on {host or 'the machine'} falls {rate_mb_h:.0f} MB/hour "
                    f"(now {avail / 1e9:.1f} GB); at that rate it is gone in ~{hours:.1f} h")
-        severity = "critical" if hours <= s.critical_hours else "warning"
+        severity: Severity = "critical" if hours <= s.critical_hours else "warning"
         return [firing(self.name, None, step, rec.time, summary, severity, scope="machine",
                        host=host or None, rate_mb_per_hour=round(rate_mb_h, 1),
                        host_mem_available_bytes=avail, hours_to_exhaustion=round(hours, 2))]

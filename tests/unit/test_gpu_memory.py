@@ -9,7 +9,7 @@ from monitor.detectors import ALL
 from monitor.detectors.gpu_memory import GpuOom, GpuOomRisk, GpuOomRiskSettings, GpuOomSettings
 from monitor.pipeline import Pipeline
 from monitor.record import from_obj
-from tests.memory_traces import GiB, MiB, T0, const, gpu_trace, linear, noise, total, warmup
+from tests.memory_traces import T0, GiB, MiB, const, gpu_trace, linear, noise, total, warmup
 
 T = 80 * GiB
 PER_HOUR = 3600  # shapes take the step as their t: linear(x * PER_HOUR) adds x per step
@@ -53,7 +53,8 @@ def test_near_capacity_slow_rise_fires_before_the_forecast_horizon():
     a = out[0]
     assert 600 <= a["step"] <= 1500
     assert a["fraction"] >= 0.95
-    assert a["steps_to_oom"] > 1000 and a["seconds_to_oom"] > 1800  # fired for being near, not for the forecast
+    # fired for being near, not for the forecast
+    assert a["steps_to_oom"] > 1000 and a["seconds_to_oom"] > 1800
 
 
 def test_gpu_steadily_filled_to_93_percent_stays_quiet():

@@ -13,7 +13,17 @@ from monitor.detectors.host_memory import HostMemoryLeak, HostMemoryLeakSettings
 from monitor.pipeline import Pipeline
 from monitor.record import from_obj
 from tests.memory_traces import (
-    MB, T0, const, host_trace, linear, noise, sawtooth, spikes, staircase, total, warmup,
+    MB,
+    T0,
+    const,
+    host_trace,
+    linear,
+    noise,
+    sawtooth,
+    spikes,
+    staircase,
+    total,
+    warmup,
 )
 
 GB = 1e9
