@@ -74,6 +74,10 @@ class AlertBook:
                 alert[k] = v
         return alert
 
+    def restore(self, alert: Alert) -> None:
+        """An alert that was open when the sidecar stopped (from the store): open again."""
+        self.open[(alert["run"], alert["rank"], alert["alert"])] = alert
+
     def firing(self, run: str | None = None) -> list[Alert]:
         return [a for (r, _, _), a in self.open.items() if run is None or r == run]
 

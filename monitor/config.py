@@ -35,6 +35,7 @@ class Limits:
     max_runs: int = 256
     max_ranks_per_run: int = 4096
     run_ttl_seconds: float = 6 * 3600.0  # an ended or silent run is forgotten after this
+    max_future_seconds: float = 3600.0  # serve: a record timed further ahead of the sidecar's clock is refused
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -75,6 +76,14 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     detectors: dict[str, Any] = field(default_factory=default_detector_settings)
     raw: dict[str, Any] = field(default_factory=dict)  # the whole TOML, for later components
+
+
+def require_positive(section: str, obj: Any, keys: tuple[str, ...]) -> None:
+    """For a component's Settings.__post_init__: each key a positive number, else a ConfigError naming it."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{section}.{key}: must be a positive number, got {value!r}")
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:

@@ -8,6 +8,7 @@ record clock by the wall time since its newest record arrived.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -17,6 +18,8 @@ from .detectors import ALL, Detector
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
+
+log = logging.getLogger(__name__)
 
 
 class CapExceeded(ValueError):
@@ -58,6 +61,7 @@ class Pipeline:
         self.detectors: dict[str, list[Detector]] = {}
         self.book = book or AlertBook()
         self.records_processed = 0
+        self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -78,7 +82,7 @@ class Pipeline:
         for i in order:
             rec = records[i]
             try:
-                run = self._admit(rec)
+                run = self._admit(rec, wall)
             except CapExceeded as exc:
                 refused.append((i, exc))
                 continue
@@ -86,13 +90,14 @@ class Pipeline:
         refused.sort(key=lambda r: r[0])
         return Outcome(alerts, refused)
 
-    def _admit(self, rec: Record) -> RunState:
+    def _admit(self, rec: Record, wall: float) -> RunState:
         run = self.runs.get(rec.run)
         if run is None:
             if len(self.runs) >= self.limits.max_runs:
                 raise CapExceeded("run", f"the sidecar already tracks {len(self.runs)} runs "
                                          f"(limits.max_runs); {rec.run!r} is refused")
-            run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time)
+            run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time,
+                           clock_wall=wall, last_wall=wall)
             self.runs[rec.run] = run
             self.detectors[rec.run] = [
                 cls(self.detector_settings[cls.name], run) for cls in self.detector_classes
@@ -106,16 +111,20 @@ class Pipeline:
 
     def _feed(self, run: RunState, rec: Record, wall: float) -> list[Alert]:
         run.records += 1
+        run.last_wall = wall
         self.records_processed += 1
         run.ranks[rec.rank].apply(rec)
         if rec.type == "start":
             run.add_start(rec)
         events: list[Event] = []
         for det in self.detectors[run.run]:
-            out = det.update(rec)
+            try:
+                out = det.update(rec)
+            except Exception:  # one detector's bug must not fail the batch nor blind the others
+                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
             if out:
                 events.extend(out)
-        if rec.time > run.clock:
+        if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
             run.clock_wall = wall
         if run.clock - run.last_tick >= self.tick_seconds:
@@ -127,21 +136,30 @@ class Pipeline:
         run.last_tick = now
         events: list[Event] = []
         for det in self.detectors[run.run]:
-            out = det.tick(now)
+            try:
+                out = det.tick(now)
+            except Exception:
+                out = self._detector_failed(det, run.run, None, None)
             if out:
                 events.extend(out)
         return events
+
+    def _detector_failed(self, det: Detector, run: str, rank: int | None, step: int | None) -> list[Event]:
+        n = self.detector_errors[det.name] = self.detector_errors.get(det.name, 0) + 1
+        if n <= 10 or n % 1000 == 0:  # the first ones in full, then a reminder
+            log.exception("detector %s failed on run %s rank %s step %s (%d times)", det.name, run, rank, step, n)
+        return []
 
     def tick_wall(self, wall: float) -> list[Alert]:
         """Server timer: let time pass for every run, and forget expired runs."""
         alerts: list[Alert] = []
         for run in list(self.runs.values()):
-            idle = max(0.0, wall - run.clock_wall)
+            idle = max(0.0, wall - run.last_wall)
             if idle > self.limits.run_ttl_seconds:
                 alerts.extend(self.forget(run.run, f"run {run.run} expired after {idle:.0f}s "
                                                    f"without records"))
                 continue
-            now = run.clock + idle
+            now = run.clock + max(0.0, wall - run.clock_wall)
             if now - run.last_tick >= self.tick_seconds:
                 events = self._tick_run(run, now)
                 if events:

@@ -9,13 +9,22 @@ from __future__ import annotations
 from .base import Detector
 from .gpu_memory import GpuOom, GpuOomRisk
 from .host_memory import HostMemoryLeak
+from .liveness import RankStalled
+from .lr_scaling import LrScaling
 from .nan_divergence import NanDivergence
+from .spikes import GradExplosion, LossSpike
+from .straggler import Straggler
 
 ALL: list[type[Detector]] = [
+    LrScaling,
+    LossSpike,
+    GradExplosion,
     NanDivergence,
     GpuOomRisk,
     GpuOom,
     HostMemoryLeak,
+    RankStalled,
+    Straggler,
 ]
 
 __all__ = ["ALL", "Detector"]

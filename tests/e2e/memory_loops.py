@@ -22,19 +22,9 @@ import sys
 import psutil
 import torch
 
+from trainer.host_memory import process_tree_bytes as tree_memory
+
 T0 = 1_700_000_000.0
-
-
-def tree_memory(proc: psutil.Process) -> int:
-    """PSS of the process and its children (shared pages counted once); RSS where PSS is missing."""
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            info = p.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue  # a worker that just exited
-    return total
 
 
 class Recorder:

@@ -1,0 +1,136 @@
+"""Cost of GET /metrics at many ranks, and how long it holds the event loop.
+
+    python benchmarks/metrics_exposition.py [--ranks 1000] [--runs 1] [--repeat 15]
+
+Part 1 (in process): the snapshot (taken on the event loop) and the render
+(families + text formatting, done in a worker thread by the route), per scrape.
+Part 2 (real sidecar): GET /metrics end to end, and the worst /healthz latency
+seen while scrapes run back to back (what other requests wait for), against
+/healthz with no scrape running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from monitor.config import Settings  # noqa: E402
+from monitor.exporter import StateCollector, render  # noqa: E402
+from monitor.service import Service  # noqa: E402
+
+FIELDS = {"loss": 2.31, "lr": 0.02, "grad_norm": 1.7, "grad_scale": 65536.0, "gpu_mem_peak_bytes": 6.1e10,
+          "gpu_mem_total_bytes": 8.0e10, "gpu_mem_allocated_bytes": 4.2e10, "gpu_mem_reserved_bytes": 6.4e10,
+          "host_mem_bytes": 1.2e10, "host_mem_available_bytes": 4.0e11, "host_mem_total_bytes": 1.0e12,
+          "step_time_seconds": 0.41, "data_time_seconds": 0.03}
+
+
+def records(ranks: int, runs: int) -> list[dict]:
+    now = time.time()
+    per_run = ranks // runs
+    return [{"run": f"job-{j}", "rank": r, "time": now, "step": 100, **FIELDS}
+            for j in range(runs) for r in range(per_run)]
+
+
+def ms(xs: list[float]) -> str:
+    return f"median {statistics.median(xs) * 1e3:.1f} ms, max {max(xs) * 1e3:.1f} ms"
+
+
+def in_process(body: bytes, repeat: int) -> None:
+    service = Service(Settings())
+    service.ingest(body, "application/json")
+    collector = StateCollector(service)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    snaps, renders = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        snap = collector.snapshot()
+        t1 = time.perf_counter()
+        text = render(registry, snap)
+        t2 = time.perf_counter()
+        snaps.append(t1 - t0)
+        renders.append(t2 - t1)
+    series = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
+    print(f"in process: {series} series, {len(text) / 1e6:.2f} MB")
+    print(f"  snapshot (on the event loop): {ms(snaps)}")
+    print(f"  render (worker thread):       {ms(renders)}  = {statistics.median(renders) / series * 1e6:.1f} "
+          "us/series")
+
+
+def real_server(body: bytes, repeat: int) -> None:
+    from tests.conftest import Sidecar
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sidecar = Sidecar(["--db", f"{tmp}/bench.db"], cwd=Path(tmp))
+        try:
+            client = sidecar.client
+            assert client.post("/v1/ingest", content=body,
+                               headers={"content-type": "application/json"}).status_code == 200
+            scrapes = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                assert client.get("/metrics").status_code == 200
+                scrapes.append(time.perf_counter() - t0)
+            print(f"real sidecar: GET /metrics {ms(scrapes)}")
+            idle = probe(sidecar.url, None, 2.0)
+            stop = threading.Event()
+            worker = threading.Thread(target=scrape_loop, args=(sidecar.url, stop))
+            worker.start()
+            busy = probe(sidecar.url, stop, 5.0)
+            worker.join()
+            print(f"  /healthz alone:                 {ms(idle)}")
+            print(f"  /healthz during back-to-back scrapes: {ms(busy)} ({len(busy)} probes)")
+        finally:
+            sidecar.stop()
+
+
+def scrape_loop(url: str, stop: threading.Event) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url) as client:
+        while not stop.is_set():
+            client.get("/metrics")
+
+
+def probe(url: str, stop: threading.Event | None, seconds: float) -> list[float]:
+    import httpx
+
+    out = []
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=url) as client:
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            client.get("/healthz")
+            out.append(time.perf_counter() - t0)
+            time.sleep(0.002)
+    if stop is not None:
+        stop.set()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=1000)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--no-server", action="store_true")
+    args = p.parse_args()
+    body = json.dumps(records(args.ranks, args.runs)).encode()
+    print(f"{args.ranks} ranks in {args.runs} run(s), {len(FIELDS)} value fields per rank")
+    in_process(body, args.repeat)
+    if not args.no_server:
+        real_server(body, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Push to a real Alertmanager (its v2 API, ``POST /api/v2/alerts``), so teams route, group and silence there.
+
+Labels: ``alertname``, ``run``, ``rank`` (absent for run-wide alerts),
+``severity``, ``source="trainhealth"``; annotations: ``summary``, ``step``.
+New transitions go through the outbox (firing, then resolved with ``endsAt``);
+while nothing is queued, the open alerts are re-sent every ``resend_seconds``
+with ``endsAt`` = now + 4 x resend_seconds, as Prometheus does, so Alertmanager
+keeps them firing while the sidecar lives and lets them lapse if it dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from . import jsonout
+from .alerts import Alert
+from .config import ConfigError, Settings, _build, require_positive
+from .delivery import Target
+
+SOURCE = "trainhealth"
+ZERO_TIME = "0001-01-01T00:00:00Z"  # what Alertmanager writes for "no end"
+
+
+@dataclass(kw_only=True, slots=True)
+class AlertmanagerSettings:
+    url: str  # base URL, e.g. http://alertmanager:9093
+    resend_seconds: float = 60.0
+    timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    give_up_after: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"alertmanager.url: must be an http(s) URL, got {self.url!r}")
+        require_positive("alertmanager", self, ("resend_seconds", "timeout", "backoff_initial",
+                                                "backoff_max", "give_up_after"))
+
+
+def alertmanager_settings(settings: Settings) -> AlertmanagerSettings | None:
+    """``--alertmanager URL`` (or TRAINHEALTH_ALERTMANAGER) wins over ``[alertmanager] url``."""
+    table = settings.raw.get("alertmanager", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[alertmanager]: must be a table, got {table!r}")
+    table = dict(table)
+    if settings.server.alertmanager:
+        table["url"] = settings.server.alertmanager
+    if "url" not in table:
+        return None
+    result: AlertmanagerSettings = _build(AlertmanagerSettings, "alertmanager", table)
+    return result
+
+
+def rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def labels(alert: Alert) -> dict[str, str]:
+    out = {"alertname": alert["alert"], "run": alert["run"], "severity": alert["severity"], "source": SOURCE}
+    if alert["rank"] is not None:
+        out["rank"] = str(alert["rank"])
+    return out
+
+
+def summary_annotations(alert: Alert) -> dict[str, str]:
+    return {"summary": alert["summary"], "step": str(alert["step"])}
+
+
+def label_fingerprint(alert: Alert) -> str:
+    """A 16-hex id of the label set, like Alertmanager's own."""
+    return hashlib.sha256(alert["fingerprint"].encode()).hexdigest()[:16]
+
+
+def postable(alerts: list[Alert], now: float, resend_seconds: float) -> list[dict[str, Any]]:
+    """Alertmanager v2 ``postableAlerts``. Times use the sidecar's wall clock where records may be skewed."""
+    out = []
+    for a in alerts:
+        starts = min(float(a["started_at"]), now)
+        ends = now + 4 * resend_seconds if a["state"] == "firing" else max(now, starts)
+        out.append({"labels": labels(a), "annotations": summary_annotations(a),
+                    "startsAt": rfc3339(starts), "endsAt": rfc3339(ends)})
+    return out
+
+
+def target(s: AlertmanagerSettings, open_alerts: Callable[[], list[Alert]]) -> Target:
+    def render(alerts: list[Alert], now: float) -> bytes:
+        return jsonout.dumpb(postable(alerts, now, s.resend_seconds))
+
+    return Target(key=f"alertmanager {s.url}", name="alertmanager", kind="alertmanager",
+                  url=s.url.rstrip("/") + "/api/v2/alerts", render=render, refresh=open_alerts,
+                  refresh_seconds=s.resend_seconds, timeout=s.timeout, backoff_initial=s.backoff_initial,
+                  backoff_max=s.backoff_max, give_up_after=s.give_up_after)

@@ -1,0 +1,81 @@
+"""Routes for people handling alerts: silences and acknowledgements (added to the app as a hook).
+
+- ``POST /v1/silences`` {run, alert?, rank?, until (unix s), comment?, created_by?} -> 201 the silence
+- ``GET /v1/silences[?expired=true]``, ``DELETE /v1/silences/{id}`` (expires it now)
+- ``POST /v1/alerts/{id}/ack`` {by?, comment?} -> the alert, ``acknowledged: true``; any transition id of
+  the alert works and the whole episode (firing and its resolve) shows as acknowledged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import Response
+
+from .api import JSON
+from .notify import AlertsOut
+from .record import loads
+from .silences import SilenceError
+
+MAX_BODY = 64 << 10
+
+
+def _id() -> Any:
+    return Path(ge=0, le=2**63 - 1)  # SQLite's INTEGER: a larger id was a 500 (OverflowError), not a 400
+
+
+class BadRequest(ValueError):
+    """A body that is not a small JSON document."""
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise BadRequest(f"body: at most {MAX_BODY} bytes, got {len(raw)}")
+    if not raw.strip():
+        return {}
+    try:
+        return loads(raw)  # json.loads, without refusing an integer of 4300+ digits
+    except ValueError as exc:
+        raise BadRequest(f"body: not valid JSON ({exc})") from None
+
+
+def routes(out: AlertsOut) -> Callable[[FastAPI], None]:
+    def add(app: FastAPI) -> None:
+        @app.post("/v1/silences")
+        async def create_silence(request: Request) -> Response:
+            try:
+                return JSON(out.add_silence(await _body(request)), 201)
+            except (BadRequest, SilenceError) as exc:
+                return JSON({"error": str(exc)}, 400)
+
+        @app.get("/v1/silences")
+        async def list_silences(expired: bool = False) -> Response:
+            return JSON({"silences": out.list_silences(expired)})
+
+        @app.delete("/v1/silences/{silence_id}")
+        async def expire_silence(silence_id: int = _id()) -> Response:
+            if not out.expire_silence(silence_id):
+                return JSON({"error": f"silence {silence_id} does not exist"}, 404)
+            return JSON({"expired": silence_id})
+
+        @app.post("/v1/alerts/{alert_id}/ack")
+        async def acknowledge(request: Request, alert_id: int = _id()) -> Response:
+            try:
+                body = await _body(request)
+            except BadRequest as exc:
+                return JSON({"error": str(exc)}, 400)
+            if not isinstance(body, dict):
+                return JSON({"error": f"body: must be a JSON object, got {body!r:.80}"}, 400)
+            by, comment = body.get("by"), body.get("comment")
+            for key, value in (("by", by), ("comment", comment)):
+                if value is not None and (not isinstance(value, str) or len(value) > 1000):
+                    error = f"{key}: must be a string of at most 1000 chars, got {value!r:.80}"
+                    return JSON({"error": error}, 400)
+            alert = out.acknowledge(alert_id, by, comment)
+            if alert is None:
+                return JSON({"error": f"alert {alert_id} does not exist"}, 404)
+            return JSON(alert)
+
+    return add

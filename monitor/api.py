@@ -1,0 +1,159 @@
+"""HTTP adapter: FastAPI routes over a Service. Routes only adapt; status.py builds answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from . import jsonout
+from .service import Service
+from .status import run_view, runs_view
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = {"/healthz"}
+
+
+class JSON(Response):
+    """JSON that keeps NaN as "NaN" (never null); see jsonout."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return jsonout.dumpb(content)
+
+
+def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None = None) -> FastAPI:
+    """The sidecar's ASGI app. ``extra`` hooks add routes (e.g. /metrics) without touching this file."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(_timer(service))]
+        tasks += [asyncio.create_task(job()) for job in service.background]
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, service.reload)  # main thread only
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            service.close()
+
+    app = FastAPI(title="trainhealth", lifespan=lifespan, default_response_class=JSON)
+    app.state.service = service
+    app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
+    app.add_exception_handler(RequestValidationError, _bad_query)
+    token = service.settings.server.token
+
+    if token:
+        expected = token.encode()
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next: Any) -> Response:
+            if request.url.path not in OPEN_PATHS:
+                scheme, _, got = request.headers.get("authorization", "").partition(" ")
+                # the scheme is case-insensitive (RFC 9110): "bearer T" is as good as "Bearer T"
+                if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), expected):
+                    return JSON({"error": "missing or wrong Authorization: Bearer token"}, 401,
+                                headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    @app.post("/v1/ingest")
+    async def ingest(request: Request) -> Response:
+        limit = service.settings.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            answer = service.refuse(413, f"body of {declared} bytes is over the limit of {limit} bytes "
+                                         "(limits.max_body_bytes): send smaller batches")
+            return JSON(answer.body, answer.status)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                answer = service.refuse(413, f"body is over the limit of {limit} bytes "
+                                             "(limits.max_body_bytes): send smaller batches")
+                return JSON(answer.body, answer.status)
+            chunks.append(chunk)
+        answer = service.ingest(b"".join(chunks), request.headers.get("content-type"),
+                                request.headers.get("content-encoding"))
+        return JSON(answer.body, answer.status)
+
+    @app.get("/v1/runs")
+    async def runs() -> Response:
+        return JSON(runs_view(service.pipeline))
+
+    @app.get("/v1/runs/{run}")
+    async def run(run: str) -> Response:
+        state = service.pipeline.runs.get(run)
+        if state is None:
+            return JSON({"error": f"run {run!r} is not known to this sidecar"}, 404)
+        return JSON(run_view(state, service.book, detail=True))
+
+    @app.get("/v1/alerts")
+    async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,
+                     since: float | None = None, limit: int = 1000,
+                     cursor: int | None = Query(None, ge=0, le=2**63 - 1)) -> Response:
+        if state not in (None, "firing", "resolved"):
+            return JSON({"error": f"state: must be 'firing' or 'resolved', got {state!r}"}, 400)
+        if not 1 <= limit <= 10_000:
+            return JSON({"error": f"limit: must be 1-10000, got {limit}"}, 400)
+        if service.query_alerts is not None:  # the store: full history, paged with next_cursor
+            return JSON(service.query_alerts(run=run, state=state, alert=alert, since=since, limit=limit,
+                                             cursor=cursor))
+        return JSON({"alerts": service.book.query(run=run, state=state, alert=alert, since=since,
+                                                  limit=limit)})
+
+    @app.post("/-/reload")
+    async def reload() -> Response:
+        result = service.reload()
+        return JSON(result, 200 if result["reloaded"] else 400)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSON({"status": "ok", "runs": len(service.pipeline.runs)})
+
+    for hook in extra or []:
+        hook(app)
+    return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 404:
+        paths = [getattr(r, "path", "") for r in request.app.routes]
+        ours = [p for p in paths if p.startswith(("/v1", "/-", "/metrics", "/health"))]
+        message += f" (routes: {', '.join(ours)})"
+    return JSON({"error": message}, exc.status_code, headers=exc.headers)
+
+
+async def _bad_query(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    return JSON({"error": f"{where}: {first.get('msg', 'invalid')} (value: {first.get('input')!r})"}, 400)
+
+
+async def _timer(service: Service) -> None:
+    """Time passes without records: liveness checks run on the wall clock."""
+    period = service.settings.server.tick_seconds
+    while True:
+        await asyncio.sleep(period)
+        try:
+            service.tick()
+        except Exception:  # the timer must outlive a detector bug
+            log.exception("timer tick failed")

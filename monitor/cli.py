@@ -1,0 +1,124 @@
+"""``trainhealth serve`` and ``trainhealth replay``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from typing import Mapping, Sequence
+
+from . import jsonout
+from .config import ConfigError, Settings, load
+
+log = logging.getLogger("trainhealth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainhealth", description=(
+        "Watch distributed PyTorch training: 'serve' runs the sidecar (POST records to /v1/ingest), "
+        "'replay' runs the same detectors over recorded .jsonl files. Use COMMAND --help for the options."))
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the sidecar (binds to 127.0.0.1 unless told otherwise)")
+    s.add_argument("--host", help="address to bind (TRAINHEALTH_HOST; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (TRAINHEALTH_PORT; default 9464; 0 picks a free one)")
+    s.add_argument("--webhook", dest="webhooks", action="append", default=[],
+                   help="POST alerts to this URL; repeatable (TRAINHEALTH_WEBHOOK, comma-separated)")
+    s.add_argument("--alertmanager", help="Alertmanager base URL (TRAINHEALTH_ALERTMANAGER)")
+    s.add_argument("--db", help="SQLite file (TRAINHEALTH_DB; default ./trainhealth.db)")
+    s.add_argument("--config", help="TOML file with thresholds; reloaded on SIGHUP and POST /-/reload")
+    s.add_argument("--record", dest="record_dir", help="flight recorder: append records to DIR/RUN.jsonl")
+    s.add_argument("--token", help="require Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r = sub.add_parser("replay", help="run the detectors over recorded .jsonl files")
+    r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records")
+    r.add_argument("--config", help="TOML file with thresholds to try")
+    r.add_argument("--until", type=float, metavar="SECONDS",
+                   help="after the last record, let SECONDS pass with no records (as the server's "
+                        "timer would), so a hang or a silent rank at the end of a recording is reported")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    try:
+        if args.command == "serve":
+            flags = {k: getattr(args, k) for k in ("host", "port", "webhooks", "alertmanager", "db",
+                                                   "record_dir", "token")}
+            settings = load(args.config, flags, environ)
+            return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), args.log_level)
+        settings = load(args.config, {}, {})
+        if args.until is not None and not args.until >= 0:
+            raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
+        return replay(args.files, settings, args.until)
+    except ConfigError as exc:
+        print(f"trainhealth: {exc}", file=sys.stderr)
+        return 2
+
+
+def replay(files: Sequence[str], settings: Settings, until: float | None = None) -> int:
+    from .pipeline import Pipeline
+    from .replay import ReadStats, read_files
+
+    for path in files:
+        if not os.path.isfile(path):
+            print(f"trainhealth replay: no such file: {path}", file=sys.stderr)
+            return 2
+    stats = ReadStats()
+    pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
+    out = sys.stdout
+    batch: list = []
+    tick = settings.server.tick_seconds
+    for rec in read_files(files, stats):
+        # A batch is sorted by step; keeping it within one tick of record time keeps the clock
+        # honest (a rank stuck at a lower step must not have its records applied minutes late).
+        if batch and (len(batch) >= 256 or rec.time - batch[0].time >= tick):
+            for alert in pipeline.process(batch).alerts:
+                out.write(jsonout.dumps(alert) + "\n")
+            batch = []
+        batch.append(rec)
+    alerts = pipeline.process(batch).alerts
+    if until is not None:
+        # replay runs with wall=0.0, so tick_wall(until) lets each run's clock pass by `until`
+        alerts += pipeline.tick_wall(until)
+    for alert in alerts:
+        out.write(jsonout.dumps(alert) + "\n")
+    out.flush()
+    msg = f"trainhealth replay: {stats.records} records, {stats.skipped} corrupt lines skipped"
+    print(msg, file=sys.stderr)
+    for err in stats.first_errors:
+        print(f"  skipped {err}", file=sys.stderr)
+    return 0
+
+
+def serve(settings: Settings, config_file: str | None, log_level: str = "info") -> int:
+    import uvicorn
+
+    from .server import build_service_and_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
+    service, app = build_service_and_app(settings, config_file)
+    host, port = settings.server.host, settings.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        print(f"trainhealth: cannot bind {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    sock.listen(2048)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
+                            access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

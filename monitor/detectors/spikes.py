@@ -1,0 +1,278 @@
+"""loss_spike and grad_explosion: a rank's value jumps far above its own recent level.
+
+Early warnings before divergence, from robust statistics of each rank's recent
+history rather than fixed thresholds. Per rank, the last ``window`` finite
+values are kept in log space (log-loss, log-grad-norm: an LR drop that
+divides the loss by 10 is a shift, not a change of noise), and so are the
+absolute step-to-step changes of those values, each with a sorted copy, so the
+medians cost O(1) to read and an O(window) memmove to maintain.
+
+- level: the median of the window;
+- noise: the median absolute step-to-step change / 0.954 (the standard
+  deviation for Gaussian noise). Unlike the spread of the window, it does not
+  grow with a trend: a loss that climbs by orders of magnitude, steadily, as a
+  run diverges, stands out against its step-to-step noise, while the spread of
+  the window would grow with it.
+
+A sample is *high* when it is at least ``z_threshold`` noise deviations above
+the level AND at least ``min_ratio`` times the level (the ratio guards smooth
+curves whose noise is tiny, and healthy trends: a grad norm rising 30x over
+400 steps is only 1.5x above the median of its last 100). The alert fires
+after ``confirm_samples`` high samples in a row, once the rank has
+``min_history`` values. Losses going down (warmup, LR drops) never count:
+only upward jumps do. Heavy-tailed noise needs two 10-deviation outliers in a
+row.
+
+Resolution is judged against the level and noise frozen when the alert fired:
+``resolve_samples`` samples in a row within ``z_resolve`` deviations (or
+within sqrt(min_ratio) times the level) resolve it ("back to ..."). If the
+value stays high for a whole window and is no longer high against that window
+(it settled, it is not still climbing), the alert resolves as a new level. A ``start``
+record of the rank (a restart) clears its history and resolves its open alert.
+
+Non-finite values are left to nan_divergence. Losses <= 0 switch that rank to
+linear values (no log, no ratio guard); grad norms <= 0 are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..events import Event, firing, resolved
+from ..record import Record
+from ..state import RunState
+from .base import Detector
+from .steps import step_of as _step_of
+
+MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
+
+
+class RobustWindow:
+    """The last ``size`` values, with a sorted copy for the median."""
+
+    __slots__ = ("values", "ordered", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: deque[float] = deque()
+        self.ordered: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def push(self, x: float) -> None:
+        values, ordered = self.values, self.ordered
+        if len(values) >= self.size:
+            del ordered[bisect_left(ordered, values.popleft())]
+        values.append(x)
+        insort(ordered, x)
+
+    def resize(self, size: int) -> None:
+        kept = list(self.values)[-size:]
+        self.size = size
+        self.clear()
+        for x in kept:
+            self.push(x)
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.ordered.clear()
+
+    def median(self) -> float:
+        s = self.ordered
+        n = len(s)
+        m = n // 2
+        return s[m] if n % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+@dataclass(kw_only=True, slots=True)
+class SpikeSettings:
+    enabled: bool = True
+    window: int = 100  # samples per rank
+    min_history: int = 20  # samples before judging
+    z_threshold: float = 10.0  # robust deviations above the median
+    min_ratio: float = 2.0  # and at least this many times the median
+    confirm_samples: int = 2  # high samples in a row to fire
+    z_resolve: float = 3.0
+    resolve_samples: int = 3  # calm samples in a row to resolve
+
+    def __post_init__(self) -> None:
+        self._check("loss_spike")
+
+    def _check(self, name: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"{name}.enabled: must be true or false, got {self.enabled!r}")
+        for key in ("window", "min_history", "confirm_samples", "resolve_samples"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}.{key}: must be an integer >= 1, got {value!r}")
+        if self.min_history < 4 or self.min_history > self.window:
+            raise ValueError(f"{name}.min_history: must be 4..window ({self.window}), "
+                             f"got {self.min_history!r}")
+        for key, low in (("z_threshold", 0.0), ("z_resolve", 0.0), ("min_ratio", 1.0)):
+            value = getattr(self, key)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= low):
+                raise ValueError(f"{name}.{key}: must be a number > {low:g}, got {value!r}")
+        if self.z_resolve > self.z_threshold:
+            raise ValueError(f"{name}.z_resolve: must be <= z_threshold ({self.z_threshold:g}), "
+                             f"got {self.z_resolve!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class GradExplosionSettings(SpikeSettings):
+    min_ratio: float = 5.0  # grad norms are noisier than losses: single 2-4x bumps are common
+
+    def __post_init__(self) -> None:
+        self._check("grad_explosion")
+
+
+class _Rank:
+    __slots__ = ("window", "changes", "prev", "linear", "high", "onset_step", "firing", "base_median",
+                 "base_sigma", "calm", "fired_for")
+
+    def __init__(self, size: int) -> None:
+        self.window = RobustWindow(size)  # values (log space)
+        self.changes = RobustWindow(size)  # |value - previous value|
+        self.prev: float | None = None
+        self.linear = False  # True once a value <= 0 was seen (losses only)
+        self.high = 0  # high samples in a row
+        self.onset_step = 0
+        self.firing = False
+        self.base_median = 0.0  # frozen at firing
+        self.base_sigma = 0.0
+        self.calm = 0
+        self.fired_for = 0  # samples since firing
+
+
+class _SpikeDetector(Detector):
+    field: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    advice: ClassVar[str] = ""
+    linear_below_zero: ClassVar[bool] = False
+
+    def __init__(self, settings: SpikeSettings, run: RunState) -> None:
+        super().__init__(settings, run)
+        self.ranks: dict[int, _Rank] = {}
+
+    def update(self, record: Record) -> list[Event]:
+        if record.type == "start":
+            return self._restart(record)
+        s = self.settings
+        if record.type != "sample" or not s.enabled:
+            return []
+        value = getattr(record, self.field)
+        if value is None or not math.isfinite(value):
+            return []
+        st = self.ranks.get(record.rank)
+        if st is None:
+            st = self.ranks[record.rank] = _Rank(s.window)
+        elif st.window.size != s.window:  # config reload changed the window
+            st.window.resize(s.window)
+            st.changes.resize(s.window)
+        if value <= 0 and not st.linear:
+            if not self.linear_below_zero:
+                return []
+            st.linear = True
+            st.window.clear()
+            st.changes.clear()
+            st.prev = None
+        x = value if st.linear else math.log(value)
+        win = st.window
+        out: list[Event] = []
+        if st.firing:
+            st.fired_for += 1
+            out = self._judge_firing(record, st, x, value)
+        elif len(win) >= s.min_history:
+            med, sigma = win.median(), st.changes.median() / MAD_DIFF_TO_SIGMA
+            if self._high(st, x - med, sigma):
+                st.high += 1
+                if st.high == 1:
+                    st.onset_step = record.step or 0
+                if st.high >= s.confirm_samples:
+                    out = [self._fire(record, st, x, value, med, sigma)]
+            else:
+                st.high = 0
+        win.push(x)
+        if st.prev is not None:
+            st.changes.push(abs(x - st.prev))
+        st.prev = x
+        return out
+
+    def _high(self, st: _Rank, jump: float, sigma: float) -> bool:
+        s = self.settings
+        return jump > 0 and jump >= s.z_threshold * sigma and (st.linear or jump >= math.log(s.min_ratio))
+
+    def _fire(self, record: Record, st: _Rank, x: float, value: float, med: float,
+              sigma: float) -> Event:
+        st.firing, st.high, st.calm, st.fired_for = True, 0, 0, 0
+        st.base_median, st.base_sigma = med, sigma
+        step = record.step or 0
+        base = med if st.linear else math.exp(med)
+        z = (x - med) / sigma if sigma > 0 else math.inf
+        ratio = value / base if base > 0 else math.inf
+        summary = (f"{self.label} jumped to {value:.4g} at step {step} on rank {record.rank}, "
+                   f"{ratio:.3g}x its recent median {base:.4g} ({_z(z)} robust deviations above, "
+                   f"since step {st.onset_step}); {self.advice}")
+        return firing(self.name, record.rank, step, record.time, summary, "warning",
+                      value=value, baseline=base, ratio=ratio, z=z, onset_step=st.onset_step,
+                      history=len(st.window))
+
+    def _judge_firing(self, record: Record, st: _Rank, x: float, value: float) -> list[Event]:
+        s = self.settings
+        jump = x - st.base_median
+        near = s.z_resolve * st.base_sigma
+        if not st.linear:
+            near = max(near, 0.5 * math.log(s.min_ratio))  # within sqrt(min_ratio) of the baseline
+        calm = jump < near
+        st.calm = st.calm + 1 if calm else 0
+        step = record.step or 0
+        base = st.base_median if st.linear else math.exp(st.base_median)
+        if st.calm >= s.resolve_samples:
+            how = f"back to {value:.4g}"
+        elif not calm and st.fired_for >= s.window and not self._high(
+                st, x - st.window.median(), st.changes.median() / MAD_DIFF_TO_SIGMA):
+            how = f"settled at a new level {value:.4g} for {st.fired_for} samples"
+        else:
+            return []
+        st.firing, st.calm, st.high = False, 0, 0
+        summary = (f"{self.label} {how} at step {step} on rank {record.rank} "
+                   f"(pre-spike median {base:.4g})")
+        return [resolved(self.name, record.rank, step, record.time, summary, value=value, baseline=base)]
+
+    def _restart(self, record: Record) -> list[Event]:
+        st = self.ranks.pop(record.rank, None)
+        if st is None or not st.firing:
+            return []
+        step = _step_of(record, self.run)
+        return [resolved(self.name, record.rank, step, record.time,
+                         f"rank {record.rank} restarted; {self.label} history cleared")]
+
+
+def _z(z: float) -> str:
+    return "inf" if math.isinf(z) else f"{z:.0f}"
+
+
+class LossSpike(_SpikeDetector):
+    name = "loss_spike"
+    Settings = SpikeSettings
+    field = "loss"
+    label = "loss"
+    advice = "lower the LR or clip gradients before it diverges"
+    linear_below_zero = True
+
+
+class GradExplosion(_SpikeDetector):
+    name = "grad_explosion"
+    Settings = GradExplosionSettings
+    field = "grad_norm"
+    label = "grad norm"
+    advice = "clip gradients (clip_grad_norm_) or lower the LR before it diverges"
+
+
+__all__: list[Any] = ["LossSpike", "GradExplosion", "RobustWindow", "SpikeSettings",
+                      "GradExplosionSettings"]

@@ -1,0 +1,208 @@
+"""straggler: one rank is consistently slower than its peers.
+
+In synchronous data-parallel training every rank's step time is the same (the
+fast ranks wait for the slow one in the all-reduce), so step time cannot name
+the culprit. What differs is the time a rank waits for its data
+(``data_time_seconds``); and, when ranks do not synchronise every step, the time
+between a rank's samples (per step, so sampling every N steps compares fairly).
+
+For each signal and rank: the median over the rank's last ``window`` samples,
+against the median of its peers' medians (leave-one-out). A rank is slow when
+it is ``ratio`` x its peers and the excess is worth a page: at least
+``min_excess_seconds`` and ``min_excess_fraction`` of the step time (the job
+loses that much on every step). It fires once that has held for
+``sustain_samples`` more samples, and resolves when it drops below
+``resolve_ratio`` x its peers (or the excess under half the minimum).
+
+Evaluated on ``tick`` (once per second of run time), so the cost per record is
+an append; a tick costs O(ranks x window).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..events import Event, firing, resolved
+from ..record import Record
+from .base import Detector
+
+SIGNALS = ("data_time", "step_interval")
+WHAT = {"data_time": "waits for data", "step_interval": "takes per step"}
+
+
+@dataclass(kw_only=True, slots=True)
+class StragglerSettings:
+    enabled: bool = True
+    window: int = 20  # samples per rank the medians are taken over
+    ratio: float = 1.5  # slow: median >= ratio x the peers' median
+    min_excess_seconds: float = 0.05  # ... and at least this much more per step
+    min_excess_fraction: float = 0.1  # ... and at least this fraction of the step time
+    sustain_samples: int = 10  # ... for this many further samples of the rank
+    resolve_ratio: float = 1.2  # caught up: median < resolve_ratio x the peers' median
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"straggler.enabled: must be true or false, got {self.enabled!r}")
+        for key, low in (("window", 3), ("sustain_samples", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"straggler.{key}: must be an integer >= {low}, got {value!r}")
+        for key in ("ratio", "min_excess_seconds", "min_excess_fraction", "resolve_ratio"):
+            value = getattr(self, key)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"straggler.{key}: must be a number >= 0, got {value!r}")
+        if self.ratio <= 1:
+            raise ValueError(f"straggler.ratio: must be > 1, got {self.ratio!r}")
+        if not 1 <= self.resolve_ratio <= self.ratio:
+            raise ValueError(f"straggler.resolve_ratio: must be between 1 and ratio "
+                             f"({self.ratio!r}), got {self.resolve_ratio!r}")
+
+
+@dataclass(slots=True)
+class _Rank:
+    windows: dict[str, deque[float]] = field(default_factory=dict)
+    samples: int = 0
+    last_step: int = -1
+    last_time: float = 0.0
+    onset: dict[str, int] = field(default_factory=dict)  # signal -> samples count when it turned slow
+    ended: bool = False
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _median_without(s: list[float], i: int) -> float:
+    """Median of sorted ``s`` without its element ``i`` (len(s) >= 2)."""
+    m = len(s) - 1
+
+    def at(j: int) -> float:
+        return s[j] if j < i else s[j + 1]
+
+    return at(m // 2) if m % 2 else (at(m // 2 - 1) + at(m // 2)) / 2
+
+
+class Straggler(Detector):
+    name = "straggler"
+    Settings = StragglerSettings
+
+    def __init__(self, settings: StragglerSettings, run) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings, run)
+        self.ranks: dict[int, _Rank] = {}
+        self.step_times: deque[float] = deque(maxlen=64)  # step_time_seconds of any rank
+        self.firing: dict[int, str] = {}  # rank -> signal of its open alert
+
+    # -- records ------------------------------------------------------------
+    def update(self, record: Record) -> list[Event]:
+        kind = record.type
+        if kind == "sample":
+            r = self.ranks.get(record.rank)
+            if r is None:
+                r = self.ranks[record.rank] = _Rank()
+            r.samples += 1
+            r.ended = False
+            value = record.data_time_seconds
+            if value is not None and math.isfinite(value) and value >= 0:
+                self._push(r, "data_time", value)
+            step = record.step
+            if step is not None and step > r.last_step:
+                if r.last_step >= 0 and record.time > r.last_time:
+                    self._push(r, "step_interval", (record.time - r.last_time) / (step - r.last_step))
+                r.last_step, r.last_time = step, record.time
+            value = record.step_time_seconds
+            if value is not None and math.isfinite(value) and value > 0:
+                self.step_times.append(value)
+            return []
+        if kind in ("start", "end") and record.rank in self.ranks:
+            r = self.ranks[record.rank]
+            if kind == "start":  # a restart: what it did before says nothing about now
+                self.ranks[record.rank] = _Rank()
+            else:
+                r.ended = True
+            if record.rank in self.firing:
+                del self.firing[record.rank]
+                why = "started again" if kind == "start" else "ended"
+                return [resolved(self.name, record.rank, max(r.last_step, 0), record.time,
+                                 f"rank {record.rank} {why}; no longer compared as a straggler")]
+        return []
+
+    def _push(self, r: _Rank, signal: str, value: float) -> None:
+        window = self.settings.window
+        dq = r.windows.get(signal)
+        if dq is None or dq.maxlen != window:
+            dq = r.windows[signal] = deque(dq or (), maxlen=window)
+        dq.append(value)
+
+    # -- time ---------------------------------------------------------------
+    def tick(self, now: float) -> list[Event]:
+        s = self.settings
+        live = {q: r for q, r in self.ranks.items() if not r.ended}
+        if len(live) < 2 or not s.enabled:
+            return self._resolve_all(now, "straggler was disabled") if not s.enabled else []
+        step_time = _median(list(self.step_times)) if self.step_times else None
+        verdicts: dict[int, tuple[str, float, float]] = {}  # rank -> (signal, median, peers)
+        holding: set[int] = set()
+        for signal in SIGNALS:
+            meds = {q: _median(list(dq)) for q, r in live.items()
+                    if (dq := r.windows.get(signal)) is not None and len(dq) >= s.window}
+            if len(meds) < 2:
+                continue
+            ordered = sorted(meds.values())
+            index: dict[float, int] = {}
+            for i, v in enumerate(ordered):
+                index.setdefault(v, i)
+            base = step_time
+            if base is None and signal == "step_interval":
+                base = _median(ordered)
+            need = max(s.min_excess_seconds, s.min_excess_fraction * base) if base else s.min_excess_seconds
+            for q, m in meds.items():
+                peers = _median_without(ordered, index[m])
+                r = live[q]
+                slow = m >= s.ratio * peers and m - peers >= need
+                if q in self.firing:
+                    if m >= s.resolve_ratio * peers and m - peers >= need / 2:
+                        holding.add(q)
+                    continue
+                if not slow:
+                    r.onset.pop(signal, None)
+                    continue
+                start = r.onset.setdefault(signal, r.samples)
+                if r.samples - start >= s.sustain_samples and q not in verdicts:
+                    verdicts[q] = (signal, m, peers)
+        out = []
+        for q, (signal, m, peers) in sorted(verdicts.items()):
+            out.append(self._fire(q, live[q], signal, m, peers, now, step_time))
+        for q in [q for q in self.firing if q in live and q not in holding and q not in verdicts]:
+            signal = self.firing.pop(q)
+            r = live[q]
+            m = _median(list(r.windows[signal]))
+            out.append(resolved(self.name, q, max(r.last_step, 0), now,
+                                f"rank {q} caught up: it now {WHAT[signal]} {m:.3f} s (median)",
+                                signal=signal, median_seconds=m))
+            r.onset.clear()
+        return out
+
+    def _fire(self, rank: int, r: _Rank, signal: str, m: float, peers: float, now: float,
+              step_time: float | None) -> Event:
+        self.firing[rank] = signal
+        times = f"{m / peers:.1f}x" if peers > 0 else "far more than"
+        summary = (f"rank {rank} is a straggler: it {WHAT[signal]} {m:.3f} s (median of its last "
+                   f"{self.settings.window} samples), {times} its peers' {peers:.3f} s; "
+                   f"the job loses about {m - peers:.3f} s per step waiting for it")
+        if signal == "data_time":
+            summary += " (check its data loader workers, disk or CPU)"
+        return firing(self.name, rank, max(r.last_step, 0), now, summary, "warning",
+                      signal=signal, median_seconds=m, peers_median_seconds=peers,
+                      ratio=(m / peers if peers > 0 else None), excess_seconds=m - peers,
+                      step_time_seconds=step_time, window=self.settings.window)
+
+    def _resolve_all(self, now: float, why: str) -> list[Event]:
+        out = [resolved(self.name, q, max(self.ranks[q].last_step, 0), now, f"rank {q}: {why}")
+               for q in self.firing]
+        self.firing.clear()
+        return out

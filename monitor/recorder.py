@@ -1,0 +1,75 @@
+"""Flight recorder: every accepted record appended to ``DIR/RUN.jsonl``.
+
+Lines are written with Python's ``json`` so NaN stays the bare ``NaN`` token
+(replay reads it back as NaN, never as null). Files are size-capped: past
+``max_bytes`` the file rotates to ``RUN.jsonl.1`` (``keep`` old files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import IO, Iterable
+
+from .record import Record, to_obj
+
+log = logging.getLogger(__name__)
+
+
+class FlightRecorder:
+    def __init__(self, directory: str | Path, max_bytes: int = 256 << 20, keep: int = 3,
+                 max_open: int = 64) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.max_open = max_open
+        self.files: OrderedDict[str, IO[str]] = OrderedDict()
+        self.failures = 0
+
+    def path(self, run: str) -> Path:
+        return self.dir / f"{run}.jsonl"  # run names are [A-Za-z0-9._:-]: no path separators
+
+    def write(self, records: Iterable[Record]) -> None:
+        by_run: dict[str, list[str]] = {}
+        for rec in records:
+            by_run.setdefault(rec.run, []).append(json.dumps(to_obj(rec), separators=(",", ":")))
+        for run, lines in by_run.items():
+            try:
+                fh = self._open(run)
+                fh.write("\n".join(lines) + "\n")
+                fh.flush()
+                if fh.tell() >= self.max_bytes:
+                    self._rotate(run)
+            except OSError as exc:  # a full disk must not stop ingest
+                self.failures += 1
+                log.warning("flight recorder: cannot write %s: %s", self.path(run), exc)
+
+    def _open(self, run: str) -> IO[str]:
+        fh = self.files.get(run)
+        if fh is not None:
+            self.files.move_to_end(run)
+            return fh
+        if len(self.files) >= self.max_open:
+            _, old = self.files.popitem(last=False)
+            old.close()
+        fh = open(self.path(run), "a", encoding="utf-8")
+        self.files[run] = fh
+        return fh
+
+    def _rotate(self, run: str) -> None:
+        self.files.pop(run).close()
+        base = self.path(run)
+        for i in range(self.keep - 1, 0, -1):
+            older = base.with_name(f"{base.name}.{i}")
+            if older.exists():
+                os.replace(older, base.with_name(f"{base.name}.{i + 1}"))
+        os.replace(base, base.with_name(f"{base.name}.1"))
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files.clear()

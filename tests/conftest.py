@@ -1,0 +1,91 @@
+"""Shared fixtures: the real sidecar as a subprocess on 127.0.0.1 with an ephemeral port."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_binary(name: str) -> str:
+    """The path of a server binary; skip without it on a laptop, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI (CI=true) but is not installed")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+class Sidecar:
+    """A running ``python -m monitor serve`` process."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        for key in [k for k in full_env if k.startswith("TRAINHEALTH_") and k not in (env or {})]:
+            del full_env[key]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "serve", "--port", "0", *args],
+            cwd=str(cwd or ROOT), env=full_env, stderr=subprocess.PIPE, text=True,
+        )
+        self.url = self._wait_for_port()
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def _wait_for_port(self) -> str:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 30
+        lines = []
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                return m.group(1)
+        self.proc.kill()
+        raise RuntimeError("sidecar did not start:\n" + "".join(lines))
+
+    def stop(self, kill: bool = False) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def start_sidecar(tmp_path: Path) -> Iterator:
+    """Factory: start_sidecar(*args, env=...) -> Sidecar; all are stopped at teardown."""
+    started: list[Sidecar] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, db: bool = True) -> Sidecar:
+        extra = ["--db", str(tmp_path / f"trainhealth{len(started)}.db")] if db else []
+        sidecar = Sidecar([*extra, *args], env=env, cwd=tmp_path)
+        started.append(sidecar)
+        return sidecar
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def sidecar(start_sidecar) -> Sidecar:
+    return start_sidecar()

@@ -1,0 +1,98 @@
+"""A real divergence: a torch CPU training loop whose LR is 8x the linear-scaling value.
+
+The seed's failure in miniature: the LR was tuned (0.02) for a total batch of 16, the job runs
+with a total batch of 2 and keeps it. Linear regression on synthetic data with SGD, batch 2, a
+200-step linear warmup: stable at the scaled LR (0.0025), at 0.02 the loss starts climbing once
+the warmup passes the stability limit and overflows float32 to inf, then NaN. The records the loop
+writes (a .jsonl file, as the flight recorder would keep it) are replayed through the real
+Pipeline in client-sized batches. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from monitor.config import default_detector_settings
+from monitor.pipeline import Pipeline, replay
+from monitor.record import from_obj
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.e2e
+
+REFERENCE = {"reference_lr": 0.02, "reference_batch_size": 16}  # 8 GPUs x 2, the config's origin
+BATCH, WORLD, WARMUP = 2, 1, 200
+
+
+def train(lr_peak: float, path: Path, steps: int = 600) -> int:
+    """Train, writing a start and one sample per step to ``path``; returns the last step."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 32) * 3.0
+    y = x @ torch.randn(32, 1) + 0.1 * torch.randn(4096, 1)
+    model = torch.nn.Linear(32, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    lines = [{"type": "start", "run": "real", "rank": 0, "time": 1000.0, "world_size": WORLD,
+              "batch_size": BATCH, "lr": lr_peak, "warmup_steps": WARMUP, "optimizer": "SGD",
+              **REFERENCE}]
+    step = 0
+    for step in range(1, steps + 1):
+        lr = lr_peak * min(1.0, step / WARMUP)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, x.shape[0], (BATCH,), generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)  # total norm only
+        opt.step()
+        lines.append({"run": "real", "rank": 0, "step": step, "time": 1000.0 + 0.05 * step,
+                      "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+                      "batch_size": BATCH, "world_size": WORLD})
+        if math.isnan(lines[-1]["loss"]):
+            break
+    # json writes NaN/Infinity tokens, as the client does; from_obj reads them back as floats
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    return step
+
+
+def replay_file(path: Path) -> list[dict]:
+    records = [from_obj(json.loads(line)) for line in path.read_text().splitlines()]
+    return list(replay(records, Pipeline(default_detector_settings()), batch=32))
+
+
+def test_lr_eight_times_the_scaled_value_diverges_and_alerts_fire_in_order(tmp_path):
+    path = tmp_path / "real.jsonl"
+    last = train(0.02, path)
+    alerts = replay_file(path)
+    firing = [a for a in alerts if a["state"] == "firing"]
+    names = [a["alert"] for a in firing]
+    assert names[0] == "lr_scaling"
+    assert names[-1] == "nan_divergence"
+    warnings = [a for a in firing if a["alert"] in ("loss_spike", "grad_explosion")]
+    assert warnings, names
+    lr_alert, nan_alert = firing[0], firing[-1]
+    assert (lr_alert["severity"], lr_alert["rank"], lr_alert["step"]) == ("critical", None, 0)
+    assert lr_alert["summary"].startswith("LR 0.02 is 8.0x the linear-scaling value 0.0025 for total "
+                                          "batch 2 (reference LR 0.02 for batch 16)")
+    # the early warning comes well before the NaN, and the NaN is the real one, at its exact step
+    assert all(w["severity"] == "warning" and w["rank"] == 0 for w in warnings)
+    assert warnings[0]["step"] + 20 < nan_alert["step"]
+    assert nan_alert["severity"] == "critical" and nan_alert["rank"] == 0
+    lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    first_bad = next(o["step"] for o in lines
+                     if not (math.isfinite(o["loss"]) and math.isfinite(o["grad_norm"])))
+    assert nan_alert["step"] == first_bad <= last
+    assert names.index("nan_divergence") == len(names) - 1
+
+
+def test_the_same_loop_at_the_scaled_lr_trains_and_stays_quiet(tmp_path):
+    path = tmp_path / "scaled.jsonl"
+    assert train(0.0025, path) == 600
+    lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    assert lines[-1]["loss"] < 0.1 < lines[0]["loss"]  # it really trained
+    assert replay_file(path) == []

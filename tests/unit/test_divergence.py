@@ -1,0 +1,152 @@
+"""nan_divergence over generated traces: exact step and rank, first rank, AMP overflows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from monitor.config import default_detector_settings
+from monitor.detectors.nan_divergence import NanDivergenceSettings
+from monitor.pipeline import Pipeline
+
+from .traces import healthy, merge, run_pipeline, samples, set_at, start, with_amp
+
+NAN, INF = math.nan, math.inf
+
+
+def nan_alerts(*batches, **settings):
+    overrides = {"nan_divergence": settings} if settings else {}
+    alerts = run_pipeline(*batches, **overrides)
+    return [a for a in alerts if a["alert"] == "nan_divergence"]
+
+
+def test_nan_loss_fires_at_the_exact_step_on_that_rank():
+    ranks = [healthy(300, seed=r) for r in range(4)]
+    ranks[2] = set_at(ranks[2], "loss", {199: NAN})  # step 200
+    alerts = nan_alerts(merge(*(samples(t, rank=r) for r, t in enumerate(ranks))))
+    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [("firing", 2, 200)]
+    a = alerts[0]
+    assert a["severity"] == "critical"
+    assert a["cause"] == "nonfinite_loss" and math.isnan(a["loss"])
+    assert (a["first_rank"], a["first_step"], a["diverged_ranks"]) == (2, 200, 1)
+    assert a["summary"].startswith("loss became nan at step 200 on rank 2; restart from the last good")
+
+
+def test_infinite_grad_norm_without_amp_fires():
+    trace = set_at(healthy(100), "grad_norm", {49: INF})
+    alerts = nan_alerts(samples(trace, rank=1))
+    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [(1, 50, "nonfinite_grad_norm")]
+    assert "grad_norm became inf at step 50 on rank 1" in alerts[0]["summary"]
+
+
+def test_several_ranks_name_the_rank_that_went_first():
+    # bad data on rank 3 at step 100; the all-reduce spreads it to every rank at step 101
+    traces = [set_at(healthy(150, seed=r), "loss", {100: NAN}) for r in range(4)]
+    traces[3] = set_at(traces[3], "loss", {99: NAN})
+    alerts = nan_alerts(merge(*(samples(t, rank=r) for r, t in enumerate(traces))))
+    assert [(a["rank"], a["step"]) for a in alerts] == [(3, 100), (0, 101), (1, 101), (2, 101)]
+    assert all((a["first_rank"], a["first_step"]) == (3, 100) for a in alerts)
+    assert [a["diverged_ranks"] for a in alerts] == [1, 2, 3, 4]
+    assert "rank 3 went non-finite first, at step 100" in alerts[1]["summary"]
+
+
+def test_first_rank_is_corrected_when_an_earlier_step_arrives_in_a_later_batch():
+    p = Pipeline(default_detector_settings())
+    nan0 = set_at(healthy(120, seed=0), "loss", {100: NAN})
+    nan3 = set_at(healthy(120, seed=3), "loss", {99: NAN})
+    first = p.process(samples(nan0, rank=0)[:105]).alerts  # rank 0's sidecar batch came in first
+    later = p.process(samples(nan3, rank=3)[:105]).alerts
+    assert [(a["rank"], a["step"], a["first_rank"]) for a in first] == [(0, 101, 0)]
+    assert [(a["rank"], a["step"], a["first_rank"], a["first_step"]) for a in later] == [(3, 100, 3, 100)]
+
+
+def test_divergence_is_terminal_until_a_start_record():
+    trace = set_at(healthy(200), "loss", {49: NAN, 50: NAN, 51: 2.0, 52: NAN})
+    before = samples(trace)[:100]
+    again = samples(set_at(healthy(100), "loss", {9: INF}), step0=41, t0=2000.0)
+    restart = [start(0, time=1100.0, world_size=1, batch_size=8, lr=0.1)]
+    alerts = nan_alerts(before, restart, again)
+    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [
+        ("firing", 0, 50), ("resolved", 0, 100), ("firing", 0, 50)]
+    assert "run restarted" in alerts[1]["summary"]
+
+
+def test_one_start_resolves_every_diverged_rank():
+    traces = [set_at(healthy(60, seed=r), "loss", {30: NAN}) for r in range(3)]
+    records = merge(*(samples(t, rank=r) for r, t in enumerate(traces)))
+    assert [(a["state"], a["rank"]) for a in nan_alerts(records, [start(0, time=2000.0)])] == [
+        ("firing", 0), ("firing", 1), ("firing", 2), ("resolved", 0), ("resolved", 1), ("resolved", 2)]
+
+
+@pytest.mark.parametrize("logged", ["after", "before"])
+def test_amp_overflow_steps_stay_quiet(logged):
+    # startup calibration (6 skipped steps from 2^16), then the scaler tries to grow every
+    # 500 clean steps and overflows right away, as in a healthy fp16 run
+    overflows = [0, 1, 2, 3, 4, 5] + [506 + 501 * k for k in range(9)]
+    trace = with_amp(healthy(5000, seed=1), overflows, growth_interval=500, logged=logged)
+    records = merge(*(samples(trace, rank=r) for r in range(2)))
+    assert nan_alerts(records) == []
+    # every overflow carried an infinite grad norm: the test trace really has them
+    assert sum(math.isinf(g) for g in trace["grad_norm"]) == len(overflows)
+
+
+def test_amp_nan_loss_is_divergence():
+    trace = set_at(with_amp(healthy(300), [0, 1, 2]), "loss", {149: NAN})
+    assert [(a["step"], a["cause"]) for a in nan_alerts(samples(trace))] == [(150, "nonfinite_loss")]
+
+
+@pytest.mark.parametrize("logged, step", [("after", 110), ("before", 111)])
+def test_amp_overflows_that_keep_coming_are_divergence(logged, step):
+    trace = with_amp(healthy(300), [0, 1, 2] + list(range(100, 140)), logged=logged)
+    alerts = nan_alerts(samples(trace))
+    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [(0, step, "amp_scale_collapse")]
+    a = alerts[0]
+    assert a["overflows"] == 10 and a["grad_scale"] == 2.0 ** 16 / 2 ** 13
+    assert "after 10 overflow-skipped steps in a row" in a["summary"]
+
+
+def test_amp_scale_below_one_is_divergence():
+    # scale 64 at start, overflows every other step: never 10 in a row, but it falls below 1
+    overflows = [100 + 2 * k for k in range(7)]
+    trace = with_amp(healthy(300), overflows, init_scale=64.0)
+    alerts = nan_alerts(samples(trace))
+    assert [(a["step"], a["grad_scale"]) for a in alerts] == [(113, 0.5)]
+    assert "below 1, so gradients overflow fp16 even unscaled" in alerts[0]["summary"]
+
+
+def test_amp_scale_collapse_from_its_recent_peak_is_divergence():
+    # every third step overflows: the scale falls 2^10 below the 2^16 at which steps succeeded
+    overflows = [200 + 3 * k for k in range(10)]
+    trace = with_amp(healthy(400), overflows)
+    alerts = nan_alerts(samples(trace))
+    assert [(a["step"], a["peak_scale"], a["grad_scale"]) for a in alerts] == [(228, 65536.0, 64.0)]
+    assert "1024x below its recent peak 65536" in alerts[0]["summary"]
+
+
+def test_amp_infinite_grad_without_a_scale_drop_fires_at_its_own_step():
+    trace = with_amp(healthy(100), [])
+    trace = set_at(trace, "grad_norm", {59: INF})  # step 60: the scale does not drop after it
+    alerts = nan_alerts(samples(trace))
+    assert [(a["step"], a["cause"], a["time"]) for a in alerts] == [(60, "nonfinite_grad_norm", 1030.0)]
+
+
+def test_amp_skipped_nan_grad_on_one_rank_stays_quiet_while_other_rank_nan_loss_fires():
+    quiet = with_amp(healthy(200, seed=0), [0, 1, 120])
+    loud = set_at(with_amp(healthy(200, seed=1), [0, 1]), "loss", {150: NAN})
+    alerts = nan_alerts(merge(samples(quiet, rank=0), samples(loud, rank=1)))
+    assert [(a["rank"], a["step"]) for a in alerts] == [(1, 151)]
+
+
+def test_disabled_detector_is_silent():
+    trace = set_at(healthy(50), "loss", {20: NAN})
+    assert nan_alerts(samples(trace), enabled=False) == []
+
+
+@pytest.mark.parametrize("key, value", [
+    ("amp_max_consecutive_overflows", 0), ("amp_min_scale", -1.0), ("amp_collapse_factor", 1.0),
+    ("amp_peak_window", 2.5), ("enabled", "yes"),
+])
+def test_bad_settings_name_the_key_and_value(key, value):
+    with pytest.raises(ValueError, match=f"nan_divergence.{key}: .*{value!r}"):
+        NanDivergenceSettings(**{key: value})

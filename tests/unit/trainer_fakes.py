@@ -1,0 +1,36 @@
+"""Fakes shared by the trainer client tests."""
+
+from __future__ import annotations
+
+from trainer.transport import Result
+
+ENV = {"RANK": "3", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "elastic-run"}
+
+
+class FakeSink:
+    def __init__(self, outcomes: list[Result] | None = None) -> None:
+        self.outcomes = list(outcomes or [])
+        self.batches: list[list[dict]] = []  # delivered
+        self.attempts = 0
+
+    def send(self, records):
+        self.attempts += 1
+        result = self.outcomes.pop(0) if self.outcomes else Result("ok")
+        if result.outcome == "ok":
+            self.batches.append([dict(r) for r in records])
+        return result
+
+    def close(self):
+        pass
+
+    @property
+    def records(self) -> list[dict]:
+        return [r for b in self.batches for r in b]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

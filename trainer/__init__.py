@@ -1,0 +1,8 @@
+"""trainhealth's training side: the telemetry client and the reference trainer (``python -m trainer``).
+
+Usable without the sidecar's code; torch is needed only for the torch helpers and the trainer.
+"""
+
+from .client import Telemetry
+
+__all__ = ["Telemetry"]

@@ -1,0 +1,7 @@
+"""``python -m trainer``: the reference trainer (see trainer/train.py)."""
+
+import sys
+
+from .train import main
+
+sys.exit(main())

@@ -1,0 +1,307 @@
+"""The telemetry client: two lines in any training loop.
+
+    tm = Telemetry()                      # run, rank, world size from torchrun's environment
+    tm.record(step, loss=loss, lr=lr)     # every step; returns in about a microsecond
+
+``record()`` builds a dict and appends it to a bounded buffer; it never blocks on
+the network and never raises into training. A background thread drains the
+buffer about once a second (at once when ``batch_records`` are waiting), reads
+values that the GPU has finished computing (torch tensors are copied without a
+sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
+exponential backoff, and when the buffer is full the oldest records are dropped
+and counted. Every cycle it also measures host/GPU memory (the probes); each
+sample carries the latest measurement. A second thread sends heartbeats while
+the training thread is busy or blocked.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from . import host_memory
+from .fields import DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
+from .outbox import LimitedLog, Outbox
+from .settings import ClientSettings, from_environ
+from .transport import FileSink, HttpSink
+
+__all__ = ["STAGED", "Telemetry"]
+
+log = logging.getLogger("trainer.client")
+
+
+class Telemetry:
+    """One per rank. ``url``, ``run``, ``rank``, ``world_size``, ``token``, ``offline_path`` default from
+    ``environ`` (os.environ; see settings.py); further keywords are ``ClientSettings`` fields
+    (``capacity``, ``batch_records``, ``flush_seconds``, ``heartbeat_seconds``, ...). ``probes``: what to
+    measure on the background thread (default: host memory, and torch's when torch is imported).
+    ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests."""
+
+    def __init__(self, url: str | None = None, run: str | None = None, rank: int | None = None,
+                 world_size: int | None = None, environ: dict[str, str] | None = None, *,
+                 token: str | None = None, offline_path: str | None = None,
+                 probes: Iterable[Any] | None = None, sink: Any = None,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 start_threads: bool = True,
+                 **settings: Any) -> None:
+        self.settings: ClientSettings = from_environ(
+            environ, url=url, run=run, rank=rank, world_size=world_size, token=token,
+            offline_path=offline_path, **settings)
+        s = self.settings
+        self.run, self.rank, self.world_size = s.run, s.rank, s.world_size
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sink = sink if sink is not None else _make_sink(s)
+        self._probes = list(probes) if probes is not None else _default_probes(s)
+        self._measured: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
+        self._stager = next((p for p in self._probes if hasattr(p, "stage")), None)
+        self._warn = LimitedLog()
+        self._outbox = Outbox(self._sink, s, monotonic, self._warn)
+        self._push = self._outbox.push
+        self._closed = False
+        self._active = False
+        self._bound = False
+        self.last_step: int | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._refresh()  # once here, so that the first samples carry host memory too
+        if start_threads:
+            for target, name in ((self._send_loop, "trainhealth-sender"),
+                                 (self._heartbeat_loop, "trainhealth-heartbeat")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            atexit.register(self.close)
+
+    # -- the training thread's API -------------------------------------------------------------------
+    def record(self, step: int, loss: Any = None, lr: Any = None, grad_norm: Any = None,
+               **fields: Any) -> None:
+        """One sample. Tensors are read later without a device sync; never raises."""
+        try:
+            measured, metrics = self._measured  # host/GPU memory, NVML: refreshed by the background thread
+            rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank,
+                                   "time": self._clock(), "step": int(step), **measured}
+            if metrics:
+                rec["metrics"] = metrics.copy()
+            tensors: dict[str, Any] = {}
+            # the fast path (a float) inline: this runs every step
+            if loss is not None:
+                if type(loss) is float:
+                    rec["loss"] = loss
+                else:
+                    self._put(rec, "loss", loss, tensors)
+            if lr is not None:
+                if type(lr) is float:
+                    rec["lr"] = lr
+                else:
+                    self._put(rec, "lr", lr, tensors)
+            if grad_norm is not None:
+                if type(grad_norm) is float:
+                    rec["grad_norm"] = grad_norm
+                else:
+                    self._put(rec, "grad_norm", grad_norm, tensors)
+            for name, value in fields.items():
+                if value is not None:
+                    if type(value) is float and name in FLOAT_FIELDS:
+                        rec[name] = value
+                    else:
+                        self._put(rec, name, value, tensors)
+            if tensors:
+                self._stage(rec, tensors)
+            if not self._bound:
+                self._bind()
+            self.last_step = rec["step"]
+            self._active = True
+            self._push(rec)
+        except Exception as exc:  # never break training because of telemetry
+            self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
+
+    @staticmethod
+    def _put(rec: dict[str, Any], name: str, value: Any, tensors: dict[str, Any]) -> None:
+        if name in INT_FIELDS:
+            assign(rec, name, int(value))  # counts: a number (a CUDA tensor here would sync)
+        elif type(value) is float or type(value) is int:
+            assign(rec, name, value)
+        elif hasattr(value, "detach") or hasattr(value, "_get_scale_async"):  # a tensor, a GradScaler
+            tensors[name] = value
+        else:
+            assign(rec, name, float(value))  # numpy scalars and friends
+
+    def start(self, **fields: Any) -> None:
+        """The run's start: world_size, batch_size, lr, reference_lr, reference_batch_size, warmup_steps,
+        optimizer, config... host and pid are filled in. Sent at once, ahead of the first samples."""
+        if dataclasses.is_dataclass(fields.get("config")):
+            fields["config"] = dataclasses.asdict(fields["config"])
+        self._send_kind("start", None, {"world_size": self.world_size, "host": socket.gethostname(),
+                                        "pid": os.getpid(), **fields})
+        self._active = True
+        self._outbox.request_flush()
+
+    def heartbeat(self, step: int | None = None) -> None:
+        self._send_kind("heartbeat", step, {})
+
+    def end(self, step: int | None = None) -> None:
+        self._send_kind("end", step, {})
+        self._active = False
+
+    def oom(self, message: str, step: int | None = None, detail: str | None = None, **fields: Any) -> None:
+        """A caught out-of-memory error; sent at once (the process may be about to die)."""
+        extra = {"message": str(message)[:MESSAGE_CHARS], **fields}
+        if detail is not None:
+            extra["detail"] = str(detail)[:DETAIL_CHARS]
+        self._send_kind("oom", step, extra)
+        self._outbox.request_flush()
+
+    def _send_kind(self, kind: str, step: int | None, fields: dict[str, Any]) -> None:
+        try:
+            rec: dict[str, Any] = {"type": kind, "run": self.run, "rank": self.rank, "time": self._clock()}
+            if step is None and kind != "start":
+                step = self.last_step if self.last_step is not None else 0
+            if step is not None:
+                rec["step"] = int(step)
+            for name, value in fields.items():
+                if value is not None:
+                    rec[name] = int(value) if name in INT_FIELDS else value
+            self._push(rec)
+        except Exception as exc:
+            self._warn(kind, "%s record failed and was skipped: %r", kind, exc)
+
+    def _stage(self, rec: dict[str, Any], tensors: dict[str, Any]) -> None:
+        if self._stager is None:
+            from .torch_helpers import TorchProbe  # torch is imported: the user gave us a tensor
+
+            self._stager = TorchProbe(sample_seconds=self.settings.sample_seconds)
+            self._probes.append(self._stager)
+        now, later = self._stager.stage(tensors)
+        for name, value in now.items():
+            assign(rec, name, value)
+        if later is not None:
+            rec[STAGED] = later
+
+    def _bind(self) -> None:
+        self._bound = True
+        for probe in self._probes:
+            if hasattr(probe, "bind"):
+                probe.bind()
+
+    def oom_guard(self, step: int | None = None) -> Any:
+        """``with tm.oom_guard(): ...``: report a CUDA out-of-memory error, then re-raise it."""
+        from .torch_helpers import oom_guard
+
+        return oom_guard(self, step=step)
+
+    # -- flushing and closing ------------------------------------------------------------------------
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything recorded so far is delivered; False if that failed or took longer than
+        ``timeout`` (the records stay queued)."""
+        if not self._threads:  # driven by hand (tests, benchmarks): one synchronous attempt
+            self._outbox.request_flush()
+            self.pump()
+            return self._outbox.stats()["queued"] == 0
+        return self._outbox.flush(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (up to ``timeout`` seconds), stop the threads; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        deadline = self._monotonic() + timeout
+        self.flush(timeout)
+        self._stop.set()
+        self._outbox.wake.set()
+        for thread in self._threads:
+            thread.join(timeout=max(0.1, deadline - self._monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            return  # stuck in a slow request: leave the daemon thread and its connection be
+        left = self._outbox.discard()
+        if left:
+            log.warning("trainhealth: %d records not delivered at close (%s)", left,
+                        "sidecar unreachable" if self._outbox.last_failed else "timeout")
+        try:
+            self._sink.close()
+        except Exception as exc:  # pragma: no cover - closing a socket or file
+            log.debug("trainhealth: closing sink: %r", exc)
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.end()
+        self.close()
+
+    def stats(self) -> dict[str, int]:
+        """Records sent, dropped (buffer full, or undelivered at close), rejected by the sidecar, failed
+        sends, and queued now."""
+        return self._outbox.stats()
+
+    # -- the background threads ----------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            self._beat()
+
+    def _beat(self) -> None:
+        """A heartbeat, once the run started (start() or a record) and until it ended."""
+        if self._active:
+            self.heartbeat()
+
+    def _send_loop(self) -> None:
+        wake = self._outbox.wake
+        while not self._stop.is_set():
+            wake.wait(self.settings.flush_seconds)
+            wake.clear()
+            try:
+                self.pump()
+            except Exception as exc:  # pragma: no cover - a bug here must not kill the thread
+                self._warn("sender", "sender cycle failed: %r", exc)
+
+    def pump(self) -> None:
+        """One background cycle: measure, then send what is ready (unless backing off)."""
+        self._refresh()
+        self._outbox.cycle()
+
+    def _refresh(self) -> None:
+        """Measure (each probe keeps its own interval) for the samples recorded from now on. Runs every
+        cycle, also while sends are failing, so samples recorded during an outage keep their values."""
+        top: dict[str, Any] = {}
+        metrics: dict[str, Any] = {}
+        for probe in self._probes:
+            try:
+                fields = dict(probe.sample())
+            except Exception as exc:
+                self._warn(f"probe-{type(probe).__name__}", "%s failed: %r", type(probe).__name__, exc)
+                continue
+            metrics.update(fields.pop("metrics", None) or {})
+            top.update(fields)
+        dropped = self._outbox.counts["dropped"]
+        if dropped:
+            metrics["client_dropped_records"] = dropped
+        self._measured = (top, metrics or None)  # one reference swap: the training thread reads either
+
+
+def _make_sink(s: ClientSettings) -> Any:
+    if s.offline_path:
+        return FileSink(s.offline_path.format(rank=s.rank, run=s.run))
+    return HttpSink(s.url, s.token, s.timeout_seconds)
+
+
+def _default_probes(s: ClientSettings) -> list[Any]:
+    probes: list[Any] = []
+    if host_memory.available():
+        probes.append(host_memory.HostMemory(interval=s.sample_seconds))
+    if "torch" in sys.modules:  # only when the program uses torch: importing it costs seconds
+        try:
+            from .torch_helpers import TorchProbe
+
+            probes.append(TorchProbe(sample_seconds=s.sample_seconds))
+        except Exception as exc:  # pragma: no cover - a broken torch install
+            log.warning("trainhealth: torch helpers unavailable: %r", exc)
+    return probes

@@ -1,0 +1,24 @@
+"""Record field names as the client sorts them (DESIGN.md's record; the client does not import the sidecar)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGED = "_staged"  # key of a record whose tensor values the device has not finished yet
+SAMPLE_FIELDS = frozenset((
+    "loss", "lr", "grad_norm", "grad_scale", "gpu_mem_allocated_bytes", "gpu_mem_reserved_bytes",
+    "gpu_mem_peak_bytes", "gpu_mem_total_bytes", "host_mem_bytes", "host_mem_total_bytes",
+    "host_mem_available_bytes", "step_time_seconds", "data_time_seconds", "batch_size", "world_size",
+))
+INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid"))
+FLOAT_FIELDS = SAMPLE_FIELDS - INT_FIELDS
+MESSAGE_CHARS = 4000  # the sidecar's limits on oom records
+DETAIL_CHARS = 1_000_000
+
+
+def assign(rec: dict[str, Any], name: str, value: Any) -> None:
+    """Known sample fields go top level, anything else into ``metrics``."""
+    if name in SAMPLE_FIELDS:
+        rec[name] = value
+    else:
+        rec.setdefault("metrics", {})[name] = value

@@ -1,0 +1,198 @@
+"""The client's bounded buffer and its sender cycle: batches, backoff, drop-oldest, flush.
+
+The training thread only calls ``push`` (a lock held for one append). Everything else runs on
+the client's background thread: ``cycle`` takes the records that are ready (a device value not
+yet copied keeps its record back, without holding up later ones), hands batches to the sink,
+and settles the outcome: delivered, refused (dropped and counted), too large (halved), or failed
+(put back in order, retried after an exponential backoff or the sidecar's Retry-After).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from .fields import STAGED, assign
+from .settings import ClientSettings
+from .transport import Result
+
+log = logging.getLogger("trainer.client")
+
+
+class LimitedLog:
+    """Logs the first occurrence of each kind of trouble, then at most once a minute with a count."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, count = self._seen.get(key, (-1e18, 0))
+        if now - last >= self.every:
+            suffix = f" ({count} more since last report)" if count else ""
+            log.warning("trainhealth: " + msg + suffix, *args)
+            self._seen[key] = (now, 0)
+        else:
+            self._seen[key] = (last, count + 1)
+
+
+class Outbox:
+    def __init__(self, sink: Any, settings: ClientSettings, monotonic: Callable[[], float],
+                 warn: LimitedLog) -> None:
+        self.sink = sink
+        self.settings = settings
+        self._monotonic = monotonic
+        self._warn = warn
+        self._lock = threading.Lock()  # the training thread takes it only to append
+        self._cond = threading.Condition(self._lock)
+        self._queue: deque[dict[str, Any]] = deque()
+        self._capacity = settings.capacity
+        self.batch_limit = settings.batch_records
+        self._backoff = 0.0
+        self._next_send = 0.0
+        self._cycles = 0
+        self._last_failed = False
+        self._flush_now = False
+        self.counts = {"sent": 0, "dropped": 0, "rejected": 0, "failures": 0}
+        self.wake = threading.Event()  # the background thread waits on it between cycles
+
+    def push(self, rec: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._queue) >= self._capacity:
+                self._queue.popleft()
+                self.counts["dropped"] += 1
+            self._queue.append(rec)
+            full = len(self._queue) == self.batch_limit  # crossing it: wake the sender once, not per record
+        if full:
+            self.wake.set()
+
+    def request_flush(self) -> None:
+        """The next cycle sends at once, backoff or not."""
+        self._flush_now = True
+        self.wake.set()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self.counts, "queued": len(self._queue)}
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (a background thread runs the cycles) until the queue is empty; False on a failed
+        cycle or after ``timeout``."""
+        deadline = self._monotonic() + timeout
+        while True:
+            with self._cond:
+                if not self._queue:
+                    return True
+                seen = self._cycles
+                self._flush_now = True
+                self.wake.set()
+                left = deadline - self._monotonic()
+                if left <= 0 or not self._cond.wait_for(self._cycle_after(seen), left):
+                    return False
+                if self._last_failed:
+                    return not self._queue
+
+    def _cycle_after(self, seen: int) -> Callable[[], bool]:
+        return lambda: self._cycles > seen
+
+    def discard(self) -> int:
+        """Drop what is left (at close); returns how many."""
+        with self._lock:
+            left = len(self._queue)
+            self._queue.clear()
+            self.counts["dropped"] += left
+        return left
+
+    @property
+    def last_failed(self) -> bool:
+        return self._last_failed
+
+    # -- the background thread ------------------------------------------------------------------------
+    def cycle(self) -> None:
+        """Send what is ready (unless backing off); resolve finished device values either way."""
+        with self._lock:
+            force, self._flush_now = self._flush_now, False
+        failed = False
+        if force or self._monotonic() >= self._next_send:
+            while True:
+                batch = self._take()
+                if not batch:
+                    break
+                failed = not self._settle(batch, self.sink.send(batch))
+                if failed or len(batch) < self.batch_limit:
+                    break
+        else:
+            self._resolve_ready()  # frees the pinned buffers of finished copies during an outage
+            failed = True
+        with self._cond:
+            self._cycles += 1
+            self._last_failed = failed
+            self._cond.notify_all()
+
+    def _take(self) -> list[dict[str, Any]]:
+        """Pop up to a batch of ready records (oldest first); records the device has not finished stay."""
+        batch: list[dict[str, Any]] = []
+        held: list[dict[str, Any]] = []
+        with self._lock:
+            queue = self._queue
+            while queue and len(batch) < self.batch_limit:
+                rec = queue.popleft()
+                staged = rec.get(STAGED)
+                if staged is not None:
+                    if not staged.ready():  # cudaEventQuery: never blocks
+                        held.append(rec)
+                        continue
+                    _fill(rec)
+                batch.append(rec)
+            queue.extendleft(reversed(held))
+        return batch
+
+    def _resolve_ready(self) -> None:
+        with self._lock:
+            for rec in self._queue:
+                staged = rec.get(STAGED)
+                if staged is not None and staged.ready():
+                    _fill(rec)
+
+    def _settle(self, batch: list[dict[str, Any]], result: Result) -> bool:
+        """Account for a send; put the batch back for a retry. True when the sink took a decision."""
+        s = self.settings
+        if result.outcome == "ok":
+            self.counts["sent"] += len(batch)
+            self._backoff = 0.0
+            return True
+        if result.outcome == "drop":
+            self.counts["rejected"] += len(batch)
+            self._warn("rejected", "sidecar refused %d records, dropped them: %s", len(batch), result.reason)
+            self._backoff = 0.0
+            return True
+        if result.outcome == "split" and len(batch) == 1:
+            self.counts["rejected"] += 1
+            self._warn("too-large", "a record too large for the sidecar was dropped: %s", result.reason)
+            return True
+        self.counts["failures"] += 1
+        if result.outcome == "split":
+            self.batch_limit = max(1, len(batch) // 2)
+            self._warn("split", "batch too large (%s); now at most %d records per batch",
+                       result.reason, self.batch_limit)
+        else:
+            self._backoff = min(max(self._backoff * 2, s.backoff_seconds), s.max_backoff_seconds)
+            delay = max(self._backoff, result.retry_after or 0.0)
+            self._next_send = self._monotonic() + delay
+            self._warn("retry", "could not send %d records (%s); retrying in %.1fs",
+                       len(batch), result.reason, delay)
+        with self._lock:
+            self._queue.extendleft(reversed(batch))
+            while len(self._queue) > self._capacity:
+                self._queue.popleft()
+                self.counts["dropped"] += 1
+        return result.outcome == "split"
+
+
+def _fill(rec: dict[str, Any]) -> None:
+    for name, value in rec.pop(STAGED).values().items():
+        assign(rec, name, value)

@@ -1,0 +1,196 @@
+"""torch-side telemetry: tensor values without a GPU sync, allocator stats, NVML, OOM capture.
+
+The client uses ``TorchProbe`` automatically when torch is imported. Its two halves run on
+different threads:
+
+- ``stage()`` on the training thread, inside ``record()``: a CUDA loss or grad norm is copied
+  into pinned host memory with ``non_blocking=True`` and a CUDA event is recorded after the
+  copy. Nothing waits for the GPU. (``loss.item()`` here would be a CPU-GPU sync point on
+  every step.) A CPU tensor is just read: that is not a device sync.
+- ``sample()`` on the background thread, every client cycle (about a second): the caching
+  allocator's counters (host-side bookkeeping, no device sync), the peak since the previous
+  cycle, and every few seconds NVML utilisation and temperature. Samples recorded after it
+  carry these values.
+
+The background thread reads a staged value only once ``event.query()`` says the copy is done.
+
+Everything degrades on a CPU-only machine: no GPU fields, CPU tensors read at once. The GPU
+paths are unit-tested with a fake ``cuda`` module object passed in (``cuda=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import nvml as nvml_mod
+
+log = logging.getLogger("trainer.torch_helpers")
+
+DEFAULT_OOM_FLUSH_SECONDS = 2.0
+
+
+class Staged:
+    """Values on their way from the device to pinned host memory."""
+
+    __slots__ = ("names", "buf", "event")
+
+    def __init__(self, names: list[str], buf: Any, event: Any) -> None:
+        self.names = names
+        self.buf = buf
+        self.event = event
+
+    def ready(self) -> bool:
+        return bool(self.event.query())  # cudaEventQuery: returns at once, never waits
+
+    def values(self) -> dict[str, float]:
+        # pinned host memory and the copy is done: no sync
+        return dict(zip(self.names, self.buf.tolist(), strict=True))
+
+
+class TorchProbe:
+    def __init__(self, cuda: Any = None, *, sample_seconds: float = 5.0, reset_peak: bool = True,
+                 defer_all: bool = False, nvml: Any = None, device: int | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``cuda``: the ``torch.cuda`` module (tests pass a fake). ``reset_peak``: reset the allocator's
+        peak statistics at each sample so the peak is per interval (this also resets them for anyone else
+        reading ``max_memory_allocated``). ``defer_all``: stage CPU tensors too (tests drive the deferred
+        path without a GPU). ``nvml``: the pynvml module (tests pass a fake)."""
+        self.cuda = torch.cuda if cuda is None else cuda
+        self.on_gpu = bool(self.cuda.is_available())
+        self.sample_seconds = sample_seconds
+        self.reset_peak = reset_peak
+        self.defer_all = defer_all
+        self.device = device
+        self._nvml_module = nvml
+        self._nvml: Any = None
+        self._nvml_tried = False
+        self._next_nvml = 0.0
+        self._nvml_fields: dict[str, float] = {}
+        self._monotonic = monotonic
+        self._warned: set[str] = set()
+
+    # -- training thread -----------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Called on the training thread at its first record: learn its CUDA device if it has one.
+        (The background thread's current device is not the training thread's.)"""
+        if self.device is None and self.on_gpu and self.cuda.is_initialized():
+            self.device = self.cuda.current_device()
+
+    def stage(self, tensors: dict[str, Any]) -> tuple[dict[str, float], Staged | None]:
+        """Values readable now (CPU tensors), and the device values staged for later."""
+        now: dict[str, float] = {}
+        later: dict[str, Any] = {}
+        for name, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                if not hasattr(value, "_get_scale_async") or not value.is_enabled():
+                    continue
+                value = value._get_scale_async()  # a GradScaler's scale tensor (get_scale() would sync)
+                if value is None:  # before its first step
+                    continue
+            if value.numel() != 1:
+                self._warn_once(name, f"{name}: expected a one-element tensor, got shape "
+                                      f"{tuple(value.shape)}; not recorded")
+                continue
+            if value.is_cpu and not self.defer_all:
+                now[name] = value.item()  # a CPU tensor: reading it does not touch a device
+            else:
+                later[name] = value.detach()
+        if not later:
+            return now, None
+        if self.device is None and self.on_gpu:
+            first = next(iter(later.values()))
+            if first.device.type == "cuda":
+                self.device = first.device.index
+        pinned = self.on_gpu and not self.defer_all
+        # pinned blocks come from torch's caching host allocator, reused once their copies are done
+        buf = torch.empty(len(later), dtype=torch.float32, pin_memory=pinned)
+        for i, t in enumerate(later.values()):
+            # float() converts on the device; the copy into pinned memory is asynchronous: no sync.
+            buf[i].copy_(t.float().reshape(()), non_blocking=True)
+        event = self.cuda.Event()
+        event.record()  # on the current stream, after the copies
+        return now, Staged(list(later), buf, event)
+
+    # -- background thread ---------------------------------------------------------------------------
+    def sample(self) -> dict[str, Any]:
+        """GPU memory fields (and NVML metrics every few seconds) for the next samples."""
+        if not self.on_gpu or self.device is None:
+            return {}
+        dev = self.device
+        fields: dict[str, Any] = gpu_memory_fields(self.cuda, dev)
+        if self.reset_peak:
+            self.cuda.reset_peak_memory_stats(dev)
+        metrics = self._sample_nvml(dev)
+        if metrics:
+            fields["metrics"] = metrics
+        return fields
+
+    def _sample_nvml(self, dev: int) -> dict[str, float]:
+        now = self._monotonic()
+        if now < self._next_nvml:
+            return self._nvml_fields
+        self._next_nvml = now + self.sample_seconds
+        if not self._nvml_tried:
+            self._nvml_tried = True
+            self._nvml = nvml_mod.open_device(pci_bus_id(self.cuda.get_device_properties(dev)), dev,
+                                              self._nvml_module)
+        if self._nvml is not None:
+            try:
+                self._nvml_fields = self._nvml.sample()
+            except Exception as exc:
+                self._warn_once("nvml", f"NVML read failed, no more GPU utilisation: {exc!r}")
+                self._nvml = None
+                self._nvml_fields = {}
+        return self._nvml_fields
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("trainhealth: %s", message)
+
+
+def pci_bus_id(props: Any) -> str | None:
+    """'0000:65:00.0' from torch's device properties (attributes of CUDA builds of torch >= 2.2)."""
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is None:
+        return None
+    return f"{getattr(props, 'pci_domain_id', 0):04x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+
+
+def gpu_memory_fields(cuda: Any, device: int | None = None) -> dict[str, float]:
+    """The caching allocator's state now, peak since its last reset (host-side counters: no device sync)."""
+    if device is None:
+        device = cuda.current_device()
+    stats = cuda.memory_stats(device)
+    return {
+        "gpu_mem_allocated_bytes": stats.get("allocated_bytes.all.current", 0),
+        "gpu_mem_reserved_bytes": stats.get("reserved_bytes.all.current", 0),
+        "gpu_mem_peak_bytes": stats.get("allocated_bytes.all.peak", 0),
+        "gpu_mem_total_bytes": float(cuda.get_device_properties(device).total_memory),
+    }
+
+
+@contextlib.contextmanager
+def oom_guard(telemetry: Any, cuda: Any = None, step: int | None = None,
+              flush_seconds: float = DEFAULT_OOM_FLUSH_SECONDS) -> Iterator[None]:
+    """Catch ``torch.cuda.OutOfMemoryError``, send an ``oom`` record with the allocator's summary as
+    ``detail`` (waiting up to ``flush_seconds`` for it to leave), and re-raise."""
+    cuda = torch.cuda if cuda is None else cuda
+    try:
+        yield
+    except cuda.OutOfMemoryError as exc:
+        fields: dict[str, Any] = {}
+        detail = None
+        try:
+            detail = cuda.memory_summary()
+            fields = gpu_memory_fields(cuda)
+        except Exception as inner:  # the report must not hide the OOM
+            log.warning("trainhealth: could not read the allocator after an OOM: %r", inner)
+        telemetry.oom(str(exc), step=step, detail=detail, **fields)
+        telemetry.flush(flush_seconds)
+        raise

@@ -1,0 +1,137 @@
+"""Where batches of records go: the sidecar over HTTP, or a .jsonl file (offline mode).
+
+Both sinks take a list of plain dicts and answer with a ``Result``; they never
+raise. Encoding uses Python's ``json``, which writes NaN and Infinity as the
+bare tokens ``NaN``/``Infinity`` that the sidecar reads. Do not swap in orjson
+or msgspec here: they encode NaN as ``null``, and a NaN loss that arrives as
+"not measured" is the worst bug this project can have.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+Outcome = Literal["ok", "retry", "drop", "split"]
+
+
+@dataclass(slots=True)
+class Result:
+    outcome: Outcome  # ok: delivered; retry: try again later; drop: never deliverable; split: too big
+    reason: str = ""
+    retry_after: float | None = None  # seconds, from a Retry-After header
+
+
+def encode_json(records: list[dict[str, Any]]) -> bytes:
+    """A JSON array; NaN/Infinity stay bare tokens; unknown objects become strings."""
+    return json.dumps(records, separators=(",", ":"), allow_nan=True, default=str).encode()
+
+
+def encode_jsonl(records: list[dict[str, Any]]) -> bytes:
+    """One record per line, the format ``trainhealth replay`` reads."""
+    lines = [json.dumps(r, separators=(",", ":"), allow_nan=True, default=str) for r in records]
+    return ("\n".join(lines) + "\n").encode()
+
+
+class HttpSink:
+    """POSTs batches to ``{url}/v1/ingest`` on one keep-alive connection (http.client is the
+    cheapest client in the training process, see MEASURED.md)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url: must be http(s)://host[:port][/prefix], got {url!r}")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self.path = parts.path.rstrip("/") + "/v1/ingest"
+        self._timeout = timeout
+        self._headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        if self._conn is not None:
+            return self._conn, True
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        self._conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._conn, False
+
+    def send(self, records: list[dict[str, Any]]) -> Result:
+        body = encode_json(records)
+        for _ in range(2):  # the server may have closed a reused keep-alive connection: one fresh retry
+            conn, reused = self._connection()
+            try:
+                conn.request("POST", self.path, body=body, headers=self._headers)
+                resp = conn.getresponse()
+                text = resp.read(2048)
+                if resp.will_close:
+                    self.close()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if reused and not isinstance(exc, TimeoutError):
+                    continue
+                return Result("retry", f"{type(exc).__name__}: {exc}")
+            return classify(resp.status, text.decode("utf-8", "replace"), resp.getheader("Retry-After"))
+        return Result("retry", "connection closed twice")  # pragma: no cover - loop always returns
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:  # pragma: no cover - closing a broken socket
+                pass
+            self._conn = None
+
+
+def classify(status: int, text: str, retry_after: str | None = None) -> Result:
+    """2xx delivered; 413 split the batch; 5xx, 408, 429 and auth errors retried (the sidecar may come
+    back or be reconfigured); any other 4xx means these records will never be accepted: dropped."""
+    reason = f"HTTP {status}: {text[:200]}"
+    if 200 <= status < 300:
+        return Result("ok")
+    if status == 413:
+        return Result("split", reason)
+    if status >= 500 or status in (401, 403, 408, 429):
+        after = None
+        if retry_after:
+            try:
+                after = min(float(retry_after), 300.0)
+            except ValueError:
+                after = None
+        return Result("retry", reason, after)
+    return Result("drop", reason)
+
+
+class FileSink:
+    """Appends batches to a .jsonl file. Each batch is one ``os.write`` on an O_APPEND descriptor,
+    so several ranks may share one file without interleaving lines (local filesystems)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def send(self, records: list[dict[str, Any]]) -> Result:
+        try:
+            if self._fd is None:
+                parent = os.path.dirname(self.path)
+                if parent:
+                    os.makedirs(parent, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            data = encode_jsonl(records)
+            written = os.write(self._fd, data)
+            while written < len(data):  # pragma: no cover - short writes only on odd filesystems
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:
+            return Result("retry", f"{self.path}: {exc}")
+        return Result("ok")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
