@@ -145,7 +145,7 @@ class GpuOomRisk(Detector):
             return []
         pts = pts[len(pts) % 3:]  # equal thirds
         xs, vs = [p[0] for p in pts], [p[1] for p in pts]
-        rate, z = trend_test(xs, vs)  # bytes per step; Mann-Kendall z
+        rate, z = trend_test(xs, vs, max_points=24)  # bytes per step; Mann-Kendall z
         k = len(vs) // 3
         a, b, c = median(vs[:k]), median(vs[k: 2 * k]), median(vs[2 * k:])  # the thirds' levels
         older, recent = b - a, c - b
