@@ -214,8 +214,8 @@ class GpuOom(Detector):
         step = rec.step or 0
         if rec.type == "oom":
             self.open[rec.rank] = step
-            message = (rec.message or "out of memory").strip().splitlines()[0][:200] if (
-                rec.message or "").strip() else "out of memory"
+            lines = (rec.message or "").strip().splitlines()
+            message = lines[0][:200] if lines else "out of memory"
             summary = (f"rank {rec.rank} ran out of GPU memory at step {step}: {message}; "
                        f"peak {_gib(rec.gpu_mem_peak_bytes)}, reserved {_gib(rec.gpu_mem_reserved_bytes)}, "
                        f"allocated {_gib(rec.gpu_mem_allocated_bytes)} of {_gib(rec.gpu_mem_total_bytes)}"

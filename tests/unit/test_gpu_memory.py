@@ -117,7 +117,6 @@ def test_restart_resolves_and_starts_the_history_over():
 
 
 def test_state_stays_bounded_over_a_long_run():
-    det = GpuOomRisk(GpuOomRiskSettings(), Pipeline(default_detector_settings()).runs.get("x"))
     p = Pipeline(default_detector_settings(), detectors=[GpuOomRisk])
     recs = gpu_trace({0: healthy()}, 50_000, seconds_per_step=0.1, seed=11)
     p.process(recs[:2000])
@@ -125,7 +124,12 @@ def test_state_stays_bounded_over_a_long_run():
     ring = d.ranks[0].ring
     p.process(recs[2000:])
     assert d.ranks[0].ring is ring and len(ring) == ring.size == GpuOomRiskSettings().window_buckets
-    assert det is not None
+
+
+def test_oom_without_a_message_still_says_what_happened():
+    p = Pipeline(default_detector_settings(), detectors=[GpuOom])
+    out = p.process([from_obj({"type": "oom", "run": "r", "rank": 0, "time": T0, "step": 5})]).alerts
+    assert out[0]["summary"].startswith("rank 0 ran out of GPU memory at step 5: out of memory; peak ?")
 
 
 def test_oom_record_fires_critical_with_message_and_numbers():
