@@ -9,8 +9,10 @@ import logging
 import signal
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException
 
 from . import jsonout
 from .service import Service
@@ -52,16 +54,19 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     app = FastAPI(title="trainhealth", lifespan=lifespan, default_response_class=JSON)
     app.state.service = service
+    app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
+    app.add_exception_handler(RequestValidationError, _bad_query)
     token = service.settings.server.token
 
     if token:
-        expected = f"Bearer {token}".encode()
+        expected = token.encode()
 
         @app.middleware("http")
         async def require_token(request: Request, call_next: Any) -> Response:
             if request.url.path not in OPEN_PATHS:
-                got = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(got, expected):
+                scheme, _, got = request.headers.get("authorization", "").partition(" ")
+                # the scheme is case-insensitive (RFC 9110): "bearer T" is as good as "Bearer T"
+                if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), expected):
                     return JSON({"error": "missing or wrong Authorization: Bearer token"}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
@@ -100,7 +105,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     @app.get("/v1/alerts")
     async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,
-                     since: float | None = None, limit: int = 1000, cursor: int | None = None) -> Response:
+                     since: float | None = None, limit: int = 1000,
+                     cursor: int | None = Query(None, ge=0, le=2**63 - 1)) -> Response:
         if state not in (None, "firing", "resolved"):
             return JSON({"error": f"state: must be 'firing' or 'resolved', got {state!r}"}, 400)
         if not 1 <= limit <= 10_000:
@@ -123,6 +129,23 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
     for hook in extra or []:
         hook(app)
     return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 404:
+        paths = [getattr(r, "path", "") for r in request.app.routes]
+        ours = [p for p in paths if p.startswith(("/v1", "/-", "/metrics", "/health"))]
+        message += f" (routes: {', '.join(ours)})"
+    return JSON({"error": message}, exc.status_code, headers=exc.headers)
+
+
+async def _bad_query(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    return JSON({"error": f"{where}: {first.get('msg', 'invalid')} (value: {first.get('input')!r})"}, 400)
 
 
 async def _timer(service: Service) -> None:

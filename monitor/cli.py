@@ -16,7 +16,9 @@ log = logging.getLogger("trainhealth")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainhealth", description=__doc__)
+    p = argparse.ArgumentParser(prog="trainhealth", description=(
+        "Watch distributed PyTorch training: 'serve' runs the sidecar (POST records to /v1/ingest), "
+        "'replay' runs the same detectors over recorded .jsonl files. Use COMMAND --help for the options."))
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the sidecar (binds to 127.0.0.1 unless told otherwise)")
     s.add_argument("--host", help="address to bind (TRAINHEALTH_HOST; default 127.0.0.1)")

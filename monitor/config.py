@@ -35,6 +35,7 @@ class Limits:
     max_runs: int = 256
     max_ranks_per_run: int = 4096
     run_ttl_seconds: float = 6 * 3600.0  # an ended or silent run is forgotten after this
+    max_future_seconds: float = 3600.0  # serve: a record timed further ahead of the sidecar's clock is refused
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -9,16 +9,17 @@ costs only itself. ``null`` always stays "not measured".
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from .record import Record, RecordError, check, from_obj
+from .record import Record, RecordError, check, from_obj, loads
 
 _array_decoder = msgspec.json.Decoder(list[Record])
+_record_decoder = msgspec.json.Decoder(Record)
+BOM = b"\xef\xbb\xbf"
 
 JSON_TYPES = {"application/json", "text/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl",
@@ -51,16 +52,25 @@ class Decoded:
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BodyError(400, f"Content-Encoding gzip: body is not valid gzip ({exc})") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise BodyError(413, f"body decompresses to more than {limit} bytes (limits.max_decoded_bytes)")
-    if not d.eof:
-        raise BodyError(400, "Content-Encoding gzip: body is truncated")
-    return out
+    """Every member of a gzip body (``cat a.gz b.gz`` is valid gzip), at most ``limit`` bytes out."""
+    out: list[bytes] = []
+    size = 0
+    rest = body
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            chunk = d.decompress(rest, limit - size + 1)
+        except zlib.error as exc:
+            raise BodyError(400, f"Content-Encoding gzip: body is not valid gzip ({exc})") from None
+        size += len(chunk)
+        if size > limit or d.unconsumed_tail:
+            raise BodyError(413, f"body decompresses to more than {limit} bytes (limits.max_decoded_bytes)")
+        if not d.eof:
+            raise BodyError(400, "Content-Encoding gzip: body is truncated")
+        out.append(chunk)
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # trailing zero padding is allowed by gzip tools
+            return b"".join(out)
 
 
 def media_type(content_type: str | None) -> str:
@@ -76,18 +86,22 @@ def decode_body(body: bytes, content_type: str | None = None, content_encoding: 
     elif encoding not in ("identity", ""):
         raise BodyError(415, f"Content-Encoding {encoding!r} is not supported (use gzip or none)")
     kind = media_type(content_type)
+    if body.startswith(BOM):  # some clients (PowerShell, Windows editors) start UTF-8 with a BOM
+        body = body[len(BOM):]
     stripped = body.lstrip()
     if not stripped:
         raise BodyError(400, "empty body: send a JSON array of records or NDJSON")
     if kind in NDJSON_TYPES:
         return _decode_lines(body, max_records)
     if kind not in JSON_TYPES and kind != "":
-        raise BodyError(415, f"Content-Type {kind!r} is not supported: use application/json "
+        hint = " (curl -d sends that unless told: add -H 'content-type: application/json')" \
+            if kind == "application/x-www-form-urlencoded" else ""
+        raise BodyError(415, f"Content-Type {kind!r} is not supported{hint}: use application/json "
                              "(an array of records) or application/x-ndjson")
     if stripped[:1] == b"[":
         return _decode_array(body, max_records)
     if stripped[:1] == b"{":
-        return _decode_lines(body, max_records)  # one object, or NDJSON sent as JSON
+        return _decode_object(body, max_records)
     raise BodyError(400, "body must be a JSON array of records, a JSON object, or NDJSON")
 
 
@@ -101,7 +115,7 @@ def _decode_array(body: bytes, max_records: int) -> Decoded:
             raise _too_many(len(records), max_records)
         return _checked(records)
     try:
-        items = json.loads(body)
+        items = loads(body)
     except RecursionError:
         raise BodyError(400, "body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -116,23 +130,56 @@ def _decode_array(body: bytes, max_records: int) -> Decoded:
     return out
 
 
+def _decode_object(body: bytes, max_records: int) -> Decoded:
+    """One JSON object (compact or pretty-printed), or NDJSON sent as application/json."""
+    out = Decoded()
+    try:
+        out.records.append(check(_record_decoder.decode(body)))
+        out.indexes.append(0)
+        return out
+    except RecordError as exc:
+        out.rejected.append(Rejection(0, exc.field, exc.reason))
+        return out
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    try:
+        item = loads(body)
+    except (ValueError, RecursionError):  # more than one value: NDJSON; or bad JSON, judged line by line
+        return _decode_lines(body, max_records)
+    _add(out, 0, item)
+    return out
+
+
 def _decode_lines(body: bytes, max_records: int) -> Decoded:
+    """NDJSON: one record per non-blank line (LF or CRLF); a bad line costs only itself."""
     lines = [ln for ln in body.splitlines() if ln.strip()]
     if len(lines) > max_records:
         raise _too_many(len(lines), max_records)
-    try:  # fast path: the lines joined into one array
-        return _checked(_array_decoder.decode(b"[" + b",".join(lines) + b"]"))
-    except (msgspec.DecodeError, RecursionError):
-        pass
     out = Decoded()
+    decode = _record_decoder.decode
     for i, line in enumerate(lines):
+        try:  # fast path, one line at a time (as fast as one joined array, and a line is one record)
+            rec = decode(line)
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            try:
+                out.records.append(check(rec))
+                out.indexes.append(i)
+            except RecordError as exc:
+                out.rejected.append(Rejection(i, exc.field, exc.reason))
+            continue
         try:
-            item = json.loads(line)
+            item = loads(line)
         except RecursionError:
             out.rejected.append(Rejection(i, "$", "record is nested too deeply"))
             continue
         except (ValueError, UnicodeDecodeError) as exc:
             out.rejected.append(Rejection(i, "$", f"line is not valid JSON: {exc}"))
+            continue
+        if isinstance(item, list):
+            out.rejected.append(Rejection(i, "$", "line is a JSON array: NDJSON holds one record object per "
+                                                  "line; send an array as application/json"))
             continue
         _add(out, i, item)
     return out

@@ -8,6 +8,7 @@ record clock by the wall time since its newest record arrived.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -17,6 +18,8 @@ from .detectors import ALL, Detector
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
+
+log = logging.getLogger(__name__)
 
 
 class CapExceeded(ValueError):
@@ -58,6 +61,7 @@ class Pipeline:
         self.detectors: dict[str, list[Detector]] = {}
         self.book = book or AlertBook()
         self.records_processed = 0
+        self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -114,7 +118,10 @@ class Pipeline:
             run.add_start(rec)
         events: list[Event] = []
         for det in self.detectors[run.run]:
-            out = det.update(rec)
+            try:
+                out = det.update(rec)
+            except Exception:  # one detector's bug must not fail the batch nor blind the others
+                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
             if out:
                 events.extend(out)
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
@@ -138,10 +145,19 @@ class Pipeline:
         run.last_tick = now
         events: list[Event] = []
         for det in self.detectors[run.run]:
-            out = det.tick(now)
+            try:
+                out = det.tick(now)
+            except Exception:
+                out = self._detector_failed(det, run.run, None, None)
             if out:
                 events.extend(out)
         return events
+
+    def _detector_failed(self, det: Detector, run: str, rank: int | None, step: int | None) -> list[Event]:
+        n = self.detector_errors[det.name] = self.detector_errors.get(det.name, 0) + 1
+        if n <= 10 or n % 1000 == 0:  # the first ones in full, then a reminder
+            log.exception("detector %s failed on run %s rank %s step %s (%d times)", det.name, run, rank, step, n)
+        return []
 
     def tick_wall(self, wall: float) -> list[Alert]:
         """Server timer: let time pass for every run, and forget expired runs."""

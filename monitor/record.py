@@ -8,12 +8,14 @@ and those are turned into floats *before* validation by ``normalize``.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-RUN_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+RUN_PATTERN = r"\A[A-Za-z0-9._:-]{1,128}\Z"  # \Z, not $: "$" also matches before a final newline
+RUN_RULE = "must be 1-128 characters of [A-Za-z0-9._:-]"
 
 Run = Annotated[str, msgspec.Meta(pattern=RUN_PATTERN)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -23,6 +25,8 @@ Detail = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 MetricName = Annotated[str, msgspec.Meta(max_length=128)]
 
 RecordType = Literal["sample", "start", "heartbeat", "oom", "end"]
+RECORD_TYPES = ("sample", "start", "heartbeat", "oom", "end")
+NUMBER_RULE = 'must be a number or null; the only strings taken are non-finite spellings ("nan", "-inf", "+Infinity")'
 
 # Fields holding a number (or null = not measured); non-finite spellings are accepted here.
 NUMBER_FIELDS = (
@@ -101,7 +105,9 @@ def nonfinite_from_str(value: str) -> float | None:
 
 
 def normalize(obj: dict[str, Any]) -> dict[str, Any]:
-    """Turn non-finite string spellings in number fields into floats (in place)."""
+    """Turn non-finite string spellings in number fields into floats (in place); ``"type": null`` is the default."""
+    if "type" in obj and obj["type"] is None:  # a client that writes every field, unset ones as null
+        del obj["type"]
     for name in NUMBER_FIELDS:
         value = obj.get(name)
         if isinstance(value, str):
@@ -139,20 +145,62 @@ def from_obj(obj: Any) -> Record:
 
 
 def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
-    """'Expected `int`, got `str` - at `$.rank`' -> ('rank', "Expected `int`, got `str` ('x')")."""
+    """'Expected `int`, got `str` - at `$.rank`' -> ('rank', "Expected `int`, got `str` (value: 'x')")."""
     reason, sep, where = message.rpartition(" - at `$")
     if not sep:
         if message.startswith("Object missing required field"):
             field = message.split("`")[1]
             return field, "required"
+        if message.endswith("in `$.metrics`"):  # a bad metric name
+            return _metric_error(obj.get("metrics"), message.split(" - at ")[0])
         return "$", message
     path = where.rstrip("`").lstrip(".")
     top = path.split(".")[0].split("[")[0]
-    value = obj.get(top, None) if top else None
+    if top == "metrics" and path != "metrics":  # msgspec says `$.metrics[...]`: name the metric
+        return _metric_error(obj.get("metrics"), reason)
+    value = obj.get(top) if top else None
+    if path == "run" and "regex" in reason:
+        reason = RUN_RULE if 1 <= len(value) <= 128 else f"{RUN_RULE}, got {len(value)} characters"
+    elif path == "type" and reason.startswith("Invalid enum value"):
+        reason = f"must be one of {', '.join(RECORD_TYPES)}"
+    elif path in NUMBER_FIELDS and isinstance(value, str):
+        reason = NUMBER_RULE
+    return path or "$", f"{reason} (value: {_shown(value)})"
+
+
+def _metric_error(metrics: Any, reason: str) -> tuple[str, str]:
+    """The first bad entry of ``metrics``, as ('metrics.NAME', reason with the value)."""
+    for key, value in (metrics or {}).items():
+        if not isinstance(key, str) or len(key) > 128:
+            return "metrics", f"metric names are at most 128 characters (name: {_shown(key)})"
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return f"metrics.{key}", f"{NUMBER_RULE} (value: {_shown(value)})"
+        if isinstance(value, int) and abs(value) >= 2**1024:
+            return f"metrics.{key}", f"number out of range (value: {_shown(value)})"
+    return "metrics", reason
+
+
+def _shown(value: Any) -> str:
     shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return path or "$", f"{reason} (value: {shown})"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _big_int(text: str) -> int | float:
+    return int(text) if len(text) <= 4300 else float(text)  # past the digit limit: +-inf
+
+
+def loads(data: bytes | str) -> Any:
+    """Python's json (it reads the bare NaN/Infinity tokens), also for integers of any length.
+
+    Past Python's int digit limit (4300) ``json.loads`` refuses the whole text; such a number is out
+    of range for every field, so it is read as +-inf and the field it is in judges it.
+    """
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError:  # an integer past the digit limit
+        return json.loads(data, parse_int=_big_int)
 
 
 def to_obj(record: Record) -> dict[str, Any]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import gzip
 import heapq
-import json
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
 import msgspec
 
-from .record import Record, RecordError, check, from_obj
+from .record import Record, RecordError, check, from_obj, loads
 
 _decoder = msgspec.json.Decoder(Record)
 
@@ -55,9 +54,12 @@ def read_file(path: str, stats: ReadStats) -> Iterator[Record]:
                 try:  # fast path; bare NaN tokens and bad lines take the checked slow path
                     rec = check(_decoder.decode(line))
                 except (msgspec.DecodeError, RecursionError):
-                    rec = from_obj(json.loads(line))
-            except (ValueError, RecordError, RecursionError) as exc:
+                    rec = from_obj(loads(line))
+            except RecordError as exc:
                 stats.skip(f"{path}:{lineno}", str(exc))
+                continue
+            except (ValueError, RecursionError) as exc:
+                stats.skip(f"{path}:{lineno}", f"not valid JSON: {exc}")
                 continue
             stats.records += 1
             yield rec

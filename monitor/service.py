@@ -87,7 +87,9 @@ class Service:
 
     def accept(self, decoded: Decoded) -> IngestAnswer:
         self.stats.batches += 1
-        outcome = self.pipeline.process(decoded.records, wall=self.clock())
+        wall = self.clock()
+        self._refuse_future(decoded, wall)
+        outcome = self.pipeline.process(decoded.records, wall=wall)
         rejected = list(decoded.rejected)
         capped = 0
         if outcome.refused:
@@ -126,6 +128,23 @@ class Service:
             if len(rejected) > MAX_REASONS:
                 body["errors_truncated"] = len(rejected) - MAX_REASONS
         return IngestAnswer(status, body)
+
+    def _refuse_future(self, decoded: Decoded, wall: float) -> None:
+        """A record from the future would move its run's clock ahead for good (liveness, expiry)."""
+        horizon = wall + self.settings.limits.max_future_seconds
+        if all(r.time <= horizon for r in decoded.records):
+            return
+        records, indexes = [], []
+        for rec, index in zip(decoded.records, decoded.indexes):
+            if rec.time <= horizon:
+                records.append(rec)
+                indexes.append(index)
+            else:
+                decoded.rejected.append(Rejection(
+                    index, "time", f"{rec.time!r} is {rec.time - wall:.0f} s ahead of this sidecar's clock "
+                                   "(limits.max_future_seconds): check the sending host's clock"))
+        decoded.records, decoded.indexes = records, indexes
+        decoded.rejected.sort(key=lambda r: r.index)
 
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:

@@ -13,6 +13,7 @@ from .record import NUMBER_FIELDS, Record
 
 SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size")  # without reference_lr
 MAX_STARTS_KEPT = 16
+MAX_METRICS_KEPT = 256  # per rank: one record may carry any number of names
 
 
 @dataclass(slots=True)
@@ -49,8 +50,13 @@ class RankState:
                     if value is not None:
                         latest[name] = value
                 if rec.metrics:
-                    if len(self.metrics) < 256 or all(k in self.metrics for k in rec.metrics):
-                        self.metrics.update(rec.metrics)
+                    metrics = self.metrics
+                    if len(metrics) + len(rec.metrics) <= MAX_METRICS_KEPT:
+                        metrics.update(rec.metrics)
+                    else:  # keep the names already known, and new ones while there is room
+                        for name, value in rec.metrics.items():
+                            if name in metrics or len(metrics) < MAX_METRICS_KEPT:
+                                metrics[name] = value
             self.ended = False
         elif kind == "heartbeat":
             if self.last_heartbeat_time is None or rec.time > self.last_heartbeat_time:

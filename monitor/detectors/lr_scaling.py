@@ -108,7 +108,7 @@ class LrScaling(Detector):
         if record.type == "start":
             return self._start(record)
         lr = record.lr
-        if record.type != "sample" or lr is None or lr <= self.max_lr or self.current is None:
+        if record.type != "sample" or not _usable(lr) or lr <= self.max_lr or self.current is None:
             return []
         if not self.settings.check_samples or (record.step or 0) < (self.current["warmup_steps"] or 0):
             return []  # judged at the peak: after the warmup
@@ -119,8 +119,8 @@ class LrScaling(Detector):
         self.max_lr = 0.0
         if rec.reference_lr is not None and rec.reference_batch_size:
             self.explicit = (rec.reference_lr, rec.reference_batch_size)
-        if rec.batch_size is None or rec.world_size is None or rec.lr is None:
-            return []  # nothing to check
+        if rec.batch_size is None or rec.world_size is None or not _usable(rec.lr):
+            return []  # nothing to check (an LR of 0, NaN or inf is no peak LR to judge)
         total = rec.batch_size * rec.world_size
         if self.explicit is not None:
             ref_lr, ref_batch = self.explicit
@@ -133,6 +133,8 @@ class LrScaling(Detector):
             self.reference = (rec.lr, total, "first start")
         ok = total > 0 and ref_batch > 0 and ref_lr > 0 and math.isfinite(ref_lr)
         expected = ref_lr * total / ref_batch if ok else None
+        if not _usable(expected):  # over- or underflow of absurd values: nothing to compare with
+            expected = None
         self.current = dict(expected_lr=expected, total_batch=total, reference_lr=ref_lr,
                             reference_batch_size=ref_batch, reference=where,
                             warmup_steps=rec.warmup_steps, optimizer=rec.optimizer,
@@ -160,13 +162,16 @@ class LrScaling(Detector):
                     else f"the run's first start: LR {ref_lr:g} for batch {ref_batch}")
         parts: list[str] = []
         ratio = lr / expected if expected else None
+        if not (_usable(ratio) and _usable(1 / ratio)):  # 0 or inf after an under- or overflow
+            ratio = None
         mismatch = ratio is not None and (ratio >= s.factor or ratio * s.factor <= 1)
         if mismatch:
             assert ratio is not None and expected is not None
-            how = f"{ratio:.1f}x" if ratio >= 1 else f"{1 / ratio:.1f}x below"
+            how = f"{_times(ratio)}x" if ratio >= 1 else f"{_times(1 / ratio)}x below"
+            batch = _batch_for(lr, ref_lr, ref_batch)
             parts.append(f"{what} is {how} the linear-scaling value {expected:g} for total "
-                         f"batch {total} ({ref_text}); set lr={expected:g} or a total batch of "
-                         f"{_batch_for(lr, ref_lr, ref_batch)}")
+                         f"batch {total} ({ref_text}); set lr={expected:g}"
+                         + (f" or a total batch of {batch}" if batch is not None else ""))
         scale_up = lr / ref_lr if ref_lr > 0 else 1.0
         warm = cur["warmup_steps"]
         no_warmup = not warm and (total >= s.large_batch or scale_up >= s.large_scale_up)
@@ -219,6 +224,16 @@ class LrScaling(Detector):
         return f"total batch {cur['total_batch']}, expected LR {cur['expected_lr']:g}"
 
 
-def _batch_for(lr: float, ref_lr: float, ref_batch: int) -> int:
-    """The total batch for which ``lr`` would be right."""
-    return max(1, round(ref_batch * lr / ref_lr))
+def _batch_for(lr: float, ref_lr: float, ref_batch: int) -> int | None:
+    """The total batch for which ``lr`` would be right (None when no job could have it)."""
+    batch = ref_batch * lr / ref_lr
+    return max(1, round(batch)) if batch < 2**63 else None
+
+
+def _times(x: float) -> str:
+    return f"{x:.1f}" if x < 1e6 else f"{x:.3g}"
+
+
+def _usable(x: float | None) -> bool:
+    """A positive finite number (an LR, a ratio of LRs)."""
+    return x is not None and 0 < x < math.inf

@@ -209,3 +209,14 @@ def test_httpx_client_is_not_needed_to_talk_to_it(sidecar):
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert json.loads(resp.read())["accepted"] == 1
     assert httpx.get(sidecar.url + "/healthz").status_code == 200
+
+
+def test_record_from_the_far_future_is_refused_by_name_and_the_rest_accepted(sidecar):
+    now = time.time()
+    batch = [{"run": "clock", "rank": 0, "time": now, "step": 1},
+             {"run": "clock", "rank": 0, "time": now + 10 * 86400, "step": 2, "loss": 1.0}]
+    r = post(sidecar, batch)
+    body = r.json()
+    assert r.status_code == 200 and (body["accepted"], body["rejected"]) == (1, 1)
+    assert body["errors"][0]["index"] == 1 and body["errors"][0]["field"] == "time"
+    assert "ahead of this sidecar's clock" in body["errors"][0]["reason"]

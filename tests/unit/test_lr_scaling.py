@@ -160,3 +160,27 @@ def test_toml_table_maps_onto_settings():
 def test_bad_settings_name_the_key_and_value(key, value):
     with pytest.raises(ValueError, match=f"lr_scaling.{key}: .*{value!r}"):
         LrScalingSettings(**{key: value})
+
+
+@pytest.mark.parametrize("start_lr", [0.0, -0.02, float("nan"), float("inf"), 1e308, 1e-320])
+def test_absurd_start_lr_is_not_judged_and_never_crashes_ingest(start_lr):
+    # an LR of 0 at start (a warmup from 0 reported as the LR) used to divide by zero and fail the whole batch
+    from monitor.config import default_detector_settings
+    from monitor.pipeline import Pipeline
+
+    p = Pipeline(default_detector_settings())
+    out = p.process([start(0, world_size=1, batch_size=2, lr=start_lr, warmup_steps=500, **SEED_REF)])
+    assert [a for a in out.alerts if a["alert"] == "lr_scaling"] == [] and p.detector_errors == {}
+
+
+def test_sampled_lr_past_any_float_batch_still_names_the_expected_lr():
+    from monitor.config import default_detector_settings
+    from monitor.pipeline import Pipeline
+
+    p = Pipeline(default_detector_settings())
+    first = start(0, world_size=1, batch_size=2, lr=0.0025, warmup_steps=5, **SEED_REF)
+    out = p.process([first, *samples({"loss": [1.0] * 10, "lr": [0.0025] * 9 + [8e300]}, step0=1)]).alerts
+    assert p.detector_errors == {}
+    (alert,) = [a for a in out if a["alert"] == "lr_scaling"]
+    assert alert["summary"] == ("LR 8e+300 (sampled at step 10) is 3.2e+303x the linear-scaling value 0.0025 for "
+                                "total batch 2 (reference LR 0.02 for batch 16); set lr=0.0025")

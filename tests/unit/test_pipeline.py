@@ -104,3 +104,23 @@ def test_alert_book_fires_dedupes_resolves_and_refires():
 def test_bad_limits_name_the_key_and_value(key, value):
     with pytest.raises(ValueError, match=f"limits.{key}"):
         Limits(**{key: value})
+
+
+def test_a_detector_bug_is_counted_and_logged_but_fails_neither_the_batch_nor_the_other_detectors(caplog):
+    from monitor.detectors import ALL, Detector
+
+    class Broken(Detector):
+        name = "nan_divergence"  # borrows a real detector's settings
+
+        def update(self, record):
+            raise ZeroDivisionError("bug")
+
+        def tick(self, now):
+            raise ZeroDivisionError("bug")
+
+    p = Pipeline(default_detector_settings(), detectors=[Broken, *ALL])
+    out = p.process([sample(s, loss=1.0) for s in range(3)] + [sample(3, t=10.0, loss=math.nan)])
+    assert [(a["alert"], a["step"]) for a in out.alerts] == [("nan_divergence", 3)]  # the real one still fires
+    assert p.runs["r"].ranks[0].last_step == 3 and p.records_processed == 4
+    assert p.detector_errors == {"nan_divergence": 7}  # 4 updates and 3 ticks (record clock at 1001, 1002, 1010)
+    assert "detector nan_divergence failed on run r rank 0 step 0 (1 times)" in caplog.text
