@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,8 +35,20 @@ CONFIG = """
 floor_seconds = 3.0
 startup_seconds = 20.0
 silence_floor_seconds = 2.0
+
+# minutes and hours scaled down to seconds: half-second buckets, a 2-4 s lookback, 30 MB of growth; the
+# machine-level forecast (available memory of this shared box) is switched off with a tiny horizon
+[detectors.host_memory_leak]
+bucket_seconds = 0.5
+window_seconds = 4.0
+min_window_seconds = 2.0
+floor_seconds = 0.5
+warmup_seconds = 1.0
+min_growth_mb = 30.0
+machine_horizon_hours = 0.0001
 """
-FAST_CLIENT = {"TRAINHEALTH_HEARTBEAT_SECONDS": "0.2", "TRAINHEALTH_FLUSH_SECONDS": "0.2"}
+FAST_CLIENT = {"TRAINHEALTH_HEARTBEAT_SECONDS": "0.2", "TRAINHEALTH_FLUSH_SECONDS": "0.2",
+               "TRAINHEALTH_SAMPLE_SECONDS": "0.2"}
 INJECTED = 1  # the rank every fault is injected on
 
 
@@ -56,7 +67,6 @@ class Job:
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        self.started = time.monotonic()
         self.family: dict[int, psutil.Process] = {}  # the launcher's descendants seen so far
 
     def log(self) -> str:
@@ -94,9 +104,9 @@ class Job:
         psutil.wait_procs(list(self.family.values()), timeout=10)
 
     # -- what the sidecar saw --------------------------------------------------------------------------
-    def alerts(self, **params: str) -> list[dict[str, Any]]:
+    def alerts(self) -> list[dict[str, Any]]:
         """This run's alert transitions, oldest first."""
-        answer = self.sidecar.client.get("/v1/alerts", params={"run": self.run, **params})
+        answer = self.sidecar.client.get("/v1/alerts", params={"run": self.run})
         assert answer.status_code == 200, answer.text
         return answer.json()["alerts"][::-1]
 
@@ -105,13 +115,12 @@ class Job:
         assert answer.status_code == 200, answer.text
         return answer.json()
 
-    def wait_for(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 60,
-                 **params: str) -> list[dict[str, Any]]:
+    def wait_for(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 60) -> list[dict[str, Any]]:
         """Poll this run's alert transitions until ``done(alerts)``; fail with the log after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             self.watch()
-            alerts = self.alerts(**params)
+            alerts = self.alerts()
             if done(alerts):
                 return alerts
             assert time.monotonic() < deadline, (
@@ -122,6 +131,7 @@ class Job:
 
 @pytest.fixture
 def sidecar(start_sidecar, tmp_path: Path) -> Sidecar:
+    """The real sidecar with CONFIG's thresholds and the flight recorder on (tests read what it got)."""
     config = tmp_path / "trainhealth.toml"
     config.write_text(CONFIG)
     return start_sidecar("--config", str(config), "--record", str(tmp_path / "records"))
@@ -137,14 +147,8 @@ def launch(sidecar: Sidecar, tmp_path: Path) -> Iterator[Callable[..., Job]]:
         jobs.append(job)
         return job
 
-    with _killing(jobs):
-        yield start
-
-
-@contextmanager
-def _killing(jobs: list[Job]) -> Iterator[None]:
     try:
-        yield
+        yield start
     finally:
         for job in jobs:
             job.kill()
@@ -163,11 +167,12 @@ def firing(alerts: list[dict[str, Any]], name: str) -> dict[int | None, dict[str
 # -----------------------------------------------------------------------------------------------------------
 
 def test_healthy_run_raises_nothing_at_all(launch):
-    job = launch("--steps", "30", "--step-sleep", "0.02")
+    # long enough (~5 s) for every detector to judge it under the small thresholds of CONFIG
+    job = launch("--steps", "120", "--step-sleep", "0.03")
     assert job.wait() == 0, job.log()
     time.sleep(1.5)  # the sidecar's timer ticks every second: give liveness a chance to be wrong
     status = job.status()
-    assert (status["step"], status["ranks"], status["ended"]) == (30, 2, True)  # it really ran
+    assert (status["step"], status["ranks"], status["ended"]) == (120, 2, True)  # it really ran
     assert job.alerts() == []
     assert "findings" not in status
 
@@ -253,3 +258,34 @@ def test_straggler_on_rank_1_fires_straggler_for_it(launch):
     assert 0.1 <= a["median_seconds"] < 0.2 and a["peers_median_seconds"] < 0.02
     assert a["step"] >= 3 + 20  # a full window of slow samples, then sustained
     assert [x["alert"] for x in alerts] == ["straggler"]
+
+
+def test_host_leak_on_rank_1_fires_host_memory_leak_for_it(launch, tmp_path):
+    job = launch("--inject", "host-leak", "--inject-rank", str(INJECTED), "--inject-step", "1", "--leak-mb", "2",
+                 "--steps", "1000", "--step-sleep", "0.03")
+    alerts = job.wait_for(lambda a: bool(firing(a, "host_memory_leak")))
+    leak = firing(alerts, "host_memory_leak")
+    assert list(leak) == [INJECTED]
+    a = leak[INJECTED]
+    assert a["scope"] == "process" and a["hours_to_exhaustion"] < 24
+    assert a["severity"] == ("critical" if a["hours_to_exhaustion"] <= 2 else "warning")
+    # the rate the trainer leaks at: 2 MiB per step at the steps per second the sidecar saw
+    mine = [r for r in recorded(tmp_path, job) if r["rank"] == INJECTED and r.get("type", "sample") == "sample"]
+    first, last = mine[0], mine[-1]
+    leaked_per_hour = 2 * 2**20 * (last["step"] - first["step"]) / (last["time"] - first["time"]) * 3600 / 1e6
+    assert 0.5 * leaked_per_hour < a["rate_mb_per_hour"] < 1.5 * leaked_per_hour, leaked_per_hour
+    assert a["growth_mb"] >= 30 and a["summary"].startswith(f"host memory of rank {INJECTED} grows ")
+    assert [x["alert"] for x in alerts] == ["host_memory_leak"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="gpu-leak needs 2 CUDA GPUs (one per rank): on the CPU the trainer has no GPU memory "
+                           "to leak, so gpu_oom_risk and gpu_oom cannot fire")
+def test_gpu_leak_on_rank_1_fires_gpu_oom_risk_then_gpu_oom_for_it(launch):  # pragma: no cover - GPU only
+    # Never run on the CPU-only machine this was written on.
+    job = launch("--inject", "gpu-leak", "--inject-rank", str(INJECTED), "--inject-step", "1", "--leak-mb", "256",
+                 "--steps", "100000", "--step-sleep", "0.01")
+    alerts = job.wait_for(lambda a: INJECTED in firing(a, "gpu_oom"), timeout=90)
+    risk, oom = firing(alerts, "gpu_oom_risk"), firing(alerts, "gpu_oom")
+    assert list(oom) == [INJECTED] and list(risk) == [INJECTED]
+    assert risk[INJECTED]["time"] <= oom[INJECTED]["time"]  # the warning came first
