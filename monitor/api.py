@@ -101,7 +101,7 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
         state = service.pipeline.runs.get(run)
         if state is None:
             return JSON({"error": f"run {run!r} is not known to this sidecar"}, 404)
-        return JSON(run_view(state, service.book, detail=True))
+        return JSON(run_view(state, service.book, detail=True, findings=service.pipeline.findings(run)))
 
     @app.get("/v1/alerts")
     async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,

@@ -146,6 +146,15 @@ class Pipeline:
             events.extend(self._tick_run(run, run.clock))
         return self.book.apply(run.run, events) if events else []
 
+    def findings(self, name: str) -> dict[str, Any]:
+        """The run's detector facts by detector name (only detectors with something to say)."""
+        out: dict[str, Any] = {}
+        for det in self.detectors.get(name, ()):
+            facts = det.facts()
+            if facts:
+                out[det.name] = facts
+        return out
+
     # -- time ---------------------------------------------------------------
     def _tick_run(self, run: RunState, now: float) -> list[Event]:
         run.last_tick = now

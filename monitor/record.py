@@ -181,7 +181,7 @@ def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
     if top == "metrics" and path != "metrics":  # msgspec says `$.metrics[...]`: name the metric
         return _metric_error(obj.get("metrics"), reason)
     value = obj.get(top) if top else None
-    if path == "run" and "regex" in reason:
+    if path == "run" and "regex" in reason and isinstance(value, str):
         reason = RUN_RULE if 1 <= len(value) <= 128 else f"{RUN_RULE}, got {len(value)} characters"
     elif path == "type" and reason.startswith("Invalid enum value"):
         reason = f"must be one of {', '.join(RECORD_TYPES)}"

@@ -33,7 +33,8 @@ def rank_view(r: RankState, detail: bool) -> dict[str, Any]:
     return out
 
 
-def run_view(run: RunState, book: AlertBook, detail: bool = False) -> dict[str, Any]:
+def run_view(run: RunState, book: AlertBook, detail: bool = False,
+             findings: dict[str, Any] | None = None) -> dict[str, Any]:
     steps = [r.last_step for r in run.ranks.values() if r.last_step >= 0]
     out: dict[str, Any] = {
         "run": run.run,
@@ -45,6 +46,8 @@ def run_view(run: RunState, book: AlertBook, detail: bool = False) -> dict[str, 
         "ended": run.ended,
         "firing": book.firing(run.run),
     }
+    if findings:
+        out["findings"] = findings  # run-level detector facts, e.g. nan_divergence's first rank
     if detail:
         out["rank_states"] = [rank_view(r, True) for _, r in sorted(run.ranks.items())]
         out["starts"] = [to_obj(s) for s in run.starts]
@@ -57,4 +60,4 @@ def run_view(run: RunState, book: AlertBook, detail: bool = False) -> dict[str, 
 
 def runs_view(pipeline: Pipeline) -> dict[str, Any]:
     runs = sorted(pipeline.runs.values(), key=lambda r: r.clock, reverse=True)
-    return {"runs": [run_view(r, pipeline.book) for r in runs]}
+    return {"runs": [run_view(r, pipeline.book, findings=pipeline.findings(r.run)) for r in runs]}

@@ -7,6 +7,8 @@ here; ``config.py`` finds its settings by ``name``.
 from __future__ import annotations
 
 from .base import Detector
+from .gpu_memory import GpuOom, GpuOomRisk
+from .host_memory import HostMemoryLeak
 from .liveness import RankStalled
 from .lr_scaling import LrScaling
 from .nan_divergence import NanDivergence
@@ -18,6 +20,9 @@ ALL: list[type[Detector]] = [
     LossSpike,
     GradExplosion,
     NanDivergence,
+    GpuOomRisk,
+    GpuOom,
+    HostMemoryLeak,
     RankStalled,
     Straggler,
 ]

@@ -42,3 +42,7 @@ class Detector:
     def tick(self, now: float) -> list[Event]:
         """Time passed without records (``now`` in record-time seconds)."""
         return []
+
+    def facts(self) -> dict[str, Any]:
+        """Run-level findings for the status API (e.g. the rank that diverged first); {} for none."""
+        return {}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
@@ -129,7 +129,7 @@ class LrScaling(Detector):
             ref_lr, ref_batch, where = self.reference
         else:
             ref_lr, ref_batch, where = rec.lr, total, "first start"
-        if self.reference is None and total > 0 and math.isfinite(rec.lr):
+        if self.reference is None and total > 0:
             self.reference = (rec.lr, total, "first start")
         ok = total > 0 and ref_batch > 0 and ref_lr > 0 and math.isfinite(ref_lr)
         expected = ref_lr * total / ref_batch if ok else None
@@ -234,6 +234,6 @@ def _times(x: float) -> str:
     return f"{x:.1f}" if x < 1e6 else f"{x:.3g}"
 
 
-def _usable(x: float | None) -> bool:
+def _usable(x: float | None) -> TypeGuard[float]:
     """A positive finite number (an LR, a ratio of LRs)."""
     return x is not None and 0 < x < math.inf

@@ -2,9 +2,13 @@
 
 Every rank is checked. The alert names the rank and the exact step; when
 several ranks go non-finite, the summary and the fields name the rank that went
-first (the lowest step, then the earliest time): a NaN from bad data on rank 5
-reaches every rank through the all-reduce a step later, so the first rank is
-where to look.
+first, where to look: the lowest non-finite step; on a tie, a rank whose loss
+is non-finite before one with only a non-finite grad norm (bad data on rank 5
+makes its loss NaN; the other ranks get NaN only through the all-reduce of the
+gradients, in the same step); then the earliest time. Ranks send their own
+batches, so the first rank's record may arrive after another rank's alert went
+out: that alert keeps its guess, later alerts and the run-level ``facts()``
+(``GET /v1/runs/{run}``: ``findings.nan_divergence``) carry the corrected one.
 
 fp16 dynamic loss scaling (samples carry ``grad_scale``): an infinite grad norm
 on a step the scaler skips is normal. The scaler shows the skip by lowering
@@ -17,10 +21,12 @@ collapses: ``amp_max_consecutive_overflows`` drops in a row, the scale below
 ``amp_collapse_factor`` times below the highest scale at which a step succeeded
 within the last ``amp_peak_window`` steps.
 
-Divergence is terminal: the alert stays open until the run starts again. Any
-``start`` record of the run resolves every open nan_divergence alert of the run
-(torchrun restarts all workers together, so one start is enough; a client that
-sends ``start`` from rank 0 only works too).
+Divergence is terminal: the alert stays open until the run starts again. A
+restart is judged per rank: a rank's own ``start`` after it had sent samples
+(the ranks' initial starts arrive spread out, and a late one is no restart).
+A restart resolves every open nan_divergence alert of the run and forgets every
+rank (torchrun restarts all workers together, so the first restarted rank is
+enough; a client that sends ``start`` from rank 0 only works too).
 """
 
 from __future__ import annotations
@@ -100,7 +106,9 @@ class NanDivergence(Detector):
     def __init__(self, settings: NanDivergenceSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
-        self.first: tuple[int, float, int] | None = None  # (step, time, rank) of the first divergence
+        # (step, 0 if the loss is non-finite else 1, time, rank) of the first divergence, and its cause
+        self.first: tuple[int, int, float, int] | None = None
+        self.first_cause = ""
         self.diverged: set[int] = set()
 
     def update(self, record: Record) -> list[Event]:
@@ -165,17 +173,18 @@ class NanDivergence(Detector):
         rank.fired = True
         rank.pending = None
         step = record.step or 0
-        key = (step, record.time, record.rank)
-        if self.first is None or key < self.first:
-            self.first = key
-        self.diverged.add(record.rank)
-        first_step, _, first_rank = self.first
         if field == "grad_scale":
             what = f"the fp16 loss scale collapsed to {value:g} ({why})"
             cause = "amp_scale_collapse"
         else:
             what = f"{field} became {value}"
             cause = f"nonfinite_{field}"
+        key = (step, 0 if field == "loss" else 1, record.time, record.rank)
+        if self.first is None or key < self.first:
+            self.first = key
+            self.first_cause = cause
+        self.diverged.add(record.rank)
+        first_step, _, _, first_rank = self.first
         where = f"at step {step} on rank {record.rank}"
         if first_rank == record.rank:
             advice = ("restart from the last good checkpoint with a lower LR (see lr_scaling), "
@@ -192,7 +201,16 @@ class NanDivergence(Detector):
                 data[name] = v
         return firing(self.name, record.rank, step, record.time, summary, "critical", **data)
 
+    def facts(self) -> dict[str, Any]:
+        if self.first is None:
+            return {}
+        step, _, time, rank = self.first
+        return {"first_rank": rank, "first_step": step, "first_time": time, "first_cause": self.first_cause,
+                "diverged_ranks": sorted(self.diverged)}
+
     def _restart(self, record: Record) -> list[Event]:
+        if record.rank not in self.ranks:
+            return []  # no sample from this rank since the run (re)started: its initial start
         step = _step_of(record, self.run)
         out = [resolved(self.name, r, step, record.time,
                         f"run restarted (start from rank {record.rank}) after divergence on rank {r}")
@@ -200,4 +218,5 @@ class NanDivergence(Detector):
         self.ranks.clear()
         self.diverged.clear()
         self.first = None
+        self.first_cause = ""
         return out

@@ -116,9 +116,9 @@ def test_nan_data_against_the_real_sidecar_fires_nan_divergence_naming_the_rank(
     alerts = sidecar.client.get("/v1/alerts", params={"run": "e2e-nan", "state": "firing"}).json()["alerts"]
     nan = {a["rank"]: a for a in alerts if a["alert"] == "nan_divergence"}
     assert sorted((rank, a["step"]) for rank, a in nan.items()) == [(0, 8), (1, 8)]
-    # rank 1's loss went NaN on its own bad batch; rank 0 only through the all-reduced gradients.
-    # first_rank is not asserted: the detector takes it from arrival order, and each rank sends its own
-    # batches (reported to the lead)
+    # rank 1's loss went NaN on its own bad batch; rank 0 only through the all-reduced gradients, so rank 1
+    # is the first rank whichever rank's batch arrived first (rank 0's alert may carry the earlier guess)
     assert (nan[1]["cause"], nan[0]["cause"]) == ("nonfinite_loss", "nonfinite_grad_norm")
+    assert nan[1]["first_rank"] == 1
     run = sidecar.client.get("/v1/runs/e2e-nan").json()
     assert run["step"] == 12 and len(run["rank_states"]) == 2

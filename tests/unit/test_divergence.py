@@ -9,6 +9,7 @@ import pytest
 from monitor.config import default_detector_settings
 from monitor.detectors.nan_divergence import NanDivergenceSettings
 from monitor.pipeline import Pipeline
+from monitor.status import run_view
 
 from .traces import healthy, merge, run_pipeline, samples, set_at, start, with_amp
 
@@ -59,6 +60,80 @@ def test_first_rank_is_corrected_when_an_earlier_step_arrives_in_a_later_batch()
     later = p.process(samples(nan3, rank=3)[:105]).alerts
     assert [(a["rank"], a["step"], a["first_rank"]) for a in first] == [(0, 101, 0)]
     assert [(a["rank"], a["step"], a["first_rank"], a["first_step"]) for a in later] == [(3, 100, 3, 100)]
+
+
+def nan_data(rank_with_bad_batch, ranks=2, step=8, steps=12):
+    """The trainer's nan-data fault: that rank's loss is NaN at ``step``; the all-reduce makes every
+    rank's grad norm NaN in the same step, and every loss NaN from the next step on."""
+    out = []
+    for r in range(ranks):
+        trace = set_at(healthy(steps, seed=r), "grad_norm", {step - 1: NAN})
+        trace = set_at(trace, "loss", {i: NAN for i in range(step, steps)})
+        if r == rank_with_bad_batch:
+            trace = set_at(trace, "loss", {step - 1: NAN})
+        out.append(samples(trace, rank=r))  # rank 0's records carry the earliest times
+    return out
+
+
+def test_nan_loss_beats_an_all_reduced_nan_grad_norm_at_the_same_step_in_one_batch():
+    r0, r1 = nan_data(rank_with_bad_batch=1)
+    alerts = nan_alerts(merge(r0, r1))  # rank 0's step-8 sample comes first (earlier time)
+    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [
+        (0, 8, "nonfinite_grad_norm"), (1, 8, "nonfinite_loss")]
+    assert (alerts[1]["first_rank"], alerts[1]["first_step"]) == (1, 8)
+    assert alerts[1]["summary"] == ("loss became nan at step 8 on rank 1; restart from the last good "
+                                    "checkpoint with a lower LR (see lr_scaling), and check rank 1's batch "
+                                    "at that step")
+
+
+def test_first_rank_is_corrected_when_the_nan_loss_rank_arrives_after_another_ranks_alert():
+    r0, r1, r2 = nan_data(rank_with_bad_batch=1, ranks=3)
+    p = Pipeline(default_detector_settings())
+    got = [p.process(batch).alerts for batch in (r0, r1, r2)]  # each rank's sidecar batch in turn
+    assert [(a["rank"], a["first_rank"]) for out in got for a in out] == [(0, 0), (1, 1), (2, 1)]
+    # rank 0's alert went out with the only guess there was; rank 2's names rank 1
+    assert "rank 1 went non-finite first, at step 8: check its batch" in got[2][0]["summary"]
+    assert p.findings("trace")["nan_divergence"] == {
+        "first_rank": 1, "first_step": 8, "first_time": 1004.001, "first_cause": "nonfinite_loss",
+        "diverged_ranks": [0, 1, 2]}
+    assert run_view(p.runs["trace"], p.book, findings=p.findings("trace"))["findings"]["nan_divergence"][
+        "first_rank"] == 1
+
+
+def test_a_lower_step_wins_over_a_nan_loss():
+    grad7 = samples(set_at(healthy(12, seed=0), "grad_norm", {6: INF}), rank=0)
+    loss8 = samples(set_at(healthy(12, seed=1), "loss", {7: NAN}), rank=1)
+    alerts = nan_alerts(loss8, grad7)
+    assert [(a["rank"], a["step"], a["first_rank"], a["first_step"]) for a in alerts] == [
+        (1, 8, 1, 8), (0, 7, 0, 7)]
+
+
+def test_no_findings_before_any_divergence():
+    p = Pipeline(default_detector_settings())
+    p.process(samples(healthy(20)))
+    assert p.findings("trace") == {}
+    assert "findings" not in run_view(p.runs["trace"], p.book)
+
+
+def test_late_initial_start_of_another_rank_does_not_resolve_the_divergence():
+    nan0 = set_at(healthy(40, seed=0), "loss", {i: NAN for i in range(9, 40)})
+    before = [start(0, time=1000.0)] + samples(nan0, rank=0)[:15]
+    late = [start(1, time=1008.0)] + samples(healthy(20, seed=1), rank=1)  # rank 1 was slow to start
+    alerts = nan_alerts(before, late)
+    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [("firing", 0, 10)]
+
+
+def test_a_ranks_own_start_after_its_samples_is_a_restart_and_the_other_ranks_restarts_resolve_nothing():
+    nan0 = set_at(healthy(40, seed=0), "loss", {i: NAN for i in range(9, 40)})
+    first = [start(0, time=999.0), start(1, time=999.0)] + merge(
+        samples(nan0, rank=0)[:20], samples(healthy(20, seed=1), rank=1))
+    restart0 = [start(0, time=1100.0)]
+    again = samples(set_at(healthy(10, seed=2), "loss", {4: INF}), rank=0, t0=1100.0)  # step 5
+    restart1 = [start(1, time=1104.0)]  # rank 1's restart start arrives after rank 0 diverged again
+    alerts = nan_alerts(first, restart0, again, restart1)
+    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [
+        ("firing", 0, 10), ("resolved", 0, 20), ("firing", 0, 5)]
+    assert alerts[1]["summary"] == "run restarted (start from rank 0) after divergence on rank 0"
 
 
 def test_divergence_is_terminal_until_a_start_record():

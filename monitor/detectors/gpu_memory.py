@@ -1,0 +1,239 @@
+"""gpu_oom_risk and gpu_oom: a GPU about to run out of memory, and one that did.
+
+gpu_oom_risk, per rank: the GPU memory that matters is the peak
+(``gpu_mem_peak_bytes``, peak allocated since the previous sample; when a
+client does not send it, ``gpu_mem_reserved_bytes``). It is summarised as the
+maximum per bucket (at least ``bucket_steps`` steps and ``bucket_seconds``
+seconds) in a ring of ``window_buckets``. At each closed bucket, over the
+buckets after ``warmup_steps``:
+
+- rate: Theil-Sen slope of the bucket maxima against the step (bytes/step);
+- steady: the rise is significant (Mann-Kendall z >= ``min_trend_z``: noise
+  of any shape, like variable-length batches, scores about N(0, 1)) and large
+  (rate x window >= ``min_rise_fraction`` of the device, the minimum rise); the
+  level (median) of the last third of the window is above the middle third's
+  by a third of the minimum rise, and that recent rise is at least
+  ``decel_ratio`` x the rise before it (warmup growth that flattens fails);
+- fire when steady and either the peak is within ``near_fraction`` of the
+  device, or the forecast (headroom / rate) reaches capacity within
+  ``horizon_steps`` steps or ``horizon_seconds`` seconds.
+
+A GPU filled to a high but constant level makes no new highs and its slope is
+flat, so it stays quiet. The alert resolves when the last third's level is no
+higher than the middle third's or the slope is no longer positive (the trend flattened), and when the
+rank restarts.
+
+gpu_oom, per rank: an ``oom`` record (the client's caught
+``torch.cuda.OutOfMemoryError``); critical. The run state keeps the record's
+allocator summary (``RankState.last_oom``), which the status API serves. It
+resolves when the rank restarts, or when it has trained ``resolve_after_steps``
+further steps without another OOM (the job caught it and went on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import median
+
+from ..events import Event, firing, resolved
+from ..record import Record
+from .base import Detector
+from .trend import Ring, trend_test
+from .validate import flag, fraction, positive, whole
+
+GiB = float(1 << 30)
+MiB = float(1 << 20)
+
+
+@dataclass(kw_only=True, slots=True)
+class GpuOomRiskSettings:
+    enabled: bool = True
+    near_fraction: float = 0.95  # a rising peak above this share of the device fires at once
+    horizon_steps: int = 1000  # fire when the forecast reaches capacity within this many steps
+    horizon_seconds: float = 1800.0  # ... or within this many seconds
+    min_rise_fraction: float = 0.01  # the trend must add this share of the device over the window
+    near_min_rise_fraction: float = 0.005  # ... or this share when the peak is already near capacity
+    decel_ratio: float = 0.5  # the last third must rise >= this x the third before it
+    min_trend_z: float = 4.0  # Mann-Kendall z of the bucket maxima (noise of any shape: ~N(0, 1))
+    warmup_steps: int = 100  # steps after a (re)start that are not judged
+    bucket_steps: int = 10  # one maximum per bucket of at least this many steps ...
+    bucket_seconds: float = 10.0  # ... and at least this many seconds
+    window_buckets: int = 48
+    min_buckets: int = 12  # buckets needed before the first judgement
+
+    def __post_init__(self) -> None:
+        section = "detectors.gpu_oom_risk"
+        flag(self, section, "enabled")
+        fraction(self, section, "near_fraction", "min_rise_fraction", "near_min_rise_fraction",
+                 "decel_ratio")
+        positive(self, section, "horizon_seconds", "bucket_seconds", "min_trend_z")
+        whole(self, section, "horizon_steps", "bucket_steps", minimum=1)
+        whole(self, section, "warmup_steps", minimum=0)
+        whole(self, section, "min_buckets", minimum=6)
+        whole(self, section, "window_buckets", minimum=self.min_buckets)
+
+
+class _Gpu:
+    """One rank's bucket maxima of the GPU peak, and its alert state. Bounded."""
+
+    __slots__ = ("ring", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev", "open")
+
+    def __init__(self, size: int, step: int, time: float) -> None:
+        self.ring = Ring(size)  # (last step of the bucket, maximum)
+        self.first_step = step
+        self.b_step, self.b_time, self.b_max, self.b_last = step, time, -math.inf, step
+        self.sps = 0.0  # seconds per step (smoothed)
+        self.prev = (step, time)
+        self.open = False
+
+    def add(self, step: int, time: float, value: float, s: GpuOomRiskSettings) -> bool:
+        """Fold one sample in; True when a bucket closed."""
+        pstep, ptime = self.prev
+        if step > pstep and time > ptime:
+            per = (time - ptime) / (step - pstep)
+            self.sps = per if self.sps == 0.0 else 0.8 * self.sps + 0.2 * per
+        self.prev = (step, time)
+        self.b_max = max(self.b_max, value)
+        self.b_last = max(self.b_last, step)
+        if step - self.b_step >= s.bucket_steps and time - self.b_time >= s.bucket_seconds:
+            self.ring.append(self.b_last, self.b_max)
+            self.b_step, self.b_time, self.b_max = step, time, -math.inf
+            return True
+        return False
+
+
+class GpuOomRisk(Detector):
+    name = "gpu_oom_risk"
+    Settings = GpuOomRiskSettings
+
+    def __init__(self, settings: GpuOomRiskSettings, run) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings, run)
+        self.ranks: dict[int, _Gpu] = {}
+
+    def update(self, rec: Record) -> list[Event]:
+        s: GpuOomRiskSettings = self.settings
+        if not s.enabled:
+            return []
+        if rec.type in ("start", "end"):
+            gpu = self.ranks.pop(rec.rank, None)
+            if gpu is not None and gpu.open:
+                why = "restarted" if rec.type == "start" else "ended"
+                return [resolved(self.name, rec.rank, rec.step or 0, rec.time,
+                                 f"rank {rec.rank} {why}; its GPU memory history starts over")]
+            return []
+        if rec.type != "sample" or rec.step is None:
+            return []
+        value = rec.gpu_mem_peak_bytes
+        if value is None or not math.isfinite(value):
+            value = rec.gpu_mem_reserved_bytes
+        if value is None or not math.isfinite(value):
+            return []
+        gpu = self.ranks.get(rec.rank)
+        if gpu is None or gpu.ring.size != s.window_buckets:  # new, or reconfigured
+            gpu = self.ranks[rec.rank] = _Gpu(s.window_buckets, rec.step, rec.time)
+        if not gpu.add(rec.step, rec.time, value, s):
+            return []
+        total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
+        if total is None or not math.isfinite(total) or total <= 0:
+            return []
+        return self._judge(rec, gpu, total, s)
+
+    def _judge(self, rec: Record, gpu: _Gpu, total: float, s: GpuOomRiskSettings) -> list[Event]:
+        pts = gpu.ring.items(since=gpu.first_step + s.warmup_steps)
+        if len(pts) < s.min_buckets:
+            return []
+        pts = pts[len(pts) % 3:]  # equal thirds
+        xs, vs = [p[0] for p in pts], [p[1] for p in pts]
+        rate, z = trend_test(xs, vs, max_points=24)  # bytes per step; Mann-Kendall z
+        k = len(vs) // 3
+        a, b, c = median(vs[:k]), median(vs[k: 2 * k]), median(vs[2 * k:])  # the thirds' levels
+        older, recent = b - a, c - b
+        step = rec.step or 0
+        if gpu.open:
+            if recent <= 0 or rate <= 0:
+                gpu.open = False
+                return [resolved(self.name, rec.rank, step, rec.time,
+                                 f"GPU memory peak of rank {rec.rank} stopped rising "
+                                 f"({max(vs[-2:]) / GiB:.1f} of {total / GiB:.1f} GiB)")]
+            return []
+        current = max(vs[-2:])
+        near = current >= s.near_fraction * total
+        min_rise = (s.near_min_rise_fraction if near else s.min_rise_fraction) * total
+        steady = (z >= s.min_trend_z and rate * (xs[-1] - xs[0]) >= min_rise
+                  and c - a >= 0.5 * min_rise and recent >= min_rise / 3
+                  and recent >= s.decel_ratio * older)
+        if not steady:
+            return []
+        headroom = max(0.0, total - current)
+        steps_left = headroom / rate
+        seconds_left = steps_left * gpu.sps
+        soon = steps_left <= s.horizon_steps or (gpu.sps > 0 and seconds_left <= s.horizon_seconds)
+        if not (near or soon):
+            return []
+        gpu.open = True
+        summary = (f"GPU memory peak of rank {rec.rank} rises {rate / MiB:.1f} MiB/step "
+                   f"(now {current / GiB:.1f} of {total / GiB:.1f} GiB, {100 * current / total:.0f}%); "
+                   f"at this rate it reaches capacity in ~{steps_left:.0f} steps")
+        if gpu.sps > 0:
+            summary += f" (~{seconds_left / 60:.0f} min)"
+        summary += ", look for tensors kept across steps"
+        return [firing(self.name, rec.rank, step, rec.time, summary, "warning",
+                       rate_mib_per_step=round(rate / MiB, 2), peak_bytes=current,
+                       total_bytes=total, fraction=round(current / total, 4),
+                       steps_to_oom=round(steps_left),
+                       seconds_to_oom=round(seconds_left, 1) if gpu.sps > 0 else None)]
+
+
+@dataclass(kw_only=True, slots=True)
+class GpuOomSettings:
+    enabled: bool = True
+    resolve_after_steps: int = 100  # steps trained after the OOM without another one
+
+    def __post_init__(self) -> None:
+        flag(self, "detectors.gpu_oom", "enabled")
+        whole(self, "detectors.gpu_oom", "resolve_after_steps", minimum=1)
+
+
+def _gib(value: float | None) -> str:
+    return "?" if value is None else f"{value / GiB:.1f} GiB"
+
+
+class GpuOom(Detector):
+    name = "gpu_oom"
+    Settings = GpuOomSettings
+
+    def __init__(self, settings: GpuOomSettings, run) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings, run)
+        self.open: dict[int, int] = {}  # rank -> step of its last OOM
+
+    def update(self, rec: Record) -> list[Event]:
+        s: GpuOomSettings = self.settings
+        if not s.enabled:
+            return []
+        step = rec.step or 0
+        if rec.type == "oom":
+            self.open[rec.rank] = step
+            lines = (rec.message or "").strip().splitlines()
+            message = lines[0][:200] if lines else "out of memory"
+            summary = (f"rank {rec.rank} ran out of GPU memory at step {step}: {message}; "
+                       f"peak {_gib(rec.gpu_mem_peak_bytes)}, reserved {_gib(rec.gpu_mem_reserved_bytes)}, "
+                       f"allocated {_gib(rec.gpu_mem_allocated_bytes)} of {_gib(rec.gpu_mem_total_bytes)}"
+                       f"; the allocator summary is in GET /v1/runs/{self.run.run}")
+            return [firing(self.name, rec.rank, step, rec.time, summary, "critical",
+                           message=rec.message, has_detail=rec.detail is not None,
+                           **{f: getattr(rec, f) for f in ("gpu_mem_allocated_bytes",
+                              "gpu_mem_reserved_bytes", "gpu_mem_peak_bytes", "gpu_mem_total_bytes")})]
+        if rec.rank not in self.open:
+            return []
+        if rec.type == "start":
+            del self.open[rec.rank]
+            return [resolved(self.name, rec.rank, step, rec.time,
+                             f"rank {rec.rank} restarted after running out of GPU memory")]
+        oom_step = self.open[rec.rank]
+        if rec.type == "sample" and step >= oom_step + s.resolve_after_steps:
+            del self.open[rec.rank]
+            return [resolved(self.name, rec.rank, step, rec.time,
+                             f"rank {rec.rank} trained {step - oom_step} steps since its GPU ran out "
+                             f"of memory at step {oom_step}")]
+        return []

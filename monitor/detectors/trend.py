@@ -1,0 +1,228 @@
+"""Robust trends over bounded series: bucket extremes in a ring, rolling floors, Theil-Sen.
+
+The memory detectors do not keep records. They keep one extreme per bucket
+(the minimum of host memory per minute, the maximum of the GPU peak per few
+steps) in a fixed-size ring, so a week-long run costs the same memory as an
+hour, and they judge the trend on those summaries:
+
+- a *floor* (the lowest bucket over a trailing span) hides sawtooths whose
+  period is shorter than the span: DataLoader workers that give memory back
+  each epoch, GC cycles;
+- Theil-Sen (the median of pairwise slopes) ignores outliers and needs about
+  three steps of a staircase before it calls the staircase a slope, so one
+  allocation that stays is not a leak.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import deque
+from dataclasses import dataclass
+
+MAX_FIT_POINTS = 40  # Theil-Sen over at most this many points (780 pairs, ~0.2 ms)
+
+
+def theil_sen(xs: list[float], ys: list[float], max_points: int = MAX_FIT_POINTS) -> float:
+    """Median of pairwise slopes; points are thinned evenly to ``max_points``."""
+    return trend_test(xs, ys, max_points)[0]
+
+
+def trend_test(xs: list[float], ys: list[float],
+               max_points: int = MAX_FIT_POINTS) -> tuple[float, float]:
+    """(Theil-Sen slope, Mann-Kendall z) from the same pairs; thinned to ``max_points``.
+
+    z is the Kendall S statistic over its standard deviation under "no trend"
+    (independent, identically distributed points): about N(0, 1) for noise of
+    any shape, large for a series that keeps rising.
+    """
+    n = len(xs)
+    if n < 3:
+        return 0.0, 0.0
+    if n > max_points:
+        pick = [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
+        xs = [xs[i] for i in pick]
+        ys = [ys[i] for i in pick]
+        n = max_points
+    slopes = []
+    kendall = 0
+    for i in range(n - 1):
+        xi, yi = xs[i], ys[i]
+        for j in range(i + 1, n):
+            dx = xs[j] - xi
+            if dx > 0:
+                dy = ys[j] - yi
+                slopes.append(dy / dx)
+                kendall += (dy > 0) - (dy < 0)
+    if not slopes:
+        return 0.0, 0.0
+    slopes.sort()
+    mid = len(slopes) // 2
+    slope = slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+    return slope, kendall / math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+
+
+def rolling_floor(points: list[tuple[float, float]], span: float) -> list[tuple[float, float]]:
+    """For each (t, v) in time order: (t, min of v over (t - span, t]). O(n), monotone deque."""
+    out: list[tuple[float, float]] = []
+    window: deque[tuple[float, float]] = deque()
+    for t, v in points:
+        while window and window[-1][1] >= v:
+            window.pop()
+        window.append((t, v))
+        while window[0][0] <= t - span:
+            window.popleft()
+        out.append((t, window[0][1]))
+    return out
+
+
+class Ring:
+    """Fixed-size ring of (time, value) pairs in two float arrays (16 bytes an entry)."""
+
+    __slots__ = ("times", "values", "size", "head", "count")
+
+    def __init__(self, size: int) -> None:
+        self.times = array("d", bytes(8 * size))
+        self.values = array("d", bytes(8 * size))
+        self.size, self.head, self.count = size, 0, 0
+
+    def append(self, t: float, v: float) -> None:
+        self.times[self.head] = t
+        self.values[self.head] = v
+        self.head = (self.head + 1) % self.size
+        self.count = min(self.count + 1, self.size)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def items(self, since: float = -math.inf) -> list[tuple[float, float]]:
+        """Oldest first, those with time >= ``since``."""
+        first = (self.head - self.count) % self.size
+        out = []
+        for k in range(self.count):
+            i = (first + k) % self.size
+            if self.times[i] >= since:
+                out.append((self.times[i], self.values[i]))
+        return out
+
+    def tail(self, n: int) -> list[float]:
+        """The newest ``n`` values, oldest first."""
+        n = min(n, self.count)
+        return [self.values[(self.head - n + k) % self.size] for k in range(n)]
+
+    def last(self) -> tuple[float, float]:
+        i = (self.head - 1) % self.size
+        return self.times[i], self.values[i]
+
+
+class MinBuckets:
+    """Per-bucket minima of one series (bucket = ``width`` seconds), the last ``size`` closed ones.
+
+    ``add`` returns True when a bucket closed (the moment to re-evaluate). A
+    sample older than the open bucket folds into it (late records are rare and
+    this is the conservative side for a minimum).
+    """
+
+    __slots__ = ("width", "ring", "index", "low", "last")
+
+    def __init__(self, width: float, size: int) -> None:
+        self.width = width
+        self.ring = Ring(size)  # (bucket start time, minimum)
+        self.index: int | None = None
+        self.low = 0.0
+        self.last = 0.0  # newest value
+
+    def add(self, t: float, v: float) -> bool:
+        idx = int(t // self.width)
+        self.last = v
+        if self.index is None:
+            self.index, self.low = idx, v
+            return False
+        if idx > self.index:
+            self.ring.append(self.index * self.width, self.low)
+            self.index, self.low = idx, v
+            return True
+        if v < self.low:
+            self.low = v
+        return False
+
+
+class DropWatch:
+    """Recognises a sawtooth: memory that falls back by at least half of what it gained.
+
+    Fed the closed bucket minima. For each drop it remembers how long the rise
+    before it lasted (from the lowest point since the previous drop), so the
+    caller can make its floor span longer than one tooth, from the first drop on.
+    """
+
+    __slots__ = ("trough", "trough_time", "high", "rises", "last_drop")
+
+    def __init__(self, keep: int = 4) -> None:
+        self.trough: float | None = None
+        self.trough_time = 0.0
+        self.high = 0.0
+        self.rises: deque[float] = deque(maxlen=keep)
+        self.last_drop = 0.0
+
+    def add(self, t: float, v: float, min_drop: float) -> None:
+        if self.trough is None:
+            self.trough, self.trough_time, self.high = v, t, v
+            return
+        fall = self.high - v
+        if fall >= min_drop and fall >= 0.5 * (self.high - self.trough):
+            self.rises.append(t - self.trough_time)
+            self.last_drop = t
+            self.trough, self.trough_time, self.high = v, t, v
+        elif v < self.trough:  # a new lowest point: gains count from here
+            self.trough, self.trough_time, self.high = v, t, v
+        elif v > self.high:
+            self.high = v
+
+    def period(self, now: float, forget_after: float) -> float:
+        """Longest recent rise that ended in a drop (0 when no sawtooth is seen lately)."""
+        if self.rises and now - self.last_drop > forget_after:
+            self.rises.clear()
+        return max(self.rises, default=0.0)
+
+
+@dataclass(slots=True)
+class Growth:
+    """A steady rise found over one lookback of floor points."""
+
+    rate: float  # units per second (Theil-Sen)
+    rise: float  # rate x lookback
+    lookback: float  # seconds
+    floor_now: float
+
+
+def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, min_rate: float,
+                  min_rise: float, balance: float) -> Growth | None:
+    """The longest lookback over which the floor rises steadily, or None.
+
+    Steady means: Theil-Sen rate >= ``min_rate``; rate x lookback >= ``min_rise``;
+    the floor ends at least ``min_rise / 2`` above where it started (it did not
+    come back); and both halves of the lookback rise, the smaller rise at least
+    ``balance`` times the larger. Growth that saturates (warmup) has a flat
+    recent half; one allocation that stays has a flat half on one side.
+    """
+    if len(floors) < 3:
+        return None
+    t_end, f_end = floors[-1]
+    best: Growth | None = None
+    for lookback in lookbacks:
+        pts = [p for p in floors if p[0] >= t_end - lookback]
+        if len(pts) < 5:
+            continue
+        if f_end - pts[0][1] < 0.5 * min_rise:  # cheap test first: most calls stop here
+            continue
+        span = pts[-1][0] - pts[0][0]
+        rate = theil_sen([p[0] for p in pts], [p[1] for p in pts])
+        if rate < min_rate or rate * span < min_rise:
+            continue
+        t_mid = pts[0][0] + span / 2
+        f_mid = next(f for t, f in pts if t >= t_mid)
+        older, recent = f_mid - pts[0][1], f_end - f_mid
+        if older <= 0 or recent <= 0 or min(older, recent) < balance * max(older, recent):
+            continue
+        best = Growth(rate, rate * span, span, f_end)
+    return best

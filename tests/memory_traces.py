@@ -1,0 +1,94 @@
+"""Generated memory telemetry for the memory detectors' tests and benchmarks (seeded, deterministic).
+
+A shape is a function (t seconds since start, rng) -> bytes; shapes add up.
+``host_trace`` and ``gpu_trace`` turn per-rank shapes into Records in time
+order, as a rank would send them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+from monitor.record import Record, from_obj
+
+Shape = Callable[[float, random.Random], float]
+MB = 1e6
+GiB = float(1 << 30)
+MiB = float(1 << 20)
+T0 = 1_700_000_000.0
+
+
+def const(v: float) -> Shape:
+    return lambda t, r: v
+
+
+def noise(sd: float) -> Shape:
+    return lambda t, r: r.gauss(0.0, sd)
+
+
+def warmup(amount: float, tau: float) -> Shape:
+    """Growth that saturates: amount * (1 - exp(-t / tau))."""
+    return lambda t, r: amount * (1.0 - math.exp(-t / tau))
+
+
+def linear(per_hour: float, start: float = 0.0, stop: float = math.inf) -> Shape:
+    return lambda t, r: per_hour * (min(t, stop) - start) / 3600.0 if t > start else 0.0
+
+
+def staircase(step: float, period: float, start: float = 0.0) -> Shape:
+    """A step up every period that never comes back."""
+    return lambda t, r: step * math.floor((t - start) / period) if t > start else 0.0
+
+
+def sawtooth(amount: float, period: float) -> Shape:
+    """Grows by ``amount`` over each period, then falls back (DataLoader workers restarting)."""
+    return lambda t, r: amount * ((t % period) / period)
+
+
+def spikes(amount: float, every: float, length: float) -> Shape:
+    """Short bursts (a checkpoint being written, an eval pass)."""
+    return lambda t, r: amount if (t % every) < length else 0.0
+
+
+def total(*shapes: Shape) -> Shape:
+    return lambda t, r: sum(s(t, r) for s in shapes)
+
+
+def host_trace(ranks: dict[int, Shape], hours: float, every: float = 10.0, *,
+               machine_bytes: float = 64e9, other_bytes: float = 8e9,
+               available: Shape | None = None, seed: int = 0, run: str = "host-run",
+               host: str | None = "node-a", starts: bool = True) -> list[Record]:
+    """Samples every ``every`` s with host_mem_bytes per rank; available = machine - all ranks - other
+    (or ``available`` when given). One step per second of record time."""
+    rng = random.Random(seed)
+    out: list[Record] = []
+    if starts:
+        out += [from_obj({"type": "start", "run": run, "rank": k, "time": T0, "host": host,
+                          "world_size": len(ranks)}) for k in ranks]
+    n = int(hours * 3600 / every)
+    for i in range(1, n + 1):
+        t = i * every
+        values = {k: max(0.0, shape(t, rng)) for k, shape in ranks.items()}
+        avail = available(t, rng) if available else machine_bytes - other_bytes - sum(values.values())
+        for k, v in values.items():
+            out.append(from_obj({"run": run, "rank": k, "time": T0 + t, "step": int(t),
+                                 "host_mem_bytes": v, "host_mem_total_bytes": machine_bytes,
+                                 "host_mem_available_bytes": max(0.0, avail)}))
+    return out
+
+
+def gpu_trace(ranks: dict[int, Shape], steps: int, *, total_bytes: float = 80 * GiB,
+              seconds_per_step: float = 0.5, every: int = 1, field: str = "gpu_mem_peak_bytes",
+              seed: int = 0, run: str = "gpu-run") -> list[Record]:
+    """Samples every ``every`` steps; shapes take the *step* as their t. Peak capped at the total."""
+    rng = random.Random(seed)
+    out: list[Record] = [from_obj({"type": "start", "run": run, "rank": k, "time": T0,
+                                   "world_size": len(ranks)}) for k in ranks]
+    for step in range(every, steps + 1, every):
+        for k, shape in ranks.items():
+            v = min(total_bytes, max(0.0, shape(step, rng)))
+            out.append(from_obj({"run": run, "rank": k, "time": T0 + step * seconds_per_step,
+                                 "step": step, field: v, "gpu_mem_total_bytes": total_bytes}))
+    return out
