@@ -146,7 +146,7 @@ class Sidecar:
 
 
 def pin(core: int) -> None:
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > core:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > core:
         os.sched_setaffinity(0, {core})
 
 

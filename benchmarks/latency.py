@@ -65,7 +65,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 def trials(url: str, n: int, arrivals: Any) -> tuple[list[float], list[float]]:
     u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=10)
     visible, hooked = [], []
     rng = random.Random(0)
     for rank in range(n):

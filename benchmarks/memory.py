@@ -5,6 +5,7 @@
 A child process builds the sidecar's Service with its store attached (as ``serve`` does, without
 the HTTP server) and feeds it a healthy 64-rank run through ``Service.ingest`` in JSON bodies of
 1000 records (encoded on the fly; steps and times advance). RSS is read after each power of ten.
+Then the cost of width: RSS added per rank with 4,096 ranks (1,024 with --quick) of 200 samples each.
 """
 
 from __future__ import annotations
@@ -54,6 +55,37 @@ def _child(checkpoints: list[int], out: Any) -> None:
         service.close()
 
 
+def _per_rank_child(ranks: int, samples: int, out: Any) -> None:
+    import psutil
+
+    from monitor.config import load
+    from monitor.service import Service
+
+    proc = psutil.Process()
+    service = Service(load(None, {}, {}))
+    feed = Feed("wide", ranks=ranks)
+    body = feed.body(ranks)  # encode first: the feed's own buffers are not the sidecar's
+    gc.collect()
+    before = proc.memory_info().rss
+    for _ in range(samples):
+        service.ingest(body, "application/json")
+        body = feed.body(ranks)
+    gc.collect()
+    out.put(proc.memory_info().rss - before)
+
+
+def per_rank(ranks: int, samples: int) -> Figure:
+    """RSS added per rank once each rank sent ``samples`` samples (state and detector windows)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_per_rank_child, args=(ranks, samples, q))
+    p.start()
+    grown = q.get(timeout=3600)
+    p.join()
+    return Figure("memory", f"RSS per rank ({ranks:,} ranks x {samples} samples)", grown / ranks / 1024, "KiB",
+                  None, "<", {"ranks": ranks, "samples_per_rank": samples, "grown_mib": grown / 2**20})
+
+
 def run(quick: bool = False, maximum: int | None = None) -> list[Figure]:
     maximum = maximum or (10**6 if quick else 10**7)
     checkpoints = [10**k for k in range(4, 8) if 10**k <= maximum]
@@ -84,6 +116,7 @@ def run(quick: bool = False, maximum: int | None = None) -> list[Figure]:
         figures.append(Figure("memory", f"RSS growth {n0:.0e} -> {n1:.0e} records".replace("e+0", "e"),
                               (r1 - r0) / r0, "ratio", 0.05, "<",
                               {"from_mib": r0 / 2**20, "to_mib": r1 / 2**20}))
+    figures.append(per_rank(1024, 150) if quick else per_rank(4096, 200))
     return figures
 
 
