@@ -6,7 +6,7 @@ general-purpose client (httpx, http.client) spends ~50-100 us of CPU per
 request, as much as the server. Runs in a child process, pinned to its own core.
 
     from benchmarks.loadgen import run_load
-    result = run_load(url, batch=100, seconds=3, connections=8)  # -> {"requests": n, "seconds": s, ...}
+    result = run_load(url, batch=100, windows=[0.5, 2, 2], connections=8)  # -> {"windows": [...], ...}
 
 Connection k sends run ``{prefix}-{k}`` (a ``common.Feed``: 64 ranks, steps advancing), each request
 the next ``batch`` records of it, encoded on the fly.
@@ -54,23 +54,40 @@ async def _connection(host: str, port: int, feed: Any, batch: int, deadline: flo
         writer.close()
 
 
-async def _main(url: str, batch: int, seconds: float, connections: int, prefix: str) -> dict[str, Any]:
+async def _main(url: str, batch: int, windows: list[float], connections: int, prefix: str,
+                server_pid: int | None) -> dict[str, Any]:
+    """Load for sum(windows) seconds; per window: requests answered, seconds, client and server CPU."""
     from benchmarks.common import Feed
 
+    server = _cpu_reader(server_pid)
     u = urlparse(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     feeds = [Feed(f"{prefix}-{k}") for k in range(connections)]
     counts = {"ok": 0, "errors": 0}
-    cpu = time.process_time()
     start = time.perf_counter()
-    await asyncio.gather(*(_connection(host, port, feeds[k], batch, start + seconds, counts)
-                           for k in range(connections)))
-    return {"requests": counts["ok"], "errors": counts["errors"], "seconds": time.perf_counter() - start,
-            "client_cpu_seconds": time.process_time() - cpu}
+    tasks = [asyncio.ensure_future(_connection(host, port, feeds[k], batch, start + sum(windows), counts))
+             for k in range(connections)]
+    out = []
+    for length in windows:
+        t0, ok0, cpu0, server0 = time.perf_counter(), counts["ok"], time.process_time(), server()
+        await asyncio.sleep(length)
+        out.append({"requests": counts["ok"] - ok0, "seconds": time.perf_counter() - t0,
+                    "client_cpu_seconds": time.process_time() - cpu0, "server_cpu_seconds": server() - server0})
+    await asyncio.gather(*tasks)
+    return {"windows": out, "errors": counts["errors"]}
 
 
-def _child(url: str, batch: int, seconds: float, connections: int, prefix: str, core: int | None,
-           out: Any) -> None:
+def _cpu_reader(pid: int | None) -> Any:
+    if pid is None:
+        return lambda: 0.0
+    import psutil
+
+    proc = psutil.Process(pid)
+    return lambda: sum(proc.cpu_times()[:2])
+
+
+def _child(url: str, batch: int, windows: list[float], connections: int, prefix: str, core: int | None,
+           server_pid: int | None, out: Any) -> None:
     from benchmarks.common import pin
 
     if core is not None:
@@ -81,17 +98,19 @@ def _child(url: str, batch: int, seconds: float, connections: int, prefix: str, 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         pass
-    out.put(asyncio.run(_main(url, batch, seconds, connections, prefix)))
+    out.put(asyncio.run(_main(url, batch, windows, connections, prefix, server_pid)))
 
 
-def run_load(url: str, batch: int, seconds: float, connections: int = 8, prefix: str = "load",
-             core: int | None = 1) -> dict[str, Any]:
-    """POST batches for ``seconds`` from a child process; counts of 200s and of other answers."""
+def run_load(url: str, batch: int, windows: list[float], connections: int = 8, prefix: str = "load",
+             core: int | None = 1, server_pid: int | None = None) -> dict[str, Any]:
+    """POST batches from a child process through consecutive measurement ``windows`` (seconds each; the
+    first can serve as a warm-up). Per window: requests answered with 200, seconds, the client's
+    CPU seconds and (given ``server_pid``) the server's; plus the count of other answers."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(url, batch, seconds, connections, prefix, core, q))
+    p = ctx.Process(target=_child, args=(url, batch, windows, connections, prefix, core, server_pid, q))
     p.start()
-    deadline = time.monotonic() + seconds + 60
+    deadline = time.monotonic() + sum(windows) + 60
     while True:
         try:
             result = q.get(timeout=1.0)
