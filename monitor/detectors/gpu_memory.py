@@ -145,13 +145,13 @@ class GpuOomRisk(Detector):
             return []
         pts = pts[len(pts) % 3:]  # equal thirds
         xs, vs = [p[0] for p in pts], [p[1] for p in pts]
-        rate, z = trend_test(xs, vs, max_points=24)  # bytes per step; Mann-Kendall z
         k = len(vs) // 3
         a, b, c = median(vs[:k]), median(vs[k: 2 * k]), median(vs[2 * k:])  # the thirds' levels
         older, recent = b - a, c - b
         step = rec.step or 0
+        # the trend test (~50 us: all pairs of points) runs only when the cheap conditions leave it a say
         if gpu.open:
-            if recent <= 0 or rate <= 0:
+            if recent <= 0 or trend_test(xs, vs, max_points=24)[0] <= 0:
                 gpu.open = False
                 return [resolved(self.name, rec.rank, step, rec.time,
                                  f"GPU memory peak of rank {rec.rank} stopped rising "
@@ -160,9 +160,10 @@ class GpuOomRisk(Detector):
         current = max(vs[-2:])
         near = current >= s.near_fraction * total
         min_rise = (s.near_min_rise_fraction if near else s.min_rise_fraction) * total
-        steady = (z >= s.min_trend_z and rate * (xs[-1] - xs[0]) >= min_rise
-                  and c - a >= 0.5 * min_rise and recent >= min_rise / 3
-                  and recent >= s.decel_ratio * older)
+        if not (c - a >= 0.5 * min_rise and recent >= min_rise / 3 and recent >= s.decel_ratio * older):
+            return []  # flat or slowing: not steady, whatever the trend test says
+        rate, z = trend_test(xs, vs, max_points=24)  # bytes per step; Mann-Kendall z
+        steady = z >= s.min_trend_z and rate * (xs[-1] - xs[0]) >= min_rise
         if not steady:
             return []
         headroom = max(0.0, total - current)
