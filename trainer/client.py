@@ -11,7 +11,9 @@ sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
 exponential backoff, and when the buffer is full the oldest records are dropped
 and counted. Every cycle it also measures host/GPU memory (the probes); each
 sample carries the latest measurement. A second thread sends heartbeats while
-the training thread is busy or blocked.
+the training thread is busy or blocked; with ``tm.phase("data")`` / ``tm.phase("step")``
+around the loop's parts, each heartbeat also says what the training thread is doing, so
+the sidecar can tell a rank stuck in data loading from the ranks it keeps waiting.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -35,6 +38,7 @@ from .transport import FileSink, HttpSink
 __all__ = ["STAGED", "Telemetry"]
 
 log = logging.getLogger("trainer.client")
+_PHASE_NAME = re.compile(r"[a-z0-9_-]{1,32}\Z")  # the record contract's rule for ``phase``
 
 
 class Telemetry:
@@ -69,6 +73,8 @@ class Telemetry:
         self._active = False
         self._bound = False
         self.last_step: int | None = None
+        self._phase: tuple[str, float] | None = None  # (name, start time): one reference, swapped whole
+        self._phase_names: set[str] = set()  # names already checked against the contract
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._refresh()  # once here, so that the first samples carry host memory too
@@ -118,10 +124,36 @@ class Telemetry:
             if not self._bound:
                 self._bind()
             self.last_step = rec["step"]
+            self._phase = None  # the step is over: no phase until the loop names the next one
             self._active = True
             self._push(rec)
         except Exception as exc:  # never break training because of telemetry
             self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
+
+    def set_phase(self, name: str | None) -> None:
+        """What the training thread does from now on: "data" (waiting for the next batch), "step"
+        (forward, backward, optimizer, their collectives), or another name of 1-32 characters of
+        [a-z0-9_-]; None: nothing. Heartbeats carry it and its start time until the next ``set_phase``
+        or ``record()``. An attribute write and a clock read; never raises (a bad name is logged and
+        the phase cleared)."""
+        try:
+            if name is None:
+                self._phase = None
+            elif type(name) is str and name in self._phase_names:
+                self._phase = (name, self._clock())
+            elif type(name) is str and _PHASE_NAME.match(name):
+                self._phase_names.add(name)
+                self._phase = (name, self._clock())
+            else:
+                raise ValueError("must be 1-32 characters of [a-z0-9_-]")
+        except Exception as exc:  # never break training because of telemetry
+            self._phase = None
+            self._warn("phase", "phase name %r skipped: %s", name, exc)
+
+    def phase(self, name: str) -> _PhaseScope:
+        """``with tm.phase("data"): batch = next(it)``: ``set_phase(name)`` for the block, then the
+        phase that was current before (with its own start time). Errors in the block go through."""
+        return _PhaseScope(self, name)
 
     @staticmethod
     def _put(rec: dict[str, Any], name: str, value: Any, tensors: dict[str, Any]) -> None:
@@ -145,7 +177,8 @@ class Telemetry:
         self._outbox.request_flush()
 
     def heartbeat(self, step: int | None = None) -> None:
-        self._send_kind("heartbeat", step, {})
+        phase = self._phase  # one read: name and start time stay together
+        self._send_kind("heartbeat", step, {} if phase is None else {"phase": phase[0], "phase_time": phase[1]})
 
     def end(self, step: int | None = None) -> None:
         self._send_kind("end", step, {})
@@ -285,6 +318,21 @@ class Telemetry:
         if dropped:
             metrics["client_dropped_records"] = dropped
         self._measured = (top, metrics or None)  # one reference swap: the training thread reads either
+
+
+class _PhaseScope:
+    __slots__ = ("tm", "name", "outer")
+
+    def __init__(self, tm: Telemetry, name: str) -> None:
+        self.tm, self.name = tm, name
+        self.outer: tuple[str, float] | None = None
+
+    def __enter__(self) -> None:
+        self.outer = self.tm._phase
+        self.tm.set_phase(self.name)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.tm._phase = self.outer
 
 
 def _make_sink(s: ClientSettings) -> Any:

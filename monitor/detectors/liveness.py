@@ -21,7 +21,11 @@ An alert's ``time`` is the moment the limit was crossed (last advance + limit),
 so the server (timer ticks on the wall clock) and replay (ticks on record time)
 report the same alert. When several ranks are stalled, each alert names the
 rank that most likely stopped first: a rank that went silent while others
-still send heartbeats, else the one left behind at the lowest step.
+still send heartbeats, else the one left behind at the lowest step, else
+(all ranks at one step) the one whose heartbeats say it has been waiting for
+data (``phase`` "data") the longest while the others got their batch and wait
+in the step's collectives: a hung DataLoader. Without ``phase`` in the
+records the blocker at one step cannot be told, and the summary says so.
 
 A rank that sent ``end`` is finished, not dead, and so is every rank that has
 not gone past the step at which another rank ended (in synchronous training
@@ -80,6 +84,9 @@ class _Rank:
     ended: bool = False
     retired: bool = False  # a later start has a world_size that no longer includes it
     after_start: bool = True  # the previous record was a start (its gap is start-up, not learned)
+    phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
+    phase_time: float | None = None  # when that phase began
+    phase_seen: float = -math.inf  # time of the record that said so
 
 
 class RankStalled(Detector):
@@ -113,9 +120,12 @@ class RankStalled(Detector):
         r.retired = False
         r.after_start = kind == "start"
         why = ""
+        if kind in ("heartbeat", "sample") and t >= r.phase_seen:
+            r.phase_seen, r.phase = t, record.phase
+            r.phase_time = record.phase_time if record.phase is not None else None
         if kind == "start":
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
-            r.sample_step = -1
+            r.sample_step, r.phase, r.phase_time = -1, None, None
             why = "started again"
             if t > self.end_time:
                 self.end_step = None
@@ -257,7 +267,7 @@ class RankStalled(Detector):
                       reason=reason, threshold_seconds=limit, last_step_time=r.advance_time,
                       last_record_time=r.seen, longest_step_interval_seconds=self.longest,
                       typical_step_interval_seconds=typical, heartbeats=r.beats,
-                      first_rank=first)
+                      first_rank=first, phase=r.phase, phase_time=r.phase_time)
 
     def _first(self, at: float) -> tuple[int | None, str]:
         """Which rank most likely stopped first, judged at time ``at``, and why."""
@@ -282,11 +292,35 @@ class RankStalled(Detector):
             return q, (f"{prefix}rank {q} stopped first (at step {low_step}; "
                        f"{_ranks(len(live) - 1)} reached {top})")
         if len(behind) == len(live):
+            waiting = _waiting_for_data(live, at, low_step, prefix)
+            if waiting is not None:
+                return waiting
             return None, (f"{prefix}all {len(live)} ranks stand at step {low_step}: the rank that "
                           f"blocks the others cannot be told from steps (dump their stacks, "
                           f"e.g. py-spy dump)")
         names = ", ".join(str(x[2]) for x in behind)
         return None, f"{prefix}ranks {names} are behind at step {low_step} while others reached {top}"
+
+
+def _waiting_for_data(live: list[tuple[int, _Rank]], at: float, step: int,
+                      prefix: str) -> tuple[int | None, str] | None:
+    """All ranks stand at ``step``: the ranks whose training thread waits for its next batch block the
+    others, which got theirs and wait in the step's all-reduce. None without phase information."""
+    data = sorted((r.phase_time if r.phase_time is not None else at, q) for q, r in live if r.phase == "data")
+    if not data:
+        return None
+    since, q = data[0]
+    if len(data) == len(live):
+        return None, (f"{prefix}all {len(live)} ranks have been waiting for data since step {step} (rank {q} "
+                      f"for {at - since:.0f} s): check the shared storage or input pipeline")
+    n = len(live) - len(data)
+    if len(data) == 1:
+        who, their = f"rank {q} has been waiting for data for {at - since:.0f} s", "its"
+    else:
+        names = ", ".join(str(x[1]) for x in sorted(data, key=lambda x: x[1]))
+        who, their = f"ranks {names} have been waiting for data (rank {q} for {at - since:.0f} s)", "their"
+    return q, (f"{prefix}{who} since step {step} while {_ranks(n)} wait{'s' if n == 1 else ''} in the "
+               f"step's collectives: check {their} DataLoader/storage; py-spy dump {their} workers")
 
 
 def _ranks(n: int) -> str:
