@@ -116,7 +116,10 @@ def serve(settings: Settings, config_file: str | None, log_level: str = "info") 
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
                             access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
+        pass
     return 0
 
 

@@ -27,13 +27,14 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 from . import host_memory
 from .fields import DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
 from .outbox import LimitedLog, Outbox
 from .settings import ClientSettings, from_environ
-from .transport import FileSink, HttpSink
+from .transport import FileSink, HttpSink, Result
 
 __all__ = ["STAGED", "Telemetry"]
 
@@ -85,6 +86,19 @@ class Telemetry:
                 thread.start()
                 self._threads.append(thread)
             atexit.register(self.close)
+            _LIVE.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker) has this object but not its threads, and one of them
+        may have held the buffer's lock at the fork. This copy goes quiet: records are dropped, nothing
+        is sent on the parent's connection, close() returns at once."""
+        self._closed = True
+        self._threads = []
+        self._active = False
+        self._sink = _Forked()
+        self._outbox = Outbox(self._sink, self.settings, self._monotonic, self._warn)
+        self._push = _drop
+        self._stop = threading.Event()
 
     # -- the training thread's API -------------------------------------------------------------------
     def record(self, step: int, loss: Any = None, lr: Any = None, grad_norm: Any = None,
@@ -246,6 +260,7 @@ class Telemetry:
             return
         self._closed = True
         atexit.unregister(self.close)
+        _LIVE.discard(self)
         deadline = self._monotonic() + timeout
         self.flush(timeout)
         self._stop.set()
@@ -333,6 +348,33 @@ class _PhaseScope:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.tm._phase = self.outer
+
+
+_LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()  # clients with threads, for the fork hook
+
+
+def _drop(rec: dict[str, Any]) -> None:
+    pass
+
+
+class _Forked:
+    """The sink of a forked child's copy: the parent's connection is not ours to use."""
+
+    def send(self, records: list[dict[str, Any]]) -> Result:
+        return Result("drop", "a forked child does not send (its parent's client does)")
+
+    def close(self) -> None:
+        pass
+
+
+def _after_fork_in_child() -> None:
+    for tm in list(_LIVE):
+        tm._after_fork_in_child()
+    _LIVE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _make_sink(s: ClientSettings) -> Any:

@@ -36,6 +36,7 @@ resolves an open alert; so does ``end``.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from statistics import median
@@ -45,6 +46,7 @@ from ..record import Record
 from .base import Detector
 
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
+NAMES_SHOWN = 10  # ranks named in a summary; the rest are counted
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,6 +72,17 @@ class RankStalledSettings:
         if self.ceiling_seconds < self.floor_seconds:
             raise ValueError(f"rank_stalled.ceiling_seconds: must be >= floor_seconds "
                              f"({self.floor_seconds!r}), got {self.ceiling_seconds!r}")
+
+
+@dataclass(slots=True)
+class _Peers:
+    """The live ranks, indexed once per tick: naming the first rank costs O(log n) per alert, so a
+    whole large job stalling at once does not hold the event loop for n x n."""
+
+    live: int
+    by_silence: list[tuple[float, list[tuple[float, int]]]]  # (silence limit, sorted [(seen, rank)])
+    order: list[tuple[int, float, int]]  # sorted (shown step, advance time, rank)
+    data: list[tuple[float, int]]  # ranks waiting for data: sorted (phase start or inf if unknown, rank)
 
 
 @dataclass(slots=True)
@@ -183,6 +196,7 @@ class RankStalled(Detector):
             self.now = now
         now = self.now
         out = []
+        peers = None  # built at the first alert of this tick
         for rank, r in self.ranks.items():
             prev = self.firing.get(rank)
             if prev is not None:
@@ -192,7 +206,8 @@ class RankStalled(Detector):
                 continue
             found = self._stalled(r, now)
             if found is not None:
-                out.append(self._fire(rank, r, *found))
+                peers = peers or self._peers()
+                out.append(self._fire(rank, r, *found, peers))
         return out
 
     # -- the rules ----------------------------------------------------------
@@ -242,7 +257,7 @@ class RankStalled(Detector):
                        f"(longest step interval seen {self.longest:.1f} s)")
         return resolved(self.name, rank, r.shown, time, summary, threshold_seconds=limit)
 
-    def _fire(self, rank: int, r: _Rank, reason: str, at: float, limit: float) -> Event:
+    def _fire(self, rank: int, r: _Rank, reason: str, at: float, limit: float, peers: _Peers) -> Event:
         self.firing[rank] = reason
         step = r.shown
         if reason == "silent":
@@ -260,7 +275,7 @@ class RankStalled(Detector):
                      f"{self.settings.factor:g}x the longest step interval seen, {self.longest:.1f} s)")
         else:
             basis = f"limit {limit:.0f} s: no step finished since it started"
-        first, why_first = self._first(at)
+        first, why_first = self._first(at, peers)
         summary = f"{what}; {why_first}; {basis}" if why_first else f"{what}; {basis}"
         typical = median(self.recent) if self.recent else None
         return firing(self.name, rank, step, at, summary, "critical",
@@ -269,55 +284,73 @@ class RankStalled(Detector):
                       typical_step_interval_seconds=typical, heartbeats=r.beats,
                       first_rank=first, phase=r.phase, phase_time=r.phase_time)
 
-    def _first(self, at: float) -> tuple[int | None, str]:
-        """Which rank most likely stopped first, judged at time ``at``, and why."""
+    def _peers(self) -> _Peers:
         live = [(q, r) for q, r in self.ranks.items() if not self.finished(r)]
-        if len(live) < 2:
+        by_limit: dict[float, list[tuple[float, int]]] = {}
+        for q, r in live:
+            by_limit.setdefault(self.silence_limit(r), []).append((r.seen, q))
+        return _Peers(len(live), [(lim, sorted(v)) for lim, v in by_limit.items()],
+                      sorted((r.shown, r.advance_time, q) for q, r in live),
+                      sorted((r.phase_time if r.phase_time is not None else math.inf, q)
+                             for q, r in live if r.phase == "data"))
+
+    def _first(self, at: float, peers: _Peers) -> tuple[int | None, str]:
+        """Which rank most likely stopped first, judged at time ``at``, and why."""
+        if peers.live < 2:
             return None, ""
         # quiet for half its silence limit: on its way to silent (ranks stop within ms of each other)
-        missing = sorted((r.seen, q) for q, r in live if at - r.seen >= self.silence_limit(r) / 2)
-        if missing and len(missing) < len(live):
-            seen, q = missing[0]
-            n = len(live) - len(missing)
-            return q, (f"rank {q} went silent first (nothing for {at - seen:.0f} s) while "
+        n_missing, earliest, latest = 0, None, -math.inf
+        for lim, seen in peers.by_silence:
+            k = bisect_right(seen, (at - lim / 2, math.inf))
+            if k:
+                n_missing += k
+                earliest = seen[0] if earliest is None else min(earliest, seen[0])
+                latest = max(latest, seen[k - 1][0])
+        if earliest is not None and n_missing < peers.live:
+            seen_at, q = earliest
+            n = peers.live - n_missing
+            return q, (f"rank {q} went silent first (nothing for {at - seen_at:.0f} s) while "
                        f"{_ranks(n)} still send{'s' if n == 1 else ''} records")
         prefix = ""
-        if missing:  # all went quiet together: killed, node down, or the recording ended
-            prefix = f"every rank went silent within {missing[-1][0] - missing[0][0]:.1f} s; "
-        order = sorted((r.shown, r.advance_time, q) for q, r in live)
+        if earliest is not None:  # all went quiet together: killed, node down, or the recording ended
+            prefix = f"every rank went silent within {latest - earliest[0]:.1f} s; "
+        order = peers.order
         low_step, _, q = order[0]
-        behind = [x for x in order if x[0] == low_step]
+        n_behind = bisect_right(order, (low_step, math.inf, math.inf))
         top = order[-1][0]
-        if len(behind) == 1:
+        if n_behind == 1:
             return q, (f"{prefix}rank {q} stopped first (at step {low_step}; "
-                       f"{_ranks(len(live) - 1)} reached {top})")
-        if len(behind) == len(live):
-            waiting = _waiting_for_data(live, at, low_step, prefix)
+                       f"{_ranks(peers.live - 1)} reached {top})")
+        if n_behind == peers.live:
+            waiting = _waiting_for_data(peers, at, low_step, prefix)
             if waiting is not None:
                 return waiting
-            return None, (f"{prefix}all {len(live)} ranks stand at step {low_step}: the rank that "
+            return None, (f"{prefix}all {peers.live} ranks stand at step {low_step}: the rank that "
                           f"blocks the others cannot be told from steps (dump their stacks, "
                           f"e.g. py-spy dump)")
-        names = ", ".join(str(x[2]) for x in behind)
+        names = ", ".join(str(x[2]) for x in order[:min(n_behind, NAMES_SHOWN)])
+        if n_behind > NAMES_SHOWN:
+            names += f" and {n_behind - NAMES_SHOWN} more"
         return None, f"{prefix}ranks {names} are behind at step {low_step} while others reached {top}"
 
 
-def _waiting_for_data(live: list[tuple[int, _Rank]], at: float, step: int,
-                      prefix: str) -> tuple[int | None, str] | None:
+def _waiting_for_data(peers: _Peers, at: float, step: int, prefix: str) -> tuple[int | None, str] | None:
     """All ranks stand at ``step``: the ranks whose training thread waits for its next batch block the
     others, which got theirs and wait in the step's all-reduce. None without phase information."""
-    data = sorted((r.phase_time if r.phase_time is not None else at, q) for q, r in live if r.phase == "data")
+    data = peers.data
     if not data:
         return None
     since, q = data[0]
-    if len(data) == len(live):
-        return None, (f"{prefix}all {len(live)} ranks have been waiting for data since step {step} (rank {q} "
+    since = min(since, at)
+    if len(data) == peers.live:
+        return None, (f"{prefix}all {peers.live} ranks have been waiting for data since step {step} (rank {q} "
                       f"for {at - since:.0f} s): check the shared storage or input pipeline")
-    n = len(live) - len(data)
+    n = peers.live - len(data)
     if len(data) == 1:
         who, their = f"rank {q} has been waiting for data for {at - since:.0f} s", "its"
     else:
-        names = ", ".join(str(x[1]) for x in sorted(data, key=lambda x: x[1]))
+        shown = sorted(x[1] for x in data[:NAMES_SHOWN])
+        names = ", ".join(map(str, shown)) + (f" and {len(data) - NAMES_SHOWN} more" if len(data) > NAMES_SHOWN else "")
         who, their = f"ranks {names} have been waiting for data (rank {q} for {at - since:.0f} s)", "their"
     return q, (f"{prefix}{who} since step {step} while {_ranks(n)} wait{'s' if n == 1 else ''} in the "
                f"step's collectives: check {their} DataLoader/storage; py-spy dump {their} workers")

@@ -379,3 +379,30 @@ def test_smaller_limits_from_config_fire_sooner():
     quick = settings(rank_stalled={"floor_seconds": 5.0, "silence_floor_seconds": 3.0})
     alerts = stalled(job.records, until=T0 + 200, detector_settings=quick)
     assert [a["time"] for a in alerts] == pytest.approx([job.t(100) + 5, job.t(100) + 5.001])
+
+
+def test_a_whole_large_job_stalling_at_once_costs_a_linear_scan_per_tick_not_one_per_alert(monkeypatch):
+    # One sidecar per job, 2048 ranks, all killed at once: the timer tick that fires 2048 alerts ran the
+    # event loop for seconds (every alert re-sorted all ranks to name the first). Counted, not timed.
+    from monitor.config import Limits, default_detector_settings
+    from monitor.detectors.liveness import RankStalled
+    from monitor.pipeline import Pipeline
+
+    n = 2048
+    p = Pipeline(default_detector_settings(), Limits(max_ranks_per_run=n))
+    p.process([from_obj({"run": "big", "rank": k, "time": 1000.0 + s, "step": s, "type": "heartbeat"})
+               for s in range(3) for k in range(n)])
+    calls = 0
+    real = RankStalled.silence_limit
+
+    def counted(self, r):
+        nonlocal calls
+        calls += 1
+        return real(self, r)
+
+    monkeypatch.setattr(RankStalled, "silence_limit", counted)
+    out = [a for a in p.tick_wall(2000.0) if a["alert"] == NAME]
+    assert len(out) == n and {a["reason"] for a in out} == {"silent"}
+    assert {a["first_rank"] for a in out} == {None}  # all went silent together at the same step
+    assert "every rank went silent within 0.0 s; all 2048 ranks stand at step 2" in out[0]["summary"]
+    assert calls <= 3 * n
