@@ -42,14 +42,14 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, service.reload)  # main thread only
+        for task in tasks:
+            task.add_done_callback(_report_death)  # logged when it dies, not at shutdown
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(*tasks, return_exceptions=True)  # a dead job must not skip close()
             service.close()
 
     app = FastAPI(title="trainhealth", lifespan=lifespan, default_response_class=JSON)
@@ -146,6 +146,12 @@ async def _bad_query(request: Request, exc: Exception) -> Response:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
     return JSON({"error": f"{where}: {first.get('msg', 'invalid')} (value: {first.get('input')!r})"}, 400)
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background job %s stopped: %r", task.get_coro(), task.exception(),
+                  exc_info=task.exception())
 
 
 async def _timer(service: Service) -> None:

@@ -15,6 +15,9 @@ from .config import ConfigError, Settings, load
 log = logging.getLogger("trainhealth")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainhealth", description=(
         "Watch distributed PyTorch training: 'serve' runs the sidecar (POST records to /v1/ingest), "
@@ -30,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="TOML file with thresholds; reloaded on SIGHUP and POST /-/reload")
     s.add_argument("--record", dest="record_dir", help="flight recorder: append records to DIR/RUN.jsonl")
     s.add_argument("--token", help="require Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", choices=LOG_LEVELS, help="TRAINHEALTH_LOG_LEVEL; default info")
     r = sub.add_parser("replay", help="run the detectors over recorded .jsonl files")
     r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records")
     r.add_argument("--config", help="TOML file with thresholds to try")
@@ -48,7 +51,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             flags = {k: getattr(args, k) for k in ("host", "port", "webhooks", "alertmanager", "db",
                                                    "record_dir", "token")}
             settings = load(args.config, flags, environ)
-            return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), args.log_level)
+            level = args.log_level or environ.get("TRAINHEALTH_LOG_LEVEL") or "info"
+            if level not in LOG_LEVELS:
+                raise ConfigError(f"TRAINHEALTH_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+            return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), level)
         settings = load(args.config, {}, {})
         if args.until is not None and not args.until >= 0:
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
@@ -116,7 +122,10 @@ def serve(settings: Settings, config_file: str | None, log_level: str = "info") 
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
                             access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
+        pass
     return 0
 
 

@@ -216,6 +216,8 @@ class Deliverer:
             resp = await client.post(t.url, content=body, headers=headers, timeout=t.timeout)
         except httpx.HTTPError as exc:
             return "retry", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:  # will never work
+            return "failed", f"{type(exc).__name__}: {exc}"
         if 200 <= resp.status_code < 300:
             return "ok", ""
         error = f"HTTP {resp.status_code}: {resp.text[:200]}"

@@ -28,8 +28,18 @@ def clean(obj: Any) -> Any:
     return obj
 
 
+def _fallback(obj: Any) -> Any:
+    """A value JSON has no type for (a set, a numpy scalar): its plain form, so one odd field of a
+    detector's ``data`` never costs the alert that carries it."""
+    if hasattr(obj, "item"):  # numpy scalars
+        return clean(obj.item())
+    if isinstance(obj, (set, frozenset)):
+        return clean(sorted(obj, key=repr))
+    return repr(obj)
+
+
 def dumps(obj: Any, **kw: Any) -> str:
-    return json.dumps(clean(obj), allow_nan=False, separators=(",", ":"), **kw)
+    return json.dumps(clean(obj), allow_nan=False, separators=(",", ":"), default=_fallback, **kw)
 
 
 def dumpb(obj: Any) -> bytes:

@@ -95,7 +95,7 @@ class Pipeline:
             run = runs.get(rec.run)
             if run is None or rec.rank not in run.ranks:
                 try:
-                    run = self._admit(rec, wall)
+                    run = self._admit(rec, wall, alerts)
                 except CapExceeded as exc:
                     refused.append((i, exc))
                     continue
@@ -105,10 +105,10 @@ class Pipeline:
         refused.sort(key=lambda r: r[0])
         return Outcome(alerts, refused)
 
-    def _admit(self, rec: Record, wall: float) -> RunState:
+    def _admit(self, rec: Record, wall: float, alerts: list[Alert]) -> RunState:
         run = self.runs.get(rec.run)
         if run is None:
-            if len(self.runs) >= self.limits.max_runs:
+            if len(self.runs) >= self.limits.max_runs and not self._make_room(rec.run, alerts):
                 raise CapExceeded("run", f"the sidecar already tracks {len(self.runs)} runs "
                                          f"(limits.max_runs); {rec.run!r} is refused")
             run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time,
@@ -123,6 +123,17 @@ class Pipeline:
                                           f"(limits.max_ranks_per_run); rank {rec.rank} is refused")
             run.ranks[rec.rank] = RankState(rank=rec.rank, first_time=rec.time)
         return run
+
+    def _make_room(self, newcomer: str, alerts: list[Alert]) -> bool:
+        """At the run cap, an ended run (every rank sent ``end``) gives way, the longest-idle first:
+        a sweep of short jobs must not be refused until run_ttl_seconds forgets the finished ones."""
+        ended = [r for r in self.runs.values() if r.ended]
+        if not ended:
+            return False
+        oldest = min(ended, key=lambda r: (r.last_wall, r.clock))
+        alerts.extend(self.forget(oldest.run, f"run {oldest.run} ended and was dropped to make room "
+                                              f"for run {newcomer} (limits.max_runs)"))
+        return True
 
     def _feed(self, run: RunState, rec: Record, wall: float) -> list[Alert]:
         run.records += 1

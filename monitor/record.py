@@ -28,6 +28,9 @@ Rank = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 Detail = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 MetricName = Annotated[str, msgspec.Meta(max_length=128)]
+PHASE_PATTERN = r"\A[a-z0-9_-]{1,32}\Z"
+PHASE_RULE = "must be 1-32 characters of [a-z0-9_-]"
+Phase = Annotated[str, msgspec.Meta(pattern=PHASE_PATTERN)]
 
 RecordType = Literal["sample", "start", "heartbeat", "oom", "end"]
 RECORD_TYPES = ("sample", "start", "heartbeat", "oom", "end")
@@ -65,6 +68,9 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     time: float
     type: RecordType = "sample"
     step: NonNegInt | None = None
+    # heartbeat and sample: what the training thread is doing ("data", "step", ...) and since when
+    phase: Phase | None = None
+    phase_time: float | None = None
     # sample
     loss: float | None = None
     lr: float | None = None
@@ -142,6 +148,8 @@ def check(record: Record) -> Record:
         raise RecordError("time", f"must be finite unix seconds, got {record.time!r}")
     if record.step is None and record.type != "start":
         raise RecordError("step", f"required for a {record.type!r} record, got null")
+    if record.phase_time is not None and (not math.isfinite(record.phase_time) or record.phase_time < 0):
+        raise RecordError("phase_time", f"must be finite unix seconds, got {record.phase_time!r}")
     return record
 
 
@@ -183,6 +191,8 @@ def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
     value = obj.get(top) if top else None
     if path == "run" and "regex" in reason and isinstance(value, str):
         reason = RUN_RULE if 1 <= len(value) <= 128 else f"{RUN_RULE}, got {len(value)} characters"
+    elif path == "phase" and "regex" in reason and isinstance(value, str):
+        reason = PHASE_RULE
     elif path == "type" and reason.startswith("Invalid enum value"):
         reason = f"must be one of {', '.join(RECORD_TYPES)}"
     elif path in NUMBER_FIELDS and isinstance(value, str):

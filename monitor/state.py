@@ -32,11 +32,17 @@ class RankState:
     pid: int | None = None
     ended: bool = False
     last_oom: dict[str, Any] | None = None
+    phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
+    phase_time: float | None = None  # when that phase began
+    phase_seen: float = 0.0  # record time of the heartbeat or sample that said so
 
     def apply(self, rec: Record) -> None:
         self.records += 1
         if rec.time > self.last_time:
             self.last_time = rec.time
+        if rec.type in ("heartbeat", "sample") and rec.time >= self.phase_seen:
+            self.phase_seen = rec.time  # no phase on the newest one: none (an older client, or between phases)
+            self.phase, self.phase_time = rec.phase, rec.phase_time if rec.phase is not None else None
         if rec.step is not None and rec.step > self.last_step:
             self.last_step = rec.step
             self.last_step_time = rec.time
@@ -63,6 +69,7 @@ class RankState:
                 self.last_heartbeat_time = rec.time
             self.ended = False
         elif kind == "start":
+            self.phase = self.phase_time = None
             self.host = rec.host or self.host
             self.pid = rec.pid if rec.pid is not None else self.pid
             self.ended = False

@@ -17,6 +17,8 @@ def rank_view(r: RankState, detail: bool) -> dict[str, Any]:
         "last_time": r.last_time,
         "last_sample_time": r.last_sample_time,
         "last_heartbeat_time": r.last_heartbeat_time,
+        "phase": r.phase,
+        "phase_time": r.phase_time,
         "records": r.records,
         "ended": r.ended,
     }

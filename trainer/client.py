@@ -11,7 +11,9 @@ sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
 exponential backoff, and when the buffer is full the oldest records are dropped
 and counted. Every cycle it also measures host/GPU memory (the probes); each
 sample carries the latest measurement. A second thread sends heartbeats while
-the training thread is busy or blocked.
+the training thread is busy or blocked; with ``tm.phase("data")`` / ``tm.phase("step")``
+around the loop's parts, each heartbeat also says what the training thread is doing, so
+the sidecar can tell a rank stuck in data loading from the ranks it keeps waiting.
 """
 
 from __future__ import annotations
@@ -20,21 +22,24 @@ import atexit
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 from . import host_memory
 from .fields import DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
 from .outbox import LimitedLog, Outbox
 from .settings import ClientSettings, from_environ
-from .transport import FileSink, HttpSink
+from .transport import FileSink, HttpSink, Result
 
 __all__ = ["STAGED", "Telemetry"]
 
 log = logging.getLogger("trainer.client")
+_PHASE_NAME = re.compile(r"[a-z0-9_-]{1,32}\Z")  # the record contract's rule for ``phase``
 
 
 class Telemetry:
@@ -69,6 +74,8 @@ class Telemetry:
         self._active = False
         self._bound = False
         self.last_step: int | None = None
+        self._phase: tuple[str, float] | None = None  # (name, start time): one reference, swapped whole
+        self._phase_names: set[str] = set()  # names already checked against the contract
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._refresh()  # once here, so that the first samples carry host memory too
@@ -79,6 +86,19 @@ class Telemetry:
                 thread.start()
                 self._threads.append(thread)
             atexit.register(self.close)
+            _LIVE.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker) has this object but not its threads, and one of them
+        may have held the buffer's lock at the fork. This copy goes quiet: records are dropped, nothing
+        is sent on the parent's connection, close() returns at once."""
+        self._closed = True
+        self._threads = []
+        self._active = False
+        self._sink = _Forked()
+        self._outbox = Outbox(self._sink, self.settings, self._monotonic, self._warn)
+        self._push = _drop
+        self._stop = threading.Event()
 
     # -- the training thread's API -------------------------------------------------------------------
     def record(self, step: int, loss: Any = None, lr: Any = None, grad_norm: Any = None,
@@ -118,10 +138,36 @@ class Telemetry:
             if not self._bound:
                 self._bind()
             self.last_step = rec["step"]
+            self._phase = None  # the step is over: no phase until the loop names the next one
             self._active = True
             self._push(rec)
         except Exception as exc:  # never break training because of telemetry
             self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
+
+    def set_phase(self, name: str | None) -> None:
+        """What the training thread does from now on: "data" (waiting for the next batch), "step"
+        (forward, backward, optimizer, their collectives), or another name of 1-32 characters of
+        [a-z0-9_-]; None: nothing. Heartbeats carry it and its start time until the next ``set_phase``
+        or ``record()``. An attribute write and a clock read; never raises (a bad name is logged and
+        the phase cleared)."""
+        try:
+            if name is None:
+                self._phase = None
+            elif type(name) is str and name in self._phase_names:
+                self._phase = (name, self._clock())
+            elif type(name) is str and _PHASE_NAME.match(name):
+                self._phase_names.add(name)
+                self._phase = (name, self._clock())
+            else:
+                raise ValueError("must be 1-32 characters of [a-z0-9_-]")
+        except Exception as exc:  # never break training because of telemetry
+            self._phase = None
+            self._warn("phase", "phase name %r skipped: %s", name, exc)
+
+    def phase(self, name: str) -> _PhaseScope:
+        """``with tm.phase("data"): batch = next(it)``: ``set_phase(name)`` for the block, then the
+        phase that was current before (with its own start time). Errors in the block go through."""
+        return _PhaseScope(self, name)
 
     @staticmethod
     def _put(rec: dict[str, Any], name: str, value: Any, tensors: dict[str, Any]) -> None:
@@ -145,7 +191,8 @@ class Telemetry:
         self._outbox.request_flush()
 
     def heartbeat(self, step: int | None = None) -> None:
-        self._send_kind("heartbeat", step, {})
+        phase = self._phase  # one read: name and start time stay together
+        self._send_kind("heartbeat", step, {} if phase is None else {"phase": phase[0], "phase_time": phase[1]})
 
     def end(self, step: int | None = None) -> None:
         self._send_kind("end", step, {})
@@ -213,6 +260,7 @@ class Telemetry:
             return
         self._closed = True
         atexit.unregister(self.close)
+        _LIVE.discard(self)
         deadline = self._monotonic() + timeout
         self.flush(timeout)
         self._stop.set()
@@ -285,6 +333,48 @@ class Telemetry:
         if dropped:
             metrics["client_dropped_records"] = dropped
         self._measured = (top, metrics or None)  # one reference swap: the training thread reads either
+
+
+class _PhaseScope:
+    __slots__ = ("tm", "name", "outer")
+
+    def __init__(self, tm: Telemetry, name: str) -> None:
+        self.tm, self.name = tm, name
+        self.outer: tuple[str, float] | None = None
+
+    def __enter__(self) -> None:
+        self.outer = self.tm._phase
+        self.tm.set_phase(self.name)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.tm._phase = self.outer
+
+
+_LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()  # clients with threads, for the fork hook
+
+
+def _drop(rec: dict[str, Any]) -> None:
+    pass
+
+
+class _Forked:
+    """The sink of a forked child's copy: the parent's connection is not ours to use."""
+
+    def send(self, records: list[dict[str, Any]]) -> Result:
+        return Result("drop", "a forked child does not send (its parent's client does)")
+
+    def close(self) -> None:
+        pass
+
+
+def _after_fork_in_child() -> None:
+    for tm in list(_LIVE):
+        tm._after_fork_in_child()
+    _LIVE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _make_sink(s: ClientSettings) -> Any:

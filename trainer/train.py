@@ -268,46 +268,48 @@ def main(argv: list[str] | None = None) -> int:
         faulty = injected and step >= cfg.inject_step
         t0 = time.perf_counter()
 
-        # data
-        x, y = make_batch(gen, teacher, cfg)
-        if faulty and cfg.inject == "straggler":
-            time.sleep(cfg.straggler_seconds)
-        if faulty and step == cfg.inject_step and cfg.inject == "nan-data":
-            x[0, 0] = float("nan")
-            x[-1, -1] = float("inf")
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        data_time = time.perf_counter() - t0
+        # data (the hang is injected here, as in a deadlocked DataLoader: the heartbeats say "data")
+        with tm.phase("data"):
+            x, y = make_batch(gen, teacher, cfg)
+            if faulty and cfg.inject == "straggler":
+                time.sleep(cfg.straggler_seconds)
+            if faulty and step == cfg.inject_step and cfg.inject == "nan-data":
+                x[0, 0] = float("nan")
+                x[-1, -1] = float("inf")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            data_time = time.perf_counter() - t0
 
-        # faults that stop the rank
-        if faulty and step == cfg.inject_step and cfg.inject == "die":
-            log.warning("rank %d: dying at step %d (injected)", rank, step)
-            os._exit(13)
-        if faulty and step == cfg.inject_step and cfg.inject == "hang":
-            log.warning("rank %d: hanging at step %d (injected)", rank, step)
-            until = time.monotonic() + cfg.hang_seconds if cfg.hang_seconds > 0 else float("inf")
-            while time.monotonic() < until:
-                time.sleep(min(1.0, max(0.0, until - time.monotonic())))
+            # faults that stop the rank
+            if faulty and step == cfg.inject_step and cfg.inject == "die":
+                log.warning("rank %d: dying at step %d (injected)", rank, step)
+                os._exit(13)
+            if faulty and step == cfg.inject_step and cfg.inject == "hang":
+                log.warning("rank %d: hanging at step %d (injected)", rank, step)
+                until = time.monotonic() + cfg.hang_seconds if cfg.hang_seconds > 0 else float("inf")
+                while time.monotonic() < until:
+                    time.sleep(min(1.0, max(0.0, until - time.monotonic())))
 
         # forward, backward (DDP all-reduces the gradients here), update
-        lr = lr_at(it, sched, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with tm.oom_guard(step=it):
-            with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-                loss = F.mse_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)  # a tensor: no sync
-            scaler.step(optimizer)
-            scaler.update()
-            if faulty and cfg.inject == "gpu-leak" and use_cuda:
-                leak.append(torch.empty(int(cfg.leak_mb * 2**20), dtype=torch.uint8, device=device))
-        if faulty and cfg.inject == "host-leak":
-            leak.append(b"\x01" * int(cfg.leak_mb * 2**20))  # bytes written, so the pages are resident
-        if cfg.step_sleep:
-            time.sleep(cfg.step_sleep)
+        with tm.phase("step"):
+            lr = lr_at(it, sched, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with tm.oom_guard(step=it):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+                    loss = F.mse_loss(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)  # a tensor: no sync
+                scaler.step(optimizer)
+                scaler.update()
+                if faulty and cfg.inject == "gpu-leak" and use_cuda:
+                    leak.append(torch.empty(int(cfg.leak_mb * 2**20), dtype=torch.uint8, device=device))
+            if faulty and cfg.inject == "host-leak":
+                leak.append(b"\x01" * int(cfg.leak_mb * 2**20))  # bytes written, so the pages are resident
+            if cfg.step_sleep:
+                time.sleep(cfg.step_sleep)
         # On a GPU this is host time: the host runs ahead of the device, but a few steps at most.
         step_time = time.perf_counter() - t0
 

@@ -21,7 +21,11 @@ An alert's ``time`` is the moment the limit was crossed (last advance + limit),
 so the server (timer ticks on the wall clock) and replay (ticks on record time)
 report the same alert. When several ranks are stalled, each alert names the
 rank that most likely stopped first: a rank that went silent while others
-still send heartbeats, else the one left behind at the lowest step.
+still send heartbeats, else the one left behind at the lowest step, else
+(all ranks at one step) the one whose heartbeats say it has been waiting for
+data (``phase`` "data") the longest while the others got their batch and wait
+in the step's collectives: a hung DataLoader. Without ``phase`` in the
+records the blocker at one step cannot be told, and the summary says so.
 
 A rank that sent ``end`` is finished, not dead, and so is every rank that has
 not gone past the step at which another rank ended (in synchronous training
@@ -32,6 +36,7 @@ resolves an open alert; so does ``end``.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from statistics import median
@@ -41,6 +46,7 @@ from ..record import Record
 from .base import Detector
 
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
+NAMES_SHOWN = 10  # ranks named in a summary; the rest are counted
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,6 +75,17 @@ class RankStalledSettings:
 
 
 @dataclass(slots=True)
+class _Peers:
+    """The live ranks, indexed once per tick: naming the first rank costs O(log n) per alert, so a
+    whole large job stalling at once does not hold the event loop for n x n."""
+
+    live: int
+    by_silence: list[tuple[float, list[tuple[float, int]]]]  # (silence limit, sorted [(seen, rank)])
+    order: list[tuple[int, float, int]]  # sorted (shown step, advance time, rank)
+    data: list[tuple[float, int]]  # ranks waiting for data: sorted (phase start or inf if unknown, rank)
+
+
+@dataclass(slots=True)
 class _Rank:
     advance_time: float  # when step last advanced (or the baseline: start / first record)
     seen: float  # newest record time
@@ -80,6 +97,9 @@ class _Rank:
     ended: bool = False
     retired: bool = False  # a later start has a world_size that no longer includes it
     after_start: bool = True  # the previous record was a start (its gap is start-up, not learned)
+    phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
+    phase_time: float | None = None  # when that phase began
+    phase_seen: float = -math.inf  # time of the record that said so
 
 
 class RankStalled(Detector):
@@ -113,9 +133,12 @@ class RankStalled(Detector):
         r.retired = False
         r.after_start = kind == "start"
         why = ""
+        if kind in ("heartbeat", "sample") and t >= r.phase_seen:
+            r.phase_seen, r.phase = t, record.phase
+            r.phase_time = record.phase_time if record.phase is not None else None
         if kind == "start":
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
-            r.sample_step = -1
+            r.sample_step, r.phase, r.phase_time = -1, None, None
             why = "started again"
             if t > self.end_time:
                 self.end_step = None
@@ -173,6 +196,7 @@ class RankStalled(Detector):
             self.now = now
         now = self.now
         out = []
+        peers = None  # built at the first alert of this tick
         for rank, r in self.ranks.items():
             prev = self.firing.get(rank)
             if prev is not None:
@@ -182,7 +206,8 @@ class RankStalled(Detector):
                 continue
             found = self._stalled(r, now)
             if found is not None:
-                out.append(self._fire(rank, r, *found))
+                peers = peers or self._peers()
+                out.append(self._fire(rank, r, *found, peers))
         return out
 
     # -- the rules ----------------------------------------------------------
@@ -232,7 +257,7 @@ class RankStalled(Detector):
                        f"(longest step interval seen {self.longest:.1f} s)")
         return resolved(self.name, rank, r.shown, time, summary, threshold_seconds=limit)
 
-    def _fire(self, rank: int, r: _Rank, reason: str, at: float, limit: float) -> Event:
+    def _fire(self, rank: int, r: _Rank, reason: str, at: float, limit: float, peers: _Peers) -> Event:
         self.firing[rank] = reason
         step = r.shown
         if reason == "silent":
@@ -250,43 +275,85 @@ class RankStalled(Detector):
                      f"{self.settings.factor:g}x the longest step interval seen, {self.longest:.1f} s)")
         else:
             basis = f"limit {limit:.0f} s: no step finished since it started"
-        first, why_first = self._first(at)
+        first, why_first = self._first(at, peers)
         summary = f"{what}; {why_first}; {basis}" if why_first else f"{what}; {basis}"
         typical = median(self.recent) if self.recent else None
         return firing(self.name, rank, step, at, summary, "critical",
                       reason=reason, threshold_seconds=limit, last_step_time=r.advance_time,
                       last_record_time=r.seen, longest_step_interval_seconds=self.longest,
                       typical_step_interval_seconds=typical, heartbeats=r.beats,
-                      first_rank=first)
+                      first_rank=first, phase=r.phase, phase_time=r.phase_time)
 
-    def _first(self, at: float) -> tuple[int | None, str]:
-        """Which rank most likely stopped first, judged at time ``at``, and why."""
+    def _peers(self) -> _Peers:
         live = [(q, r) for q, r in self.ranks.items() if not self.finished(r)]
-        if len(live) < 2:
+        by_limit: dict[float, list[tuple[float, int]]] = {}
+        for q, r in live:
+            by_limit.setdefault(self.silence_limit(r), []).append((r.seen, q))
+        return _Peers(len(live), [(lim, sorted(v)) for lim, v in by_limit.items()],
+                      sorted((r.shown, r.advance_time, q) for q, r in live),
+                      sorted((r.phase_time if r.phase_time is not None else math.inf, q)
+                             for q, r in live if r.phase == "data"))
+
+    def _first(self, at: float, peers: _Peers) -> tuple[int | None, str]:
+        """Which rank most likely stopped first, judged at time ``at``, and why."""
+        if peers.live < 2:
             return None, ""
         # quiet for half its silence limit: on its way to silent (ranks stop within ms of each other)
-        missing = sorted((r.seen, q) for q, r in live if at - r.seen >= self.silence_limit(r) / 2)
-        if missing and len(missing) < len(live):
-            seen, q = missing[0]
-            n = len(live) - len(missing)
-            return q, (f"rank {q} went silent first (nothing for {at - seen:.0f} s) while "
+        n_missing, earliest, latest = 0, None, -math.inf
+        for lim, seen in peers.by_silence:
+            k = bisect_right(seen, (at - lim / 2, math.inf))
+            if k:
+                n_missing += k
+                earliest = seen[0] if earliest is None else min(earliest, seen[0])
+                latest = max(latest, seen[k - 1][0])
+        if earliest is not None and n_missing < peers.live:
+            seen_at, q = earliest
+            n = peers.live - n_missing
+            return q, (f"rank {q} went silent first (nothing for {at - seen_at:.0f} s) while "
                        f"{_ranks(n)} still send{'s' if n == 1 else ''} records")
         prefix = ""
-        if missing:  # all went quiet together: killed, node down, or the recording ended
-            prefix = f"every rank went silent within {missing[-1][0] - missing[0][0]:.1f} s; "
-        order = sorted((r.shown, r.advance_time, q) for q, r in live)
+        if earliest is not None:  # all went quiet together: killed, node down, or the recording ended
+            prefix = f"every rank went silent within {latest - earliest[0]:.1f} s; "
+        order = peers.order
         low_step, _, q = order[0]
-        behind = [x for x in order if x[0] == low_step]
+        n_behind = bisect_right(order, (low_step, math.inf, math.inf))
         top = order[-1][0]
-        if len(behind) == 1:
+        if n_behind == 1:
             return q, (f"{prefix}rank {q} stopped first (at step {low_step}; "
-                       f"{_ranks(len(live) - 1)} reached {top})")
-        if len(behind) == len(live):
-            return None, (f"{prefix}all {len(live)} ranks stand at step {low_step}: the rank that "
+                       f"{_ranks(peers.live - 1)} reached {top})")
+        if n_behind == peers.live:
+            waiting = _waiting_for_data(peers, at, low_step, prefix)
+            if waiting is not None:
+                return waiting
+            return None, (f"{prefix}all {peers.live} ranks stand at step {low_step}: the rank that "
                           f"blocks the others cannot be told from steps (dump their stacks, "
                           f"e.g. py-spy dump)")
-        names = ", ".join(str(x[2]) for x in behind)
+        names = ", ".join(str(x[2]) for x in order[:min(n_behind, NAMES_SHOWN)])
+        if n_behind > NAMES_SHOWN:
+            names += f" and {n_behind - NAMES_SHOWN} more"
         return None, f"{prefix}ranks {names} are behind at step {low_step} while others reached {top}"
+
+
+def _waiting_for_data(peers: _Peers, at: float, step: int, prefix: str) -> tuple[int | None, str] | None:
+    """All ranks stand at ``step``: the ranks whose training thread waits for its next batch block the
+    others, which got theirs and wait in the step's all-reduce. None without phase information."""
+    data = peers.data
+    if not data:
+        return None
+    since, q = data[0]
+    since = min(since, at)
+    if len(data) == peers.live:
+        return None, (f"{prefix}all {peers.live} ranks have been waiting for data since step {step} (rank {q} "
+                      f"for {at - since:.0f} s): check the shared storage or input pipeline")
+    n = peers.live - len(data)
+    if len(data) == 1:
+        who, their = f"rank {q} has been waiting for data for {at - since:.0f} s", "its"
+    else:
+        shown = sorted(x[1] for x in data[:NAMES_SHOWN])
+        names = ", ".join(map(str, shown)) + (f" and {len(data) - NAMES_SHOWN} more" if len(data) > NAMES_SHOWN else "")
+        who, their = f"ranks {names} have been waiting for data (rank {q} for {at - since:.0f} s)", "their"
+    return q, (f"{prefix}{who} since step {step} while {_ranks(n)} wait{'s' if n == 1 else ''} in the "
+               f"step's collectives: check {their} DataLoader/storage; py-spy dump {their} workers")
 
 
 def _ranks(n: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,8 +216,8 @@ def test_nan_data_on_rank_1_names_it_as_the_first_rank(launch):
 
 
 def test_hang_on_rank_1_fires_rank_stalled_for_it(launch):
-    # rank 1 hangs before step 6 (as in data loading); rank 0 finishes its forward pass and waits in
-    # the all-reduce of step 6: both completed step 5 and keep heartbeating
+    # rank 1 hangs before step 6, in data loading (inside tm.phase("data")); rank 0 finishes its forward
+    # pass and waits in the all-reduce of step 6 (phase "step"): both completed step 5 and keep heartbeating
     job = launch("--inject", "hang", "--inject-rank", str(INJECTED), "--inject-step", "6", "--hang-seconds", "0",
                  "--steps", "1000", "--step-sleep", "0.02")
     alerts = job.wait_for(lambda a: set(firing(a, "rank_stalled")) == {0, 1})
@@ -224,10 +225,13 @@ def test_hang_on_rank_1_fires_rank_stalled_for_it(launch):
     stalled = firing(alerts, "rank_stalled")
     for rank in (0, 1):
         assert (stalled[rank]["step"], stalled[rank]["reason"], stalled[rank]["heartbeats"]) == (5, "stuck", True)
-    # the step cannot tell the hung rank from the one waiting for it, and the alert says so
-    assert stalled[INJECTED]["first_rank"] is None
-    assert "all 2 ranks stand at step 5: the rank that blocks the others cannot be told from steps" in stalled[
-        INJECTED]["summary"]
+        # the step cannot tell the hung rank from the one waiting for it; the heartbeats' phases can
+        assert stalled[rank]["first_rank"] == INJECTED
+    assert (stalled[0]["phase"], stalled[INJECTED]["phase"]) == ("step", "data")
+    assert re.search(r"rank 1 has been waiting for data for \d+ s since step 5 while the other rank waits in "
+                     r"the step's collectives: check its DataLoader/storage", stalled[INJECTED]["summary"])
+    phases = {r["rank"]: r["phase"] for r in job.status()["rank_states"]}
+    assert phases == {0: "step", INJECTED: "data"}  # the status API shows them too
     assert [a["alert"] for a in alerts] == ["rank_stalled", "rank_stalled"]  # nothing else fired
 
 

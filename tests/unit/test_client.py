@@ -373,3 +373,60 @@ def test_offline_mode_writes_jsonl_per_rank_that_the_contract_reads(tmp_path):
     records = [from_obj(json.loads(line)) for line in lines]
     assert [r.type for r in records] == ["start", "sample", "end"]
     assert math.isnan(records[1].loss) and '"loss":NaN' in lines[1]
+
+
+# -- phases ---------------------------------------------------------------------------------------------
+
+def beats(sink) -> list[tuple]:
+    return [(r["step"], r.get("phase"), r.get("phase_time")) for r in sink.records if r["type"] == "heartbeat"]
+
+
+def test_heartbeats_carry_the_phase_of_the_with_block_and_when_it_began():
+    tm, sink, clock = make()
+    tm.record(4, loss=1.0)
+    tm._beat()
+    with tm.phase("data"):
+        clock.now = 1002.0
+        tm._beat()  # the training thread waits for its batch
+        with tm.phase("h2d-copy"):
+            clock.now = 1003.0
+            tm._beat()
+        tm._beat()  # back in the outer phase, which began at 1000
+    clock.now = 1004.0
+    with tm.phase("step"):
+        tm._beat()
+    tm._beat()
+    tm.set_phase("step")
+    tm.record(5, loss=1.0)  # ends the step: no phase until the loop names the next one
+    tm._beat()
+    tm.pump()
+    assert beats(sink) == [(4, None, None), (4, "data", 1000.0), (4, "h2d-copy", 1002.0), (4, "data", 1000.0),
+                           (4, "step", 1004.0), (4, None, None), (5, None, None)]
+    assert all(from_obj(r).phase == r.get("phase") for r in sink.records)  # the contract takes them
+    assert "phase" not in [r for r in sink.records if r["type"] == "sample"][0]
+
+
+def test_phase_block_lets_errors_through_and_restores_the_phase():
+    tm, sink, _ = make()
+    tm.start(batch_size=1)
+    tm.set_phase("step")
+    with pytest.raises(KeyError):
+        with tm.phase("data"):
+            raise KeyError("loader")
+    tm._beat()
+    tm.pump()
+    assert beats(sink) == [(0, "step", 1000.0)]
+
+
+@pytest.mark.parametrize("name", ["Data", "", "x" * 33, "data loading", 3, ["data"]])
+def test_bad_phase_name_is_logged_never_raised_and_clears_the_phase(name, caplog):
+    tm, sink, _ = make()
+    tm.record(1, loss=1.0)
+    tm.set_phase("step")
+    with tm.phase(name):
+        tm._beat()
+    tm.set_phase(name)
+    tm._beat()
+    tm.pump()
+    assert beats(sink) == [(1, None, None), (1, None, None)]  # the heartbeats are not lost to a rejection
+    assert "must be 1-32 characters of [a-z0-9_-]" in caplog.text

@@ -88,3 +88,18 @@ def test_replay_reader_keeps_what_a_truncated_gzip_holds(tmp_path):
     stats = ReadStats()
     got = list(read_file(str(path), stats))
     assert 0 < len(got) < 2000 and stats.skipped == 1
+
+
+def test_jsonout_keeps_an_alert_with_an_odd_field():
+    class Odd:
+        def __repr__(self) -> str:
+            return "<odd>"
+
+    assert json.loads(jsonout.dumps({"a": {1, 2}, "b": Odd(), "c": math.nan})) == {"a": [1, 2], "b": "<odd>",
+                                                                                   "c": "NaN"}
+
+
+def test_bad_log_level_from_environment_is_named():
+    from monitor.cli import main
+
+    assert main(["serve", "--port", "0"], environ={"TRAINHEALTH_LOG_LEVEL": "loud"}) == 2

@@ -16,7 +16,7 @@ from monitor import cli
 from monitor.config import ConfigError, detector_settings
 from monitor.detectors.liveness import RankStalledSettings
 from monitor.record import from_obj
-from tests.live_traces import RUN, T0, brief, ddp_job, feed, lognormal, settings, write_jsonl
+from tests.live_traces import RUN, T0, brief, ddp_job, feed, lognormal, settings, shifted, write_jsonl
 
 NAME = "rank_stalled"
 
@@ -123,6 +123,99 @@ def test_whole_job_killed_without_end_goes_silent_on_every_rank():
     assert brief(alerts) == [(NAME, "firing", 0, 100), (NAME, "firing", 1, 100)]
     assert [a["time"] for a in alerts] == pytest.approx([last[0] + 60, last[1] + 60])
     assert alerts[0]["first_rank"] is None
+
+
+# -- phases: which rank blocks the others when all stand at one step ---------------------------
+def with_phases(job, hung_at: int, phases: dict[int, tuple[str | None, float]]):
+    """The job's heartbeats with phases, as the client sends them: "step" (begun 0.1 s before the
+    heartbeat) while training, then after step ``hung_at`` rank -> (phase, seconds after that step)."""
+    out = []
+    for rec in job.records:
+        if rec.type == "heartbeat":
+            if rec.time <= job.t(hung_at):
+                rec = shifted([rec], phase="step", phase_time=rec.time - 0.1)[0]
+            elif phases[rec.rank][0] is not None:
+                name, after = phases[rec.rank]
+                rec = shifted([rec], phase=name, phase_time=job.t(hung_at) + after)[0]
+        out.append(rec)
+    return out
+
+
+def test_hang_in_data_loading_names_the_rank_waiting_for_data():
+    # rank 2's DataLoader deadlocks after step 300; ranks 0, 1, 3 got their batch and block in the
+    # all-reduce of step 301: every rank completed step 300 and keeps heartbeating
+    job = ddp_job(ranks=4, steps=300, until=T0 + 700)
+    phases = {0: ("step", 0.01), 1: ("step", 0.011), 2: ("data", 0.002), 3: ("step", 0.013)}
+    alerts = stalled(with_phases(job, 300, phases), until=T0 + 700)
+    assert brief(alerts) == [(NAME, "firing", r, 300) for r in range(4)]
+    assert [a["first_rank"] for a in alerts] == [2, 2, 2, 2]
+    assert [a["phase"] for a in alerts] == ["step", "step", "data", "step"]
+    assert alerts[2]["phase_time"] == pytest.approx(job.t(300) + 0.002)
+    assert ("; rank 2 has been waiting for data for 180 s since step 300 while the other 3 ranks wait in "
+            "the step's collectives: check its DataLoader/storage; py-spy dump its workers; limit 180 s") in \
+        alerts[0]["summary"]
+
+
+def test_two_ranks_waiting_for_data_name_the_one_waiting_longest():
+    job = ddp_job(ranks=4, steps=300, until=T0 + 700)
+    phases = {0: ("step", 0.01), 1: ("data", 0.003), 2: ("step", 0.012), 3: ("data", 0.001)}
+    alerts = stalled(with_phases(job, 300, phases), until=T0 + 700)
+    assert [a["first_rank"] for a in alerts] == [3, 3, 3, 3]
+    assert ("ranks 1, 3 have been waiting for data (rank 3 for 180 s) since step 300 while the other 2 "
+            "ranks wait in the step's collectives: check their DataLoader/storage") in alerts[0]["summary"]
+
+
+def test_loop_that_marks_only_data_loading_still_names_the_rank_waiting_for_data():
+    # the others' heartbeats carry no phase: record() ended their step and they are not waiting for data
+    job = ddp_job(ranks=2, steps=300, until=T0 + 700)
+    alerts = stalled(with_phases(job, 300, {0: (None, 0.0), 1: ("data", 0.001)}), until=T0 + 700)
+    assert [a["first_rank"] for a in alerts] == [1, 1]
+    assert "rank 1 has been waiting for data for 180 s since step 300 while the other rank waits" in \
+        alerts[0]["summary"]
+
+
+def test_hang_with_every_rank_in_the_step_still_cannot_name_the_blocker():
+    job = ddp_job(ranks=4, steps=300, until=T0 + 700)
+    alerts = stalled(with_phases(job, 300, {r: ("step", 0.01) for r in range(4)}), until=T0 + 700)
+    assert brief(alerts) == [(NAME, "firing", r, 300) for r in range(4)]
+    assert all(a["first_rank"] is None for a in alerts)
+    assert "all 4 ranks stand at step 300: the rank that blocks the others cannot be told" in \
+        alerts[0]["summary"]
+
+
+def test_every_rank_waiting_for_data_points_at_shared_storage_without_a_first_rank():
+    job = ddp_job(ranks=2, steps=300, until=T0 + 700)
+    alerts = stalled(with_phases(job, 300, {0: ("data", 0.001), 1: ("data", 0.002)}), until=T0 + 700)
+    assert [a["first_rank"] for a in alerts] == [None, None]
+    assert ("all 2 ranks have been waiting for data since step 300 (rank 0 for 180 s): check the shared "
+            "storage or input pipeline") in alerts[0]["summary"]
+
+
+def test_a_newer_heartbeat_without_phase_clears_an_old_data_phase():
+    # rank 1's client was replaced by one without phases (or the phase ended): its old "data" is not now
+    job = ddp_job(ranks=2, steps=300, until=T0 + 700)
+    records = [r for r in with_phases(job, 300, {0: ("step", 0.01), 1: ("data", 0.001)})
+               if not (r.rank == 1 and r.type == "heartbeat" and r.time > job.t(300) + 100)]
+    records += [from_obj({"type": "heartbeat", "run": RUN, "rank": 1, "time": t, "step": 300})
+                for t in range(int(job.t(300)) + 101, int(T0) + 700, 5)]
+    alerts = stalled(sorted(records, key=lambda r: r.time), until=T0 + 700)
+    assert [a["first_rank"] for a in alerts] == [None, None]
+    assert "cannot be told from steps" in alerts[0]["summary"]
+
+
+def test_hang_behind_at_a_lower_step_is_named_by_step_whatever_the_phases():
+    job = ddp_job(ranks=2, steps=300, last_step={1: 299}, until=T0 + 700)
+    records = [shifted([r], phase="data", phase_time=r.time - 1)[0] if r.rank == 0 and r.type == "heartbeat"
+               else r for r in job.records]
+    alerts = stalled(records, until=T0 + 700)
+    assert [a["first_rank"] for a in alerts] == [1, 1]
+
+
+def test_healthy_run_with_phases_stays_quiet():
+    job = ddp_job(ranks=4, steps=400, step_seconds=0.5)
+    records = [shifted([r], phase="data" if r.rank % 2 else "step", phase_time=r.time - 0.2)[0]
+               if r.type == "heartbeat" else r for r in job.records]
+    assert stalled(records, until=job.t(400)) == []
 
 
 # -- healthy runs that look alarming ------------------------------------------
@@ -286,3 +379,30 @@ def test_smaller_limits_from_config_fire_sooner():
     quick = settings(rank_stalled={"floor_seconds": 5.0, "silence_floor_seconds": 3.0})
     alerts = stalled(job.records, until=T0 + 200, detector_settings=quick)
     assert [a["time"] for a in alerts] == pytest.approx([job.t(100) + 5, job.t(100) + 5.001])
+
+
+def test_a_whole_large_job_stalling_at_once_costs_a_linear_scan_per_tick_not_one_per_alert(monkeypatch):
+    # One sidecar per job, 2048 ranks, all killed at once: the timer tick that fires 2048 alerts ran the
+    # event loop for seconds (every alert re-sorted all ranks to name the first). Counted, not timed.
+    from monitor.config import Limits, default_detector_settings
+    from monitor.detectors.liveness import RankStalled
+    from monitor.pipeline import Pipeline
+
+    n = 2048
+    p = Pipeline(default_detector_settings(), Limits(max_ranks_per_run=n))
+    p.process([from_obj({"run": "big", "rank": k, "time": 1000.0 + s, "step": s, "type": "heartbeat"})
+               for s in range(3) for k in range(n)])
+    calls = 0
+    real = RankStalled.silence_limit
+
+    def counted(self, r):
+        nonlocal calls
+        calls += 1
+        return real(self, r)
+
+    monkeypatch.setattr(RankStalled, "silence_limit", counted)
+    out = [a for a in p.tick_wall(2000.0) if a["alert"] == NAME]
+    assert len(out) == n and {a["reason"] for a in out} == {"silent"}
+    assert {a["first_rank"] for a in out} == {None}  # all went silent together at the same step
+    assert "every rank went silent within 0.0 s; all 2048 ranks stand at step 2" in out[0]["summary"]
+    assert calls <= 3 * n

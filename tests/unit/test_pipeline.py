@@ -52,6 +52,20 @@ def test_run_and_rank_caps_refuse_with_reasons():
     assert sorted(p.runs) == ["a", "b"] and sorted(p.runs["a"].ranks) == [0, 1]
 
 
+def test_ended_run_gives_way_at_the_run_cap_and_its_alerts_resolve():
+    p = Pipeline(default_detector_settings(), Limits(max_runs=2))
+    end = {"type": "end", "rank": 0, "time": 1010.0, "step": 2}
+    p.process([sample(1, run="a", loss=math.nan), from_obj({**end, "run": "a"})], wall=10.0)
+    p.process([sample(1, run="b"), from_obj({**end, "run": "b"})], wall=20.0)
+    out = p.process([sample(1, run="c")], wall=30.0)  # a sweep's next job: "a" ended longest ago
+    assert out.refused == [] and sorted(p.runs) == ["b", "c"]
+    assert [(a["run"], a["alert"], a["state"]) for a in out.alerts] == [("a", "nan_divergence", "resolved")]
+    assert "dropped to make room for run c" in out.alerts[0]["summary"]
+    p.process([sample(2, run="c")])
+    refused = p.process([sample(1, run="d"), sample(1, run="e")]).refused  # "b" gives way, then no run has ended
+    assert [(i, e.field) for i, e in refused] == [(1, "run")] and sorted(p.runs) == ["c", "d"]
+
+
 def test_reconfigure_keeps_state_and_applies_new_thresholds():
     p = Pipeline(default_detector_settings())
     p.process([sample(1, loss=1.0)])

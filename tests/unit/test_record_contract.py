@@ -12,6 +12,7 @@ from monitor.ingest import BodyError, decode_body
 from monitor.record import Record, RecordError, from_obj
 from monitor.replay import ReadStats, read_file
 from monitor.state import MAX_METRICS_KEPT, RankState
+from monitor.status import rank_view
 
 BASE = {"run": "job-1", "rank": 0, "time": 1700000000.5, "step": 3}
 
@@ -200,3 +201,39 @@ def test_replay_reader_names_json_errors_and_reads_huge_ints_per_line(tmp_path):
     assert stats.skipped == 2 and stats.first_errors[0].endswith(":1: not valid JSON: Expecting value: "
                                                                  "line 1 column 1 (char 0)")
     assert ":3: step: Expected `int | null`, got `float` (value: inf)" in stats.first_errors[1]
+
+
+# -- phase, phase_time: what the training thread is doing ------------------------------------------------
+@pytest.mark.parametrize("phase", ["data", "step", "a", "eval_2-x", "p" * 32])
+def test_phase_names_of_the_charset_up_to_32_chars_are_taken(phase):
+    got = from_obj(rec(type="heartbeat", phase=phase, phase_time=1700000000.25))
+    assert (got.phase, got.phase_time) == (phase, 1700000000.25)
+    assert verdicts(json.dumps([rec(type="heartbeat", phase=phase)]).encode()) == ([0], [])
+
+
+@pytest.mark.parametrize("phase", ["", "p" * 33, "Data", "data loading", "data\n", "daté", "a.b"])
+def test_phase_names_outside_the_charset_are_rejected_naming_the_field(phase):
+    assert reason(rec(type="heartbeat", phase=phase)) == (
+        "phase", f"must be 1-32 characters of [a-z0-9_-] (value: {phase!r})")
+    assert verdicts(json.dumps([rec(type="heartbeat", phase=phase), rec()]).encode()) == ([1], [(0, "phase")])
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, "1700000000", True])
+def test_phase_time_must_be_finite_unix_seconds(value):
+    field, _ = reason(rec(type="heartbeat", phase="data", phase_time=value))
+    assert field == "phase_time"
+
+
+def test_rank_state_keeps_the_phase_of_its_newest_heartbeat_or_sample():
+    state = RankState(rank=0, first_time=0.0)
+    state.apply(from_obj(rec(type="heartbeat", time=10.0, phase="data", phase_time=9.5)))
+    assert (state.phase, state.phase_time) == ("data", 9.5)
+    state.apply(from_obj(rec(type="heartbeat", time=9.0, phase="step", phase_time=8.0)))  # arrived late
+    assert (state.phase, state.phase_time) == ("data", 9.5)
+    state.apply(from_obj(rec(time=11.0, step=4)))  # a sample without phase: the step ended
+    assert (state.phase, state.phase_time) == (None, None)
+    state.apply(from_obj(rec(type="heartbeat", time=12.0, phase="step", phase_time=11.5)))
+    view = rank_view(state, detail=False)
+    assert (view["phase"], view["phase_time"]) == ("step", 11.5)
+    state.apply(from_obj(rec(type="start", time=13.0, step=None)))
+    assert (state.phase, state.phase_time) == (None, None)
