@@ -103,7 +103,3 @@ class AlertBook:
             if len(out) >= limit:
                 break
         return out
-
-    def forget_run(self, run: str) -> None:
-        for key in [k for k in self.open if k[0] == run]:
-            del self.open[key]

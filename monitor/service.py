@@ -67,7 +67,6 @@ class Service:
         self.stats = IngestStats()
         self.recorder = (FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
                          if settings.server.record_dir else None)
-        self.reloads = 0
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
@@ -172,7 +171,6 @@ class Service:
             return {"reloaded": False, "error": str(exc)}
         self.pipeline.reconfigure(settings)
         self.settings.detectors = settings
-        self.reloads += 1
         log.info("config reloaded from %s", self.config_file)
         return {"reloaded": True, "config": self.config_file}
 

@@ -22,7 +22,6 @@ class RankState:
     first_time: float
     last_time: float = 0.0  # newest record time of any type
     last_step: int = -1  # highest step seen
-    last_step_time: float = 0.0  # record time when last_step first advanced
     last_sample_time: float | None = None
     last_heartbeat_time: float | None = None
     records: int = 0
@@ -45,7 +44,6 @@ class RankState:
             self.phase, self.phase_time = rec.phase, rec.phase_time if rec.phase is not None else None
         if rec.step is not None and rec.step > self.last_step:
             self.last_step = rec.step
-            self.last_step_time = rec.time
         kind = rec.type
         if kind == "sample":
             if self.last_sample_time is None or rec.time >= self.last_sample_time:
