@@ -65,8 +65,10 @@ class Service:
         self.closers: list[Callable[[], None]] = []
         self.query_alerts: Callable[..., dict[str, Any]] | None = None
         self.stats = IngestStats()
-        self.recorder = (FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
-                         if settings.server.record_dir else None)
+        if settings.server.record_dir:  # the flight recorder: the first record sink
+            recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
+            self.record_sinks.append(recorder.write)
+            self.closers.append(recorder.close)
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
@@ -100,8 +102,6 @@ class Service:
             rejected.sort(key=lambda r: r.index)
         else:
             kept = decoded.records
-        if self.recorder is not None and kept:
-            self.recorder.write(kept)
         if kept:
             for record_sink in self.record_sinks:
                 try:
@@ -175,7 +175,5 @@ class Service:
         return {"reloaded": True, "config": self.config_file}
 
     def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
         for closer in self.closers:
             closer()
