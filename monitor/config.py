@@ -38,10 +38,7 @@ class Limits:
     max_future_seconds: float = 3600.0  # serve: a record timed further ahead of the sidecar's clock is refused
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"limits.{f.name}: must be a positive number, got {value!r}")
+        require_positive("limits", self, tuple(f.name for f in dataclasses.fields(self)))
 
 
 @dataclass(kw_only=True, slots=True)
