@@ -46,7 +46,7 @@ def best_of(fn, repeat: int = 5) -> float:
 
 def per_record_update(cls, recs: list[Record]) -> float:
     def once() -> float:
-        det = cls(cls.Settings(), RunState(run="bench", created=0.0))
+        det = cls(cls.Settings(), RunState(run="bench"))
         start = time.perf_counter()
         for rec in recs:
             det.update(rec)
@@ -65,7 +65,7 @@ def per_record_pipeline(recs: list[Record], detectors) -> float:
 
 
 def tick_cost(cls, ranks: int) -> float:
-    det = cls(cls.Settings(), RunState(run="bench", created=0.0))
+    det = cls(cls.Settings(), RunState(run="bench"))
     recs = records(ranks, 30)
     for rec in recs:
         det.update(rec)

@@ -111,7 +111,7 @@ class Pipeline:
             if len(self.runs) >= self.limits.max_runs and not self._make_room(rec.run, alerts):
                 raise CapExceeded("run", f"the sidecar already tracks {len(self.runs)} runs "
                                          f"(limits.max_runs); {rec.run!r} is refused")
-            run = RunState(run=rec.run, created=rec.time, clock=rec.time, last_tick=rec.time,
+            run = RunState(run=rec.run, clock=rec.time, last_tick=rec.time,
                            clock_wall=wall, last_wall=wall)
             self.runs[rec.run] = run
             self.detectors[rec.run] = [
@@ -121,7 +121,7 @@ class Pipeline:
             if len(run.ranks) >= self.limits.max_ranks_per_run:
                 raise CapExceeded("rank", f"run {rec.run!r} already has {len(run.ranks)} ranks "
                                           f"(limits.max_ranks_per_run); rank {rec.rank} is refused")
-            run.ranks[rec.rank] = RankState(rank=rec.rank, first_time=rec.time)
+            run.ranks[rec.rank] = RankState(rank=rec.rank)
         return run
 
     def _make_room(self, newcomer: str, alerts: list[Alert]) -> bool:

@@ -19,7 +19,6 @@ MAX_METRICS_KEPT = 256  # per rank: one record may carry any number of names
 @dataclass(slots=True)
 class RankState:
     rank: int
-    first_time: float
     last_time: float = 0.0  # newest record time of any type
     last_step: int = -1  # highest step seen
     last_sample_time: float | None = None
@@ -91,7 +90,6 @@ class RankState:
 @dataclass(slots=True)
 class RunState:
     run: str
-    created: float  # record time of the first record
     ranks: dict[int, RankState] = field(default_factory=dict)
     starts: list[Record] = field(default_factory=list)  # first start, then the latest ones
     clock: float = 0.0  # newest record time seen in this run

@@ -184,7 +184,7 @@ def test_curl_default_form_content_type_gets_a_hint():
 
 # -- state and replay ----------------------------------------------------------------------------------------
 def test_rank_state_keeps_a_bounded_number_of_metric_names():
-    state = RankState(rank=0, first_time=0.0)
+    state = RankState(rank=0)
     state.apply(from_obj(rec(metrics={f"m{i}": float(i) for i in range(1000)})))
     assert len(state.metrics) == MAX_METRICS_KEPT and state.metrics["m0"] == 0.0
     state.apply(from_obj(rec(step=4, metrics={"m0": 5.0, "new": 1.0})))
@@ -225,7 +225,7 @@ def test_phase_time_must_be_finite_unix_seconds(value):
 
 
 def test_rank_state_keeps_the_phase_of_its_newest_heartbeat_or_sample():
-    state = RankState(rank=0, first_time=0.0)
+    state = RankState(rank=0)
     state.apply(from_obj(rec(type="heartbeat", time=10.0, phase="data", phase_time=9.5)))
     assert (state.phase, state.phase_time) == ("data", 9.5)
     state.apply(from_obj(rec(type="heartbeat", time=9.0, phase="step", phase_time=8.0)))  # arrived late
