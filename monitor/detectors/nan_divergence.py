@@ -159,7 +159,7 @@ class NanDivergence(Detector):
         elif scale < s.amp_min_scale:
             why = f"below {s.amp_min_scale:g}, so gradients overflow fp16 even unscaled"
         elif peak is not None and scale * s.amp_collapse_factor <= peak:
-            why = f"{peak / scale:g}x below its recent peak {peak:g}"
+            why = f"{peak / scale if scale > 0 else math.inf:g}x below its recent peak {peak:g}"
         if not why:
             return []
         return [self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,
