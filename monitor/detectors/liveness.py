@@ -44,6 +44,7 @@ from statistics import median
 from ..events import Event, firing, resolved
 from ..record import Record
 from .base import Detector
+from .validate import flag
 
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
 NAMES_SHOWN = 10  # ranks named in a summary; the rest are counted
@@ -59,8 +60,7 @@ class RankStalledSettings:
     silence_floor_seconds: float = 60.0  # a heartbeating rank silent this long is gone
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"rank_stalled.enabled: must be true or false, got {self.enabled!r}")
+        flag(self, "rank_stalled", "enabled")
         for key in ("floor_seconds", "factor", "ceiling_seconds", "startup_seconds",
                     "silence_floor_seconds"):
             value = getattr(self, key)

@@ -44,6 +44,7 @@ from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .steps import step_of as _step_of
+from .validate import flag, whole
 
 
 @dataclass(kw_only=True, slots=True)
@@ -58,9 +59,7 @@ class LrScalingSettings:
 
     def __post_init__(self) -> None:
         name = "lr_scaling"
-        for key in ("enabled", "check_samples"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{name}.{key}: must be true or false, got {getattr(self, key)!r}")
+        flag(self, name, "enabled", "check_samples")
         for key in ("factor", "critical_factor", "large_scale_up"):
             value = getattr(self, key)
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -69,9 +68,7 @@ class LrScalingSettings:
         if self.critical_factor < self.factor:
             raise ValueError(f"{name}.critical_factor: must be >= factor ({self.factor:g}), "
                              f"got {self.critical_factor!r}")
-        value = self.large_batch
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}.large_batch: must be an integer >= 1, got {value!r}")
+        whole(self, name, "large_batch", minimum=1)
         names = self.advisory_optimizers
         if isinstance(names, list):
             names = self.advisory_optimizers = tuple(names)  # TOML arrays arrive as lists

@@ -41,6 +41,7 @@ from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .steps import step_of as _step_of
+from .validate import flag, whole
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,12 +54,8 @@ class NanDivergenceSettings:
 
     def __post_init__(self) -> None:
         name = "nan_divergence"
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"{name}.enabled: must be true or false, got {self.enabled!r}")
-        for key in ("amp_max_consecutive_overflows", "amp_peak_window"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}.{key}: must be an integer >= 1, got {value!r}")
+        flag(self, name, "enabled")
+        whole(self, name, "amp_max_consecutive_overflows", "amp_peak_window", minimum=1)
         value = self.amp_min_scale
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}.amp_min_scale: must be a number >= 0, got {value!r}")
@@ -162,7 +159,7 @@ class NanDivergence(Detector):
         elif scale < s.amp_min_scale:
             why = f"below {s.amp_min_scale:g}, so gradients overflow fp16 even unscaled"
         elif peak is not None and scale * s.amp_collapse_factor <= peak:
-            why = f"{peak / scale:g}x below its recent peak {peak:g}"
+            why = f"{peak / scale if scale > 0 else math.inf:g}x below its recent peak {peak:g}"
         if not why:
             return []
         return [self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,

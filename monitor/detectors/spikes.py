@@ -48,6 +48,7 @@ from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .steps import step_of as _step_of
+from .validate import flag, whole
 
 MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 
@@ -159,12 +160,8 @@ class SpikeSettings:
         self._check("loss_spike")
 
     def _check(self, name: str) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"{name}.enabled: must be true or false, got {self.enabled!r}")
-        for key in ("window", "min_history", "confirm_samples", "resolve_samples"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}.{key}: must be an integer >= 1, got {value!r}")
+        flag(self, name, "enabled")
+        whole(self, name, "window", "min_history", "confirm_samples", "resolve_samples", minimum=1)
         if self.min_history < 4 or self.min_history > self.window:
             raise ValueError(f"{name}.min_history: must be 4..window ({self.window}), "
                              f"got {self.min_history!r}")

@@ -29,6 +29,7 @@ from typing import Iterable
 from ..events import Event, firing, resolved
 from ..record import Record
 from .base import Detector
+from .validate import flag, whole
 
 SIGNALS = ("data_time", "step_interval")
 WHAT = {"data_time": "waits for data", "step_interval": "takes per step"}
@@ -45,12 +46,9 @@ class StragglerSettings:
     resolve_ratio: float = 1.2  # caught up: median < resolve_ratio x the peers' median
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"straggler.enabled: must be true or false, got {self.enabled!r}")
-        for key, low in (("window", 3), ("sustain_samples", 0)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"straggler.{key}: must be an integer >= {low}, got {value!r}")
+        flag(self, "straggler", "enabled")
+        whole(self, "straggler", "window", minimum=3)
+        whole(self, "straggler", "sustain_samples", minimum=0)
         for key in ("ratio", "min_excess_seconds", "min_excess_fraction", "resolve_ratio"):
             value = getattr(self, key)
             if (not isinstance(value, (int, float)) or isinstance(value, bool)

@@ -199,6 +199,14 @@ def test_amp_scale_collapse_from_its_recent_peak_is_divergence():
     assert "1024x below its recent peak 65536" in alerts[0]["summary"]
 
 
+def test_amp_scale_dropping_to_zero_with_no_floor_is_a_collapse_not_a_crash():
+    # amp_min_scale = 0 is valid; a scale of exactly 0 must not divide by zero in the summary
+    trace = set_at(healthy(100), "grad_scale", {k: 65536.0 for k in range(60)} | {60: 0.0})
+    alerts = nan_alerts(samples(trace), amp_min_scale=0.0)
+    assert [(a["step"], a["peak_scale"], a["grad_scale"]) for a in alerts] == [(61, 65536.0, 0.0)]
+    assert "collapsed to 0 (infx below its recent peak 65536)" in alerts[0]["summary"]
+
+
 def test_amp_infinite_grad_without_a_scale_drop_fires_at_its_own_step():
     trace = with_amp(healthy(100), [])
     trace = set_at(trace, "grad_norm", {59: INF})  # step 60: the scale does not drop after it
