@@ -23,4 +23,4 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.1" \
 USER trainhealth
 HEALTHCHECK NONE
 ENTRYPOINT []
-CMD ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "trainer"]
+CMD ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "trainhealth.trainer"]

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monitor import jsonout  # noqa: E402
-from monitor.alerts import fingerprint  # noqa: E402
-from monitor.config import ServerSettings, Settings  # noqa: E402
-from monitor.server import attach_alerts_out  # noqa: E402
-from monitor.service import Service  # noqa: E402
-from monitor.store import Store, Transition  # noqa: E402
+from trainhealth import jsonout  # noqa: E402
+from trainhealth.alerts import fingerprint  # noqa: E402
+from trainhealth.config import ServerSettings, Settings  # noqa: E402
+from trainhealth.http.server import attach_alerts_out  # noqa: E402
+from trainhealth.notify.store import Store, Transition  # noqa: E402
+from trainhealth.service import Service  # noqa: E402
 
 
 def median_time(fn, repeat: int = 30) -> float:  # type: ignore[no-untyped-def]

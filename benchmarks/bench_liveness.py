@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monitor.config import default_detector_settings  # noqa: E402
-from monitor.detectors import ALL  # noqa: E402
-from monitor.detectors.liveness import RankStalled  # noqa: E402
-from monitor.detectors.straggler import Straggler  # noqa: E402
-from monitor.pipeline import Pipeline  # noqa: E402
-from monitor.record import Record  # noqa: E402
-from monitor.state import RunState  # noqa: E402
+from trainhealth.config import default_detector_settings  # noqa: E402
+from trainhealth.detectors import ALL  # noqa: E402
+from trainhealth.detectors.liveness import RankStalled  # noqa: E402
+from trainhealth.detectors.straggler import Straggler  # noqa: E402
+from trainhealth.pipeline import Pipeline  # noqa: E402
+from trainhealth.record import Record  # noqa: E402
+from trainhealth.state import RunState  # noqa: E402
 
 
 def records(ranks: int, steps: int) -> list[Record]:

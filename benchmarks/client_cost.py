@@ -56,10 +56,10 @@ def background_costs(url: str, telemetry: Any, torch: Any, n: int, idle_seconds:
 def run(quick: bool = False) -> list[Figure]:
     try:
         import torch
+        from trainhealth.trainer.client import Telemetry
+        from trainhealth.trainer.torch_helpers import TorchProbe
 
         from benchmarks import client_overhead as co
-        from trainer.client import Telemetry
-        from trainer.torch_helpers import TorchProbe
     except ImportError as exc:  # the trainer client not there (an older checkout)
         return [Figure("client", "record() per step", None, "us", None, "<", {"skipped": str(exc)})]
     torch.set_num_threads(1)

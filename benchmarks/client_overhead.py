@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.client import Telemetry  # noqa: E402
-from trainer.host_memory import HostMemory  # noqa: E402
-from trainer.torch_helpers import TorchProbe  # noqa: E402
-from trainer.train import Config, make_model  # noqa: E402
+from trainhealth.trainer.client import Telemetry  # noqa: E402
+from trainhealth.trainer.host_memory import HostMemory  # noqa: E402
+from trainhealth.trainer.torch_helpers import TorchProbe  # noqa: E402
+from trainhealth.trainer.train import Config, make_model  # noqa: E402
 
 RECEIVER = r"""
 import sys

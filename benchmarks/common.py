@@ -84,14 +84,14 @@ class Feed:
 
 
 class Sidecar:
-    """``python -m monitor serve`` in a subprocess: optionally pinned to a core, optionally under py-spy.
+    """``python -m trainhealth serve`` in a subprocess: optionally pinned to a core, optionally under py-spy.
 
     Its stderr is drained by a thread (a full pipe would stall the server); the last lines are kept
     for error messages.
     """
 
     def __init__(self, *args: str, core: int | None = None) -> None:
-        cmd = [sys.executable, "-m", "monitor", "serve", "--port", "0", *args]
+        cmd = [sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args]
         preexec = (lambda: pin(core)) if core is not None else None  # children inherit the affinity
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},

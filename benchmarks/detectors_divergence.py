@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.config import default_detector_settings  # noqa: E402
-from monitor.detectors.lr_scaling import LrScaling  # noqa: E402
-from monitor.detectors.nan_divergence import NanDivergence  # noqa: E402
-from monitor.detectors.spikes import GradExplosion, LossSpike  # noqa: E402
-from monitor.pipeline import Pipeline  # noqa: E402
+from trainhealth.config import default_detector_settings  # noqa: E402
+from trainhealth.detectors.lr_scaling import LrScaling  # noqa: E402
+from trainhealth.detectors.nan_divergence import NanDivergence  # noqa: E402
+from trainhealth.detectors.spikes import GradExplosion, LossSpike  # noqa: E402
+from trainhealth.pipeline import Pipeline  # noqa: E402
+
 from tests.unit.traces import healthy, merge, samples, start, with_amp  # noqa: E402
 
 

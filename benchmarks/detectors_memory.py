@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.config import default_detector_settings  # noqa: E402
-from monitor.detectors.gpu_memory import GpuOom, GpuOomRisk  # noqa: E402
-from monitor.detectors.host_memory import HostMemoryLeak  # noqa: E402
-from monitor.pipeline import Pipeline  # noqa: E402
-from monitor.record import from_obj  # noqa: E402
+from trainhealth.config import default_detector_settings  # noqa: E402
+from trainhealth.detectors.gpu_memory import GpuOom, GpuOomRisk  # noqa: E402
+from trainhealth.detectors.host_memory import HostMemoryLeak  # noqa: E402
+from trainhealth.pipeline import Pipeline  # noqa: E402
+from trainhealth.record import from_obj  # noqa: E402
+
 from tests.memory_traces import (  # noqa: E402
     MB,
     T0,
@@ -97,7 +98,7 @@ def costs(ranks: int, repeat: int) -> None:
 
 
 def judge_cost() -> None:
-    from monitor.detectors.host_memory import HostMemoryLeakSettings, _Series
+    from trainhealth.detectors.host_memory import HostMemoryLeakSettings, _Series
 
     print("\n2. one judgement (at a closed bucket)")
     s = HostMemoryLeakSettings()
@@ -114,7 +115,7 @@ def judge_cost() -> None:
         print(f"   host, full ring ({len(series.buckets.ring)} buckets), {name:16s} "
               f"{(time.perf_counter() - t0) / n * 1e6:7.0f} us")
     det = GpuOomRisk(GpuOomRisk.Settings(), None)
-    from monitor.detectors.gpu_memory import _Gpu
+    from trainhealth.detectors.gpu_memory import _Gpu
 
     for name, shape in [("healthy", total(const(0.9 * T), noise(0.002 * T))),
                         ("leaking 8 MiB/step", total(const(0.5 * T), linear(8 * MiB * 3600)))]:

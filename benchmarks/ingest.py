@@ -8,7 +8,7 @@
 - In-process limit: the same Service (decode + state + all detectors + store wiring) called
   directly on the same kind of bodies in this process, best of passes run before and after the
   HTTP windows: what HTTP cannot beat.
-- Replay: ``python -m monitor replay`` over a .jsonl file (start-up time subtracted).
+- Replay: ``python -m trainhealth replay`` over a .jsonl file (start-up time subtracted).
 
 "On one core" figures are records per CPU-second of the process doing the work (the sidecar's
 CPU time from psutil; process_time in-process). On a machine shared with other work, wall-clock
@@ -45,9 +45,9 @@ RUNS = 16  # the in-process limit cycles over as many runs
 
 def in_process_rate(size: int, records: int, tmp: str, name: str) -> tuple[float, float]:
     """Records per CPU-second and per wall second of Service.ingest (store attached, as served)."""
-    from monitor.config import load
-    from monitor.server import attach_alerts_out
-    from monitor.service import Service
+    from trainhealth.config import load
+    from trainhealth.http.server import attach_alerts_out
+    from trainhealth.service import Service
 
     service = Service(load(None, {"db": os.path.join(tmp, f"{name}.db")}, {}))
     attach_alerts_out(service)
@@ -97,7 +97,7 @@ def replay_rate(records: int, tmp: str) -> tuple[float, float, float]:
 
     def timed(file: str) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-m", "monitor", "replay", file], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "-m", "trainhealth", "replay", file], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -29,10 +29,9 @@ BATCH = 1000
 
 def _child(checkpoints: list[int], out: Any) -> None:
     import psutil
-
-    from monitor.config import load
-    from monitor.server import attach_alerts_out
-    from monitor.service import Service
+    from trainhealth.config import load
+    from trainhealth.http.server import attach_alerts_out
+    from trainhealth.service import Service
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,9 +56,8 @@ def _child(checkpoints: list[int], out: Any) -> None:
 
 def _per_rank_child(ranks: int, samples: int, out: Any) -> None:
     import psutil
-
-    from monitor.config import load
-    from monitor.service import Service
+    from trainhealth.config import load
+    from trainhealth.service import Service
 
     proc = psutil.Process()
     service = Service(load(None, {}, {}))

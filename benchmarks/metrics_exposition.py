@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
+from trainhealth.config import Settings  # noqa: E402
+from trainhealth.metrics.collector import StateCollector, render  # noqa: E402
+from trainhealth.service import Service  # noqa: E402
 
 from benchmarks.common import Figure  # noqa: E402
-from monitor.config import Settings  # noqa: E402
-from monitor.exporter import StateCollector, render  # noqa: E402
-from monitor.service import Service  # noqa: E402
 
 FIELDS = {"loss": 2.31, "lr": 0.02, "grad_norm": 1.7, "grad_scale": 65536.0, "gpu_mem_peak_bytes": 6.1e10,
           "gpu_mem_total_bytes": 8.0e10, "gpu_mem_allocated_bytes": 4.2e10, "gpu_mem_reserved_bytes": 6.4e10,

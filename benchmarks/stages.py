@@ -22,10 +22,10 @@ from benchmarks.common import Feed, Figure, table  # noqa: E402
 
 
 def run(quick: bool = False) -> list[Figure]:
-    from monitor.config import default_detector_settings
-    from monitor.detectors import ALL
-    from monitor.ingest import decode_body
-    from monitor.pipeline import Pipeline
+    from trainhealth.config import default_detector_settings
+    from trainhealth.detectors import ALL
+    from trainhealth.ingest import decode_body
+    from trainhealth.pipeline import Pipeline
 
     batches, passes = (32, 3) if quick else (64, 5)
     feed = Feed("stages")

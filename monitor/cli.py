@@ -102,7 +102,7 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
 def serve(settings: Settings, config_file: str | None, log_level: str = "info") -> int:
     import uvicorn
 
-    from .server import build_service_and_app
+    from .http.server import build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery

@@ -49,10 +49,23 @@ NUMBER_FIELDS = (
     "host_mem_bytes",
     "host_mem_total_bytes",
     "host_mem_available_bytes",
+    "host_mem_limit_bytes",
     "step_time_seconds",
     "data_time_seconds",
     "reference_lr",
 )
+
+
+EndStatus = Literal["completed", "failed"]
+Traceback = Annotated[str, msgspec.Meta(max_length=65536)]
+
+
+class ErrorInfo(msgspec.Struct, omit_defaults=True, gc=False):
+    """An ``end`` record's exception (``status: "failed"``): its type, message and last frames (bounded)."""
+
+    type: Text = ""
+    message: Text = ""
+    traceback: Traceback = ""
 
 
 class Record(msgspec.Struct, omit_defaults=True, gc=False):
@@ -83,6 +96,8 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     host_mem_bytes: float | None = None
     host_mem_total_bytes: float | None = None
     host_mem_available_bytes: float | None = None
+    # the process's own memory limit where the client can read it (cgroup v2 memory.max, v1 limit_in_bytes)
+    host_mem_limit_bytes: float | None = None
     step_time_seconds: float | None = None
     data_time_seconds: float | None = None
     batch_size: NonNegInt | None = None
@@ -99,6 +114,9 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     # oom
     message: Text | None = None
     detail: Detail | None = None
+    # end: "completed" (a normal exit) or "failed" (an uncaught exception, quoted in ``error``)
+    status: EndStatus | None = None
+    error: ErrorInfo | None = None
 
 
 class RecordError(ValueError):
@@ -237,4 +255,7 @@ def loads(data: bytes | str) -> Any:
 
 def to_obj(record: Record) -> dict[str, Any]:
     """The record as a plain dict with only the fields that were set."""
-    return {f: v for f in record.__struct_fields__ if (v := getattr(record, f)) is not None}
+    obj = {f: v for f in record.__struct_fields__ if (v := getattr(record, f)) is not None}
+    if record.error is not None:
+        obj["error"] = msgspec.structs.asdict(record.error)
+    return obj

@@ -29,14 +29,14 @@ def need_binary(name: str) -> str:
 
 
 class Sidecar:
-    """A running ``python -m monitor serve`` process."""
+    """A running ``python -m trainhealth serve`` process."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         for key in [k for k in full_env if k.startswith("TRAINHEALTH_") and k not in (env or {})]:
             del full_env[key]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args],
             cwd=str(cwd or ROOT), env=full_env, stderr=subprocess.PIPE, text=True,
         )
         self.url = self._wait_for_port()

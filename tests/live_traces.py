@@ -17,10 +17,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from monitor.alerts import Alert
-from monitor.config import default_detector_settings
-from monitor.pipeline import Pipeline
-from monitor.record import Record, from_obj
+from trainhealth.alerts import Alert
+from trainhealth.config import default_detector_settings
+from trainhealth.pipeline import Pipeline
+from trainhealth.record import Record, from_obj
 
 T0 = 1_000_000.0
 RUN = "job"
@@ -134,7 +134,7 @@ def lognormal(rng: random.Random, mean: float, sigma: float) -> float:
 def write_jsonl(path: Any, records: list[Record]) -> str:
     import json
 
-    from monitor.record import to_obj
+    from trainhealth.record import to_obj
 
     with open(path, "w") as fh:
         for rec in records:

@@ -11,7 +11,7 @@ import math
 import random
 from typing import Callable
 
-from monitor.record import Record, from_obj
+from trainhealth.record import Record, from_obj
 
 Shape = Callable[[float, random.Random], float]
 MB = 1e6

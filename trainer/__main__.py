@@ -1,4 +1,4 @@
-"""``python -m trainer``: the reference trainer (see trainer/train.py)."""
+"""``python -m trainhealth.trainer``: the reference trainer (see trainer/train.py)."""
 
 import sys
 

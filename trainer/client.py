@@ -38,7 +38,7 @@ from .transport import FileSink, HttpSink, Result
 
 __all__ = ["STAGED", "Telemetry"]
 
-log = logging.getLogger("trainer.client")
+log = logging.getLogger("trainhealth.trainer.client")
 _PHASE_NAME = re.compile(r"[a-z0-9_-]{1,32}\Z")  # the record contract's rule for ``phase``
 
 

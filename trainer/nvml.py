@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-log = logging.getLogger("trainer.nvml")
+log = logging.getLogger("trainhealth.trainer.nvml")
 
 
 class NvmlDevice:

@@ -19,7 +19,7 @@ from .fields import STAGED, assign
 from .settings import ClientSettings
 from .transport import Result
 
-log = logging.getLogger("trainer.client")
+log = logging.getLogger("trainhealth.trainer.client")
 
 
 class LimitedLog:

@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("trainhealth.trainer")
 
 DEFAULT_URL = "http://127.0.0.1:9464"
 RUN_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -29,7 +29,7 @@ import torch
 
 from . import nvml as nvml_mod
 
-log = logging.getLogger("trainer.torch_helpers")
+log = logging.getLogger("trainhealth.trainer.torch_helpers")
 
 DEFAULT_OOM_FLUSH_SECONDS = 2.0
 

@@ -2,11 +2,12 @@
 telemetry on every step, and each fault trainhealth detects, injectable on purpose.
 
 Usage:
-    python -m trainer --steps 50                                  # one process (CPU, or one GPU)
-    torchrun --standalone --nproc_per_node 2 -m trainer --steps 200 --step-sleep 0.05
+    python -m trainhealth.trainer --steps 50                                  # one process (CPU, or one GPU)
+    torchrun --standalone --nproc_per_node 2 -m trainhealth.trainer --steps 200 --step-sleep 0.05
     TRAINHEALTH_URL=http://127.0.0.1:9464 TRAINHEALTH_RUN=demo \\
-        torchrun --standalone --nproc_per_node 2 -m trainer --inject nan-data --inject-rank 1 --inject-step 20
-    TRAINHEALTH_OFFLINE=/tmp/demo-{rank}.jsonl python -m trainer --steps 100   # then: trainhealth replay ...
+        torchrun --standalone --nproc_per_node 2 -m trainhealth.trainer \\
+        --inject nan-data --inject-rank 1 --inject-step 20
+    TRAINHEALTH_OFFLINE=/tmp/demo-{rank}.jsonl python -m trainhealth.trainer --steps 100  # then: trainhealth replay
 
 Backend: nccl on GPUs, gloo on the CPU. Telemetry goes to TRAINHEALTH_URL (default http://127.0.0.1:9464);
 the run is TRAINHEALTH_RUN, else torchrun's TORCHELASTIC_RUN_ID.
@@ -40,6 +41,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +50,7 @@ from torch import nn
 
 from .client import Telemetry
 
-log = logging.getLogger("trainer.train")
+log = logging.getLogger("trainhealth.trainer.train")
 INJECTIONS = ("lr-unscaled", "nan-data", "gpu-leak", "host-leak", "hang", "die", "straggler")
 
 
@@ -153,12 +155,12 @@ class LARS(torch.optim.Optimizer):
     update is scaled by eta * |w| / (|g| + weight_decay * |w|); biases take the global LR. The trust ratio
     stays a tensor (torch.where), so no host sync."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
                  eta: float = 0.001) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta})
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
             wd, eta = group["weight_decay"], group["eta"]
             for p in group["params"]:
@@ -195,7 +197,7 @@ def make_batch(gen: torch.Generator, teacher: torch.Tensor, cfg: Config) -> tupl
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m trainhealth.trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")

@@ -21,8 +21,7 @@ import sys
 
 import psutil
 import torch
-
-from trainer.host_memory import process_tree_bytes as tree_memory
+from trainhealth.trainer.host_memory import process_tree_bytes as tree_memory
 
 T0 = 1_700_000_000.0
 

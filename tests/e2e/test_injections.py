@@ -1,4 +1,4 @@
-"""Every fault of the reference trainer, end to end: ``python -m trainer`` under torchrun (2 ranks,
+"""Every fault of the reference trainer, end to end: ``python -m trainhealth.trainer`` under torchrun (2 ranks,
 gloo on the CPU) sends telemetry to a real sidecar, and each injection raises the expected alert
 naming the injected rank; a healthy run raises nothing at all.
 
@@ -54,7 +54,7 @@ INJECTED = 1  # the rank every fault is injected on
 
 
 class Job:
-    """A torchrun launch of ``python -m trainer``; its output goes to ``log_path``."""
+    """A torchrun launch of ``python -m trainhealth.trainer``; its output goes to ``log_path``."""
 
     def __init__(self, sidecar: Sidecar, log_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
         self.sidecar = sidecar
@@ -64,7 +64,7 @@ class Job:
         environ.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRAINHEALTH_URL": sidecar.url,
                         "TRAINHEALTH_RUN": self.run, **FAST_CLIENT, **env})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "trainer", "--log-every", "1000", *args]
+               "-m", "trainhealth.trainer", "--log-every", "1000", *args]
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

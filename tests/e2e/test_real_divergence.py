@@ -15,10 +15,9 @@ import math
 from pathlib import Path
 
 import pytest
-
-from monitor.config import default_detector_settings
-from monitor.pipeline import Pipeline, replay
-from monitor.record import from_obj
+from trainhealth.config import default_detector_settings
+from trainhealth.pipeline import Pipeline, replay
+from trainhealth.record import from_obj
 
 torch = pytest.importorskip("torch")
 

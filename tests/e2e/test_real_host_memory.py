@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from monitor.config import default_detector_settings
-from monitor.pipeline import Pipeline
-from monitor.record import Record, from_obj
+from trainhealth.config import default_detector_settings
+from trainhealth.pipeline import Pipeline
+from trainhealth.record import Record, from_obj
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""``python -m trainer`` under torchrun: 2 CPU ranks with gloo, records written by the client's offline mode
+"""``python -m trainhealth.trainer`` under torchrun: 2 CPU ranks with gloo, records written by the client's offline mode
 (TRAINHEALTH_OFFLINE) and checked against the record contract."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from monitor.record import Record, from_obj
+from trainhealth.record import Record, from_obj
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +22,7 @@ def torchrun_process(*args: str, env: dict[str, str], timeout: float = 180) -> s
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
     environ.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_RUN": "e2e", **env})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer", "--log-every", "1000", *args]
+           "-m", "trainhealth.trainer", "--log-every", "1000", *args]
     return subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
 
 

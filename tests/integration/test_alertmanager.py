@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
+from trainhealth.notify.alertmanager import rfc3339
 
-from monitor.alertmanager import rfc3339
 from tests.conftest import need_binary
 from tests.integration.alerting import config, free_port, ingest, nan_records
 

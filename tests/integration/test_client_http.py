@@ -11,9 +11,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
-from monitor.record import from_obj
-from trainer.client import Telemetry
+from trainhealth.record import from_obj
+from trainhealth.trainer.client import Telemetry
 
 pytestmark = pytest.mark.integration
 
@@ -249,7 +248,7 @@ def test_close_with_the_sidecar_down_returns_and_counts_what_was_lost():
     assert tm.stats()["dropped"] == 1 and tm.stats()["queued"] == 0
 
 
-# -- against the real sidecar (python -m monitor serve, the conftest fixture) ---------------------------
+# -- against the real sidecar (python -m trainhealth serve, the conftest fixture) ---------------------------
 
 def test_a_nan_loss_sent_by_the_client_fires_on_the_real_sidecar(sidecar):
     tm = Telemetry(url=sidecar.url, run="client-job", rank=1, world_size=2, environ={}, **FAST)

@@ -89,7 +89,7 @@ def test_readme_walkthrough_gives_the_answers_it_shows(start_sidecar, tmp_path):
             'trainhealth_alerts_firing{alert="lr_scaling",run="job-7",severity="critical"} 1.0'} <= job7
 
     # replay on what the flight recorder saw: the same transitions, in the order they happened
-    out = subprocess.run([sys.executable, "-m", "monitor", "replay", str(tmp_path / "records" / "job-7.jsonl")],
+    out = subprocess.run([sys.executable, "-m", "trainhealth", "replay", str(tmp_path / "records" / "job-7.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     replayed = [json.loads(line) for line in out.stdout.splitlines()]
     served = sc.client.get("/v1/alerts").json()["alerts"]

@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import yaml
+from trainhealth.metrics.collector import WEBHOOK_NAMES, exported_names
 
-from monitor.exporter import WEBHOOK_NAMES, exported_names
 from tests.conftest import Sidecar, need_binary
 from tests.promql import RULES, all_expressions, metric_names, substitute
 

@@ -170,7 +170,7 @@ def test_replay_and_serve_give_identical_alerts(start_sidecar, tmp_path):
         for key in ("id", "silenced", "acknowledged"):
             del alert[key]
     recorded = tmp_path / "rec" / "same.jsonl"
-    out = subprocess.run([sys.executable, "-m", "monitor", "replay", str(recorded)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "trainhealth", "replay", str(recorded)], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     replayed = [json.loads(line) for line in out.stdout.splitlines()]
     assert "60 records, 0 corrupt lines skipped" in out.stderr
@@ -190,13 +190,13 @@ def test_server_survives_a_flood_of_junk(sidecar):
 
 
 def test_cli_rejects_bad_flags_with_a_reason(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "monitor", "serve", "--port", "99999"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "trainhealth", "serve", "--port", "99999"], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "port" in out.stderr
 
 
 def test_replay_missing_file_is_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "monitor", "replay", str(tmp_path / "none.jsonl")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "trainhealth", "replay", str(tmp_path / "none.jsonl")], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "no such file" in out.stderr
 

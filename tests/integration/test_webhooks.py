@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from trainhealth.notify.delivery import Deliverer, outbox_rows
+from trainhealth.notify.store import Store
+from trainhealth.notify.webhooks import WebhookSettings, target
 
-from monitor.delivery import Deliverer, outbox_rows
-from monitor.store import Store
-from monitor.webhooks import WebhookSettings, target
 from tests.integration.alerting import Receiver, config, ingest, nan_records
 
 pytestmark = pytest.mark.integration

@@ -10,11 +10,10 @@ import random
 from pathlib import Path
 
 import pytest
-
-from monitor.alertmanager import alertmanager_settings, postable
-from monitor.config import ConfigError, load
-from monitor.delivery import backoff, outbox_rows, sign
-from monitor.webhooks import WebhookSettings, alertmanager_payload, target, webhook_settings
+from trainhealth.config import ConfigError, load
+from trainhealth.notify.alertmanager import alertmanager_settings, postable
+from trainhealth.notify.delivery import backoff, outbox_rows, sign
+from trainhealth.notify.webhooks import WebhookSettings, alertmanager_payload, target, webhook_settings
 
 FIRING = {"alert": "nan_divergence", "state": "firing", "severity": "critical", "run": "r1", "rank": 3,
           "step": 812, "time": 1_700_000_100.0, "summary": "loss became nan at step 812 on rank 3",

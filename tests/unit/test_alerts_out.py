@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-
-from monitor.config import Limits, ServerSettings, Settings
-from monitor.notify import AlertsOut
-from monitor.server import attach_alerts_out
-from monitor.service import Service
-from monitor.silences import SilenceError, parse
+from trainhealth.config import Limits, ServerSettings, Settings
+from trainhealth.http.server import attach_alerts_out
+from trainhealth.notify.silences import SilenceError, parse
+from trainhealth.notify.sink import AlertsOut
+from trainhealth.service import Service
 
 HOOK = "http://127.0.0.1:9/hook"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from trainhealth.ingest import decode_body
+
 from benchmarks.common import Feed
-from monitor.ingest import decode_body
 
 
 def test_feed_bodies_decode_without_rejections_and_steps_advance() -> None:

@@ -8,11 +8,10 @@ import threading
 from dataclasses import dataclass
 
 import pytest
-
-from monitor.record import from_obj
-from trainer.client import STAGED, Telemetry
-from trainer.settings import ClientSettings, from_environ
-from trainer.transport import Result, classify, encode_json, encode_jsonl
+from trainhealth.record import from_obj
+from trainhealth.trainer.client import STAGED, Telemetry
+from trainhealth.trainer.settings import ClientSettings, from_environ
+from trainhealth.trainer.transport import Result, classify, encode_json, encode_jsonl
 
 from .trainer_fakes import ENV, Clock, FakeSink
 

@@ -9,8 +9,7 @@ import time
 import warnings
 
 import pytest
-
-from trainer.client import Telemetry
+from trainhealth.trainer.client import Telemetry
 
 from .trainer_fakes import ENV, FakeSink
 

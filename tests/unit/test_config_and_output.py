@@ -7,12 +7,11 @@ import json
 import math
 
 import pytest
-
-from monitor import jsonout
-from monitor.config import ConfigError, load
-from monitor.record import from_obj
-from monitor.recorder import FlightRecorder
-from monitor.replay import ReadStats, read_file, read_files
+from trainhealth import jsonout
+from trainhealth.config import ConfigError, load
+from trainhealth.record import from_obj
+from trainhealth.recorder import FlightRecorder
+from trainhealth.replay import ReadStats, read_file, read_files
 
 
 def test_flags_beat_environment_beat_file(tmp_path):
@@ -100,6 +99,6 @@ def test_jsonout_keeps_an_alert_with_an_odd_field():
 
 
 def test_bad_log_level_from_environment_is_named():
-    from monitor.cli import main
+    from trainhealth.cli import main
 
     assert main(["serve", "--port", "0"], environ={"TRAINHEALTH_LOG_LEVEL": "loud"}) == 2

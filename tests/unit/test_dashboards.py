@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trainhealth.metrics.collector import PER_RANK_STATE, PER_RANK_VALUES, exported_names
 
-from monitor.exporter import PER_RANK_STATE, PER_RANK_VALUES, exported_names
 from tests.promql import (
     DASHBOARDS,
     GRAFANA_BUILTINS,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from monitor.config import default_detector_settings
-from monitor.detectors.nan_divergence import NanDivergenceSettings
-from monitor.pipeline import Pipeline
-from monitor.status import run_view
+from trainhealth.config import default_detector_settings
+from trainhealth.detectors.nan_divergence import NanDivergenceSettings
+from trainhealth.pipeline import Pipeline
+from trainhealth.status import run_view
 
 from .traces import healthy, merge, run_pipeline, samples, set_at, start, with_amp
 

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-
-from monitor.api import create_app
-from monitor.config import ConfigError, Limits, ServerSettings, Settings
-from monitor.exporter import (
+from trainhealth.config import ConfigError, Limits, ServerSettings, Settings
+from trainhealth.http.app import create_app
+from trainhealth.http.metrics import metrics_hook
+from trainhealth.metrics.collector import (
     ExporterSettings,
     LatencyHistogram,
     StateCollector,
@@ -23,8 +23,7 @@ from monitor.exporter import (
     families,
     render,
 )
-from monitor.metrics_api import metrics_hook
-from monitor.service import Service
+from trainhealth.service import Service
 
 T0 = 1_700_000_000.0
 

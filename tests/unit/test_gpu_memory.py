@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from trainhealth.config import default_detector_settings, detector_settings
+from trainhealth.detectors import ALL
+from trainhealth.detectors.gpu_memory import GpuOom, GpuOomRisk, GpuOomRiskSettings, GpuOomSettings
+from trainhealth.pipeline import Pipeline
+from trainhealth.record import from_obj
 
-from monitor.config import default_detector_settings, detector_settings
-from monitor.detectors import ALL
-from monitor.detectors.gpu_memory import GpuOom, GpuOomRisk, GpuOomRiskSettings, GpuOomSettings
-from monitor.pipeline import Pipeline
-from monitor.record import from_obj
 from tests.memory_traces import T0, GiB, MiB, const, gpu_trace, linear, noise, total, warmup
 
 T = 80 * GiB

@@ -7,8 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import psutil
-
-from trainer.host_memory import HostMemory, process_tree_bytes
+from trainhealth.trainer.host_memory import HostMemory, process_tree_bytes
 
 from .trainer_fakes import Clock
 

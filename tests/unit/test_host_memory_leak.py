@@ -6,12 +6,12 @@ Traces sample every 10 s of record time, one step per second; times are minutes 
 from __future__ import annotations
 
 import pytest
+from trainhealth.config import default_detector_settings, detector_settings
+from trainhealth.detectors import ALL
+from trainhealth.detectors.host_memory import HostMemoryLeak, HostMemoryLeakSettings
+from trainhealth.pipeline import Pipeline
+from trainhealth.record import from_obj
 
-from monitor.config import default_detector_settings, detector_settings
-from monitor.detectors import ALL
-from monitor.detectors.host_memory import HostMemoryLeak, HostMemoryLeakSettings
-from monitor.pipeline import Pipeline
-from monitor.record import from_obj
 from tests.memory_traces import (
     MB,
     T0,

@@ -7,8 +7,7 @@ import json
 import math
 
 import pytest
-
-from monitor.ingest import BodyError, decode_body
+from trainhealth.ingest import BodyError, decode_body
 
 BASE = {"run": "job-1", "rank": 0, "time": 1700000000.5, "step": 3}
 

@@ -18,12 +18,11 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from monitor import jsonout
-from monitor.config import Settings
-from monitor.ingest import BodyError, decode_body
-from monitor.record import NUMBER_FIELDS
-from monitor.service import Service
+from trainhealth import jsonout
+from trainhealth.config import Settings
+from trainhealth.ingest import BodyError, decode_body
+from trainhealth.record import NUMBER_FIELDS
+from trainhealth.service import Service
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))  # FUZZ_SCALE=20 for a longer hunt (all pass at 600 examples)
 FUZZ = settings(max_examples=50 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])

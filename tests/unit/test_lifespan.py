@@ -6,10 +6,9 @@ import asyncio
 import logging
 
 import pytest
-
-from monitor.api import create_app
-from monitor.config import Settings
-from monitor.service import Service
+from trainhealth.config import Settings
+from trainhealth.http.app import create_app
+from trainhealth.service import Service
 
 
 def test_a_background_job_that_died_is_logged_and_shutdown_still_closes_the_store(
@@ -28,7 +27,7 @@ def test_a_background_job_that_died_is_logged_and_shutdown_still_closes_the_stor
         async with app.router.lifespan_context(app):
             await asyncio.sleep(0.01)
 
-    with caplog.at_level(logging.ERROR, logger="monitor.api"):
+    with caplog.at_level(logging.ERROR, logger="trainhealth.http.app"):
         asyncio.run(serve_briefly())
     assert closed == ["store"]
     assert "outbox table missing" in caplog.text and "stopped" in caplog.text

@@ -11,11 +11,11 @@ import random
 import re
 
 import pytest
+from trainhealth import cli
+from trainhealth.config import ConfigError, detector_settings
+from trainhealth.detectors.liveness import RankStalledSettings
+from trainhealth.record import from_obj
 
-from monitor import cli
-from monitor.config import ConfigError, detector_settings
-from monitor.detectors.liveness import RankStalledSettings
-from monitor.record import from_obj
 from tests.live_traces import RUN, T0, brief, ddp_job, feed, lognormal, settings, shifted, write_jsonl
 
 NAME = "rank_stalled"
@@ -384,9 +384,9 @@ def test_smaller_limits_from_config_fire_sooner():
 def test_a_whole_large_job_stalling_at_once_costs_a_linear_scan_per_tick_not_one_per_alert(monkeypatch):
     # One sidecar per job, 2048 ranks, all killed at once: the timer tick that fires 2048 alerts ran the
     # event loop for seconds (every alert re-sorted all ranks to name the first). Counted, not timed.
-    from monitor.config import Limits, default_detector_settings
-    from monitor.detectors.liveness import RankStalled
-    from monitor.pipeline import Pipeline
+    from trainhealth.config import Limits, default_detector_settings
+    from trainhealth.detectors.liveness import RankStalled
+    from trainhealth.pipeline import Pipeline
 
     n = 2048
     p = Pipeline(default_detector_settings(), Limits(max_ranks_per_run=n))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from monitor.config import ConfigError, detector_settings
-from monitor.detectors.lr_scaling import LrScalingSettings
+from trainhealth.config import ConfigError, detector_settings
+from trainhealth.detectors.lr_scaling import LrScalingSettings
 
 from .traces import healthy, run_pipeline, samples, start
 
@@ -165,8 +164,8 @@ def test_bad_settings_name_the_key_and_value(key, value):
 @pytest.mark.parametrize("start_lr", [0.0, -0.02, float("nan"), float("inf"), 1e308, 1e-320])
 def test_absurd_start_lr_is_not_judged_and_never_crashes_ingest(start_lr):
     # an LR of 0 at start (a warmup from 0 reported as the LR) used to divide by zero and fail the whole batch
-    from monitor.config import default_detector_settings
-    from monitor.pipeline import Pipeline
+    from trainhealth.config import default_detector_settings
+    from trainhealth.pipeline import Pipeline
 
     p = Pipeline(default_detector_settings())
     out = p.process([start(0, world_size=1, batch_size=2, lr=start_lr, warmup_steps=500, **SEED_REF)])
@@ -174,8 +173,8 @@ def test_absurd_start_lr_is_not_judged_and_never_crashes_ingest(start_lr):
 
 
 def test_sampled_lr_past_any_float_batch_still_names_the_expected_lr():
-    from monitor.config import default_detector_settings
-    from monitor.pipeline import Pipeline
+    from trainhealth.config import default_detector_settings
+    from trainhealth.pipeline import Pipeline
 
     p = Pipeline(default_detector_settings())
     first = start(0, world_size=1, batch_size=2, lr=0.0025, warmup_steps=5, **SEED_REF)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from monitor.alerts import AlertBook
-from monitor.config import Limits, default_detector_settings
-from monitor.detectors.nan_divergence import NanDivergenceSettings
-from monitor.events import firing, resolved
-from monitor.pipeline import Pipeline
-from monitor.record import from_obj
+from trainhealth.alerts import AlertBook
+from trainhealth.config import Limits, default_detector_settings
+from trainhealth.detectors.nan_divergence import NanDivergenceSettings
+from trainhealth.events import firing, resolved
+from trainhealth.pipeline import Pipeline
+from trainhealth.record import from_obj
 
 
 def sample(step, rank=0, run="r", t=None, **kw):
@@ -121,7 +120,7 @@ def test_bad_limits_name_the_key_and_value(key, value):
 
 
 def test_a_detector_bug_is_counted_and_logged_but_fails_neither_the_batch_nor_the_other_detectors(caplog):
-    from monitor.detectors import ALL, Detector
+    from trainhealth.detectors import ALL, Detector
 
     class Broken(Detector):
         name = "nan_divergence"  # borrows a real detector's settings

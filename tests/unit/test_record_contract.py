@@ -7,12 +7,11 @@ import json
 import math
 
 import pytest
-
-from monitor.ingest import BodyError, decode_body
-from monitor.record import Record, RecordError, from_obj
-from monitor.replay import ReadStats, read_file
-from monitor.state import MAX_METRICS_KEPT, RankState
-from monitor.status import rank_view
+from trainhealth.ingest import BodyError, decode_body
+from trainhealth.record import Record, RecordError, from_obj
+from trainhealth.replay import ReadStats, read_file
+from trainhealth.state import MAX_METRICS_KEPT, RankState
+from trainhealth.status import rank_view
 
 BASE = {"run": "job-1", "rank": 0, "time": 1700000000.5, "step": 3}
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from monitor.config import Limits, default_detector_settings
-from monitor.pipeline import Pipeline
-from monitor.record import from_obj
+from trainhealth.config import Limits, default_detector_settings
+from trainhealth.pipeline import Pipeline
+from trainhealth.record import from_obj
 
 
 def test_run_seen_in_one_batch_at_one_time_is_not_expired_at_the_next_tick() -> None:

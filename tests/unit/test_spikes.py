@@ -6,10 +6,9 @@ import math
 import random
 
 import pytest
-
-from monitor.config import default_detector_settings
-from monitor.detectors.spikes import GradExplosionSettings, LazyWindow, RobustWindow, SpikeSettings
-from monitor.pipeline import Pipeline
+from trainhealth.config import default_detector_settings
+from trainhealth.detectors.spikes import GradExplosionSettings, LazyWindow, RobustWindow, SpikeSettings
+from trainhealth.pipeline import Pipeline
 
 from .traces import healthy, merge, only, run_pipeline, samples, scale_from, start, with_amp
 

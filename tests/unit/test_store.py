@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-
-from monitor import jsonout
-from monitor.alerts import fingerprint
-from monitor.record import from_obj
-from monitor.store import Store, Transition
+from trainhealth import jsonout
+from trainhealth.alerts import fingerprint
+from trainhealth.notify.store import Store, Transition
+from trainhealth.record import from_obj
 
 
 class Clock:

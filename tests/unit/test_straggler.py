@@ -11,10 +11,10 @@ import random
 import re
 
 import pytest
+from trainhealth.config import detector_settings
+from trainhealth.detectors.straggler import StragglerSettings, _median_without
+from trainhealth.record import from_obj
 
-from monitor.config import detector_settings
-from monitor.detectors.straggler import StragglerSettings, _median_without
-from monitor.record import from_obj
 from tests.live_traces import RUN, T0, brief, ddp_job, feed, lognormal
 
 NAME = "straggler"

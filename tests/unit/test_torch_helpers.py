@@ -9,11 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from monitor.record import from_obj
-from trainer.client import Telemetry
-from trainer.nvml import open_device
-from trainer.torch_helpers import TorchProbe, oom_guard, pci_bus_id
+from trainhealth.record import from_obj
+from trainhealth.trainer.client import Telemetry
+from trainhealth.trainer.nvml import open_device
+from trainhealth.trainer.torch_helpers import TorchProbe, oom_guard, pci_bus_id
 
 from .trainer_fakes import ENV, Clock, FakeSink
 

@@ -12,8 +12,7 @@ import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-
-from monitor.record import Record, from_obj
+from trainhealth.record import Record, from_obj
 
 RUN = "trace"
 Trace = dict[str, list[Any]]
@@ -118,8 +117,8 @@ def scale_from(trace: Trace, column: str, first: int, factors: Sequence[float]) 
 def run_pipeline(*batches: Sequence[Record], **overrides: dict[str, Any]) -> list[dict[str, Any]]:
     """Alert transitions of the real pipeline fed these batches in turn (each batch is ordered
     by step, then time, as the sidecar does); ``overrides`` = {detector: {setting: value}}."""
-    from monitor.config import default_detector_settings
-    from monitor.pipeline import Pipeline
+    from trainhealth.config import default_detector_settings
+    from trainhealth.pipeline import Pipeline
 
     settings = default_detector_settings()
     for name, values in overrides.items():

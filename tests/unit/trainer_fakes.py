@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.transport import Result
+from trainhealth.trainer.transport import Result
 
 ENV = {"RANK": "3", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "elastic-run"}
 

@@ -26,8 +26,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import httpx
 
-from . import jsonout
-from .alerts import Alert
+from .. import jsonout
+from ..alerts import Alert
 from .store import OutboxRow, Store
 
 log = logging.getLogger(__name__)

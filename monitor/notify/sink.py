@@ -19,19 +19,19 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import jsonout
+from .. import jsonout
+from ..alerts import Alert
+from ..events import resolved
 from .alertmanager import AlertmanagerSettings
 from .alertmanager import target as alertmanager_target
-from .alerts import Alert
 from .delivery import Deliverer, outbox_rows
-from .events import resolved
 from .silences import Silence, parse
 from .store import Store, Transition
 from .webhooks import WebhookSettings
 from .webhooks import target as webhook_target
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
-from . import alerts_api
-from .alertmanager import alertmanager_settings
-from .api import create_app
-from .config import ConfigError, Settings
-from .metrics_api import metrics_hook
-from .notify import AlertsOut
-from .service import Service
-from .store import Store
-from .webhooks import webhook_settings
+from ..config import ConfigError, Settings
+from ..notify.alertmanager import alertmanager_settings
+from ..notify.sink import AlertsOut
+from ..notify.store import Store
+from ..notify.webhooks import webhook_settings
+from ..service import Service
+from . import alerts as alerts_api
+from .app import create_app
+from .metrics import metrics_hook
 
 
 def attach_alerts_out(service: Service) -> AlertsOut:

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .config import ConfigError, _build
+from ..config import ConfigError, _build
 from .exposition import per_rank_text
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class ExporterSettings:
 
 
 def exporter_settings(raw: Mapping[str, Any]) -> ExporterSettings:
-    return _build(ExporterSettings, "exporter", raw.get("exporter", {}))  # type: ignore[no-any-return]
+    return _build(ExporterSettings, "exporter", raw.get("exporter", {}))
 
 
 class LatencyHistogram:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from .exporter import RankRow
+    from .collector import RankRow
 
 
 def escape_label_value(value: str) -> str:

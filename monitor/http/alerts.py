@@ -13,10 +13,10 @@ from typing import Any, Callable
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import Response
 
-from .api import JSON
-from .notify import AlertsOut
-from .record import loads
-from .silences import SilenceError
+from ..notify.silences import SilenceError
+from ..notify.sink import AlertsOut
+from ..record import loads
+from .app import JSON
 
 MAX_BODY = 64 << 10
 

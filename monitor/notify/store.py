@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from . import jsonout
-from .alerts import Alert
-from .record import Record, to_obj
+from .. import jsonout
+from ..alerts import Alert
+from ..record import Record, to_obj
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from . import jsonout
-from .alerts import Alert
-from .config import ConfigError, Settings, _build, require_positive
+from .. import jsonout
+from ..alerts import Alert
+from ..config import ConfigError, Settings, _build, require_positive
 from .delivery import Target
 
 SOURCE = "trainhealth"

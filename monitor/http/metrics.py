@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 
-from .exporter import LatencyHistogram, StateCollector, exporter_settings, render
+from ..metrics.collector import LatencyHistogram, StateCollector, exporter_settings, render
 
 INGEST_PATH = "/v1/ingest"
 

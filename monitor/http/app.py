@@ -14,9 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from . import jsonout
-from .service import Service
-from .status import run_view, runs_view
+from .. import jsonout
+from ..service import Service
+from ..status import run_view, runs_view
 
 log = logging.getLogger(__name__)
 

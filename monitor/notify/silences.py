@@ -13,8 +13,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .alerts import Alert
-from .record import RUN_PATTERN
+from ..alerts import Alert
+from ..record import RUN_PATTERN
 
 MAX_SILENCE_SECONDS = 366 * 86400.0
 MAX_COMMENT = 1000

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import jsonout
+from .. import jsonout
+from ..alerts import Alert
+from ..config import ConfigError, Settings, _build, require_positive
 from .alertmanager import ZERO_TIME, label_fingerprint, labels, rfc3339, summary_annotations
-from .alerts import Alert
-from .config import ConfigError, Settings, _build, require_positive
 from .delivery import Target
 
 FORMATS = ("trainhealth", "alertmanager")

@@ -1,0 +1,1 @@
+"""Prometheus exposition: the collector over the pipeline state and the per-rank text writer."""
