@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_path() -> str:
+    """PYTHONPATH for a child process: the checkout (for ``tests.*``) ahead of what was already there."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -94,7 +99,7 @@ class Sidecar:
         cmd = [sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args]
         preexec = (lambda: pin(core)) if core is not None else None  # children inherit the affinity
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONPATH": python_path()},
                                      stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
         self.lines: list[str] = []
         assert self.proc.stderr is not None

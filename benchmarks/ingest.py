@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, ROOT, Feed, Figure, Sidecar, pin, table  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, Feed, Figure, Sidecar, pin, python_path, table  # noqa: E402
 from benchmarks.loadgen import run_load  # noqa: E402
 
 SIZES = (1, 100, 1000)
@@ -99,7 +99,7 @@ def replay_rate(records: int, tmp: str) -> tuple[float, float, float]:
         t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([sys.executable, "-m", "trainhealth", "replay", file], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": python_path()})
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         return time.perf_counter() - t0, (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
 

@@ -15,6 +15,11 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_path() -> str:
+    """PYTHONPATH for a child process: the checkout (for ``tests.*``) ahead of what was already there."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -32,7 +37,7 @@ class Sidecar:
     """A running ``python -m trainhealth serve`` process."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": python_path(), **(env or {})}
         for key in [k for k in full_env if k.startswith("TRAINHEALTH_") and k not in (env or {})]:
             del full_env[key]
         self.proc = subprocess.Popen(

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from tests.conftest import ROOT, Sidecar
+from tests.conftest import ROOT, Sidecar, python_path
 
 torch = pytest.importorskip("torch")
 
@@ -61,7 +61,7 @@ class Job:
         self.run = f"e2e-{uuid.uuid4().hex[:12]}"
         self.log_path = log_path
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-        environ.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRAINHEALTH_URL": sidecar.url,
+        environ.update({"PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", "TRAINHEALTH_URL": sidecar.url,
                         "TRAINHEALTH_RUN": self.run, **FAST_CLIENT, **env})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "trainhealth.trainer", "--log-every", "1000", *args]

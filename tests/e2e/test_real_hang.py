@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, ROOT
+from tests.conftest import IN_CI, ROOT, python_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -28,7 +28,7 @@ def test_stalled_rank_is_named_while_the_other_blocks_in_all_reduce(start_sideca
     cfg.write_text("[detectors.rank_stalled]\nfloor_seconds = 3.0\nsilence_floor_seconds = 10.0\n"
                    "startup_seconds = 30.0\n")
     sidecar = start_sidecar("--config", str(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINHEALTH_URL": sidecar.url,
+    env = {**os.environ, "PYTHONPATH": python_path(), "TRAINHEALTH_URL": sidecar.url,
            "TRAINHEALTH_RUN": "real-hang", "STALL_RANK": str(STALL_RANK), "STALL_AT": str(STALL_AT),
            "OMP_NUM_THREADS": "1", "PID_DIR": str(tmp_path)}
     log = open(tmp_path / "torchrun.log", "w")

@@ -14,16 +14,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from trainhealth.config import default_detector_settings
 from trainhealth.pipeline import Pipeline
 from trainhealth.record import Record, from_obj
 
+from tests.conftest import ROOT, python_path
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
+
 T0 = 1_700_000_000.0
 
 if os.environ.get("CI") != "true":  # in CI a missing torch is a failure, not a skip
@@ -32,7 +33,7 @@ if os.environ.get("CI") != "true":  # in CI a missing torch is a failure, not a 
 
 def run_loop(*args: str) -> tuple[list[Record], list[dict], float]:
     """Run a loop in a fresh process; feed its records through a Pipeline: (records, alerts, wall s)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tests.e2e.memory_loops", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=True)

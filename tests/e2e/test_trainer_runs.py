@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from trainhealth.record import Record, from_obj
 
+from tests.conftest import ROOT, python_path
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def torchrun_process(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-    environ.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_RUN": "e2e", **env})
+    environ.update({"PYTHONPATH": python_path(), "TRAINHEALTH_RUN": "e2e", **env})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainhealth.trainer", "--log-every", "1000", *args]
     return subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout)
