@@ -70,8 +70,18 @@ def test_staged_gpu_tensors_arrive_as_numbers_nan_included(tmp_path: Path) -> No
     losses = {r["step"]: r.get("loss") for r in samples if "loss" in r}
     assert [losses[s] for s in range(1, 5)] == [2.0, 4.0, 6.0, 8.0]
     assert isinstance(losses[5], float) and math.isnan(losses[5])  # NaN, never null
-    assert all(r.get("grad_norm") == 0.5 for r in samples if "grad_norm" in r)
-    assert any(r.get("gpu_mem_total_bytes") for r in samples)  # the probe sampled the real allocator
+    assert [r["grad_norm"] for r in samples if "grad_norm" in r] == [0.5] * 5
+
+
+def test_the_probe_samples_the_real_allocator_once_cuda_is_in_use() -> None:
+    from trainhealth.trainer.torch_helpers import TorchProbe
+
+    probe = TorchProbe()
+    torch.ones(1, device="cuda")
+    probe.bind()
+    fields = probe.sample()
+    assert fields["gpu_mem_total_bytes"] == torch.cuda.get_device_properties(0).total_memory
+    assert fields["gpu_mem_peak_bytes"] >= fields["gpu_mem_allocated_bytes"] > 0
 
 
 def test_oom_guard_sends_an_oom_record_with_the_allocator_summary(tmp_path: Path) -> None:
