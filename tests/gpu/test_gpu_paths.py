@@ -77,9 +77,10 @@ def test_the_probe_samples_the_real_allocator_once_cuda_is_in_use() -> None:
     from trainhealth.trainer.torch_helpers import TorchProbe
 
     probe = TorchProbe()
-    torch.ones(1, device="cuda")
+    block = torch.ones(2**20, device="cuda")
     probe.bind()
     fields = probe.sample()
+    del block
     assert fields["gpu_mem_total_bytes"] == torch.cuda.get_device_properties(0).total_memory
     assert fields["gpu_mem_peak_bytes"] >= fields["gpu_mem_allocated_bytes"] > 0
 
@@ -99,10 +100,25 @@ def test_oom_guard_sends_an_oom_record_with_the_allocator_summary(tmp_path: Path
     assert ooms[0]["gpu_mem_total_bytes"] == total and "Allocated memory" in ooms[0]["detail"]
 
 
+# gpu_oom_risk's windows scaled from minutes to seconds (as the CPU e2e tests scale theirs): one-second buckets,
+# judged after 6 of them; the default needs 100 steps and 12 buckets of 10 s before its first judgement.
+GPU_CONFIG = """
+[detectors.gpu_oom_risk]
+warmup_steps = 10
+bucket_steps = 2
+bucket_seconds = 1.0
+min_buckets = 6
+window_buckets = 24
+horizon_seconds = 120.0
+"""
+
+
 def test_gpu_leak_raises_gpu_oom_risk_before_gpu_oom_at_the_sidecar(start_sidecar, tmp_path: Path) -> None:
-    sidecar = start_sidecar()
+    config = tmp_path / "gpu.toml"
+    config.write_text(GPU_CONFIG)
+    sidecar = start_sidecar("--config", str(config))
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    leak_mb = max(256, int(total_gb * 1024 / 60))  # ~60 steps from empty to full
+    leak_mb = max(64, int(total_gb * 1024 / 400))  # ~400 steps (~40 s at 0.1 s) from empty to full
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
     env.update({"PYTHONPATH": python_path(), "TRAINHEALTH_URL": sidecar.url, "TRAINHEALTH_RUN": "gpu-leak",
                 "TRAINHEALTH_FLUSH_SECONDS": "0.2", "TRAINHEALTH_SAMPLE_SECONDS": "0.2",
@@ -112,7 +128,7 @@ def test_gpu_leak_raises_gpu_oom_risk_before_gpu_oom_at_the_sidecar(start_sideca
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "-m", "trainhealth.trainer", "--inject", "gpu-leak",
                                "--inject-rank", "0", "--inject-step", "1", "--leak-mb", str(leak_mb),
-                               "--steps", "100000", "--step-sleep", "0.2", "--log-every", "1000"],
+                               "--steps", "100000", "--step-sleep", "0.1", "--log-every", "1000"],
                               cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240)
     assert done.returncode != 0, log.read_text()[-3000:]  # it died of the OOM
     deadline = time.monotonic() + 20
