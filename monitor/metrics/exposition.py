@@ -10,12 +10,11 @@ The exporter keeps prometheus-client for the few service-wide families.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from prometheus_client.utils import floatToGoString
 
-if TYPE_CHECKING:
-    from .collector import RankRow
+from .snapshot import RankRow
 
 
 def escape_label_value(value: str) -> str:
