@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .alerts import Alert, AlertBook
 from .config import Limits
@@ -216,13 +216,24 @@ def run_last_step(run: RunState) -> int:
     return max((r.last_step for r in run.ranks.values()), default=0)
 
 
-def replay(records: Iterable[Record], pipeline: Pipeline, batch: int = 1) -> Iterable[Alert]:
-    """Feed records in order (record time is the clock); yield alert transitions."""
-    chunk: list[Record] = []
+def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 256,
+           until: float | None = None) -> Iterator[Alert]:
+    """The replay loop (``trainhealth replay``, tests, benchmarks): feed records in order, record time
+    as the clock, and yield alert transitions as they happen.
+
+    Records go in batches of at most ``max_batch``, each within one tick (``pipeline.tick_seconds``) of
+    record time: a batch is sorted by step, and keeping it short keeps the clock honest (a rank stuck at
+    a lower step must not have its records applied minutes late). ``until``: after the last record, let
+    that many seconds pass with no records, as the server's timer would, so a hang or a silent rank at
+    the end of a recording is reported (replay runs with wall = 0, so ``tick_wall(until)`` moves each
+    run's clock on by ``until``)."""
+    batch: list[Record] = []
+    tick = pipeline.tick_seconds
     for rec in records:
-        chunk.append(rec)
-        if len(chunk) >= batch:
-            yield from pipeline.process(chunk).alerts
-            chunk = []
-    if chunk:
-        yield from pipeline.process(chunk).alerts
+        if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
+            yield from pipeline.process(batch).alerts
+            batch = []
+        batch.append(rec)
+    yield from pipeline.process(batch).alerts
+    if until is not None:
+        yield from pipeline.tick_wall(until)
