@@ -61,14 +61,14 @@ def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
 
 class Pipeline:
     def __init__(self, detector_settings: dict[str, Any], limits: Limits | None = None,
-                 tick_seconds: float = 1.0, detectors: Sequence[type[Detector]] = ALL,
+                 tick_seconds: float = 1.0, detectors: Sequence[type[Detector[Any]]] = ALL,
                  book: AlertBook | None = None) -> None:
         self.detector_settings = detector_settings
         self.limits = limits or Limits()
         self.tick_seconds = tick_seconds
         self.detector_classes = list(detectors)
         self.runs: dict[str, RunState] = {}
-        self.detectors: dict[str, list[Detector]] = {}
+        self.detectors: dict[str, list[Detector[Any]]] = {}
         self.book = book or AlertBook()
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
@@ -179,7 +179,7 @@ class Pipeline:
                 events.extend(out)
         return events
 
-    def _detector_failed(self, det: Detector, run: str, rank: int | None, step: int | None) -> list[Event]:
+    def _detector_failed(self, det: Detector[Any], run: str, rank: int | None, step: int | None) -> list[Event]:
         n = self.detector_errors[det.name] = self.detector_errors.get(det.name, 0) + 1
         if n <= 10 or n % 1000 == 0:  # the first ones in full, then a reminder
             log.exception("detector %s failed on run %s rank %s step %s (%d times)", det.name, run, rank, step, n)

@@ -102,7 +102,8 @@ class ExporterSettings:
 
 
 def exporter_settings(raw: Mapping[str, Any]) -> ExporterSettings:
-    return _build(ExporterSettings, "exporter", raw.get("exporter", {}))
+    settings: ExporterSettings = _build(ExporterSettings, "exporter", raw.get("exporter", {}))
+    return settings
 
 
 class LatencyHistogram:

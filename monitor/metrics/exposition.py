@@ -39,7 +39,7 @@ def per_rank_text(runs: Iterable[tuple[str, Sequence[RankRow]]],
         run_label = escape_label_value(run)
         rows += [(f'{{rank="{escape_label_value(row.rank)}",run="{run_label}"}} ', row) for row in run_rows]
     out = []
-    go = floatToGoString
+    go: Callable[[float], str] = floatToGoString  # prometheus-client leaves it unannotated
     for name, key, help_text in values:
         out.append(gauge_header(name, help_text))
         out += [f"{name}{labels}{go(v)}\n" for labels, row in rows if (v := row.latest.get(key)) is not None]
