@@ -219,7 +219,8 @@ class Decoder:
         # fast path: check()'s rules in one comprehension; any record they flag goes through check()
         good_runs = self.runs.good
         if not [r for r in records if r.run not in good_runs or not 0.0 <= r.time < _INF
-                or (r.step is None and r.type != "start")]:
+                or (r.step is None and r.type != "start")
+                or (r.phase_time is not None and not 0.0 <= r.phase_time < _INF)]:
             return Decoded(records, list(range(len(records))))
         out = Decoded()
         for i, rec in enumerate(records):

@@ -65,3 +65,15 @@ def test_check_and_from_obj_without_a_cache_still_check_the_name() -> None:
         check(rec)
     with pytest.raises(RecordError, match=r"^run: must be 1-128 characters"):
         check(rec, names)
+
+
+@pytest.mark.parametrize("phase_time", ["-5", "1e999"])
+def test_a_known_run_name_does_not_let_a_bad_phase_time_through(phase_time: str) -> None:
+    """The array fast path applies all of check()'s rules, also once the run name is remembered."""
+    decoder = Decoder()
+    decoder.decode_body(body("a"), "application/json")
+    raw = ('[{"run": "a", "rank": 0, "time": 1, "step": 1, "type": "heartbeat", "phase": "step", '
+           f'"phase_time": {phase_time}}}]').encode()
+    out = decoder.decode_body(raw, "application/json")
+    assert out.records == []
+    assert [(r.field, r.reason.split(",")[0]) for r in out.rejected] == [("phase_time", "must be finite unix seconds")]
