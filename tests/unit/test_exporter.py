@@ -317,3 +317,20 @@ def test_metrics_route_requires_the_token_and_times_ingest() -> None:
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert 'trainhealth_loss{rank="0",run="job"} NaN' in response.text
     assert "trainhealth_ingest_duration_seconds_count 1.0" in response.text
+
+
+def test_collector_needs_only_a_pipeline_and_a_clock() -> None:
+    """No Service: the collector reads what it is given (optional sources absent: their families too)."""
+    from trainhealth.config import default_detector_settings
+    from trainhealth.metrics.collector import StateCollector
+    from trainhealth.pipeline import Pipeline
+    from trainhealth.record import from_obj
+
+    pipeline = Pipeline(default_detector_settings())
+    pipeline.process([from_obj(sample(loss="nan"))])
+    registry = CollectorRegistry()
+    registry.register(StateCollector(pipeline, lambda: T0))
+    assert math.isnan(value(registry, "trainhealth_loss", run="job", rank="0") or 0.0)
+    assert value(registry, "trainhealth_alerts_firing", run="job", alert="nan_divergence", severity="critical") == 1
+    assert value(registry, "trainhealth_records_ingested_total") == 0  # no ingest counters given
+    assert value(registry, "trainhealth_ingest_duration_seconds_count") is None  # no latency histogram
