@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainhealth.config import default_detector_settings  # noqa: E402
 from trainhealth.detectors.gpu_memory import GpuOom, GpuOomRisk  # noqa: E402
 from trainhealth.detectors.host_memory import HostMemoryLeak  # noqa: E402
-from trainhealth.pipeline import Pipeline  # noqa: E402
+from trainhealth.pipeline import Pipeline, replay  # noqa: E402
 from trainhealth.record import from_obj  # noqa: E402
 
 from tests.memory_traces import (  # noqa: E402
@@ -138,11 +138,7 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def first_alerts(recs: list, detectors: list) -> list:
-    p = Pipeline(default_detector_settings(), detectors=detectors)
-    out = []
-    for i in range(0, len(recs), 64):
-        out += p.process(recs[i:i + 64]).alerts
-    return out
+    return list(replay(recs, Pipeline(default_detector_settings(), detectors=detectors)))
 
 
 def delays(seeds: int) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client import CollectorRegistry  # noqa: E402
 from trainhealth.config import Settings  # noqa: E402
-from trainhealth.metrics.collector import StateCollector, render  # noqa: E402
+from trainhealth.http.metrics import state_collector  # noqa: E402
+from trainhealth.metrics.collector import render  # noqa: E402
 from trainhealth.service import Service  # noqa: E402
 
 from benchmarks.common import Figure  # noqa: E402
@@ -49,15 +49,13 @@ def ms(xs: list[float]) -> str:
 def in_process(body: bytes, repeat: int) -> dict[str, float]:
     service = Service(Settings())
     service.ingest(body, "application/json")
-    collector = StateCollector(service)
-    registry = CollectorRegistry()
-    registry.register(collector)
+    collector = state_collector(service)
     snaps, renders = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
         snap = collector.snapshot()
         t1 = time.perf_counter()
-        text = render(registry, snap)
+        text = render(snap)
         t2 = time.perf_counter()
         snaps.append(t1 - t0)
         renders.append(t2 - t1)

@@ -2,22 +2,58 @@
 
 One open alert per (run, rank, alert name): repeated ``firing`` events while it
 is open update it quietly; ``resolved`` closes it; a later ``firing`` re-fires.
-A transition is the alert object of DESIGN.md (a plain dict), the same one
-replay prints, the API returns, the store keeps and webhooks post.
+A transition is the alert object of DESIGN.md (a plain dict, typed as ``Alert``),
+the same one replay prints, the API returns, the store keeps and webhooks post.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Iterable, TypedDict, cast
 
-from .events import Event
+from .events import Event, Severity, State
 
-Alert = dict[str, Any]
+
+class AlertFields(TypedDict):
+    """What every alert transition carries (DESIGN.md "Alerts"), set by ``AlertBook``."""
+
+    alert: str  # the alert name: nan_divergence, rank_stalled, ...
+    state: State  # "firing" | "resolved"
+    severity: Severity  # "critical" | "warning" | "info"; a resolved transition keeps its firing's
+    run: str
+    rank: int | None  # None: a run-wide alert
+    step: int
+    time: float  # record time of the transition
+    summary: str  # one sentence a person can act on
+    started_at: float  # record time of the firing this transition belongs to
+    fingerprint: str  # "run/rank/alert" ("-" for no rank): one per (run, rank, alert)
+
+
+class Alert(AlertFields, total=False):
+    """An alert transition: the fields above, then the ones set later in its life (below), then the
+    detector's own fields (``Event.data``: ``first_rank``, ``rate_bytes_per_second``, ...), which the
+    type does not list: read them with ``extra(alert)``. At run time an Alert is a plain dict, so code
+    that reads it as ``dict[str, Any]`` keeps working.
+    """
+
+    last_step: int  # an open alert: step and time of its latest repeated firing event (AlertBook)
+    last_time: float
+    id: int  # the store's transition id (notify.sink, before anything is stored or sent)
+    silenced: bool  # read back from the store: not notified, a silence matched when it fired
+    acknowledged: bool  # read back from the store: its episode was acknowledged ...
+    acknowledged_at: float  # ... when, by whom, why
+    acknowledged_by: str | None
+    acknowledged_comment: str | None
+
+
+def extra(alert: Alert) -> dict[str, Any]:
+    """The alert as a plain dict: for the detector's own fields, which ``Alert`` does not name."""
+    return cast("dict[str, Any]", alert)
+
+
 Key = tuple[str, int | None, str]
 
-RESERVED = {"alert", "state", "severity", "run", "rank", "step", "time", "summary", "started_at",
-            "fingerprint"}
+RESERVED = frozenset(AlertFields.__annotations__)  # a detector's Event.data never overwrites these
 
 
 def fingerprint(key: Key) -> str:
@@ -69,9 +105,10 @@ class AlertBook:
             "started_at": started_at,
             "fingerprint": fingerprint((run, ev.rank, ev.alert)),
         }
+        fields = extra(alert)
         for k, v in ev.data.items():
             if k not in RESERVED:
-                alert[k] = v
+                fields[k] = v
         return alert
 
     def restore(self, alert: Alert) -> None:

@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def replay(files: Sequence[str], settings: Settings, until: float | None = None) -> int:
     from .pipeline import Pipeline
+    from .pipeline import replay as run_replay
     from .replay import ReadStats, read_files
 
     for path in files:
@@ -75,21 +76,7 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
     stats = ReadStats()
     pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
     out = sys.stdout
-    batch: list = []
-    tick = settings.server.tick_seconds
-    for rec in read_files(files, stats):
-        # A batch is sorted by step; keeping it within one tick of record time keeps the clock
-        # honest (a rank stuck at a lower step must not have its records applied minutes late).
-        if batch and (len(batch) >= 256 or rec.time - batch[0].time >= tick):
-            for alert in pipeline.process(batch).alerts:
-                out.write(jsonout.dumps(alert) + "\n")
-            batch = []
-        batch.append(rec)
-    alerts = pipeline.process(batch).alerts
-    if until is not None:
-        # replay runs with wall=0.0, so tick_wall(until) lets each run's clock pass by `until`
-        alerts += pipeline.tick_wall(until)
-    for alert in alerts:
+    for alert in run_replay(read_files(files, stats), pipeline, until=until):
         out.write(jsonout.dumps(alert) + "\n")
     out.flush()
     msg = f"trainhealth replay: {stats.records} records, {stats.skipped} corrupt lines skipped"

@@ -5,6 +5,11 @@ records/s). Any body it refuses (bare ``NaN``/``Infinity`` tokens, ``"nan"``
 strings, one bad record) takes the slow path: Python's ``json`` (which reads
 the bare tokens), then each record is validated on its own, so one bad record
 costs only itself. ``null`` always stays "not measured".
+
+A ``Decoder`` owns the bounded cache of run names that passed the pattern (a
+regex per record was 40% of decoding a body, and a batch carries the same few
+names over and over): the Service and replay each hold one, so no state is
+shared between them or across tests. ``decode_body()`` decodes with a fresh one.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from .record import _GOOD_RUNS, Record, RecordError, check, from_obj, loads
+from .record import Record, RecordError, RunNames, check, from_obj, loads
 
 _array_decoder = msgspec.json.Decoder(list[Record])
 _record_decoder = msgspec.json.Decoder(Record)
@@ -78,138 +83,160 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
 
 
-def decode_body(body: bytes, content_type: str | None = None, content_encoding: str | None = None,
-                *, max_records: int = 20_000, max_decoded_bytes: int = 64 << 20) -> Decoded:
-    """Decode a JSON array, one JSON object, or NDJSON; raises BodyError for the whole body."""
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding == "gzip":
-        body = gunzip(body, max_decoded_bytes)
-    elif encoding not in ("identity", ""):
-        raise BodyError(415, f"Content-Encoding {encoding!r} is not supported (use gzip or none)")
-    kind = media_type(content_type)
-    if body.startswith(BOM):  # some clients (PowerShell, Windows editors) start UTF-8 with a BOM
-        body = body[len(BOM):]
-    stripped = body.lstrip()
-    if not stripped:
-        raise BodyError(400, "empty body: send a JSON array of records or NDJSON")
-    if kind in NDJSON_TYPES:
-        return _decode_lines(body, max_records)
-    if kind not in JSON_TYPES and kind != "":
-        hint = " (curl -d sends that unless told: add -H 'content-type: application/json')" \
-            if kind == "application/x-www-form-urlencoded" else ""
-        raise BodyError(415, f"Content-Type {kind!r} is not supported{hint}: use application/json "
-                             "(an array of records) or application/x-ndjson")
-    if stripped[:1] == b"[":
-        return _decode_array(body, max_records)
-    if stripped[:1] == b"{":
-        return _decode_object(body, max_records)
-    raise BodyError(400, "body must be a JSON array of records, a JSON object, or NDJSON")
+class Decoder:
+    """Decodes ingest bodies and single records, remembering the run names that passed (bounded)."""
+
+    def __init__(self, max_run_names: int = 10_000) -> None:
+        self.runs = RunNames(max_run_names)
+
+    def decode_record(self, text: bytes | str) -> Record:
+        """One record's JSON text (a .jsonl line); raises RecordError for a bad record, ValueError or
+        RecursionError for text that is not JSON."""
+        try:  # fast path; bare NaN tokens and bad records take the checked slow path
+            return check(_record_decoder.decode(text), self.runs)
+        except (msgspec.DecodeError, RecursionError):
+            return from_obj(loads(text), self.runs)
+
+    def decode_body(self, body: bytes, content_type: str | None = None, content_encoding: str | None = None,
+                    *, max_records: int = 20_000, max_decoded_bytes: int = 64 << 20) -> Decoded:
+        """Decode a JSON array, one JSON object, or NDJSON; raises BodyError for the whole body."""
+        encoding = (content_encoding or "identity").strip().lower()
+        if encoding == "gzip":
+            body = gunzip(body, max_decoded_bytes)
+        elif encoding not in ("identity", ""):
+            raise BodyError(415, f"Content-Encoding {encoding!r} is not supported (use gzip or none)")
+        kind = media_type(content_type)
+        if body.startswith(BOM):  # some clients (PowerShell, Windows editors) start UTF-8 with a BOM
+            body = body[len(BOM):]
+        stripped = body.lstrip()
+        if not stripped:
+            raise BodyError(400, "empty body: send a JSON array of records or NDJSON")
+        if kind in NDJSON_TYPES:
+            return self._decode_lines(body, max_records)
+        if kind not in JSON_TYPES and kind != "":
+            hint = " (curl -d sends that unless told: add -H 'content-type: application/json')" \
+                if kind == "application/x-www-form-urlencoded" else ""
+            raise BodyError(415, f"Content-Type {kind!r} is not supported{hint}: use application/json "
+                                 "(an array of records) or application/x-ndjson")
+        if stripped[:1] == b"[":
+            return self._decode_array(body, max_records)
+        if stripped[:1] == b"{":
+            return self._decode_object(body, max_records)
+        raise BodyError(400, "body must be a JSON array of records, a JSON object, or NDJSON")
 
 
-def _decode_array(body: bytes, max_records: int) -> Decoded:
-    try:
-        records = _array_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):
-        pass  # bad record, non-finite tokens, or bad JSON: the slow path tells which
-    else:
-        if len(records) > max_records:
-            raise _too_many(len(records), max_records)
-        return _checked(records)
-    try:
-        items = loads(body)
-    except RecursionError:
-        raise BodyError(400, "body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BodyError(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(items, list):
-        raise BodyError(400, "body must be a JSON array of records")
-    if len(items) > max_records:
-        raise _too_many(len(items), max_records)
-    out = Decoded()
-    for i, item in enumerate(items):
-        _add(out, i, item)
-    return out
-
-
-def _decode_object(body: bytes, max_records: int) -> Decoded:
-    """One JSON object (compact or pretty-printed), or NDJSON sent as application/json."""
-    out = Decoded()
-    try:
-        out.records.append(check(_record_decoder.decode(body)))
-        out.indexes.append(0)
+    def _decode_array(self, body: bytes, max_records: int) -> Decoded:
+        try:
+            records = _array_decoder.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            pass  # bad record, non-finite tokens, or bad JSON: the slow path tells which
+        else:
+            if len(records) > max_records:
+                raise _too_many(len(records), max_records)
+            return self._checked(records)
+        try:
+            items = loads(body)
+        except RecursionError:
+            raise BodyError(400, "body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BodyError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(items, list):
+            raise BodyError(400, "body must be a JSON array of records")
+        if len(items) > max_records:
+            raise _too_many(len(items), max_records)
+        out = Decoded()
+        for i, item in enumerate(items):
+            self._add(out, i, item)
         return out
-    except RecordError as exc:
-        out.rejected.append(Rejection(0, exc.field, exc.reason))
-        return out
-    except (msgspec.DecodeError, RecursionError):
-        pass
-    try:
-        item = loads(body)
-    except (ValueError, RecursionError):  # more than one value: NDJSON; or bad JSON, judged line by line
-        return _decode_lines(body, max_records)
-    _add(out, 0, item)
-    return out
 
 
-def _decode_lines(body: bytes, max_records: int) -> Decoded:
-    """NDJSON: one record per non-blank line (LF or CRLF); a bad line costs only itself."""
-    lines = [ln for ln in body.splitlines() if ln.strip()]
-    if len(lines) > max_records:
-        raise _too_many(len(lines), max_records)
-    out = Decoded()
-    decode = _record_decoder.decode
-    for i, line in enumerate(lines):
-        try:  # fast path, one line at a time (as fast as one joined array, and a line is one record)
-            rec = decode(line)
+    def _decode_object(self, body: bytes, max_records: int) -> Decoded:
+        """One JSON object (compact or pretty-printed), or NDJSON sent as application/json."""
+        out = Decoded()
+        try:
+            out.records.append(check(_record_decoder.decode(body), self.runs))
+            out.indexes.append(0)
+            return out
+        except RecordError as exc:
+            out.rejected.append(Rejection(0, exc.field, exc.reason))
+            return out
         except (msgspec.DecodeError, RecursionError):
             pass
-        else:
+        try:
+            item = loads(body)
+        except (ValueError, RecursionError):  # more than one value: NDJSON; or bad JSON, judged line by line
+            return self._decode_lines(body, max_records)
+        self._add(out, 0, item)
+        return out
+
+
+    def _decode_lines(self, body: bytes, max_records: int) -> Decoded:
+        """NDJSON: one record per non-blank line (LF or CRLF); a bad line costs only itself."""
+        lines = [ln for ln in body.splitlines() if ln.strip()]
+        if len(lines) > max_records:
+            raise _too_many(len(lines), max_records)
+        out = Decoded()
+        decode = _record_decoder.decode
+        for i, line in enumerate(lines):
+            try:  # fast path, one line at a time (as fast as one joined array, and a line is one record)
+                rec = decode(line)
+            except (msgspec.DecodeError, RecursionError):
+                pass
+            else:
+                try:
+                    out.records.append(check(rec, self.runs))
+                    out.indexes.append(i)
+                except RecordError as exc:
+                    out.rejected.append(Rejection(i, exc.field, exc.reason))
+                continue
             try:
-                out.records.append(check(rec))
+                item = loads(line)
+            except RecursionError:
+                out.rejected.append(Rejection(i, "$", "record is nested too deeply"))
+                continue
+            except (ValueError, UnicodeDecodeError) as exc:
+                out.rejected.append(Rejection(i, "$", f"line is not valid JSON: {exc}"))
+                continue
+            if isinstance(item, list):
+                out.rejected.append(Rejection(i, "$", "line is a JSON array: NDJSON holds one record object per "
+                                                      "line; send an array as application/json"))
+                continue
+            self._add(out, i, item)
+        return out
+
+
+    def _add(self, out: Decoded, index: int, item: Any) -> None:
+        try:
+            out.records.append(from_obj(item, self.runs))
+            out.indexes.append(index)
+        except RecordError as exc:
+            out.rejected.append(Rejection(index, exc.field, exc.reason))
+        except RecursionError:
+            out.rejected.append(Rejection(index, "$", "record is nested too deeply"))
+
+
+    def _checked(self, records: list[Record]) -> Decoded:
+        # fast path: check()'s rules in one comprehension; any record they flag goes through check()
+        good_runs = self.runs.good
+        if not [r for r in records if r.run not in good_runs or not 0.0 <= r.time < _INF
+                or (r.step is None and r.type != "start")
+                or (r.phase_time is not None and not 0.0 <= r.phase_time < _INF)]:
+            return Decoded(records, list(range(len(records))))
+        out = Decoded()
+        for i, rec in enumerate(records):
+            try:
+                out.records.append(check(rec, self.runs))
                 out.indexes.append(i)
             except RecordError as exc:
                 out.rejected.append(Rejection(i, exc.field, exc.reason))
-            continue
-        try:
-            item = loads(line)
-        except RecursionError:
-            out.rejected.append(Rejection(i, "$", "record is nested too deeply"))
-            continue
-        except (ValueError, UnicodeDecodeError) as exc:
-            out.rejected.append(Rejection(i, "$", f"line is not valid JSON: {exc}"))
-            continue
-        if isinstance(item, list):
-            out.rejected.append(Rejection(i, "$", "line is a JSON array: NDJSON holds one record object per "
-                                                  "line; send an array as application/json"))
-            continue
-        _add(out, i, item)
-    return out
+        return out
 
 
-def _add(out: Decoded, index: int, item: Any) -> None:
-    try:
-        out.records.append(from_obj(item))
-        out.indexes.append(index)
-    except RecordError as exc:
-        out.rejected.append(Rejection(index, exc.field, exc.reason))
-    except RecursionError:
-        out.rejected.append(Rejection(index, "$", "record is nested too deeply"))
-
-
-def _checked(records: list[Record]) -> Decoded:
-    # fast path: check()'s rules in one comprehension; any record they flag goes through check()
-    good_runs = _GOOD_RUNS
-    if not [r for r in records if r.run not in good_runs or not 0.0 <= r.time < _INF
-            or (r.step is None and r.type != "start")]:
-        return Decoded(records, list(range(len(records))))
-    out = Decoded()
-    for i, rec in enumerate(records):
-        try:
-            out.records.append(check(rec))
-            out.indexes.append(i)
-        except RecordError as exc:
-            out.rejected.append(Rejection(i, exc.field, exc.reason))
-    return out
+def decode_body(body: bytes, content_type: str | None = None, content_encoding: str | None = None,
+                *, max_records: int = 20_000, max_decoded_bytes: int = 64 << 20) -> Decoded:
+    """``Decoder().decode_body``: one body with a fresh run-name cache (tests, one-off decoding)."""
+    return Decoder().decode_body(body, content_type, content_encoding, max_records=max_records,
+                                 max_decoded_bytes=max_decoded_bytes)
 
 
 def _too_many(n: int, limit: int) -> BodyError:

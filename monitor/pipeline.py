@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .alerts import Alert, AlertBook
 from .config import Limits
@@ -61,14 +61,14 @@ def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
 
 class Pipeline:
     def __init__(self, detector_settings: dict[str, Any], limits: Limits | None = None,
-                 tick_seconds: float = 1.0, detectors: Sequence[type[Detector]] = ALL,
+                 tick_seconds: float = 1.0, detectors: Sequence[type[Detector[Any]]] = ALL,
                  book: AlertBook | None = None) -> None:
         self.detector_settings = detector_settings
         self.limits = limits or Limits()
         self.tick_seconds = tick_seconds
         self.detector_classes = list(detectors)
         self.runs: dict[str, RunState] = {}
-        self.detectors: dict[str, list[Detector]] = {}
+        self.detectors: dict[str, list[Detector[Any]]] = {}
         self.book = book or AlertBook()
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
@@ -179,7 +179,7 @@ class Pipeline:
                 events.extend(out)
         return events
 
-    def _detector_failed(self, det: Detector, run: str, rank: int | None, step: int | None) -> list[Event]:
+    def _detector_failed(self, det: Detector[Any], run: str, rank: int | None, step: int | None) -> list[Event]:
         n = self.detector_errors[det.name] = self.detector_errors.get(det.name, 0) + 1
         if n <= 10 or n % 1000 == 0:  # the first ones in full, then a reminder
             log.exception("detector %s failed on run %s rank %s step %s (%d times)", det.name, run, rank, step, n)
@@ -216,13 +216,24 @@ def run_last_step(run: RunState) -> int:
     return max((r.last_step for r in run.ranks.values()), default=0)
 
 
-def replay(records: Iterable[Record], pipeline: Pipeline, batch: int = 1) -> Iterable[Alert]:
-    """Feed records in order (record time is the clock); yield alert transitions."""
-    chunk: list[Record] = []
+def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 256,
+           until: float | None = None) -> Iterator[Alert]:
+    """The replay loop (``trainhealth replay``, tests, benchmarks): feed records in order, record time
+    as the clock, and yield alert transitions as they happen.
+
+    Records go in batches of at most ``max_batch``, each within one tick (``pipeline.tick_seconds``) of
+    record time: a batch is sorted by step, and keeping it short keeps the clock honest (a rank stuck at
+    a lower step must not have its records applied minutes late). ``until``: after the last record, let
+    that many seconds pass with no records, as the server's timer would, so a hang or a silent rank at
+    the end of a recording is reported (replay runs with wall = 0, so ``tick_wall(until)`` moves each
+    run's clock on by ``until``)."""
+    batch: list[Record] = []
+    tick = pipeline.tick_seconds
     for rec in records:
-        chunk.append(rec)
-        if len(chunk) >= batch:
-            yield from pipeline.process(chunk).alerts
-            chunk = []
-    if chunk:
-        yield from pipeline.process(chunk).alerts
+        if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
+            yield from pipeline.process(batch).alerts
+            batch = []
+        batch.append(rec)
+    yield from pipeline.process(batch).alerts
+    if until is not None:
+        yield from pipeline.tick_wall(until)

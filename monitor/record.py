@@ -19,10 +19,9 @@ RUN_PATTERN = r"\A[A-Za-z0-9._:-]{1,128}\Z"  # \Z, not $: "$" also matches befor
 RUN_RULE = "must be 1-128 characters of [A-Za-z0-9._:-]"
 
 # The run name's pattern is checked in check(), not here: a regex per record was 40% of decoding a body,
-# and a batch carries the same few names over and over (check() remembers the names that passed).
+# and a batch carries the same few names over and over (a RunNames, held by ingest.Decoder, remembers them).
 Run = str
 _run_ok = re.compile(RUN_PATTERN).match
-_GOOD_RUNS: set[str] = set()
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Rank = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -158,10 +157,34 @@ def normalize(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def check(record: Record) -> Record:
-    """The run name's pattern, and cross-field rules msgspec cannot express; raises RecordError."""
-    if record.run not in _GOOD_RUNS:
+class RunNames:
+    """Run names that passed ``check_run``, bounded: a name seen before costs a set lookup, not a regex.
+
+    Owned by whoever decodes (ingest.Decoder: one per Service, one per replay), never module-global."""
+
+    __slots__ = ("good", "limit")
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.good: set[str] = set()
+        self.limit = limit
+
+    def check(self, run: str) -> None:
+        """check_run, remembering the names that pass; raises RecordError."""
+        if run in self.good:
+            return
+        check_run(run)
+        if len(self.good) >= self.limit:
+            self.good.clear()
+        self.good.add(run)
+
+
+def check(record: Record, runs: RunNames | None = None) -> Record:
+    """The run name's pattern (remembered in ``runs`` when given), and cross-field rules msgspec cannot
+    express; raises RecordError."""
+    if runs is None:
         check_run(record.run)
+    elif record.run not in runs.good:
+        runs.check(record.run)
     if not math.isfinite(record.time) or record.time < 0:
         raise RecordError("time", f"must be finite unix seconds, got {record.time!r}")
     if record.step is None and record.type != "start":
@@ -172,16 +195,13 @@ def check(record: Record) -> Record:
 
 
 def check_run(run: str) -> None:
-    """Raises RecordError unless ``run`` is a valid run name; remembers valid ones (bounded)."""
+    """Raises RecordError unless ``run`` is a valid run name (remembers nothing: see RunNames)."""
     if not _run_ok(run):
         reason = RUN_RULE if 1 <= len(run) <= 128 else f"{RUN_RULE}, got {len(run)} characters"
         raise RecordError("run", f"{reason} (value: {_shown(run)})")
-    if len(_GOOD_RUNS) >= 10_000:
-        _GOOD_RUNS.clear()
-    _GOOD_RUNS.add(run)
 
 
-def from_obj(obj: Any) -> Record:
+def from_obj(obj: Any, runs: RunNames | None = None) -> Record:
     """Validate one decoded JSON value into a Record; raises RecordError."""
     if not isinstance(obj, dict):
         raise RecordError("$", f"a record must be a JSON object, got {type(obj).__name__}")
@@ -189,7 +209,7 @@ def from_obj(obj: Any) -> Record:
         record = msgspec.convert(normalize(obj), Record, strict=True)
     except msgspec.ValidationError as exc:
         raise RecordError(*_split_msgspec_error(str(exc), obj)) from None
-    return check(record)
+    return check(record, runs)
 
 
 def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:

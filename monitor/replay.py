@@ -11,11 +11,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import IO, Iterable, Iterator
 
-import msgspec
-
-from .record import Record, RecordError, check, from_obj, loads
-
-_decoder = msgspec.json.Decoder(Record)
+from .ingest import Decoder
+from .record import Record, RecordError
 
 
 @dataclass(slots=True)
@@ -36,7 +33,8 @@ def _open(path: str) -> IO[str]:
     return open(path, encoding="utf-8", errors="replace")
 
 
-def read_file(path: str, stats: ReadStats) -> Iterator[Record]:
+def read_file(path: str, stats: ReadStats, decoder: Decoder | None = None) -> Iterator[Record]:
+    decode = (decoder or Decoder()).decode_record
     with _open(path) as fh:
         lineno = 0
         while True:
@@ -51,10 +49,7 @@ def read_file(path: str, stats: ReadStats) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                try:  # fast path; bare NaN tokens and bad lines take the checked slow path
-                    rec = check(_decoder.decode(line))
-                except (msgspec.DecodeError, RecursionError):
-                    rec = from_obj(loads(line))
+                rec = decode(line)
             except RecordError as exc:
                 stats.skip(f"{path}:{lineno}", str(exc))
                 continue
@@ -66,7 +61,8 @@ def read_file(path: str, stats: ReadStats) -> Iterator[Record]:
 
 
 def read_files(paths: Iterable[str], stats: ReadStats) -> Iterator[Record]:
-    streams = [read_file(p, stats) for p in paths]
+    decoder = Decoder()  # one run-name cache for all the files
+    streams = [read_file(p, stats, decoder) for p in paths]
     if len(streams) == 1:
         return streams[0]
     return heapq.merge(*streams, key=lambda r: r.time)

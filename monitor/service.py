@@ -14,7 +14,7 @@ from typing import Any, Callable, Coroutine, Protocol, Sequence
 from . import config as config_mod
 from .alerts import Alert
 from .config import Settings
-from .ingest import BodyError, Decoded, Rejection, decode_body
+from .ingest import BodyError, Decoded, Decoder, Rejection
 from .pipeline import Pipeline
 from .record import Record
 from .recorder import FlightRecorder
@@ -65,6 +65,7 @@ class Service:
         self.closers: list[Callable[[], None]] = []
         self.query_alerts: Callable[..., dict[str, Any]] | None = None
         self.stats = IngestStats()
+        self.decoder = Decoder()  # owns the cache of valid run names
         if settings.server.record_dir:  # the flight recorder: the first record sink
             recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
             self.record_sinks.append(recorder.write)
@@ -75,7 +76,7 @@ class Service:
                content_encoding: str | None = None) -> IngestAnswer:
         limits = self.settings.limits
         try:
-            decoded = decode_body(body, content_type, content_encoding,
+            decoded = self.decoder.decode_body(body, content_type, content_encoding,
                                   max_records=limits.max_records_per_batch,
                                   max_decoded_bytes=limits.max_decoded_bytes)
         except BodyError as exc:

@@ -6,6 +6,8 @@ here; ``config.py`` finds its settings by ``name``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Detector
 from .gpu_memory import GpuOom, GpuOomRisk
 from .host_memory import HostMemoryLeak
@@ -15,7 +17,7 @@ from .nan_divergence import NanDivergence
 from .spikes import GradExplosion, LossSpike
 from .straggler import Straggler
 
-ALL: list[type[Detector]] = [
+ALL: list[type[Detector[Any]]] = [
     LrScaling,
     LossSpike,
     GradExplosion,

@@ -8,12 +8,16 @@ timer, replay from the records' own timestamps).
 
 Thresholds are read from ``self.settings`` on every call, so a config reload
 (which assigns a new settings object) changes them without losing state.
+
+``Detector`` is generic over its settings type: ``class GpuOom(Detector[GpuOomSettings])``
+types ``self.settings`` as ``GpuOomSettings`` (set ``Settings`` to the same class: config.py
+builds it from that; a ClassVar cannot name a type variable).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 if TYPE_CHECKING:
     from ..events import Event
@@ -26,14 +30,17 @@ class NoSettings:
     """For a detector with nothing to tune."""
 
 
-class Detector:
-    """Base class; subclasses set ``name`` (the config section) and ``Settings``."""
+SettingsT = TypeVar("SettingsT")
+
+
+class Detector(Generic[SettingsT]):
+    """Base class; subclasses set ``name`` (the config section) and ``Settings`` (the class of SettingsT)."""
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type[Any]] = NoSettings
 
-    def __init__(self, settings: Any, run: RunState) -> None:
-        self.settings = settings
+    def __init__(self, settings: SettingsT, run: RunState) -> None:
+        self.settings: SettingsT = settings
         self.run = run
 
     def update(self, record: Record) -> list[Event]:  # pragma: no cover - interface

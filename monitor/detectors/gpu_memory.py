@@ -38,6 +38,7 @@ from statistics import median
 
 from ..events import Event, firing, resolved
 from ..record import Record
+from ..state import RunState
 from .base import Detector
 from .trend import Ring, trend_test
 from .validate import flag, fraction, positive, whole
@@ -103,11 +104,11 @@ class _Gpu:
         return False
 
 
-class GpuOomRisk(Detector):
+class GpuOomRisk(Detector[GpuOomRiskSettings]):
     name = "gpu_oom_risk"
     Settings = GpuOomRiskSettings
 
-    def __init__(self, settings: GpuOomRiskSettings, run) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: GpuOomRiskSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Gpu] = {}
 
@@ -200,11 +201,11 @@ def _gib(value: float | None) -> str:
     return "?" if value is None else f"{value / GiB:.1f} GiB"
 
 
-class GpuOom(Detector):
+class GpuOom(Detector[GpuOomSettings]):
     name = "gpu_oom"
     Settings = GpuOomSettings
 
-    def __init__(self, settings: GpuOomSettings, run) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: GpuOomSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.open: dict[int, int] = {}  # rank -> step of its last OOM
 

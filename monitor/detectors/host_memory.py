@@ -38,6 +38,7 @@ from statistics import median
 
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
+from ..state import RunState
 from .base import Detector
 from .trend import DropWatch, Growth, MinBuckets, rolling_floor, steady_growth, theil_sen
 from .validate import flag, fraction, positive
@@ -151,11 +152,11 @@ class _Series:
                              balance=s.balance)
 
 
-class HostMemoryLeak(Detector):
+class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     name = "host_memory_leak"
     Settings = HostMemoryLeakSettings
 
-    def __init__(self, settings: HostMemoryLeakSettings, run) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: HostMemoryLeakSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Series] = {}
         self.machines: dict[str, _Series] = {}  # negated available memory, by host

@@ -43,6 +43,7 @@ from statistics import median
 
 from ..events import Event, firing, resolved
 from ..record import Record
+from ..state import RunState
 from .base import Detector
 from .validate import flag
 
@@ -102,11 +103,11 @@ class _Rank:
     phase_seen: float = -math.inf  # time of the record that said so
 
 
-class RankStalled(Detector):
+class RankStalled(Detector[RankStalledSettings]):
     name = "rank_stalled"
     Settings = RankStalledSettings
 
-    def __init__(self, settings: RankStalledSettings, run) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: RankStalledSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
         self.now = -math.inf

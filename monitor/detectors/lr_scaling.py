@@ -86,7 +86,7 @@ class Finding:
     data: dict[str, Any]
 
 
-class LrScaling(Detector):
+class LrScaling(Detector[LrScalingSettings]):
     name = "lr_scaling"
     Settings = LrScalingSettings
 

@@ -96,7 +96,7 @@ class _Rank:
         return peaks[0][1] if peaks else None
 
 
-class NanDivergence(Detector):
+class NanDivergence(Detector[NanDivergenceSettings]):
     name = "nan_divergence"
     Settings = NanDivergenceSettings
 

@@ -201,7 +201,7 @@ class _Rank:
         self.fired_for = 0  # samples since firing
 
 
-class _SpikeDetector(Detector):
+class _SpikeDetector(Detector[SpikeSettings]):
     field: ClassVar[str] = ""
     label: ClassVar[str] = ""
     advice: ClassVar[str] = ""

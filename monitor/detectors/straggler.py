@@ -28,6 +28,7 @@ from typing import Iterable
 
 from ..events import Event, firing, resolved
 from ..record import Record
+from ..state import RunState
 from .base import Detector
 from .validate import flag, whole
 
@@ -86,11 +87,11 @@ def _median_without(s: list[float], i: int) -> float:
     return ((s[k - 1] if k - 1 < i else s[k]) + hi) / 2
 
 
-class Straggler(Detector):
+class Straggler(Detector[StragglerSettings]):
     name = "straggler"
     Settings = StragglerSettings
 
-    def __init__(self, settings: StragglerSettings, run) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: StragglerSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
         self.step_times: deque[float] = deque(maxlen=64)  # step_time_seconds of any rank

@@ -1,6 +1,8 @@
 """HTTP adapter for the exporter: ``GET /metrics`` and the ingest latency timer.
 
-``metrics_hook(service)`` returns a hook for ``create_app(service, hooks)``.
+``metrics_hook(service)`` returns a hook for ``create_app(service, hooks)``; ``state_collector(service)``
+hands the collector the parts of a Service it reads (the pipeline, the clock, the ingest counters, the
+alert sinks that report delivery stats), so the collector never sees the Service itself.
 The bearer-token middleware of api.py covers /metrics like every other route.
 """
 
@@ -8,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 
-from ..metrics.collector import LatencyHistogram, StateCollector, exporter_settings, render
+from ..metrics.collector import ExporterSettings, LatencyHistogram, StateCollector, exporter_settings, render
+
+if TYPE_CHECKING:
+    from ..service import Service
 
 INGEST_PATH = "/v1/ingest"
 
@@ -39,10 +44,17 @@ class IngestTimer:
             self.histogram.observe(self.clock() - start)
 
 
-def metrics_hook(service: Any) -> Callable[[FastAPI], None]:
+def state_collector(service: Service, settings: ExporterSettings | None = None,
+                    latency: LatencyHistogram | None = None) -> StateCollector:
+    """The collector over a Service's parts; its sinks list is read live (a sink added later is seen)."""
+    return StateCollector(service.pipeline, service.clock, stats=service.stats, latency=latency,
+                          delivery_sources=service.sinks, settings=settings)
+
+
+def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
     """Builds the collector in its own registry (never the global one) and the route over it."""
     latency = LatencyHistogram()
-    collector = StateCollector(service, exporter_settings(service.settings.raw), latency)
+    collector = state_collector(service, exporter_settings(service.settings.raw), latency)
     registry = CollectorRegistry()
     registry.register(collector)
 
@@ -53,7 +65,7 @@ def metrics_hook(service: Any) -> Callable[[FastAPI], None]:
         @app.get("/metrics")
         async def metrics() -> Response:
             snap = collector.snapshot()  # on the event loop: copies only
-            body = await asyncio.to_thread(render, registry, snap)  # building + formatting: off the loop
+            body = await asyncio.to_thread(render, snap)  # building + formatting: off the loop
             return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
 
     return hook

@@ -6,12 +6,17 @@ values, so ingest pays nothing for the export. A scrape works in two parts:
 - ``StateCollector.snapshot()`` copies what it needs (plain dict and list copies,
   about a microsecond per rank) and picks which runs to export under the series
   cap. It runs on the event loop, the only thread that mutates the state.
-- ``render(registry, snapshot)`` writes the text: the per-rank families (nearly
-  every series) directly through exposition.py (~0.9 us per series, 14 ms at
-  1,000 ranks), the service-wide ones through prometheus-client (whose own
-  formatter costs ~5 us per series). The route runs it in a worker thread from
-  the snapshot, off the event loop. ``families(snapshot)`` yields the same
-  families as prometheus-client objects (``collect()``, tests).
+- ``render(snapshot)`` writes the text: the per-rank families (nearly every
+  series) directly through exposition.py (~0.9 us per series, 14 ms at 1,000
+  ranks), the service-wide ones through prometheus-client (whose own formatter
+  costs ~5 us per series). The route runs it in a worker thread from the
+  snapshot, off the event loop. ``families(snapshot)`` yields the same families
+  as prometheus-client objects (``collect()``, tests).
+
+The collector depends only on what it is given (like prometheus-client's
+``ProcessCollector(pid=, proc=)``): the pipeline whose state it reads, a clock,
+and optionally the ingest counters, the latency histogram and the objects that
+report webhook delivery stats. ``http/metrics.py`` wires a Service's parts in.
 
 Names are fixed by DESIGN.md; per-rank series carry ``run`` and ``rank`` labels.
 Label values are bounded: run names are validated on ingest and runs, ranks and
@@ -20,19 +25,24 @@ exported series are capped.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 from bisect import bisect_left
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..config import ConfigError, _build
 from .exposition import per_rank_text
+from .snapshot import RankRow, Snapshot
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..service import IngestStats
+    from ..state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +102,8 @@ class ExporterSettings:
 
 
 def exporter_settings(raw: Mapping[str, Any]) -> ExporterSettings:
-    return _build(ExporterSettings, "exporter", raw.get("exporter", {}))
+    settings: ExporterSettings = _build(ExporterSettings, "exporter", raw.get("exporter", {}))
+    return settings
 
 
 class LatencyHistogram:
@@ -108,67 +119,37 @@ class LatencyHistogram:
         self.sum += seconds
 
 
-@dataclass(slots=True)
-class RankRow:
-    rank: str
-    step: int
-    last_time: float
-    ended: bool
-    latest: dict[str, float]
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """Copies of everything a scrape shows; safe to read from another thread."""
-
-    runs: list[tuple[str, list[RankRow]]] = field(default_factory=list)
-    firing: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    runs_tracked: int = 0
-    ranks_tracked: int = 0
-    omitted: dict[str, int] = field(default_factory=lambda: {"ended": 0, "series_cap": 0})
-    accepted: int = 0
-    batches: int = 0
-    alerts_raised: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    refused: dict[int, int] = field(default_factory=dict)
-    latency: tuple[tuple[float, ...], list[int], float] | None = None  # bounds, counts, sum
-    deliveries: dict[str, float] | None = None
-    outbox: float | None = None
-
-
-# render(): the snapshot to show, and whether the per-rank families are already written as text
-_PINNED: contextvars.ContextVar[tuple[Snapshot, bool] | None] = contextvars.ContextVar("trainhealth_snapshot",
-                                                                                     default=None)
-
-
 class StateCollector(Collector):
-    """Reads a Service's pipeline, stats and (if present) webhook delivery stats at scrape time."""
+    """Reads the pipeline's runs and open alerts, and the optional sources it is given, at scrape time.
 
-    def __init__(self, service: Any, settings: ExporterSettings | None = None,
-                 latency: LatencyHistogram | None = None) -> None:
-        self.service = service
-        self.settings = settings or ExporterSettings()
+    ``delivery_sources`` is read at every scrape (a live list, such as a Service's alert sinks, so a
+    sink added later is seen); each one with a ``delivery_stats()`` method is merged in, the others are
+    skipped."""
+
+    def __init__(self, pipeline: Pipeline, clock: Callable[[], float], *,
+                 stats: IngestStats | None = None, latency: LatencyHistogram | None = None,
+                 delivery_sources: Iterable[object] = (), settings: ExporterSettings | None = None) -> None:
+        self.pipeline = pipeline
+        self.clock = clock
+        self.stats = stats
         self.latency = latency
+        self.delivery_sources = delivery_sources
+        self.settings = settings or ExporterSettings()
 
     def describe(self) -> list[Metric]:
         return []  # nothing up front: registering then neither collects nor checks name clashes
 
     def collect(self) -> Iterator[Metric]:
-        pinned = _PINNED.get()
-        if pinned is None:
-            return families(self.snapshot())
-        snap, per_rank_as_text = pinned
-        return _service_families(snap) if per_rank_as_text else families(snap)
+        return families(self.snapshot())
 
     def snapshot(self) -> Snapshot:
-        service = self.service
-        pipeline = service.pipeline
+        pipeline = self.pipeline
         snap = Snapshot()
-        self._select_runs(pipeline.runs.values(), service.clock(), snap)
+        self._select_runs(pipeline.runs.values(), self.clock(), snap)
         for (run, _rank, name), alert in pipeline.book.open.items():
             key = (run, name, alert.get("severity", "warning"))
             snap.firing[key] = snap.firing.get(key, 0) + 1
-        stats = getattr(service, "stats", None)
+        stats = self.stats
         if stats is not None:
             snap.accepted, snap.batches = stats.accepted, stats.batches
             snap.alerts_raised = stats.alerts_raised
@@ -178,7 +159,7 @@ class StateCollector(Collector):
         self._read_deliveries(snap)
         return snap
 
-    def _select_runs(self, runs: Any, wall: float, snap: Snapshot) -> None:
+    def _select_runs(self, runs: Iterable[RunState], wall: float, snap: Snapshot) -> None:
         """Live runs newest first, then ended runs; stop adding runs at the series cap."""
         budget = self.settings.max_series
         keep_ended = self.settings.ended_run_seconds
@@ -198,9 +179,8 @@ class StateCollector(Collector):
             snap.runs.append((run.run, rows))
 
     def _read_deliveries(self, snap: Snapshot) -> None:
-        """Duck-typed: ``delivery_stats()`` on the service or any of its sinks."""
-        sources = [self.service, *getattr(self.service, "sinks", [])]
-        for source in sources:
+        """Duck-typed: ``delivery_stats()`` on any of the delivery sources."""
+        for source in self.delivery_sources:
             hook = getattr(source, "delivery_stats", None)
             if not callable(hook):
                 continue
@@ -236,7 +216,7 @@ PER_RANK_STATE_FAMILIES: tuple[tuple[str, str, Callable[[RankRow], float | None]
 def families(snap: Snapshot) -> Iterator[Metric]:
     """The metric families of one snapshot (pure; runs in a worker thread for the route)."""
     yield from per_rank_families(snap)
-    yield from _service_families(snap)
+    yield from service_families(snap)
 
 
 def per_rank_families(snap: Snapshot) -> Iterator[Metric]:
@@ -260,7 +240,7 @@ def per_rank_families(snap: Snapshot) -> Iterator[Metric]:
         yield fam
 
 
-def _service_families(snap: Snapshot) -> Iterator[Metric]:
+def service_families(snap: Snapshot) -> Iterator[Metric]:
     firing = GaugeMetricFamily("trainhealth_alerts_firing", "Open alerts (one per rank) by run, alert "
                                "and severity.", labels=["run", "alert", "severity"])
     for (run, name, severity), n in sorted(snap.firing.items()):
@@ -311,15 +291,21 @@ def _service_families(snap: Snapshot) -> Iterator[Metric]:
                                 value=snap.outbox)
 
 
-def render(registry: CollectorRegistry, snap: Snapshot) -> bytes:
-    """Text exposition of ``registry`` with the collector reading ``snap`` (callable from any thread).
+class _ServiceFamilies(Collector):
+    """The service-wide families of one snapshot, for ``generate_latest`` (render writes the rest)."""
 
-    The per-rank families (nearly every series) are written by exposition.py, first; the
-    collector then yields only the service-wide families to prometheus-client. Same text as
-    ``generate_latest`` over ``families(snap)``."""
-    token = _PINNED.set((snap, True))
-    try:
-        rest = generate_latest(registry)
-    finally:
-        _PINNED.reset(token)
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        return service_families(self.snap)
+
+
+def render(snap: Snapshot) -> bytes:
+    """Text exposition of ``snap`` (pure; callable from any thread).
+
+    The per-rank families (nearly every series) are written by exposition.py, first; prometheus-client
+    writes the service-wide families. Same text as ``generate_latest`` over ``families(snap)``, and as
+    ``generate_latest`` of a registry holding only a StateCollector whose snapshot is ``snap``."""
+    rest = generate_latest(_ServiceFamilies(snap))
     return per_rank_text(snap.runs, PER_RANK_VALUES, PER_RANK_STATE_FAMILIES).encode() + rest

@@ -10,12 +10,11 @@ The exporter keeps prometheus-client for the few service-wide families.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from prometheus_client.utils import floatToGoString
 
-if TYPE_CHECKING:
-    from .collector import RankRow
+from .snapshot import RankRow
 
 
 def escape_label_value(value: str) -> str:
@@ -40,7 +39,7 @@ def per_rank_text(runs: Iterable[tuple[str, Sequence[RankRow]]],
         run_label = escape_label_value(run)
         rows += [(f'{{rank="{escape_label_value(row.rank)}",run="{run_label}"}} ', row) for row in run_rows]
     out = []
-    go = floatToGoString
+    go: Callable[[float], str] = floatToGoString  # prometheus-client leaves it unannotated
     for name, key, help_text in values:
         out.append(gauge_header(name, help_text))
         out += [f"{name}{labels}{go(v)}\n" for labels, row in rows if (v := row.latest.get(key)) is not None]

@@ -16,6 +16,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Callable, Iterator, Sequence
 
 from .. import jsonout
@@ -53,6 +54,11 @@ CREATE INDEX IF NOT EXISTS outbox_by_target ON outbox (target, id);
 """
 
 INSERT_OUTBOX = "INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)"
+# The alerts table's columns copied from the alert (keys of alerts.Alert, checked by a test), then the rest.
+ALERT_COLUMNS = ("id", "fingerprint", "run", "rank", "alert", "state", "severity", "time")
+_alert_columns = itemgetter(*ALERT_COLUMNS)
+INSERT_ALERT = (f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}, episode, received, open, silenced, body) "
+                f"VALUES ({', '.join('?' * (len(ALERT_COLUMNS) + 5))})")
 RUN_TOUCH_SECONDS = 60.0  # runs.last_seen is refreshed at most this often per run
 
 
@@ -139,12 +145,10 @@ class Store:
               outbox: Sequence[tuple[str, str, str]]) -> None:
         """Transitions, episodes they close, and outbox rows (target, key, payload): one commit."""
         now = self.clock()
-        rows = [(t.alert["id"], t.episode, t.alert["fingerprint"], t.alert["run"], t.alert["rank"],
-                 t.alert["alert"], t.alert["state"], t.alert["severity"], t.alert["time"], now,
-                 int(t.alert["state"] == "firing"), int(t.silenced), t.body)
-                for t in transitions]
+        rows = [(*_alert_columns(t.alert), t.episode, now, int(t.alert["state"] == "firing"), int(t.silenced),
+                 t.body) for t in transitions]
         with self.tx() as db:
-            db.executemany("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(INSERT_ALERT, rows)
             if closed:
                 db.executemany("UPDATE alerts SET open = 0 WHERE id = ?", [(i,) for i in closed])
             if outbox:

@@ -97,7 +97,7 @@ def webhook_settings(settings: Settings) -> list[WebhookSettings]:
 
 def alertmanager_payload(alerts: list[Alert]) -> dict[str, Any]:
     """One notification as Alertmanager's webhook receiver sends it (all alerts share run, alert, state)."""
-    items = []
+    items: list[dict[str, Any]] = []
     for a in alerts:
         items.append({
             "status": a["state"], "labels": labels(a), "annotations": summary_annotations(a),

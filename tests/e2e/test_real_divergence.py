@@ -4,8 +4,8 @@ The seed's failure in miniature: the LR was tuned (0.02) for a total batch of 16
 with a total batch of 2 and keeps it. Linear regression on synthetic data with SGD, batch 2, a
 200-step linear warmup: stable at the scaled LR (0.0025), at 0.02 the loss starts climbing once
 the warmup passes the stability limit and overflows float32 to inf, then NaN. The records the loop
-writes (a .jsonl file, as the flight recorder would keep it) are replayed through the real
-Pipeline in client-sized batches. Nothing is mocked.
+writes (a .jsonl file, as the flight recorder would keep it) are read and replayed exactly as
+``trainhealth replay`` does (replay.read_files, pipeline.replay). Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from trainhealth.config import default_detector_settings
 from trainhealth.pipeline import Pipeline, replay
-from trainhealth.record import from_obj
+from trainhealth.replay import ReadStats, read_files
 
 torch = pytest.importorskip("torch")
 
@@ -54,14 +54,16 @@ def train(lr_peak: float, path: Path, steps: int = 600) -> int:
                       "batch_size": BATCH, "world_size": WORLD})
         if math.isnan(lines[-1]["loss"]):
             break
-    # json writes NaN/Infinity tokens, as the client does; from_obj reads them back as floats
+    # json writes NaN/Infinity tokens, as the client does; the replay reader reads them back as floats
     path.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
     return step
 
 
 def replay_file(path: Path) -> list[dict]:
-    records = [from_obj(json.loads(line)) for line in path.read_text().splitlines()]
-    return list(replay(records, Pipeline(default_detector_settings()), batch=32))
+    stats = ReadStats()
+    alerts = list(replay(read_files([str(path)], stats), Pipeline(default_detector_settings())))
+    assert stats.skipped == 0  # json writes NaN/Infinity tokens, as the client does; every line is read
+    return alerts
 
 
 def test_lr_eight_times_the_scaled_value_diverges_and_alerts_fire_in_order(tmp_path):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from trainhealth.config import default_detector_settings
-from trainhealth.pipeline import Pipeline
+from trainhealth.pipeline import Pipeline, replay
 from trainhealth.record import Record, from_obj
 
 from tests.conftest import ROOT, python_path
@@ -40,10 +40,7 @@ def run_loop(*args: str) -> tuple[list[Record], list[dict], float]:
     wall = time.perf_counter() - started
     records = [from_obj(json.loads(line)) for line in proc.stdout.splitlines()]
     assert len(records) > 100
-    pipeline = Pipeline(default_detector_settings())
-    alerts = []
-    for i in range(0, len(records), 20):
-        alerts += pipeline.process(records[i:i + 20]).alerts
+    alerts = list(replay(records, Pipeline(default_detector_settings())))
     return records, alerts, wall
 
 

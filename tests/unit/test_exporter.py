@@ -13,11 +13,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from trainhealth.config import ConfigError, Limits, ServerSettings, Settings
 from trainhealth.http.app import create_app
-from trainhealth.http.metrics import metrics_hook
+from trainhealth.http.metrics import metrics_hook, state_collector
 from trainhealth.metrics.collector import (
     ExporterSettings,
     LatencyHistogram,
-    StateCollector,
     exported_names,
     exporter_settings,
     families,
@@ -41,7 +40,7 @@ def make(settings: ExporterSettings | None = None, limits: Limits | None = None,
     clock = Clock()
     service = Service(Settings(limits=limits or Limits()), clock=clock)
     registry = CollectorRegistry()
-    registry.register(StateCollector(service, settings, latency))
+    registry.register(state_collector(service, settings, latency))
     return service, registry, clock
 
 
@@ -250,13 +249,13 @@ def test_every_sample_name_is_declared_in_exported_names() -> None:
 
 def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
     service, reg, _ = make()
-    collector = StateCollector(service)
+    collector = state_collector(service)
     registry = CollectorRegistry()
     registry.register(collector)
     send(service, sample(step=1, loss=1.0))
     snap = collector.snapshot()
     send(service, sample(step=2, dt=1, loss=0.5))
-    text = render(registry, snap).decode()
+    text = render(snap).decode()
     assert 'trainhealth_loss{rank="0",run="job"} 1.0' in text
     assert value(registry, "trainhealth_loss", run="job", rank="0") == 0.5
 
@@ -264,7 +263,7 @@ def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
 def test_render_writes_exactly_what_prometheus_client_writes() -> None:
     service, _, clock = make()
     latency = LatencyHistogram()
-    collector = StateCollector(service, latency=latency)
+    collector = state_collector(service, latency=latency)
     registry = CollectorRegistry()
     registry.register(collector)
     send(service, sample(rank=0, loss="nan", lr=0.1, grad_norm="inf", gpu_mem_total_bytes=8.0e10,
@@ -283,7 +282,8 @@ def test_render_writes_exactly_what_prometheus_client_writes() -> None:
 
     plain = CollectorRegistry()
     plain.register(Families())  # type: ignore[arg-type]
-    text = render(registry, snap)
+    text = render(snap)
+    assert text == generate_latest(registry)  # nothing changed since the snapshot: collect() shows the same
     assert text == generate_latest(plain)
     assert b'trainhealth_loss{rank="0",run="job"} NaN\n' in text
     assert b'trainhealth_step{rank="3",run="other.job:2"}' not in text  # a start has no step yet
@@ -317,3 +317,20 @@ def test_metrics_route_requires_the_token_and_times_ingest() -> None:
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert 'trainhealth_loss{rank="0",run="job"} NaN' in response.text
     assert "trainhealth_ingest_duration_seconds_count 1.0" in response.text
+
+
+def test_collector_needs_only_a_pipeline_and_a_clock() -> None:
+    """No Service: the collector reads what it is given (optional sources absent: their families too)."""
+    from trainhealth.config import default_detector_settings
+    from trainhealth.metrics.collector import StateCollector
+    from trainhealth.pipeline import Pipeline
+    from trainhealth.record import from_obj
+
+    pipeline = Pipeline(default_detector_settings())
+    pipeline.process([from_obj(sample(loss="nan"))])
+    registry = CollectorRegistry()
+    registry.register(StateCollector(pipeline, lambda: T0))
+    assert math.isnan(value(registry, "trainhealth_loss", run="job", rank="0") or 0.0)
+    assert value(registry, "trainhealth_alerts_firing", run="job", alert="nan_divergence", severity="critical") == 1
+    assert value(registry, "trainhealth_records_ingested_total") == 0  # no ingest counters given
+    assert value(registry, "trainhealth_ingest_duration_seconds_count") is None  # no latency histogram
