@@ -1,0 +1,84 @@
+"""The chart data both pages draw: per-rank columns of charted values, and alert episodes.
+
+Shape (one run): ``{"series": [{"rank", "time": [...], "step": [...], "loss": [...], ...}],
+"gpu_total": {rank: bytes}, "alerts": [{"alert", "severity", "rank", "step", "time", "end", "summary"}],
+"lr_expected": [[time, lr], ...]}``. A value is a number, ``None`` (not measured: skipped) or
+the string "NaN" / "Infinity" / "-Infinity" (the line breaks and a red mark shows it). ``dumps`` writes it as JSON that is
+safe inside a ``<script>`` element.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+from .. import jsonout
+from ..history import columns
+from ..state import RunState
+
+EPISODE_FIELDS = ("alert", "severity", "rank", "step", "time", "summary")
+
+
+def spell_nonfinite(col: list[Any]) -> list[Any]:
+    """Non-finite floats -> their JSON-safe spellings; numbers and None unchanged (fast when all finite)."""
+    try:
+        if math.isfinite(sum(col)):
+            return col
+    except TypeError:  # a None in the column
+        pass
+    return [x if x is None or math.isfinite(x) else jsonout.clean(x) for x in col]
+
+
+def rank_series(rank: int, cols: dict[str, list[Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"rank": rank}
+    for name, col in cols.items():
+        out[name] = [int(x) for x in col] if name == "step" else spell_nonfinite(col)
+    return out
+
+
+def episodes(transitions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alert transitions (any order) -> one episode per firing: when it fired and when it resolved (or None)."""
+    open_: dict[str, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
+    for a in sorted(transitions, key=lambda a: (a["time"], a["state"] != "firing")):
+        key = a.get("fingerprint") or f"{a['run']}/{a['rank']}/{a['alert']}"
+        if a["state"] == "firing":
+            if key in open_:
+                continue  # the same open alert listed twice (history and the open set)
+            ep = {k: a.get(k) for k in EPISODE_FIELDS}
+            ep["end"] = None
+            open_[key] = ep
+            out.append(ep)
+        else:
+            ep = open_.pop(key, None)
+            if ep is None:  # fired before the window: a band from when it started
+                ep = {k: a.get(k) for k in EPISODE_FIELDS}
+                ep["time"] = a.get("started_at", a["time"])
+                out.append(ep)
+            ep["end"] = a["time"]
+    return jsonout.clean(out)
+
+
+def live_rows(run: RunState) -> tuple[dict[int, Any], dict[str, float]]:
+    """Copies of each rank's history ring (state.py) and GPU capacity: taken on the event loop (memcpy)."""
+    rows, gpu_total = {}, {}
+    for rank, r in sorted(run.ranks.items()):
+        if len(r.history):
+            rows[rank] = r.history.copy()
+        total = r.latest.get("gpu_mem_total_bytes")
+        if total is not None and math.isfinite(total):
+            gpu_total[str(rank)] = total
+    return rows, gpu_total
+
+
+def live_chart(name: str, rows: dict[int, Any], gpu_total: dict[str, float],
+               transitions: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The recent window of one live run, from ``live_rows``' copies (off the event loop)."""
+    series = [rank_series(rank, columns(r)) for rank, r in rows.items()]
+    return {"run": name, "series": series, "gpu_total": gpu_total, "alerts": episodes(transitions)}
+
+
+def dumps(obj: Any) -> str:
+    """JSON for a ``<script type="application/json">`` element: no NaN tokens, no ``</script>`` inside."""
+    return json.dumps(obj, allow_nan=False, separators=(",", ":")).replace("<", "\\u003c")
