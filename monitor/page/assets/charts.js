@@ -90,8 +90,9 @@
       el("line", {x1: L, x2: W - R, y1: py, y2: py, "class": "grid"}, axes);
       el("text", {x: L - 4, y: py + 3, "class": "ylabel"}, axes).textContent = spec.bytes ? fmtBytes(v) : fmtNum(v);
     });
-    ticks(t0, t1, 4).forEach(function (t) {
-      el("text", {x: X(t), y: H - 6, "class": "xlabel"}, axes).textContent = fmtTime(t, t1 - t0);
+    ticks(t0, t1, 4).forEach(function (t, i) {
+      el("text", {x: X(t), y: H - 6, "class": "xlabel", "text-anchor": i === 4 ? "end" : "middle"}, axes)
+        .textContent = fmtTime(t, t1 - t0) + (i === 4 ? " UTC" : "");
     });
 
     // Alert markers: a band while an alert was open (one per alert name where episodes overlap, so a
