@@ -8,6 +8,7 @@ JSON over a WebSocket (the ``websockets`` package uvicorn[standard] already brin
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -28,6 +29,16 @@ class Browser:
         self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.stderr: list[str] = []
+        self.stack = contextlib.ExitStack()
+        self.events: list[dict[str, Any]] = []
+        self.next_id = 0
+        try:
+            self._connect(width, height)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, width: int, height: int) -> None:
         base = self._devtools_url()
         deadline = time.monotonic() + 30
         target = None
@@ -36,9 +47,7 @@ class Browser:
             target = next((p for p in pages if p["type"] == "page"), None)
             time.sleep(0.1)
         assert target is not None, "chromium opened no page"
-        self.ws = connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-        self.next_id = 0
-        self.events: list[dict[str, Any]] = []
+        self.ws = self.stack.enter_context(connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30))
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
@@ -55,7 +64,6 @@ class Browser:
             m = re.search(r"DevTools listening on ws://([^/]+)/", line)
             if m:
                 return f"http://{m.group(1)}"
-        self.close()
         raise RuntimeError("chromium did not start:\n" + "".join(self.stderr[-30:]))
 
     def call(self, method: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
@@ -128,10 +136,8 @@ class Browser:
         return path
 
     def close(self) -> None:
-        try:
-            self.ws.close()
-        except Exception:  # the socket may be gone with the process
-            pass
+        with contextlib.suppress(Exception):  # the socket may be gone with the process
+            self.stack.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
