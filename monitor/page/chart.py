@@ -2,9 +2,9 @@
 
 Shape (one run): ``{"series": [{"rank", "time": [...], "step": [...], "loss": [...], ...}],
 "gpu_total": {rank: bytes}, "alerts": [{"alert", "severity", "rank", "step", "time", "end", "summary"}],
-"lr_expected": [[time, lr], ...]}``. A value is a number, ``None`` (not measured: skipped) or
-the string "NaN" / "Infinity" / "-Infinity" (the line breaks and a red mark shows it). ``dumps`` writes it as JSON that is
-safe inside a ``<script>`` element.
+"lr_expected": [[time, lr], ...]}``. A value is a number, ``None`` (not measured: skipped) or the string
+"NaN" / "Infinity" / "-Infinity" (the line breaks and a red mark shows it). ``dumps`` writes it as JSON
+that is safe inside a ``<script>`` element.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def episodes(transitions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Alert transitions (any order) -> one episode per firing: when it fired and when it resolved (or None)."""
     open_: dict[str, dict[str, Any]] = {}
     out: list[dict[str, Any]] = []
+    ep: dict[str, Any] | None
     for a in sorted(transitions, key=lambda a: (a["time"], a["state"] != "firing")):
         key = a.get("fingerprint") or f"{a['run']}/{a['rank']}/{a['alert']}"
         if a["state"] == "firing":

@@ -24,7 +24,7 @@ RECENT_ALERTS = 20
 @cache
 def asset(name: str) -> str:
     """A file of assets/ (package data: pyproject's [tool.setuptools.package-data])."""
-    return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def esc(value: Any) -> str:

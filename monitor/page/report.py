@@ -257,5 +257,6 @@ def memory_html(run: RunRecording) -> str:
                     f'<td class="num">{html.fmt_bytes(total)}</td><td>{growth}</td></tr>')
     if rows:
         out += ('<table class="memory"><tr><th class="num">rank</th><th class="num">GPU peak</th>'
-                f'<th class="num">GPU capacity</th><th>host memory, first to last sample</th></tr>{"".join(rows)}</table>')
+                '<th class="num">GPU capacity</th><th>host memory, first to last sample</th></tr>'
+                f'{"".join(rows)}</table>')
     return out

@@ -16,7 +16,7 @@ from trainhealth.pipeline import Pipeline
 from trainhealth.record import Record
 from trainhealth.replay import ReadStats
 
-from tests.page_traces import HOSTILE, RUN, diverging_run, lines
+from tests.page_traces import HOSTILE, diverging_run, lines
 
 ROOT = Path(__file__).resolve().parents[2]
 WEEK = 7 * 86400
