@@ -31,17 +31,18 @@ def is_missing(x: float) -> bool:
 
 
 class RankHistory:
-    __slots__ = ("rows", "points")
+    __slots__ = ("rows", "points", "trim_at")
 
     def __init__(self, points: int = POINTS) -> None:
         self.rows = array("d")
         self.points = points
+        self.trim_at = (points + points // 4) * WIDTH
 
     def add(self, rec: Any) -> None:
         """A sample record (the newest of its rank). The ingest hot path: keep it this small."""
         rows = self.rows
-        if len(rows) >= (self.points + self.points // 4) * WIDTH:
-            del rows[: (len(rows) // WIDTH - self.points) * WIDTH]
+        if len(rows) >= self.trim_at:
+            del rows[: len(rows) - self.points * WIDTH]
         m = MISSING
         rows.extend((
             rec.time,
