@@ -61,12 +61,19 @@ def episodes(transitions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return jsonout.clean(out)
 
 
-def live_rows(run: RunState) -> tuple[dict[int, Any], dict[str, float]]:
-    """Copies of each rank's history ring (state.py) and GPU capacity: taken on the event loop (memcpy)."""
+MAX_CHARTED_RANKS = 64  # a 4,096-rank run charts 64: its alerting ranks first, then the lowest
+
+
+def live_rows(run: RunState, prefer: Iterable[int | None] = ()) -> tuple[dict[int, Any], dict[str, float]]:
+    """Copies of each charted rank's history ring (state.py) and GPU capacity: taken on the event loop
+    (a memcpy per rank). At most MAX_CHARTED_RANKS ranks, those in ``prefer`` (alerting) first."""
+    with_history = [r for r in sorted(run.ranks) if len(run.ranks[r].history)]
+    first = [r for r in dict.fromkeys(prefer) if r is not None and r in run.ranks and len(run.ranks[r].history)]
+    chosen = sorted(list(dict.fromkeys(first + with_history))[:MAX_CHARTED_RANKS])
     rows, gpu_total = {}, {}
-    for rank, r in sorted(run.ranks.items()):
-        if len(r.history):
-            rows[rank] = r.history.copy()
+    for rank in chosen:
+        r = run.ranks[rank]
+        rows[rank] = r.history.copy()
         total = r.latest.get("gpu_mem_total_bytes")
         if total is not None and math.isfinite(total):
             gpu_total[str(rank)] = total
@@ -74,10 +81,11 @@ def live_rows(run: RunState) -> tuple[dict[int, Any], dict[str, float]]:
 
 
 def live_chart(name: str, rows: dict[int, Any], gpu_total: dict[str, float],
-               transitions: Iterable[dict[str, Any]]) -> dict[str, Any]:
+               transitions: Iterable[dict[str, Any]], ranks_total: int) -> dict[str, Any]:
     """The recent window of one live run, from ``live_rows``' copies (off the event loop)."""
     series = [rank_series(rank, columns(r)) for rank, r in rows.items()]
-    return {"run": name, "series": series, "gpu_total": gpu_total, "alerts": episodes(transitions)}
+    return {"run": name, "series": series, "gpu_total": gpu_total, "alerts": episodes(transitions),
+            "ranks_total": ranks_total}
 
 
 def dumps(obj: Any) -> str:

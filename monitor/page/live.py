@@ -29,7 +29,7 @@ def snapshot(pipeline: Pipeline, book: AlertBook, recent: Callable[[str, int], l
         state = pipeline.runs[chosen]
         model["detail"] = run_view(state, book, detail=True, findings=pipeline.findings(chosen))
         model["recent"] = recent(chosen, RECENT_LIMIT)
-        model["rows"], model["gpu_total"] = live_rows(state)
+        model["rows"], model["gpu_total"] = live_rows(state, [a["rank"] for a in model["detail"]["firing"]])
     return model
 
 
@@ -41,5 +41,6 @@ def finish(model: dict[str, Any]) -> dict[str, Any]:
         return model
     start = min((r[0] for r in rows.values()), default=None)  # time is each row's first column
     touching = [a for a in model["recent"] if start is None or a["time"] >= start or a["state"] == "resolved"]
-    model["chart"] = live_chart(model["chosen"], rows, gpu_total, touching + model["detail"]["firing"])
+    model["chart"] = live_chart(model["chosen"], rows, gpu_total, touching + model["detail"]["firing"],
+                                model["detail"]["ranks"])
     return model

@@ -163,6 +163,9 @@
       div.appendChild(span);
     });
     if (data.series.length > 16) div.appendChild(document.createTextNode(" and " + (data.series.length - 16) + " more ranks"));
+    if (data.ranks_total > data.series.length)
+      div.appendChild(document.createTextNode(" (" + data.series.length + " of " + data.ranks_total +
+                                              " ranks charted: those alerting first, then the lowest)"));
     return div;
   }
 
