@@ -81,11 +81,42 @@ def live_rows(run: RunState, prefer: Iterable[int | None] = ()) -> tuple[dict[in
 
 
 def live_chart(name: str, rows: dict[int, Any], gpu_total: dict[str, float],
-               transitions: Iterable[dict[str, Any]], ranks_total: int) -> dict[str, Any]:
+               transitions: Iterable[dict[str, Any]], ranks_total: int,
+               starts: list[dict[str, Any]]) -> dict[str, Any]:
     """The recent window of one live run, from ``live_rows``' copies (off the event loop)."""
     series = [rank_series(rank, columns(r)) for rank, r in rows.items()]
+    until = max((s["time"][-1] for s in series if s["time"]), default=0.0)
     return {"run": name, "series": series, "gpu_total": gpu_total, "alerts": episodes(transitions),
-            "ranks_total": ranks_total}
+            "ranks_total": ranks_total, "lr_expected": jsonout.clean(lr_expected(starts, until))}
+
+
+def lr_expected(starts: list[dict[str, Any]], until: float) -> list[list[float]]:
+    """The linear scaling rule's LR after each start (as lr_scaling.py computes it): reference_lr x total
+    batch / reference_batch_size, the reference being the latest start that carried one, else the run's
+    first start (its own LR for its own total batch). Notes ``expected_lr`` and ``total_batch`` on each
+    usable start; returns the dashed line the LR chart draws: [[time, lr], ...], a step at each start."""
+    out: list[list[float]] = []
+    explicit: tuple[float, int] | None = None
+    first: tuple[float, int] | None = None
+    for s in starts:
+        if s.get("reference_lr") is not None and s.get("reference_batch_size"):
+            explicit = (s["reference_lr"], s["reference_batch_size"])
+        total = (s.get("batch_size") or 0) * (s.get("world_size") or 0)
+        lr = s.get("lr")
+        if total <= 0 or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            continue
+        first = first or (lr, total)
+        ref_lr, ref_batch = explicit or first
+        expected = ref_lr * total / ref_batch
+        if not math.isfinite(expected):
+            continue
+        s["expected_lr"], s["total_batch"] = expected, total
+        if out:
+            out.append([s["time"], out[-1][1]])
+        out.append([s["time"], expected])
+    if out:
+        out.append([max(until, out[-1][0]), out[-1][1]])
+    return out
 
 
 def dumps(obj: Any) -> str:

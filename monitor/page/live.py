@@ -42,5 +42,5 @@ def finish(model: dict[str, Any]) -> dict[str, Any]:
     start = min((r[0] for r in rows.values()), default=None)  # time is each row's first column
     touching = [a for a in model["recent"] if start is None or a["time"] >= start or a["state"] == "resolved"]
     model["chart"] = live_chart(model["chosen"], rows, gpu_total, touching + model["detail"]["firing"],
-                                model["detail"]["ranks"])
+                                model["detail"]["ranks"], [dict(s) for s in model["detail"]["starts"]])
     return model

@@ -18,7 +18,7 @@ from ..pipeline import Pipeline
 from ..record import Record, to_obj
 from ..replay import ReadStats, read_files
 from . import html
-from .chart import dumps, episodes, spell_nonfinite
+from .chart import dumps, episodes, lr_expected, spell_nonfinite
 from .downsample import BUCKETS, VALUES, RankBuckets
 
 MAX_STARTS = 64  # per run: the first ones and the latest ones
@@ -95,30 +95,7 @@ class RunRecording:
                 "alerts": episodes(self.alerts), "lr_expected": self.lr_expected()}
 
     def lr_expected(self) -> list[list[float]]:
-        """The linear scaling rule's LR after each start (as lr_scaling.py computes it):
-        reference_lr x total batch / reference_batch_size, the reference being the latest start that
-        carried one, else the run's first start (its own LR for its own total batch)."""
-        out: list[list[float]] = []
-        explicit: tuple[float, int] | None = None
-        first: tuple[float, int] | None = None
-        for s in self.starts:
-            if s.get("reference_lr") is not None and s.get("reference_batch_size"):
-                explicit = (s["reference_lr"], s["reference_batch_size"])
-            total = (s.get("batch_size") or 0) * (s.get("world_size") or 0)
-            lr = s.get("lr")
-            if total <= 0 or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-                continue
-            first = first or (lr, total)
-            ref_lr, ref_batch = explicit or first
-            expected = ref_lr * total / ref_batch
-            s["expected_lr"] = expected
-            s["total_batch"] = total
-            if out:
-                out.append([s["time"], out[-1][1]])  # a step, not a ramp, at each start
-            out.append([s["time"], expected])
-        if out:
-            out.append([max(self.last_time, out[-1][0]), out[-1][1]])
-        return out
+        return lr_expected(self.starts, self.last_time)
 
 
 def _short(v: float | None) -> float | None:

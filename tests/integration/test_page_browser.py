@@ -77,6 +77,7 @@ def test_live_page_shows_runs_alerts_and_charts_and_refreshes_with_the_token(sta
     assert min(dom["points"]) > 50  # every rank's line holds its samples
     assert {"lr_scaling", "nan_divergence", "loss_spike"} <= set(dom["markers"])
     assert dom["nonfinite"] >= 1  # rank 1's NaN loss is a red mark, not a gap
+    assert browser.eval("document.querySelectorAll('svg.chart[data-key=lr] path.ref').length") == 1
     # the hostile host name is shown as text, never run: no script of its own, the title untouched
     assert dom["title"] == "trainhealth" and HOSTILE.split("&")[0] in dom["ranks"][1]
     assert browser.eval("document.scripts.length") == 3  # chart data, charts.js, page.js

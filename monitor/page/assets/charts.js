@@ -126,7 +126,9 @@
     });
     refs.forEach(function (pts) {
       var d = "";
-      pts.forEach(function (p, i) { if (finite(p[1])) d += (i && d ? "L" : "M") + X(p[0]).toFixed(1) + " " + Y(p[1]).toFixed(1); });
+      pts.forEach(function (p) {  // a start before the window: the line enters at the left edge
+        if (finite(p[1])) d += (d ? "L" : "M") + X(Math.min(Math.max(p[0], t0), t1)).toFixed(1) + " " + Y(p[1]).toFixed(1);
+      });
       if (d) el("path", {d: d, "class": "ref"}, svg);
     });
     lines.forEach(function (s, k) {
