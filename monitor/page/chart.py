@@ -111,6 +111,8 @@ def lr_expected(starts: list[dict[str, Any]], until: float) -> list[list[float]]
         if not math.isfinite(expected):
             continue
         s["expected_lr"], s["total_batch"] = expected, total
+        if out and out[-1][1] == expected:
+            continue  # every rank's start of one launch: the same value, no step
         if out:
             out.append([s["time"], out[-1][1]])
         out.append([s["time"], expected])
