@@ -25,10 +25,10 @@
     return node;
   }
   function finite(v) { return typeof v === "number" && isFinite(v); }
-  function fmtBytes(v) {
+  function fmtBytes(v, fine) {  // fine: a narrow range, where 3 digits would print every tick alike
     var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
     while (Math.abs(v) >= 1024 && i < units.length - 1) { v /= 1024; i++; }
-    return (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)) + " " + units[i];
+    return (fine ? String(+v.toPrecision(5)) : Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)) + " " + units[i];
   }
   function fmtNum(v) {
     if (v === 0) return "0";
@@ -83,12 +83,14 @@
 
     var svg = el("svg", {viewBox: "0 0 " + W + " " + H, "class": "chart", "data-key": spec.key,
                          role: "img", "aria-label": spec.title});
-    el("text", {x: L, y: 12, "class": "title"}, svg).textContent = spec.title + (log ? " (log scale)" : "");
+    var note = (log ? ", log scale" : "") + (spec.expected && refs.length ? ", dashed: its linear-scaling value" : "");
+    el("text", {x: L, y: 12, "class": "title"}, svg).textContent = spec.title + (note ? " (" + note.slice(2) + ")" : "");
     var axes = el("g", {"class": "axes"}, svg);
+    var fine = !log && (yhi - ylo) < 0.02 * Math.max(Math.abs(yhi), Math.abs(ylo));
     ticks(ylo, yhi, 4).forEach(function (y) {
       var v = log ? Math.pow(10, y) : y, py = Y(v);
       el("line", {x1: L, x2: W - R, y1: py, y2: py, "class": "grid"}, axes);
-      el("text", {x: L - 4, y: py + 3, "class": "ylabel"}, axes).textContent = spec.bytes ? fmtBytes(v) : fmtNum(v);
+      el("text", {x: L - 4, y: py + 3, "class": "ylabel"}, axes).textContent = spec.bytes ? fmtBytes(v, fine) : fmtNum(v);
     });
     ticks(t0, t1, 4).forEach(function (t, i) {
       el("text", {x: X(t), y: H - 6, "class": "xlabel", "text-anchor": i === 4 ? "end" : "middle"}, axes)
