@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 from ..page import html
 from ..page.live import finish, snapshot
 from ..service import Service
+from .app import JSON
 
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
            # everything the page needs is inline; nothing may be loaded from elsewhere
@@ -33,6 +34,8 @@ def page_hook(service: Service) -> Callable[[FastAPI], None]:
     def add(app: FastAPI) -> None:
         @app.get("/", response_class=HTMLResponse)
         async def live_page(run: str | None = None, part: str | None = None) -> Response:
+            if part not in (None, "live"):
+                return JSON({"error": f"part: must be 'live' (the refreshing fragment) or absent, got {part!r}"}, 400)
             model = snapshot(service.pipeline, service.book, recent, run)  # on the loop: copies only
             render = html.live_fragment if part == "live" else html.page
             body = await asyncio.to_thread(lambda: render(finish(model)))  # columns, JSON, HTML: off the loop

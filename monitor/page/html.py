@@ -135,7 +135,9 @@ def ranks_table(ranks: list[dict[str, Any]]) -> str:
 
 def live_fragment(model: dict[str, Any]) -> str:
     """``<div id="live">``: everything that changes; the script swaps it in on each refresh."""
-    parts = ['<div id="live">', '<section class="card"><h2>Runs</h2>',
+    note = (f'<p class="bad">Run {esc(model["missing"])} is not known to this sidecar (never seen, or expired); '
+            'showing the newest run.</p>' if model.get("missing") else "")
+    parts = ['<div id="live">', f'<section class="card"><h2>Runs</h2>{note}',
              runs_table(model["runs"], model["chosen"]), '</section>']
     detail = model.get("detail")
     if detail is not None:

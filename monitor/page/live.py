@@ -22,9 +22,11 @@ def snapshot(pipeline: Pipeline, book: AlertBook, recent: Callable[[str, int], l
     """``recent(run, limit)``: the run's alert transitions, newest first (the store's, else the book's).
     ``chosen``: the run to detail and chart; unknown or None -> the run with the newest record."""
     runs = runs_view(pipeline)["runs"]
+    missing = chosen if chosen is not None and chosen not in pipeline.runs else None
     if chosen not in pipeline.runs:
         chosen = runs[0]["run"] if runs else None
-    model: dict[str, Any] = {"runs": runs, "chosen": chosen, "detail": None, "recent": [], "chart": None}
+    model: dict[str, Any] = {"runs": runs, "chosen": chosen, "detail": None, "recent": [], "chart": None,
+                             "missing": missing}
     if chosen is not None:
         state = pipeline.runs[chosen]
         model["detail"] = run_view(state, book, detail=True, findings=pipeline.findings(chosen))

@@ -66,6 +66,8 @@ def test_live_page_shows_runs_alerts_and_charts_and_refreshes_with_the_token(sta
     assert sidecar.client.get("/?token=wrong").status_code == 401
     assert sidecar.client.get(f"/v1/runs?token={TOKEN}").status_code == 401
     assert sidecar.client.get("/", headers=AUTH).status_code == 200
+    bad = sidecar.client.get("/?part=everything", headers=AUTH)
+    assert bad.status_code == 400 and "part: must be 'live'" in bad.json()["error"]
 
     browser.open(f"{sidecar.url}/?token={TOKEN}")
     dom = browser.wait_for(f"(() => {{ const d = {READ_DOM}; return d.charts.length ? d : null; }})()")

@@ -62,7 +62,9 @@ def test_page_escapes_hostile_text_and_keeps_script_elements_closed() -> None:
 
 def test_unknown_run_falls_back_and_an_empty_sidecar_says_what_to_do() -> None:
     service = service_with(diverging_run())
-    assert model(service, "no-such-run")["chosen"] == RUN
+    fallback = model(service, "no-such-run")
+    assert fallback["chosen"] == RUN and "Run no-such-run is not known" in html.live_fragment(fallback)
+    assert "not known" not in html.live_fragment(model(service, RUN))
     empty = html.page(model(Service(load(None, {}, {}))))
     assert "No runs yet" in empty and chart_data(empty) == {"chosen": None, "chart": None}
 
