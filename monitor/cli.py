@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records (e.g. from serve --record)")
     o.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     o.add_argument("--config", help="TOML file with thresholds (as for replay)")
+    o.add_argument("--until", type=float, metavar="SECONDS", help="as for replay: let SECONDS pass after the "
+                   "last record, so a hang or a silent rank at the end is in the timeline")
     return p
 
 
@@ -61,10 +63,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 raise ConfigError(f"TRAINHEALTH_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
             return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), level)
         settings = load(args.config, {}, {})
-        if args.command == "report":
-            return report(args.files, args.output, settings)
         if args.until is not None and not args.until >= 0:
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
+        if args.command == "report":
+            return report(args.files, args.output, settings, args.until)
         return replay(args.files, settings, args.until)
     except ConfigError as exc:
         print(f"trainhealth: {exc}", file=sys.stderr)
@@ -106,14 +108,14 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
     return 0
 
 
-def report(files: Sequence[str], output: str, settings: Settings) -> int:
+def report(files: Sequence[str], output: str, settings: Settings, until: float | None = None) -> int:
     from .page import report as report_mod
 
     for path in files:
         if not os.path.isfile(path):
             print(f"trainhealth report: no such file: {path}", file=sys.stderr)
             return 2
-    body, stats = report_mod.build(files, settings)
+    body, stats = report_mod.build(files, settings, until)
     try:
         with open(output, "w", encoding="utf-8") as fh:
             fh.write(body)

@@ -105,7 +105,8 @@ def _short(v: float | None) -> float | None:
     return float(f"{v:.4g}")
 
 
-def build(paths: Sequence[str], settings: Settings) -> tuple[str, ReadStats]:
+def build(paths: Sequence[str], settings: Settings, until: float | None = None) -> tuple[str, ReadStats]:
+    """The report's HTML. ``until``: seconds to let pass after the last record (replay's --until)."""
     stats = ReadStats()
     pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
     runs: dict[str, RunRecording] = {}
@@ -116,6 +117,9 @@ def build(paths: Sequence[str], settings: Settings) -> tuple[str, ReadStats]:
                 run = runs[rec.run] = RunRecording(rec.run)
             run.add(rec)
         for alert in pipeline.process(batch).alerts:
+            runs[alert["run"]].alerts.append(alert)
+    if until is not None:  # replay runs with wall=0.0: tick_wall(until) lets each run's clock pass by `until`
+        for alert in pipeline.tick_wall(until):
             runs[alert["run"]].alerts.append(alert)
     ordered = sorted(runs.values(), key=lambda r: r.first_time)
     data = [{"run": r.name, "chart": r.chart()} for r in ordered]

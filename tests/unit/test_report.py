@@ -110,3 +110,35 @@ def test_a_week_of_64_ranks_stays_under_5_mb() -> None:
     series = data[0]["chart"]["series"]
     assert len(series) == 64 and all(len(s["time"]) <= 3 * BUCKETS for s in series)
     assert "NaN" in series[3]["loss"] and "NaN" not in series[4]["loss"]
+
+
+def test_report_merges_per_rank_files_gzipped_or_not_and_counts_corrupt_lines(tmp_path: Path) -> None:
+    import gzip
+
+    records = diverging_run()
+    (tmp_path / "rank0.jsonl").write_text(lines([r for r in records if r["rank"] == 0]) + "{not json\n")
+    with gzip.open(tmp_path / "rank1.jsonl.gz", "wt") as fh:
+        fh.write(lines([r for r in records if r["rank"] == 1]) + '{"run": "x", "rank": -3}\n')
+    out = tmp_path / "report.html"
+    done = cli("report", str(tmp_path / "rank0.jsonl"), str(tmp_path / "rank1.jsonl.gz"), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "2 corrupt lines skipped" in done.stderr
+    page = out.read_text()
+    assert "2 corrupt lines skipped" in page
+    (run,) = report_data(page)["runs"]
+    assert [s["rank"] for s in run["chart"]["series"]] == [0, 1]
+    assert "First non-finite value: rank <b>1</b> at step <b>150</b>" in page
+
+
+def test_report_until_reports_a_rank_that_went_silent_at_the_end(tmp_path: Path) -> None:
+    records = [r for r in diverging_run(nan_step=10_000) if not (r["rank"] == 1 and r.get("step", 0) > 150)]
+    path = tmp_path / "run.jsonl"
+    path.write_text(lines(records))
+    out = tmp_path / "report.html"
+    assert cli("report", str(path), "-o", str(out), "--until", "600").returncode == 0
+    replayed = [json.loads(x) for x in cli("replay", str(path), "--until", "600").stdout.splitlines()]
+    stalled = [a for a in replayed if a["alert"] == "rank_stalled"]
+    assert stalled and stalled[0]["state"] == "firing"
+    rows = re.findall(r'<tr class="alert" data-alert="(\w+)">', out.read_text())
+    assert sorted(rows) == sorted(a["alert"] for a in replayed)
+    assert cli("report", str(path), "-o", str(out), "--until", "-1").returncode == 2
