@@ -34,7 +34,7 @@ class RankHistory:
     __slots__ = ("rows", "points", "trim_at")
 
     def __init__(self, points: int = POINTS) -> None:
-        self.rows = array("d")
+        self.rows: array[float] = array("d")
         self.points = points
         self.trim_at = (points + points // 4) * WIDTH
 
@@ -57,16 +57,16 @@ class RankHistory:
     def __len__(self) -> int:
         return min(len(self.rows) // WIDTH, self.points)
 
-    def copy(self) -> array:
+    def copy(self) -> array[float]:
         """The newest ``points`` rows, copied (a memcpy: cheap enough on the event loop)."""
         return self.rows[-self.points * WIDTH:] if self.rows else array("d")
 
 
-def columns(rows: array) -> dict[str, list[Any]]:
+def columns(rows: array[float]) -> dict[str, list[Any]]:
     """Rows (from ``copy()``) -> one list per column; missing -> None, NaN and infinities kept as floats."""
     out: dict[str, list[Any]] = {}
     for i, name in enumerate(COLUMNS):
-        col = rows[i::WIDTH].tolist()
+        col: list[Any] = rows[i::WIDTH].tolist()
         if any(x != x for x in col):
             col = [None if x != x and is_missing(x) else x for x in col]
         out[name] = col

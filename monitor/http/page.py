@@ -8,7 +8,7 @@ swaps in on each refresh. With ``--token`` the route wants the token like every 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
@@ -26,10 +26,10 @@ HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
 
 
 def page_hook(service: Service) -> Callable[[FastAPI], None]:
-    def recent(run: str, limit: int) -> list[dict[str, Any]]:
+    def recent(run: str, limit: int) -> list[Mapping[str, Any]]:
         if service.query_alerts is not None:
             return list(service.query_alerts(run=run, limit=limit)["alerts"])
-        return service.book.query(run=run, limit=limit)
+        return list(service.book.query(run=run, limit=limit))
 
     def add(app: FastAPI) -> None:
         @app.get("/", response_class=HTMLResponse)

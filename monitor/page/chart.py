@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .. import jsonout
 from ..history import columns
@@ -37,7 +37,7 @@ def rank_series(rank: int, cols: dict[str, list[Any]]) -> dict[str, Any]:
     return out
 
 
-def episodes(transitions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def episodes(transitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Alert transitions (any order) -> one episode per firing: when it fired and when it resolved (or None)."""
     open_: dict[str, dict[str, Any]] = {}
     out: list[dict[str, Any]] = []
@@ -58,7 +58,8 @@ def episodes(transitions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 ep["time"] = a.get("started_at", a["time"])
                 out.append(ep)
             ep["end"] = a["time"]
-    return jsonout.clean(out)
+    cleaned: list[dict[str, Any]] = jsonout.clean(out)
+    return cleaned
 
 
 MAX_CHARTED_RANKS = 64  # a 4,096-rank run charts 64: its alerting ranks first, then the lowest
@@ -81,7 +82,7 @@ def live_rows(run: RunState, prefer: Iterable[int | None] = ()) -> tuple[dict[in
 
 
 def live_chart(name: str, rows: dict[int, Any], gpu_total: dict[str, float],
-               transitions: Iterable[dict[str, Any]], ranks_total: int,
+               transitions: Iterable[Mapping[str, Any]], ranks_total: int,
                starts: list[dict[str, Any]]) -> dict[str, Any]:
     """The recent window of one live run, from ``live_rows``' copies (off the event loop)."""
     series = [rank_series(rank, columns(r)) for rank, r in rows.items()]

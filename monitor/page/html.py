@@ -12,7 +12,7 @@ import time as _time
 from functools import cache
 from html import escape
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .. import jsonout
 from .chart import dumps
@@ -66,7 +66,7 @@ def severity(sev: Any) -> str:
     return f'<span class="sev sev-{esc(sev)}">{esc(sev)}</span>'
 
 
-def alert_row(a: dict[str, Any], with_state: bool = True) -> str:
+def alert_row(a: Mapping[str, Any], with_state: bool = True) -> str:
     state = f'<td class="{"resolved" if a["state"] == "resolved" else ""}">{esc(a["state"])}</td>' if with_state else ""
     rank = "run" if a.get("rank") is None else esc(a["rank"])
     return (f'<tr class="alert" data-alert="{esc(a["alert"])}"><td>{fmt_time(a.get("time"))}</td>'
@@ -75,7 +75,7 @@ def alert_row(a: dict[str, Any], with_state: bool = True) -> str:
             f'<td>{esc(a.get("summary", ""))}</td></tr>')
 
 
-def alerts_table(alerts: Iterable[dict[str, Any]], empty: str, with_state: bool = True) -> str:
+def alerts_table(alerts: Iterable[Mapping[str, Any]], empty: str, with_state: bool = True) -> str:
     rows = [alert_row(a, with_state) for a in alerts]
     if not rows:
         return f'<p class="quiet">{esc(empty)}</p>'

@@ -7,7 +7,7 @@ off the loop (a thread), where the columns are built and the JSON is written.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..alerts import AlertBook
 from ..pipeline import Pipeline
@@ -17,7 +17,7 @@ from .chart import live_chart, live_rows
 RECENT_LIMIT = 200  # transitions read for the tables and the chart markers
 
 
-def snapshot(pipeline: Pipeline, book: AlertBook, recent: Callable[[str, int], list[dict[str, Any]]],
+def snapshot(pipeline: Pipeline, book: AlertBook, recent: Callable[[str, int], list[Mapping[str, Any]]],
              chosen: str | None) -> dict[str, Any]:
     """``recent(run, limit)``: the run's alert transitions, newest first (the store's, else the book's).
     ``chosen``: the run to detail and chart; unknown or None -> the run with the newest record."""
