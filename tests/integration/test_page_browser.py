@@ -107,6 +107,11 @@ def test_live_page_without_token_tells_the_user_and_has_no_data(start_sidecar, b
 def test_report_opens_from_disk_with_its_alerts_and_charts(start_sidecar, browser: Browser, tmp_path: Path) -> None:
     sidecar = start_sidecar("--record", str(tmp_path / "records"))
     post(sidecar, diverging_run(steps=200, nan_step=150))
+    # without --token the page needs none, and its refresh works without one too
+    browser.open(f"{sidecar.url}/?run={RUN}")
+    browser.wait_for("document.querySelectorAll('svg.chart').length === 5")
+    browser.wait_for("/updated/.test(document.getElementById('refresh-status').textContent)", timeout=20)
+    assert browser.errors() == [], browser.errors()
     sidecar.stop()  # the recorder flushes and closes its file
     recorded = tmp_path / "records" / f"{RUN}.jsonl"
     assert recorded.exists()
