@@ -10,6 +10,7 @@ Sections (each is also a script of its own in benchmarks/):
   exposition  GET /metrics with 1,000 ranks                                    (metrics_exposition.py)
   client      Telemetry.record() per training step                             (client_cost.py)
   memory      sidecar RSS after 10^4 .. 10^7 records (10^6 with --quick)       (memory.py)
+  page        the live page's cost to ingest: history ring, a page refreshing  (page_cost.py)
 
 Full run: about 5-8 minutes on 2 cores, most of it the 10^7-record memory run; --quick: ~1-2 minutes.
 Results: benchmarks/results/run_all.json (and <section>.json); --profile adds py-spy profiles of
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Figure, machine, table, write_results  # noqa: E402
 
-SECTIONS = ("stages", "ingest", "latency", "exposition", "client", "memory")
+SECTIONS = ("stages", "ingest", "latency", "exposition", "client", "memory", "page")
 
 
 def section(name: str, args: argparse.Namespace) -> Callable[[], list[Figure]]:
@@ -45,6 +46,9 @@ def section(name: str, args: argparse.Namespace) -> Callable[[], list[Figure]]:
     if name == "exposition":
         from benchmarks import metrics_exposition
         return lambda: metrics_exposition.run(quick)
+    if name == "page":
+        from benchmarks import page_cost
+        return lambda: page_cost.run(quick)
     if name == "client":
         from benchmarks import client_cost
         return lambda: client_cost.run(quick)

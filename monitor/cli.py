@@ -1,4 +1,4 @@
-"""``trainhealth serve`` and ``trainhealth replay``."""
+"""``trainhealth serve``, ``trainhealth replay`` and ``trainhealth report``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainhealth", description=(
         "Watch distributed PyTorch training: 'serve' runs the sidecar (POST records to /v1/ingest), "
-        "'replay' runs the same detectors over recorded .jsonl files. Use COMMAND --help for the options."))
+        "'replay' runs the same detectors over recorded .jsonl files, 'report' draws them as one HTML file. "
+        "Use COMMAND --help for the options."))
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the sidecar (binds to 127.0.0.1 unless told otherwise)")
     s.add_argument("--host", help="address to bind (TRAINHEALTH_HOST; default 127.0.0.1)")
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", type=float, metavar="SECONDS",
                    help="after the last record, let SECONDS pass with no records (as the server's "
                         "timer would), so a hang or a silent rank at the end of a recording is reported")
+    o = sub.add_parser("report", help="write a self-contained HTML post-mortem of recorded .jsonl files")
+    o.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records (e.g. from serve --record)")
+    o.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    o.add_argument("--config", help="TOML file with thresholds (as for replay)")
+    o.add_argument("--until", type=float, metavar="SECONDS", help="as for replay: let SECONDS pass after the "
+                   "last record, so a hang or a silent rank at the end is in the timeline")
     return p
 
 
@@ -58,6 +65,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         settings = load(args.config, {}, {})
         if args.until is not None and not args.until >= 0:
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
+        if args.command == "report":
+            return report(args.files, args.output, settings, args.until)
         return replay(args.files, settings, args.until)
     except ConfigError as exc:
         print(f"trainhealth: {exc}", file=sys.stderr)
@@ -81,6 +90,27 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
     out.flush()
     msg = f"trainhealth replay: {stats.records} records, {stats.skipped} corrupt lines skipped"
     print(msg, file=sys.stderr)
+    for err in stats.first_errors:
+        print(f"  skipped {err}", file=sys.stderr)
+    return 0
+
+
+def report(files: Sequence[str], output: str, settings: Settings, until: float | None = None) -> int:
+    from .page import report as report_mod
+
+    for path in files:
+        if not os.path.isfile(path):
+            print(f"trainhealth report: no such file: {path}", file=sys.stderr)
+            return 2
+    body, stats = report_mod.build(files, settings, until)
+    try:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(body)
+    except OSError as exc:
+        print(f"trainhealth report: cannot write {output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"trainhealth report: {stats.records} records, {stats.skipped} corrupt lines skipped; "
+          f"wrote {output} ({len(body.encode()) / 1e6:.2f} MB)", file=sys.stderr)
     for err in stats.first_errors:
         print(f"  skipped {err}", file=sys.stderr)
     return 0

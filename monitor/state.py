@@ -1,7 +1,7 @@
 """In-memory per-run, per-rank state: what the status API shows and detectors may read.
 
-Bounded: one RankState per rank (latest values only), a few start records per
-run. Detectors keep their own bounded windows.
+Bounded: one RankState per rank (latest values, and the last few hundred charted values for the
+live page: history.py), a few start records per run. Detectors keep their own bounded windows.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .history import RankHistory
 from .record import NUMBER_FIELDS, Record
 
 SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size")  # without reference_lr
@@ -33,6 +34,7 @@ class RankState:
     phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
     phase_time: float | None = None  # when that phase began
     phase_seen: float = 0.0  # record time of the heartbeat or sample that said so
+    history: RankHistory = field(default_factory=RankHistory)  # the live page's recent window (bounded)
 
     def apply(self, rec: Record) -> None:
         self.records += 1
@@ -47,6 +49,7 @@ class RankState:
         if kind == "sample":
             if self.last_sample_time is None or rec.time >= self.last_sample_time:
                 self.last_sample_time = rec.time
+                self.history.add(rec)
                 latest = self.latest
                 for name in SAMPLE_VALUE_FIELDS:
                     value = getattr(rec, name)

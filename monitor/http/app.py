@@ -21,6 +21,7 @@ from ..status import run_view, runs_view
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/healthz"}
+PAGE_PATH = "/"  # the only route that also takes the token as ?token= (http/page.py)
 
 
 class JSON(Response):
@@ -65,9 +66,15 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
         async def require_token(request: Request, call_next: Any) -> Response:
             if request.url.path not in OPEN_PATHS:
                 scheme, _, got = request.headers.get("authorization", "").partition(" ")
+                if request.url.path == PAGE_PATH and not scheme and "token" in request.query_params:
+                    # the live page: a browser cannot send a header when it navigates (docs/page.md)
+                    scheme, got = "bearer", request.query_params["token"]
                 # the scheme is case-insensitive (RFC 9110): "bearer T" is as good as "Bearer T"
                 if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), expected):
-                    return JSON({"error": "missing or wrong Authorization: Bearer token"}, 401,
+                    error = "missing or wrong Authorization: Bearer token"
+                    if request.url.path == PAGE_PATH:
+                        error += " (in a browser: open /?token=TOKEN)"
+                    return JSON({"error": error}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
 

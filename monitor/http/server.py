@@ -16,6 +16,7 @@ from ..service import Service
 from . import alerts as alerts_api
 from .app import create_app
 from .metrics import metrics_hook
+from .page import page_hook
 
 
 def attach_alerts_out(service: Service) -> AlertsOut:
@@ -38,5 +39,6 @@ def attach_alerts_out(service: Service) -> AlertsOut:
 def build_service_and_app(settings: Settings, config_file: str | None = None) -> tuple[Service, FastAPI]:
     service = Service(settings, config_file=config_file)
     alerts_out = attach_alerts_out(service)
-    hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out)]
+    hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out),
+                                             page_hook(service)]
     return service, create_app(service, hooks)

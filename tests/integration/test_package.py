@@ -91,4 +91,19 @@ def test_plain_install_has_every_module_under_trainhealth(user_project: Path, tm
     assert installed == ["bin", "trainhealth"] or installed == ["trainhealth"], installed
     assert (site / "trainhealth" / "trainer" / "client.py").exists()
     assert (site / "trainhealth" / "detectors" / "liveness.py").exists()
+    # the page's package data (pyproject's [tool.setuptools.package-data]): the script and styles it inlines
+    assets = site / "trainhealth" / "page" / "assets"
+    assert sorted(p.name for p in assets.iterdir()) == ["charts.js", "page.css", "page.js", "report.js"]
     _check(user_project, _env(str(site)), str(site / "trainhealth"))
+    out = _run([sys.executable, "-c", ASSETS], user_project, _env(str(site)))
+    assert out.split() == ["ok", str(site / "trainhealth" / "page" / "html.py")], out
+
+
+# The installed page reads its assets from the installed package (not from this checkout) and inlines them.
+ASSETS = """
+from trainhealth.page import html
+for name in ("charts.js", "page.js", "report.js", "page.css"):
+    assert len(html.asset(name)) > 100, name
+assert "TH.drawCharts" in html.page({"runs": [], "chosen": None})
+print("ok", html.__file__)
+"""

@@ -110,3 +110,23 @@ def test_provisioning_matches_the_compose_mounts() -> None:
     assert job["static_configs"][0]["targets"] == ["sidecar:9464"]
     assert "--alertmanager" in compose["services"]["sidecar"]["command"]
     assert {load(p.name)["uid"] for p in DASHBOARDS} == {"trainhealth-job", "trainhealth-fleet"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_dashboard_marks_the_sidecars_alerts_on_its_curves(path: Path) -> None:
+    """An enabled, visible annotation from trainhealth_alerts_firing, titled by alert and severity, on a
+    datasource the dashboard defines: Grafana then draws each firing alert as a region on every time series."""
+    doc = json.loads(path.read_text())
+    marks = [a for a in doc["annotations"]["list"] if "trainhealth_alerts_firing" in a.get("expr", "")]
+    assert len(marks) == 1, [a.get("name") for a in doc["annotations"]["list"]]
+    (mark,) = marks
+    assert mark["enable"] is True and not mark.get("hide", False)
+    assert mark["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert "{{alert}}" in mark["titleFormat"] and "{{run}}" in mark["textFormat"]
+    assert {"alert", "severity"} <= set(mark["tagKeys"].split(","))
+    assert metric_names(mark["expr"]) == {"trainhealth_alerts_firing"}
+    assert "> 0" in mark["expr"] and "by (run, alert, severity)" in mark["expr"]  # only while firing
+    # no panel opts out of the annotations (a panel-level filter would hide the markers there)
+    series = [p for p in doc["panels"] if p["type"] == "timeseries"]
+    assert series and not any(p.get("options", {}).get("annotations") is False for p in series)
+    assert "filter" not in mark

@@ -1,0 +1,81 @@
+"""The live page's model and HTML, built in-process from a Service (no HTTP): what the routes serve."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from trainhealth import jsonout
+from trainhealth.config import load
+from trainhealth.page import html
+from trainhealth.page.chart import MAX_CHARTED_RANKS
+from trainhealth.page.live import finish, snapshot
+from trainhealth.service import Service
+
+from tests.page_traces import HOSTILE, RUN, diverging_run
+
+
+def service_with(records: list[dict]) -> Service:
+    service = Service(load(None, {}, {}))
+    answer = service.ingest(jsonout.dumpb(records), "application/json")
+    assert answer.status == 200 and answer.body["rejected"] == 0, answer.body
+    return service
+
+
+def model(service: Service, run: str | None = None) -> dict:
+    recent = lambda name, limit: service.book.query(run=name, limit=limit)  # noqa: E731
+    return finish(snapshot(service.pipeline, service.book, recent, run))
+
+
+def chart_data(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="chart-data">(.*?)</script>', page, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+def test_page_charts_the_newest_run_with_its_nan_and_alerts() -> None:
+    service = service_with(diverging_run(run="older", t0=1_700_000_000.0) + diverging_run())
+    page = html.page(model(service))
+    data = chart_data(page)
+    assert data["chosen"] == RUN
+    chart = data["chart"]
+    assert [s["rank"] for s in chart["series"]] == [0, 1]
+    loss = chart["series"][1]["loss"]  # rank 1: NaN from step 150 to 200
+    assert loss.count("NaN") == 51 and None not in loss and all(isinstance(x, (float, str)) for x in loss)
+    assert chart["gpu_total"] == {"0": 8e9, "1": 8e9}
+    fired = {(a["alert"], a["rank"]) for a in chart["alerts"]}
+    assert {("nan_divergence", 1), ("lr_scaling", None)} <= fired
+    # the LR's linear-scaling value, dashed on the LR chart: 0.02 x 4 / 16, from the first start to the end
+    assert [p[1] for p in chart["lr_expected"]] == [0.005, 0.005]
+    assert chart["lr_expected"][-1][0] == chart["series"][1]["time"][-1]
+    assert html.page(model(service, "older")).count('class="chosen"') == 1
+    assert chart_data(html.page(model(service, "older")))["chosen"] == "older"
+
+
+def test_page_escapes_hostile_text_and_keeps_script_elements_closed() -> None:
+    service = service_with(diverging_run())
+    page = html.page(model(service))
+    assert HOSTILE not in page and "&lt;script&gt;" in page
+    assert page.count("<script") == page.count("</script>") == 3
+
+
+def test_unknown_run_falls_back_and_an_empty_sidecar_says_what_to_do() -> None:
+    service = service_with(diverging_run())
+    fallback = model(service, "no-such-run")
+    assert fallback["chosen"] == RUN and "Run no-such-run is not known" in html.live_fragment(fallback)
+    assert "not known" not in html.live_fragment(model(service, RUN))
+    empty = html.page(model(Service(load(None, {}, {}))))
+    assert "No runs yet" in empty and chart_data(empty) == {"chosen": None, "chart": None}
+
+
+def test_a_wide_run_charts_its_alerting_ranks_first_and_at_most_64() -> None:
+    ranks = 100
+    records = [{"run": "wide", "rank": r, "time": 1000.0 + s + r * 1e-3, "step": s,
+                "loss": math.nan if (r == 97 and s == 30) else 1.0}
+               for s in range(1, 31) for r in range(ranks)]
+    service = service_with(records)
+    chart = model(service)["chart"]
+    charted = [s["rank"] for s in chart["series"]]
+    assert len(charted) == MAX_CHARTED_RANKS and 97 in charted and chart["ranks_total"] == ranks
+    assert charted == sorted(charted)
