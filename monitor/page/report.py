@@ -1,7 +1,7 @@
 """``trainhealth report FILE.jsonl... -o report.html``: one self-contained post-mortem page.
 
-The records are read as ``trainhealth replay`` reads them and run through the same detectors (the same
-Pipeline, batched as replay batches), so the alert timeline is the one replay prints. Alongside, each
+The records are read as ``trainhealth replay`` reads them and run through the same detectors by the same
+loop (``pipeline.replay``), so the alert timeline is the one replay prints. Alongside, each
 rank's charted values are downsampled (downsample.py: min/max per bucket, so spikes and NaNs survive and
 a week of 64 ranks stays a few MB). The file inlines its data, script and styles: it opens from disk,
 offline, and can be attached to a ticket.
@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from ..alerts import Alert
 from ..config import Settings
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, replay
 from ..record import Record, to_obj
 from ..replay import ReadStats, read_files
 from . import html
@@ -23,18 +23,6 @@ from .downsample import BUCKETS, VALUES, RankBuckets
 
 MAX_STARTS = 64  # per run: the first ones and the latest ones
 ROW_BUDGET = 64 * BUCKETS  # buckets per run across its ranks: a wider run gets coarser buckets
-
-
-def replay_batches(records: Iterable[Record], tick: float, size: int = 256) -> Iterator[list[Record]]:
-    """The batches ``trainhealth replay`` feeds the pipeline: within one tick of record time, <= size."""
-    batch: list[Record] = []
-    for rec in records:
-        if batch and (len(batch) >= size or rec.time - batch[0].time >= tick):
-            yield batch
-            batch = []
-        batch.append(rec)
-    if batch:
-        yield batch
 
 
 class RunRecording:
@@ -110,17 +98,18 @@ def build(paths: Sequence[str], settings: Settings, until: float | None = None) 
     stats = ReadStats()
     pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
     runs: dict[str, RunRecording] = {}
-    for batch in replay_batches(read_files(paths, stats), settings.server.tick_seconds):
-        for rec in batch:
+
+    def recorded(records: Iterable[Record]) -> Iterator[Record]:
+        """Each record into its run's recording as it passes on to the replay loop."""
+        for rec in records:
             run = runs.get(rec.run)
             if run is None:
                 run = runs[rec.run] = RunRecording(rec.run)
             run.add(rec)
-        for alert in pipeline.process(batch).alerts:
-            runs[alert["run"]].alerts.append(alert)
-    if until is not None:  # replay runs with wall=0.0: tick_wall(until) lets each run's clock pass by `until`
-        for alert in pipeline.tick_wall(until):
-            runs[alert["run"]].alerts.append(alert)
+            yield rec
+
+    for alert in replay(recorded(read_files(paths, stats)), pipeline, until=until):  # replay's own loop
+        runs[alert["run"]].alerts.append(alert)
     ordered = sorted(runs.values(), key=lambda r: r.first_time)
     data = [{"run": r.name, "chart": r.chart()} for r in ordered]
     return render(ordered, pipeline, data, paths, stats), stats
