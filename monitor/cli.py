@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from . import jsonout
 from .config import ConfigError, Settings, load
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             level = args.log_level or environ.get("TRAINHEALTH_LOG_LEVEL") or "info"
             if level not in LOG_LEVELS:
                 raise ConfigError(f"TRAINHEALTH_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-            return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), level)
+            return serve(settings, lambda: load(args.config, flags, environ), level)
         settings = load(args.config, {}, {})
         if args.until is not None and not args.until >= 0:
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
@@ -99,14 +99,16 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
     return 0
 
 
-def serve(settings: Settings, config_file: str | None, log_level: str = "info") -> int:
+def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None,
+          log_level: str = "info") -> int:
+    """Run the sidecar; ``load_settings`` re-reads file, environment and flags on a reload."""
     import uvicorn
 
     from .http.server import build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
-    service, app = build_service_and_app(settings, config_file)
+    service, app = build_service_and_app(settings, load_settings)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

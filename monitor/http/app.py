@@ -124,7 +124,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return JSON({"status": "ok", "runs": len(service.pipeline.runs)})
+        status, body = service.health()  # 503 while the store or the flight recorder cannot write
+        return JSON(body, status)
 
     for hook in extra or []:
         hook(app)

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 
+from ..health import HealthCollector
 from ..metrics.collector import LatencyHistogram, StateCollector, exporter_settings, render
 
 INGEST_PATH = "/v1/ingest"
@@ -45,6 +46,7 @@ def metrics_hook(service: Any) -> Callable[[FastAPI], None]:
     collector = StateCollector(service, exporter_settings(service.settings.raw), latency)
     registry = CollectorRegistry()
     registry.register(collector)
+    registry.register(HealthCollector(service.faults, service.sinks))  # store/recorder errors, undelivered
 
     def hook(app: FastAPI) -> None:
         app.state.metrics_registry = registry
