@@ -187,7 +187,7 @@ class Deliverer:
         assert self._client is not None
         for t in self.targets:
             if t.key not in self._workers:
-                self._workers[t.key] = asyncio.create_task(self._worker(t, self._client))
+                self._workers[t.key] = asyncio.create_task(self._worker(t.key, self._client))
 
     def _settle(self) -> None:
         """Retry the store writes that failed after a receiver answered (a delete, an undelivered mark)."""
@@ -200,10 +200,11 @@ class Deliverer:
             del self._done[row_id]
             self._attempts.pop(row_id, None)
 
-    async def _worker(self, t: Target, client: httpx.AsyncClient) -> None:
-        wake = self._wake[t.key]
+    async def _worker(self, key: str, client: httpx.AsyncClient) -> None:
+        wake = self._wake[key]
         next_refresh = 0.0
         while True:
+            t = next(t for t in self.targets if t.key == key)  # a reload may change its secret, format, policy
             try:
                 wake.clear()
                 self._settle()

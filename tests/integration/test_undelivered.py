@@ -89,3 +89,18 @@ def test_a_500_is_retried_not_given_up(start_sidecar, receiver, tmp_path: Path) 
     until(lambda: delivery(sc, "a")["state"] == "delivered", what="delivered once the receiver is fixed")
     keys = {d.key for d in receiver.deliveries()}
     assert len(keys) == 1  # one notification, retried under one idempotency key
+
+
+def test_a_hung_receiver_times_out_and_the_alert_is_delivered_under_one_key(start_sidecar, receiver,
+                                                                            tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[[webhooks]]\nurl = "{receiver.url}/hook"\ntimeout = 0.3\nbackoff_initial = 0.1\n'
+                      'backoff_max = 0.2\n')
+    sc = start_sidecar("--config", str(config))
+    receiver.hold()  # answers nothing until released
+    ingest(sc, nan_records("a", [0]))
+    until(lambda: len(receiver.deliveries()) >= 2, what="a retry after the timeout")
+    assert delivery(sc, "a")["state"] == "pending"
+    receiver.release()
+    until(lambda: delivery(sc, "a")["state"] == "delivered", what="delivered once the receiver answers")
+    assert len({d.key for d in receiver.deliveries()}) == 1  # re-sends are the same notification
