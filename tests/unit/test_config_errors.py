@@ -110,3 +110,15 @@ def test_unknown_keys_sections_and_shapes_are_refused(tmp_path: Path, text: str,
     with pytest.raises(ConfigError) as err:
         load(str(path), {}, {})
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("header, cls", [("[server]", ServerSettings), ("[limits]", Limits),
+                                         ("[[webhooks]]", WebhookSettings), ("[alertmanager]", AlertmanagerSettings),
+                                         ("[exporter]", ExporterSettings)])
+def test_docs_config_md_lists_every_key_with_its_default(header: str, cls: type) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING:
+            continue  # required, or a list/None shown in words
+        shown = json.dumps(f.default) if isinstance(f.default, (str, bool)) else repr(f.default)
+        assert f"| `{f.name}` |" in text and (f.default is None or f"`{shown}`" in text), (header, f.name)
