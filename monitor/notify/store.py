@@ -51,10 +51,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);
 CREATE INDEX IF NOT EXISTS outbox_by_target ON outbox (target, id);
 CREATE TABLE IF NOT EXISTS deliveries (      -- per (alert transition, target): what became of its notification
-    alert_id INTEGER NOT NULL, target TEXT NOT NULL, outbox_id INTEGER,
+    alert_id INTEGER NOT NULL, target TEXT NOT NULL, outbox_key TEXT NOT NULL,
     state TEXT NOT NULL,             -- pending | delivered | undelivered
     error TEXT, updated REAL NOT NULL, PRIMARY KEY (alert_id, target));
-CREATE INDEX IF NOT EXISTS deliveries_by_outbox ON deliveries (outbox_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_outbox ON deliveries (outbox_key);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 
@@ -177,12 +177,13 @@ class Store:
 
     def _queue(self, db: sqlite3.Connection, outbox: Sequence[tuple[str, str, str]], now: float) -> None:
         """Outbox rows, and a pending delivery per (alert, target) so the alert shows what became of it."""
-        for target, key, payload in outbox:
-            cur = db.execute("INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)",
-                             (target, key, payload, now))
-            ids = [a["id"] for a in json.loads(payload) if isinstance(a, dict) and "id" in a]
-            db.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, 'pending', NULL, ?)",
-                           [(i, target, cur.lastrowid, now) for i in ids])
+        if not outbox:
+            return
+        db.executemany("INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)",
+                       [(*row, now) for row in outbox])
+        db.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, 'pending', NULL, ?)",
+                       [(a["id"], target, key, now) for target, key, payload in outbox
+                        for a in json.loads(payload) if isinstance(a, dict) and "id" in a])
 
     def unsilence(self, ids: Sequence[int], outbox: Sequence[tuple[str, str, str]]) -> None:
         """Open alerts whose silence ended: now notified (one commit with their outbox rows)."""
@@ -297,34 +298,33 @@ class Store:
         """Delivered: the row goes, its alerts show ``delivered``."""
         with self.tx() as db:
             db.execute("UPDATE deliveries SET state = 'delivered', error = NULL, updated = ? "
-                       "WHERE outbox_id = ?", (self.clock(), row_id))
+                       "WHERE outbox_key = (SELECT key FROM outbox WHERE id = ?)", (self.clock(), row_id))
             db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
 
     def undeliverable(self, row_id: int, error: str) -> None:
         """Given up on (a 4xx, or retried past give_up_after): kept as undelivered, with why, to redeliver."""
         with self.tx() as db:
             db.execute("UPDATE outbox SET undelivered = 1, last_error = ? WHERE id = ?", (error[:500], row_id))
-            db.execute("UPDATE deliveries SET state = 'undelivered', error = ?, updated = ? WHERE outbox_id = ?",
-                       (error[:500], self.clock(), row_id))
+            db.execute("UPDATE deliveries SET state = 'undelivered', error = ?, updated = ? "
+                       "WHERE outbox_key = (SELECT key FROM outbox WHERE id = ?)", (error[:500], self.clock(), row_id))
 
     def redeliver(self, alert_id: int | None = None, target: str | None = None) -> list[str]:
         """Undelivered rows (of one alert, of one target, or all) queued again; the targets they go to."""
         where: list[str] = ["undelivered = 1"]
         args: list[Any] = []
         if alert_id is not None:
-            where.append("id IN (SELECT outbox_id FROM deliveries WHERE alert_id = ?)")
+            where.append("key IN (SELECT outbox_key FROM deliveries WHERE alert_id = ?)")
             args.append(alert_id)
         if target is not None:
             where.append("target = ?")
             args.append(target)
         now = self.clock()
         with self.tx() as db:
-            rows = db.execute("SELECT id, target FROM outbox WHERE " + " AND ".join(where), args).fetchall()
-            ids = [(i,) for i, _ in rows]
-            db.executemany("UPDATE outbox SET undelivered = 0, attempts = 0, created = ? WHERE id = ?",
-                           [(now, i) for (i,) in ids])
+            rows = db.execute("SELECT key, target FROM outbox WHERE " + " AND ".join(where), args).fetchall()
+            db.executemany("UPDATE outbox SET undelivered = 0, attempts = 0, created = ? WHERE key = ?",
+                           [(now, k) for k, _ in rows])
             db.executemany("UPDATE deliveries SET state = 'pending', error = NULL, updated = ? "
-                           "WHERE outbox_id = ?", [(now, i) for (i,) in ids])
+                           "WHERE outbox_key = ?", [(now, k) for k, _ in rows])
         return [t for _, t in rows]
 
     def attempt_failed(self, row_id: int, error: str) -> None:
