@@ -22,6 +22,7 @@ from .record import Record
 
 log = logging.getLogger(__name__)
 
+LIVE_SERVER_KEYS = ("webhooks", "alertmanager")  # delivery targets: applied by a reload, like [[webhooks]]
 MAX_REASONS = 100  # rejections listed in one answer; the count is always exact
 
 
@@ -203,6 +204,7 @@ class Service:
             reloader(new)
         self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
         self.settings.alertmanager, self.settings.raw = new.alertmanager, new.raw
+        self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
         log.info("config reloaded")
         return {"reloaded": True}
 
@@ -210,6 +212,8 @@ class Service:
         for section in ("server", "limits"):
             running, wanted = getattr(self.settings, section), getattr(new, section)
             for f in dataclasses.fields(running):
+                if section == "server" and f.name in LIVE_SERVER_KEYS:
+                    continue
                 a, b = getattr(running, f.name), getattr(wanted, f.name)
                 if a != b:
                     shown = "" if f.name == "token" else f" (running {a!r}, the config now says {b!r})"
