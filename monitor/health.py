@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WRITE_ERROR_NAMES = ("trainhealth_store_errors_total", "trainhealth_recorder_errors_total")  # always exported
+UNDELIVERED_NAMES = ("trainhealth_webhook_undelivered",)  # samples only with a delivery target
+
 
 @dataclass
 class Fault:

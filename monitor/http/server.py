@@ -36,10 +36,14 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
             alerts_out.fault.failed("runs and starts", exc)
 
     record_sinks: list[Any] = [note_records]
-    closers = [store.close]
+    closers = [alerts_out.close, store.close]
     faults = [alerts_out.fault]
     if settings.server.record_dir:  # the flight recorder: the first record sink
-        recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
+        try:
+            recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
+        except OSError as exc:
+            raise ConfigError(f"server.record_dir: cannot create {settings.server.record_dir!r}: "
+                              f"{exc.strerror}") from None
         record_sinks.insert(0, recorder.write)
         closers.insert(0, recorder.close)
         faults.append(recorder.fault)

@@ -204,7 +204,9 @@ class Deliverer:
         wake = self._wake[key]
         next_refresh = 0.0
         while True:
-            t = next(t for t in self.targets if t.key == key)  # a reload may change its secret, format, policy
+            t = next((t for t in self.targets if t.key == key), None)  # a reload may change its secret, format
+            if t is None:  # no longer configured (a reload removed it)
+                return
             try:
                 wake.clear()
                 self._settle()

@@ -128,6 +128,13 @@ class AlertsOut:
             self.deliverer.enqueued(w.rows)
         return True
 
+    def close(self) -> None:
+        """At shutdown: a last try to write what is held; what still cannot be written is said, not hidden."""
+        if not self.flush():
+            held = [t.alert["id"] for w in self.unwritten for t in w.transitions]
+            log.error("%d alert transitions could not be written before shutdown and are lost (ids %s): %s",
+                      len(held), held, self.fault.failing)
+
     def _bound(self) -> None:
         held = sum(len(w.transitions) for w in self.unwritten)
         while held > MAX_UNWRITTEN and len(self.unwritten) > 1:

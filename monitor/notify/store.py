@@ -108,10 +108,12 @@ class Store:
         self.db.execute("BEGIN")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- runs and starts ----------------------------------------------------
     def note_records(self, records: Sequence[Record]) -> None:
