@@ -225,8 +225,9 @@ class Store:
 
     def query_alerts(self, run: str | None = None, state: str | None = None, alert: str | None = None,
                      since: float | None = None, limit: int = 1000,
-                     cursor: int | None = None) -> dict[str, Any]:
-        """History, newest first. ``state=firing``: alerts open now. Page on with ``next_cursor``."""
+                     cursor: int | None = None, delivery: str | None = None) -> dict[str, Any]:
+        """History, newest first. ``state=firing``: alerts open now. ``delivery``: alerts with a notification
+        in that state (``undelivered``: the ones to redeliver). Page on with ``next_cursor``."""
         where: list[str] = []
         args: list[Any] = []
         for column, value in (("a.run", run), ("a.alert", alert)):
@@ -244,6 +245,9 @@ class Store:
         if cursor is not None:
             where.append("a.id < ?")
             args.append(cursor)
+        if delivery is not None:
+            where.append("a.id IN (SELECT alert_id FROM deliveries WHERE state = ?)")
+            args.append(delivery)
         sql = self._SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY a.id DESC LIMIT ?"
         rows = self.db.execute(sql, (*args, limit + 1)).fetchall()

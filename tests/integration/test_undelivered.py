@@ -53,6 +53,9 @@ def test_a_404_keeps_alerts_undelivered_until_redelivered_once_each(start_sideca
     assert (a["target"], a["state"], a["error"].split(":")[0]) == (name, "undelivered", "HTTP 404")
     assert b["state"] == "undelivered"  # the first failure does not block the next alert
     assert len(receiver.deliveries()) == 2 and undelivered_metric(sc, name) == 2
+    listed = sc.client.get("/v1/alerts", params={"delivery": "undelivered"}).json()["alerts"]
+    assert [x["run"] for x in listed] == ["b", "a"]
+    assert sc.client.get("/v1/alerts", params={"delivery": "lost"}).status_code == 400
 
     sc.stop()  # kept across a restart
     sc = start_sidecar("--webhook", f"{receiver.url}/hook", "--db", db, db=False)
@@ -65,6 +68,8 @@ def test_a_404_keeps_alerts_undelivered_until_redelivered_once_each(start_sideca
     assert (r.status_code, r.json()) == (200, {"redelivered": 1})
     until(lambda: delivery(sc, "a")["state"] == "delivered", what="a delivered")
     assert delivery(sc, "b")["state"] == "undelivered" and undelivered_metric(sc, name) == 1
+    listed = sc.client.get("/v1/alerts", params={"delivery": "undelivered"}).json()["alerts"]
+    assert [x["run"] for x in listed] == ["b"]
     r = sc.client.post("/v1/alerts/redeliver", params={"target": name})
     assert (r.status_code, r.json()) == (200, {"redelivered": 1})
     until(lambda: delivery(sc, "b")["state"] == "delivered", what="b delivered")
