@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", type=float, metavar="SECONDS",
                    help="after the last record, let SECONDS pass with no records (as the server's "
                         "timer would), so a hang or a silent rank at the end of a recording is reported")
+    d = sub.add_parser("redeliver", help="send undelivered alert notifications again (a running sidecar)")
+    d.add_argument("alert_ids", nargs="*", type=int, metavar="ALERT_ID", help="these alerts' (default: all)")
+    d.add_argument("--url", default="http://127.0.0.1:9464", help="the sidecar (default http://127.0.0.1:9464)")
+    d.add_argument("--target", help="only notifications to this target (its name in GET /v1/alerts)")
+    d.add_argument("--token", help="Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN)")
     return p
 
 
@@ -55,6 +60,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if level not in LOG_LEVELS:
                 raise ConfigError(f"TRAINHEALTH_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
             return serve(settings, lambda: load(args.config, flags, environ), level)
+        if args.command == "redeliver":
+            from .notify.redeliver import redeliver
+
+            return redeliver(args.url, args.alert_ids, args.target, args.token or environ.get("TRAINHEALTH_TOKEN"))
         settings = load(args.config, {}, {})
         if args.until is not None and not args.until >= 0:
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")

@@ -4,12 +4,16 @@ receiver is fixed a redeliver sends each exactly once."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from ..conftest import ROOT
 from .alerting import Receiver, ingest, nan_records
 
 
@@ -70,8 +74,9 @@ def test_a_404_keeps_alerts_undelivered_until_redelivered_once_each(start_sideca
     assert delivery(sc, "b")["state"] == "undelivered" and undelivered_metric(sc, name) == 1
     listed = sc.client.get("/v1/alerts", params={"delivery": "undelivered"}).json()["alerts"]
     assert [x["run"] for x in listed] == ["b"]
-    r = sc.client.post("/v1/alerts/redeliver", params={"target": name})
-    assert (r.status_code, r.json()) == (200, {"redelivered": 1})
+    done = subprocess.run([sys.executable, "-m", "trainhealth", "redeliver", "--url", sc.url, "--target", name],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stdout) == (0, '/v1/alerts/redeliver: 200 {"redelivered":1}\n')
     until(lambda: delivery(sc, "b")["state"] == "delivered", what="b delivered")
     time.sleep(1.0)
     ok = [d.json()["run"] for d in receiver.deliveries()[2:]]
