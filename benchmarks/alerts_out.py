@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainhealth import jsonout  # noqa: E402
 from trainhealth.alerts import fingerprint  # noqa: E402
 from trainhealth.config import ServerSettings, Settings  # noqa: E402
-from trainhealth.http.server import attach_alerts_out  # noqa: E402
+from trainhealth.http.server import build_service  # noqa: E402
 from trainhealth.notify.store import Store, Transition  # noqa: E402
 from trainhealth.service import Service  # noqa: E402
 
@@ -64,9 +64,7 @@ def ingest_latency(tmp: Path, with_store: bool) -> None:
     label = "store on " if with_store else "store off"
     settings = Settings(server=ServerSettings(db=str(tmp / f"ingest-{with_store}.db"),
                                               webhooks=["http://127.0.0.1:9/x"]))
-    service = Service(settings)
-    if with_store:
-        attach_alerts_out(service)
+    service = build_service(settings)[0] if with_store else Service(settings)
     step = [0]
 
     def quiet(n: int) -> None:

@@ -46,11 +46,9 @@ RUNS = 16  # the in-process limit cycles over as many runs
 def in_process_rate(size: int, records: int, tmp: str, name: str) -> tuple[float, float]:
     """Records per CPU-second and per wall second of Service.ingest (store attached, as served)."""
     from trainhealth.config import load
-    from trainhealth.http.server import attach_alerts_out
-    from trainhealth.service import Service
+    from trainhealth.http.server import build_service
 
-    service = Service(load(None, {"db": os.path.join(tmp, f"{name}.db")}, {}))
-    attach_alerts_out(service)
+    service, _ = build_service(load(None, {"db": os.path.join(tmp, f"{name}.db")}, {}))
     feeds = [Feed(f"{name}-{k}") for k in range(RUNS)]
     bodies = [feeds[i % RUNS].body(size) for i in range(max(1, records // size))]
     gc.collect()

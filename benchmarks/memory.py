@@ -30,13 +30,11 @@ BATCH = 1000
 def _child(checkpoints: list[int], out: Any) -> None:
     import psutil
     from trainhealth.config import load
-    from trainhealth.http.server import attach_alerts_out
-    from trainhealth.service import Service
+    from trainhealth.http.server import build_service
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:
-        service = Service(load(None, {"db": os.path.join(tmp, "memory.db")}, {}))
-        attach_alerts_out(service)
+        service, _ = build_service(load(None, {"db": os.path.join(tmp, "memory.db")}, {}))
         feed = Feed("memory", ranks=64)
         gc.collect()
         out.put(("start", 0, proc.memory_info().rss, 0.0))

@@ -44,6 +44,16 @@ class Alert(AlertFields, total=False):
     acknowledged_at: float  # ... when, by whom, why
     acknowledged_by: str | None
     acknowledged_comment: str | None
+    delivery: list[Delivery]  # read back from the store: what became of its notification, per target
+
+
+class Delivery(TypedDict):
+    """One target's delivery of an alert's notification (GET /v1/alerts)."""
+
+    target: str  # the target's name (its key in the store until named by the sink)
+    state: str  # "pending", "delivered" or "undelivered"
+    error: str | None  # why, for an undelivered notification
+    updated: float | None  # when the state last changed
 
 
 def extra(alert: Alert) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from . import jsonout
 from .config import ConfigError, Settings, load
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--config", help="TOML file with thresholds (as for replay)")
     o.add_argument("--until", type=float, metavar="SECONDS", help="as for replay: let SECONDS pass after the "
                    "last record, so a hang or a silent rank at the end is in the timeline")
+    d = sub.add_parser("redeliver", help="send undelivered alert notifications again (a running sidecar)")
+    d.add_argument("alert_ids", nargs="*", type=int, metavar="ALERT_ID", help="these alerts' (default: all)")
+    d.add_argument("--url", default="http://127.0.0.1:9464", help="the sidecar (default http://127.0.0.1:9464)")
+    d.add_argument("--target", help="only notifications to this target (its name in GET /v1/alerts)")
+    d.add_argument("--token", help="Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN)")
     return p
 
 
@@ -61,7 +66,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             level = args.log_level or environ.get("TRAINHEALTH_LOG_LEVEL") or "info"
             if level not in LOG_LEVELS:
                 raise ConfigError(f"TRAINHEALTH_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-            return serve(settings, args.config or environ.get("TRAINHEALTH_CONFIG"), level)
+            return serve(settings, lambda: load(args.config, flags, environ), level)
+        if args.command == "redeliver":
+            from .notify.redeliver import redeliver
+
+            return redeliver(args.url, args.alert_ids, args.target, args.token or environ.get("TRAINHEALTH_TOKEN"))
         settings = load(args.config, {}, {})
         if args.until is not None and not args.until >= 0:
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
@@ -116,14 +125,16 @@ def report(files: Sequence[str], output: str, settings: Settings, until: float |
     return 0
 
 
-def serve(settings: Settings, config_file: str | None, log_level: str = "info") -> int:
+def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None,
+          log_level: str = "info") -> int:
+    """Run the sidecar; ``load_settings`` re-reads file, environment and flags on a reload."""
     import uvicorn
 
     from .http.server import build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
-    service, app = build_service_and_app(settings, config_file)
+    service, app = build_service_and_app(settings, load_settings)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

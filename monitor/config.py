@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
-from .detectors import ALL
+from .detectors import ALL, validate
+from .detectors.validate import ConfigError, build
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+__all__ = ["ConfigError", "Limits", "ServerSettings", "Settings", "RetryPolicy", "WebhookSettings",
+           "AlertmanagerSettings", "load", "read_toml", "detector_settings", "build"]
 
-class ConfigError(ValueError):
-    """A bad setting; the message names the key and the value."""
+_build = build  # the name metrics/collector.py imports
+
+# Every top-level table the file may hold; anything else is a typo (``[detector.rank_stalled]``) that would
+# otherwise silently leave every threshold at its default.
+SECTIONS = ("server", "limits", "detectors", "webhooks", "alertmanager", "exporter")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,7 +46,7 @@ class Limits:
     max_future_seconds: float = 3600.0  # serve: a record timed further ahead of the sidecar's clock is refused
 
     def __post_init__(self) -> None:
-        require_positive("limits", self, tuple(f.name for f in dataclasses.fields(self)))
+        validate.positive(self, "limits", *(f.name for f in dataclasses.fields(self)))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,13 +62,77 @@ class ServerSettings:
     tick_seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: must be 0-65535, got {self.port!r}")
-        if not isinstance(self.tick_seconds, (int, float)) or self.tick_seconds <= 0:
-            raise ConfigError(f"tick_seconds: must be > 0, got {self.tick_seconds!r}")
-        for url in self.webhooks + ([self.alertmanager] if self.alertmanager else []):
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise ConfigError(f"webhook: must be an http(s) URL, got {url!r}")
+        validate.whole(self, "server", "port", minimum=0, maximum=65535)
+        validate.positive(self, "server", "tick_seconds")
+        validate.whole(self, "server", "record_max_bytes", minimum=1)
+        for i, url in enumerate(self.webhooks):
+            if not validate.is_url(url):
+                raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {url!r}")
+        if self.alertmanager is not None:
+            validate.url(self, "server", "alertmanager")
+
+
+@dataclass(kw_only=True, slots=True)
+class RetryPolicy:
+    """How one notification target is posted to: the one retry policy of webhooks and Alertmanager.
+
+    Each attempt waits ``timeout``; a retryable failure (no answer, 408/425/429, 5xx) backs off
+    exponentially from ``backoff_initial`` to ``backoff_max``; a notification still failing after
+    ``give_up_after`` seconds is kept as undelivered (``GET /v1/alerts``, redeliver).
+    """
+
+    url: str
+    timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    give_up_after: float = 86400.0
+
+    def __post_init__(self) -> None:
+        validate.url(self, self._section(), "url")
+        validate.positive(self, self._section(), "timeout", "backoff_initial", "backoff_max", "give_up_after")
+
+    def _section(self) -> str:
+        return "webhooks"
+
+
+FORMATS = ("trainhealth", "alertmanager")
+SEVERITIES = ("critical", "warning", "info")
+
+
+@dataclass(kw_only=True, slots=True)
+class WebhookSettings(RetryPolicy):
+    """One ``[[webhooks]]`` table (or a ``--webhook URL``)."""
+
+    name: str | None = None  # label in logs and metrics; default: host:port of the URL
+    format: str = "trainhealth"
+    severities: list[str] | None = None  # None: all
+    alerts: list[str] | None = None  # None: all
+    secret: str | None = None
+    send_resolved: bool = True
+
+    def __post_init__(self) -> None:
+        RetryPolicy.__post_init__(self)
+        validate.one_of(self, "webhooks", "format", FORMATS)
+        if self.severities is not None and any(s not in SEVERITIES for s in self.severities):
+            raise ConfigError(f"webhooks.severities: must be a list of {', '.join(SEVERITIES)}, "
+                              f"got {self.severities!r}")
+        if self.secret is not None and not self.secret:
+            raise ConfigError("webhooks.secret: must be a non-empty string, got ''")
+        validate.flag(self, "webhooks", "send_resolved")
+
+
+@dataclass(kw_only=True, slots=True)
+class AlertmanagerSettings(RetryPolicy):
+    """``[alertmanager]``; ``url`` is the base URL, e.g. http://alertmanager:9093."""
+
+    resend_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        RetryPolicy.__post_init__(self)
+        validate.positive(self, "alertmanager", "resend_seconds")
+
+    def _section(self) -> str:
+        return "alertmanager"
 
 
 def default_detector_settings() -> dict[str, Any]:
@@ -72,38 +144,66 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: Limits = field(default_factory=Limits)
     detectors: dict[str, Any] = field(default_factory=default_detector_settings)
+    webhooks: list[WebhookSettings] = field(default_factory=list)  # --webhook URLs, then [[webhooks]]
+    alertmanager: AlertmanagerSettings | None = None
     raw: dict[str, Any] = field(default_factory=dict)  # the whole TOML, for later components
 
-
-def require_positive(section: str, obj: Any, keys: tuple[str, ...]) -> None:
-    """For a component's Settings.__post_init__: each key a positive number, else a ConfigError naming it."""
-    for key in keys:
-        value = getattr(obj, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{section}.{key}: must be a positive number, got {value!r}")
-
-
-def _build(cls: type, section: str, values: Mapping[str, Any]) -> Any:
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"[{section}]: must be a table, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{section}.{key}: unknown setting (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"[{section}]: {exc}") from None
+    def __post_init__(self) -> None:
+        """Delivery targets not given are built from ``server`` (``--webhook``, ``--alertmanager``) and
+        ``raw`` (``[[webhooks]]``, ``[alertmanager]``), so a Settings built in code gets them too."""
+        if not self.webhooks:
+            self.webhooks = webhook_settings(self.raw, self.server)
+        if self.alertmanager is None:
+            self.alertmanager = alertmanager_settings(self.raw, self.server)
 
 
-def detector_settings(table: Mapping[str, Any]) -> dict[str, Any]:
+def detector_settings(table: Any) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"detectors: must be a table, got {table!r:.80}")
     out = default_detector_settings()
     by_name = {d.name: d for d in ALL}
     for name, values in table.items():
         if name not in by_name:
             raise ConfigError(f"detectors.{name}: unknown detector (known: {', '.join(sorted(by_name))})")
-        out[name] = _build(by_name[name].Settings, f"detectors.{name}", values)
+        out[name] = build(by_name[name].Settings, f"detectors.{name}", values)
     return out
+
+
+def webhook_settings(doc: Mapping[str, Any], server: ServerSettings) -> list[WebhookSettings]:
+    """``--webhook`` URLs (or ``[server] webhooks``) and ``[[webhooks]]`` tables; names made unique."""
+    tables = doc.get("webhooks", [])
+    if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+        raise ConfigError(f"webhooks: must be an array of tables ([[webhooks]]), got {tables!r:.80}")
+    out = [WebhookSettings(url=url) for url in server.webhooks]
+    out += [build(WebhookSettings, f"webhooks[{i}]", t) for i, t in enumerate(tables)]
+    urls = [w.url for w in out]
+    for url in urls:
+        if urls.count(url) > 1:
+            raise ConfigError(f"webhooks: {url!r} is configured twice; give it one entry")
+    seen: set[str] = set()
+    for w in out:
+        base = w.name or urlsplit(w.url).netloc
+        name, n = base, 1
+        while name in seen:
+            n += 1
+            name = f"{base}#{n}"
+        seen.add(name)
+        w.name = name
+    return out
+
+
+def alertmanager_settings(doc: Mapping[str, Any], server: ServerSettings) -> AlertmanagerSettings | None:
+    """``--alertmanager URL`` (or TRAINHEALTH_ALERTMANAGER) wins over ``[alertmanager] url``."""
+    table = doc.get("alertmanager", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"alertmanager: must be a table, got {table!r:.80}")
+    table = dict(table)
+    if server.alertmanager:
+        table["url"] = server.alertmanager
+    if not table:
+        return None
+    result: AlertmanagerSettings = build(AlertmanagerSettings, "alertmanager", table)
+    return result
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -128,12 +228,22 @@ ENV_NAMES = {"webhooks": "WEBHOOK", "record_dir": "RECORD"}
 
 def load(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
          environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from TOML file, environment and flags (flags win)."""
+    """Settings from TOML file, environment and flags (flags win), every section checked.
+
+    Raises ConfigError (one line: dotted key, rule, value) for the first bad value; a reload runs this same
+    function, so what a start would refuse a reload refuses too.
+    """
     environ = environ if environ is not None else {}
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != []}
     config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
     doc = read_toml(config_file) if config_file else {}
-    server: dict[str, Any] = dict(doc.get("server", {}))
+    for section in doc:
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
+    table = doc.get("server", {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"server: must be a table, got {table!r:.80}")
+    server: dict[str, Any] = dict(table)
     for key, (typ, is_list) in SERVER_KEYS.items():
         env_name = ENV_PREFIX + ENV_NAMES.get(key, key.upper())
         if env_name in environ and environ[env_name] != "":
@@ -144,15 +254,14 @@ def load(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
                 raise ConfigError(f"{env_name}: expected {typ.__name__}, got {raw!r}") from None
         if key in flags:
             server[key] = flags[key]
-    return Settings(
-        server=_build(ServerSettings, "server", server),
-        limits=_build(Limits, "limits", doc.get("limits", {})),
+    server_settings: ServerSettings = build(ServerSettings, "server", server)
+    settings = Settings(
+        server=server_settings,
+        limits=build(Limits, "limits", doc.get("limits", {})),
         detectors=detector_settings(doc.get("detectors", {})),
-        raw=doc,
+        raw=doc,  # webhooks and alertmanager: built from it and server in Settings.__post_init__
     )
+    from .metrics.collector import exporter_settings  # checked here too; imported late (it imports us)
 
-
-def reload_detectors(config_file: str | None) -> dict[str, Any]:
-    """Only the detector thresholds, for a live reload."""
-    doc = read_toml(config_file) if config_file else {}
-    return detector_settings(doc.get("detectors", {}))
+    exporter_settings(doc)
+    return settings

@@ -70,6 +70,7 @@ class Pipeline:
         self.runs: dict[str, RunState] = {}
         self.detectors: dict[str, list[Detector[Any]]] = {}
         self.book = book or AlertBook()
+        self.restored_runs: dict[str, float] = {}  # run -> wall time last seen, for alerts restored at start
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
 
@@ -185,9 +186,29 @@ class Pipeline:
             log.exception("detector %s failed on run %s rank %s step %s (%d times)", det.name, run, rank, step, n)
         return []
 
+    def restore(self, alerts: Sequence[Alert], last_seen: dict[str, float], wall: float) -> None:
+        """Alerts open when the sidecar stopped: back into the book, so a repeated ``firing`` stays
+        deduplicated and a later ``resolved`` closes them. A run that never sends again has them resolved
+        ``limits.run_ttl_seconds`` after it was last seen (``tick_wall``), as a live run's would."""
+        for alert in alerts:
+            self.book.restore(alert)
+            self.restored_runs.setdefault(alert["run"], last_seen.get(alert["run"], wall))
+
+    def _expire_restored(self, wall: float) -> list[Alert]:
+        alerts: list[Alert] = []
+        for name, seen in list(self.restored_runs.items()):
+            idle = wall - seen
+            if name in self.runs or idle > self.limits.run_ttl_seconds:
+                del self.restored_runs[name]  # back: it expires like any run; or gone for good
+            if name not in self.runs and idle > self.limits.run_ttl_seconds:
+                why = f"run {name} expired after {idle:.0f}s without records (alert restored after a restart)"
+                events = [resolved(a["alert"], a["rank"], a["step"], wall, why) for a in self.book.firing(name)]
+                alerts.extend(self.book.apply(name, events))
+        return alerts
+
     def tick_wall(self, wall: float) -> list[Alert]:
         """Server timer: let time pass for every run, and forget expired runs."""
-        alerts: list[Alert] = []
+        alerts: list[Alert] = self._expire_restored(wall) if self.restored_runs else []
         for run in list(self.runs.values()):
             idle = max(0.0, wall - run.last_wall)
             if idle > self.limits.run_ttl_seconds:

@@ -3,6 +3,10 @@
 Lines are written with Python's ``json`` so NaN stays the bare ``NaN`` token
 (replay reads it back as NaN, never as null). Files are size-capped: past
 ``max_bytes`` the file rotates to ``RUN.jsonl.1`` (``keep`` old files).
+
+A write that fails (a full disk) never stops ingest: it is counted in ``fault``
+(``trainhealth_recorder_errors_total``, ``/healthz`` 503 until a write works
+again) and logged at most once a minute.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Iterable
 
+from .health import Fault
 from .record import Record, to_obj
 
 log = logging.getLogger(__name__)
@@ -28,7 +33,8 @@ class FlightRecorder:
         self.keep = keep
         self.max_open = max_open
         self.files: OrderedDict[str, IO[str]] = OrderedDict()
-        self.failures = 0
+        self.fault = Fault("recorder")
+        self._broken: set[str] = set()  # runs whose last write failed
 
     def path(self, run: str) -> Path:
         return self.dir / f"{run}.jsonl"  # run names are [A-Za-z0-9._:-]: no path separators
@@ -40,13 +46,27 @@ class FlightRecorder:
         for run, lines in by_run.items():
             try:
                 fh = self._open(run)
-                fh.write("\n".join(lines) + "\n")
+                fh.write(("\n" if run in self._broken else "") + "\n".join(lines) + "\n")
                 fh.flush()
                 if fh.tell() >= self.max_bytes:
                     self._rotate(run)
             except OSError as exc:  # a full disk must not stop ingest
-                self.failures += 1
-                log.warning("flight recorder: cannot write %s: %s", self.path(run), exc)
+                self._drop(run)
+                self.fault.failed(str(self.path(run)), exc)
+            else:
+                self._broken.discard(run)
+                self.fault.ok()
+
+    def _drop(self, run: str) -> None:
+        """After a failed write the file may end in a partial line: close it (what is buffered is lost) and
+        begin the next write with a newline, so the partial line stays one corrupt line that replay skips."""
+        self._broken.add(run)
+        fh = self.files.pop(run, None)
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
 
     def _open(self, run: str) -> IO[str]:
         fh = self.files.get(run)

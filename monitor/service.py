@@ -1,26 +1,28 @@
 """The sidecar as one object: ingest -> pipeline -> alert sinks, plus the timer and reload.
 
-No HTTP here (api.py adapts it) and no globals: the clock and the sinks are
-passed in, so tests build it directly.
+No HTTP here (http/app.py adapts it) and no globals: the clock, the sinks and
+the jobs are passed to the constructor (http/server.py assembles them for the
+server), so tests build it directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
 
-from . import config as config_mod
 from .alerts import Alert
-from .config import Settings
+from .config import ConfigError, Settings
+from .health import Fault, healthz
 from .ingest import BodyError, Decoded, Decoder, Rejection
 from .pipeline import Pipeline
 from .record import Record
-from .recorder import FlightRecorder
 
 log = logging.getLogger(__name__)
 
+LIVE_SERVER_KEYS = ("webhooks", "alertmanager")  # delivery targets: applied by a reload, like [[webhooks]]
 MAX_REASONS = 100  # rejections listed in one answer; the count is always exact
 
 
@@ -49,27 +51,45 @@ class IngestAnswer:
 
 
 class Service:
-    def __init__(self, settings: Settings, *, config_file: str | None = None,
-                 clock: Callable[[], float] = time.time,
-                 sinks: list[AlertSink] | None = None) -> None:
+    """One sidecar. Collaborators, all optional, all given here (one way to build it):
+
+    - ``sinks``: take alert transitions (the store and delivery: notify/sink.py);
+    - ``record_sinks``: take each batch of accepted records (the flight recorder, the store's runs);
+    - ``background``: jobs run in the app's lifespan (deliveries), cancelled at shutdown;
+    - ``closers``: cleanups for ``close()``;
+    - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
+    - ``faults``: components whose writes can fail (store, recorder): ``/healthz`` is 503 while one does;
+    - ``restored`` and ``runs_last_seen``: alerts open when the sidecar last stopped, for the book;
+    - ``load_settings``: re-reads every setting (file, environment, flags) for a reload;
+    - ``reloaders``: told the new settings after a reload passed (delivery targets).
+    """
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
+                 sinks: Sequence[AlertSink] = (),
+                 record_sinks: Sequence[Callable[[Sequence[Record]], None]] = (),
+                 background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+                 closers: Sequence[Callable[[], None]] = (),
+                 query_alerts: Callable[..., dict[str, Any]] | None = None,
+                 faults: Sequence[Fault] = (),
+                 restored: Sequence[Alert] = (), runs_last_seen: dict[str, float] | None = None,
+                 load_settings: Callable[[], Settings] | None = None,
+                 reloaders: Sequence[Callable[[Settings], None]] = ()) -> None:
         self.settings = settings
-        self.config_file = config_file
         self.clock = clock
         self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
         self.book = self.pipeline.book
-        self.sinks: list[AlertSink] = list(sinks or [])
-        # Components wired in by server.py: accepted records (one call per batch), jobs run in the
-        # app's lifespan (cancelled at shutdown), cleanups for close(), and the alert history reader.
-        self.record_sinks: list[Callable[[Sequence[Record]], None]] = []
-        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
-        self.closers: list[Callable[[], None]] = []
-        self.query_alerts: Callable[..., dict[str, Any]] | None = None
+        self.sinks: list[AlertSink] = list(sinks)
+        self.record_sinks = list(record_sinks)
+        self.background = list(background)
+        self.closers = list(closers)
+        self.query_alerts = query_alerts
+        self.faults = list(faults)
+        self.load_settings = load_settings
+        self.reloaders = list(reloaders)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names
-        if settings.server.record_dir:  # the flight recorder: the first record sink
-            recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
-            self.record_sinks.append(recorder.write)
-            self.closers.append(recorder.close)
+        if restored:
+            self.pipeline.restore(restored, runs_last_seen or {}, clock())
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
@@ -163,17 +183,44 @@ class Service:
         self.dispatch(alerts)
         return alerts
 
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """For /healthz: 503 with the reasons while the store or the recorder cannot write."""
+        status, body = healthz(self.faults)
+        body["runs"] = len(self.pipeline.runs)
+        return status, body
+
     def reload(self) -> dict[str, Any]:
-        """Re-read detector thresholds from the config file, keeping all state."""
+        """Re-read every setting and check it as a start would; apply what can change live (detector
+        thresholds, delivery targets), refuse the whole reload if anything else changed (needs a restart)."""
+        if self.load_settings is None:
+            return {"reloaded": False, "error": "no configuration to reload (started without --config)"}
         try:
-            settings = config_mod.reload_detectors(self.config_file)
-        except ValueError as exc:
-            log.error("config reload failed, keeping the old thresholds: %s", exc)
+            new = self.load_settings()
+            self._check_restart_free(new)
+        except ConfigError as exc:
+            log.error("config reload refused, keeping the running settings: %s", exc)
             return {"reloaded": False, "error": str(exc)}
-        self.pipeline.reconfigure(settings)
-        self.settings.detectors = settings
-        log.info("config reloaded from %s", self.config_file)
-        return {"reloaded": True, "config": self.config_file}
+        self.pipeline.reconfigure(new.detectors)
+        for reloader in self.reloaders:
+            reloader(new)
+        self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
+        self.settings.alertmanager, self.settings.raw = new.alertmanager, new.raw
+        self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
+        log.info("config reloaded")
+        return {"reloaded": True}
+
+    def _check_restart_free(self, new: Settings) -> None:
+        for section in ("server", "limits"):
+            running, wanted = getattr(self.settings, section), getattr(new, section)
+            for f in dataclasses.fields(running):
+                if section == "server" and f.name in LIVE_SERVER_KEYS:
+                    continue
+                a, b = getattr(running, f.name), getattr(wanted, f.name)
+                if a != b:
+                    shown = "" if f.name == "token" else f" (running {a!r}, the config now says {b!r})"
+                    raise ConfigError(f"{section}.{f.name}: needs a restart{shown}")
+        if self.settings.raw.get("exporter", {}) != new.raw.get("exporter", {}):
+            raise ConfigError("exporter: needs a restart (the [exporter] table changed)")
 
     def close(self) -> None:
         for closer in self.closers:

@@ -48,7 +48,7 @@ from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .steps import step_of as _step_of
-from .validate import flag, whole
+from .validate import above, flag, whole
 
 MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 
@@ -165,11 +165,8 @@ class SpikeSettings:
         if self.min_history < 4 or self.min_history > self.window:
             raise ValueError(f"{name}.min_history: must be 4..window ({self.window}), "
                              f"got {self.min_history!r}")
-        for key, low in (("z_threshold", 0.0), ("z_resolve", 0.0), ("min_ratio", 1.0)):
-            value = getattr(self, key)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= low):
-                raise ValueError(f"{name}.{key}: must be a number > {low:g}, got {value!r}")
+        above(self, name, 0.0, "z_threshold", "z_resolve")
+        above(self, name, 1.0, "min_ratio")
         if self.z_resolve > self.z_threshold:
             raise ValueError(f"{name}.z_resolve: must be <= z_threshold ({self.z_threshold:g}), "
                              f"got {self.z_resolve!r}")

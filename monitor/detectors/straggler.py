@@ -20,7 +20,6 @@ an append; a tick costs O(ranks x window).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from math import isfinite
@@ -30,7 +29,7 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .validate import flag, whole
+from .validate import at_least, flag, whole
 
 SIGNALS = ("data_time", "step_interval")
 WHAT = {"data_time": "waits for data", "step_interval": "takes per step"}
@@ -50,11 +49,7 @@ class StragglerSettings:
         flag(self, "straggler", "enabled")
         whole(self, "straggler", "window", minimum=3)
         whole(self, "straggler", "sustain_samples", minimum=0)
-        for key in ("ratio", "min_excess_seconds", "min_excess_fraction", "resolve_ratio"):
-            value = getattr(self, key)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value < 0):
-                raise ValueError(f"straggler.{key}: must be a number >= 0, got {value!r}")
+        at_least(self, "straggler", 0.0, "ratio", "min_excess_seconds", "min_excess_fraction", "resolve_ratio")
         if self.ratio <= 1:
             raise ValueError(f"straggler.ratio: must be > 1, got {self.ratio!r}")
         if not 1 <= self.resolve_ratio <= self.ratio:

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import sqlite3
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import Response
@@ -41,9 +43,37 @@ async def _body(request: Request) -> Any:
         raise BadRequest(f"body: not valid JSON ({exc})") from None
 
 
+def _store_errors(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """A write the store refuses (a full disk) is a 503 naming why, never a 500."""
+    @functools.wraps(route)
+    async def wrapped(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await route(*args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            return JSON({"error": f"the alert store cannot write now: {exc}"}, 503)
+    return wrapped
+
+
 def routes(out: AlertsOut) -> Callable[[FastAPI], None]:
     def add(app: FastAPI) -> None:
+        @app.post("/v1/alerts/redeliver")
+        @_store_errors
+        async def redeliver_all(target: str | None = None) -> Response:
+            try:
+                return JSON({"redelivered": out.redeliver(target=target)})
+            except KeyError:
+                names = ", ".join(t.name for t in out.targets) or "none"
+                return JSON({"error": f"target: no configured target named {target!r} (targets: {names})"}, 404)
+
+        @app.post("/v1/alerts/{alert_id}/redeliver")
+        @_store_errors
+        async def redeliver(alert_id: int = _id()) -> Response:
+            if out.store.get_alert(alert_id) is None:
+                return JSON({"error": f"alert {alert_id} does not exist"}, 404)
+            return JSON({"redelivered": out.redeliver(alert_id)})
+
         @app.post("/v1/silences")
+        @_store_errors
         async def create_silence(request: Request) -> Response:
             try:
                 return JSON(out.add_silence(await _body(request)), 201)
@@ -55,12 +85,14 @@ def routes(out: AlertsOut) -> Callable[[FastAPI], None]:
             return JSON({"silences": out.list_silences(expired)})
 
         @app.delete("/v1/silences/{silence_id}")
+        @_store_errors
         async def expire_silence(silence_id: int = _id()) -> Response:
             if not out.expire_silence(silence_id):
                 return JSON({"error": f"silence {silence_id} does not exist"}, 404)
             return JSON({"expired": silence_id})
 
         @app.post("/v1/alerts/{alert_id}/ack")
+        @_store_errors
         async def acknowledge(request: Request, alert_id: int = _id()) -> Response:
             try:
                 body = await _body(request)

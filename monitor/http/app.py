@@ -113,14 +113,20 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
     @app.get("/v1/alerts")
     async def alerts(run: str | None = None, state: str | None = None, alert: str | None = None,
                      since: float | None = None, limit: int = 1000,
-                     cursor: int | None = Query(None, ge=0, le=2**63 - 1)) -> Response:
+                     cursor: int | None = Query(None, ge=0, le=2**63 - 1),
+                     delivery: str | None = None) -> Response:
         if state not in (None, "firing", "resolved"):
             return JSON({"error": f"state: must be 'firing' or 'resolved', got {state!r}"}, 400)
+        if delivery not in (None, "pending", "delivered", "undelivered"):
+            return JSON({"error": f"delivery: must be 'pending', 'delivered' or 'undelivered', got {delivery!r}"},
+                        400)
+        if delivery is not None and service.query_alerts is None:
+            return JSON({"error": "delivery: this sidecar keeps no alert store"}, 400)
         if not 1 <= limit <= 10_000:
             return JSON({"error": f"limit: must be 1-10000, got {limit}"}, 400)
         if service.query_alerts is not None:  # the store: full history, paged with next_cursor
             return JSON(service.query_alerts(run=run, state=state, alert=alert, since=since, limit=limit,
-                                             cursor=cursor))
+                                             cursor=cursor, **({"delivery": delivery} if delivery else {})))
         return JSON({"alerts": service.book.query(run=run, state=state, alert=alert, since=since,
                                                   limit=limit)})
 
@@ -131,7 +137,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return JSON({"status": "ok", "runs": len(service.pipeline.runs)})
+        status, body = service.health()  # 503 while the store or the flight recorder cannot write
+        return JSON(body, status)
 
     for hook in extra or []:
         hook(app)

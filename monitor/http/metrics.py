@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 
+from ..health import HealthCollector
 from ..metrics.collector import ExporterSettings, LatencyHistogram, StateCollector, exporter_settings, render
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
     collector = state_collector(service, exporter_settings(service.settings.raw), latency)
     registry = CollectorRegistry()
     registry.register(collector)
+    registry.register(HealthCollector(service.faults, service.sinks))  # store/recorder errors, undelivered
 
     def hook(app: FastAPI) -> None:
         app.state.metrics_registry = registry

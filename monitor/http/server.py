@@ -1,17 +1,19 @@
-"""Wiring: settings -> Service with its sinks -> FastAPI app. The one place components are assembled."""
+"""Wiring: settings -> store, recorder, alerts out -> Service -> FastAPI app. The one place components are
+assembled; each is passed to the constructor of what uses it."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any, Callable
 
 from fastapi import FastAPI
 
 from ..config import ConfigError, Settings
-from ..notify.alertmanager import alertmanager_settings
 from ..notify.sink import AlertsOut
 from ..notify.store import Store
-from ..notify.webhooks import webhook_settings
+from ..record import Record
+from ..recorder import FlightRecorder
 from ..service import Service
 from . import alerts as alerts_api
 from .app import create_app
@@ -19,26 +21,45 @@ from .metrics import metrics_hook
 from .page import page_hook
 
 
-def attach_alerts_out(service: Service) -> AlertsOut:
-    """SQLite history and outbox, webhooks, Alertmanager: stored, delivered in the background."""
-    settings = service.settings
-    webhooks, alertmanager = webhook_settings(settings), alertmanager_settings(settings)
+def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
+                  load_settings: Callable[[], Settings] | None = None) -> tuple[Service, AlertsOut]:
+    """The sidecar without HTTP: SQLite history and outbox, webhooks and Alertmanager, the flight recorder."""
     try:
-        store = Store(settings.server.db, clock=service.clock)
+        store = Store(settings.server.db, clock=clock)
     except sqlite3.Error as exc:
-        raise ConfigError(f"db: cannot open {settings.server.db!r}: {exc}") from None
-    alerts_out = AlertsOut(store, service, webhooks, alertmanager)
-    service.record_sinks.append(store.note_records)
-    service.sinks.append(alerts_out)
-    service.background.append(alerts_out.run)
-    service.closers.append(store.close)
-    service.query_alerts = store.query_alerts
-    return alerts_out
+        raise ConfigError(f"server.db: cannot open {settings.server.db!r}: {exc}") from None
+    alerts_out = AlertsOut(store, settings.webhooks, settings.alertmanager, clock=clock)
+
+    def note_records(records: list[Record]) -> None:
+        try:
+            store.note_records(records)
+        except (sqlite3.Error, OSError) as exc:  # runs and starts: counted, the batch goes on
+            alerts_out.fault.failed("runs and starts", exc)
+
+    record_sinks: list[Any] = [note_records]
+    closers = [alerts_out.close, store.close]
+    faults = [alerts_out.fault]
+    if settings.server.record_dir:  # the flight recorder: the first record sink
+        try:
+            recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
+        except OSError as exc:
+            raise ConfigError(f"server.record_dir: cannot create {settings.server.record_dir!r}: "
+                              f"{exc.strerror}") from None
+        record_sinks.insert(0, recorder.write)
+        closers.insert(0, recorder.close)
+        faults.append(recorder.fault)
+    service = Service(
+        settings, clock=clock, sinks=[alerts_out], record_sinks=record_sinks, background=[alerts_out.run],
+        closers=closers, query_alerts=alerts_out.query_alerts, faults=faults,
+        restored=alerts_out.restored(), runs_last_seen=store.runs_last_seen() if alerts_out.open else {},
+        load_settings=load_settings,
+        reloaders=[lambda new: alerts_out.retarget(new.webhooks, new.alertmanager)])
+    return service, alerts_out
 
 
-def build_service_and_app(settings: Settings, config_file: str | None = None) -> tuple[Service, FastAPI]:
-    service = Service(settings, config_file=config_file)
-    alerts_out = attach_alerts_out(service)
+def build_service_and_app(settings: Settings,
+                          load_settings: Callable[[], Settings] | None = None) -> tuple[Service, FastAPI]:
+    service, alerts_out = build_service(settings, load_settings=load_settings)
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out),
                                              page_hook(service)]
     return service, create_app(service, hooks)

@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from ..config import ConfigError, _build
+from ..health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
 from .exposition import per_rank_text
 from .snapshot import RankRow, Snapshot
 
@@ -69,7 +70,7 @@ PER_RANK_VALUES: tuple[tuple[str, str, str], ...] = (
 EXPORTED_KEYS = frozenset(key for _, key, _ in PER_RANK_VALUES)  # latest also holds batch/world size
 PER_RANK_STATE = ("trainhealth_step", "trainhealth_last_record_timestamp_seconds", "trainhealth_rank_ended")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-WEBHOOK_NAMES = ("trainhealth_webhook_deliveries_total", "trainhealth_webhook_outbox_depth")
+WEBHOOK_NAMES = ("trainhealth_webhook_deliveries_total", "trainhealth_webhook_outbox_depth", *UNDELIVERED_NAMES)
 OUTBOX_KEYS = ("outbox_depth", "outbox")
 
 
@@ -80,7 +81,7 @@ def exported_names() -> set[str]:
               "trainhealth_runs_exported", "trainhealth_runs_omitted",
               "trainhealth_records_ingested_total", "trainhealth_records_rejected_total",
               "trainhealth_ingest_batches_total", "trainhealth_ingest_bodies_refused_total",
-              "trainhealth_alerts_raised_total"}
+              "trainhealth_alerts_raised_total", *WRITE_ERROR_NAMES}
     names |= {f"trainhealth_ingest_duration_seconds{s}" for s in ("_bucket", "_sum", "_count")}
     return names
 

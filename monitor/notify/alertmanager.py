@@ -11,48 +11,16 @@ keeps them firing while the sidecar lives and lets them lapse if it dies.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .. import jsonout
 from ..alerts import Alert
-from ..config import ConfigError, Settings, _build, require_positive
+from ..config import AlertmanagerSettings
 from .delivery import Target
 
 SOURCE = "trainhealth"
 ZERO_TIME = "0001-01-01T00:00:00Z"  # what Alertmanager writes for "no end"
-
-
-@dataclass(kw_only=True, slots=True)
-class AlertmanagerSettings:
-    url: str  # base URL, e.g. http://alertmanager:9093
-    resend_seconds: float = 60.0
-    timeout: float = 10.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    give_up_after: float = 86400.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"alertmanager.url: must be an http(s) URL, got {self.url!r}")
-        require_positive("alertmanager", self, ("resend_seconds", "timeout", "backoff_initial",
-                                                "backoff_max", "give_up_after"))
-
-
-def alertmanager_settings(settings: Settings) -> AlertmanagerSettings | None:
-    """``--alertmanager URL`` (or TRAINHEALTH_ALERTMANAGER) wins over ``[alertmanager] url``."""
-    table = settings.raw.get("alertmanager", {})
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"[alertmanager]: must be a table, got {table!r}")
-    table = dict(table)
-    if settings.server.alertmanager:
-        table["url"] = settings.server.alertmanager
-    if "url" not in table:
-        return None
-    result: AlertmanagerSettings = _build(AlertmanagerSettings, "alertmanager", table)
-    return result
 
 
 def rfc3339(t: float) -> str:
@@ -92,5 +60,4 @@ def target(s: AlertmanagerSettings, open_alerts: Callable[[], list[Alert]]) -> T
 
     return Target(key=f"alertmanager {s.url}", name="alertmanager", kind="alertmanager",
                   url=s.url.rstrip("/") + "/api/v2/alerts", render=render, refresh=open_alerts,
-                  refresh_seconds=s.resend_seconds, timeout=s.timeout, backoff_initial=s.backoff_initial,
-                  backoff_max=s.backoff_max, give_up_after=s.give_up_after)
+                  refresh_seconds=s.resend_seconds, retry=s)

@@ -4,66 +4,86 @@ Per ingest call (or timer tick) with transitions, one SQLite transaction holds
 the transitions, the episodes they close and the outbox rows of every target
 that wants them; delivery.py then posts from the outbox in the background.
 
-Restart: alerts open when the sidecar stopped are put back into the AlertBook,
-so a detector's later ``resolved`` closes them and a repeated ``firing`` stays
-deduplicated. Detector state is not kept (DESIGN.md), so a restored alert whose
-condition ended while the sidecar was down resolves when its run expires: by
-the pipeline (``limits.run_ttl_seconds`` after its last record) if the run
-sends again, or here, that long after the run was last seen before the restart.
+Honest about the disk: a write the store refuses (a full disk) stays here, in
+order, and is retried each tick and before every later write until it is in;
+``/healthz`` says 503 meanwhile and ``trainhealth_store_errors_total`` counts.
+Nothing raised is reported and then lost while the process lives, and ids
+handed out meanwhile are reserved in the file (store.py), so never reused.
+
+Restart: the alerts open when the sidecar stopped are loaded here (with their
+silenced flag) and handed to the pipeline, whose alert book takes them back
+and resolves them as their runs go on or expire (pipeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import time
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from .. import jsonout
 from ..alerts import Alert
-from ..events import resolved
-from .alertmanager import AlertmanagerSettings
+from ..config import AlertmanagerSettings, WebhookSettings
+from ..health import Fault
 from .alertmanager import target as alertmanager_target
-from .delivery import Deliverer, outbox_rows
+from .delivery import Deliverer, Target, outbox_rows
 from .silences import Silence, parse
 from .store import Store, Transition
-from .webhooks import WebhookSettings
 from .webhooks import target as webhook_target
-
-if TYPE_CHECKING:
-    from ..service import Service
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
+MAX_UNWRITTEN = 100_000  # transitions held while the store refuses writes (then the oldest go, logged)
 
 
 @dataclass(slots=True)
 class Open:
     alert: Alert  # the same dict the AlertBook holds
     silenced: bool  # not notified yet: a silence matched when it fired
-    restored: bool = False  # from the store, its run not seen since the restart
+
+
+@dataclass(slots=True)
+class Write:
+    """One batch of transitions for the store, held until it is written."""
+
+    transitions: list[Transition]
+    closed: list[int]
+    rows: list[tuple[str, str, str]]
 
 
 class AlertsOut:
-    def __init__(self, store: Store, service: Service, webhooks: list[WebhookSettings],
-                 alertmanager: AlertmanagerSettings | None = None) -> None:
+    def __init__(self, store: Store, webhooks: list[WebhookSettings],
+                 alertmanager: AlertmanagerSettings | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.service = service
-        self.clock = service.clock
-        self.targets = [webhook_target(w) for w in webhooks]
-        if alertmanager is not None:
-            self.targets.append(alertmanager_target(alertmanager, self.notified_open))
-        self.deliverer = Deliverer(store, self.targets, clock=self.clock)
+        self.clock = clock
+        self.fault = Fault("store")
+        self.targets: list[Target] = []
+        self.deliverer = Deliverer(store, [], clock=self.clock, fault=self.fault)
+        self.retarget(webhooks, alertmanager)
         self.silences = [Silence(**s) for s in store.silences(active_at=self.clock())]
         self.open: dict[str, Open] = {}
         for alert, silenced in store.open_alerts():
-            service.book.restore(alert)
-            self.open[alert["fingerprint"]] = Open(alert, silenced, restored=True)
-        self._last_seen = store.runs_last_seen() if self.open else {}
-        self._started = self.clock()
+            self.open[alert["fingerprint"]] = Open(alert, silenced)
+        self.unwritten: deque[Write] = deque()
         if self.open:
             log.info("restored %d open alerts from %s", len(self.open), store.path)
+
+    def restored(self) -> list[Alert]:
+        """The alerts open when the sidecar last stopped, for the pipeline's alert book."""
+        return [o.alert for o in self.open.values()]
+
+    def retarget(self, webhooks: list[WebhookSettings], alertmanager: AlertmanagerSettings | None) -> None:
+        """The delivery targets, at start and on reload; rows queued for a target that stays are kept."""
+        self.targets = [webhook_target(w) for w in webhooks]
+        if alertmanager is not None:
+            self.targets.append(alertmanager_target(alertmanager, self.notified_open))
+        self.deliverer.set_targets(self.targets)
 
     # -- the sink -----------------------------------------------------------
     def __call__(self, alerts: list[Alert]) -> None:
@@ -89,8 +109,39 @@ class AlertsOut:
             if not silenced:
                 notify.append(a)
         rows = outbox_rows(self.targets, notify, lambda a: bodies[id(a)])
-        self.store.write(transitions, closed, rows)
-        self.deliverer.enqueued(rows)
+        self.unwritten.append(Write(transitions, closed, rows))
+        self._bound()
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write what is held, oldest first; True when nothing is left."""
+        while self.unwritten:
+            w = self.unwritten[0]
+            try:
+                self.store.write(w.transitions, w.closed, w.rows)
+            except (sqlite3.Error, OSError) as exc:
+                held = sum(len(x.transitions) for x in self.unwritten)
+                self.fault.failed(f"alert history ({held} transitions held in memory)", exc)
+                return False
+            self.unwritten.popleft()
+            self.fault.ok()
+            self.deliverer.enqueued(w.rows)
+        return True
+
+    def close(self) -> None:
+        """At shutdown: a last try to write what is held; what still cannot be written is said, not hidden."""
+        if not self.flush():
+            held = [t.alert["id"] for w in self.unwritten for t in w.transitions]
+            log.error("%d alert transitions could not be written before shutdown and are lost (ids %s): %s",
+                      len(held), held, self.fault.failing)
+
+    def _bound(self) -> None:
+        held = sum(len(w.transitions) for w in self.unwritten)
+        while held > MAX_UNWRITTEN and len(self.unwritten) > 1:
+            lost = self.unwritten.popleft()
+            held -= len(lost.transitions)
+            log.error("store refused writes for too long: %d alert transitions dropped from memory (ids %s)",
+                      len(lost.transitions), [t.alert["id"] for t in lost.transitions])
 
     def silence_for(self, alert: Alert, now: float) -> Silence | None:
         return next((s for s in self.silences if s.matches(alert, now)), None)
@@ -101,45 +152,39 @@ class AlertsOut:
 
     # -- time ---------------------------------------------------------------
     async def run(self) -> None:
-        """Deliveries, plus a tick for ended silences and restored alerts whose run never came back."""
+        """Deliveries, plus a tick for held writes and ended silences."""
         async def ticks() -> None:
             while True:
                 await asyncio.sleep(TICK_SECONDS)
                 try:
                     self.tick(self.clock())
-                except Exception:  # the loop must outlive a bug or a full disk
+                except Exception:  # the loop must outlive a bug
                     log.exception("alerts-out tick failed")
 
         await asyncio.gather(self.deliverer.run(), ticks())
 
     def tick(self, now: float) -> None:
+        if not self.flush():
+            return
+        if self.fault.failing is not None:  # nothing held, but the last write failed: is the disk back?
+            try:
+                self.store.probe()
+            except (sqlite3.Error, OSError) as exc:
+                self.fault.failed("probe", exc)
+                return
+            self.fault.ok()
         self.silences = [s for s in self.silences if s.until > now]
         ended = [o for o in self.open.values() if o.silenced and self.silence_for(o.alert, now) is None]
         if ended:
+            rows = outbox_rows(self.targets, [o.alert for o in ended])
+            try:
+                self.store.unsilence([o.alert["id"] for o in ended], rows)
+            except (sqlite3.Error, OSError) as exc:
+                self.fault.failed("unsilence", exc)
+                return
             for o in ended:
                 o.silenced = False
-            rows = outbox_rows(self.targets, [o.alert for o in ended])
-            self.store.unsilence([o.alert["id"] for o in ended], rows)
             self.deliverer.enqueued(rows)
-        self._expire_restored(now)
-
-    def _expire_restored(self, now: float) -> None:
-        ttl = self.service.settings.limits.run_ttl_seconds
-        runs = self.service.pipeline.runs
-        expired: dict[str, list[Alert]] = {}
-        for o in self.open.values():
-            if not o.restored:
-                continue
-            run = o.alert["run"]
-            if run in runs:
-                o.restored = False  # the pipeline expires it like any alert of a live run
-            elif now - self._last_seen.get(run, self._started) > ttl:
-                expired.setdefault(run, []).append(o.alert)
-        for run, alerts in expired.items():
-            idle = now - self._last_seen.get(run, self._started)
-            why = f"run {run} expired after {idle:.0f}s without records (alert restored after a restart)"
-            events = [resolved(a["alert"], a["rank"], a["step"], now, why) for a in alerts]
-            self.service.dispatch(self.service.book.apply(run, events))
 
     # -- people -------------------------------------------------------------
     def add_silence(self, obj: Any) -> dict[str, Any]:
@@ -160,7 +205,30 @@ class AlertsOut:
         return self.store.expire_silence(silence_id, now)
 
     def acknowledge(self, alert_id: int, by: str | None = None, comment: str | None = None) -> Alert | None:
-        return self.store.acknowledge(alert_id, by, comment)
+        alert = self.store.acknowledge(alert_id, by, comment)
+        return self.name_targets([alert])[0] if alert is not None else None
+
+    def redeliver(self, alert_id: int | None = None, target: str | None = None) -> int:
+        """Undelivered notifications queued again: of one alert, or to one target (by name), or all."""
+        key = None
+        if target is not None:
+            key = next((t.key for t in self.targets if target in (t.name, t.key)), None)
+            if key is None:
+                raise KeyError(target)
+        return self.deliverer.redeliver(alert_id, key)
+
+    def query_alerts(self, **query: Any) -> dict[str, Any]:
+        """The store's history; each alert's ``delivery`` names the target as logs and metrics do."""
+        page = self.store.query_alerts(**query)
+        self.name_targets(page["alerts"])
+        return page
+
+    def name_targets(self, alerts: list[Alert]) -> list[Alert]:
+        names = {t.key: t.name for t in self.targets}
+        for a in alerts:
+            for d in a.get("delivery", ()):
+                d["target"] = names.get(d["target"], d["target"].split(" ", 1)[0] + " (no longer configured)")
+        return alerts
 
     def delivery_stats(self) -> dict[str, Any]:
         return self.deliverer.delivery_stats()

@@ -51,15 +51,21 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload TEXT NOT NULL,           -- JSON list of alert objects; rendered per target at send time
     created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);
 CREATE INDEX IF NOT EXISTS outbox_by_target ON outbox (target, id);
+CREATE TABLE IF NOT EXISTS deliveries (      -- per (alert transition, target): what became of its notification
+    alert_id INTEGER NOT NULL, target TEXT NOT NULL, outbox_key TEXT NOT NULL,
+    state TEXT NOT NULL,             -- pending | delivered | undelivered
+    error TEXT, updated REAL NOT NULL, PRIMARY KEY (alert_id, target));
+CREATE INDEX IF NOT EXISTS deliveries_by_outbox ON deliveries (outbox_key);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 
-INSERT_OUTBOX = "INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)"
 # The alerts table's columns copied from the alert (keys of alerts.Alert, checked by a test), then the rest.
 ALERT_COLUMNS = ("id", "fingerprint", "run", "rank", "alert", "state", "severity", "time")
 _alert_columns = itemgetter(*ALERT_COLUMNS)
 INSERT_ALERT = (f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}, episode, received, open, silenced, body) "
                 f"VALUES ({', '.join('?' * (len(ALERT_COLUMNS) + 5))})")
 RUN_TOUCH_SECONDS = 60.0  # runs.last_seen is refreshed at most this often per run
+ID_RESERVE = 1000  # alert ids reserved ahead in the file: ids handed out while writes fail are never reused
 
 
 @dataclass(slots=True)
@@ -91,7 +97,13 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
-        self._next_id = (self.db.execute("SELECT MAX(id) FROM alerts").fetchone()[0] or 0) + 1
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(outbox)")}
+        if "undelivered" not in columns:  # a store from before undelivered rows were kept
+            self.db.execute("ALTER TABLE outbox ADD COLUMN undelivered INTEGER NOT NULL DEFAULT 0")
+        top = self.db.execute("SELECT MAX(id) FROM alerts").fetchone()[0] or 0
+        reserved = self.db.execute("SELECT value FROM meta WHERE key = 'alert_id_reserved'").fetchone()
+        self._next_id = max(top, int(reserved[0]) if reserved else 0) + 1
+        self._reserved = self._next_id - 1  # nothing reserved by this process yet: the first write does it
         self._touched: dict[str, float] = {}
 
     def close(self) -> None:
@@ -102,10 +114,12 @@ class Store:
         self.db.execute("BEGIN")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # -- runs and starts ----------------------------------------------------
     def note_records(self, records: Sequence[Record]) -> None:
@@ -141,25 +155,53 @@ class Store:
         self._next_id += 1
         return i
 
+    def _reserve_ids(self, db: sqlite3.Connection) -> None:
+        """Inside a write: keep the file's reservation ID_RESERVE ahead of the ids handed out, so an id given
+        to an alert whose write failed (a full disk) is not given again after a restart."""
+        if self._next_id + ID_RESERVE // 2 > self._reserved:
+            ceiling = self._next_id + ID_RESERVE
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('alert_id_reserved', ?)", (ceiling,))
+            self._reserved = ceiling
+
     def write(self, transitions: Sequence[Transition], closed: Sequence[int],
               outbox: Sequence[tuple[str, str, str]]) -> None:
         """Transitions, episodes they close, and outbox rows (target, key, payload): one commit."""
         now = self.clock()
         rows = [(*_alert_columns(t.alert), t.episode, now, int(t.alert["state"] == "firing"), int(t.silenced),
                  t.body) for t in transitions]
-        with self.tx() as db:
-            db.executemany(INSERT_ALERT, rows)
-            if closed:
-                db.executemany("UPDATE alerts SET open = 0 WHERE id = ?", [(i,) for i in closed])
-            if outbox:
-                db.executemany(INSERT_OUTBOX, [(*row, now) for row in outbox])
+        reserved = self._reserved
+        try:
+            with self.tx() as db:
+                self._reserve_ids(db)
+                db.executemany(INSERT_ALERT, rows)
+                if closed:
+                    db.executemany("UPDATE alerts SET open = 0 WHERE id = ?", [(i,) for i in closed])
+                self._queue(db, outbox, now)
+        except BaseException:
+            self._reserved = reserved
+            raise
+
+    def _queue(self, db: sqlite3.Connection, outbox: Sequence[tuple[str, str, str]], now: float) -> None:
+        """Outbox rows, and a pending delivery per (alert, target) so the alert shows what became of it."""
+        if not outbox:
+            return
+        db.executemany("INSERT INTO outbox (target, key, payload, created) VALUES (?, ?, ?, ?)",
+                       [(*row, now) for row in outbox])
+        db.executemany("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, 'pending', NULL, ?)",
+                       [(a["id"], target, key, now) for target, key, payload in outbox
+                        for a in json.loads(payload) if isinstance(a, dict) and "id" in a])
 
     def unsilence(self, ids: Sequence[int], outbox: Sequence[tuple[str, str, str]]) -> None:
         """Open alerts whose silence ended: now notified (one commit with their outbox rows)."""
         now = self.clock()
         with self.tx() as db:
             db.executemany("UPDATE alerts SET silenced = 0 WHERE id = ?", [(i,) for i in ids])
-            db.executemany(INSERT_OUTBOX, [(*row, now) for row in outbox])
+            self._queue(db, outbox, now)
+
+    def probe(self) -> None:
+        """A tiny write: does the file take writes again (after a full disk)? Raises if not."""
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', ?)", (self.clock(),))
 
     def open_alerts(self) -> list[tuple[Alert, bool]]:
         """Alerts open when the sidecar stopped: (alert object, silenced), oldest first."""
@@ -169,10 +211,14 @@ class Store:
     _SELECT = ("SELECT a.body, a.silenced, k.time, k.by, k.comment FROM alerts a "
                "LEFT JOIN acks k ON k.episode = a.episode")
 
-    @staticmethod
-    def _view(row: tuple[str, int, float | None, str | None, str | None]) -> Alert:
+    def _view(self, row: tuple[str, int, float | None, str | None, str | None]) -> Alert:
         body, silenced, ack_time, ack_by, ack_comment = row
         alert: Alert = json.loads(body)
+        alert["delivery"] = [
+            {"target": target, "state": state, "error": error, "updated": updated}
+            for target, state, error, updated in self.db.execute(
+                "SELECT target, state, error, updated FROM deliveries WHERE alert_id = ? ORDER BY target",
+                (alert["id"],))]
         alert["silenced"] = bool(silenced)
         alert["acknowledged"] = ack_time is not None
         if ack_time is not None:
@@ -183,8 +229,9 @@ class Store:
 
     def query_alerts(self, run: str | None = None, state: str | None = None, alert: str | None = None,
                      since: float | None = None, limit: int = 1000,
-                     cursor: int | None = None) -> dict[str, Any]:
-        """History, newest first. ``state=firing``: alerts open now. Page on with ``next_cursor``."""
+                     cursor: int | None = None, delivery: str | None = None) -> dict[str, Any]:
+        """History, newest first. ``state=firing``: alerts open now. ``delivery``: alerts with a notification
+        in that state (``undelivered``: the ones to redeliver). Page on with ``next_cursor``."""
         where: list[str] = []
         args: list[Any] = []
         for column, value in (("a.run", run), ("a.alert", alert)):
@@ -202,6 +249,9 @@ class Store:
         if cursor is not None:
             where.append("a.id < ?")
             args.append(cursor)
+        if delivery is not None:
+            where.append("a.id IN (SELECT alert_id FROM deliveries WHERE state = ?)")
+            args.append(delivery)
         sql = self._SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY a.id DESC LIMIT ?"
         rows = self.db.execute(sql, (*args, limit + 1)).fetchall()
@@ -247,18 +297,54 @@ class Store:
         return cur.rowcount > 0
 
     # -- outbox -------------------------------------------------------------
-    def due(self, target: str, limit: int = 100) -> list[OutboxRow]:
+    def due(self, target: str, limit: int = 100, skip: Sequence[int] = ()) -> list[OutboxRow]:
+        """The oldest rows still to deliver to ``target`` (``skip``: rows done but not deleted yet)."""
         rows = self.db.execute("SELECT id, target, key, payload, created, attempts FROM outbox "
-                               "WHERE target = ? ORDER BY id LIMIT ?", (target, limit))
-        return [OutboxRow(*r) for r in rows]
+                               "WHERE target = ? AND undelivered = 0 ORDER BY id LIMIT ?",
+                               (target, limit + len(skip)))
+        return [OutboxRow(*r) for r in rows if r[0] not in skip][:limit]
 
     def delivered(self, row_id: int) -> None:
-        """Done with a row: delivered, or given up on (the caller counts and logs which)."""
-        self.db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+        """Delivered: the row goes, its alerts show ``delivered``."""
+        with self.tx() as db:
+            db.execute("UPDATE deliveries SET state = 'delivered', error = NULL, updated = ? "
+                       "WHERE outbox_key = (SELECT key FROM outbox WHERE id = ?)", (self.clock(), row_id))
+            db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+
+    def undeliverable(self, row_id: int, error: str) -> None:
+        """Given up on (a 4xx, or retried past give_up_after): kept as undelivered, with why, to redeliver."""
+        with self.tx() as db:
+            db.execute("UPDATE outbox SET undelivered = 1, last_error = ? WHERE id = ?", (error[:500], row_id))
+            db.execute("UPDATE deliveries SET state = 'undelivered', error = ?, updated = ? "
+                       "WHERE outbox_key = (SELECT key FROM outbox WHERE id = ?)", (error[:500], self.clock(), row_id))
+
+    def redeliver(self, alert_id: int | None = None, target: str | None = None) -> list[str]:
+        """Undelivered rows (of one alert, of one target, or all) queued again; the targets they go to."""
+        where: list[str] = ["undelivered = 1"]
+        args: list[Any] = []
+        if alert_id is not None:
+            where.append("key IN (SELECT outbox_key FROM deliveries WHERE alert_id = ?)")
+            args.append(alert_id)
+        if target is not None:
+            where.append("target = ?")
+            args.append(target)
+        now = self.clock()
+        with self.tx() as db:
+            rows = db.execute("SELECT key, target FROM outbox WHERE " + " AND ".join(where), args).fetchall()
+            db.executemany("UPDATE outbox SET undelivered = 0, attempts = 0, created = ? WHERE key = ?",
+                           [(now, k) for k, _ in rows])
+            db.executemany("UPDATE deliveries SET state = 'pending', error = NULL, updated = ? "
+                           "WHERE outbox_key = ?", [(now, k) for k, _ in rows])
+        return [t for _, t in rows]
 
     def attempt_failed(self, row_id: int, error: str) -> None:
         self.db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?",
                         (error[:500], row_id))
 
     def pending(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT target, COUNT(*) FROM outbox GROUP BY target").fetchall())
+        return dict(self.db.execute("SELECT target, COUNT(*) FROM outbox WHERE undelivered = 0 "
+                                    "GROUP BY target").fetchall())
+
+    def undelivered(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT target, COUNT(*) FROM outbox WHERE undelivered = 1 "
+                                    "GROUP BY target").fetchall())

@@ -10,10 +10,10 @@ import random
 from pathlib import Path
 
 import pytest
-from trainhealth.config import ConfigError, load
-from trainhealth.notify.alertmanager import alertmanager_settings, postable
+from trainhealth.config import ConfigError, WebhookSettings, load
+from trainhealth.notify.alertmanager import postable
 from trainhealth.notify.delivery import backoff, outbox_rows, sign
-from trainhealth.notify.webhooks import WebhookSettings, alertmanager_payload, target, webhook_settings
+from trainhealth.notify.webhooks import accepts, alertmanager_payload, target
 
 FIRING = {"alert": "nan_divergence", "state": "firing", "severity": "critical", "run": "r1", "rank": 3,
           "step": 812, "time": 1_700_000_100.0, "summary": "loss became nan at step 812 on rank 3",
@@ -95,8 +95,8 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
 def test_filters_pick_which_transitions_a_webhook_gets() -> None:
     crit = WebhookSettings(url="http://h/crit", severities=["critical"], send_resolved=False)
     lr = WebhookSettings(url="http://h/lr", alerts=["lr_scaling"])
-    assert [crit.accepts(a) for a in (FIRING, RUN_WIDE, RESOLVED)] == [True, False, False]
-    assert [lr.accepts(a) for a in (FIRING, RUN_WIDE, RESOLVED)] == [False, True, False]
+    assert [accepts(crit, a) for a in (FIRING, RUN_WIDE, RESOLVED)] == [True, False, False]
+    assert [accepts(lr, a) for a in (FIRING, RUN_WIDE, RESOLVED)] == [False, True, False]
     rows = outbox_rows([target(crit), target(lr)], [FIRING, RUN_WIDE, RESOLVED])
     assert [(t, json.loads(p)[0]["alert"]) for t, _, p in rows] == [
         ("webhook http://h/crit", "nan_divergence"), ("webhook http://h/lr", "lr_scaling")]
@@ -121,35 +121,34 @@ resend_seconds = 30
 """)
     settings = load(cfg, {"webhooks": ["http://127.0.0.1:9000/a", "http://127.0.0.1:9000/b"],
                           "alertmanager": "http://am:9093"}, {})
-    hooks = webhook_settings(settings)
+    hooks = settings.webhooks
     assert [(w.url, w.name, w.format) for w in hooks] == [
         ("http://127.0.0.1:9000/a", "127.0.0.1:9000", "trainhealth"),
         ("http://127.0.0.1:9000/b", "127.0.0.1:9000#2", "trainhealth"),
         ("https://hooks.example.com/T0/secret-path", "hooks.example.com", "alertmanager"),
     ]
     assert hooks[2].secret == "abc" and hooks[2].severities == ["critical", "warning"]
-    am = alertmanager_settings(settings)
+    am = settings.alertmanager
     assert am is not None and (am.url, am.resend_seconds) == ("http://am:9093", 30)
-    assert alertmanager_settings(load(None, {}, {})) is None
+    assert load(None, {}, {}).alertmanager is None
 
 
 @pytest.mark.parametrize("table, message", [
-    ('url = "ftp://x"', "webhooks.url: must be an http(s) URL, got 'ftp://x'"),
-    ('url = "http://x"\nformat = "slack"', "webhooks.format: must be one of trainhealth, alertmanager, "
+    ('url = "ftp://x"', "webhooks[0].url: must be an http(s) URL, got 'ftp://x'"),
+    ('url = "http://x"\nformat = "slack"', "webhooks[0].format: must be one of trainhealth, alertmanager, "
                                            "got 'slack'"),
-    ('url = "http://x"\nseverities = ["page"]', "webhooks.severities: must be a list of critical, warning, "
+    ('url = "http://x"\nseverities = ["page"]', "webhooks[0].severities: must be a list of critical, warning, "
                                                 "info, got ['page']"),
-    ('url = "http://x"\ntimeout = 0', "webhooks.timeout: must be a positive number, got 0"),
+    ('url = "http://x"\ntimeout = 0', "webhooks[0].timeout: must be a positive number, got 0"),
     ('url = "http://x"\nretries = 3', "webhooks[0].retries: unknown setting"),
 ])
 def test_bad_webhook_settings_name_the_key_and_value(tmp_path: Path, table: str, message: str) -> None:
-    settings = load(write_config(tmp_path, "[[webhooks]]\n" + table + "\n"), {}, {})
     with pytest.raises(ConfigError) as err:
-        webhook_settings(settings)
+        load(write_config(tmp_path, "[[webhooks]]\n" + table + "\n"), {}, {})
     assert message in str(err.value)
 
 
 def test_the_same_webhook_url_twice_is_refused(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, '[[webhooks]]\nurl = "http://h/x"\n')
     with pytest.raises(ConfigError, match="'http://h/x' is configured twice"):
-        webhook_settings(load(cfg, {"webhooks": ["http://h/x"]}, {}))
+        load(cfg, {"webhooks": ["http://h/x"]}, {})

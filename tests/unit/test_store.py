@@ -129,7 +129,7 @@ def test_reopening_restores_open_alerts_and_continues_ids(tmp_path: Path, opened
     restored = again.open_alerts()
     assert [(x["id"], silenced) for x, silenced in restored] == [(b["id"], False)]
     assert restored[0][0]["loss"] == "Infinity"
-    assert again.new_id() == 4
+    assert again.new_id() > 3  # past every id handed out (and those reserved: see test_store_honesty)
 
 
 def test_outbox_rows_are_fifo_per_target_and_keep_attempts(tmp_path: Path, opened: Opener) -> None:
