@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from .detectors import ALL, validate
 from .detectors.validate import ConfigError, build
+from .metrics.collector import exporter_settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -261,7 +262,5 @@ def load(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
         detectors=detector_settings(doc.get("detectors", {})),
         raw=doc,  # webhooks and alertmanager: built from it and server in Settings.__post_init__
     )
-    from .metrics.collector import exporter_settings  # checked here too; imported late (it imports us)
-
-    exporter_settings(doc)
+    exporter_settings(doc)  # [exporter] is checked at start and reload like every section
     return settings

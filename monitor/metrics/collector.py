@@ -35,7 +35,8 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..config import ConfigError, _build
+from ..detectors.validate import ConfigError
+from ..detectors.validate import build as _build
 from ..health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
 from .exposition import per_rank_text
 from .snapshot import RankRow, Snapshot
