@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
 from ..health import HealthCollector
 from ..metrics.collector import ExporterSettings, LatencyHistogram, StateCollector, exporter_settings, render
@@ -45,6 +45,10 @@ class IngestTimer:
             self.histogram.observe(self.clock() - start)
 
 
+def _render(snap: Any, health: CollectorRegistry) -> bytes:
+    return render(snap) + generate_latest(health)
+
+
 def state_collector(service: Service, settings: ExporterSettings | None = None,
                     latency: LatencyHistogram | None = None) -> StateCollector:
     """The collector over a Service's parts; its sinks list is read live (a sink added later is seen)."""
@@ -58,7 +62,11 @@ def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
     collector = state_collector(service, exporter_settings(service.settings.raw), latency)
     registry = CollectorRegistry()
     registry.register(collector)
-    registry.register(HealthCollector(service.faults, service.sinks))  # store/recorder errors, undelivered
+    # the sidecar's own health (store/recorder errors, undelivered notifications): in-memory counters,
+    # written after the pipeline's families
+    health = CollectorRegistry()
+    health.register(HealthCollector(service.faults, service.sinks))
+    registry.register(HealthCollector(service.faults, service.sinks))
 
     def hook(app: FastAPI) -> None:
         app.state.metrics_registry = registry
@@ -67,7 +75,7 @@ def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
         @app.get("/metrics")
         async def metrics() -> Response:
             snap = collector.snapshot()  # on the event loop: copies only
-            body = await asyncio.to_thread(render, snap)  # building + formatting: off the loop
+            body = await asyncio.to_thread(_render, snap, health)  # building + formatting: off the loop
             return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
 
     return hook
