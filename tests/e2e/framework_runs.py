@@ -1,0 +1,88 @@
+"""Helpers for the framework-callback tests: run a worker script, read what the sidecar recorded and alerted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainhealth.record import Record, from_obj
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def worker_env(sidecar_url: str, run: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
+    environ.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_URL": sidecar_url, "TRAINHEALTH_RUN": run,
+                    "TRAINHEALTH_FLUSH_SECONDS": "0.2", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return environ
+
+
+def run_script(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_argv(script: str, spec: dict[str, Any], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(HERE / script), json.dumps(spec)]
+
+
+def results(out: Path, ranks: int = 2) -> dict[int, dict[str, Any]]:
+    """Each rank's result file (written by the worker after training)."""
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)}
+
+
+def recorded(record_dir: Path, run: str, ends: int = 2, timeout: float = 15.0) -> list[Record]:
+    """The records the sidecar accepted for ``run`` (its flight recorder), once ``ends`` end records are in."""
+    path = record_dir / f"{run}.jsonl"
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        recs = [from_obj(json.loads(line)) for line in lines]
+        if sum(r.type == "end" for r in recs) >= ends or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.1)
+
+
+def samples_by_rank(recs: list[Record]) -> dict[int, dict[int, Record]]:
+    """rank -> step -> the rank's one sample for that step (a second sample for a step fails the test)."""
+    out: dict[int, dict[int, Record]] = {}
+    for r in recs:
+        if r.type == "sample":
+            steps = out.setdefault(r.rank, {})
+            assert r.step not in steps, f"rank {r.rank} sent two samples for step {r.step}"
+            steps[r.step] = r
+    return out
+
+
+def alerts(sidecar: Any, run: str, name: str | None = None) -> list[dict[str, Any]]:
+    params = {"run": run, **({"alert": name} if name else {})}
+    return sidecar.client.get("/v1/alerts", params=params).json()["alerts"]
+
+
+def wait_for_alert(sidecar: Any, run: str, name: str, timeout: float = 15.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [a for a in alerts(sidecar, run, name) if a["state"] == "firing"]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def is_nan(value: float | None) -> bool:
+    return value is not None and math.isnan(value)
+
+
+def first_nan(fired: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(rank, step) of the earliest firing nan_divergence (the detector may page the ranks that received
+    the NaN through the all-reduce too, at later steps, or fold them into one alert)."""
+    if not fired:
+        return None
+    first = min(fired, key=lambda a: (a["step"], a["rank"]))
+    return first["rank"], first["step"]
