@@ -17,10 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def worker_env(sidecar_url: str, run: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-    environ.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_URL": sidecar_url, "TRAINHEALTH_RUN": run,
-                    "TRAINHEALTH_FLUSH_SECONDS": "0.2", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+def worker_env(sidecar_url: str, run: str | None) -> dict[str, str]:
+    """The workers' environment: the sidecar's URL, the run name (None: none, the callback agrees on one)."""
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("TRAINHEALTH_") and k != "TORCHELASTIC_RUN_ID"}
+    environ.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_URL": sidecar_url, "TRAINHEALTH_FLUSH_SECONDS": "0.2",
+                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if run is not None:
+        environ["TRAINHEALTH_RUN"] = run
     return environ
 
 
@@ -80,9 +84,11 @@ def is_nan(value: float | None) -> bool:
 
 
 def first_nan(fired: list[dict[str, Any]]) -> tuple[int, int] | None:
-    """(rank, step) of the earliest firing nan_divergence (the detector may page the ranks that received
-    the NaN through the all-reduce too, at later steps, or fold them into one alert)."""
-    if not fired:
+    """(rank, step) of the earliest firing nan_divergence for a non-finite loss: the rank whose batch was NaN.
+    (The ranks that received the NaN through the all-reduce show it in their grad norm at that step and in
+    their loss from the next; the detector may page them too, or fold them into one alert.)"""
+    losses = [a for a in fired if a.get("cause") == "nonfinite_loss"]
+    if not losses:
         return None
-    first = min(fired, key=lambda a: (a["step"], a["rank"]))
+    first = min(losses, key=lambda a: (a["step"], a["rank"]))
     return first["rank"], first["step"]

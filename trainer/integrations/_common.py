@@ -29,15 +29,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def guarded(hook: F) -> F:
-    """A callback hook that never breaks training: an error in it is logged (rate-limited) and the
+    """A callback method that never breaks training: an error in it is logged (rate-limited) and the
     hook returns None (for Hugging Face: the control object unchanged)."""
 
     @functools.wraps(hook)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return hook(*args, **kwargs)
+            return hook(self, *args, **kwargs)
         except Exception as exc:
-            _warn(f"hook-{hook.__name__}", "%s failed and was skipped: %r", hook.__name__, exc)
+            warn = getattr(self, "_warn", None) or _warn  # the callback's own limiter: one per callback
+            warn(f"hook-{hook.__name__}", "%s failed and was skipped: %r", hook.__name__, exc)
             return None
 
     return wrapper  # type: ignore[return-value]

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from trainhealth.trainer.client import Telemetry
+from trainhealth.trainer.outbox import LimitedLog
 from transformers import TrainerCallback
 
 from ._common import Reporter, combine_losses, first_lr, guarded, numbers, optimizer_name
@@ -58,6 +59,7 @@ class TrainHealthCallback(TrainerCallback):
         self.reporter = Reporter(telemetry, stop_on,
                                  {"reference_lr": reference_lr, "reference_batch_size": reference_batch_size,
                                   "warmup_steps": warmup_steps, "config": config}, telemetry_options)
+        self._warn = LimitedLog()  # a hook's failure: logged the first time, then at most once a minute
         self._losses: list[Any] = []  # this optimizer step's micro-batch losses, from the forward hook
         self._hooked_loss = False  # the model's output carries a loss (then the logged one is not used)
         self._hook: Any = None

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 from lightning.pytorch import Callback
 from trainhealth.trainer.client import Telemetry
+from trainhealth.trainer.outbox import LimitedLog
 
 from ._common import Reporter, combine_losses, first_lr, guarded, optimizer_name
 
@@ -54,6 +55,7 @@ class TrainHealthCallback(Callback):
         self.reporter = Reporter(telemetry, stop_on,
                                  {"reference_lr": reference_lr, "reference_batch_size": reference_batch_size,
                                   "warmup_steps": warmup_steps, "config": config}, telemetry_options)
+        self._warn = LimitedLog()  # a hook's failure: logged the first time, then at most once a minute
         self.grad_norm = grad_norm
         self._losses: list[Any] = []  # this optimizer step's micro-batch losses
         self._lr: float | None = None
