@@ -93,8 +93,9 @@ def test_stop_on_nan_stops_every_rank_at_the_same_step_through_the_trainer(start
     run = "hf-nan-stop"
     sidecar, proc, record_dir = run_hf(start_sidecar, tmp_path, run, steps=300, step_sleep=0.05,
                                        nan_rank=1, nan_step=15, stop_on=["nan_divergence"])
-    assert proc.returncode != 0  # the worker exits 3, as docs/huggingface.md does on a stop
-    assert "Traceback" not in proc.stderr.split("ChildFailedError")[0], proc.stderr[-4000:]
+    # every rank exits 3 after the others are done, as docs/huggingface.md does on a stop; torchrun reports
+    # the first and ends the rest
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-4000:]
     done = results(tmp_path)
     stop = done[0]["stop_step"]
     assert stop is not None and [done[r]["stop_step"] for r in (0, 1)] == [stop, stop]

@@ -113,3 +113,18 @@ def test_guarded_logs_and_returns_none(caplog):
     assert Hooks().on_thing(2) == 0.5
     assert Hooks().on_thing(0) is None
     assert "on_thing failed and was skipped: ZeroDivisionError" in caplog.text
+
+
+def test_the_first_stop_is_logged_with_the_clients_reason(tmp_path, caplog):
+    class Stopping(Telemetry):
+        def should_stop(self, step: int) -> bool:
+            return step >= 5
+
+        @property
+        def stop_reason(self):
+            return {"alert": "nan_divergence", "summary": "loss became nan at step 4 on rank 1"}
+
+    tm = Stopping(run="unit", rank=0, world_size=1, offline_path=str(tmp_path / "r.jsonl"), start_threads=False)
+    reporter = Reporter(tm, None, {}, {})
+    assert [reporter.should_stop(s) for s in (4, 5, 6)] == [False, True, True] and reporter.stop_step == 5
+    assert caplog.text.count("stopping training after step 5 on rank 0: loss became nan at step 4 on rank 1") == 1

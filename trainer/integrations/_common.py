@@ -150,9 +150,8 @@ class Reporter:
             return False
         if self.stop_step is None:
             self.stop_step = step
-            alerts = getattr(tm, "alerts", None)
             log.warning("trainhealth: stopping training after step %d on rank %d: %s", step, tm.rank,
-                        _describe(alerts))
+                        _describe(getattr(tm, "stop_reason", None) or getattr(tm, "alerts", None)))
         return True
 
     def end(self, step: int) -> None:
@@ -166,14 +165,14 @@ class Reporter:
             tm.flush(timeout=5.0)
 
 
-def _describe(alerts: Any) -> str:
-    """A short line for the log from ``tm.alerts`` (whatever shape the client gives: dicts with a summary,
-    or anything printable)."""
-    if not alerts:
+def _describe(why: Any) -> str:
+    """A short line for the log from the client's ``stop_reason`` (a dict with a summary) or, failing that,
+    its ``alerts`` (a list of such dicts)."""
+    if not why:
         return "an alert in stop_on fired"
-    items = alerts.values() if isinstance(alerts, dict) else alerts
+    items = [why] if isinstance(why, dict) else list(why)
     parts = []
-    for alert in list(items)[:3]:
+    for alert in items[:3]:
         if isinstance(alert, dict):
             parts.append(str(alert.get("summary") or alert.get("alert") or alert))
         else:
