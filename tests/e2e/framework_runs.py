@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -11,10 +12,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from trainhealth.record import Record, from_obj
+
+from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+
+
+def need_module(name: str) -> Any:
+    """The framework module; skip without it on a laptop, fail in CI (CI installs the dev extra)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI (CI=true): pip install -e '.[dev]'")
+        pytest.skip(f"{name} not installed", allow_module_level=True)
 
 
 def worker_env(sidecar_url: str, run: str | None) -> dict[str, str]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from trainhealth.trainer.client import Telemetry
 
+from tests.e2e.framework_runs import need_module
+
 pytestmark = [pytest.mark.e2e,
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -53,8 +55,8 @@ def records(tm: Telemetry, path: Path) -> list[dict]:
 
 # -- Hugging Face -------------------------------------------------------------------------------------------
 def hf_trainer(tmp_path: Path, callback, steps: int = 8, save_steps: int | None = None):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = need_module("torch")
+    transformers = need_module("transformers")
 
     class Tokens(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -119,8 +121,8 @@ def test_hf_without_a_stop_runs_to_the_end_and_sends_each_step_once(tmp_path):
 
 # -- Lightning ----------------------------------------------------------------------------------------------
 def lightning_fit(callback, steps: int, accumulation: int = 1):
-    torch = pytest.importorskip("torch")
-    pl = pytest.importorskip("lightning.pytorch")
+    torch = need_module("torch")
+    pl = need_module("lightning.pytorch")
 
     class MLP(pl.LightningModule):
         def __init__(self) -> None:

@@ -11,6 +11,7 @@ from tests.e2e.framework_runs import (
     alerts,
     first_nan,
     is_nan,
+    need_module,
     recorded,
     results,
     run_script,
@@ -20,7 +21,7 @@ from tests.e2e.framework_runs import (
     worker_env,
 )
 
-pytest.importorskip("transformers")
+need_module("transformers")
 pytestmark = pytest.mark.e2e
 
 

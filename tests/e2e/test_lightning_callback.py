@@ -14,6 +14,7 @@ from tests.e2e.framework_runs import (
     alerts,
     first_nan,
     is_nan,
+    need_module,
     recorded,
     results,
     run_script,
@@ -22,7 +23,7 @@ from tests.e2e.framework_runs import (
     worker_env,
 )
 
-pytest.importorskip("lightning")
+need_module("lightning.pytorch")
 pytestmark = pytest.mark.e2e
 
 

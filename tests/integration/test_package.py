@@ -91,4 +91,6 @@ def test_plain_install_has_every_module_under_trainhealth(user_project: Path, tm
     assert installed == ["bin", "trainhealth"] or installed == ["trainhealth"], installed
     assert (site / "trainhealth" / "trainer" / "client.py").exists()
     assert (site / "trainhealth" / "detectors" / "liveness.py").exists()
+    assert (site / "trainhealth" / "integrations" / "hf.py").exists()  # trainer/integrations, mapped
+    assert (site / "trainhealth" / "integrations" / "lightning.py").exists()
     _check(user_project, _env(str(site)), str(site / "trainhealth"))
