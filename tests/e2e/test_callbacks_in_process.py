@@ -193,3 +193,18 @@ def test_each_integration_imports_only_its_own_framework():
             "assert not {'lightning', 'pytorch_lightning'} & set(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_lightning_callback_pickles_without_its_client_for_ddp_spawn(tmp_path):
+    import pickle
+
+    need_module("lightning.pytorch")
+    from trainhealth.integrations.lightning import TrainHealthCallback
+
+    callback = TrainHealthCallback(offline_path=str(tmp_path / "r.jsonl"), run="spawned", start_threads=False)
+    callback.reporter.bind(0, 1, None)
+    assert callback.telemetry is not None
+    copy = pickle.loads(pickle.dumps(callback))  # what ddp_spawn sends to each process
+    assert copy.telemetry is None and copy.reporter.telemetry_options["run"] == "spawned"
+    assert copy.reporter.bind(1, 2, None).rank == 1  # each spawned process makes its own at setup
+    assert callback.telemetry.rank == 0  # the original keeps its own

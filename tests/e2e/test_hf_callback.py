@@ -86,6 +86,8 @@ def test_a_nan_batch_is_seen_at_its_step_between_sparse_logs_and_without_stop_on
     assert all(math.isfinite(by_rank[1][s].loss) for s in range(1, 7)) and is_nan(by_rank[1][7].loss)
     assert math.isfinite(by_rank[0][7].loss) and is_nan(by_rank[0][8].loss)  # the all-reduce spread it
     assert by_rank[1][6].grad_norm is None and by_rank[1][10].grad_norm is not None  # logged every 10
+    # the LR each step used, logged or not: the Trainer's linear decay from 1e-3 over 20 steps
+    assert [by_rank[0][s].lr for s in range(1, 21)] == pytest.approx([1e-3 * (21 - s) / 20 for s in range(1, 21)])
 
 
 def test_stop_on_nan_stops_every_rank_at_the_same_step_through_the_trainer(start_sidecar, tmp_path):
