@@ -94,6 +94,8 @@ def test_plain_install_has_every_module_under_trainhealth(user_project: Path, tm
     # the page's package data (pyproject's [tool.setuptools.package-data]): the script and styles it inlines
     assets = site / "trainhealth" / "page" / "assets"
     assert sorted(p.name for p in assets.iterdir()) == ["charts.js", "page.css", "page.js", "report.js"]
+    assert (site / "trainhealth" / "integrations" / "hf.py").exists()  # trainer/integrations, mapped
+    assert (site / "trainhealth" / "integrations" / "lightning.py").exists()
     _check(user_project, _env(str(site)), str(site / "trainhealth"))
     out = _run([sys.executable, "-c", ASSETS], user_project, _env(str(site)))
     assert out.split() == ["ok", str(site / "trainhealth" / "page" / "html.py")], out
