@@ -1,7 +1,9 @@
 """Alert lifecycle: detector Events -> alert transitions (firing, resolved).
 
 One open alert per (run, rank, alert name): repeated ``firing`` events while it
-is open update it quietly; ``resolved`` closes it; a later ``firing`` re-fires.
+is open update it quietly (a ``refresh`` event also rewrites its summary, severity
+and fields in place: one incident whose picture sharpens, paged once); ``resolved``
+closes it; a later ``firing`` re-fires.
 A transition is the alert object of DESIGN.md (a plain dict), the same one
 replay prints, the API returns, the store keeps and webhooks post.
 """
@@ -41,6 +43,10 @@ class AlertBook:
                 if current is not None:
                     current["last_step"] = ev.step
                     current["last_time"] = ev.time
+                    if ev.refresh:
+                        current["summary"] = ev.summary
+                        current["severity"] = ev.severity
+                        current.update((k, v) for k, v in ev.data.items() if k not in RESERVED)
                     continue
                 alert = self._make(run, ev, ev.time)
                 self.open[key] = alert
