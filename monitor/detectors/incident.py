@@ -107,6 +107,8 @@ def whole_hosts(run: RunState, ranks: Iterable[int]) -> list[str]:
 def where(run: RunState, ranks: Iterable[int]) -> str:
     """ "ranks 0-3 on node-a", "ranks 0-3" (hosts unknown or mixed), "ranks 0-1 on node-a, 4-5 on node-b"."""
     ranks = sorted(set(ranks))
+    if len({s.host for s in run.ranks.values()}) < 2:
+        return ranks_phrase(ranks)  # one host (or none known): naming it adds nothing
     by_host: dict[str | None, list[int]] = {}
     for q in ranks:
         state = run.ranks.get(q)

@@ -112,8 +112,7 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float) -> tuple[
                        f"{limit:.0f} s {beat} (blocked in data loading, I/O or a call of {its} own); "
                        f"{who} stopped first (at step {low}; {where(det.run, others)} reached {top} and "
                        f"wait{'s' if n == 1 else ''} in a collective)"), low
-    data = sorted((ranks[q].phase_time if ranks[q].phase_time is not None else at, q)
-                  for q in live if ranks[q].phase == "data")
+    data = sorted((_or(ranks[q].phase_time, at), q) for q in live if ranks[q].phase == "data")
     if data and len(data) < len(live):
         roots = sorted(q for _, q in data)
         since, q = data[0]
@@ -164,6 +163,10 @@ def _basis(det: RankStalled, r: Any, reason: str, limit: float) -> str:
         return (f"limit {limit:.0f} s = max(floor {s.floor_seconds:.0f} s, {s.factor:g}x the longest step "
                 f"interval seen, {det.longest:.1f} s)")
     return f"limit {limit:.0f} s: no step finished since it started"
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _and(names: list[str]) -> str:
