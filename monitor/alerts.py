@@ -33,6 +33,7 @@ class AlertBook:
     def __init__(self, history: int = 10_000) -> None:
         self.open: dict[Key, Alert] = {}
         self.history: deque[Alert] = deque(maxlen=history)
+        self.refreshed: dict[str, Alert] = {}  # fingerprint -> open alert rewritten in place, not yet saved
 
     def apply(self, run: str, events: Iterable[Event]) -> list[Alert]:
         out: list[Alert] = []
@@ -47,12 +48,14 @@ class AlertBook:
                         current["summary"] = ev.summary
                         current["severity"] = ev.severity
                         current.update((k, v) for k, v in ev.data.items() if k not in RESERVED)
+                        self.refreshed[current["fingerprint"]] = current
                     continue
                 alert = self._make(run, ev, ev.time)
                 self.open[key] = alert
                 out.append(alert)
             elif current is not None:
                 del self.open[key]
+                self.refreshed.pop(current["fingerprint"], None)
                 alert = self._make(run, ev, current["time"])
                 alert["severity"] = current["severity"]
                 if not ev.summary:

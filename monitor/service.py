@@ -147,7 +147,7 @@ class Service:
 
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
-        if not alerts:
+        if not alerts and not self.book.refreshed:  # refreshed: open alerts rewritten in place, to save
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
         for sink in self.sinks:

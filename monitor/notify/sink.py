@@ -67,6 +67,9 @@ class AlertsOut:
 
     # -- the sink -----------------------------------------------------------
     def __call__(self, alerts: list[Alert]) -> None:
+        self.save_refreshed()
+        if not alerts:
+            return
         now = self.clock()
         transitions: list[Transition] = []
         closed: list[int] = []
@@ -92,6 +95,15 @@ class AlertsOut:
         self.store.write(transitions, closed, rows)
         self.deliverer.enqueued(rows)
 
+    def save_refreshed(self) -> None:
+        """Open alerts the AlertBook rewrote in place (same episode, nobody paged again): store their body."""
+        book = self.service.book
+        if book.refreshed:
+            done = [a for a in book.refreshed.values() if "id" in a]
+            book.refreshed.clear()
+            if done:
+                self.store.refresh(done)
+
     def silence_for(self, alert: Alert, now: float) -> Silence | None:
         return next((s for s in self.silences if s.matches(alert, now)), None)
 
@@ -113,6 +125,7 @@ class AlertsOut:
         await asyncio.gather(self.deliverer.run(), ticks())
 
     def tick(self, now: float) -> None:
+        self.save_refreshed()
         self.silences = [s for s in self.silences if s.until > now]
         ended = [o for o in self.open.values() if o.silenced and self.silence_for(o.alert, now) is None]
         if ended:

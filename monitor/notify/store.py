@@ -150,6 +150,12 @@ class Store:
             if outbox:
                 db.executemany(INSERT_OUTBOX, [(*row, now) for row in outbox])
 
+    def refresh(self, alerts: Sequence[Alert]) -> None:
+        """Open alerts rewritten in place (one incident whose picture sharpened): their stored body."""
+        with self.tx() as db:
+            db.executemany("UPDATE alerts SET body = ?, severity = ? WHERE id = ?",
+                           [(jsonout.dumps(a), a["severity"], a["id"]) for a in alerts])
+
     def unsilence(self, ids: Sequence[int], outbox: Sequence[tuple[str, str, str]]) -> None:
         """Open alerts whose silence ended: now notified (one commit with their outbox rows)."""
         now = self.clock()
