@@ -362,11 +362,6 @@ def test_server_and_replay_agree_on_the_root_whatever_the_arrival_order():
     assert len(pictures) == 1 and next(iter(pictures))[0] == 2
 
 
-def test_amp_collapse_root_keeps_its_advice():
-    made, now, _ = nan_picture(independent({1: 20}))
-    assert "lower LR" in now["summary"]
-
-
 # -- the client's host ------------------------------------------------------------------------------------
 def test_client_host_comes_from_trainhealth_host_else_the_machine():
     import socket
