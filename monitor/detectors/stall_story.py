@@ -44,7 +44,7 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         if quiet:  # every live rank went quiet together: say so, then look for the one behind
             seen = [ranks[q].seen for q in quiet]
             prefix = f"every rank went silent within {max(seen) - min(seen):.1f} s; "
-        roots, head, step = _stuck(det, live, at, limit)
+        roots, head, step = _stuck(det, live, at, limit, bool(quiet))
         head = prefix + head
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
@@ -94,7 +94,9 @@ def _silent(det: RankStalled, roots: list[int], live: list[int], at: float) -> t
             f"or their node is down)"), steps[0]
 
 
-def _stuck(det: RankStalled, live: list[int], at: float, limit: float) -> tuple[list[int], str, int]:
+def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
+           silent: bool) -> tuple[list[int], str, int]:
+    """The blocker by step (and phase); ``silent``: every rank went quiet, only their steps tell."""
     ranks = det.ranks
     order = sorted((ranks[q].shown, q) for q in live)
     low, top = order[0][0], order[-1][0]
@@ -108,6 +110,8 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float) -> tuple[
         who = f"{_and(hosts)}'s {ranks_phrase(roots)}" if hosts else ranks_phrase(roots)
         others = [q for q in live if q not in roots]
         n = len(others)
+        if silent:
+            return roots, (f"{who} stopped first (at step {low}; {where(det.run, others)} reached {top})"), low
         return roots, (f"{who} {'is' if one else 'are'} stuck after step {low}: no step finished for "
                        f"{limit:.0f} s {beat} (blocked in data loading, I/O or a call of {its} own); "
                        f"{who} stopped first (at step {low}; {where(det.run, others)} reached {top} and "
