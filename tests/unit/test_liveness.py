@@ -358,7 +358,7 @@ def test_replay_until_reports_a_hang_at_the_end_of_the_recording(tmp_path, capsy
     assert [a["time"] for a in alerts] == pytest.approx([last[0] + 60])
     assert [a["reason"] for a in alerts] == ["silent"]
     assert [a["first_rank"] for a in alerts] == [0]
-    assert alerts[0]["summary"].startswith("every rank went silent within 0.0 s; rank 0 stopped first (at "
+    assert alerts[0]["summary"].startswith("every rank went silent within 0.5 s; rank 0 stopped first (at "
                                            "step 199; rank 1 reached 200); ")
 
 
