@@ -380,3 +380,45 @@ def test_client_host_comes_from_trainhealth_host_else_the_machine():
     tm.pump()
     (rec,) = sink.records
     assert (rec["type"], rec["rank"], rec["host"]) == ("start", 4, "node-b")
+
+
+# -- settings ---------------------------------------------------------------------------------------------
+def test_rank_failed_is_registered_with_its_config_section():
+    from trainhealth.config import ConfigError, detector_settings
+    from trainhealth.detectors.rank_failed import RankFailedSettings
+
+    assert default_detector_settings()["rank_failed"] == RankFailedSettings(enabled=True)
+    assert detector_settings({"rank_failed": {"enabled": False}})["rank_failed"].enabled is False
+    with pytest.raises(ValueError, match="rank_failed.enabled: must be true or false, got 1"):
+        detector_settings({"rank_failed": {"enabled": 1}})
+    with pytest.raises(ConfigError, match="detectors.rank_failed.enabld: unknown setting"):
+        detector_settings({"rank_failed": {"enabld": True}})
+
+
+def test_disabled_rank_failed_is_silent():
+    from tests.live_traces import settings
+
+    job = ddp_job(ranks=2, steps=100, last_step={0: 20, 1: 20}, silent_at={1: T0 + 15.2}, until=T0 + 300)
+    records = sorted(job.records + [end(1, T0 + 15.1, 20, CUDA)], key=lambda r: r.time)
+    assert feed(records, until=T0 + 300, only=FAILED,
+                detector_settings=settings(rank_failed={"enabled": False})) == []
+
+
+@pytest.mark.parametrize("error, peer", [
+    (PEER, True),
+    ({"type": "RuntimeError", "message": "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset "
+      "by peer [127.0.0.1]:5"}, True),
+    ({"type": "torch.distributed.DistBackendError", "message": "NCCL communicator was aborted on rank 3"}, True),
+    ({"type": "RuntimeError", "message": "[Rank 0] Watchdog caught collective operation timeout: "
+      "WorkNCCL(SeqNum=12, OpType=ALLREDUCE) ran for 600000 milliseconds before timing out."}, True),
+    ({"type": "DistNetworkError", "message": "failed to recv, got 0 bytes"}, True),
+    (CUDA, False),
+    ({"type": "ValueError", "message": "Target size (torch.Size([8])) must be the same as input size"}, False),
+    ({"type": "RuntimeError", "message": "DataLoader worker (pid 123) is killed by signal: Killed."}, False),
+    ({"type": "torch.OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 2.00 GiB"}, False),
+])
+def test_collective_errors_are_told_from_a_ranks_own(error, peer):
+    from trainhealth.detectors.incident import peer_error
+    from trainhealth.record import ErrorInfo
+
+    assert peer_error(ErrorInfo(type=error["type"], message=error["message"])) is peer
