@@ -59,6 +59,7 @@ from .stall_story import describe
 from .validate import flag
 
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
+ADVANCED = "advanced"  # a step advance (its summary words are made only when an alert is open)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -189,7 +190,7 @@ class RankStalled(Detector):
                     if rank in self.oom or r.error:
                         r.error = ""
                         self._forget_failure(rank)
-                    why = f"advanced to step {step}"
+                    why = ADVANCED  # the words are only needed with an alert open: made below
                 elif kind == "sample" and step < r.sample_step and t > r.advance_time:
                     # its training thread went back: restarted without a start record. (A heartbeat
                     # may carry an older step than the sample before it: the threads race.)
@@ -200,6 +201,8 @@ class RankStalled(Detector):
                 r.shown = r.step
         if not self.open:
             return []
+        if why is ADVANCED:
+            why = f"advanced to step {r.step}"
         if self.root_failed or self.oom:
             return [self._resolve(t, rank, why)]
         if kind in ("start", "end"):
