@@ -102,6 +102,7 @@ class _Rank:
     phase_time: float | None = None  # when that phase began
     phase_seen: float = -math.inf  # time of the record that said so
     error: str = ""  # its failed end's exception, quoted ("" for none)
+    end_time: float = -math.inf  # time of its latest end (records measured before it may arrive after it)
 
 
 class RankStalled(Detector):
@@ -156,6 +157,7 @@ class RankStalled(Detector):
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
             r.ended = True
+            r.end_time = max(r.end_time, t)
             if record.status == "failed":
                 r.error = quote(record.error)
                 if peer_error(record.error):
@@ -186,10 +188,12 @@ class RankStalled(Detector):
                             self.recent.append(interval)
                             if interval > self.longest:
                                 self.longest = interval
-                    r.step, r.advance_time, r.advanced, r.ended = step, t, True, False
-                    if rank in self.oom or r.error:
-                        r.error = ""
-                        self._forget_failure(rank)
+                    r.step, r.advance_time, r.advanced = step, t, True
+                    if t > r.end_time:  # training again after its end (not a late record from before it)
+                        r.ended = False
+                        if rank in self.oom or r.error:
+                            r.error = ""
+                            self._forget_failure(rank)
                     why = ADVANCED  # the words are only needed with an alert open: made below
                 elif kind == "sample" and step < r.sample_step and t > r.advance_time:
                     # its training thread went back: restarted without a start record. (A heartbeat

@@ -125,6 +125,7 @@ class NanDivergence(Detector):
         self.first_values: dict[str, float] = {}  # the root record's loss, grad_norm, grad_scale
         self.first_data: dict[str, Any] = {}  # the root's extra figures (AMP overflows, peak scale)
         self.open = False
+        self.dirty = False  # ranks diverged since the alert was last told
         # Do the ranks share gradients (DDP, FSDP: every rank reports the same global grad norm at a
         # step)? Judged from the first few steps two ranks both reported: None until then.
         self.shared: bool | None = None
@@ -153,17 +154,17 @@ class NanDivergence(Detector):
             if pending is not None:
                 rank.pending = None
                 if not dropped:  # the earlier non-finite grad norm was not a skipped step
-                    out.append(self._fire(pending, "grad_norm", pending.grad_norm, rank))
+                    out.extend(self._fire(pending, "grad_norm", pending.grad_norm, rank))
                     return out
             out.extend(self._amp(record, rank, scale, dropped))
             rank.scale = scale
             if out:
                 return out
         if loss is not None and not math.isfinite(loss):
-            return [self._fire(record, "loss", loss, rank)]
+            return self._fire(record, "loss", loss, rank)
         if grad is not None and not math.isfinite(grad):
             if scale is None:
-                return [self._fire(record, "grad_norm", grad, rank)]
+                return self._fire(record, "grad_norm", grad, rank)
             if not dropped:
                 rank.pending = record  # the scale may drop in the next sample
         return out
@@ -201,11 +202,11 @@ class NanDivergence(Detector):
             why = f"{peak / scale if scale > 0 else math.inf:g}x below its recent peak {peak:g}"
         if not why:
             return []
-        return [self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,
-                           peak_scale=peak)]
+        return self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,
+                          peak_scale=peak)
 
     def _fire(self, record: Record, field: str, value: float | None, rank: _Rank, why: str = "",
-              **data: Any) -> Event:
+              **data: Any) -> list[Event]:
         rank.fired = True
         rank.pending = None
         step = record.step or 0
@@ -218,16 +219,30 @@ class NanDivergence(Detector):
         own = 0 if field == "loss" else 1
         self.diverged[record.rank] = (step, own, record.time, cause, what)
         key = (step, own, record.rank)
-        if self.first is None or key < self.first:
+        new_root = self.first is None or key < self.first
+        if new_root:
             self.first, self.first_time, self.first_cause = key, record.time, cause
             self.first_values = {name: v for name in ("loss", "grad_norm", "grad_scale")
                                  if (v := getattr(record, name)) is not None}
             self.first_data = data
+        elif self.open:
+            # one more rank the NaN reached: told at the next tick, so a whole large job going NaN costs
+            # one picture per second, not one per rank (a new root is told at once, below)
+            self.dirty = True
+            return []
+        return [self._event(record.time)]
+
+    def _event(self, time: float) -> Event:
+        assert self.first is not None
         summary, data = self._picture()
-        event = firing(self.name, None, self.first[0], record.time, summary, "critical", **data)
+        event = firing(self.name, None, self.first[0], time, summary, "critical", **data)
         event.refresh = self.open
         self.open = True
+        self.dirty = False
         return event
+
+    def tick(self, now: float) -> list[Event]:
+        return [self._event(now)] if self.dirty and self.open else []
 
     def _picture(self) -> tuple[str, dict[str, Any]]:
         """The run's one alert: the root (ranks tied at the first step and kind), then the others."""
@@ -298,5 +313,5 @@ class NanDivergence(Detector):
         self.first = None
         self.first_cause = ""
         self.first_values, self.first_data = {}, {}
-        self.open = False
+        self.open = self.dirty = False
         return out

@@ -96,7 +96,7 @@ class RankFailed(Detector):
         if not self.failures:
             return []
         own = [f for f in self.failures.values() if not f.peer]
-        everyone_ended = all(r.ended for r in self.run.ranks.values())
+        everyone_ended = all(r.ended or q in self.failures for q, r in self.run.ranks.items())
         if not own and not everyone_ended:
             return []  # consequences only, while other ranks live: rank_stalled names the silent root
         root = min(own or self.failures.values(), key=lambda f: (f.time, f.rank))

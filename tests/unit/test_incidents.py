@@ -295,6 +295,7 @@ def nan_picture(records: list[Record], batch: int = 1) -> tuple[list[dict], dict
     made = []
     for i in range(0, len(records), batch):
         made += [dict(a) for a in p.process(records[i:i + batch]).alerts if a["alert"] == NAN]
+    made += [dict(a) for a in p.tick_wall(10.0) if a["alert"] == NAN]  # a second later: the sharpened picture
     (now,) = [a for a in p.book.open.values() if a["alert"] == NAN]
     return made, now, p.findings(RUN)[NAN]
 
@@ -422,3 +423,48 @@ def test_collective_errors_are_told_from_a_ranks_own(error, peer):
     from trainhealth.record import ErrorInfo
 
     assert peer_error(ErrorInfo(type=error["type"], message=error["message"])) is peer
+
+
+def test_a_whole_large_job_going_nan_builds_few_pictures_not_one_per_rank(monkeypatch):
+    # 2048 ranks all-reduce a NaN at once: the picture (O(ranks)) is rebuilt when the root changes and
+    # once per tick, not for every rank's record (that was O(ranks^2) per batch). Counted, not timed.
+    from trainhealth.config import Limits
+    from trainhealth.detectors.nan_divergence import NanDivergence
+
+    n = 2048
+    calls = 0
+    real = NanDivergence._picture
+
+    def counted(self):
+        nonlocal calls
+        calls += 1
+        return real(self)
+
+    monkeypatch.setattr(NanDivergence, "_picture", counted)
+    p = Pipeline(default_detector_settings(), Limits(max_ranks_per_run=n))
+    order = list(range(n))
+    import random
+
+    random.Random(1).shuffle(order)
+    p.process([sample(q, 1, T0 + 1, 1.0, 1.0) for q in order])
+    out = p.process([sample(q, 2, T0 + 2, 1.0, math.nan) for q in order]).alerts
+    assert [a["alert"] for a in out] == [NAN]
+    assert calls <= 30  # ~ln(2048) new lowest ranks, plus a tick
+    p.tick_wall(10.0)
+    (now,) = p.book.open.values()
+    assert now["diverged_ranks"] == n and now["first_rank"] == 0 and len(now["root_ranks"]) == n
+
+
+def test_records_measured_before_a_crash_arriving_after_its_end_do_not_revive_the_rank():
+    # the crash report is sent at once; the client's buffered samples of the last steps follow it
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)},
+                  silent_at={q: T0 + 85.4 for q in range(4)}, until=T0 + 85.4)
+    records = sorted(with_hosts(job.records, 2), key=lambda r: r.time)
+    late = [r for r in records if r.rank in (0, 1) and r.time > T0 + 84.0]  # still in node-a's buffers
+    early = [r for r in records if r not in late]
+    crashes = [end(q, T0 + 85.6, 150, PEER) for q in (0, 1)]
+    alerts = [a for a in feed(early + crashes + late, until=T0 + 400) if a["alert"] in (STALL, FAILED)]
+    assert brief(alerts) == [(STALL, "firing", None, 150)]
+    assert alerts[0]["summary"].startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same "
+                                           "moment (node down or network partition); ranks 0-1 on node-a failed "
+                                           "after it with a collective error")
