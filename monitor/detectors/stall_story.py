@@ -154,7 +154,8 @@ def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[
         out += f"; {where(det.run, moving)} still finish{'es' if len(moving) == 1 else ''} steps"
     if failed:
         error = ranks[failed[0]].error
-        out += f"; {where(det.run, failed)} failed after it with a collective error ({error})"
+        out += (f"; {where(det.run, failed)} failed after {'it' if len(roots) == 1 else 'them'} with a "
+                f"collective error ({error})")
     return out
 
 

@@ -129,8 +129,8 @@ def test_node_down_whose_survivors_crash_with_collective_errors_is_still_the_sil
     assert brief(alerts) == [(STALL, "firing", None, 150)]
     a = alerts[0]
     assert a["summary"].startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same moment")
-    assert "ranks 0-1 on node-a failed after it with a collective error (RuntimeError: [../third_party/gloo" in \
-        a["summary"]
+    assert "ranks 0-1 on node-a failed after them with a collective error (RuntimeError: [../third_party/gloo" \
+        in a["summary"]
     assert (a["root_ranks"], a["failed_ranks"], a["waiting_ranks"]) == ([2, 3], [0, 1], [])
 
 
@@ -467,4 +467,4 @@ def test_records_measured_before_a_crash_arriving_after_its_end_do_not_revive_th
     assert brief(alerts) == [(STALL, "firing", None, 150)]
     assert alerts[0]["summary"].startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same "
                                            "moment (node down or network partition); ranks 0-1 on node-a failed "
-                                           "after it with a collective error")
+                                           "after them with a collective error")
