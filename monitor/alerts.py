@@ -1,7 +1,9 @@
 """Alert lifecycle: detector Events -> alert transitions (firing, resolved).
 
 One open alert per (run, rank, alert name): repeated ``firing`` events while it
-is open update it quietly; ``resolved`` closes it; a later ``firing`` re-fires.
+is open update it quietly (a ``refresh`` event also rewrites its summary, severity
+and fields in place: one incident whose picture sharpens, paged once); ``resolved``
+closes it; a later ``firing`` re-fires.
 A transition is the alert object of DESIGN.md (a plain dict, typed as ``Alert``),
 the same one replay prints, the API returns, the store keeps and webhooks post.
 """
@@ -77,6 +79,13 @@ class AlertBook:
     def __init__(self, history: int = 10_000) -> None:
         self.open: dict[Key, Alert] = {}
         self.history: deque[Alert] = deque(maxlen=history)
+        self.refreshed: dict[str, Alert] = {}  # fingerprint -> open alert rewritten in place, not yet saved
+
+    def take_refreshed(self) -> list[Alert]:
+        """The open alerts rewritten in place since the last call (for the sinks that store them)."""
+        out = list(self.refreshed.values())
+        self.refreshed.clear()
+        return out
 
     def apply(self, run: str, events: Iterable[Event]) -> list[Alert]:
         out: list[Alert] = []
@@ -87,12 +96,18 @@ class AlertBook:
                 if current is not None:
                     current["last_step"] = ev.step
                     current["last_time"] = ev.time
+                    if ev.refresh:
+                        current["summary"] = ev.summary
+                        current["severity"] = ev.severity
+                        extra(current).update((k, v) for k, v in ev.data.items() if k not in RESERVED)
+                        self.refreshed[current["fingerprint"]] = current
                     continue
                 alert = self._make(run, ev, ev.time)
                 self.open[key] = alert
                 out.append(alert)
             elif current is not None:
                 del self.open[key]
+                self.refreshed.pop(current["fingerprint"], None)
                 alert = self._make(run, ev, current["time"])
                 alert["severity"] = current["severity"]
                 if not ev.summary:

@@ -16,7 +16,10 @@ class Event:
     ``firing`` may be repeated while the condition holds (the alert book
     deduplicates); ``resolved`` closes an open alert and is ignored otherwise.
     ``rank`` is None for run-wide alerts. ``data`` carries the numbers behind
-    the summary and is merged into the alert object.
+    the summary and is merged into the alert object. ``refresh`` (firing only): the
+    open alert takes this event's summary, severity and data in place, as the picture
+    of one incident sharpens (same fingerprint, not a new transition: nobody is paged
+    again).
     """
 
     alert: str
@@ -27,6 +30,7 @@ class Event:
     summary: str = ""
     severity: Severity = "warning"
     data: dict[str, Any] = field(default_factory=dict)
+    refresh: bool = False
 
 
 def firing(alert: str, rank: int | None, step: int, time: float, summary: str,

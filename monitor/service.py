@@ -168,12 +168,17 @@ class Service:
 
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
-        if not alerts:
+        refreshed = self.book.take_refreshed() if self.book.refreshed else []
+        if not alerts and not refreshed:  # refreshed: open alerts rewritten in place (one incident sharpening)
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
         for sink in self.sinks:
             try:
-                sink(alerts)
+                if alerts:
+                    sink(alerts)
+                refresh = getattr(sink, "refresh", None)  # sinks that keep alert bodies (the store)
+                if refreshed and refresh is not None:
+                    refresh(refreshed)
             except Exception:  # an optional sink must never break ingest
                 log.exception("alert sink %r failed", sink)
 

@@ -107,20 +107,26 @@ def settings(**overrides: dict[str, Any]) -> dict[str, Any]:
 def feed(records: list[Record], until: float | None = None, only: str | None = None,
          detector_settings: dict[str, Any] | None = None, timer: bool = True) -> list[Alert]:
     """Alert transitions, as the server makes them: one record per request, wall = record time,
-    and (timer=True) a timer tick every second, continuing to ``until``."""
+    and (timer=True) a timer tick every second, continuing to ``until``. Each transition is a copy
+    taken when it was made (an open alert is refreshed in place later: ``last_pipeline`` holds the latest)."""
     p = Pipeline(detector_settings or default_detector_settings())
     alerts: list[Alert] = []
     wall = records[0].time if records else 0.0
     for rec in records:
         while timer and wall + 1.0 < rec.time:
             wall += 1.0
-            alerts.extend(p.tick_wall(wall))
+            alerts.extend(dict(a) for a in p.tick_wall(wall))
         wall = max(wall, rec.time)
-        alerts.extend(p.process([rec], wall=rec.time).alerts)
+        alerts.extend(dict(a) for a in p.process([rec], wall=rec.time).alerts)
     while timer and until is not None and wall < until:
         wall += 1.0
-        alerts.extend(p.tick_wall(wall))
+        alerts.extend(dict(a) for a in p.tick_wall(wall))
+    global last_pipeline
+    last_pipeline = p
     return [a for a in alerts if only is None or a["alert"] == only]
+
+
+last_pipeline: Pipeline | None = None  # the Pipeline of the latest feed(): its open alerts and findings
 
 
 def brief(alerts: list[Alert]) -> list[tuple[str, str, int | None, int]]:

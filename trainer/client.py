@@ -185,8 +185,8 @@ class Telemetry:
         optimizer, config... host and pid are filled in. Sent at once, ahead of the first samples."""
         if dataclasses.is_dataclass(fields.get("config")):
             fields["config"] = dataclasses.asdict(fields["config"])
-        self._send_kind("start", None, {"world_size": self.world_size, "host": socket.gethostname(),
-                                        "pid": os.getpid(), **fields})
+        host = self.settings.host or socket.gethostname()  # TRAINHEALTH_HOST, else the machine's
+        self._send_kind("start", None, {"world_size": self.world_size, "host": host, "pid": os.getpid(), **fields})
         self._active = True
         self._outbox.request_flush()
 

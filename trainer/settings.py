@@ -3,8 +3,9 @@
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``TORCHELASTIC_RUN_ID``; trainhealth's own
 variables are ``TRAINHEALTH_URL``, ``TRAINHEALTH_RUN`` (overrides the run name),
 ``TRAINHEALTH_TOKEN``, ``TRAINHEALTH_OFFLINE`` (write a .jsonl instead of sending),
-``TRAINHEALTH_HEARTBEAT_SECONDS``, ``TRAINHEALTH_FLUSH_SECONDS`` and ``TRAINHEALTH_SAMPLE_SECONDS``
-(host PSS and NVML).
+``TRAINHEALTH_HEARTBEAT_SECONDS``, ``TRAINHEALTH_FLUSH_SECONDS``, ``TRAINHEALTH_SAMPLE_SECONDS``
+(host PSS and NVML) and ``TRAINHEALTH_HOST`` (the host name the start record carries; default the
+machine's, so one machine can stand for two in a test).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ClientSettings:
     backoff_seconds: float = 0.5  # first retry delay after a failed send; doubles
     max_backoff_seconds: float = 10.0
     sample_seconds: float = 5.0  # host PSS and NVML are read this often (background thread)
+    host: str = ""  # the start record's host (groups ranks by machine); "" = socket.gethostname()
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -104,6 +106,7 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "heartbeat_seconds": _env_float(env, "TRAINHEALTH_HEARTBEAT_SECONDS", 5.0),
         "flush_seconds": _env_float(env, "TRAINHEALTH_FLUSH_SECONDS", 1.0),
         "sample_seconds": _env_float(env, "TRAINHEALTH_SAMPLE_SECONDS", 5.0),
+        "host": env.get("TRAINHEALTH_HOST") or socket.gethostname(),
     }
     known = {f.name for f in fields(ClientSettings)}
     for key, value in overrides.items():

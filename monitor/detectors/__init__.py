@@ -14,6 +14,7 @@ from .host_memory import HostMemoryLeak
 from .liveness import RankStalled
 from .lr_scaling import LrScaling
 from .nan_divergence import NanDivergence
+from .rank_failed import RankFailed
 from .spikes import GradExplosion, LossSpike
 from .straggler import Straggler
 
@@ -25,6 +26,7 @@ ALL: list[type[Detector[Any]]] = [
     GpuOomRisk,
     GpuOom,
     HostMemoryLeak,
+    RankFailed,
     RankStalled,
     Straggler,
 ]

@@ -17,38 +17,50 @@ after a ``start`` (start-up, compilation, checkpoint loading) the limit is at
 least ``startup_seconds``. The silence limit learns the longest gap between a
 heartbeating rank's records the same way.
 
-An alert's ``time`` is the moment the limit was crossed (last advance + limit),
-so the server (timer ticks on the wall clock) and replay (ticks on record time)
-report the same alert. When several ranks are stalled, each alert names the
-rank that most likely stopped first: a rank that went silent while others
-still send heartbeats, else the one left behind at the lowest step, else
-(all ranks at one step) the one whose heartbeats say it has been waiting for
-data (``phase`` "data") the longest while the others got their batch and wait
-in the step's collectives: a hung DataLoader. Without ``phase`` in the
-records the blocker at one step cannot be told, and the summary says so.
+One incident, one page: the run has at most one open rank_stalled alert
+(``rank`` null). It names the root (stall_story.py): the ranks that went
+silent while others still send heartbeats (and their host, when they are all of
+one host's ranks: a node down), else the ranks left behind at the lowest step,
+else (all ranks at one step) those whose heartbeats say they wait for data
+(``phase`` "data") while the others wait in the step's collectives. Ranks that
+only wait are listed in its fields (``waiting_ranks``) and in ``facts()``; as
+more ranks cross their limits the alert is refreshed in place (same
+fingerprint, no second page). It resolves when no rank is stalled any more.
 
-A rank that sent ``end`` is finished, not dead, and so is every rank that has
-not gone past the step at which another rank ended (in synchronous training
-nobody ends while others still train). A new ``start`` or a step advance
-resolves an open alert; so does ``end``.
+An alert's ``time`` is the moment the first limit was crossed (last advance +
+limit), so the server (timer ticks on the wall clock) and replay (ticks on
+record time) report the same alert.
+
+A rank that sent a clean ``end`` (status "completed", or none from an older
+client) is finished, not dead, and so is every rank that has not gone past the
+step at which another rank ended (in synchronous training nobody ends while
+others still train). A rank that ended ``failed`` is gone, not silent: when
+its error is its own (a CUDA error, a bug), rank_failed owns the incident and
+the others' stall is not paged here; when its error says a peer went away
+first (a collective error: "Connection closed by peer"), it is a consequence,
+listed in ``failed_ranks`` of the stall it followed. A rank that sent an
+``oom`` record and never finished a step after it is gpu_oom's incident. A new
+``start`` or a step advance resolves; so does ``end``.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from statistics import median
+from typing import Any
 
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .incident import oom_error, peer_error, quote
+from .stall_story import describe
 from .validate import flag
 
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
-NAMES_SHOWN = 10  # ranks named in a summary; the rest are counted
+ADVANCED = "advanced"  # a step advance (its summary words are made only when an alert is open)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,17 +88,6 @@ class RankStalledSettings:
 
 
 @dataclass(slots=True)
-class _Peers:
-    """The live ranks, indexed once per tick: naming the first rank costs O(log n) per alert, so a
-    whole large job stalling at once does not hold the event loop for n x n."""
-
-    live: int
-    by_silence: list[tuple[float, list[tuple[float, int]]]]  # (silence limit, sorted [(seen, rank)])
-    order: list[tuple[int, float, int]]  # sorted (shown step, advance time, rank)
-    data: list[tuple[float, int]]  # ranks waiting for data: sorted (phase start or inf if unknown, rank)
-
-
-@dataclass(slots=True)
 class _Rank:
     advance_time: float  # when step last advanced (or the baseline: start / first record)
     seen: float  # newest record time
@@ -101,6 +102,8 @@ class _Rank:
     phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
     phase_time: float | None = None  # when that phase began
     phase_seen: float = -math.inf  # time of the record that said so
+    error: str = ""  # its failed end's exception, quoted ("" for none)
+    end_time: float = -math.inf  # time of its latest end (records measured before it may arrive after it)
 
 
 class RankStalled(Detector[RankStalledSettings]):
@@ -114,9 +117,15 @@ class RankStalled(Detector[RankStalledSettings]):
         self.longest = 0.0  # longest interval between two step advances of one rank
         self.recent: deque[float] = deque(maxlen=RECENT_INTERVALS)
         self.longest_gap = 0.0  # longest gap between two records of a heartbeating rank
-        self.end_step: int | None = None  # highest step at which a rank sent `end`
+        self.end_step: int | None = None  # highest step at which a rank sent a clean `end`
         self.end_time = -math.inf
-        self.firing: dict[int, str] = {}  # rank -> reason of its open alert
+        self.root_failed: dict[int, str] = {}  # rank -> its own crash (rank_failed's incident)
+        self.peer_failed: dict[int, str] = {}  # rank -> its collective error (a consequence)
+        self.oom: set[int] = set()  # ranks with an oom record and no step since (gpu_oom's incident)
+        self.stalled: dict[int, tuple[str, float, float]] = {}  # rank -> (reason, crossed at, limit)
+        self.open = False  # the run's incident is firing
+        self.signature: tuple[frozenset[tuple[int, str]], frozenset[int]] | None = None
+        self.picture: dict[str, Any] = {}  # the open incident's fields, for facts()
 
     # -- records ------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
@@ -124,9 +133,10 @@ class RankStalled(Detector[RankStalledSettings]):
         if t > self.now:
             self.now = t
         kind = record.type
-        r = self.ranks.get(record.rank)
+        rank = record.rank
+        r = self.ranks.get(rank)
         if r is None:
-            r = self.ranks[record.rank] = _Rank(advance_time=t, seen=t)
+            r = self.ranks[rank] = _Rank(advance_time=t, seen=t)
         elif t > r.seen:
             if r.beats and not r.after_start and t - r.seen > self.longest_gap:
                 self.longest_gap = t - r.seen
@@ -139,7 +149,8 @@ class RankStalled(Detector[RankStalledSettings]):
             r.phase_time = record.phase_time if record.phase is not None else None
         if kind == "start":
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
-            r.sample_step, r.phase, r.phase_time = -1, None, None
+            r.sample_step, r.phase, r.phase_time, r.error = -1, None, None, ""
+            self._forget_failure(rank)
             why = "started again"
             if t > self.end_time:
                 self.end_step = None
@@ -147,13 +158,26 @@ class RankStalled(Detector[RankStalledSettings]):
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
             r.ended = True
-            if record.step is not None and (self.end_step is None or record.step > self.end_step):
-                self.end_step = record.step
-            self.end_time = max(self.end_time, t)
-            why = "ended"
+            r.end_time = max(r.end_time, t)
+            if record.status == "failed":
+                r.error = quote(record.error)
+                if peer_error(record.error):
+                    self.peer_failed[rank] = r.error
+                elif oom_error(record.error) and rank in self.oom:
+                    pass  # gpu_oom's incident already
+                else:
+                    self.root_failed[rank] = r.error
+                why = f"failed ({r.error})"
+            else:
+                if record.step is not None and (self.end_step is None or record.step > self.end_step):
+                    self.end_step = record.step
+                self.end_time = max(self.end_time, t)
+                why = "ended"
         else:
             if kind == "heartbeat":
                 r.beats = True
+            elif kind == "oom":
+                self.oom.add(rank)
             step = record.step
             if step is not None:
                 if r.step < 0:  # baseline after a start or at first sight: not progress yet
@@ -165,8 +189,13 @@ class RankStalled(Detector[RankStalledSettings]):
                             self.recent.append(interval)
                             if interval > self.longest:
                                 self.longest = interval
-                    r.step, r.advance_time, r.advanced, r.ended = step, t, True, False
-                    why = f"advanced to step {step}"
+                    r.step, r.advance_time, r.advanced = step, t, True
+                    if t > r.end_time:  # training again after its end (not a late record from before it)
+                        r.ended = False
+                        if rank in self.oom or r.error:
+                            r.error = ""
+                            self._forget_failure(rank)
+                    why = ADVANCED  # the words are only needed with an alert open: made below
                 elif kind == "sample" and step < r.sample_step and t > r.advance_time:
                     # its training thread went back: restarted without a start record. (A heartbeat
                     # may carry an older step than the sample before it: the threads race.)
@@ -175,16 +204,27 @@ class RankStalled(Detector[RankStalledSettings]):
                 if kind == "sample" and step > r.sample_step:
                     r.sample_step = step
                 r.shown = r.step
-        if not self.firing:
+        if not self.open:
             return []
-        check = list(self.firing) if kind in ("start", "end") else (
-            [record.rank] if record.rank in self.firing else [])
-        out = []
-        for rank in check:
-            event = self._resolve_if_ok(rank, self.now, t, why if rank == record.rank else "")
-            if event is not None:
-                out.append(event)
-        return out
+        if why is ADVANCED:
+            why = f"advanced to step {r.step}"
+        if self.root_failed or self.oom:
+            return [self._resolve(t, rank, why)]
+        if kind in ("start", "end"):
+            check = list(self.stalled)
+        elif rank in self.stalled:
+            check = [rank]
+        else:
+            return []
+        for q in check:
+            if self._stalled(self.ranks[q], self.now) is None:
+                del self.stalled[q]
+        return [self._resolve(t, rank, why)] if not self.stalled else []
+
+    def _forget_failure(self, rank: int) -> None:
+        self.root_failed.pop(rank, None)
+        self.peer_failed.pop(rank, None)
+        self.oom.discard(rank)
 
     def _retire_beyond(self, world_size: int, t: float) -> None:
         for rank, r in self.ranks.items():
@@ -196,20 +236,25 @@ class RankStalled(Detector[RankStalledSettings]):
         if now > self.now:
             self.now = now
         now = self.now
-        out = []
-        peers = None  # built at the first alert of this tick
+        stalled = {}
         for rank, r in self.ranks.items():
-            prev = self.firing.get(rank)
-            if prev is not None:
-                event = self._resolve_if_ok(rank, now, now, "")
-                if event is not None:
-                    out.append(event)
-                continue
             found = self._stalled(r, now)
             if found is not None:
-                peers = peers or self._peers()
-                out.append(self._fire(rank, r, *found, peers))
-        return out
+                stalled[rank] = found
+        self.stalled = stalled
+        if not stalled or self.root_failed or self.oom:
+            return [self._resolve(now, None, "")] if self.open else []
+        signature = (frozenset((q, f[0]) for q, f in stalled.items()), frozenset(self.peer_failed))
+        if self.open and signature == self.signature:
+            return []
+        self.signature = signature
+        at = now if self.open else min(f[1] for f in stalled.values())
+        summary, step, data = describe(self, stalled, at)
+        self.picture = {"summary": summary, "step": step, **data}
+        event = firing(self.name, None, step, at, summary, "critical", **data)
+        event.refresh = self.open
+        self.open = True
+        return [event]
 
     # -- the rules ----------------------------------------------------------
     def step_limit(self, r: _Rank) -> float:
@@ -226,6 +271,9 @@ class RankStalled(Detector[RankStalledSettings]):
     def finished(self, r: _Rank) -> bool:
         return r.ended or r.retired or (self.end_step is not None and r.step <= self.end_step)
 
+    def typical(self) -> float | None:
+        return median(self.recent) if self.recent else None
+
     def _stalled(self, r: _Rank, now: float) -> tuple[str, float, float] | None:
         """(reason, crossing time, limit) of the earliest condition that holds at ``now``."""
         if not self.settings.enabled or self.finished(r):
@@ -239,123 +287,31 @@ class RankStalled(Detector[RankStalledSettings]):
             found = ("stuck", r.advance_time + limit, limit)
         return found
 
-    def _resolve_if_ok(self, rank: int, now: float, time: float, why: str) -> Event | None:
-        r = self.ranks[rank]
-        if self._stalled(r, now) is not None:
-            return None
-        reason = self.firing.pop(rank)
-        limit = self.step_limit(r)
+    def _resolve(self, time: float, rank: int | None, why: str) -> Event:
+        self.open = False
+        self.signature = None
+        step = self.picture.get("step", 0)
+        self.picture = {}
+        self.stalled = {}
         if not self.settings.enabled:
-            summary = f"rank {rank}: rank_stalled was disabled"
-        elif self.finished(r):
-            summary = f"rank {rank} {why}" if why else (
-                f"rank {rank} is finished: a rank ended the run at step {self.end_step}")
+            summary = "rank_stalled was disabled"
+        elif self.root_failed:
+            q = min(self.root_failed)
+            summary = (f"rank {q} failed ({self.root_failed[q]}): the stall is part of that incident "
+                       f"(see rank_failed)")
+        elif self.oom:
+            summary = (f"rank {min(self.oom)} ran out of GPU memory: the stall is part of that incident "
+                       f"(see gpu_oom)")
+        elif rank is not None and self.finished(self.ranks[rank]) and self.end_step is not None:
+            summary = f"rank {rank} {why}: the run ended at step {self.end_step}, no rank is stalled"
         else:
-            if not why:
-                why = ("sends records again" if reason == "silent"
-                       else "is within the stall limit again")
-            summary = (f"rank {rank} {why}; the stall limit is now {limit:.0f} s "
+            who = f"rank {rank} {why}; " if rank is not None and why else ""
+            s = self.settings
+            limit = min(max(s.floor_seconds, s.factor * self.longest), s.ceiling_seconds)
+            summary = (f"{who}no rank is stalled any more; the stall limit is now {limit:.0f} s "
                        f"(longest step interval seen {self.longest:.1f} s)")
-        return resolved(self.name, rank, r.shown, time, summary, threshold_seconds=limit)
+        return resolved(self.name, None, step, time, summary)
 
-    def _fire(self, rank: int, r: _Rank, reason: str, at: float, limit: float, peers: _Peers) -> Event:
-        self.firing[rank] = reason
-        step = r.shown
-        if reason == "silent":
-            what = (f"rank {rank} went silent after step {step}: no heartbeat or record for "
-                    f"{limit:.0f} s (process gone or frozen)")
-        else:
-            beat = "while its heartbeats continue" if r.beats else "while it still sends records"
-            what = (f"rank {rank} is stuck after step {step}: no step finished for {limit:.0f} s "
-                    f"{beat} (blocked in a collective or in data loading)")
-        if reason == "silent" and r.beats:
-            basis = (f"limit {limit:.0f} s = max(floor {self.settings.silence_floor_seconds:.0f} s, "
-                     f"{self.settings.factor:g}x the longest record gap seen, {self.longest_gap:.1f} s)")
-        elif r.advanced:
-            basis = (f"limit {limit:.0f} s = max(floor {self.settings.floor_seconds:.0f} s, "
-                     f"{self.settings.factor:g}x the longest step interval seen, {self.longest:.1f} s)")
-        else:
-            basis = f"limit {limit:.0f} s: no step finished since it started"
-        first, why_first = self._first(at, peers)
-        summary = f"{what}; {why_first}; {basis}" if why_first else f"{what}; {basis}"
-        typical = median(self.recent) if self.recent else None
-        return firing(self.name, rank, step, at, summary, "critical",
-                      reason=reason, threshold_seconds=limit, last_step_time=r.advance_time,
-                      last_record_time=r.seen, longest_step_interval_seconds=self.longest,
-                      typical_step_interval_seconds=typical, heartbeats=r.beats,
-                      first_rank=first, phase=r.phase, phase_time=r.phase_time)
-
-    def _peers(self) -> _Peers:
-        live = [(q, r) for q, r in self.ranks.items() if not self.finished(r)]
-        by_limit: dict[float, list[tuple[float, int]]] = {}
-        for q, r in live:
-            by_limit.setdefault(self.silence_limit(r), []).append((r.seen, q))
-        return _Peers(len(live), [(lim, sorted(v)) for lim, v in by_limit.items()],
-                      sorted((r.shown, r.advance_time, q) for q, r in live),
-                      sorted((r.phase_time if r.phase_time is not None else math.inf, q)
-                             for q, r in live if r.phase == "data"))
-
-    def _first(self, at: float, peers: _Peers) -> tuple[int | None, str]:
-        """Which rank most likely stopped first, judged at time ``at``, and why."""
-        if peers.live < 2:
-            return None, ""
-        # quiet for half its silence limit: on its way to silent (ranks stop within ms of each other)
-        n_missing, earliest, latest = 0, None, -math.inf
-        for lim, seen in peers.by_silence:
-            k = bisect_right(seen, (at - lim / 2, math.inf))
-            if k:
-                n_missing += k
-                earliest = seen[0] if earliest is None else min(earliest, seen[0])
-                latest = max(latest, seen[k - 1][0])
-        if earliest is not None and n_missing < peers.live:
-            seen_at, q = earliest
-            n = peers.live - n_missing
-            return q, (f"rank {q} went silent first (nothing for {at - seen_at:.0f} s) while "
-                       f"{_ranks(n)} still send{'s' if n == 1 else ''} records")
-        prefix = ""
-        if earliest is not None:  # all went quiet together: killed, node down, or the recording ended
-            prefix = f"every rank went silent within {latest - earliest[0]:.1f} s; "
-        order = peers.order
-        low_step, _, q = order[0]
-        n_behind = bisect_right(order, (low_step, math.inf, math.inf))
-        top = order[-1][0]
-        if n_behind == 1:
-            return q, (f"{prefix}rank {q} stopped first (at step {low_step}; "
-                       f"{_ranks(peers.live - 1)} reached {top})")
-        if n_behind == peers.live:
-            waiting = _waiting_for_data(peers, at, low_step, prefix)
-            if waiting is not None:
-                return waiting
-            return None, (f"{prefix}all {peers.live} ranks stand at step {low_step}: the rank that "
-                          f"blocks the others cannot be told from steps (dump their stacks, "
-                          f"e.g. py-spy dump)")
-        names = ", ".join(str(x[2]) for x in order[:min(n_behind, NAMES_SHOWN)])
-        if n_behind > NAMES_SHOWN:
-            names += f" and {n_behind - NAMES_SHOWN} more"
-        return None, f"{prefix}ranks {names} are behind at step {low_step} while others reached {top}"
-
-
-def _waiting_for_data(peers: _Peers, at: float, step: int, prefix: str) -> tuple[int | None, str] | None:
-    """All ranks stand at ``step``: the ranks whose training thread waits for its next batch block the
-    others, which got theirs and wait in the step's all-reduce. None without phase information."""
-    data = peers.data
-    if not data:
-        return None
-    since, q = data[0]
-    since = min(since, at)
-    if len(data) == peers.live:
-        return None, (f"{prefix}all {peers.live} ranks have been waiting for data since step {step} (rank {q} "
-                      f"for {at - since:.0f} s): check the shared storage or input pipeline")
-    n = peers.live - len(data)
-    if len(data) == 1:
-        who, their = f"rank {q} has been waiting for data for {at - since:.0f} s", "its"
-    else:
-        shown = sorted(x[1] for x in data[:NAMES_SHOWN])
-        names = ", ".join(map(str, shown)) + (f" and {len(data) - NAMES_SHOWN} more" if len(data) > NAMES_SHOWN else "")
-        who, their = f"ranks {names} have been waiting for data (rank {q} for {at - since:.0f} s)", "their"
-    return q, (f"{prefix}{who} since step {step} while {_ranks(n)} wait{'s' if n == 1 else ''} in the "
-               f"step's collectives: check {their} DataLoader/storage; py-spy dump {their} workers")
-
-
-def _ranks(n: int) -> str:
-    return "the other rank" if n == 1 else f"the other {n} ranks"
+    def facts(self) -> dict[str, Any]:
+        """The open incident: its root, host and the ranks that only wait (GET /v1/runs/{run})."""
+        return dict(self.picture) if self.open else {}

@@ -1,14 +1,23 @@
 """nan_divergence: the loss or the grad norm became NaN/Inf, on any rank.
 
-Every rank is checked. The alert names the rank and the exact step; when
-several ranks go non-finite, the summary and the fields name the rank that went
-first, where to look: the lowest non-finite step; on a tie, a rank whose loss
-is non-finite before one with only a non-finite grad norm (bad data on rank 5
+Every rank is checked; one incident, one page: the run has one open
+nan_divergence alert (``rank`` null) that names the root, the rank(s) that went
+non-finite first: the lowest non-finite step; on a tie, ranks whose own loss
+is non-finite before ranks with only a non-finite grad norm (bad data on rank 5
 makes its loss NaN; the other ranks get NaN only through the all-reduce of the
-gradients, in the same step); then the earliest time. Ranks send their own
-batches, so the first rank's record may arrive after another rank's alert went
-out: that alert keeps its guess, later alerts and the run-level ``facts()``
-(``GET /v1/runs/{run}``: ``findings.nan_divergence``) carry the corrected one.
+gradients, in the same step); ``first_rank`` is the lowest of them. Never the
+arrival time: ranks a few microseconds apart must not make the server and
+replay disagree. Every rank tied at that (step, own loss) is a root: ranks that
+do not share gradients can each go NaN on their own.
+
+The advice fits each rank. A rank whose own loss went non-finite is told so and
+keeps the LR advice (restart from the last good checkpoint with a lower LR, and
+check its batch); ranks that only received the NaN (a non-finite grad norm, their
+own loss finite) are listed in ``received_ranks`` with "check rank K's batch".
+Ranks send their own batches, so the first rank's record may arrive after the
+alert went out: the alert is refreshed in place (same fingerprint, no second
+page), and the run-level ``facts()`` (``GET /v1/runs/{run}``:
+``findings.nan_divergence``) carry the same picture.
 
 fp16 dynamic loss scaling (samples carry ``grad_scale``): an infinite grad norm
 on a step the scaler skips is normal. The scaler shows the skip by lowering
@@ -40,6 +49,7 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .incident import ranks_phrase
 from .steps import step_of as _step_of
 from .validate import flag, whole
 
@@ -66,6 +76,10 @@ class NanDivergenceSettings:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+SHARED_COMPARISONS = 8  # grad norms of two ranks at one step compared, to tell whether they share gradients
+GRAD_STEPS_KEPT = 256  # steps whose first grad norm is kept for that (ranks send batches ~1 s apart)
 
 
 class _Rank:
@@ -103,10 +117,21 @@ class NanDivergence(Detector[NanDivergenceSettings]):
     def __init__(self, settings: NanDivergenceSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
-        # (step, 0 if the loss is non-finite else 1, time, rank) of the first divergence, and its cause
-        self.first: tuple[int, int, float, int] | None = None
+        # rank -> (step, 0 if its own loss is non-finite else 1, time, cause, what) of its divergence
+        self.diverged: dict[int, tuple[int, int, float, str, str]] = {}
+        self.first: tuple[int, int, int] | None = None  # (step, own loss 0 / else 1, rank): the root
+        self.first_time = 0.0
         self.first_cause = ""
-        self.diverged: set[int] = set()
+        self.first_values: dict[str, float] = {}  # the root record's loss, grad_norm, grad_scale
+        self.first_data: dict[str, Any] = {}  # the root's extra figures (AMP overflows, peak scale)
+        self.open = False
+        self.dirty = False  # ranks diverged since the alert was last told
+        # Do the ranks share gradients (DDP, FSDP: every rank reports the same global grad norm at a
+        # step)? Judged from the first few steps two ranks both reported: None until then.
+        self.shared: bool | None = None
+        self.grad_at: dict[int, float] = {}  # step -> the first finite grad norm reported for it
+        self.votes = 0  # > 0: equal norms seen; < 0: different ones
+        self.compared = 0
 
     def update(self, record: Record) -> list[Event]:
         if record.type == "start":
@@ -119,6 +144,8 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         if rank.fired:
             return []  # terminal until a start
         loss, grad, scale = record.loss, record.grad_norm, record.grad_scale
+        if self.compared < SHARED_COMPARISONS and grad is not None and math.isfinite(grad):
+            self._compare_grad(record.step or 0, grad)
         out: list[Event] = []
         dropped = False
         if scale is not None and math.isfinite(scale):
@@ -127,20 +154,33 @@ class NanDivergence(Detector[NanDivergenceSettings]):
             if pending is not None:
                 rank.pending = None
                 if not dropped:  # the earlier non-finite grad norm was not a skipped step
-                    out.append(self._fire(pending, "grad_norm", pending.grad_norm, rank))
+                    out.extend(self._fire(pending, "grad_norm", pending.grad_norm, rank))
                     return out
             out.extend(self._amp(record, rank, scale, dropped))
             rank.scale = scale
             if out:
                 return out
         if loss is not None and not math.isfinite(loss):
-            return [self._fire(record, "loss", loss, rank)]
+            return self._fire(record, "loss", loss, rank)
         if grad is not None and not math.isfinite(grad):
             if scale is None:
-                return [self._fire(record, "grad_norm", grad, rank)]
+                return self._fire(record, "grad_norm", grad, rank)
             if not dropped:
                 rank.pending = record  # the scale may drop in the next sample
         return out
+
+    def _compare_grad(self, step: int, grad: float) -> None:
+        seen = self.grad_at.get(step)
+        if seen is None:
+            self.grad_at[step] = grad
+            if len(self.grad_at) > GRAD_STEPS_KEPT:
+                del self.grad_at[next(iter(self.grad_at))]
+            return
+        self.compared += 1
+        self.votes += 1 if abs(seen - grad) <= 1e-5 * max(abs(seen), abs(grad), 1e-30) else -1
+        self.shared = self.votes > 0 if self.votes else None
+        if self.compared >= SHARED_COMPARISONS:
+            self.grad_at.clear()
 
     def _amp(self, record: Record, rank: _Rank, scale: float, dropped: bool) -> list[Event]:
         s = self.settings
@@ -162,11 +202,11 @@ class NanDivergence(Detector[NanDivergenceSettings]):
             why = f"{peak / scale if scale > 0 else math.inf:g}x below its recent peak {peak:g}"
         if not why:
             return []
-        return [self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,
-                           peak_scale=peak)]
+        return self._fire(record, "grad_scale", scale, rank, why=why, overflows=rank.overflows,
+                          peak_scale=peak)
 
     def _fire(self, record: Record, field: str, value: float | None, rank: _Rank, why: str = "",
-              **data: Any) -> Event:
+              **data: Any) -> list[Event]:
         rank.fired = True
         rank.pending = None
         step = record.step or 0
@@ -176,44 +216,102 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         else:
             what = f"{field} became {value}"
             cause = f"nonfinite_{field}"
-        key = (step, 0 if field == "loss" else 1, record.time, record.rank)
-        if self.first is None or key < self.first:
-            self.first = key
-            self.first_cause = cause
-        self.diverged.add(record.rank)
-        first_step, _, _, first_rank = self.first
-        where = f"at step {step} on rank {record.rank}"
-        if first_rank == record.rank:
-            advice = ("restart from the last good checkpoint with a lower LR (see lr_scaling), "
-                      f"and check rank {record.rank}'s batch at that step")
+        own = 0 if field == "loss" else 1
+        self.diverged[record.rank] = (step, own, record.time, cause, what)
+        key = (step, own, record.rank)
+        new_root = self.first is None or key < self.first
+        if new_root:
+            self.first, self.first_time, self.first_cause = key, record.time, cause
+            self.first_values = {name: v for name in ("loss", "grad_norm", "grad_scale")
+                                 if (v := getattr(record, name)) is not None}
+            self.first_data = data
+        elif self.open:
+            # one more rank the NaN reached: told at the next tick, so a whole large job going NaN costs
+            # one picture per second, not one per rank (a new root is told at once, below)
+            self.dirty = True
+            return []
+        return [self._event(record.time)]
+
+    def _event(self, time: float) -> Event:
+        assert self.first is not None
+        summary, data = self._picture()
+        event = firing(self.name, None, self.first[0], time, summary, "critical", **data)
+        event.refresh = self.open
+        self.open = True
+        self.dirty = False
+        return event
+
+    def tick(self, now: float) -> list[Event]:
+        return [self._event(now)] if self.dirty and self.open else []
+
+    def _picture(self) -> tuple[str, dict[str, Any]]:
+        """The run's one alert: the root (ranks tied at the first step and kind), then the others."""
+        assert self.first is not None
+        first_step, first_own, first_rank = self.first
+        roots, own_later, received = [], [], []
+        for q, (step, own, _, _, _) in self.diverged.items():
+            if step == first_step and own == first_own:
+                roots.append(q)
+            elif own == 0 and not self.shared:  # ranks that do not share gradients diverge on their own
+                own_later.append(q)
+            else:  # a non-finite grad norm with a finite loss, or a loss after the root's in a shared job
+                received.append(q)
+        roots.sort()
+        what = self.diverged[first_rank][4]
+        if len(roots) == 1:
+            head = f"{what} at step {first_step} on rank {first_rank}"
         else:
-            advice = (f"rank {first_rank} went non-finite first, at step {first_step}: "
-                      f"check its batch at that step, then restart from the last good checkpoint")
-        summary = f"{what} {where}; {advice}"
-        data.update(cause=cause, first_rank=first_rank, first_step=first_step,
-                    diverged_ranks=len(self.diverged))
-        for name in ("loss", "grad_norm", "grad_scale"):
-            v = getattr(record, name)
-            if v is not None:
-                data[name] = v
-        return firing(self.name, record.rank, step, record.time, summary, "critical", **data)
+            head = f"{what} at step {first_step} on {ranks_phrase(roots)} (each on its own)"
+        if first_own == 0:
+            head += " (its own loss)" if len(roots) == 1 else ""
+            their = "its" if len(roots) == 1 else "their"
+            advice = (f"restart from the last good checkpoint with a lower LR (see lr_scaling), and check "
+                      f"{their} batch at that step")
+        elif self.first_cause == "amp_scale_collapse":
+            advice = ("restart from the last good checkpoint with a lower LR (see lr_scaling), and check "
+                      f"rank {first_rank}'s batch at that step")
+        else:
+            advice = ("the loss was still finite: the gradients overflowed; restart from the last good "
+                      "checkpoint with a lower LR (see lr_scaling) or clip gradients")
+        summary = f"{head}; {advice}"
+        if own_later:
+            steps = sorted({self.diverged[q][0] for q in own_later})
+            summary += (f"; the own loss of {ranks_phrase(own_later)} became non-finite too (step "
+                        f"{steps[0] if len(steps) == 1 else f'{steps[0]}-{steps[-1]}'}): the same advice holds")
+        if received:
+            summary += (f"; {ranks_phrase(received)} got the NaN only through the shared gradients: check "
+                        f"rank {first_rank}'s batch, not theirs")
+        data: dict[str, Any] = dict(self.first_data)
+        data.update(self.first_values)
+        data.update(cause=self.first_cause, first_rank=first_rank, first_step=first_step,
+                    root_ranks=roots, own_loss_ranks=sorted(q for q, d in self.diverged.items() if d[1] == 0),
+                    received_ranks=sorted(received), diverged_ranks=len(self.diverged),
+                    shared_gradients=self.shared)
+        return summary, data
 
     def facts(self) -> dict[str, Any]:
         if self.first is None:
             return {}
-        step, _, time, rank = self.first
-        return {"first_rank": rank, "first_step": step, "first_time": time, "first_cause": self.first_cause,
-                "diverged_ranks": sorted(self.diverged)}
+        step, _, rank = self.first
+        _, data = self._picture()
+        return {"first_rank": rank, "first_step": step, "first_time": self.first_time,
+                "first_cause": self.first_cause, "diverged_ranks": sorted(self.diverged),
+                "root_ranks": data["root_ranks"], "own_loss_ranks": data["own_loss_ranks"],
+                "received_ranks": data["received_ranks"]}
 
     def _restart(self, record: Record) -> list[Event]:
         if record.rank not in self.ranks:
             return []  # no sample from this rank since the run (re)started: its initial start
         step = _step_of(record, self.run)
-        out = [resolved(self.name, r, step, record.time,
-                        f"run restarted (start from rank {record.rank}) after divergence on rank {r}")
-               for r in sorted(self.diverged)]
+        out = []
+        if self.open and self.first is not None:
+            out.append(resolved(self.name, None, step, record.time,
+                                f"run restarted (start from rank {record.rank}) after divergence first on "
+                                f"rank {self.first[2]}"))
         self.ranks.clear()
         self.diverged.clear()
         self.first = None
         self.first_cause = ""
+        self.first_values, self.first_data = {}, {}
+        self.open = self.dirty = False
         return out

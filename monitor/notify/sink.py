@@ -71,6 +71,7 @@ class AlertsOut:
         for alert, silenced in store.open_alerts():
             self.open[alert["fingerprint"]] = Open(alert, silenced)
         self.unwritten: deque[Write] = deque()
+        self._refreshed: dict[str, Alert] = {}  # fingerprint -> latest body rewritten in place, not yet stored
         if self.open:
             log.info("restored %d open alerts from %s", len(self.open), store.path)
 
@@ -87,6 +88,8 @@ class AlertsOut:
 
     # -- the sink -----------------------------------------------------------
     def __call__(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
         now = self.clock()
         transitions: list[Transition] = []
         closed: list[int] = []
@@ -143,6 +146,24 @@ class AlertsOut:
             log.error("store refused writes for too long: %d alert transitions dropped from memory (ids %s)",
                       len(lost.transitions), [t.alert["id"] for t in lost.transitions])
 
+    def refresh(self, alerts: list[Alert]) -> None:
+        """Open alerts the AlertBook rewrote in place (same episode, nobody paged again): store their new
+        body. Held (the latest body per alert) and retried each tick while the store cannot write."""
+        for a in alerts:
+            if "id" in a:
+                self._refreshed[a["fingerprint"]] = a
+        self.save_refreshed()
+
+    def save_refreshed(self) -> None:
+        if not self._refreshed:
+            return
+        try:
+            self.store.refresh(list(self._refreshed.values()))
+        except (sqlite3.Error, OSError) as exc:
+            self.fault.failed("refresh", exc)
+            return
+        self._refreshed.clear()
+
     def silence_for(self, alert: Alert, now: float) -> Silence | None:
         return next((s for s in self.silences if s.matches(alert, now)), None)
 
@@ -166,6 +187,7 @@ class AlertsOut:
     def tick(self, now: float) -> None:
         if not self.flush():
             return
+        self.save_refreshed()
         if self.fault.failing is not None:  # nothing held, but the last write failed: is the disk back?
             try:
                 self.store.probe()

@@ -191,6 +191,12 @@ class Store:
                        [(a["id"], target, key, now) for target, key, payload in outbox
                         for a in json.loads(payload) if isinstance(a, dict) and "id" in a])
 
+    def refresh(self, alerts: Sequence[Alert]) -> None:
+        """Open alerts rewritten in place (one incident whose picture sharpened): their stored body."""
+        with self.tx() as db:
+            db.executemany("UPDATE alerts SET body = ?, severity = ? WHERE id = ?",
+                           [(jsonout.dumps(a), a["severity"], a["id"]) for a in alerts])
+
     def unsilence(self, ids: Sequence[int], outbox: Sequence[tuple[str, str, str]]) -> None:
         """Open alerts whose silence ended: now notified (one commit with their outbox rows)."""
         now = self.clock()

@@ -120,6 +120,13 @@ def nan_records(run: str, ranks: range | list[int], step: int = 10) -> list[dict
     return [{"run": run, "rank": rank, "time": now, "step": step, "loss": float("nan")} for rank in ranks]
 
 
+def oom_records(run: str, ranks: range | list[int], step: int = 10) -> list[dict[str, Any]]:
+    """A per-rank alert (gpu_oom) for each rank: nan_divergence is one alert per run."""
+    now = time.time()
+    return [{"type": "oom", "run": run, "rank": rank, "time": now, "step": step, "message": "CUDA out of memory"}
+            for rank in ranks]
+
+
 def ingest(sidecar: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     resp = sidecar.client.post("/v1/ingest", content=json.dumps(records),
                                headers={"Content-Type": "application/json"})

@@ -50,14 +50,14 @@ def test_readme_walkthrough_gives_the_answers_it_shows(start_sidecar, tmp_path):
 
     firing = sc.client.get("/v1/alerts", params={"run": "job-7", "state": "firing"}).json()["alerts"]
     assert [(a["alert"], a["rank"], a["step"], a["severity"]) for a in firing] == [
-        ("nan_divergence", 0, 812, "critical"), ("lr_scaling", None, 0, "critical")]
+        ("nan_divergence", None, 812, "critical"), ("lr_scaling", None, 0, "critical")]
     nan = firing[0]
     assert {k: nan[k] for k in ("state", "run", "time", "started_at", "fingerprint", "first_rank", "first_step",
                                 "loss", "grad_norm")} == {
         "state": "firing", "run": "job-7", "time": 1732500001.5, "started_at": 1732500001.5,
-        "fingerprint": "job-7/0/nan_divergence", "first_rank": 0, "first_step": 812,
+        "fingerprint": "job-7/-/nan_divergence", "first_rank": 0, "first_step": 812,
         "loss": "NaN", "grad_norm": "Infinity"}  # non-finite numbers as strings, never null
-    assert nan["summary"].startswith("loss became nan at step 812 on rank 0; ")
+    assert nan["summary"].startswith("loss became nan at step 812 on rank 0 (its own loss); ")
     lr = firing[1]
     assert (lr["lr"], lr["expected_lr"], lr["total_batch"], lr["ratio"]) == (0.02, 0.0025, 2, 8.0)
     assert lr["summary"].startswith("LR 0.02 is 8.0x the linear-scaling value 0.0025 for total batch 2")

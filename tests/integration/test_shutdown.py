@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.alerting import Receiver, ingest, nan_records
+from tests.integration.alerting import Receiver, ingest, oom_records
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_stop_signal_mid_delivery_shuts_down_cleanly_and_keeps_the_outbox(start_
     db = tmp_path / "stop.db"
     sc = start_sidecar("--db", str(db), "--webhook", f"{receiver.url}/hook", db=False)
     try:
-        assert ingest(sc, nan_records("stop", range(2)))["alerts"] == 2
+        assert ingest(sc, oom_records("stop", range(2)))["alerts"] == 2
         receiver.wait_for(lambda: receiver.in_flight == 1, what="a delivery in flight")
         sc.proc.send_signal(sig)
         try:

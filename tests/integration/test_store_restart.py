@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.integration.alerting import Receiver, config, ingest, nan_records
+from tests.integration.alerting import Receiver, config, ingest, nan_records, oom_records
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ backoff_max = 0.5
 """)
     receiver.hold()
     sidecar = start_sidecar("--config", cfg, "--db", db, db=False)
-    assert ingest(sidecar, nan_records("kill", range(5)))["alerts"] == 5
+    assert ingest(sidecar, oom_records("kill", range(5)))["alerts"] == 5
     receiver.wait_for(lambda: receiver.in_flight == 1, what="the first delivery in flight")
     sidecar.stop(kill=True)  # SIGKILL while the receiver holds the first notification
     assert sidecar.proc.returncode == -9
@@ -68,7 +68,7 @@ def test_open_alert_survives_restart_stays_acknowledged_and_resolves_after(start
     assert ingest(again, nan_records("long-job", [0], step=11))["alerts"] == 0  # still open: deduplicated
     receiver.wait_for(lambda: len(receiver.deliveries()) == 2, what="the resolve after the run expired")
     resolved = receiver.deliveries()[1].json()
-    assert (resolved["state"], resolved["rank"], resolved["started_at"]) == ("resolved", 0, restored["time"])
+    assert (resolved["state"], resolved["rank"], resolved["started_at"]) == ("resolved", None, restored["time"])
     assert again.client.get("/v1/alerts", params={"state": "firing"}).json()["alerts"] == []
     states = [(a["state"], a["acknowledged"]) for a in again.client.get("/v1/alerts").json()["alerts"]]
     assert states == [("resolved", True), ("firing", True)]

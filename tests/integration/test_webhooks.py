@@ -15,7 +15,7 @@ from trainhealth.notify.delivery import Deliverer, outbox_rows
 from trainhealth.notify.store import Store
 from trainhealth.notify.webhooks import WebhookSettings, target
 
-from tests.integration.alerting import Receiver, config, ingest, nan_records
+from tests.integration.alerting import Receiver, config, ingest, nan_records, oom_records
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ format = "alertmanager"
     (th,) = receiver.deliveries("/trainhealth")
     alert = th.json()
     assert (alert["alert"], alert["state"], alert["run"], alert["rank"], alert["loss"]) == (
-        "nan_divergence", "firing", "job-1", 3, "NaN")  # NaN stays NaN, never null
+        "nan_divergence", "firing", "job-1", None, "NaN")  # NaN stays NaN, never null; one alert per run
     assert alert["id"] == sidecar.client.get("/v1/alerts").json()["alerts"][0]["id"]
     assert len(th.key) == 32
     expected = "sha256=" + hmac.new(b"s3cret", th.body, hashlib.sha256).hexdigest()
@@ -56,7 +56,7 @@ format = "alertmanager"
     (am,) = receiver.deliveries("/am")
     payload = am.json()
     assert (payload["version"], payload["status"]) == ("4", "firing")
-    assert payload["alerts"][0]["labels"] == {"alertname": "nan_divergence", "run": "job-1", "rank": "3",
+    assert payload["alerts"][0]["labels"] == {"alertname": "nan_divergence", "run": "job-1",
                                               "severity": "critical", "source": "trainhealth"}
     assert "x-trainhealth-signature" not in am.headers
     assert am.key != th.key
@@ -72,7 +72,7 @@ backoff_max = 0.5
 """)
     sidecar = start_sidecar("--config", cfg, "--db", str(tmp_path / "t.db"), db=False)
     for rank in range(5):
-        assert ingest(sidecar, nan_records("down", [rank]))["alerts"] == 1
+        assert ingest(sidecar, oom_records("down", [rank]))["alerts"] == 1
 
     def attempts() -> int:
         with sqlite3.connect(tmp_path / "t.db") as db:
@@ -98,12 +98,12 @@ def test_slow_receiver_does_not_hold_up_ingest(start_sidecar, receiver) -> None:
     receiver.start()
     receiver.hold()  # every request waits until released
     sidecar = start_sidecar("--webhook", f"{receiver.url}/slow")
-    ingest(sidecar, nan_records("slow", [0]))
+    ingest(sidecar, oom_records("slow", [0]))
     receiver.wait_for(lambda: receiver.in_flight == 1, what="a delivery in flight")
     latencies = []
     for step in range(11, 41):
         t0 = time.perf_counter()
-        body = ingest(sidecar, nan_records("slow", [step - 10], step=step))
+        body = ingest(sidecar, oom_records("slow", [step - 10], step=step))
         latencies.append(time.perf_counter() - t0)
         assert body["accepted"] == 1
     assert receiver.in_flight == 1  # all 30 batches were answered while the receiver sat on the first

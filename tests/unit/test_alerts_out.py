@@ -59,6 +59,11 @@ def nan(run: str, rank: int, t: float, step: int = 10) -> dict:
     return {"run": run, "rank": rank, "time": t, "step": step, "loss": float("nan")}
 
 
+def oom(run: str, rank: int, t: float, step: int = 10) -> dict:
+    """A per-rank alert (gpu_oom): nan_divergence is one alert per run (rank null)."""
+    return {"type": "oom", "run": run, "rank": rank, "time": t, "step": step, "message": "CUDA out of memory"}
+
+
 def queued(out: AlertsOut) -> list[tuple[str, str, str, int | None]]:
     """(target kind, alert, state, rank) of every queued notification, oldest first."""
     rows = out.store.db.execute("SELECT target, payload FROM outbox ORDER BY id").fetchall()
@@ -72,8 +77,8 @@ def test_transition_is_stored_and_queued_for_every_target(start: Start) -> None:
     assert ingest(service, nan("r1", 0, clock.t))["alerts"] == 1
     stored = out.store.query_alerts()["alerts"]
     assert [(a["id"], a["state"], a["loss"]) for a in stored] == [(1, "firing", "NaN")]
-    assert queued(out) == [("webhook", "nan_divergence", "firing", 0), ("alertmanager", "nan_divergence",
-                                                                        "firing", 0)]
+    assert queued(out) == [("webhook", "nan_divergence", "firing", None),
+                           ("alertmanager", "nan_divergence", "firing", None)]
     assert out.delivery_stats()["outbox_depth"] == 2
     assert service.book.firing("r1")[0]["id"] == 1  # the live alert carries its id (for acks)
 
@@ -83,7 +88,7 @@ def test_silenced_alert_is_stored_but_neither_it_nor_its_resolve_is_notified(sta
     service, out = start(clock, ttl=60)
     out.add_silence({"run": "r1", "alert": "nan_divergence", "until": clock.t + 3600, "comment": "known"})
     ingest(service, nan("r1", 0, clock.t), nan("r2", 0, clock.t))
-    assert queued(out) == [("webhook", "nan_divergence", "firing", 0)]
+    assert queued(out) == [("webhook", "nan_divergence", "firing", None)]
     assert json.loads(out.store.db.execute("SELECT payload FROM outbox").fetchone()[0])[0]["run"] == "r2"
     by_run = {a["run"]: a for a in out.store.query_alerts()["alerts"]}
     assert by_run["r1"]["silenced"] is True and by_run["r2"]["silenced"] is False
@@ -98,7 +103,7 @@ def test_silence_matches_only_its_run_alert_and_rank(start: Start) -> None:
     clock = Clock()
     service, out = start(clock)
     out.add_silence({"run": "r1", "rank": 1, "until": clock.t + 60})
-    ingest(service, nan("r1", 0, clock.t), nan("r1", 1, clock.t), nan("r1x", 1, clock.t))
+    ingest(service, oom("r1", 0, clock.t), oom("r1", 1, clock.t), oom("r1x", 1, clock.t))
     assert sorted((a["run"], a["rank"], a["silenced"]) for a in out.store.query_alerts()["alerts"]) == [
         ("r1", 0, False), ("r1", 1, True), ("r1x", 1, False)]
 
@@ -112,7 +117,7 @@ def test_alert_still_open_when_its_silence_ends_is_notified_then(start: Start) -
     assert queued(out) == []
     clock.t += 31
     out.tick(clock.t)
-    assert queued(out) == [("webhook", "nan_divergence", "firing", 0)]
+    assert queued(out) == [("webhook", "nan_divergence", "firing", None)]
     assert out.store.query_alerts()["alerts"][0]["silenced"] is False
     assert out.list_silences() == [] and out.list_silences(expired=True)[0]["id"] == s["id"]
 
@@ -124,19 +129,19 @@ def test_deleting_a_silence_ends_it_now(start: Start) -> None:
     ingest(service, nan("r1", 0, clock.t))
     assert out.expire_silence(s["id"]) is True
     out.tick(clock.t)
-    assert queued(out) == [("webhook", "nan_divergence", "firing", 0)]
+    assert queued(out) == [("webhook", "nan_divergence", "firing", None)]
     assert out.expire_silence(999) is False
 
 
 def test_restart_restores_open_alerts_so_they_stay_deduplicated_and_resolve(start: Start) -> None:
     clock = Clock()
     service, out = start(clock, ttl=60)
-    ingest(service, nan("r1", 0, clock.t), nan("r1", 1, clock.t))
+    ingest(service, oom("r1", 0, clock.t), oom("r1", 1, clock.t))
 
     service, out = start(clock, ttl=60)  # same db: a restart
     assert sorted(a["rank"] for a in service.book.firing("r1")) == [0, 1]
     clock.t += 5
-    assert ingest(service, nan("r1", 0, clock.t, step=11))["alerts"] == 0  # still open: deduplicated
+    assert ingest(service, oom("r1", 0, clock.t, step=11))["alerts"] == 0  # still open: deduplicated
     clock.t += 61
     resolves = service.tick()
     assert sorted((a["rank"], a["state"]) for a in resolves) == [(0, "resolved"), (1, "resolved")]
@@ -157,7 +162,7 @@ def test_restored_alert_of_a_run_that_never_returns_resolves_after_the_run_ttl(s
     clock.t += 2
     service.tick()
     latest = out.store.query_alerts()["alerts"][0]
-    assert (latest["state"], latest["rank"]) == ("resolved", 0)
+    assert (latest["state"], latest["rank"]) == ("resolved", None)
     assert "run gone expired after 61s without records" in latest["summary"]
     assert service.book.firing() == []
     assert [q[2] for q in queued(out)] == ["firing", "resolved"]

@@ -15,6 +15,14 @@ from .traces import healthy, merge, run_pipeline, samples, set_at, start, with_a
 NAN, INF = math.nan, math.inf
 
 
+def live_alerts(*batches):
+    """The open nan_divergence alerts after these batches, as they stand now (refreshed in place)."""
+    p = Pipeline(default_detector_settings())
+    for batch in batches:
+        p.process(list(batch))
+    return [a for a in p.book.open.values() if a["alert"] == "nan_divergence"]
+
+
 def nan_alerts(*batches, **settings):
     overrides = {"nan_divergence": settings} if settings else {}
     alerts = run_pipeline(*batches, **overrides)
@@ -25,40 +33,50 @@ def test_nan_loss_fires_at_the_exact_step_on_that_rank():
     ranks = [healthy(300, seed=r) for r in range(4)]
     ranks[2] = set_at(ranks[2], "loss", {199: NAN})  # step 200
     alerts = nan_alerts(merge(*(samples(t, rank=r) for r, t in enumerate(ranks))))
-    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [("firing", 2, 200)]
+    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [("firing", None, 200)]
     a = alerts[0]
-    assert a["severity"] == "critical"
+    assert a["severity"] == "critical" and a["fingerprint"] == "trace/-/nan_divergence"
     assert a["cause"] == "nonfinite_loss" and math.isnan(a["loss"])
     assert (a["first_rank"], a["first_step"], a["diverged_ranks"]) == (2, 200, 1)
-    assert a["summary"].startswith("loss became nan at step 200 on rank 2; restart from the last good")
+    assert a["summary"].startswith("loss became nan at step 200 on rank 2 (its own loss); restart from "
+                                   "the last good checkpoint with a lower LR")
 
 
 def test_infinite_grad_norm_without_amp_fires():
     trace = set_at(healthy(100), "grad_norm", {49: INF})
     alerts = nan_alerts(samples(trace, rank=1))
-    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [(1, 50, "nonfinite_grad_norm")]
-    assert "grad_norm became inf at step 50 on rank 1" in alerts[0]["summary"]
+    assert [(a["first_rank"], a["step"], a["cause"]) for a in alerts] == [(1, 50, "nonfinite_grad_norm")]
+    assert alerts[0]["summary"] == (
+        "grad_norm became inf at step 50 on rank 1; the loss was still finite: the gradients overflowed; "
+        "restart from the last good checkpoint with a lower LR (see lr_scaling) or clip gradients")
 
 
 def test_several_ranks_name_the_rank_that_went_first():
     # bad data on rank 3 at step 100; the all-reduce spreads it to every rank at step 101
     traces = [set_at(healthy(150, seed=r), "loss", {100: NAN}) for r in range(4)]
     traces[3] = set_at(traces[3], "loss", {99: NAN})
-    alerts = nan_alerts(merge(*(samples(t, rank=r) for r, t in enumerate(traces))))
-    assert [(a["rank"], a["step"]) for a in alerts] == [(3, 100), (0, 101), (1, 101), (2, 101)]
-    assert all((a["first_rank"], a["first_step"]) == (3, 100) for a in alerts)
-    assert [a["diverged_ranks"] for a in alerts] == [1, 2, 3, 4]
-    assert "rank 3 went non-finite first, at step 100" in alerts[1]["summary"]
+    alerts = run_pipeline(merge(*(samples(t, rank=r) for r, t in enumerate(traces))))
+    assert [(a["alert"], a["rank"], a["step"], a["first_rank"]) for a in alerts] == [
+        ("nan_divergence", None, 100, 3)]  # one page for the run, not four
+    (a,) = live_alerts(merge(*(samples(t, rank=r) for r, t in enumerate(traces))))
+    assert (a["first_rank"], a["first_step"], a["diverged_ranks"], a["root_ranks"]) == (3, 100, 4, [3])
+    # these traces' grad norms differ per rank: no sign of shared gradients, so each loss is its own
+    assert a["shared_gradients"] is False and a["own_loss_ranks"] == [0, 1, 2, 3]
+    assert a["summary"].endswith("; the own loss of ranks 0-2 became non-finite too (step 101): the same "
+                                 "advice holds")
 
 
 def test_first_rank_is_corrected_when_an_earlier_step_arrives_in_a_later_batch():
     p = Pipeline(default_detector_settings())
     nan0 = set_at(healthy(120, seed=0), "loss", {100: NAN})
     nan3 = set_at(healthy(120, seed=3), "loss", {99: NAN})
-    first = p.process(samples(nan0, rank=0)[:105]).alerts  # rank 0's sidecar batch came in first
+    first = [dict(a) for a in p.process(samples(nan0, rank=0)[:105]).alerts]  # rank 0's batch came first
     later = p.process(samples(nan3, rank=3)[:105]).alerts
-    assert [(a["rank"], a["step"], a["first_rank"]) for a in first] == [(0, 101, 0)]
-    assert [(a["rank"], a["step"], a["first_rank"], a["first_step"]) for a in later] == [(3, 100, 3, 100)]
+    assert [(a["rank"], a["step"], a["first_rank"]) for a in first] == [(None, 101, 0)]
+    assert later == []  # no second page: the open alert is corrected in place
+    (now,) = p.book.open.values()
+    assert (now["first_rank"], now["first_step"], now["fingerprint"]) == (3, 100, "trace/-/nan_divergence")
+    assert now["summary"].startswith("loss became nan at step 100 on rank 3 (its own loss)")
 
 
 def nan_data(rank_with_bad_batch, ranks=2, step=8, steps=12):
@@ -77,24 +95,28 @@ def nan_data(rank_with_bad_batch, ranks=2, step=8, steps=12):
 def test_nan_loss_beats_an_all_reduced_nan_grad_norm_at_the_same_step_in_one_batch():
     r0, r1 = nan_data(rank_with_bad_batch=1)
     alerts = nan_alerts(merge(r0, r1))  # rank 0's step-8 sample comes first (earlier time)
-    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [
-        (0, 8, "nonfinite_grad_norm"), (1, 8, "nonfinite_loss")]
-    assert (alerts[1]["first_rank"], alerts[1]["first_step"]) == (1, 8)
-    assert alerts[1]["summary"] == ("loss became nan at step 8 on rank 1; restart from the last good "
-                                    "checkpoint with a lower LR (see lr_scaling), and check rank 1's batch "
-                                    "at that step")
+    # the alert goes out after the batch: it already names the rank whose own loss went NaN
+    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [(None, 8, "nonfinite_loss")]
+    (now,) = live_alerts(merge(r0, r1))
+    assert (now["first_rank"], now["first_step"], now["cause"]) == (1, 8, "nonfinite_loss")
+    assert now["summary"] == ("loss became nan at step 8 on rank 1 (its own loss); restart from the last "
+                              "good checkpoint with a lower LR (see lr_scaling), and check its batch at "
+                              "that step; rank 0 got the NaN only through the shared gradients: check rank "
+                              "1's batch, not theirs")
+    assert (now["root_ranks"], now["received_ranks"]) == ([1], [0])
 
 
 def test_first_rank_is_corrected_when_the_nan_loss_rank_arrives_after_another_ranks_alert():
     r0, r1, r2 = nan_data(rank_with_bad_batch=1, ranks=3)
     p = Pipeline(default_detector_settings())
-    got = [p.process(batch).alerts for batch in (r0, r1, r2)]  # each rank's sidecar batch in turn
-    assert [(a["rank"], a["first_rank"]) for out in got for a in out] == [(0, 0), (1, 1), (2, 1)]
-    # rank 0's alert went out with the only guess there was; rank 2's names rank 1
-    assert "rank 1 went non-finite first, at step 8: check its batch" in got[2][0]["summary"]
+    got = [[dict(a) for a in p.process(batch).alerts] for batch in (r0, r1, r2)]  # each rank's batch
+    # one page, with the only guess there was (rank 0); the open alert then names rank 1 in place
+    assert [(a["rank"], a["first_rank"]) for out in got for a in out] == [(None, 0)]
+    (now,) = p.book.open.values()
+    assert now["first_rank"] == 1 and "check rank 1's batch" in now["summary"]
     assert p.findings("trace")["nan_divergence"] == {
         "first_rank": 1, "first_step": 8, "first_time": 1004.001, "first_cause": "nonfinite_loss",
-        "diverged_ranks": [0, 1, 2]}
+        "diverged_ranks": [0, 1, 2], "root_ranks": [1], "own_loss_ranks": [1], "received_ranks": [0, 2]}
     assert run_view(p.runs["trace"], p.book, findings=p.findings("trace"))["findings"]["nan_divergence"][
         "first_rank"] == 1
 
@@ -103,8 +125,9 @@ def test_a_lower_step_wins_over_a_nan_loss():
     grad7 = samples(set_at(healthy(12, seed=0), "grad_norm", {6: INF}), rank=0)
     loss8 = samples(set_at(healthy(12, seed=1), "loss", {7: NAN}), rank=1)
     alerts = nan_alerts(loss8, grad7)
-    assert [(a["rank"], a["step"], a["first_rank"], a["first_step"]) for a in alerts] == [
-        (1, 8, 1, 8), (0, 7, 0, 7)]
+    assert [(a["rank"], a["step"], a["first_rank"], a["first_step"]) for a in alerts] == [(None, 8, 1, 8)]
+    (now,) = live_alerts(loss8, grad7)
+    assert (now["first_rank"], now["first_step"], now["cause"]) == (0, 7, "nonfinite_grad_norm")
 
 
 def test_no_findings_before_any_divergence():
@@ -119,7 +142,7 @@ def test_late_initial_start_of_another_rank_does_not_resolve_the_divergence():
     before = [start(0, time=1000.0)] + samples(nan0, rank=0)[:15]
     late = [start(1, time=1008.0)] + samples(healthy(20, seed=1), rank=1)  # rank 1 was slow to start
     alerts = nan_alerts(before, late)
-    assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [("firing", 0, 10)]
+    assert [(a["state"], a["first_rank"], a["step"]) for a in alerts] == [("firing", 0, 10)]
 
 
 def test_a_ranks_own_start_after_its_samples_is_a_restart_and_the_other_ranks_restarts_resolve_nothing():
@@ -131,8 +154,8 @@ def test_a_ranks_own_start_after_its_samples_is_a_restart_and_the_other_ranks_re
     restart1 = [start(1, time=1104.0)]  # rank 1's restart start arrives after rank 0 diverged again
     alerts = nan_alerts(first, restart0, again, restart1)
     assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [
-        ("firing", 0, 10), ("resolved", 0, 20), ("firing", 0, 5)]
-    assert alerts[1]["summary"] == "run restarted (start from rank 0) after divergence on rank 0"
+        ("firing", None, 10), ("resolved", None, 20), ("firing", None, 5)]
+    assert alerts[1]["summary"] == "run restarted (start from rank 0) after divergence first on rank 0"
 
 
 def test_divergence_is_terminal_until_a_start_record():
@@ -142,15 +165,18 @@ def test_divergence_is_terminal_until_a_start_record():
     restart = [start(0, time=1100.0, world_size=1, batch_size=8, lr=0.1)]
     alerts = nan_alerts(before, restart, again)
     assert [(a["state"], a["rank"], a["step"]) for a in alerts] == [
-        ("firing", 0, 50), ("resolved", 0, 100), ("firing", 0, 50)]
+        ("firing", None, 50), ("resolved", None, 100), ("firing", None, 50)]
     assert "run restarted" in alerts[1]["summary"]
 
 
 def test_one_start_resolves_every_diverged_rank():
     traces = [set_at(healthy(60, seed=r), "loss", {30: NAN}) for r in range(3)]
     records = merge(*(samples(t, rank=r) for r, t in enumerate(traces)))
-    assert [(a["state"], a["rank"]) for a in nan_alerts(records, [start(0, time=2000.0)])] == [
-        ("firing", 0), ("firing", 1), ("firing", 2), ("resolved", 0), ("resolved", 1), ("resolved", 2)]
+    alerts = nan_alerts(records, [start(0, time=2000.0)])
+    assert [(a["state"], a["rank"], a["first_rank"] if a["state"] == "firing" else None) for a in alerts] == [
+        ("firing", None, 0), ("resolved", None, None)]
+    # the three ranks went NaN at the same step on their own: ties go to the lowest rank, all are roots
+    assert "at step 31 on ranks 0-2 (each on its own)" in alerts[0]["summary"]
 
 
 @pytest.mark.parametrize("logged", ["after", "before"])
@@ -174,7 +200,7 @@ def test_amp_nan_loss_is_divergence():
 def test_amp_overflows_that_keep_coming_are_divergence(logged, step):
     trace = with_amp(healthy(300), [0, 1, 2] + list(range(100, 140)), logged=logged)
     alerts = nan_alerts(samples(trace))
-    assert [(a["rank"], a["step"], a["cause"]) for a in alerts] == [(0, step, "amp_scale_collapse")]
+    assert [(a["first_rank"], a["step"], a["cause"]) for a in alerts] == [(0, step, "amp_scale_collapse")]
     a = alerts[0]
     assert a["overflows"] == 10 and a["grad_scale"] == 2.0 ** 16 / 2 ** 13
     assert "after 10 overflow-skipped steps in a row" in a["summary"]
@@ -217,7 +243,7 @@ def test_amp_skipped_nan_grad_on_one_rank_stays_quiet_while_other_rank_nan_loss_
     quiet = with_amp(healthy(200, seed=0), [0, 1, 120])
     loud = set_at(with_amp(healthy(200, seed=1), [0, 1]), "loss", {150: NAN})
     alerts = nan_alerts(merge(samples(quiet, rank=0), samples(loud, rank=1)))
-    assert [(a["rank"], a["step"]) for a in alerts] == [(1, 151)]
+    assert [(a["first_rank"], a["step"]) for a in alerts] == [(1, 151)]
 
 
 def test_disabled_detector_is_silent():

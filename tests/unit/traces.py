@@ -124,7 +124,8 @@ def run_pipeline(*batches: Sequence[Record], **overrides: dict[str, Any]) -> lis
     for name, values in overrides.items():
         settings[name] = type(settings[name])(**values)
     pipeline = Pipeline(settings)
-    return [a for batch in batches for a in pipeline.process(list(batch)).alerts]
+    # copies as made: an open alert is refreshed in place later (one incident whose picture sharpens)
+    return [dict(a) for batch in batches for a in pipeline.process(list(batch)).alerts]
 
 
 def only(alerts: list[dict[str, Any]], name: str) -> list[tuple[str, int | None, int]]:

@@ -1,0 +1,131 @@
+"""One incident, one page: helpers the run-level alerts share (rank_stalled, nan_divergence, rank_failed).
+
+When several ranks of a run fail together (a node down, NaN spreading through the all-reduce, the others
+blocked behind a crashed rank), one alert for the run names the root. These helpers say it the same way
+everywhere: rank sets as ranges ("ranks 4-7"), the host when a set is all of one host's ranks (start records
+carry ``host``), and whether a crash is a consequence of another rank going away (a collective error).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from ..record import ErrorInfo
+from ..state import RunState
+
+GROUPS_SHOWN = 8  # runs of consecutive ranks named in a summary; the rest are counted
+
+# What a rank raises when a peer of its collective went away or broke it first: the rank is a consequence,
+# not the root (gloo: "Connection closed by peer", "Connection reset by peer"; NCCL: the watchdog's timeout,
+# "NCCL communicator was aborted", "remote process exited or there was a network error"; torch's
+# DistBackendError / DistNetworkError; the store "Broken pipe" when the master's node is gone).
+_PEER_ERROR = re.compile(
+    r"closed by peer|reset by peer|broken pipe|connection refused|communicator was aborted|"
+    r"remote process exited|watchdog caught collective|collective operation timeout|"
+    r"nccl.{0,200}(timeout|timed out|abort)|gloo.{0,200}(timeout|timed out|closed|connection)",
+    re.IGNORECASE)
+_PEER_TYPES = ("DistBackendError", "DistNetworkError", "DistStoreError")
+
+
+def peer_error(error: ErrorInfo | None) -> bool:
+    """Whether a crash says another rank went away or broke the collective first (then it is not the root)."""
+    if error is None:
+        return False
+    if error.type.rsplit(".", 1)[-1] in _PEER_TYPES:
+        return True
+    return bool(_PEER_ERROR.search(error.message[:2000]))
+
+
+def oom_error(error: ErrorInfo | None) -> bool:
+    """A GPU out-of-memory crash (torch.cuda.OutOfMemoryError, or a RuntimeError saying so)."""
+    if error is None:
+        return False
+    return error.type.endswith("OutOfMemoryError") or "out of memory" in error.message[:2000].lower()
+
+
+def quote(error: ErrorInfo | None) -> str:
+    """ "RuntimeError: CUDA error: unspecified launch failure" (the message's first line, bounded)."""
+    if error is None:
+        return "no error given"
+    message = error.message.strip().split("\n", 1)[0][:300]
+    kind = error.type or "an exception"
+    return f"{kind}: {message}" if message else kind
+
+
+def span(ranks: Iterable[int]) -> str:
+    """Sorted ranks as ranges: [0, 1, 2, 3, 6] -> "0-3, 6"; long lists end with "and N more"."""
+    groups: list[list[int]] = []
+    for q in sorted(set(ranks)):
+        if groups and q == groups[-1][1] + 1:
+            groups[-1][1] = q
+        else:
+            groups.append([q, q])
+    shown = [f"{a}" if a == b else f"{a}-{b}" for a, b in groups[:GROUPS_SHOWN]]
+    rest = sum(b - a + 1 for a, b in groups[GROUPS_SHOWN:])
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
+def ranks_phrase(ranks: Iterable[int]) -> str:
+    """ "rank 3" or "ranks 4-7"."""
+    ranks = sorted(set(ranks))
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {span(ranks)}"
+
+
+def host_of(run: RunState, ranks: Iterable[int]) -> str | None:
+    """The host when ``ranks`` are every rank this run has on one host (as their start records say)."""
+    group = set(ranks)
+    hosts = set()
+    for q in group:
+        state = run.ranks.get(q)
+        if state is None or state.host is None:
+            return None
+        hosts.add(state.host)
+    if len(hosts) != 1:
+        return None
+    (host,) = hosts
+    if any(s.host == host and q not in group for q, s in run.ranks.items()):
+        return None
+    return host
+
+
+def whole_hosts(run: RunState, ranks: Iterable[int]) -> list[str]:
+    """The hosts whose every rank is in ``ranks``, when ``ranks`` are exactly those hosts' ranks; else []."""
+    group = set(ranks)
+    hosts: set[str] = set()
+    for q in group:
+        state = run.ranks.get(q)
+        if state is None or state.host is None:
+            return []
+        hosts.add(state.host)
+    if any(s.host in hosts and q not in group for q, s in run.ranks.items()):
+        return []
+    return sorted(hosts)
+
+
+def where(run: RunState, ranks: Iterable[int]) -> str:
+    """ "ranks 0-3 on node-a", "ranks 0-3" (hosts unknown or mixed), "ranks 0-1 on node-a, 4-5 on node-b"."""
+    ranks = sorted(set(ranks))
+    if len({s.host for s in run.ranks.values()}) < 2:
+        return ranks_phrase(ranks)  # one host (or none known): naming it adds nothing
+    by_host: dict[str | None, list[int]] = {}
+    for q in ranks:
+        state = run.ranks.get(q)
+        by_host.setdefault(state.host if state is not None else None, []).append(q)
+    if None in by_host or len(by_host) > 3:
+        return ranks_phrase(ranks)
+    if len(by_host) == 1:
+        ((host, qs),) = by_host.items()
+        return f"{ranks_phrase(qs)} on {host}"
+    parts = [f"{span(qs)} on {host}" for host, qs in sorted(by_host.items(), key=lambda kv: kv[1][0])]
+    return "ranks " + ", ".join(parts)
+
+
+def hosts_of(run: RunState, ranks: Iterable[int]) -> list[str]:
+    """The distinct known hosts of ``ranks``, in rank order."""
+    out: list[str] = []
+    for q in sorted(set(ranks)):
+        state = run.ranks.get(q)
+        if state is not None and state.host is not None and state.host not in out:
+            out.append(state.host)
+    return out
