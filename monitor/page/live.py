@@ -31,7 +31,7 @@ def snapshot(pipeline: Pipeline, book: AlertBook, recent: Callable[[str, int], l
         state = pipeline.runs[chosen]
         model["detail"] = run_view(state, book, detail=True, findings=pipeline.findings(chosen))
         model["recent"] = recent(chosen, RECENT_LIMIT)
-        model["rows"], model["gpu_total"] = live_rows(state, [a["rank"] for a in model["detail"]["firing"]])
+        model["rows"], model["gpu_total"] = live_rows(state, alerting_ranks(model["detail"]["firing"]))
     return model
 
 
@@ -46,3 +46,11 @@ def finish(model: dict[str, Any]) -> dict[str, Any]:
     model["chart"] = live_chart(model["chosen"], rows, gpu_total, touching + model["detail"]["firing"],
                                 model["detail"]["ranks"], [dict(s) for s in model["detail"]["starts"]])
     return model
+
+
+def alerting_ranks(firing: list[dict[str, Any]]) -> list[int | None]:
+    """The ranks the firing alerts are about: a per-rank alert's rank, and a run-level incident's root ranks
+    (rank_stalled, nan_divergence and rank_failed name them in ``root_ranks``), roots first."""
+    roots = [r for a in firing if a.get("rank") is None for r in (a.get("root_ranks") or ())]
+    return [*roots, *(a.get("rank") for a in firing)]
+

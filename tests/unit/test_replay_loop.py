@@ -53,7 +53,8 @@ def test_cli_prints_exactly_what_the_replay_loop_yields(tmp_path: Path, capsys: 
     printed = capsys.readouterr().out.splitlines()
     expected = list(replay(read_files([str(path)], ReadStats()), Pipeline(default_detector_settings())))
     assert printed == [jsonout.dumps(a) for a in expected]
-    assert ("nan_divergence", "firing", 1) in {(a["alert"], a["state"], a["rank"]) for a in expected}
+    assert ("nan_divergence", "firing", None, 1) in {(a["alert"], a["state"], a["rank"], a.get("first_rank"))
+                                                   for a in expected}
 
 
 def test_a_batch_stays_within_one_tick_and_max_batch() -> None:
