@@ -102,7 +102,7 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
 def serve(settings: Settings, config_file: str | None, log_level: str = "info") -> int:
     import uvicorn
 
-    from .http.server import build_service_and_app
+    from .http.server import Server, build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
@@ -123,7 +123,7 @@ def serve(settings: Settings, config_file: str | None, log_level: str = "info") 
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
                             access_log=False, timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config, service).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
         pass
     return 0

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
 
+from . import batches
 from . import config as config_mod
 from .alerts import Alert
 from .config import Settings
@@ -18,6 +19,7 @@ from .ingest import BodyError, Decoded, Rejection, decode_body
 from .pipeline import Pipeline
 from .record import Record
 from .recorder import FlightRecorder
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class Service:
         self.closers: list[Callable[[], None]] = []
         self.query_alerts: Callable[..., dict[str, Any]] | None = None
         self.stats = IngestStats()
+        self.watch = Watch(self.book)  # what the runs' clients hear: firing alerts, agreed stop steps
+        self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         if settings.server.record_dir:  # the flight recorder: the first record sink
             recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
             self.record_sinks.append(recorder.write)
@@ -72,15 +76,28 @@ class Service:
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
-               content_encoding: str | None = None) -> IngestAnswer:
+               content_encoding: str | None = None, batch_id: str | None = None) -> IngestAnswer:
+        """``batch_id``: the client's ``X-Trainhealth-Batch`` (CLIENT/SEQ); a batch already taken is
+        answered ``duplicate`` and not ingested again (batches.py)."""
         limits = self.settings.limits
+        ident = None
+        if batch_id is not None:
+            try:
+                ident = batches.parse(batch_id)
+            except batches.BatchIdError as exc:
+                return self.refuse(400, str(exc))
+            if self.taken.taken(*ident):
+                return IngestAnswer(200, {"accepted": 0, "rejected": 0, "alerts": 0, "duplicate": True})
         try:
             decoded = decode_body(body, content_type, content_encoding,
                                   max_records=limits.max_records_per_batch,
                                   max_decoded_bytes=limits.max_decoded_bytes)
         except BodyError as exc:
             return self.refuse(exc.status, str(exc))
-        return self.accept(decoded)
+        answer = self.accept(decoded)
+        if ident is not None and answer.status == 200:
+            self.taken.take(*ident)
+        return answer
 
     def refuse(self, status: int, message: str) -> IngestAnswer:
         self.stats.bodies_refused[status] = self.stats.bodies_refused.get(status, 0) + 1
@@ -109,6 +126,7 @@ class Service:
                 except Exception:  # like alert sinks: never break ingest
                     log.exception("record sink %r failed", record_sink)
         self.stats.accepted += len(kept)
+        names = self.watch.note(kept)
         if decoded.rejected:
             self.stats.reject("invalid", len(decoded.rejected))
         if capped:
@@ -126,6 +144,9 @@ class Service:
             body["errors"] = [r.as_dict() for r in rejected[:MAX_REASONS]]
             if len(rejected) > MAX_REASONS:
                 body["errors_truncated"] = len(rejected) - MAX_REASONS
+        views = self.watch.views(names)
+        if views:  # the job hears its alerts: firing ones and agreed stop steps (watch.py)
+            body["runs"] = views
         return IngestAnswer(status, body)
 
     def _refuse_future(self, decoded: Decoded, wall: float) -> None:
@@ -150,6 +171,7 @@ class Service:
         if not alerts:
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
+        self.watch.on_alerts(alerts)
         for sink in self.sinks:
             try:
                 sink(alerts)

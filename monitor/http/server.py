@@ -5,10 +5,12 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Callable
 
+import uvicorn
 from fastapi import FastAPI
 
 from ..config import ConfigError, Settings
 from ..notify.alertmanager import alertmanager_settings
+from ..notify.console import log_alerts
 from ..notify.sink import AlertsOut
 from ..notify.store import Store
 from ..notify.webhooks import webhook_settings
@@ -36,7 +38,20 @@ def attach_alerts_out(service: Service) -> AlertsOut:
 
 
 def build_service_and_app(settings: Settings, config_file: str | None = None) -> tuple[Service, FastAPI]:
-    service = Service(settings, config_file=config_file)
+    service = Service(settings, config_file=config_file, sinks=[log_alerts])  # one console line per transition
     alerts_out = attach_alerts_out(service)
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out)]
     return service, create_app(service, hooks)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown first answers the long polls (``GET /v1/runs/{run}/watch``): a
+    waiting client must not hold the sidecar up for the whole graceful-shutdown timeout."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.service.watch.wake_all()
+        await super().shutdown(sockets)

@@ -1,0 +1,96 @@
+"""What the client hears from the sidecar about its run: firing alerts, and the step to stop at.
+
+The views come from two places, the answers to the client's own batches and the long poll of
+``GET /v1/runs/{run}/watch``, in any order: a view older (by version) than the one held is ignored.
+The stop step is the lowest one the sidecar fixed for an alert named in ``stop_on``; the sidecar
+fixes each once and never lowers one below another (monitor/watch.py), so every rank computes the
+same number. Views are written by the client's threads and read by the training thread as whole
+references (an attribute read: ``should_stop`` costs nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger("trainhealth.trainer.client")
+
+MAX_SEEN = 10_000
+
+
+class Hearing:
+    def __init__(self, run: str, stop_on: frozenset[str], on_alert: Callable[[dict[str, Any]], Any] | None,
+                 last_step: Callable[[], int | None]) -> None:
+        self.run = run
+        self.stop_on = stop_on
+        self.on_alert = on_alert
+        self._last_step = last_step
+        self.version = -1  # -1: nothing heard yet (the long poll then answers at once)
+        self.alerts: list[dict[str, Any]] = []
+        self.stop_at: int | None = None
+        self.stop_reason: dict[str, Any] | None = None
+        self._seen: set[tuple[Any, Any]] = set()  # (fingerprint, firing time): on_alert once per episode
+        self._lock = threading.Lock()
+
+    def answer(self, answer: dict[str, Any]) -> None:
+        """An ingest answer: its view of this run, if it has one."""
+        runs = answer.get("runs")
+        if isinstance(runs, dict):
+            view = runs.get(self.run)
+            if isinstance(view, dict):
+                self.view(view)
+
+    def view(self, view: dict[str, Any]) -> None:
+        """{version, stops: {alert: {step, ...}}, alerts: [...]} (monitor/watch.py)."""
+        version = view.get("version")
+        if type(version) is not int:
+            return
+        with self._lock:
+            if version <= self.version and version != 0:
+                return
+            self.version = version
+            stops = view.get("stops")
+            stops = stops if isinstance(stops, dict) else {}
+            alerts = [dict(a) for a in view.get("alerts") or () if isinstance(a, dict)]
+            for alert in alerts:
+                stop = stops.get(alert.get("alert"))
+                if isinstance(stop, dict):
+                    alert["stop_step"] = stop.get("step")
+            self.alerts = alerts
+            new = [a for a in alerts if (a.get("fingerprint"), a.get("time")) not in self._seen]
+            if len(self._seen) > MAX_SEEN:
+                self._seen.clear()
+            self._seen.update((a.get("fingerprint"), a.get("time")) for a in new)
+            was = self.stop_at
+            self._decide(stops, alerts)
+        if self.stop_at is not None and self.stop_at != was:
+            last = self._last_step()
+            reason = self.stop_reason or {}
+            late = last is not None and last > self.stop_at
+            (log.error if late else log.warning)(
+                "trainhealth: %s fired for run %s (rank %s, step %s): %s; every rank stops after step %d%s",
+                reason.get("alert"), self.run, reason.get("rank"), reason.get("first_step"),
+                reason.get("summary") or "", self.stop_at,
+                f" (this rank heard it late, at step {last})" if late else "")
+        if self.on_alert is not None:
+            for alert in new:
+                try:
+                    self.on_alert(alert)
+                except Exception as exc:  # the user's callback must not stop the client
+                    log.warning("trainhealth: on_alert(%s) raised %r", alert.get("alert"), exc)
+
+    def _decide(self, stops: dict[str, Any], alerts: list[dict[str, Any]]) -> None:
+        chosen: dict[str, Any] | None = None
+        for name, stop in stops.items():
+            if name in self.stop_on and isinstance(stop, dict) and type(stop.get("step")) is int:
+                if chosen is None or stop["step"] < chosen["step"]:
+                    chosen = stop
+        if chosen is None:
+            self.stop_at, self.stop_reason = None, None  # none yet, or the run restarted
+            return
+        summary = next((a.get("summary") for a in alerts
+                        if a.get("alert") == chosen.get("alert") and a.get("rank") == chosen.get("rank")), None)
+        self.stop_reason = {k: chosen.get(k) for k in ("alert", "step", "first_step", "rank", "severity")}
+        self.stop_reason["summary"] = summary
+        self.stop_at = chosen["step"]
