@@ -45,9 +45,10 @@ class StopLead:
     max_lead_steps: int = 1000
 
     def steps(self, period: float | None) -> int:
+        """Steps the run makes in ``lead_seconds`` (1% tolerance: record times are measured, not exact)."""
         if period is None or not period > 0:
             return self.min_lead_steps
-        return min(self.max_lead_steps, max(self.min_lead_steps, math.ceil(self.lead_seconds / period - 1e-9)))
+        return min(self.max_lead_steps, max(self.min_lead_steps, math.ceil(0.99 * self.lead_seconds / period)))
 
 
 @dataclass(slots=True)

@@ -422,7 +422,7 @@ class Telemetry:
                 if time.monotonic() >= next_cycle:
                     next_cycle = time.monotonic() + flush
                     self.pump()
-                elif woke or urgent:
+                elif (woke or urgent) and outbox.due():
                     outbox.cycle()
             except Exception as exc:  # pragma: no cover - a bug here must not kill the thread
                 self._warn("sender", "sender cycle failed: %r", exc)

@@ -78,16 +78,21 @@ class Outbox:
                 self._queue.popleft()
                 self.counts["dropped"] += 1
             self._queue.append(rec)
+            wake = len(self._queue) == self.batch_limit  # crossing it: wake the sender once, not per record
             if STAGED in rec:
+                wake = wake or not self._staged  # the first one on its way: the sender starts looking
                 self._staged.append(rec)
                 if len(self._staged) > self._capacity:
                     self._staged.popleft()
-            full = len(self._queue) == self.batch_limit  # crossing it: wake the sender once, not per record
-        if full:
+        if wake:
             self.wake.set()
 
     def has_staged(self) -> bool:
         return bool(self._staged)
+
+    def due(self) -> bool:
+        """A send is asked for now (a flush, an urgent record, a full batch), not only a look at staged values."""
+        return self._flush_now or len(self._queue) >= self.batch_limit
 
     def poll_staged(self) -> bool:
         """Read the device values whose copies are done (oldest first; never waits). True when one of
