@@ -20,6 +20,12 @@ N+2, or N+3 when a rank had already reported N+1. Stops only grow: a later alert
 an earlier one's, so a rank that has heard only the first alert agrees with one that has heard both.
 A restart of the run (a ``start`` from a rank that had sent samples) forgets its stops.
 
+A stop heard too late. When a sample of a step past a stop arrives, that rank completed the step after
+the stop, which in synchronous training needs every rank: so nobody stopped there (each client ignores a
+stop it hears after it has checked that step). The stop then moves ahead by the same rule, from the
+highest step seen, and the clients adopt the new one: the job stops later, and never leaves a rank
+waiting in a collective.
+
 Pure apart from the waiters: no clock, no I/O. The HTTP layer registers a callback per long poll;
 ``changed`` runs them (in the event loop's thread, where ingest and the timer run).
 """
@@ -58,6 +64,7 @@ class _Run:
     last: dict[int, tuple[int, float]] = field(default_factory=dict)  # rank -> (step, time) of its last sample
     period: float | None = None  # seconds per step, a running average over the ranks' samples
     top_step: int = -1
+    first_stop: int | None = None  # the lowest stop step of the run, None while it has none
     waiters: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -100,12 +107,15 @@ class Watch:
                 run.last[rec.rank] = (step, rec.time)
                 if step > run.top_step:
                     run.top_step = step
+                    if run.first_stop is not None and step > run.first_stop:
+                        self._move(name, run)
             elif rec.type == "start" and rec.rank in run.last:  # a restart: this rank had trained before
                 run.last.clear()
                 run.top_step = -1
                 run.period = None
                 if run.stops:
                     run.stops.clear()
+                    run.first_stop = None
                     self._bump(name, run)
         return names
 
@@ -124,8 +134,19 @@ class Watch:
                     "alert": alert["alert"], "rank": alert["rank"], "first_step": alert["step"],
                     "severity": alert["severity"],
                 }
+                run.first_stop = min(s["step"] for s in run.stops.values())
         for name, run in touched.items():
             self._bump(name, run)
+
+    def _move(self, name: str, run: _Run) -> None:
+        """A rank went past a stop: nobody stopped there; every stop passed moves ahead of the run."""
+        ahead = run.top_step + self.lead.steps(run.period)
+        for stop in run.stops.values():
+            if stop["step"] < run.top_step:
+                stop["step"] = ahead
+                stop["moved"] = stop.get("moved", 0) + 1
+        run.first_stop = min(s["step"] for s in run.stops.values())
+        self._bump(name, run)
 
     def _bump(self, name: str, run: _Run) -> None:
         run.version += 1
@@ -147,7 +168,7 @@ class Watch:
         firing = sorted(self.book.firing(name), key=lambda a: a["time"])
         return {
             "version": run.version,
-            "stops": dict(run.stops),
+            "stops": {k: dict(v) for k, v in run.stops.items()},
             "alerts": [{k: a.get(k) for k in _ALERT_FIELDS} for a in firing[:MAX_ALERTS_SHOWN]],
             "alerts_total": len(firing),
         }

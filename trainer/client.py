@@ -248,7 +248,9 @@ class Telemetry:
         """True once ``step`` reaches the stop step of an alert in ``stop_on`` that fired for this run: the
         same step on every rank (call it after each step, on every rank, and leave the loop). An
         attribute read and a comparison; never raises."""
-        stop = self._hearing.stop_at
+        hearing = self._hearing
+        hearing.checked = step  # first the step, then the stop (hearing.py: a late stop is not taken)
+        stop = hearing.stop_at
         return stop is not None and step >= stop
 
     @property

@@ -6,6 +6,12 @@ The stop step is the lowest one the sidecar fixed for an alert named in ``stop_o
 fixes each once and never lowers one below another (monitor/watch.py), so every rank computes the
 same number. Views are written by the client's threads and read by the training thread as whole
 references (an attribute read: ``should_stop`` costs nothing).
+
+A stop heard too late is not taken. ``should_stop(step)`` notes the step it was asked about, then reads
+the stop; a new stop is set, then the noted step is read: if the loop already asked about that step,
+the stop came too late for this rank, which then goes on (stopping at its own current step would leave
+the others waiting in a collective) until the sidecar moves the stop ahead (it does when a rank reports
+a step past it). The two orders make sure a stop is either seen by that check or known to be missed.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class Hearing:
         self.alerts: list[dict[str, Any]] = []
         self.stop_at: int | None = None
         self.stop_reason: dict[str, Any] | None = None
+        self.checked: int | None = None  # the last step should_stop was asked about (the training thread)
+        self.missed: int | None = None  # a stop step heard after the loop had passed it
         self._seen: set[tuple[Any, Any]] = set()  # (fingerprint, firing time): on_alert once per episode
         self._lock = threading.Lock()
 
@@ -62,17 +70,21 @@ class Hearing:
             if len(self._seen) > MAX_SEEN:
                 self._seen.clear()
             self._seen.update((a.get("fingerprint"), a.get("time")) for a in new)
-            was = self.stop_at
-            self._decide(stops, alerts)
-        if self.stop_at is not None and self.stop_at != was:
-            last = self._last_step()
-            reason = self.stop_reason or {}
-            late = last is not None and last > self.stop_at
-            (log.error if late else log.warning)(
-                "trainhealth: %s fired for run %s (rank %s, step %s): %s; every rank stops after step %d%s",
-                reason.get("alert"), self.run, reason.get("rank"), reason.get("first_step"),
-                reason.get("summary") or "", self.stop_at,
-                f" (this rank heard it late, at step {last})" if late else "")
+            was, missed_before = self.stop_at, self.missed
+            stop = self._decide(stops, alerts)
+            if stop is not None and stop != was and stop != self.missed:
+                self.stop_at = stop  # first the stop, then the step checked (see the docstring)
+                checked = self.checked
+                if checked is not None and checked >= stop:
+                    self.stop_at, self.missed = None, stop
+        reason = self.stop_reason or {}
+        if stop is not None and self.stop_at == stop and stop != was:
+            log.warning("trainhealth: %s fired for run %s (rank %s, step %s): %s; every rank stops after step %d",
+                        reason.get("alert"), self.run, reason.get("rank"), reason.get("first_step"),
+                        reason.get("summary") or "", stop)
+        elif stop is not None and self.missed == stop and missed_before != stop:
+            log.error("trainhealth: %s: the stop at step %d came after this rank had passed it (step %s); it "
+                      "goes on until the sidecar names a later one", reason.get("alert"), stop, self.checked)
         if self.on_alert is not None:
             for alert in new:
                 try:
@@ -80,17 +92,18 @@ class Hearing:
                 except Exception as exc:  # the user's callback must not stop the client
                     log.warning("trainhealth: on_alert(%s) raised %r", alert.get("alert"), exc)
 
-    def _decide(self, stops: dict[str, Any], alerts: list[dict[str, Any]]) -> None:
+    def _decide(self, stops: dict[str, Any], alerts: list[dict[str, Any]]) -> int | None:
+        """The stop step the view names for ``stop_on`` (the lowest), and its reason; None: no stop."""
         chosen: dict[str, Any] | None = None
         for name, stop in stops.items():
             if name in self.stop_on and isinstance(stop, dict) and type(stop.get("step")) is int:
                 if chosen is None or stop["step"] < chosen["step"]:
                     chosen = stop
         if chosen is None:
-            self.stop_at, self.stop_reason = None, None  # none yet, or the run restarted
-            return
+            self.stop_at, self.stop_reason, self.missed = None, None, None  # none yet, or the run restarted
+            return None
         summary = next((a.get("summary") for a in alerts
                         if a.get("alert") == chosen.get("alert") and a.get("rank") == chosen.get("rank")), None)
         self.stop_reason = {k: chosen.get(k) for k in ("alert", "step", "first_step", "rank", "severity")}
         self.stop_reason["summary"] = summary
-        self.stop_at = chosen["step"]
+        return int(chosen["step"])

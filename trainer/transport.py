@@ -58,6 +58,7 @@ class _Connection:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._conn: http.client.HTTPConnection | None = None
+        self.aborted = False  # abort(): no request any more
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         if self._conn is not None:
@@ -72,6 +73,8 @@ class _Connection:
         MAX_ANSWER_BYTES) before anything else is sent on the connection: unread bytes would be taken
         for the next answer."""
         for _ in range(2):  # the server may have closed a reused keep-alive connection: one fresh retry
+            if self.aborted:
+                return "aborted"
             conn, reused = self._connection()
             try:
                 conn.request(method, self.prefix + path, body=body, headers={**self._headers, **(headers or {})})
@@ -127,6 +130,7 @@ class Watcher(_Connection):
 
     def abort(self) -> None:
         """From another thread: end a long poll in progress (close() alone does not wake a blocked read)."""
+        self.aborted = True
         conn = self._conn
         sock = getattr(conn, "sock", None)
         if sock is not None:

@@ -201,3 +201,14 @@ def test_finished_device_values_that_are_finite_wait_for_the_regular_cycle():
         assert tm.flush(10) and [r["step"] for r in sink.records] == list(range(1, 21))
     finally:
         tm.close(timeout=0.5)
+
+
+def test_a_stop_heard_after_the_loop_passed_it_is_not_taken_until_it_moves(caplog):
+    tm, _, _ = make(stop_on={"nan_divergence"})
+    hearing = tm._hearing
+    assert not tm.should_stop(32)  # the loop asked about step 32 before the stop arrived
+    hearing.view(view(1, {"nan_divergence": 32}, [("nan_divergence", 1, 30)])["runs"]["elastic-run"])
+    assert not tm.should_stop(33)  # too late for 32: stopping at 33 alone would strand the other ranks
+    assert "the stop at step 32 came after this rank had passed it (step 32)" in caplog.text
+    hearing.view(view(2, {"nan_divergence": 35}, [("nan_divergence", 1, 30)])["runs"]["elastic-run"])
+    assert [tm.should_stop(s) for s in (34, 35)] == [False, True]  # the moved stop, heard in time

@@ -156,3 +156,16 @@ def test_the_memory_of_taken_batches_is_bounded_per_client_and_in_clients():
     taken.take("b", 1)
     taken.take("c", 1)  # "a" is the oldest client: forgotten
     assert not taken.taken("a", 5) and taken.taken("b", 1) and taken.taken("c", 1)
+
+
+def test_a_stop_every_rank_passed_moves_ahead_of_the_run():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    assert service.watch.view("r")["stops"]["nan_divergence"]["step"] == 32
+    version = service.watch.version("r")
+    send(service, *steps("r", range(2), 31, 32))  # the ranks reached 32 without having heard: still running
+    assert service.watch.version("r") == version  # at the stop is not past it
+    _, body = send(service, *steps("r", range(2), 33, 33))  # step 33 done: nobody stopped at 32
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["step"] == 35
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["moved"] == 1
