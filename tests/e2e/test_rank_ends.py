@@ -137,6 +137,13 @@ class DelayingProxy:
         self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         started.set()
         self.loop.run_forever()
+        server.close()
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.run_until_complete(server.wait_closed())
+        self.loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -153,10 +160,15 @@ class DelayingProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer, 0.0), pipe(up_reader, writer, self.delay))
+        try:
+            await asyncio.gather(pipe(reader, up_writer, 0.0), pipe(up_reader, writer, self.delay))
+        finally:
+            writer.close()
+            up_writer.close()
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 # -----------------------------------------------------------------------------------------------------------
