@@ -76,9 +76,11 @@ class Service:
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
-               content_encoding: str | None = None, batch_id: str | None = None) -> IngestAnswer:
+               content_encoding: str | None = None, batch_id: str | None = None,
+               views: bool = False) -> IngestAnswer:
         """``batch_id``: the client's ``X-Trainhealth-Batch`` (CLIENT/SEQ); a batch already taken is
-        answered ``duplicate`` and not ingested again (batches.py)."""
+        answered ``duplicate`` and not ingested again (batches.py). ``views``: the answer also carries
+        ``runs``, the view of each run of the batch that has alerts (watch.py), for the client."""
         limits = self.settings.limits
         ident = None
         if batch_id is not None:
@@ -94,7 +96,7 @@ class Service:
                                   max_decoded_bytes=limits.max_decoded_bytes)
         except BodyError as exc:
             return self.refuse(exc.status, str(exc))
-        answer = self.accept(decoded)
+        answer = self.accept(decoded, views)
         if ident is not None and answer.status == 200:
             self.taken.take(*ident)
         return answer
@@ -103,7 +105,7 @@ class Service:
         self.stats.bodies_refused[status] = self.stats.bodies_refused.get(status, 0) + 1
         return IngestAnswer(status, {"error": message})
 
-    def accept(self, decoded: Decoded) -> IngestAnswer:
+    def accept(self, decoded: Decoded, views: bool = False) -> IngestAnswer:
         self.stats.batches += 1
         wall = self.clock()
         self._refuse_future(decoded, wall)
@@ -144,9 +146,10 @@ class Service:
             body["errors"] = [r.as_dict() for r in rejected[:MAX_REASONS]]
             if len(rejected) > MAX_REASONS:
                 body["errors_truncated"] = len(rejected) - MAX_REASONS
-        views = self.watch.views(names)
         if views:  # the job hears its alerts: firing ones and agreed stop steps (watch.py)
-            body["runs"] = views
+            shown = self.watch.views(names)
+            if shown:
+                body["runs"] = shown
         return IngestAnswer(status, body)
 
     def _refuse_future(self, decoded: Decoded, wall: float) -> None:

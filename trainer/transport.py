@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 Outcome = Literal["ok", "retry", "drop", "split"]
 MAX_ANSWER_BYTES = 1 << 20  # an ingest answer is read whole up to this; a longer one closes the connection
 BATCH_HEADER = "X-Trainhealth-Batch"  # CLIENT/SEQ: a resend carries the same id, the sidecar takes it once
+VIEWS_HEADER = "X-Trainhealth-Views"  # "1": the answer carries the runs' alerts and stop steps
 
 
 @dataclass(slots=True)
@@ -107,7 +108,7 @@ class HttpSink(_Connection):
         self.path = self.prefix + "/v1/ingest"
 
     def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", VIEWS_HEADER: "1"}
         if batch_id is not None:
             headers[BATCH_HEADER] = batch_id
         got = self.exchange("POST", "/v1/ingest", encode_json(records), headers)

@@ -22,7 +22,7 @@ def make() -> Service:
 
 
 def send(service: Service, *records: dict[str, Any], batch_id: str | None = None) -> tuple[int, dict[str, Any]]:
-    answer = service.ingest(json.dumps(list(records)).encode(), "application/json", None, batch_id)
+    answer = service.ingest(json.dumps(list(records)).encode(), "application/json", None, batch_id, views=True)
     return answer.status, answer.body
 
 
@@ -103,7 +103,8 @@ async def _poll_then_nan(service: Service) -> tuple[dict[str, Any], float, float
         assert not waiting.done()  # it waits for a change
         body = json.dumps(steps("r", range(2), 1, 29) + [nan("r", 1, 30)])
         sent = loop.time()
-        assert (await client.post("/v1/ingest", content=body)).status_code == 200
+        plain = await client.post("/v1/ingest", content=body)
+        assert plain.status_code == 200 and "runs" not in plain.json()  # only a client that asks hears
         answer = await waiting
         return answer.json(), sent - t0, loop.time() - sent
 
@@ -169,3 +170,13 @@ def test_a_stop_every_rank_passed_moves_ahead_of_the_run():
     _, body = send(service, *steps("r", range(2), 33, 33))  # step 33 done: nobody stopped at 32
     assert body["runs"]["r"]["stops"]["nan_divergence"]["step"] == 35
     assert body["runs"]["r"]["stops"]["nan_divergence"]["moved"] == 1
+
+
+def test_the_long_poll_refuses_a_run_name_no_record_could_carry():
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(make()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+            return await client.get("/v1/runs/bad name!/watch")
+
+    answer = asyncio.run(ask())
+    assert answer.status_code == 400 and answer.json()["error"].startswith("run: must be 1-128 characters")
