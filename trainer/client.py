@@ -93,7 +93,7 @@ class Telemetry:
         self._warn = LimitedLog()
         self._outbox = Outbox(self._sink, s, monotonic, self._warn)
         self._push = self._outbox.push
-        self._hearing = Hearing(s.run, frozenset(stop_on), on_alert, lambda: self.last_step)
+        self._hearing = Hearing(s.run, frozenset(stop_on), on_alert)
         self._outbox.on_answer = self._hearing.answer
         self._nonfinite = False  # the last sample's loss or grad norm was NaN/Inf (float path)
         self._closed = False

@@ -26,12 +26,11 @@ MAX_SEEN = 10_000
 
 
 class Hearing:
-    def __init__(self, run: str, stop_on: frozenset[str], on_alert: Callable[[dict[str, Any]], Any] | None,
-                 last_step: Callable[[], int | None]) -> None:
+    def __init__(self, run: str, stop_on: frozenset[str],
+                 on_alert: Callable[[dict[str, Any]], Any] | None) -> None:
         self.run = run
         self.stop_on = stop_on
         self.on_alert = on_alert
-        self._last_step = last_step
         self.version = -1  # -1: nothing heard yet (the long poll then answers at once)
         self.alerts: list[dict[str, Any]] = []
         self.stop_at: int | None = None
