@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .alerts import Alert, AlertBook
 from .record import Record
+from .state import RunState
 
 MAX_ALERTS_SHOWN = 50  # firing alerts listed in one view; the count is exact
 MAX_WAITERS_PER_RUN = 4096
@@ -65,12 +66,16 @@ class _Run:
     period: float | None = None  # seconds per step, a running average over the ranks' samples
     top_step: int = -1
     first_stop: int | None = None  # the lowest stop step of the run, None while it has none
+    start: Record | None = None  # the run's newest start record seen
     waiters: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Watch:
-    def __init__(self, book: AlertBook, lead: StopLead | None = None, max_runs: int = 10_000) -> None:
+    def __init__(self, book: AlertBook, states: Mapping[str, RunState] | None = None,
+                 lead: StopLead | None = None, max_runs: int = 10_000) -> None:
+        """``states``: the pipeline's runs (their newest start records tell a restart)."""
         self.book = book
+        self.states: Mapping[str, RunState] = states if states is not None else {}
         self.lead = lead or StopLead()
         self.max_runs = max_runs
         self.runs: dict[str, _Run] = {}
@@ -89,35 +94,48 @@ class Watch:
 
     # -- what arrives -------------------------------------------------------------------------------
     def note(self, records: Sequence[Record]) -> set[str]:
-        """Accepted records (in batch order): each run's step period and highest step; a restart forgets
-        its stops. Returns the runs of the batch."""
-        names: set[str] = set()
+        """Accepted records: each run's highest step and step period, from the newest record of the run in
+        the batch (a client sends its rank's records in order; one dict store per record is all ingest
+        pays); a restart (the run's newest ``start`` from a rank that had sent samples) forgets its stops.
+        Returns the runs of the batch."""
+        newest: dict[str, Record] = {}
         for rec in records:
-            name = rec.run
-            names.add(name)
+            newest[rec.run] = rec
+        for name, rec in newest.items():
             run = self.runs.get(name)
             if run is None:
                 run = self._run(name)
-            if rec.type == "sample" and rec.step is not None:
-                step = rec.step
+            state = self.states.get(name)
+            start = state.last_start if state is not None else None
+            if start is not None and start is not run.start and state is not None:
+                run.start = start
+                rank = state.ranks.get(start.rank)
+                sampled = rank.last_sample_time if rank is not None else None
+                if sampled is not None and sampled < start.time:  # a restart: this rank had trained before
+                    self._restart(name, run)
+            step = rec.step
+            if step is None or rec.type not in ("sample", "heartbeat"):
+                continue
+            if rec.type == "sample":
                 prev = run.last.get(rec.rank)
                 if prev is not None and step > prev[0] and rec.time > prev[1]:
                     period = (rec.time - prev[1]) / (step - prev[0])
                     run.period = period if run.period is None else 0.8 * run.period + 0.2 * period
                 run.last[rec.rank] = (step, rec.time)
-                if step > run.top_step:
-                    run.top_step = step
-                    if run.first_stop is not None and step > run.first_stop:
-                        self._move(name, run)
-            elif rec.type == "start" and rec.rank in run.last:  # a restart: this rank had trained before
-                run.last.clear()
-                run.top_step = -1
-                run.period = None
-                if run.stops:
-                    run.stops.clear()
-                    run.first_stop = None
-                    self._bump(name, run)
-        return names
+            if step > run.top_step:
+                run.top_step = step
+                if run.first_stop is not None and step > run.first_stop:
+                    self._move(name, run)
+        return set(newest)
+
+    def _restart(self, name: str, run: _Run) -> None:
+        run.last.clear()
+        run.top_step = -1
+        run.period = None
+        if run.stops:
+            run.stops.clear()
+            run.first_stop = None
+            self._bump(name, run)
 
     def on_alerts(self, alerts: Iterable[Alert]) -> None:
         """Alert transitions: fix a stop for each alert name's first firing; wake the run's waiters."""

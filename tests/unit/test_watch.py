@@ -180,3 +180,14 @@ def test_the_long_poll_refuses_a_run_name_no_record_could_carry():
 
     answer = asyncio.run(ask())
     assert answer.status_code == 400 and answer.json()["error"].startswith("run: must be 1-128 characters")
+
+
+def test_a_late_first_start_of_a_slow_rank_is_no_restart():
+    service = make()
+    send(service, {"type": "start", "run": "r", "rank": 0, "time": T0, "world_size": 2, "batch_size": 2,
+                   "lr": 0.02, "reference_lr": 0.02, "reference_batch_size": 16})  # lr_scaling fires at once
+    assert service.watch.view("r")["stops"]["lr_scaling"]["step"] == 2
+    send(service, *steps("r", [0], 1, 1))
+    send(service, {"type": "start", "run": "r", "rank": 1, "time": T0 + 0.01, "world_size": 2, "batch_size": 2,
+                   "lr": 0.02})  # rank 1's first start, after rank 0's first sample: not a restart
+    assert service.watch.view("r")["stops"]["lr_scaling"]["step"] == 2
