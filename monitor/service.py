@@ -67,7 +67,7 @@ class Service:
         self.closers: list[Callable[[], None]] = []
         self.query_alerts: Callable[..., dict[str, Any]] | None = None
         self.stats = IngestStats()
-        self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: firing alerts, agreed stop steps
+        self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         if settings.server.record_dir:  # the flight recorder: the first record sink
             recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
