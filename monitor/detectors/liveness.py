@@ -146,7 +146,10 @@ class RankStalled(Detector):
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
             r.ended = True
-            if record.step is not None and (self.end_step is None or record.step > self.end_step):
+            # a rank that failed (an exception quoted) does not end the job for the others: a peer
+            # that went silent before it may be the root cause, and stays judged
+            if record.status != "failed" and record.step is not None and (
+                    self.end_step is None or record.step > self.end_step):
                 self.end_step = record.step
             self.end_time = max(self.end_time, t)
             why = "ended"
