@@ -250,7 +250,7 @@ def test_die_on_rank_1_fires_rank_stalled_for_it(launch, tmp_path):
     # rank 0 dies of gloo's reset connection: its client quotes that (end, status failed), or torchrun's
     # SIGTERM came first and it went silent too, but it had got further
     ends = [r for r in recorded(tmp_path, job) if r.get("type") == "end" and r["rank"] == 0]
-    assert all(e["status"] == "failed" and "Connection closed by peer" in e["error"]["message"] for e in ends)
+    assert all(e["status"] == "failed" and "gloo" in e["error"]["message"] for e in ends)
     if last[INJECTED] < last[0] and not ends:
         assert dead["first_rank"] == INJECTED
 
