@@ -54,7 +54,7 @@ class Hearing:
         if type(version) is not int:
             return
         with self._lock:
-            if version <= self.version and version != 0:
+            if version <= self.version:  # an older view overtaken by a newer one (answers race the long poll)
                 return
             self.version = version
             stops = view.get("stops")

@@ -212,3 +212,11 @@ def test_a_stop_heard_after_the_loop_passed_it_is_not_taken_until_it_moves(caplo
     assert "the stop at step 32 came after this rank had passed it (step 32)" in caplog.text
     hearing.view(view(2, {"nan_divergence": 35}, [("nan_divergence", 1, 30)])["runs"]["elastic-run"])
     assert [tm.should_stop(s) for s in (34, 35)] == [False, True]  # the moved stop, heard in time
+
+
+def test_a_quiet_view_overtaken_by_the_stop_does_not_clear_it():
+    tm, _, _ = make(stop_on={"nan_divergence"})
+    tm._hearing.view({"version": 0, "stops": {}, "alerts": []})  # the long poll's first answer
+    tm._hearing.view(view(1, {"nan_divergence": 32})["runs"]["elastic-run"])  # an ingest answer
+    tm._hearing.view({"version": 0, "stops": {}, "alerts": []})  # a long poll answer computed before it
+    assert tm.should_stop(32)
