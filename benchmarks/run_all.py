@@ -9,6 +9,7 @@ Sections (each is also a script of its own in benchmarks/):
   latency     NaN POST -> /v1/alerts and -> webhook, p50/p99, under load      (latency.py)
   exposition  GET /metrics with 1,000 ranks                                    (metrics_exposition.py)
   client      Telemetry.record() per training step                             (client_cost.py)
+  client_alerts  NaN record() -> alert / heard by every rank; NaN -> stop steps  (client_alerts.py)
   memory      sidecar RSS after 10^4 .. 10^7 records (10^6 with --quick)       (memory.py)
   page        the live page's cost to ingest: history ring, a page refreshing  (page_cost.py)
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Figure, machine, table, write_results  # noqa: E402
 
-SECTIONS = ("stages", "ingest", "latency", "exposition", "client", "memory", "page")
+SECTIONS = ("stages", "ingest", "latency", "exposition", "client", "client_alerts", "memory", "page")
 
 
 def section(name: str, args: argparse.Namespace) -> Callable[[], list[Figure]]:
@@ -52,6 +53,9 @@ def section(name: str, args: argparse.Namespace) -> Callable[[], list[Figure]]:
     if name == "client":
         from benchmarks import client_cost
         return lambda: client_cost.run(quick)
+    if name == "client_alerts":
+        from benchmarks import client_alerts
+        return lambda: client_alerts.run(quick)
     from benchmarks import memory
     return lambda: memory.run(quick)
 

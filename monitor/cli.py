@@ -130,7 +130,7 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     """Run the sidecar; ``load_settings`` re-reads file, environment and flags on a reload."""
     import uvicorn
 
-    from .http.server import build_service_and_app
+    from .http.server import Server, build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
@@ -151,7 +151,7 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
                             access_log=False, timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config, service).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
         pass
     return 0

@@ -13,12 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
 
+from . import batches
 from .alerts import Alert
 from .config import ConfigError, Settings
 from .health import Fault, healthz
 from .ingest import BodyError, Decoded, Decoder, Rejection
 from .pipeline import Pipeline
 from .record import Record
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +92,41 @@ class Service:
         self.decoder = Decoder()  # owns the cache of valid run names
         if restored:
             self.pipeline.restore(restored, runs_last_seen or {}, clock())
+        self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
+        self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
-               content_encoding: str | None = None) -> IngestAnswer:
+               content_encoding: str | None = None, batch_id: str | None = None,
+               views: bool = False) -> IngestAnswer:
+        """``batch_id``: the client's ``X-Trainhealth-Batch`` (CLIENT/SEQ); a batch already taken is
+        answered ``duplicate`` and not ingested again (batches.py). ``views``: the answer also carries
+        ``runs``, the view of each run of the batch that has alerts (watch.py), for the client."""
         limits = self.settings.limits
+        ident = None
+        if batch_id is not None:
+            try:
+                ident = batches.parse(batch_id)
+            except batches.BatchIdError as exc:
+                return self.refuse(400, str(exc))
+            if self.taken.taken(*ident):
+                return IngestAnswer(200, {"accepted": 0, "rejected": 0, "alerts": 0, "duplicate": True})
         try:
             decoded = self.decoder.decode_body(body, content_type, content_encoding,
                                   max_records=limits.max_records_per_batch,
                                   max_decoded_bytes=limits.max_decoded_bytes)
         except BodyError as exc:
             return self.refuse(exc.status, str(exc))
-        return self.accept(decoded)
+        answer = self.accept(decoded, views)
+        if ident is not None and answer.status == 200:
+            self.taken.take(*ident)
+        return answer
 
     def refuse(self, status: int, message: str) -> IngestAnswer:
         self.stats.bodies_refused[status] = self.stats.bodies_refused.get(status, 0) + 1
         return IngestAnswer(status, {"error": message})
 
-    def accept(self, decoded: Decoded) -> IngestAnswer:
+    def accept(self, decoded: Decoded, views: bool = False) -> IngestAnswer:
         self.stats.batches += 1
         wall = self.clock()
         self._refuse_future(decoded, wall)
@@ -130,6 +149,7 @@ class Service:
                 except Exception:  # like alert sinks: never break ingest
                     log.exception("record sink %r failed", record_sink)
         self.stats.accepted += len(kept)
+        names = self.watch.note(kept)
         if decoded.rejected:
             self.stats.reject("invalid", len(decoded.rejected))
         if capped:
@@ -147,6 +167,10 @@ class Service:
             body["errors"] = [r.as_dict() for r in rejected[:MAX_REASONS]]
             if len(rejected) > MAX_REASONS:
                 body["errors_truncated"] = len(rejected) - MAX_REASONS
+        if views:  # the job hears its alerts: firing ones and agreed stop steps (watch.py)
+            shown = self.watch.views(names)
+            if shown:
+                body["runs"] = shown
         return IngestAnswer(status, body)
 
     def _refuse_future(self, decoded: Decoded, wall: float) -> None:
@@ -172,6 +196,7 @@ class Service:
         if not alerts and not refreshed:  # refreshed: open alerts rewritten in place (one incident sharpening)
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
+        self.watch.on_alerts(alerts)
         for sink in self.sinks:
             try:
                 if alerts:

@@ -7,7 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +48,21 @@ class Sidecar:
         )
         self.url = self._wait_for_port()
         self.client = httpx.Client(base_url=self.url, timeout=10)
+        # its console (alert lines, warnings) is drained by a thread: a full pipe would stall the sidecar
+        self.lines: deque[str] = deque(maxlen=5000)
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def stderr_text(self, timeout: float = 10.0) -> str:
+        """What it printed after its start (all of it once the process has exited)."""
+        if self.proc.poll() is not None:
+            self._drain.join(timeout)
+        return "".join(list(self.lines))
 
     def _wait_for_port(self) -> str:
         assert self.proc.stderr is not None
@@ -71,6 +88,7 @@ class Sidecar:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._drain.join(10)
         if self.proc.stderr:
             self.proc.stderr.close()
 

@@ -3,6 +3,16 @@
     tm = Telemetry()                      # run, rank, world size from torchrun's environment
     tm.record(step, loss=loss, lr=lr)     # every step; returns in about a microsecond
 
+The end of the rank is reported without a third line: ``end`` (status "completed") at a normal
+interpreter exit (atexit), or ``end`` with status "failed" and the exception quoted when an uncaught
+exception ends the main thread or another thread (sys.excepthook, threading.excepthook, chained to
+the hooks installed before). A process killed by a signal sends nothing: that is silence, for the
+sidecar's stall detector. A non-finite loss or grad norm, an OOM, a crash and the end are sent at once.
+
+The loop hears its run's alerts: ``tm.alerts`` (firing now), ``on_alert=`` (called once per new firing
+alert), and with ``stop_on={"nan_divergence", ...}`` ``tm.should_stop(step)``, true on every rank from
+the same step on (the sidecar fixes it when the alert first fires; see monitor/watch.py).
+
 ``record()`` builds a dict and appends it to a bounded buffer; it never blocks on
 the network and never raises into training. A background thread drains the
 buffer about once a second (at once when ``batch_records`` are waiting), reads
@@ -31,10 +41,12 @@ import weakref
 from typing import Any, Callable, Iterable
 
 from . import host_memory
-from .fields import DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
+from .crash import error_info, install_hooks, is_cuda_oom
+from .fields import ALERT_NAMES, DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
+from .hearing import Hearing
 from .outbox import LimitedLog, Outbox
 from .settings import ClientSettings, from_environ
-from .transport import FileSink, HttpSink, Result
+from .transport import FileSink, HttpSink, Result, Watcher
 
 __all__ = ["STAGED", "Telemetry"]
 
@@ -47,15 +59,26 @@ class Telemetry:
     ``environ`` (os.environ; see settings.py); further keywords are ``ClientSettings`` fields
     (``capacity``, ``batch_records``, ``flush_seconds``, ``heartbeat_seconds``, ...). ``probes``: what to
     measure on the background thread (default: host memory, and torch's when torch is imported).
-    ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests."""
+    ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests.
+
+    ``stop_on``: alert names (DESIGN.md's table) that end the loop: ``should_stop(step)`` turns true on
+    every rank at the step the sidecar fixed when one of them first fired for this run. Empty by default.
+    ``on_alert(alert)``: called once for each alert of this run that starts firing (on a client thread:
+    keep it short; an exception in it is logged)."""
 
     def __init__(self, url: str | None = None, run: str | None = None, rank: int | None = None,
                  world_size: int | None = None, environ: dict[str, str] | None = None, *,
                  token: str | None = None, offline_path: str | None = None,
+                 stop_on: Iterable[str] = (), on_alert: Callable[[dict[str, Any]], Any] | None = None,
                  probes: Iterable[Any] | None = None, sink: Any = None,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  start_threads: bool = True,
                  **settings: Any) -> None:
+        if isinstance(stop_on, str):
+            raise ValueError(f"stop_on: a set of alert names, got the string {stop_on!r}")
+        unknown = sorted(set(stop_on) - ALERT_NAMES)
+        if unknown:
+            raise ValueError(f"stop_on: unknown alert name {unknown[0]!r}; known: {', '.join(sorted(ALERT_NAMES))}")
         self.settings: ClientSettings = from_environ(
             environ, url=url, run=run, rank=rank, world_size=world_size, token=token,
             offline_path=offline_path, **settings)
@@ -70,6 +93,9 @@ class Telemetry:
         self._warn = LimitedLog()
         self._outbox = Outbox(self._sink, s, monotonic, self._warn)
         self._push = self._outbox.push
+        self._hearing = Hearing(s.run, frozenset(stop_on), on_alert)
+        self._outbox.on_answer = self._hearing.answer
+        self._nonfinite = False  # the last sample's loss or grad norm was NaN/Inf (float path)
         self._closed = False
         self._active = False
         self._bound = False
@@ -79,14 +105,19 @@ class Telemetry:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._refresh()  # once here, so that the first samples carry host memory too
+        self._watcher: Watcher | None = None
         if start_threads:
-            for target, name in ((self._send_loop, "trainhealth-sender"),
-                                 (self._heartbeat_loop, "trainhealth-heartbeat")):
+            loops = [(self._send_loop, "trainhealth-sender"), (self._heartbeat_loop, "trainhealth-heartbeat")]
+            if (stop_on or on_alert is not None) and isinstance(self._sink, HttpSink):
+                self._watcher = Watcher(s.url, s.run, s.token)
+                loops.append((self._watch_loop, "trainhealth-watch"))
+            for target, name in loops:
                 thread = threading.Thread(target=target, name=name, daemon=True)
                 thread.start()
                 self._threads.append(thread)
-            atexit.register(self.close)
+            atexit.register(self._at_exit)
             _LIVE.add(self)
+            install_hooks(_LIVE)
 
     def _after_fork_in_child(self) -> None:
         """A forked child (a DataLoader worker) has this object but not its threads, and one of them
@@ -94,6 +125,7 @@ class Telemetry:
         is sent on the parent's connection, close() returns at once."""
         self._closed = True
         self._threads = []
+        self._watcher = None
         self._active = False
         self._sink = _Forked()
         self._outbox = Outbox(self._sink, self.settings, self._monotonic, self._warn)
@@ -141,6 +173,17 @@ class Telemetry:
             self._phase = None  # the step is over: no phase until the loop names the next one
             self._active = True
             self._push(rec)
+            # a NaN/Inf loss or grad norm goes out at once (the first of a run of them); x - x is 0.0
+            # for every finite number. Tensors are judged on the background thread, once copied.
+            value = rec.get("loss")
+            bad = value is not None and value - value != 0.0
+            if not bad:
+                value = rec.get("grad_norm")
+                bad = value is not None and value - value != 0.0
+            if bad is not self._nonfinite:
+                self._nonfinite = bad
+                if bad:
+                    self._outbox.request_flush()
         except Exception as exc:  # never break training because of telemetry
             self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
 
@@ -195,8 +238,32 @@ class Telemetry:
         self._send_kind("heartbeat", step, {} if phase is None else {"phase": phase[0], "phase_time": phase[1]})
 
     def end(self, step: int | None = None) -> None:
-        self._send_kind("end", step, {})
+        """The rank is done (status "completed"); sent at once. Not needed: a normal exit sends it."""
+        self._send_kind("end", step, {"status": "completed"})
         self._active = False
+        self._outbox.request_flush()
+
+    # -- what the sidecar says back ------------------------------------------------------------------
+    def should_stop(self, step: int) -> bool:
+        """True once ``step`` reaches the stop step of an alert in ``stop_on`` that fired for this run: the
+        same step on every rank (call it after each step, on every rank, and leave the loop). An
+        attribute read and a comparison; never raises."""
+        hearing = self._hearing
+        hearing.checked = step  # first the step, then the stop (hearing.py: a late stop is not taken)
+        stop = hearing.stop_at
+        return stop is not None and step >= stop
+
+    @property
+    def stop_reason(self) -> dict[str, Any] | None:
+        """Why ``should_stop`` turns true: {alert, step (the stop step), first_step, rank, severity,
+        summary}; None while no alert in ``stop_on`` fired."""
+        return self._hearing.stop_reason
+
+    @property
+    def alerts(self) -> list[dict[str, Any]]:
+        """This run's firing alerts, as the sidecar last said (alert, rank, severity, step, time, summary,
+        and stop_step). Fresh within milliseconds with ``stop_on`` or ``on_alert``, else as of the last send."""
+        return list(self._hearing.alerts)
 
     def oom(self, message: str, step: int | None = None, detail: str | None = None, **fields: Any) -> None:
         """A caught out-of-memory error; sent at once (the process may be about to die)."""
@@ -238,6 +305,14 @@ class Telemetry:
             if hasattr(probe, "bind"):
                 probe.bind()
 
+    @staticmethod
+    def grad_norm(parameters: Any) -> Any:
+        """The gradients' global L2 norm as a device tensor, no host sync: ``grad_norm=tm.grad_norm(model)``
+        in a loop that does not clip (torch_helpers.grad_norm)."""
+        from .torch_helpers import grad_norm
+
+        return grad_norm(parameters)
+
     def oom_guard(self, step: int | None = None) -> Any:
         """``with tm.oom_guard(): ...``: report a CUDA out-of-memory error, then re-raise it."""
         from .torch_helpers import oom_guard
@@ -259,12 +334,14 @@ class Telemetry:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self.close)
+        atexit.unregister(self._at_exit)
         _LIVE.discard(self)
         deadline = self._monotonic() + timeout
         self.flush(timeout)
         self._stop.set()
         self._outbox.wake.set()
+        if self._watcher is not None:
+            self._watcher.abort()  # its long poll would hold close() up
         for thread in self._threads:
             thread.join(timeout=max(0.1, deadline - self._monotonic()))
         if any(t.is_alive() for t in self._threads):
@@ -277,6 +354,31 @@ class Telemetry:
             self._sink.close()
         except Exception as exc:  # pragma: no cover - closing a socket or file
             log.debug("trainhealth: closing sink: %r", exc)
+
+    def _at_exit(self) -> None:
+        """A normal interpreter exit: the rank completed (unless ``end()`` or a crash said so already)."""
+        if self._closed:
+            return
+        if self._active:
+            self.end()
+        self.close()
+
+    def _crashed(self, exc_type: type[BaseException], exc: BaseException, tb: Any,
+                 thread: str | None = None) -> None:
+        """An uncaught exception (exception hooks): ``end`` with status "failed" quoting it, sent before
+        the process goes on dying; a CUDA OOM also gets its ``oom`` record with the allocator summary."""
+        if self._closed:
+            return
+        try:
+            if is_cuda_oom(exc) and not getattr(exc, "_trainhealth_reported", False):
+                from .torch_helpers import report_oom
+
+                report_oom(self, exc)
+            self._send_kind("end", None, {"status": "failed", "error": error_info(exc_type, exc, tb, thread)})
+            self._active = False  # a thread's crash: the rank is failed until it records again
+            self.flush(self.settings.crash_flush_seconds)
+        except Exception as inner:  # the report must not hide the crash
+            log.warning("trainhealth: could not report %s: %r", exc_type.__name__, inner)
 
     def __enter__(self) -> Telemetry:
         return self
@@ -302,18 +404,52 @@ class Telemetry:
             self.heartbeat()
 
     def _send_loop(self) -> None:
-        wake = self._outbox.wake
+        """A cycle (measure, send) every ``flush_seconds``; at once when woken (a full batch, a flush, an
+        urgent record); between cycles, while device values are on their way, a look every
+        ``poll_seconds`` for finished copies, so a non-finite one goes out at once."""
+        outbox, wake = self._outbox, self._outbox.wake
+        flush, poll = self.settings.flush_seconds, self.settings.poll_seconds
+        next_cycle = time.monotonic() + flush
         while not self._stop.is_set():
-            wake.wait(self.settings.flush_seconds)
+            timeout = max(0.0, next_cycle - time.monotonic())
+            if outbox.has_staged():
+                timeout = min(timeout, poll)
+            woke = wake.wait(timeout)
             wake.clear()
             try:
-                self.pump()
+                urgent = outbox.poll_staged()
+                if urgent:
+                    outbox.request_flush()
+                    wake.clear()
+                if time.monotonic() >= next_cycle:
+                    next_cycle = time.monotonic() + flush
+                    self.pump()
+                elif (woke or urgent) and outbox.due():
+                    outbox.cycle()
             except Exception as exc:  # pragma: no cover - a bug here must not kill the thread
                 self._warn("sender", "sender cycle failed: %r", exc)
+
+    def _watch_loop(self) -> None:
+        """The long poll of the run's view: alerts and stop steps heard within milliseconds of firing."""
+        watcher = self._watcher
+        delay = 0.0
+        while watcher is not None and not self._stop.is_set():
+            got = watcher.poll(self._hearing.version)
+            if self._stop.is_set():
+                break
+            if isinstance(got, str):
+                delay = min(max(delay * 2, 0.5), 10.0)
+                self._warn("watch", "cannot hear the run's alerts (%s); again in %.1fs", got, delay)
+                self._stop.wait(delay)
+                continue
+            delay = 0.0
+            self._hearing.view(got)
 
     def pump(self) -> None:
         """One background cycle: measure, then send what is ready (unless backing off)."""
         self._refresh()
+        if self._outbox.poll_staged():
+            self._outbox.request_flush()
         self._outbox.cycle()
 
     def _refresh(self) -> None:
@@ -360,7 +496,7 @@ def _drop(rec: dict[str, Any]) -> None:
 class _Forked:
     """The sink of a forked child's copy: the parent's connection is not ours to use."""
 
-    def send(self, records: list[dict[str, Any]]) -> Result:
+    def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
         return Result("drop", "a forked child does not send (its parent's client does)")
 
     def close(self) -> None:

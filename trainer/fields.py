@@ -22,3 +22,12 @@ def assign(rec: dict[str, Any], name: str, value: Any) -> None:
         rec[name] = value
     else:
         rec.setdefault("metrics", {})[name] = value
+
+# DESIGN.md's alert names: what ``Telemetry(stop_on=...)`` may name (a misspelled name would never stop)
+ALERT_NAMES = frozenset((
+    "nan_divergence", "loss_spike", "grad_explosion", "gpu_oom_risk", "gpu_oom", "host_memory_leak",
+    "rank_stalled", "rank_failed", "straggler", "lr_scaling",
+))
+ERROR_TEXT_CHARS = 4000  # an end record's error type and message (the sidecar takes 4096)
+TRACEBACK_FRAMES = 20  # the last frames of a crash's traceback
+TRACEBACK_CHARS = 16_000

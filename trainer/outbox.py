@@ -4,12 +4,18 @@ The training thread only calls ``push`` (a lock held for one append). Everything
 the client's background thread: ``cycle`` takes the records that are ready (a device value not
 yet copied keeps its record back, without holding up later ones), hands batches to the sink,
 and settles the outcome: delivered, refused (dropped and counted), too large (halved), or failed
-(put back in order, retried after an exponential backoff or the sidecar's Retry-After).
+(kept as it is and retried, first, after an exponential backoff or the sidecar's Retry-After).
+
+Each batch carries an id (this client's random id / a sequence number). A failed batch is resent
+whole under the same id, so a request that timed out but did land is taken once by the sidecar
+(it answers ``duplicate``). ``poll_staged`` reads finished device values between cycles and says
+when one of them is a non-finite loss or grad norm: that sample goes out at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -57,8 +63,14 @@ class Outbox:
         self._cycles = 0
         self._last_failed = False
         self._flush_now = False
-        self.counts = {"sent": 0, "dropped": 0, "rejected": 0, "failures": 0}
+        self.counts = {"sent": 0, "dropped": 0, "rejected": 0, "failures": 0, "duplicates": 0}
         self.wake = threading.Event()  # the background thread waits on it between cycles
+        self.client_id = os.urandom(8).hex()
+        self._seq = 0
+        self._held: tuple[str, list[dict[str, Any]]] | None = None  # a failed batch, resent as it is
+        self._staged: deque[dict[str, Any]] = deque()  # records whose device values are on their way
+        self._nonfinite = False  # the last staged value read was a non-finite loss or grad norm
+        self.on_answer: Callable[[dict[str, Any]], None] | None = None  # the sidecar's answers to batches
 
     def push(self, rec: dict[str, Any]) -> None:
         with self._lock:
@@ -66,9 +78,41 @@ class Outbox:
                 self._queue.popleft()
                 self.counts["dropped"] += 1
             self._queue.append(rec)
-            full = len(self._queue) == self.batch_limit  # crossing it: wake the sender once, not per record
-        if full:
+            wake = len(self._queue) == self.batch_limit  # crossing it: wake the sender once, not per record
+            if STAGED in rec:
+                wake = wake or not self._staged  # the first one on its way: the sender starts looking
+                self._staged.append(rec)
+                if len(self._staged) > self._capacity:
+                    self._staged.popleft()
+        if wake:
             self.wake.set()
+
+    def has_staged(self) -> bool:
+        return bool(self._staged)
+
+    def due(self) -> bool:
+        """A send is asked for now (a flush, an urgent record, a full batch), not only a look at staged values."""
+        return self._flush_now or len(self._queue) >= self.batch_limit
+
+    def poll_staged(self) -> bool:
+        """Read the device values whose copies are done (oldest first; never waits). True when one of
+        them turns the loss or grad norm non-finite (the first of a run of them): send now."""
+        urgent = False
+        staged = self._staged
+        while staged:
+            with self._lock:
+                rec = staged[0]
+                held = rec.get(STAGED)
+                if held is not None:
+                    if not held.ready():  # cudaEventQuery: never blocks
+                        break
+                    _fill(rec)
+                staged.popleft()
+            bad = nonfinite(rec)
+            if bad and not self._nonfinite:
+                urgent = True
+            self._nonfinite = bad
+        return urgent
 
     def request_flush(self) -> None:
         """The next cycle sends at once, backoff or not."""
@@ -77,7 +121,10 @@ class Outbox:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self.counts, "queued": len(self._queue)}
+            return {**self.counts, "queued": self._pending()}
+
+    def _pending(self) -> int:
+        return len(self._queue) + (len(self._held[1]) if self._held is not None else 0)
 
     def flush(self, timeout: float) -> bool:
         """Wait (a background thread runs the cycles) until the queue is empty; False on a failed
@@ -85,7 +132,7 @@ class Outbox:
         deadline = self._monotonic() + timeout
         while True:
             with self._cond:
-                if not self._queue:
+                if not self._pending():
                     return True
                 seen = self._cycles
                 self._flush_now = True
@@ -94,7 +141,7 @@ class Outbox:
                 if left <= 0 or not self._cond.wait_for(self._cycle_after(seen), left):
                     return False
                 if self._last_failed:
-                    return not self._queue
+                    return not self._pending()
 
     def _cycle_after(self, seen: int) -> Callable[[], bool]:
         return lambda: self._cycles > seen
@@ -102,8 +149,10 @@ class Outbox:
     def discard(self) -> int:
         """Drop what is left (at close); returns how many."""
         with self._lock:
-            left = len(self._queue)
+            left = self._pending()
             self._queue.clear()
+            self._held = None
+            self._staged.clear()
             self.counts["dropped"] += left
         return left
 
@@ -119,11 +168,18 @@ class Outbox:
         failed = False
         if force or self._monotonic() >= self._next_send:
             while True:
-                batch = self._take()
-                if not batch:
-                    break
-                failed = not self._settle(batch, self.sink.send(batch))
-                if failed or len(batch) < self.batch_limit:
+                resend = self._held is not None
+                if self._held is not None:
+                    batch_id, batch = self._held
+                    self._held = None
+                else:
+                    batch = self._take()
+                    if not batch:
+                        break
+                    self._seq += 1
+                    batch_id = f"{self.client_id}/{self._seq}"
+                failed = not self._settle(batch_id, batch, self.sink.send(batch, batch_id))
+                if failed or (len(batch) < self.batch_limit and not resend):
                     break
         else:
             self._resolve_ready()  # frees the pinned buffers of finished copies during an outage
@@ -158,12 +214,22 @@ class Outbox:
                 if staged is not None and staged.ready():
                     _fill(rec)
 
-    def _settle(self, batch: list[dict[str, Any]], result: Result) -> bool:
-        """Account for a send; put the batch back for a retry. True when the sink took a decision."""
+    def _settle(self, batch_id: str, batch: list[dict[str, Any]], result: Result) -> bool:
+        """Account for a send; keep a failed batch for a resend under its id. True when the sink took a
+        decision."""
         s = self.settings
         if result.outcome == "ok":
             self.counts["sent"] += len(batch)
             self._backoff = 0.0
+            answer = result.answer
+            if answer is not None:
+                if answer.get("duplicate") is True:
+                    self.counts["duplicates"] += 1  # it had landed before: taken once
+                if self.on_answer is not None:
+                    try:
+                        self.on_answer(answer)
+                    except Exception as exc:  # pragma: no cover - a bug there must not lose the batch
+                        self._warn("answer", "reading the sidecar's answer failed: %r", exc)
             return True
         if result.outcome == "drop":
             self.counts["rejected"] += len(batch)
@@ -185,14 +251,25 @@ class Outbox:
             self._next_send = self._monotonic() + delay
             self._warn("retry", "could not send %d records (%s); retrying in %.1fs",
                        len(batch), result.reason, delay)
-        with self._lock:
+            self._held = (batch_id, batch)  # it may have landed: resent as it is, under the same id
+            return False
+        with self._lock:  # too large: nothing was taken; smaller batches (new ids) from the same records
             self._queue.extendleft(reversed(batch))
             while len(self._queue) > self._capacity:
                 self._queue.popleft()
                 self.counts["dropped"] += 1
-        return result.outcome == "split"
+        return True
 
 
 def _fill(rec: dict[str, Any]) -> None:
     for name, value in rec.pop(STAGED).values().items():
         assign(rec, name, value)
+
+
+def nonfinite(rec: dict[str, Any]) -> bool:
+    """The record's loss or grad norm is NaN or infinite (``x - x`` is 0.0 for every finite float)."""
+    for name in ("loss", "grad_norm"):
+        value = rec.get(name)
+        if type(value) is float and value - value != 0.0:
+            return True
+    return False

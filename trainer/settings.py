@@ -41,6 +41,8 @@ class ClientSettings:
     max_backoff_seconds: float = 10.0
     sample_seconds: float = 5.0  # host PSS and NVML are read this often (background thread)
     host: str = ""  # the start record's host (groups ranks by machine); "" = socket.gethostname()
+    poll_seconds: float = 0.005  # while device values are on their way, look for finished copies this often
+    crash_flush_seconds: float = 2.0  # a crash's end record: how long the dying process waits for it to leave
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -55,7 +57,7 @@ class ClientSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("flush_seconds", "heartbeat_seconds", "timeout_seconds", "backoff_seconds",
-                     "max_backoff_seconds", "sample_seconds"):
+                     "max_backoff_seconds", "sample_seconds", "poll_seconds", "crash_flush_seconds"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name}: must be > 0, got {value!r}")

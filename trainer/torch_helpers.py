@@ -175,6 +175,24 @@ def gpu_memory_fields(cuda: Any, device: int | None = None) -> dict[str, float]:
     }
 
 
+def report_oom(telemetry: Any, exc: BaseException, cuda: Any = None, step: int | None = None) -> None:
+    """Send an ``oom`` record for a CUDA out-of-memory error, with the allocator's summary as ``detail``,
+    once per exception (marked, so an ``oom_guard`` and the crash hook do not both send it)."""
+    cuda = torch.cuda if cuda is None else cuda
+    fields: dict[str, Any] = {}
+    detail = None
+    try:
+        detail = cuda.memory_summary()
+        fields = gpu_memory_fields(cuda)
+    except Exception as inner:  # the report must not hide the OOM
+        log.warning("trainhealth: could not read the allocator after an OOM: %r", inner)
+    telemetry.oom(str(exc), step=step, detail=detail, **fields)
+    try:
+        exc._trainhealth_reported = True  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - an exception type with __slots__
+        pass
+
+
 @contextlib.contextmanager
 def oom_guard(telemetry: Any, cuda: Any = None, step: int | None = None,
               flush_seconds: float = DEFAULT_OOM_FLUSH_SECONDS) -> Iterator[None]:
@@ -184,13 +202,25 @@ def oom_guard(telemetry: Any, cuda: Any = None, step: int | None = None,
     try:
         yield
     except cuda.OutOfMemoryError as exc:
-        fields: dict[str, Any] = {}
-        detail = None
-        try:
-            detail = cuda.memory_summary()
-            fields = gpu_memory_fields(cuda)
-        except Exception as inner:  # the report must not hide the OOM
-            log.warning("trainhealth: could not read the allocator after an OOM: %r", inner)
-        telemetry.oom(str(exc), step=step, detail=detail, **fields)
+        report_oom(telemetry, exc, cuda, step)
         telemetry.flush(flush_seconds)
         raise
+
+
+def grad_norm(parameters: Any) -> torch.Tensor | None:
+    """The global L2 norm of the gradients, for loops that do not clip (``clip_grad_norm_`` returns it):
+
+        tm.record(step, loss=loss, grad_norm=grad_norm(model.parameters()))
+
+    One fused norm over every gradient, left on the device as a 0-dim tensor: no host sync (the client
+    reads it once its copy is done). ``parameters``: a module, tensors, or an iterable of them; None when
+    no parameter has a gradient. Under AMP call it after ``scaler.unscale_(optimizer)``, as you would
+    clip, or it is the scaled norm. Sharded parameters (FSDP, tensor parallel) give this rank's shard."""
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
+    elif isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.get_total_norm(grads, 2.0)

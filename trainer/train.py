@@ -8,6 +8,8 @@ Usage:
         torchrun --standalone --nproc_per_node 2 -m trainhealth.trainer \\
         --inject nan-data --inject-rank 1 --inject-step 20
     TRAINHEALTH_OFFLINE=/tmp/demo-{rank}.jsonl python -m trainhealth.trainer --steps 100  # then: trainhealth replay
+    torchrun --standalone --nproc_per_node 2 -m trainhealth.trainer --stop-on nan_divergence \
+        --inject nan-data --inject-rank 1 --inject-step 20        # every rank stops at the same step, exit 3
 
 Backend: nccl on GPUs, gloo on the CPU. Telemetry goes to TRAINHEALTH_URL (default http://127.0.0.1:9464);
 the run is TRAINHEALTH_RUN, else torchrun's TORCHELASTIC_RUN_ID.
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .client import Telemetry
+from .fields import ALERT_NAMES
 
 log = logging.getLogger("trainhealth.trainer.train")
 INJECTIONS = ("lr-unscaled", "nan-data", "gpu-leak", "host-leak", "hang", "die", "straggler")
@@ -88,6 +91,9 @@ class Config:
     leak_mb: float = field(default=4.0, metadata={"help": "gpu-leak / host-leak: MB kept per step"})
     hang_seconds: float = 0.0
     straggler_seconds: float = 0.05
+    stop_on: str = field(default="", metadata={"help": "comma-separated alert names (e.g. nan_divergence): when "
+                                                       "one fires for the run, every rank stops after the same "
+                                                       "step and the trainer exits 3"})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "gpus_reference", "reference_batch_per_gpu", "reference_max_iter",
@@ -99,9 +105,16 @@ class Config:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.stop_on and not set(stop_names(self)) <= ALERT_NAMES:
+            bad = sorted(set(stop_names(self)) - ALERT_NAMES)[0]
+            raise ValueError(f"stop_on: unknown alert name {bad!r}; known: {', '.join(sorted(ALERT_NAMES))}")
         if self.inject is not None and self.inject not in INJECTIONS:
             raise ValueError(f"inject: must be one of {', '.join(INJECTIONS)}, got {self.inject!r}")
         lr_steps(self)  # validates reference_lr_steps
+
+
+def stop_names(cfg: Config) -> list[str]:
+    return [name.strip() for name in cfg.stop_on.split(",") if name.strip()]
 
 
 def lr_steps(cfg: Config) -> tuple[int, ...]:
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                                     weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and use_cuda)
 
-    tm = Telemetry(rank=rank, world_size=world)
+    tm = Telemetry(rank=rank, world_size=world, stop_on=stop_names(cfg))
     tm.start(world_size=world, batch_size=cfg.batch_size, lr=sched.peak_lr, reference_lr=cfg.reference_lr,
              reference_batch_size=sched.reference_batch, warmup_steps=cfg.warmup_steps,
              optimizer=cfg.optimizer,
@@ -265,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                  n_steps, list(sched.lr_steps))
 
     leak: list[object] = []
+    stopped = False
     for it in range(n_steps):
         step = it + 1  # the step this iteration completes
         faulty = injected and step >= cfg.inject_step
@@ -323,12 +337,20 @@ def main(argv: list[str] | None = None) -> int:
             # loss.item() is a CPU-GPU sync point: only every log_every steps, for the console
             log.info("step %d/%d: loss %.4f, lr %.6g, %.1f ms", step, n_steps, loss.item(), lr,
                      step_time * 1e3)
+        # every rank leaves after the same step: none is left waiting in the next step's all-reduce. The
+        # weights are suspect now: a real loop would not checkpoint them, and would keep its last good one.
+        if tm.should_stop(step):
+            reason = tm.stop_reason or {}
+            log.error("rank %d: stopping after step %d: %s (first at step %s on rank %s)", rank, step,
+                      reason.get("summary") or reason.get("alert"), reason.get("first_step"), reason.get("rank"))
+            stopped = True
+            break
 
     tm.end()
     tm.close()
     if distributed:
         dist.destroy_process_group()
-    return 0
+    return 3 if stopped else 0  # non-zero: the scheduler sees the failure
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,11 +12,15 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 Outcome = Literal["ok", "retry", "drop", "split"]
+MAX_ANSWER_BYTES = 1 << 20  # an ingest answer is read whole up to this; a longer one closes the connection
+BATCH_HEADER = "X-Trainhealth-Batch"  # CLIENT/SEQ: a resend carries the same id, the sidecar takes it once
+VIEWS_HEADER = "X-Trainhealth-Views"  # "1": the answer carries the runs' alerts and stop steps
 
 
 @dataclass(slots=True)
@@ -24,6 +28,7 @@ class Result:
     outcome: Outcome  # ok: delivered; retry: try again later; drop: never deliverable; split: too big
     reason: str = ""
     retry_after: float | None = None  # seconds, from a Retry-After header
+    answer: dict[str, Any] | None = None  # the sidecar's JSON answer to a delivered batch
 
 
 def encode_json(records: list[dict[str, Any]]) -> bytes:
@@ -37,23 +42,24 @@ def encode_jsonl(records: list[dict[str, Any]]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-class HttpSink:
-    """POSTs batches to ``{url}/v1/ingest`` on one keep-alive connection (http.client is the
-    cheapest client in the training process, see MEASURED.md)."""
+class _Connection:
+    """One keep-alive http.client connection to the sidecar (http.client is the cheapest client in the
+    training process, see MEASURED.md)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url: must be http(s)://host[:port][/prefix], got {url!r}")
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port
-        self.path = parts.path.rstrip("/") + "/v1/ingest"
+        self.prefix = parts.path.rstrip("/")
         self._timeout = timeout
-        self._headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
+        self._headers = {"Connection": "keep-alive"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._conn: http.client.HTTPConnection | None = None
+        self.aborted = False  # abort(): no request any more
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         if self._conn is not None:
@@ -62,23 +68,28 @@ class HttpSink:
         self._conn = cls(self._host, self._port, timeout=self._timeout)
         return self._conn, False
 
-    def send(self, records: list[dict[str, Any]]) -> Result:
-        body = encode_json(records)
+    def exchange(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, bytes, str | None] | str:
+        """(status, the whole answer, Retry-After), or why not (a string). The answer is read whole (up to
+        MAX_ANSWER_BYTES) before anything else is sent on the connection: unread bytes would be taken
+        for the next answer."""
         for _ in range(2):  # the server may have closed a reused keep-alive connection: one fresh retry
+            if self.aborted:
+                return "aborted"
             conn, reused = self._connection()
             try:
-                conn.request("POST", self.path, body=body, headers=self._headers)
+                conn.request(method, self.prefix + path, body=body, headers={**self._headers, **(headers or {})})
                 resp = conn.getresponse()
-                text = resp.read(2048)
-                if resp.will_close:
-                    self.close()
+                text = resp.read(MAX_ANSWER_BYTES + 1)
+                if resp.will_close or len(text) > MAX_ANSWER_BYTES or not resp.isclosed():
+                    self.close()  # not all of it read: this connection cannot carry another request
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if reused and not isinstance(exc, TimeoutError):
                     continue
-                return Result("retry", f"{type(exc).__name__}: {exc}")
-            return classify(resp.status, text.decode("utf-8", "replace"), resp.getheader("Retry-After"))
-        return Result("retry", "connection closed twice")  # pragma: no cover - loop always returns
+                return f"{type(exc).__name__}: {exc}"
+            return resp.status, text[:MAX_ANSWER_BYTES], resp.getheader("Retry-After")
+        return "connection closed twice"  # pragma: no cover - loop always returns
 
     def close(self) -> None:
         if self._conn is not None:
@@ -87,6 +98,66 @@ class HttpSink:
             except OSError:  # pragma: no cover - closing a broken socket
                 pass
             self._conn = None
+
+
+class HttpSink(_Connection):
+    """POSTs batches to ``{url}/v1/ingest`` on one keep-alive connection; each batch carries its id."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
+        super().__init__(url, token, timeout)
+        self.path = self.prefix + "/v1/ingest"
+
+    def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
+        headers = {"Content-Type": "application/json", VIEWS_HEADER: "1"}
+        if batch_id is not None:
+            headers[BATCH_HEADER] = batch_id
+        got = self.exchange("POST", "/v1/ingest", encode_json(records), headers)
+        if isinstance(got, str):
+            return Result("retry", got)
+        status, text, retry_after = got
+        result = classify(status, text.decode("utf-8", "replace"), retry_after)
+        if result.outcome == "ok":
+            result.answer = _json_object(text)
+        return result
+
+
+class Watcher(_Connection):
+    """The long poll of a run's view (``GET /v1/runs/{run}/watch``): firing alerts and stop steps."""
+
+    def __init__(self, url: str, run: str, token: str | None = None, wait: float = 25.0) -> None:
+        super().__init__(url, token, wait + 10.0)
+        self.wait = wait
+        self.path = f"/v1/runs/{quote(run, safe='')}/watch"
+
+    def abort(self) -> None:
+        """From another thread: end a long poll in progress (close() alone does not wake a blocked read)."""
+        self.aborted = True
+        conn = self._conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def poll(self, version: int) -> dict[str, Any] | str:
+        """The run's view once its version is not ``version`` (or after the wait); or why not (a string)."""
+        got = self.exchange("GET", f"{self.path}?version={version}&timeout={self.wait:g}")
+        if isinstance(got, str):
+            return got
+        status, text, _ = got
+        view = _json_object(text) if status == 200 else None
+        if view is None:
+            return f"HTTP {status}: {text[:200].decode('utf-8', 'replace')}"
+        return view
+
+
+def _json_object(text: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def classify(status: int, text: str, retry_after: str | None = None) -> Result:
@@ -116,7 +187,7 @@ class FileSink:
         self.path = path
         self._fd: int | None = None
 
-    def send(self, records: list[dict[str, Any]]) -> Result:
+    def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
         try:
             if self._fd is None:
                 parent = os.path.dirname(self.path)

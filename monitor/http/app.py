@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from .. import jsonout
+from ..record import RecordError, check_run
 from ..service import Service
 from ..status import run_view, runs_view
 
@@ -95,8 +96,9 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
                                              "(limits.max_body_bytes): send smaller batches")
                 return JSON(answer.body, answer.status)
             chunks.append(chunk)
-        answer = service.ingest(b"".join(chunks), request.headers.get("content-type"),
-                                request.headers.get("content-encoding"))
+        headers = request.headers
+        answer = service.ingest(b"".join(chunks), headers.get("content-type"), headers.get("content-encoding"),
+                                headers.get("x-trainhealth-batch"), headers.get("x-trainhealth-views") == "1")
         return JSON(answer.body, answer.status)
 
     @app.get("/v1/runs")
@@ -129,6 +131,31 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
                                              cursor=cursor, **({"delivery": delivery} if delivery else {})))
         return JSON({"alerts": service.book.query(run=run, state=state, alert=alert, since=since,
                                                   limit=limit)})
+
+    @app.get("/v1/runs/{run}/watch")
+    async def watch(run: str, version: int = Query(-1, ge=-1, le=2**63 - 1),
+                    timeout: float = Query(30.0, ge=0.0, le=60.0)) -> Response:
+        """Long poll: the run's view (firing alerts, stop steps; watch.py) as soon as its version is not
+        ``version``, or after ``timeout`` seconds as it is. A run not known yet has version 0."""
+        try:
+            check_run(run)
+        except RecordError as exc:
+            return JSON({"error": str(exc)}, 400)
+        if service.watch.version(run) == version and timeout > 0:
+            changed = asyncio.get_running_loop().create_future()
+
+            def wake() -> None:
+                if not changed.done():
+                    changed.set_result(None)
+
+            if service.watch.wait(run, wake):
+                try:
+                    await asyncio.wait_for(changed, timeout)
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    service.watch.cancel(run, wake)
+        return JSON(service.watch.view(run))
 
     @app.post("/-/reload")
     async def reload() -> Response:

@@ -7,9 +7,11 @@ import sqlite3
 import time
 from typing import Any, Callable
 
+import uvicorn
 from fastapi import FastAPI
 
 from ..config import ConfigError, Settings
+from ..notify.console import log_alerts
 from ..notify.sink import AlertsOut
 from ..notify.store import Store
 from ..record import Record
@@ -49,7 +51,8 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
         closers.insert(0, recorder.close)
         faults.append(recorder.fault)
     service = Service(
-        settings, clock=clock, sinks=[alerts_out], record_sinks=record_sinks, background=[alerts_out.run],
+        settings, clock=clock, sinks=[log_alerts, alerts_out],  # log_alerts: one console line per transition
+        record_sinks=record_sinks, background=[alerts_out.run],
         closers=closers, query_alerts=alerts_out.query_alerts, faults=faults,
         restored=alerts_out.restored(), runs_last_seen=store.runs_last_seen() if alerts_out.open else {},
         load_settings=load_settings,
@@ -63,3 +66,16 @@ def build_service_and_app(settings: Settings,
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out),
                                              page_hook(service)]
     return service, create_app(service, hooks)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose shutdown first answers the long polls (``GET /v1/runs/{run}/watch``): a
+    waiting client must not hold the sidecar up for the whole graceful-shutdown timeout."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.service.watch.wake_all()
+        await super().shutdown(sockets)

@@ -29,8 +29,7 @@ def test_stop_signal_mid_delivery_shuts_down_cleanly_and_keeps_the_outbox(start_
             rc = sc.proc.wait(10)
         except subprocess.TimeoutExpired:
             pytest.fail(f"sidecar still running 10 s after {sig.name}")
-        assert sc.proc.stderr is not None
-        err = sc.proc.stderr.read()
+        err = sc.stderr_text()
         assert "Traceback" not in err, err
         # Ctrl-C is how a person stops it: exit 0. SIGTERM: uvicorn re-raises it after the graceful
         # shutdown, so the process ends by the signal as supervisors expect.

@@ -12,9 +12,11 @@ class FakeSink:
         self.outcomes = list(outcomes or [])
         self.batches: list[list[dict]] = []  # delivered
         self.attempts = 0
+        self.ids: list[str | None] = []  # the batch id of every attempt
 
-    def send(self, records):
+    def send(self, records, batch_id=None):
         self.attempts += 1
+        self.ids.append(batch_id)
         result = self.outcomes.pop(0) if self.outcomes else Result("ok")
         if result.outcome == "ok":
             self.batches.append([dict(r) for r in records])

@@ -1,0 +1,223 @@
+"""What a run's training processes hear back: its firing alerts, and a stop step every rank agrees on.
+
+The job hears its alerts (DESIGN.md): each ingest answer carries the view of the runs in its batch, and
+``GET /v1/runs/{run}/watch`` (a long poll) answers the moment the run's view changes, so every client
+of the run learns of an alert within milliseconds of it firing, whichever rank caused it.
+
+Agreement on the stop step. When an alert first fires for a run, this module fixes a *stop step* for
+that alert name, once, and never changes it while the run lives: every rank is told the same number.
+A client whose ``stop_on`` names the alert makes ``should_stop(step)`` true from that step on, so all
+ranks leave the loop after the same step and none waits in a collective for a rank that left. The step
+is far enough ahead that every rank learns it before it gets there:
+
+    stop = max(alert step, highest step any rank of the run reported) + lead
+    lead = max(min_lead_steps, ceil(lead_seconds / step period)), at most max_lead_steps
+
+``lead_seconds`` (0.1 s by default) covers the path from the sidecar to the slowest client (a long poll
+answer, or the answer to its next urgent send, a few ms on one node); the step period is the run's own
+(an average over its recent samples), so at 50 ms steps a NaN at step N stops every rank after step
+N+2, or N+3 when a rank had already reported N+1. Stops only grow: a later alert's stop is never below
+an earlier one's, so a rank that has heard only the first alert agrees with one that has heard both.
+A restart of the run (a ``start`` from a rank that had sent samples) forgets its stops.
+
+A stop heard too late. When a sample of a step past a stop arrives, that rank completed the step after
+the stop, which in synchronous training needs every rank: so nobody stopped there (each client ignores a
+stop it hears after it has checked that step). The stop then moves ahead by the same rule, from the
+highest step seen, and the clients adopt the new one: the job stops later, and never leaves a rank
+waiting in a collective.
+
+Pure apart from the waiters: no clock, no I/O. The HTTP layer registers a callback per long poll;
+``changed`` runs them (in the event loop's thread, where ingest and the timer run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .alerts import Alert, AlertBook
+from .record import Record
+from .state import RunState
+
+MAX_ALERTS_SHOWN = 50  # firing alerts listed in one view; the count is exact
+MAX_WAITERS_PER_RUN = 4096
+_ALERT_FIELDS = ("alert", "rank", "severity", "step", "time", "summary", "fingerprint")
+
+
+@dataclass(kw_only=True, slots=True)
+class StopLead:
+    lead_seconds: float = 0.1
+    min_lead_steps: int = 2
+    max_lead_steps: int = 1000
+
+    def steps(self, period: float | None) -> int:
+        """Steps the run makes in ``lead_seconds`` (1% tolerance: record times are measured, not exact)."""
+        if period is None or not period > 0:
+            return self.min_lead_steps
+        return min(self.max_lead_steps, max(self.min_lead_steps, math.ceil(0.99 * self.lead_seconds / period)))
+
+
+@dataclass(slots=True)
+class _Run:
+    version: int = 0
+    stops: dict[str, dict[str, Any]] = field(default_factory=dict)  # alert name -> the stop fixed for it
+    last: dict[int, tuple[int, float]] = field(default_factory=dict)  # rank -> (step, time) of its last sample
+    period: float | None = None  # seconds per step, a running average over the ranks' samples
+    top_step: int = -1
+    first_stop: int | None = None  # the lowest stop step of the run, None while it has none
+    start: Record | None = None  # the run's newest start record seen
+    waiters: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Watch:
+    def __init__(self, book: AlertBook, states: Mapping[str, RunState] | None = None,
+                 lead: StopLead | None = None, max_runs: int = 10_000) -> None:
+        """``states``: the pipeline's runs (their newest start records tell a restart)."""
+        self.book = book
+        self.states: Mapping[str, RunState] = states if states is not None else {}
+        self.lead = lead or StopLead()
+        self.max_runs = max_runs
+        self.runs: dict[str, _Run] = {}
+        self.closed = False  # shutting down: long polls answer at once
+
+    def _run(self, name: str) -> _Run:
+        run = self.runs.get(name)
+        if run is None:
+            if len(self.runs) >= self.max_runs:  # the oldest entry without waiters goes
+                for old, state in self.runs.items():
+                    if not state.waiters:
+                        del self.runs[old]
+                        break
+            run = self.runs[name] = _Run()
+        return run
+
+    # -- what arrives -------------------------------------------------------------------------------
+    def note(self, records: Sequence[Record]) -> set[str]:
+        """Accepted records: each run's highest step and step period, from the newest record of the run in
+        the batch (a client sends its rank's records in order; one dict store per record is all ingest
+        pays); a restart (the run's newest ``start`` from a rank that had sent samples) forgets its stops.
+        Returns the runs of the batch."""
+        newest: dict[str, Record] = {}
+        for rec in records:
+            newest[rec.run] = rec
+        for name, rec in newest.items():
+            run = self.runs.get(name)
+            if run is None:
+                run = self._run(name)
+            state = self.states.get(name)
+            start = state.last_start if state is not None else None
+            if start is not None and start is not run.start and state is not None:
+                run.start = start
+                rank = state.ranks.get(start.rank)
+                sampled = rank.last_sample_time if rank is not None else None
+                if sampled is not None and sampled < start.time:  # a restart: this rank had trained before
+                    self._restart(name, run)
+            step = rec.step
+            if step is None or rec.type not in ("sample", "heartbeat"):
+                continue
+            if rec.type == "sample":
+                prev = run.last.get(rec.rank)
+                if prev is not None and step > prev[0] and rec.time > prev[1]:
+                    period = (rec.time - prev[1]) / (step - prev[0])
+                    run.period = period if run.period is None else 0.8 * run.period + 0.2 * period
+                run.last[rec.rank] = (step, rec.time)
+            if step > run.top_step:
+                run.top_step = step
+                if run.first_stop is not None and step > run.first_stop:
+                    self._move(name, run)
+        return set(newest)
+
+    def _restart(self, name: str, run: _Run) -> None:
+        run.last.clear()
+        run.top_step = -1
+        run.period = None
+        if run.stops:
+            run.stops.clear()
+            run.first_stop = None
+            self._bump(name, run)
+
+    def on_alerts(self, alerts: Iterable[Alert]) -> None:
+        """Alert transitions: fix a stop for each alert name's first firing; wake the run's waiters."""
+        touched: dict[str, _Run] = {}
+        for alert in alerts:
+            name = alert["run"]
+            run = touched.get(name) or self._run(name)
+            touched[name] = run
+            if alert["state"] == "firing" and alert["alert"] not in run.stops:
+                base = max(int(alert["step"]), run.top_step)
+                floor = max((s["step"] for s in run.stops.values()), default=0)
+                run.stops[alert["alert"]] = {
+                    "step": max(base + self.lead.steps(run.period), floor),
+                    "alert": alert["alert"], "rank": alert["rank"], "first_step": alert["step"],
+                    "severity": alert["severity"],
+                }
+                run.first_stop = min(s["step"] for s in run.stops.values())
+        for name, run in touched.items():
+            self._bump(name, run)
+
+    def _move(self, name: str, run: _Run) -> None:
+        """A rank went past a stop: nobody stopped there; every stop passed moves ahead of the run."""
+        ahead = run.top_step + self.lead.steps(run.period)
+        for stop in run.stops.values():
+            if stop["step"] < run.top_step:
+                stop["step"] = ahead
+                stop["moved"] = stop.get("moved", 0) + 1
+        run.first_stop = min(s["step"] for s in run.stops.values())
+        self._bump(name, run)
+
+    def _bump(self, name: str, run: _Run) -> None:
+        run.version += 1
+        waiters, run.waiters = run.waiters, []
+        for wake in waiters:
+            wake()
+
+    # -- what is told -------------------------------------------------------------------------------
+    def version(self, name: str) -> int:
+        run = self.runs.get(name)
+        return 0 if run is None else run.version
+
+    def view(self, name: str) -> dict[str, Any]:
+        """{version, stops: {alert: {step, alert, rank, first_step, severity}}, alerts: [firing now],
+        alerts_total}: what a client of the run needs to act."""
+        run = self.runs.get(name)
+        if run is None or run.version == 0:
+            return {"version": 0, "stops": {}, "alerts": [], "alerts_total": 0}
+        firing = sorted(self.book.firing(name), key=lambda a: a["time"])
+        return {
+            "version": run.version,
+            "stops": {k: dict(v) for k, v in run.stops.items()},
+            "alerts": [{k: a.get(k) for k in _ALERT_FIELDS} for a in firing[:MAX_ALERTS_SHOWN]],
+            "alerts_total": len(firing),
+        }
+
+    def views(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The views of the runs that have one (for an ingest answer: nothing when all is quiet)."""
+        return {n: self.view(n) for n in names if self.version(n)}
+
+    def wait(self, name: str, wake: Callable[[], None]) -> bool:
+        """Call ``wake`` once at the run's next change; False when too many already wait on it."""
+        run = self._run(name)
+        if self.closed or len(run.waiters) >= MAX_WAITERS_PER_RUN:
+            return False
+        run.waiters.append(wake)
+        return True
+
+    def cancel(self, name: str, wake: Callable[[], None]) -> None:
+        run = self.runs.get(name)
+        if run is not None and wake in run.waiters:
+            run.waiters.remove(wake)
+
+    def wake_all(self) -> None:
+        """Shutdown: every long poll answers now, and later ones at once."""
+        self.closed = True
+        for run in self.runs.values():
+            waiters, run.waiters = run.waiters, []
+            for wake in waiters:
+                wake()
+
+    def forget(self, name: str) -> None:
+        run = self.runs.pop(name, None)
+        if run is not None:
+            for wake in run.waiters:
+                wake()

@@ -1,0 +1,193 @@
+"""What a run's clients hear (monitor/watch.py) and resent batches taken once (monitor/batches.py), through
+the Service as the ingest route drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from trainhealth.batches import BatchIdError, TakenBatches, parse
+from trainhealth.config import Settings
+from trainhealth.http.app import create_app
+from trainhealth.service import Service
+
+T0 = 1_700_000_000.0
+
+
+def make() -> Service:
+    return Service(Settings(), clock=lambda: T0 + 3600)
+
+
+def send(service: Service, *records: dict[str, Any], batch_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    answer = service.ingest(json.dumps(list(records)).encode(), "application/json", None, batch_id, views=True)
+    return answer.status, answer.body
+
+
+def steps(run: str, ranks: range, first: int, last: int, period: float = 0.05, **extra: Any) -> list[dict]:
+    return [{"run": run, "rank": r, "time": T0 + s * period, "step": s, "loss": 1.0, "grad_norm": 1.0, **extra}
+            for s in range(first, last + 1) for r in ranks]
+
+
+def nan(run: str, rank: int, step: int, period: float = 0.05) -> dict[str, Any]:
+    return {"run": run, "rank": rank, "time": T0 + step * period, "step": step, "loss": float("nan"),
+            "grad_norm": float("nan")}
+
+
+# -- the stop step --------------------------------------------------------------------------------------
+
+def test_quiet_runs_get_no_view_in_the_ingest_answer():
+    service = make()
+    status, body = send(service, *steps("quiet", range(2), 1, 20))
+    assert status == 200 and "runs" not in body
+    assert service.watch.view("quiet") == {"version": 0, "stops": {}, "alerts": [], "alerts_total": 0}
+
+
+@pytest.mark.parametrize(("period", "lead"), [(0.05, 2), (0.03, 4), (0.5, 2), (0.001, 100)])
+def test_the_stop_step_is_far_enough_ahead_for_the_runs_own_step_time(period, lead):
+    service = make()
+    send(service, *steps("r", range(2), 1, 29, period))
+    status, body = send(service, nan("r", 1, 30, period))
+    view = body["runs"]["r"]
+    assert view["stops"]["nan_divergence"] == {"step": 30 + lead, "alert": "nan_divergence", "rank": 1,
+                                               "first_step": 30, "severity": "critical"}
+    assert [(a["alert"], a["rank"], a["step"]) for a in view["alerts"]] == [("nan_divergence", 1, 30)]
+
+
+def test_a_rank_already_ahead_moves_the_stop_so_nobody_has_passed_it():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, *steps("r", [0], 30, 31))  # rank 0 reported step 31 before rank 1's NaN at 30 arrived
+    _, body = send(service, nan("r", 1, 30))
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["step"] == 33
+
+
+def test_every_rank_is_told_the_same_stop_and_a_later_alert_never_moves_it_lower():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    _, first = send(service, nan("r", 1, 30))
+    _, second = send(service, nan("r", 0, 30))  # rank 0's NaN (through the all-reduce): the same stop
+    assert first["runs"]["r"]["stops"] == second["runs"]["r"]["stops"]
+    assert second["runs"]["r"]["version"] > first["runs"]["r"]["version"]
+    # another alert later, at a much shorter period: its stop is not below the first one
+    service.watch.lead.lead_seconds = 0.0
+    service.watch.on_alerts([{"run": "r", "alert": "loss_spike", "state": "firing", "rank": 0, "step": 29,
+                              "severity": "warning"}])
+    stops = service.watch.view("r")["stops"]
+    assert stops["loss_spike"]["step"] >= stops["nan_divergence"]["step"] == 32
+
+
+def test_a_restart_forgets_the_stops():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    assert service.watch.view("r")["stops"]
+    send(service, {"type": "start", "run": "r", "rank": 0, "time": T0 + 10, "world_size": 2})
+    assert service.watch.view("r")["stops"] == {}
+
+
+# -- the long poll --------------------------------------------------------------------------------------
+
+async def _poll_then_nan(service: Service) -> tuple[dict[str, Any], float, float]:
+    app = create_app(service)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+        first = (await client.get("/v1/runs/r/watch", params={"version": -1})).json()
+        assert first["version"] == 0  # not known yet: answered at once
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        waiting = asyncio.create_task(client.get("/v1/runs/r/watch", params={"version": 0, "timeout": 20}))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits for a change
+        body = json.dumps(steps("r", range(2), 1, 29) + [nan("r", 1, 30)])
+        sent = loop.time()
+        plain = await client.post("/v1/ingest", content=body)
+        assert plain.status_code == 200 and "runs" not in plain.json()  # only a client that asks hears
+        answer = await waiting
+        return answer.json(), sent - t0, loop.time() - sent
+
+
+def test_a_long_poll_answers_as_soon_as_an_alert_fires_for_its_run():
+    view, waited, after = asyncio.run(_poll_then_nan(make()))
+    assert waited >= 0.2 and after < 2.0
+    assert view["stops"]["nan_divergence"]["step"] == 32 and view["alerts"][0]["alert"] == "nan_divergence"
+
+
+def test_shutdown_answers_every_waiting_poll():
+    service = make()
+    woken: list[str] = []
+    assert service.watch.wait("r", lambda: woken.append("r"))
+    service.watch.wake_all()
+    assert woken == ["r"] and not service.watch.wait("r", lambda: None)
+
+
+# -- batches taken once ---------------------------------------------------------------------------------
+
+def test_a_resent_batch_is_answered_duplicate_and_not_ingested_again():
+    service = make()
+    records = steps("d", range(1), 1, 5)
+    assert send(service, *records, batch_id="c1/1") == (200, {"accepted": 5, "rejected": 0, "alerts": 0})
+    assert send(service, *records, batch_id="c1/1") == (200, {"accepted": 0, "rejected": 0, "alerts": 0,
+                                                              "duplicate": True})
+    assert send(service, *records, batch_id="c2/1")[1]["accepted"] == 5  # another client's batch 1
+    assert service.stats.accepted == 10 and service.taken.duplicates == 1
+
+
+def test_a_refused_batch_is_not_taken_so_its_resend_is_judged_again():
+    service = make()
+    assert send(service, {"run": "d", "rank": -1, "time": T0}, batch_id="c/7")[0] == 400
+    assert send(service, *steps("d", range(1), 1, 1), batch_id="c/7")[1]["accepted"] == 1
+
+
+@pytest.mark.parametrize("bad", ["", "c", "c/", "/1", "c/x", "c d/1", "c/-1", "x" * 65 + "/1", "c/1/2"])
+def test_a_bad_batch_id_is_a_400_naming_the_header_and_value(bad):
+    status, body = send(make(), *steps("d", range(1), 1, 1), batch_id=bad)
+    assert status == 400 and body["error"].startswith("X-Trainhealth-Batch: must be CLIENT/SEQ")
+    with pytest.raises(BatchIdError):
+        parse(bad)
+
+
+def test_the_memory_of_taken_batches_is_bounded_per_client_and_in_clients():
+    taken = TakenBatches(per_client=3, max_clients=2)
+    for seq in range(1, 6):
+        taken.take("a", seq)
+    assert [taken.taken("a", s) for s in range(1, 6)] == [False, False, True, True, True]
+    taken.take("b", 1)
+    taken.take("c", 1)  # "a" is the oldest client: forgotten
+    assert not taken.taken("a", 5) and taken.taken("b", 1) and taken.taken("c", 1)
+
+
+def test_a_stop_every_rank_passed_moves_ahead_of_the_run():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    assert service.watch.view("r")["stops"]["nan_divergence"]["step"] == 32
+    version = service.watch.version("r")
+    send(service, *steps("r", range(2), 31, 32))  # the ranks reached 32 without having heard: still running
+    assert service.watch.version("r") == version  # at the stop is not past it
+    _, body = send(service, *steps("r", range(2), 33, 33))  # step 33 done: nobody stopped at 32
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["step"] == 35
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["moved"] == 1
+
+
+def test_the_long_poll_refuses_a_run_name_no_record_could_carry():
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(make()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+            return await client.get("/v1/runs/bad name!/watch")
+
+    answer = asyncio.run(ask())
+    assert answer.status_code == 400 and answer.json()["error"].startswith("run: must be 1-128 characters")
+
+
+def test_a_late_first_start_of_a_slow_rank_is_no_restart():
+    service = make()
+    send(service, {"type": "start", "run": "r", "rank": 0, "time": T0, "world_size": 2, "batch_size": 2,
+                   "lr": 0.02, "reference_lr": 0.02, "reference_batch_size": 16})  # lr_scaling fires at once
+    assert service.watch.view("r")["stops"]["lr_scaling"]["step"] == 2
+    send(service, *steps("r", [0], 1, 1))
+    send(service, {"type": "start", "run": "r", "rank": 1, "time": T0 + 0.01, "world_size": 2, "batch_size": 2,
+                   "lr": 0.02})  # rank 1's first start, after rank 0's first sample: not a restart
+    assert service.watch.view("r")["stops"]["lr_scaling"]["step"] == 2
