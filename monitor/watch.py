@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .alerts import Alert, AlertBook
+from .alerts import Alert, AlertBook, extra
 from .record import Record
 from .state import RunState
 
@@ -149,7 +149,7 @@ class Watch:
                 floor = max((s["step"] for s in run.stops.values()), default=0)
                 run.stops[alert["alert"]] = {
                     "step": max(base + self.lead.steps(run.period), floor),
-                    "alert": alert["alert"], "rank": alert["rank"], "first_step": alert["step"],
+                    "alert": alert["alert"], "rank": _root(alert), "first_step": alert["step"],
                     "severity": alert["severity"],
                 }
                 run.first_stop = min(s["step"] for s in run.stops.values())
@@ -221,3 +221,10 @@ class Watch:
         if run is not None:
             for wake in run.waiters:
                 wake()
+
+
+def _root(alert: Alert) -> int | None:
+    """The rank a stop is for: a per-rank alert's rank, or a run-level incident's first (root) rank."""
+    rank = alert["rank"]
+    return rank if rank is not None else extra(alert).get("first_rank")
+
