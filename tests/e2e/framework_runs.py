@@ -104,5 +104,7 @@ def first_nan(fired: list[dict[str, Any]]) -> tuple[int, int] | None:
     losses = [a for a in fired if a.get("cause") == "nonfinite_loss"]
     if not losses:
         return None
-    first = min(losses, key=lambda a: (a["step"], a["rank"]))
-    return first["rank"], first["step"]
+    # one incident per run (rank null) names its first rank; a per-rank alert names its rank
+    first = min(losses, key=lambda a: (a["step"], a.get("first_rank", a["rank"])))
+    rank = first["rank"] if first["rank"] is not None else first["first_rank"]
+    return rank, first.get("first_step", first["step"])
