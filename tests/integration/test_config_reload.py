@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT
+from ..conftest import ROOT, Sidecar
 from .alerting import Receiver, ingest, nan_records
 
 # (config text, the one line it must give): one bad value per section, and the shapes a typo takes
@@ -67,13 +66,14 @@ def test_bad_value_at_start_exits_2_with_one_line(tmp_path: Path, text: str, lin
 
 
 class StderrLines:
-    """Reads a running sidecar's stderr in a thread (the pipe must not fill up) and keeps the lines."""
+    """A running sidecar's stderr lines (the Sidecar fixture drains its pipe in a thread)."""
 
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        assert proc.stderr is not None
-        stream = proc.stderr
-        threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")), daemon=True).start()
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    @property
+    def lines(self) -> list[str]:
+        return list(self.sidecar.lines)
 
     def wait_for(self, needle: str, count: int = 1, timeout: float = 20.0) -> None:
         """Until ``count`` lines hold ``needle``."""
@@ -92,7 +92,7 @@ def test_every_bad_section_is_refused_at_reload_by_post_and_sighup(start_sidecar
     config = tmp_path / "c.toml"
     config.write_text(GOOD)
     sc = start_sidecar("--config", str(config))
-    log = StderrLines(sc.proc)
+    log = StderrLines(sc)
     for text, line in BAD:
         config.write_text(text)
         r = sc.client.post("/-/reload")

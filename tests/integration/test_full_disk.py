@@ -56,7 +56,7 @@ def receiver() -> Iterator[Receiver]:
 def test_full_disk_holds_the_alert_answers_503_and_delivers_it_once_after(start_sidecar, receiver,
                                                                          tmp_path: Path) -> None:
     sc = start_sidecar("--webhook", f"{receiver.url}/hook", "--record", str(tmp_path / "rec"))
-    log = StderrLines(sc.proc)
+    log = StderrLines(sc)
     ingest(sc, healthy("steady", 1))
     assert sc.client.get("/healthz").status_code == 200
 
