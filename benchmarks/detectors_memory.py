@@ -98,20 +98,20 @@ def costs(ranks: int, repeat: int) -> None:
 
 
 def judge_cost() -> None:
-    from trainhealth.detectors.host_memory import HostMemoryLeakSettings, _Series
+    from trainhealth.detectors.host_memory import HostMemoryLeakSettings, Series
 
     print("\n2. one judgement (at a closed bucket)")
     s = HostMemoryLeakSettings()
     for name, shape in [("healthy", total(const(3 * G), noise(30 * MB))),
                         ("leaking 2 GB/h", total(const(3 * G), linear(2 * G), noise(30 * MB)))]:
         recs = [r for r in host_trace({0: shape}, 5, every=60.0, seed=2) if r.type == "sample"]
-        series = _Series(s, recs[0].time)
+        series = Series(s, recs[0].time)
         for r in recs:
             series.add(r.time, r.host_mem_bytes, s)
         n = 200
         t0 = time.perf_counter()
         for _ in range(n):
-            series.judge(s, recs[-1].time)
+            series.steady(s, recs[-1].time)
         print(f"   host, full ring ({len(series.buckets.ring)} buckets), {name:16s} "
               f"{(time.perf_counter() - t0) / n * 1e6:7.0f} us")
     det = GpuOomRisk(GpuOomRisk.Settings(), None)

@@ -185,6 +185,60 @@ class DropWatch:
         return max(self.rises, default=0.0)
 
 
+class FineBuckets:
+    """Per-bucket minima with the time of each minimum (not the bucket's start), for short trends.
+
+    ``add`` returns the closed bucket ``(time of its lowest sample, lowest value)`` when a sample
+    opens a later bucket, else None. With one sample per bucket (samples sparser than the width)
+    the ring holds the samples themselves, at their own times.
+    """
+
+    __slots__ = ("width", "ring", "index", "low", "low_time")
+
+    def __init__(self, width: float, size: int) -> None:
+        self.width = width
+        self.ring = Ring(size)
+        self.index: int | None = None
+        self.low = 0.0
+        self.low_time = 0.0
+
+    def add(self, t: float, v: float) -> tuple[float, float] | None:
+        idx = int(t // self.width)
+        if idx == self.index:
+            if v < self.low:
+                self.low, self.low_time = v, t
+            return None
+        if self.index is None or idx < self.index:  # the first sample, or a late one: fold it in
+            if self.index is None:
+                self.index, self.low, self.low_time = idx, v, t
+            elif v < self.low:
+                self.low, self.low_time = v, t
+            return None
+        closed = (self.low_time, self.low)
+        self.ring.append(*closed)
+        self.index, self.low, self.low_time = idx, v, t
+        return closed
+
+
+class SlidingMin:
+    """The lowest (time, value) over a trailing time window; amortised O(1) (monotone deque)."""
+
+    __slots__ = ("span", "window")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self.window: deque[tuple[float, float]] = deque()
+
+    def add(self, t: float, v: float) -> tuple[float, float]:
+        window = self.window
+        while window and window[-1][1] >= v:
+            window.pop()
+        window.append((t, v))
+        while window[0][0] < t - self.span:
+            window.popleft()
+        return window[0]
+
+
 @dataclass(slots=True)
 class Growth:
     """A steady rise found over one lookback of floor points."""
@@ -196,14 +250,18 @@ class Growth:
 
 
 def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, min_rate: float,
-                  min_rise: float, balance: float) -> Growth | None:
+                  min_rise: float, balance: float, short_balance: float | None = None,
+                  short_lookback: float = 0.0, slack: float = 0.0) -> Growth | None:
     """The longest lookback over which the floor rises steadily, or None.
 
     Steady means: Theil-Sen rate >= ``min_rate``; rate x lookback >= ``min_rise``;
     the floor ends at least ``min_rise / 2`` above where it started (it did not
     come back); and both halves of the lookback rise, the smaller rise at least
-    ``balance`` times the larger. Growth that saturates (warmup) has a flat
-    recent half; one allocation that stays has a flat half on one side.
+    ``balance`` times the larger, less ``slack`` (the noise of a difference of two
+    floor values). Lookbacks shorter than ``short_lookback`` use ``short_balance``:
+    a short span shows less of a saturating curve's bend, so it must look straighter.
+    Growth that saturates (warmup, a cache filling) has a smaller recent half; one
+    allocation that stays has a flat half on one side.
     """
     if len(floors) < 3:
         return None
@@ -222,7 +280,17 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         t_mid = pts[0][0] + span / 2
         f_mid = next(f for t, f in pts if t >= t_mid)
         older, recent = f_mid - pts[0][1], f_end - f_mid
-        if older <= 0 or recent <= 0 or min(older, recent) < balance * max(older, recent):
+        if older <= 0 or recent <= 0:
+            continue
+        if short_balance is not None and lookback < short_lookback:
+            # a short lookback sees little of a saturating curve's bend: compare the halves' own
+            # Theil-Sen slopes (steadier than end points under noise) against the stricter balance
+            half = [p for p in pts if p[0] < t_mid], [p for p in pts if p[0] >= t_mid]
+            older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h]) for h in half)
+            need = short_balance
+        else:
+            need = balance
+        if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent) - slack:
             continue
         best = Growth(rate, rate * span, span, f_end)
     return best
