@@ -151,7 +151,7 @@ class HostMemoryLeak(Detector):
         if op is not None:
             out.append(resolved(self.name, rec.rank, step, rec.time,
                                 f"superseded: the forecast for rank {rec.rank} got worse", scope="process"))
-        series.open = Open(growth, kind, severity)
+        series.open = Open(growth, kind, severity, rec.time - growth.lookback)
         rate_mb_h = growth.rate * HOUR / MB
         now = series.buckets.last
         if kind == "fast":
@@ -226,7 +226,7 @@ class HostMemoryLeak(Detector):
             if series.fast_candidate(t, -avail, avail, s):
                 growth = series.fast_growth(t, -avail, avail, s)
                 if growth is not None:
-                    series.open = Open(growth, "fast", "critical")
+                    series.open = Open(growth, "fast", "critical", t - growth.lookback)
                     return self._machine_events(rec, s)
         elif op.kind == "fast":
             growth = series.fast_still_rising(t, avail, s)

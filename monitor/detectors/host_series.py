@@ -35,7 +35,6 @@ HOUR = 3600.0
 JITTER_BUCKETS = 31  # recent buckets from which the noise of the minima is estimated
 NOISE_RISE = 6.0  # a rise must also exceed this many sigma of that noise (~2.5 sigma of the samples)
 NOISE_DROP = 8.0  # and a sawtooth's fall this many
-SLACK_SIGMA = 2.0  # the halves of a lookback may differ by this many sigma of a floor difference
 SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 
@@ -104,6 +103,7 @@ class Open:
     growth: Growth
     kind: str  # "fast" or "steady"
     severity: str
+    since: float = -math.inf  # where a fast rise began
 
 
 class Series:
@@ -140,11 +140,10 @@ class Series:
         ct, cv = closed
         self.low.add(ct, cv)
         drops = self.fine_drops
-        if ct >= self.first_time + s.fast_min_seconds:  # the first seconds of a start-up are no tooth
-            min_drop = s.sawtooth_drop_mb * MB
-            if drops.trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
-                min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
-            drops.add(ct, cv, min_drop)
+        min_drop = s.sawtooth_drop_mb * MB
+        if drops.trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
+            min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
+        drops.add(ct, cv, min_drop)
         minute = self.buckets.add(ct, cv)
         self.buckets.last = v
         if minute:
@@ -158,8 +157,13 @@ class Series:
         return jitter(self.buckets.ring.tail(JITTER_BUCKETS))
 
     def fine_noise(self) -> float:
-        """The same for the fine minima. Cheap: only the newest few."""
-        return jitter(self.fine.ring.tail(9))
+        """Robust standard deviation of the newest fine minima, from their second differences: a
+        fast rise bends (a start-up saturating), and first differences would count the bend as noise."""
+        v = self.fine.ring.tail(12)
+        if len(v) < 4:
+            return 0.0
+        d2 = [v[i + 2] - 2 * v[i + 1] + v[i] for i in range(len(v) - 2)]
+        return 1.4826 * median(abs(d) for d in d2) / math.sqrt(6)
 
     # -- the fast check --------------------------------------------------------
     def fast_candidate(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> bool:
@@ -183,23 +187,27 @@ class Series:
         if not self.low.window:
             return None
         t0, v0 = self.low.window[0]
-        pts = [p for p in self.fine.ring.items(t0)]
+        pts = self.fine.ring.items(t0)
         if not pts or pts[-1][0] < t:
             pts.append((t, v))
+        # the rise starts where memory was last at its low: within a tenth of the rise, or noise
+        near = v0 + max(0.1 * (v - v0), 3 * self.fine_noise())
+        first = max(i for i, p in enumerate(pts) if p[1] <= near)
+        pts = pts[first:]
+        t0, v0 = pts[0]
         span = t - t0
-        period = self.fine_drops.period(t, forget_after=s.fast_window_seconds)
+        period = min(self.fine_drops.period(t, forget_after=s.fast_window_seconds), s.fast_window_seconds / 2)
         if span < max(s.fast_min_seconds, 1.25 * period) or len(pts) < 4:
             return None
-        sigma = self.fine_noise()
         rise = v - v0
-        if rise < max(s.fast_min_growth_mb * MB, NOISE_RISE * sigma):
+        if rise < max(s.fast_min_growth_mb * MB, NOISE_RISE * self.noise()):
             return None
-        t_mid = t0 + span / 2
-        v_mid = min(pts, key=lambda p: abs(p[0] - t_mid))[1]
-        older, recent = v_mid - v0, v - v_mid
-        if older <= 0 or recent <= 0 or recent < s.fast_balance * older - SLACK_SIGMA * math.sqrt(2) * sigma:
+        t_mid, v_mid = min(pts[1:-1], key=lambda p: abs(p[0] - (t0 + span / 2)))
+        older, recent = (v_mid - v0) / (t_mid - t0), (v - v_mid) / (t - t_mid)  # rates of the two halves
+        if older <= 0 or recent < s.fast_balance * older:
             return None
-        rate = theil_sen([p[0] for p in pts], [p[1] for p in pts], FAST_FIT_POINTS)
+        late = [p for p in pts if p[0] >= t_mid]  # the forecast takes the recent half's rate: a
+        rate = theil_sen([p[0] for p in late], [p[1] for p in late], FAST_FIT_POINTS)  # bend lowers it
         if rate <= 0:
             return None
         left = max(0.0, headroom) / rate
@@ -210,7 +218,9 @@ class Series:
     def fast_still_rising(self, t: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
         """While a fast alert is open: the rise over the last half fast window, if it still
         exhausts ``headroom`` within twice ``critical_hours``."""
-        pts = self.fine.ring.items(t - s.fast_window_seconds / 2)
+        since = t - s.fast_window_seconds / 2 if self.open is None else max(
+            self.open.since, t - s.fast_window_seconds / 2)
+        pts = self.fine.ring.items(since)
         if len(pts) < 4:
             return self.growth  # too little to tell: keep what is open
         rate = theil_sen([p[0] for p in pts], [p[1] for p in pts], FAST_FIT_POINTS)

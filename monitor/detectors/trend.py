@@ -258,8 +258,11 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
     the floor ends at least ``min_rise / 2`` above where it started (it did not
     come back); and both halves of the lookback rise, the smaller rise at least
     ``balance`` times the larger, less ``slack`` (the noise of a difference of two
-    floor values). Lookbacks shorter than ``short_lookback`` use ``short_balance``:
-    a short span shows less of a saturating curve's bend, so it must look straighter.
+    floor values). Lookbacks shorter than ``short_lookback`` use ``short_balance`` on
+    the halves' own Theil-Sen slopes: a short span shows less of a saturating curve's
+    bend, so it must look straighter. And the rate must be at least ``balance`` times
+    the rate over the span before the lookback (where the floors reach that far back):
+    the tail of a saturating curve is much slower than what came before it.
     Growth that saturates (warmup, a cache filling) has a smaller recent half; one
     allocation that stays has a flat half on one side.
     """
@@ -282,15 +285,17 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         older, recent = f_mid - pts[0][1], f_end - f_mid
         if older <= 0 or recent <= 0:
             continue
-        if short_balance is not None and lookback < short_lookback:
-            # a short lookback sees little of a saturating curve's bend: compare the halves' own
-            # Theil-Sen slopes (steadier than end points under noise) against the stricter balance
-            half = [p for p in pts if p[0] < t_mid], [p for p in pts if p[0] >= t_mid]
-            older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h]) for h in half)
-            need = short_balance
-        else:
-            need = balance
+        # the halves' own Theil-Sen slopes: steadier than end points under noise; a short
+        # lookback sees little of a saturating curve's bend, so it must look straighter
+        half = [p for p in pts if p[0] < t_mid], [p for p in pts if p[0] >= t_mid]
+        older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h]) for h in half)
+        need = short_balance if short_balance is not None and span < short_lookback else balance
         if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent) - slack:
             continue
+        before = [p for p in floors if pts[0][0] - span <= p[0] <= pts[0][0]]
+        if len(before) >= 5 and before[-1][0] - before[0][0] >= span / 4:
+            # slower than the span before it: the tail of a curve that saturates (warmup, a cache)
+            if rate < balance * theil_sen([p[0] for p in before], [p[1] for p in before]):
+                continue
         best = Growth(rate, rate * span, span, f_end)
     return best
