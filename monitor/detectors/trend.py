@@ -290,7 +290,8 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         half = [p for p in pts if p[0] < t_mid], [p for p in pts if p[0] >= t_mid]
         older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h]) for h in half)
         need = short_balance if short_balance is not None and span < short_lookback else balance
-        if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent) - slack:
+        # each half rises like the whole: a step (one allocation) leaves a flat half
+        if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent, rate) - slack:
             continue
         before = [p for p in floors if pts[0][0] - span <= p[0] <= pts[0][0]]
         if len(before) >= 5 and before[-1][0] - before[0][0] >= span / 4:
