@@ -172,7 +172,8 @@ class Series:
         span, rise = t - t0, v - v0
         if span < s.fast_min_seconds or rise < s.fast_min_growth_mb * MB:
             return False
-        return headroom * span / rise <= max(s.fast_horizon_seconds, s.fast_lead * span)
+        # lenient (x 1.5): one noisy sample must not hide a leak from the full check
+        return headroom * span / rise <= 1.5 * max(s.fast_horizon_seconds, s.fast_lead * span)
 
     def fast_growth(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
         """A sustained rise since the window's lowest point that exhausts ``headroom`` soon, or None.
@@ -202,13 +203,13 @@ class Series:
         rise = v - v0
         if rise < max(s.fast_min_growth_mb * MB, NOISE_RISE * self.noise()):
             return None
-        t_mid, v_mid = min(pts[1:-1], key=lambda p: abs(p[0] - (t0 + span / 2)))
-        older, recent = (v_mid - v0) / (t_mid - t0), (v - v_mid) / (t - t_mid)  # rates of the two halves
-        if older <= 0 or recent < s.fast_balance * older:
-            return None
-        late = [p for p in pts if p[0] >= t_mid]  # the forecast takes the recent half's rate: a
-        rate = theil_sen([p[0] for p in late], [p[1] for p in late], FAST_FIT_POINTS)  # bend lowers it
-        if rate <= 0:
+        t_mid = min(pts[1:-1], key=lambda p: abs(p[0] - (t0 + span / 2)))[0]
+        early = [p for p in pts if p[0] <= t_mid]  # the halves share the middle point
+        late = [p for p in pts if p[0] >= t_mid]
+        older = theil_sen([p[0] for p in early], [p[1] for p in early], FAST_FIT_POINTS)
+        rate = theil_sen([p[0] for p in late], [p[1] for p in late], FAST_FIT_POINTS)
+        # the recent half rises like the older one; the forecast takes the recent rate (a bend lowers it)
+        if older <= 0 or rate <= 0 or rate < s.fast_balance * older:
             return None
         left = max(0.0, headroom) / rate
         if left > max(s.fast_horizon_seconds, s.fast_lead * span):
