@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 AT_PEAK = 0.95  # a sampled LR this close to the declared peak is at it
 REACHED = 0.9  # a warmup has reached its peak once the LR got this close
-FLAT = 0.01  # an LR that never moved more than this (relative) was never stepped
+FLAT = 1e-6  # an LR that never moved more than this (relative to its peak) was never stepped
 SAMPLES_AT_PEAK = 3  # samples at the peak in the warmup's first half that decide "not applied"
 MIN_WARMUP_STEPS = 4  # shorter declared warmups are not judged
 
