@@ -47,7 +47,7 @@ import math
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from .base import Detector
-from .host_series import HOUR, MB, HostMemoryLeakSettings, Open, Series, jitter
+from .host_series import HOUR, MB, MINUTE, HostMemoryLeakSettings, Open, Series, jitter
 from .trend import Growth
 
 __all__ = ["HostMemoryLeak", "HostMemoryLeakSettings", "Series", "jitter"]
@@ -75,6 +75,7 @@ class HostMemoryLeak(Detector):
         self.ranks: dict[int, Series] = {}
         self.machines: dict[str, Series] = {}  # negated available memory, by host
         self.machine_open: tuple[str, Severity] | None = None  # host and severity of the open machine alert
+        self.machine_of: dict[int, Series] = {}  # each rank's machine series (cached: every record needs it)
 
     def update(self, rec: Record) -> list[Event]:
         s: HostMemoryLeakSettings = self.settings
@@ -88,19 +89,26 @@ class HostMemoryLeak(Detector):
             series = self.ranks.get(rec.rank)
             if series is None or not series.matches(s):
                 series = self.ranks[rec.rank] = Series(s, rec.time)
-            fine, minute = series.add(rec.time, value, s)
-            if fine:
-                events.extend(self._judge_rank(rec, value, series, s, minute))
+            closed = series.add(rec.time, value, s)
+            if closed:
+                events.extend(self._judge_rank(rec, value, series, s, bool(closed & MINUTE)))
         avail = rec.host_mem_available_bytes
         if avail is not None and 0 <= avail < math.inf:
-            host = self._host(rec.rank)
-            series = self.machines.get(host)
+            series = self.machine_of.get(rec.rank)
             if series is None or not series.matches(s):
-                series = self.machines[host] = Series(s, rec.time)
-            fine, minute = series.add(rec.time, -avail, s)
-            if fine:
-                events.extend(self._judge_machine(rec, avail, series, s, minute))
+                series = self._machine_series(rec, s)
+            closed = series.add(rec.time, -avail, s)
+            if closed:
+                events.extend(self._judge_machine(rec, avail, series, s, bool(closed & MINUTE)))
         return events
+
+    def _machine_series(self, rec: Record, s: HostMemoryLeakSettings) -> Series:
+        host = self._host(rec.rank)
+        series = self.machines.get(host)
+        if series is None or not series.matches(s):
+            series = self.machines[host] = Series(s, rec.time)
+        self.machine_of[rec.rank] = series
+        return series
 
     # -- per process ---------------------------------------------------------
     def _judge_rank(self, rec: Record, value: float, series: Series, s: HostMemoryLeakSettings,
@@ -280,6 +288,7 @@ class HostMemoryLeak(Detector):
     # -- lifecycle -----------------------------------------------------------
     def _restart(self, rec: Record) -> list[Event]:
         """A new process (start) or its end: its memory history no longer applies."""
+        self.machine_of.pop(rec.rank, None)  # its host may change with a start
         series = self.ranks.pop(rec.rank, None)
         if series is None or series.open is None:
             return []

@@ -37,6 +37,7 @@ NOISE_RISE = 6.0  # a rise must also exceed this many sigma of that noise (~2.5 
 NOISE_DROP = 8.0  # and a sawtooth's fall this many
 SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
+FINE, MINUTE = 1, 2  # what Series.add closed
 
 
 def jitter(values: list[float]) -> float:
@@ -109,9 +110,10 @@ class Open:
 class Series:
     """One watched series: fine and minute minima, sawtooth drops, the open alert. Bounded."""
 
-    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width")
+    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width", "settings")
 
     def __init__(self, s: HostMemoryLeakSettings, t: float) -> None:
+        self.settings = s  # the settings it was built for (a reload assigns a new object)
         self.fine_width = min(s.fast_bucket_seconds, s.bucket_seconds)
         self.fine = FineBuckets(self.fine_width, math.ceil(s.fast_window_seconds / self.fine_width) + 2)
         self.low = SlidingMin(s.fast_window_seconds)
@@ -127,16 +129,27 @@ class Series:
         return None if self.open is None else self.open.growth
 
     def matches(self, s: HostMemoryLeakSettings) -> bool:
-        return (self.buckets.width == s.bucket_seconds and self.low.span == s.fast_window_seconds
-                and self.fine_width == min(s.fast_bucket_seconds, s.bucket_seconds))
+        """Still usable under ``s`` (after a reload): the same bucket widths and fast window."""
+        if s is self.settings:
+            return True
+        if (self.buckets.width == s.bucket_seconds and self.low.span == s.fast_window_seconds
+                and self.fine_width == min(s.fast_bucket_seconds, s.bucket_seconds)):
+            self.settings = s
+            return True
+        return False
 
     # -- feeding ---------------------------------------------------------------
-    def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> tuple[bool, bool]:
-        """Fold a sample in: (a fine bucket closed, a minute bucket closed)."""
-        closed = self.fine.add(t, v)
+    def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
+        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
+        fine = self.fine
         self.buckets.last = v
+        if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
+            if v < fine.low:
+                fine.low, fine.low_time = v, t
+            return 0
+        closed = fine.add(t, v)
         if closed is None:
-            return False, False
+            return 0
         ct, cv = closed
         self.low.add(ct, cv)
         drops = self.fine_drops
@@ -146,11 +159,12 @@ class Series:
         drops.add(ct, cv, min_drop)
         minute = self.buckets.add(ct, cv)
         self.buckets.last = v
-        if minute:
-            bucket_time, low = self.buckets.ring.last()
-            if bucket_time >= self.first_time + s.warmup_seconds:  # warmup growth is no sawtooth
-                self.drops.add(bucket_time, low, max(s.sawtooth_drop_mb * MB, NOISE_DROP * self.noise()))
-        return True, minute
+        if not minute:
+            return FINE
+        bucket_time, low = self.buckets.ring.last()
+        if bucket_time >= self.first_time + s.warmup_seconds:  # warmup growth is no sawtooth
+            self.drops.add(bucket_time, low, max(s.sawtooth_drop_mb * MB, NOISE_DROP * self.noise()))
+        return FINE | MINUTE
 
     def noise(self) -> float:
         """Robust standard deviation of the recent minute minima around their trend."""
