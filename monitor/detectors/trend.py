@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 MAX_FIT_POINTS = 40  # Theil-Sen over at most this many points (780 pairs, ~0.2 ms)
+HALF_FIT_POINTS = 20  # the same for the halves of a lookback and the span before it (190 pairs)
 
 
 def theil_sen(xs: list[float], ys: list[float], max_points: int = MAX_FIT_POINTS) -> float:
@@ -288,7 +289,7 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         # the halves' own Theil-Sen slopes: steadier than end points under noise; a short
         # lookback sees little of a saturating curve's bend, so it must look straighter
         half = [p for p in pts if p[0] < t_mid], [p for p in pts if p[0] >= t_mid]
-        older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h]) for h in half)
+        older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h], HALF_FIT_POINTS) for h in half)
         need = short_balance if short_balance is not None and span < short_lookback else balance
         # each half rises like the whole: a step (one allocation) leaves a flat half
         if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent, rate) - slack:
@@ -296,7 +297,7 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         before = [p for p in floors if pts[0][0] - span <= p[0] <= pts[0][0]]
         if len(before) >= 5 and before[-1][0] - before[0][0] >= span / 4:
             # slower than the span before it: the tail of a curve that saturates (warmup, a cache)
-            if rate < balance * theil_sen([p[0] for p in before], [p[1] for p in before]):
+            if rate < balance * theil_sen([p[0] for p in before], [p[1] for p in before], HALF_FIT_POINTS):
                 continue
         best = Growth(rate, rate * span, span, f_end)
     return best
