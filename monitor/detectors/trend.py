@@ -25,8 +25,22 @@ HALF_FIT_POINTS = 20  # the same for the halves of a lookback and the span befor
 
 
 def theil_sen(xs: list[float], ys: list[float], max_points: int = MAX_FIT_POINTS) -> float:
-    """Median of pairwise slopes; points are thinned evenly to ``max_points``."""
-    return trend_test(xs, ys, max_points)[0]
+    """Median of pairwise slopes; points are thinned evenly to ``max_points``. (trend_test's slope,
+    without its Kendall statistic: the memory detectors call this most.)"""
+    n = len(xs)
+    if n < 3:
+        return 0.0
+    if n > max_points:
+        pick = [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
+        xs = [xs[i] for i in pick]
+        ys = [ys[i] for i in pick]
+        n = max_points
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(n - 1) for j in range(i + 1, n) if xs[j] > xs[i]]
+    if not slopes:
+        return 0.0
+    slopes.sort()
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
 
 
 def trend_test(xs: list[float], ys: list[float],
@@ -270,11 +284,12 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
     if len(floors) < 3:
         return None
     t_end, f_end = floors[-1]
-    best: Growth | None = None
-    for lookback in lookbacks:
+    seen = -1
+    for lookback in reversed(lookbacks):  # the longest that holds: stop at the first one
         pts = [p for p in floors if p[0] >= t_end - lookback]
-        if len(pts) < 5:
+        if len(pts) < 5 or len(pts) == seen:  # too few, or the same points as a longer lookback
             continue
+        seen = len(pts)
         if f_end - pts[0][1] < 0.5 * min_rise:  # cheap test first: most calls stop here
             continue
         span = pts[-1][0] - pts[0][0]
@@ -299,5 +314,5 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
             # slower than the span before it: the tail of a curve that saturates (warmup, a cache)
             if rate < balance * theil_sen([p[0] for p in before], [p[1] for p in before], HALF_FIT_POINTS):
                 continue
-        best = Growth(rate, rate * span, span, f_end)
-    return best
+        return Growth(rate, rate * span, span, f_end)
+    return None
