@@ -47,7 +47,7 @@ import math
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from .base import Detector
-from .host_series import HOUR, MB, MINUTE, HostMemoryLeakSettings, Open, Series, jitter
+from .host_series import FAST_RECHECK, HOUR, MB, MINUTE, HostMemoryLeakSettings, Open, Series, jitter
 from .trend import Growth
 
 __all__ = ["HostMemoryLeak", "HostMemoryLeakSettings", "Series", "jitter"]
@@ -122,6 +122,9 @@ class HostMemoryLeak(Detector):
                 if growth is not None:
                     return self._raise(rec, series, growth, "fast", s)
         if op is not None and op.kind == "fast":
+            if t < op.next_check:
+                return []
+            op.next_check = t + FAST_RECHECK
             headroom = self._headroom(rec.rank)[0]
             growth = series.fast_still_rising(t, math.inf if headroom is None else headroom, s)
             if growth is None:
@@ -237,6 +240,9 @@ class HostMemoryLeak(Detector):
                     series.open = Open(growth, "fast", "critical", t - growth.lookback)
                     return self._machine_events(rec, s)
         elif op.kind == "fast":
+            if t < op.next_check:
+                return []
+            op.next_check = t + FAST_RECHECK
             growth = series.fast_still_rising(t, avail, s)
             if growth is None:
                 series.open = None

@@ -38,6 +38,7 @@ NOISE_DROP = 8.0  # and a sawtooth's fall this many
 SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
+FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
 
 
 def jitter(values: list[float]) -> float:
@@ -105,6 +106,7 @@ class Open:
     kind: str  # "fast" or "steady"
     severity: str
     since: float = -math.inf  # where a fast rise began
+    next_check: float = -math.inf  # an open fast alert is re-judged every FAST_RECHECK seconds, not every bucket
 
 
 class Series:
