@@ -30,7 +30,8 @@ The machine-level check watches ``host_mem_available_bytes`` (negated, through t
 machinery) and fires when available memory is forecast to reach zero within
 ``machine_horizon_hours`` (steady) or soon (fast). It is the same alert name with ``rank =
 null`` and ``scope = "machine"``: one open machine alert per run, naming the machine with the
-nearest exhaustion. Ranks are grouped into machines by the ``host`` of their start record;
+nearest exhaustion, and none while the leaking ranks of that machine explain half its fall or
+more (they page already: one incident, one page). Ranks are grouped into machines by the ``host`` of their start record;
 ranks with no host are taken to share one machine (the per-node sidecar).
 
 Resolution: a steady alert when the floor's rate over the last ``window_seconds / 2`` is below
@@ -262,7 +263,8 @@ class HostMemoryLeak(Detector):
     def _machine_events(self, rec: Record, s: HostMemoryLeakSettings) -> list[Event]:
         step = rec.step or 0
         worst = min(((-x.buckets.last / x.open.growth.rate, host) for host, x in self.machines.items()
-                     if x.open is not None), default=None)
+                     if x.open is not None and (self.machine_open is not None or not self._explained(host, x))),
+                    default=None)
         if worst is None:
             if self.machine_open is None:
                 return []
@@ -290,6 +292,12 @@ class HostMemoryLeak(Detector):
                           rate_mb_per_hour=round(rate_mb_h, 1), host_mem_available_bytes=avail,
                           seconds_to_exhaustion=round(seconds), hours_to_exhaustion=round(seconds / HOUR, 3)))
         return out
+
+    def _explained(self, host: str, machine: Series) -> bool:
+        """The ranks of ``host`` with open leak alerts account for half its fall or more: one incident,
+        already paged per process with its forecast; the machine alert is for falls nobody explains."""
+        leaking = sum(x.open.growth.rate for r, x in self.ranks.items() if x.open is not None and self._host(r) == host)
+        return machine.open is not None and leaking >= 0.5 * machine.open.growth.rate
 
     # -- lifecycle -----------------------------------------------------------
     def _restart(self, rec: Record) -> list[Event]:

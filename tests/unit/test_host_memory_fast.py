@@ -193,3 +193,16 @@ def test_caches_that_fill_over_the_first_45_minutes_then_stay_flat_stay_quiet_fo
     for seed, machine in enumerate([16 * GiB, 64 * GB, 256 * GB]):
         shape = total(const(3 * GB), warmup(headroom(machine) / 4, tau_minutes * 60), noise(40 * MB))
         assert alerts(trace(shape, machine, 4, 10.0, seed=seed)) == []
+
+
+def test_one_fast_leak_pages_once_for_the_process_not_again_for_its_machine():
+    machine = 24 * GB
+    shape = total(const(3 * GB), linear(headroom(machine) / 300 * 3600), noise(30 * MB))
+    out = alerts(trace(shape, machine, 0.05, 5.0, seed=12))
+    assert [(a["rank"], a["state"], a["severity"]) for a in out] == [(0, "firing", "critical")]
+    # the same fall with no leaking rank to blame (another process on the machine) is the machine's alert
+    fall = total(const(headroom(machine)), linear(-headroom(machine) / 300 * 3600), noise(30 * MB))
+    out = alerts(host_trace({0: total(const(3 * GB), noise(30 * MB))}, 0.05, every=5.0, available=fall, seed=13))
+    assert [(a["rank"], a["state"], a["severity"], a["scope"]) for a in out] == [
+        (None, "firing", "critical", "machine")]
+    assert seconds(out[0]) <= 60 and "available memory on node-a falls" in out[0]["summary"]
