@@ -98,20 +98,20 @@ def costs(ranks: int, repeat: int) -> None:
 
 
 def judge_cost() -> None:
-    from trainhealth.detectors.host_memory import HostMemoryLeakSettings, _Series
+    from trainhealth.detectors.host_memory import HostMemoryLeakSettings, Series
 
     print("\n2. one judgement (at a closed bucket)")
     s = HostMemoryLeakSettings()
     for name, shape in [("healthy", total(const(3 * G), noise(30 * MB))),
                         ("leaking 2 GB/h", total(const(3 * G), linear(2 * G), noise(30 * MB)))]:
         recs = [r for r in host_trace({0: shape}, 5, every=60.0, seed=2) if r.type == "sample"]
-        series = _Series(s, recs[0].time)
+        series = Series(s, recs[0].time)
         for r in recs:
             series.add(r.time, r.host_mem_bytes, s)
         n = 200
         t0 = time.perf_counter()
         for _ in range(n):
-            series.judge(s, recs[-1].time)
+            series.steady(s, recs[-1].time)
         print(f"   host, full ring ({len(series.buckets.ring)} buckets), {name:16s} "
               f"{(time.perf_counter() - t0) / n * 1e6:7.0f} us")
     det = GpuOomRisk(GpuOomRisk.Settings(), None)
@@ -178,6 +178,22 @@ def delays(seeds: int) -> None:
         when += [(a["time"] - T0) / 60 for a in out if a["state"] == "firing"][:1]
     print(f"   {'machine: available 16 GB falling 3 GB/h':42s} fires at {spread(when)} min")
 
+    print("   host, fast (leaks that exhaust the machine within minutes; seconds after the leak began)")
+    for name, machine, minutes_left, every in [("5 min left, 24 GB machine, samples every 1 s", 24 * G, 5, 1.0),
+                                               ("5 min left, 24 GB machine, samples every 10 s", 24 * G, 5, 10.0),
+                                               ("5 min left, 16 GiB machine, samples every 5 s", 16 * GiB, 5, 5.0),
+                                               ("20 min left, 64 GB machine, samples every 5 s", 64 * G, 20, 5.0)]:
+        when, left = [], []
+        for seed in range(seeds):
+            avail = machine - 0.15 * machine - 3 * G
+            shape = total(const(3 * G), linear(avail / (minutes_left * 60) * 3600), noise(50 * MB))
+            recs = host_trace({0: shape}, minutes_left / 60, every=every, machine_bytes=machine,
+                              other_bytes=0.15 * machine, seed=seed)
+            out = [a for a in first_alerts(recs, [HostMemoryLeak]) if a["state"] == "firing" and a["rank"] == 0]
+            if out:
+                when.append(out[0]["time"] - T0)
+                left.append(out[0]["seconds_to_exhaustion"])
+        print(f"   {name:48s} fires at {spread(when)} s, critical, forecast {spread(left)} s left")
     print("   gpu (80 GiB device, 0.5 s/step, one sample per step; step of the first alert)")
     healthy = lambda: total(const(0.5 * T), warmup(0.2 * T, 25), noise(0.002 * T))  # noqa: E731
     gpu_shapes = [

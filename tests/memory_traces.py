@@ -59,9 +59,12 @@ def total(*shapes: Shape) -> Shape:
 def host_trace(ranks: dict[int, Shape], hours: float, every: float = 10.0, *,
                machine_bytes: float = 64e9, other_bytes: float = 8e9,
                available: Shape | None = None, seed: int = 0, run: str = "host-run",
-               host: str | None = "node-a", starts: bool = True) -> list[Record]:
+               host: str | None = "node-a", starts: bool = True, limit: float | None = None,
+               report_available: bool = True) -> list[Record]:
     """Samples every ``every`` s with host_mem_bytes per rank; available = machine - all ranks - other
-    (or ``available`` when given). One step per second of record time."""
+    (or ``available`` when given). One step per second of record time. ``limit``: every rank reports
+    it as ``host_mem_limit_bytes`` (a shared cgroup limit); ``report_available=False`` leaves the
+    machine's fields out."""
     rng = random.Random(seed)
     out: list[Record] = []
     if starts:
@@ -73,9 +76,12 @@ def host_trace(ranks: dict[int, Shape], hours: float, every: float = 10.0, *,
         values = {k: max(0.0, shape(t, rng)) for k, shape in ranks.items()}
         avail = available(t, rng) if available else machine_bytes - other_bytes - sum(values.values())
         for k, v in values.items():
-            out.append(from_obj({"run": run, "rank": k, "time": T0 + t, "step": int(t),
-                                 "host_mem_bytes": v, "host_mem_total_bytes": machine_bytes,
-                                 "host_mem_available_bytes": max(0.0, avail)}))
+            obj = {"run": run, "rank": k, "time": T0 + t, "step": int(t), "host_mem_bytes": v}
+            if report_available:
+                obj.update(host_mem_total_bytes=machine_bytes, host_mem_available_bytes=max(0.0, avail))
+            if limit is not None:
+                obj["host_mem_limit_bytes"] = limit
+            out.append(from_obj(obj))
     return out
 
 

@@ -21,16 +21,30 @@ sent the start) when
   upwards: a run resumed late in its schedule legitimately runs below peak;
 - a large total batch (>= ``large_batch``, default 2048) or an LR scaled up
   ``large_scale_up`` (default 8) or more times from the reference LR runs with
-  no warmup (``warmup_steps`` 0 or missing).
+  no warmup (``warmup_steps`` 0 or missing), **and the LR rose**: ``factor`` or
+  more times the reference LR at the run's first start, or the previous start's
+  LR at a restart. Warmup exists to ease an LR going up (Goyal et al.); a large
+  batch at an LR that did not rise needs none, and a resume at the LR it had
+  needs none;
+- the warmup a start declares is not the one the sampled LR shows (lr_warmup.py):
+  at its peak from the first steps, or still below it long after ``warmup_steps``.
+
+**A batch that grows at the same LR is an LR decay** (Smith et al., "Don't Decay
+the Learning Rate, Increase the Batch Size"): a restart whose LR is below the
+linear-scaling value because its total batch grew while its LR stayed (or fell)
+against an earlier start of the run is ``info``, says so, and never advises
+raising the LR. The first start of a run judged against an explicit reference
+keeps the warning: the seed measured that keeping a 2-GPU LR on 8 GPUs cost 4-5 mAP.
 
 Severity: ``critical`` when the LR is ``critical_factor`` (default 4) or more
 times too high (the seed's NaN case was 8x; 4x is halfway in log terms and
 already past where small batches diverge); ``warning`` otherwise (too low an
-LR costs accuracy, it does not crash); ``info`` for the optimizers in
-``advisory_optimizers`` (LARS, LAMB: layer-wise adaptive rates make the rule
-advisory). A later start that fixes the numbers resolves the alert; a later
-start with different wrong numbers resolves it and fires again with the new
-ones.
+LR costs accuracy, it does not crash; a warmup not applied as declared);
+``info`` for the optimizers in ``advisory_optimizers`` (LARS, LAMB: layer-wise
+adaptive rates make the rule advisory) and for an LR decay by batch growth. A
+later start that fixes the numbers resolves the alert; a later start with
+different wrong numbers resolves it and fires again with the new ones. What the
+warmup watch finds joins the start's finding in the same run-wide alert.
 """
 
 from __future__ import annotations
@@ -43,8 +57,13 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .lr_warmup import WarmupFinding, WarmupWatch
 from .steps import step_of as _step_of
 from .validate import flag, whole
+
+SAME_LR = 1.05  # an LR within 5% of an earlier one "stayed"
+MAX_HISTORY = 16  # earlier (total batch, LR) pairs kept for the batch-growth reading
+_ORDER = {"info": 0, "warning": 1, "critical": 2}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,11 +75,13 @@ class LrScalingSettings:
     large_scale_up: float = 8.0
     check_samples: bool = True
     advisory_optimizers: tuple[str, ...] = ("lars", "lamb")
+    check_warmup: bool = True  # compare the declared warmup_steps with the sampled LR
+    late_factor: float = 2.0  # "still below its peak" is judged from step late_factor x warmup_steps
 
     def __post_init__(self) -> None:
         name = "lr_scaling"
-        flag(self, name, "enabled", "check_samples")
-        for key in ("factor", "critical_factor", "large_scale_up"):
+        flag(self, name, "enabled", "check_samples", "check_warmup")
+        for key in ("factor", "critical_factor", "large_scale_up", "late_factor"):
             value = getattr(self, key)
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
                     or not math.isfinite(value) or value <= 1):
@@ -95,7 +116,11 @@ class LrScaling(Detector[LrScalingSettings]):
         self.reference: tuple[float, int, str] | None = None  # (lr, total batch, where from)
         self.explicit: tuple[float, int] | None = None  # latest reference carried by a start
         self.current: dict[str, Any] | None = None  # expected LR etc. of the latest usable start
-        self.open: Finding | None = None
+        self.open: Finding | None = None  # what the alert says now: judged + warmup
+        self.judged: Finding | None = None  # from the latest start (or a sampled LR above the rule)
+        self.warmup: Finding | None = None  # from the warmup watch of the latest start
+        self.watch: WarmupWatch | None = None
+        self.history: list[tuple[int, float]] = []  # (total batch, LR) of earlier usable starts
         self.max_lr = 0.0  # highest sample LR since the latest start
 
     # -- records --------------------------------------------------------------
@@ -105,19 +130,32 @@ class LrScaling(Detector[LrScalingSettings]):
         if record.type == "start":
             return self._start(record)
         lr = record.lr
-        if record.type != "sample" or not _usable(lr) or lr <= self.max_lr or self.current is None:
+        if record.type != "sample" or not _usable(lr) or self.current is None:
             return []
-        if not self.settings.check_samples or (record.step or 0) < (self.current["warmup_steps"] or 0):
-            return []  # judged at the peak: after the warmup
+        out: list[Event] = []
+        watch = self.watch
+        if watch is not None and watch.active and record.step is not None and self.settings.check_warmup:
+            found = watch.add(record.step, lr)
+            if found is not None:
+                self.warmup = self._warmup_finding(found)
+                out += self._settle(record, self._combined())
+        if lr <= self.max_lr or not self.settings.check_samples:
+            return out
+        if (record.step or 0) < (self.current["warmup_steps"] or 0):
+            return out  # judged at the peak: after the warmup
         self.max_lr = lr
-        return self._sample(record, lr)
+        return out + self._sample(record, lr)
 
     def _start(self, rec: Record) -> list[Event]:
         self.max_lr = 0.0
+        self.warmup, self.watch = None, None
         if rec.reference_lr is not None and rec.reference_batch_size:
             self.explicit = (rec.reference_lr, rec.reference_batch_size)
         if rec.batch_size is None or rec.world_size is None or not _usable(rec.lr):
-            return []  # nothing to check (an LR of 0, NaN or inf is no peak LR to judge)
+            self.judged = None
+            return self._settle(rec, self._combined())  # nothing to check (an LR of 0, NaN or inf is no peak)
+        if rec.warmup_steps:
+            self.watch = WarmupWatch(rec.warmup_steps, rec.lr, self.settings.late_factor)
         total = rec.batch_size * rec.world_size
         if self.explicit is not None:
             ref_lr, ref_batch = self.explicit
@@ -132,11 +170,21 @@ class LrScaling(Detector[LrScalingSettings]):
         expected = ref_lr * total / ref_batch if ok else None
         if not _usable(expected):  # over- or underflow of absurd values: nothing to compare with
             expected = None
+        earlier = self.history
+        # the LR "rose" at this start: against the previous start, or (first start) the reference
+        base_lr = earlier[-1][1] if earlier else ref_lr
+        grown_from = min((b for b, lr in earlier if b < total and rec.lr <= lr * SAME_LR), default=None)
         self.current = dict(expected_lr=expected, total_batch=total, reference_lr=ref_lr,
                             reference_batch_size=ref_batch, reference=where,
                             warmup_steps=rec.warmup_steps, optimizer=rec.optimizer,
-                            start_rank=rec.rank)
-        return self._settle(rec, self._judge(rec.lr, rec, f"LR {rec.lr:g}"))
+                            start_rank=rec.rank, lr_rose=rec.lr >= self.settings.factor * base_lr,
+                            grown_from=grown_from)
+        if total > 0 and (not earlier or earlier[-1] != (total, rec.lr)):
+            earlier.append((total, rec.lr))
+            if len(earlier) > MAX_HISTORY:
+                del earlier[0]
+        self.judged = self._judge(rec.lr, rec, f"LR {rec.lr:g}")
+        return self._settle(rec, self._combined())
 
     def _sample(self, rec: Record, lr: float) -> list[Event]:
         cur = self.current
@@ -144,12 +192,13 @@ class LrScaling(Detector[LrScalingSettings]):
         expected = cur["expected_lr"]
         if expected is None or not lr >= expected * self.settings.factor:
             return []
-        if self.open is not None and "lr_mismatch" in self.open.data["problems"]:
+        if self.judged is not None and {"lr_mismatch", "batch_growth_decay"} & set(self.judged.data["problems"]):
             return []  # the open alert already says the LR is off
-        return self._settle(rec, self._judge(lr, rec, f"LR {lr:g} (sampled at step {rec.step})"))
+        self.judged = self._judge(lr, rec, f"LR {lr:g} (sampled at step {rec.step})", sampled=True)
+        return self._settle(rec, self._combined())
 
     # -- judgement ------------------------------------------------------------
-    def _judge(self, lr: float, rec: Record, what: str) -> Finding | None:
+    def _judge(self, lr: float, rec: Record, what: str, sampled: bool = False) -> Finding | None:
         s = self.settings
         cur = self.current
         assert cur is not None
@@ -162,7 +211,17 @@ class LrScaling(Detector[LrScalingSettings]):
         if not (_usable(ratio) and _usable(1 / ratio)):  # 0 or inf after an under- or overflow
             ratio = None
         mismatch = ratio is not None and (ratio >= s.factor or ratio * s.factor <= 1)
-        if mismatch:
+        grown = cur["grown_from"]
+        decay = mismatch and not sampled and ratio is not None and ratio < 1 and grown is not None
+        if decay:  # Smith et al.: a larger batch at the same LR is an LR decay, not a mistake
+            assert ratio is not None
+            mismatch = False
+            parts.append(f"total batch {total} is {_times(total / grown)}x the {grown} of an earlier start at "
+                         f"the same LR {lr:g} (or a lower one): growing the batch at a constant LR acts as an LR "
+                         f"decay of ~{_times(1 / ratio)}x against linear scaling (Smith et al., \"Don't Decay "
+                         f"the Learning Rate, Increase the Batch Size\"); nothing to change if that decay is "
+                         f"intended")
+        elif mismatch:
             assert ratio is not None and expected is not None
             how = f"{_times(ratio)}x" if ratio >= 1 else f"{_times(1 / ratio)}x below"
             batch = _batch_for(lr, ref_lr, ref_batch)
@@ -171,7 +230,8 @@ class LrScaling(Detector[LrScalingSettings]):
                          + (f" or a total batch of {batch}" if batch is not None else ""))
         scale_up = lr / ref_lr if ref_lr > 0 else 1.0
         warm = cur["warmup_steps"]
-        no_warmup = not warm and (total >= s.large_batch or scale_up >= s.large_scale_up)
+        no_warmup = (not warm and cur["lr_rose"] and not sampled
+                     and (total >= s.large_batch or scale_up >= s.large_scale_up))
         if no_warmup:
             why = f"total batch {total}" if total >= s.large_batch else f"an LR {scale_up:.1f}x the reference"
             parts.append(f"{why} runs at LR {lr:g} with no warmup; add a linear warmup "
@@ -181,7 +241,7 @@ class LrScaling(Detector[LrScalingSettings]):
         optimizer = cur["optimizer"] or ""
         advisory = any(n.lower() in optimizer.lower() for n in s.advisory_optimizers)
         severity: Severity
-        if advisory:
+        if advisory or (decay and not no_warmup):
             severity = "info"
         elif ratio is not None and ratio >= s.critical_factor:
             severity = "critical"
@@ -190,10 +250,31 @@ class LrScaling(Detector[LrScalingSettings]):
         summary = "; also ".join(parts)
         if advisory:
             summary += f" (advisory: {optimizer} adapts per-layer rates)"
-        problems = (["lr_mismatch"] if mismatch else []) + (["no_warmup"] if no_warmup else [])
+        problems = ((["lr_mismatch"] if mismatch else []) + (["batch_growth_decay"] if decay else [])
+                    + (["no_warmup"] if no_warmup else []))
         data = dict(cur, lr=lr, ratio=ratio, problems=problems)
+        del data["lr_rose"], data["grown_from"]
+        if decay:
+            data["grown_from_batch"] = grown
         key = (round(lr, 12), expected, total, tuple(problems), severity)
         return Finding(key, summary, severity, data)
+
+    def _warmup_finding(self, found: WarmupFinding) -> Finding:
+        cur = self.current
+        assert cur is not None
+        data = dict(warmup_steps=cur["warmup_steps"], applied_warmup_steps=found.applied_steps,
+                    start_rank=cur["start_rank"], problems=[found.problem])
+        return Finding((found.problem, found.applied_steps), found.text, "warning", data)
+
+    def _combined(self) -> Finding | None:
+        """One run-wide alert: the start's (or sample's) finding and the warmup watch's, joined."""
+        a, b = self.judged, self.warmup
+        if a is None or b is None:
+            return a or b
+        severity = a.severity if _ORDER[a.severity] >= _ORDER[b.severity] else b.severity
+        data = {**b.data, **a.data, "problems": a.data["problems"] + b.data["problems"],
+                "applied_warmup_steps": b.data["applied_warmup_steps"]}
+        return Finding((a.key, b.key), f"{a.summary}; also {b.summary}", severity, data)
 
     def _settle(self, rec: Record, finding: Finding | None) -> list[Event]:
         """Resolve, fire, or replace the open alert; quiet when nothing changed."""

@@ -21,11 +21,26 @@ from collections import deque
 from dataclasses import dataclass
 
 MAX_FIT_POINTS = 40  # Theil-Sen over at most this many points (780 pairs, ~0.2 ms)
+HALF_FIT_POINTS = 20  # the same for the halves of a lookback and the span before it (190 pairs)
 
 
 def theil_sen(xs: list[float], ys: list[float], max_points: int = MAX_FIT_POINTS) -> float:
-    """Median of pairwise slopes; points are thinned evenly to ``max_points``."""
-    return trend_test(xs, ys, max_points)[0]
+    """Median of pairwise slopes; points are thinned evenly to ``max_points``. (trend_test's slope,
+    without its Kendall statistic: the memory detectors call this most.)"""
+    n = len(xs)
+    if n < 3:
+        return 0.0
+    if n > max_points:
+        pick = [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
+        xs = [xs[i] for i in pick]
+        ys = [ys[i] for i in pick]
+        n = max_points
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(n - 1) for j in range(i + 1, n) if xs[j] > xs[i]]
+    if not slopes:
+        return 0.0
+    slopes.sort()
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
 
 
 def trend_test(xs: list[float], ys: list[float],
@@ -185,6 +200,60 @@ class DropWatch:
         return max(self.rises, default=0.0)
 
 
+class FineBuckets:
+    """Per-bucket minima with the time of each minimum (not the bucket's start), for short trends.
+
+    ``add`` returns the closed bucket ``(time of its lowest sample, lowest value)`` when a sample
+    opens a later bucket, else None. With one sample per bucket (samples sparser than the width)
+    the ring holds the samples themselves, at their own times.
+    """
+
+    __slots__ = ("width", "ring", "index", "low", "low_time")
+
+    def __init__(self, width: float, size: int) -> None:
+        self.width = width
+        self.ring = Ring(size)
+        self.index: int | None = None
+        self.low = 0.0
+        self.low_time = 0.0
+
+    def add(self, t: float, v: float) -> tuple[float, float] | None:
+        idx = int(t // self.width)
+        if idx == self.index:
+            if v < self.low:
+                self.low, self.low_time = v, t
+            return None
+        if self.index is None or idx < self.index:  # the first sample, or a late one: fold it in
+            if self.index is None:
+                self.index, self.low, self.low_time = idx, v, t
+            elif v < self.low:
+                self.low, self.low_time = v, t
+            return None
+        closed = (self.low_time, self.low)
+        self.ring.append(*closed)
+        self.index, self.low, self.low_time = idx, v, t
+        return closed
+
+
+class SlidingMin:
+    """The lowest (time, value) over a trailing time window; amortised O(1) (monotone deque)."""
+
+    __slots__ = ("span", "window")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self.window: deque[tuple[float, float]] = deque()
+
+    def add(self, t: float, v: float) -> tuple[float, float]:
+        window = self.window
+        while window and window[-1][1] >= v:
+            window.pop()
+        window.append((t, v))
+        while window[0][0] < t - self.span:
+            window.popleft()
+        return window[0]
+
+
 @dataclass(slots=True)
 class Growth:
     """A steady rise found over one lookback of floor points."""
@@ -196,23 +265,31 @@ class Growth:
 
 
 def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, min_rate: float,
-                  min_rise: float, balance: float) -> Growth | None:
+                  min_rise: float, balance: float, short_balance: float | None = None,
+                  short_lookback: float = 0.0, slack: float = 0.0) -> Growth | None:
     """The longest lookback over which the floor rises steadily, or None.
 
     Steady means: Theil-Sen rate >= ``min_rate``; rate x lookback >= ``min_rise``;
     the floor ends at least ``min_rise / 2`` above where it started (it did not
     come back); and both halves of the lookback rise, the smaller rise at least
-    ``balance`` times the larger. Growth that saturates (warmup) has a flat
-    recent half; one allocation that stays has a flat half on one side.
+    ``balance`` times the larger, less ``slack`` (the noise of a difference of two
+    floor values). Lookbacks shorter than ``short_lookback`` use ``short_balance`` on
+    the halves' own Theil-Sen slopes: a short span shows less of a saturating curve's
+    bend, so it must look straighter. And the rate must be at least ``balance`` times
+    the rate over the span before the lookback (where the floors reach that far back):
+    the tail of a saturating curve is much slower than what came before it.
+    Growth that saturates (warmup, a cache filling) has a smaller recent half; one
+    allocation that stays has a flat half on one side.
     """
     if len(floors) < 3:
         return None
     t_end, f_end = floors[-1]
-    best: Growth | None = None
-    for lookback in lookbacks:
+    seen = -1
+    for lookback in reversed(lookbacks):  # the longest that holds: stop at the first one
         pts = [p for p in floors if p[0] >= t_end - lookback]
-        if len(pts) < 5:
+        if len(pts) < 5 or len(pts) == seen:  # too few, or the same points as a longer lookback
             continue
+        seen = len(pts)
         if f_end - pts[0][1] < 0.5 * min_rise:  # cheap test first: most calls stop here
             continue
         span = pts[-1][0] - pts[0][0]
@@ -222,7 +299,20 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         t_mid = pts[0][0] + span / 2
         f_mid = next(f for t, f in pts if t >= t_mid)
         older, recent = f_mid - pts[0][1], f_end - f_mid
-        if older <= 0 or recent <= 0 or min(older, recent) < balance * max(older, recent):
+        if older <= 0 or recent <= 0:
             continue
-        best = Growth(rate, rate * span, span, f_end)
-    return best
+        # the halves' own Theil-Sen slopes: steadier than end points under noise; a short
+        # lookback sees little of a saturating curve's bend, so it must look straighter
+        half = [p for p in pts if p[0] < t_mid], [p for p in pts if p[0] >= t_mid]
+        older, recent = (theil_sen([p[0] for p in h], [p[1] for p in h], HALF_FIT_POINTS) for h in half)
+        need = short_balance if short_balance is not None and span < short_lookback else balance
+        # each half rises like the whole: a step (one allocation) leaves a flat half
+        if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent, rate) - slack:
+            continue
+        before = [p for p in floors if pts[0][0] - span <= p[0] <= pts[0][0]]
+        if len(before) >= 5 and before[-1][0] - before[0][0] >= span / 4:
+            # slower than the span before it: the tail of a curve that saturates (warmup, a cache)
+            if rate < balance * theil_sen([p[0] for p in before], [p[1] for p in before], HALF_FIT_POINTS):
+                continue
+        return Growth(rate, rate * span, span, f_end)
+    return None

@@ -1,0 +1,285 @@
+"""One watched host-memory series (a rank's memory, or a machine's negated available memory).
+
+Two time scales, fed from the same samples (see host_memory.py for the rules and why):
+
+- fine buckets (``fast_bucket_seconds``, 5 s): the minimum of each, with its time, in a ring
+  covering ``fast_window_seconds`` (10 min), and the lowest point of that window (a monotone
+  deque). The *fast* check runs on them at every closed fine bucket: it costs O(1) unless the
+  rise since the lowest point already forecasts exhaustion soon;
+- minute buckets (``bucket_seconds``), fed the closed fine minima: the *steady* check (floors,
+  Theil-Sen over doubling lookbacks) runs on them at every closed minute.
+
+Everything is bounded: two rings, a deque no longer than the fine ring, a few sawtooth periods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import median
+
+from .trend import (
+    DropWatch,
+    FineBuckets,
+    Growth,
+    MinBuckets,
+    SlidingMin,
+    rolling_floor,
+    steady_growth,
+    theil_sen,
+)
+from .validate import flag, fraction, positive
+
+MB = 1e6
+HOUR = 3600.0
+JITTER_BUCKETS = 31  # recent buckets from which the noise of the minima is estimated
+NOISE_RISE = 6.0  # a rise must also exceed this many sigma of that noise (~2.5 sigma of the samples)
+NOISE_DROP = 8.0  # and a sawtooth's fall this many
+SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
+FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
+FINE, MINUTE = 1, 2  # what Series.add closed
+FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
+
+
+def jitter(values: list[float]) -> float:
+    """Robust standard deviation of the noise of a series (MAD of its centred differences)."""
+    if len(values) < 3:
+        return 0.0
+    diffs = [values[i + 1] - values[i] for i in range(len(values) - 1)]
+    mid = median(diffs)
+    return 1.4826 * median(abs(d - mid) for d in diffs) / math.sqrt(2)
+
+
+@dataclass(kw_only=True, slots=True)
+class HostMemoryLeakSettings:
+    enabled: bool = True
+    bucket_seconds: float = 60.0  # one minimum per bucket is all the steady check keeps
+    window_seconds: float = 7200.0  # the longest lookback: slow leaks are judged over it
+    min_window_seconds: float = 1200.0  # the shortest lookback of the steady check
+    floor_seconds: float = 180.0  # trailing span of the floor (longer when a sawtooth is seen)
+    warmup_seconds: float = 300.0  # the steady check ignores a process's first minutes
+    min_rate_mb_per_hour: float = 100.0  # slower growth is not reported
+    min_growth_mb: float = 256.0  # the floor must rise this much over a lookback (noise guard)
+    sawtooth_drop_mb: float = 128.0  # a fall this big (and 8 sigma of the noise, and half the
+    # gain since the last low) is a sawtooth: the floor span then covers its period
+    balance: float = 0.5  # both halves of a lookback must rise, the smaller >= balance x the larger
+    short_balance: float = 0.65  # the same for lookbacks under 30 min: straighter, as they see less bend
+    critical_hours: float = 2.0  # severity critical when memory runs out sooner than this
+    warning_hours: float = 24.0  # warning sooner than this; info beyond (slow growth on a big machine)
+    machine_horizon_hours: float = 6.0  # machine alert when available memory runs out sooner
+    fast_bucket_seconds: float = 5.0  # fine buckets of the fast check (never wider than bucket_seconds)
+    fast_window_seconds: float = 600.0  # the longest rise the fast check looks back over
+    fast_min_seconds: float = 40.0  # the shortest sustained rise it reports
+    fast_horizon_seconds: float = 300.0  # it reports any sustained rise that exhausts memory this soon,
+    fast_lead: float = 4.0  # and one whose time left is at most fast_lead x how long it has risen
+    fast_balance: float = 0.75  # the recent half of the rise >= fast_balance x the older half
+    fast_min_growth_mb: float = 64.0  # and it rose at least this much (and 6 sigma of its noise)
+
+    def __post_init__(self) -> None:
+        section = "detectors.host_memory_leak"
+        flag(self, section, "enabled")
+        positive(self, section, "bucket_seconds", "window_seconds", "min_window_seconds",
+                 "floor_seconds", "warmup_seconds", "min_rate_mb_per_hour", "min_growth_mb",
+                 "sawtooth_drop_mb", "critical_hours", "warning_hours", "machine_horizon_hours",
+                 "fast_bucket_seconds", "fast_window_seconds", "fast_min_seconds",
+                 "fast_horizon_seconds", "fast_lead", "fast_min_growth_mb")
+        fraction(self, section, "balance", "short_balance", "fast_balance")
+        if self.window_seconds < 4 * self.bucket_seconds:
+            raise ValueError(f"{section}.window_seconds: must be >= 4 x bucket_seconds "
+                             f"({4 * self.bucket_seconds}), got {self.window_seconds!r}")
+        if self.min_window_seconds > self.window_seconds:
+            raise ValueError(f"{section}.min_window_seconds: must be <= window_seconds "
+                             f"({self.window_seconds}), got {self.min_window_seconds!r}")
+        if self.warning_hours < self.critical_hours:
+            raise ValueError(f"{section}.warning_hours: must be >= critical_hours "
+                             f"({self.critical_hours}), got {self.warning_hours!r}")
+        if self.fast_min_seconds > self.fast_window_seconds:
+            raise ValueError(f"{section}.fast_min_seconds: must be <= fast_window_seconds "
+                             f"({self.fast_window_seconds}), got {self.fast_min_seconds!r}")
+
+
+@dataclass(slots=True)
+class Open:
+    """An open alert of one series: what opened it and how bad it was then."""
+
+    growth: Growth
+    kind: str  # "fast" or "steady"
+    severity: str
+    since: float = -math.inf  # where a fast rise began
+    next_check: float = -math.inf  # an open fast alert is re-judged every FAST_RECHECK seconds, not every bucket
+
+
+class Series:
+    """One watched series: fine and minute minima, sawtooth drops, the open alert. Bounded."""
+
+    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width", "settings")
+
+    def __init__(self, s: HostMemoryLeakSettings, t: float) -> None:
+        self.settings = s  # the settings it was built for (a reload assigns a new object)
+        self.fine_width = min(s.fast_bucket_seconds, s.bucket_seconds)
+        self.fine = FineBuckets(self.fine_width, math.ceil(s.fast_window_seconds / self.fine_width) + 2)
+        self.low = SlidingMin(s.fast_window_seconds)
+        size = math.ceil(2 * s.window_seconds / s.bucket_seconds) + 2  # window + longest floor span
+        self.buckets = MinBuckets(s.bucket_seconds, size)
+        self.drops = DropWatch()
+        self.fine_drops = DropWatch()
+        self.first_time = t
+        self.open: Open | None = None
+
+    @property
+    def growth(self) -> Growth | None:
+        return None if self.open is None else self.open.growth
+
+    def matches(self, s: HostMemoryLeakSettings) -> bool:
+        """Still usable under ``s`` (after a reload): the same bucket widths and fast window."""
+        if s is self.settings:
+            return True
+        if (self.buckets.width == s.bucket_seconds and self.low.span == s.fast_window_seconds
+                and self.fine_width == min(s.fast_bucket_seconds, s.bucket_seconds)):
+            self.settings = s
+            return True
+        return False
+
+    # -- feeding ---------------------------------------------------------------
+    def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
+        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
+        fine = self.fine
+        self.buckets.last = v
+        if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
+            if v < fine.low:
+                fine.low, fine.low_time = v, t
+            return 0
+        closed = fine.add(t, v)
+        if closed is None:
+            return 0
+        ct, cv = closed
+        self.low.add(ct, cv)
+        drops = self.fine_drops
+        min_drop = s.sawtooth_drop_mb * MB
+        if drops.trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
+            min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
+        drops.add(ct, cv, min_drop)
+        minute = self.buckets.add(ct, cv)
+        self.buckets.last = v
+        if not minute:
+            return FINE
+        bucket_time, low = self.buckets.ring.last()
+        if bucket_time >= self.first_time + s.warmup_seconds:  # warmup growth is no sawtooth
+            self.drops.add(bucket_time, low, max(s.sawtooth_drop_mb * MB, NOISE_DROP * self.noise()))
+        return FINE | MINUTE
+
+    def noise(self) -> float:
+        """Robust standard deviation of the recent minute minima around their trend."""
+        return jitter(self.buckets.ring.tail(JITTER_BUCKETS))
+
+    def fine_noise(self) -> float:
+        """Robust standard deviation of the newest fine minima, from their second differences: a
+        fast rise bends (a start-up saturating), and first differences would count the bend as noise."""
+        v = self.fine.ring.tail(12)
+        if len(v) < 4:
+            return 0.0
+        d2 = [v[i + 2] - 2 * v[i + 1] + v[i] for i in range(len(v) - 2)]
+        return 1.4826 * median(abs(d) for d in d2) / math.sqrt(6)
+
+    # -- the fast check --------------------------------------------------------
+    def fast_candidate(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> bool:
+        """O(1) pre-test: could the rise since the window's lowest point be a fast leak?"""
+        t0, v0 = self.low.window[0] if self.low.window else (t, v)
+        span, rise = t - t0, v - v0
+        if span < s.fast_min_seconds or rise < s.fast_min_growth_mb * MB:
+            return False
+        # lenient (x 1.5): one noisy sample must not hide a leak from the full check
+        return headroom * span / rise <= 1.5 * max(s.fast_horizon_seconds, s.fast_lead * span)
+
+    def fast_growth(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
+        """A sustained rise since the window's lowest point that exhausts ``headroom`` soon, or None.
+
+        Sustained: it lasted ``fast_min_seconds``, rose ``fast_min_growth_mb`` and 6 sigma of the
+        fine minima's noise, and its recent half rose at least ``fast_balance`` x its older half (up
+        to noise): a start-up that saturates bends within its first minute, a single allocation is
+        all in one half. Soon: time left <= ``fast_horizon_seconds``, or <= ``fast_lead`` x how
+        long it has been rising (so the evidence needed grows with the time left). Longer than the
+        longest sawtooth tooth seen on the fine minima, if any.
+        """
+        if not self.low.window:
+            return None
+        t0, v0 = self.low.window[0]
+        pts = self.fine.ring.items(t0)
+        if not pts or pts[-1][0] < t:
+            pts.append((t, v))
+        # the rise starts where memory was last at its low: within a tenth of the rise, or noise
+        near = v0 + max(0.1 * (v - v0), 3 * self.fine_noise())
+        first = max(i for i, p in enumerate(pts) if p[1] <= near)
+        pts = pts[first:]
+        t0, v0 = pts[0]
+        span = t - t0
+        period = min(self.fine_drops.period(t, forget_after=s.fast_window_seconds), s.fast_window_seconds / 2)
+        if span < max(s.fast_min_seconds, 1.25 * period) or len(pts) < 4:
+            return None
+        rise = v - v0
+        if rise < max(s.fast_min_growth_mb * MB, NOISE_RISE * self.noise()):
+            return None
+        t_mid = min(pts[1:-1], key=lambda p: abs(p[0] - (t0 + span / 2)))[0]
+        early = [p for p in pts if p[0] <= t_mid]  # the halves share the middle point
+        late = [p for p in pts if p[0] >= t_mid]
+        older = theil_sen([p[0] for p in early], [p[1] for p in early], FAST_FIT_POINTS)
+        rate = theil_sen([p[0] for p in late], [p[1] for p in late], FAST_FIT_POINTS)
+        # the recent half rises like the older one; the forecast takes the recent rate (a bend lowers it)
+        if older <= 0 or rate <= 0 or rate < s.fast_balance * older:
+            return None
+        left = max(0.0, headroom) / rate
+        if left > max(s.fast_horizon_seconds, s.fast_lead * span):
+            return None
+        return Growth(rate, rise, span, v)
+
+    def fast_still_rising(self, t: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
+        """While a fast alert is open: the rise over the last half fast window, if it still
+        exhausts ``headroom`` within twice ``critical_hours``."""
+        since = t - s.fast_window_seconds / 2 if self.open is None else max(
+            self.open.since, t - s.fast_window_seconds / 2)
+        pts = self.fine.ring.items(since)
+        if len(pts) < 4:
+            return self.growth  # too little to tell: keep what is open
+        rate = theil_sen([p[0] for p in pts], [p[1] for p in pts], FAST_FIT_POINTS)
+        if rate <= 0 or max(0.0, headroom) / rate > 2 * s.critical_hours * HOUR:
+            return None
+        return Growth(rate, pts[-1][1] - pts[0][1], pts[-1][0] - pts[0][0], pts[-1][1])
+
+    # -- the steady check ------------------------------------------------------
+    def floors(self, s: HostMemoryLeakSettings, now: float) -> list[tuple[float, float]]:
+        period = self.drops.period(now, forget_after=s.window_seconds)
+        span = min(max(s.floor_seconds, 1.25 * period), s.window_seconds)
+        since = max(self.first_time + s.warmup_seconds, now - s.window_seconds - span)
+        floors = rolling_floor(self.buckets.ring.items(since), span)
+        return [p for p in floors if p[0] >= max(since + span, now - s.window_seconds)]
+
+    def steady(self, s: HostMemoryLeakSettings, now: float) -> Growth | None:
+        """The steady growth (if any) over the floors; for an open steady alert, None once flat."""
+        floors = self.floors(s, now)
+        min_rate = s.min_rate_mb_per_hour * MB / HOUR
+        noise = self.noise()
+        if self.open is not None and self.open.kind == "steady":  # stays open until the trend flattens
+            pts = [p for p in floors if p[0] >= now - s.window_seconds / 2]
+            if len(pts) < 3:  # a sawtooth just showed itself: the floor starts over
+                return None
+            rate = theil_sen([p[0] for p in pts], [p[1] for p in pts])
+            if rate < 0.5 * min_rate and theil_sen([p[0] for p in floors],
+                                                   [p[1] for p in floors]) < min_rate:
+                return None  # flat over the last half window, and slow over the whole
+            found = self._steady(s, floors, noise)
+            old = self.open.growth
+            return found or Growth(rate, old.rise, old.lookback, pts[-1][1])
+        return self._steady(s, floors, noise)
+
+    @staticmethod
+    def _steady(s: HostMemoryLeakSettings, floors: list[tuple[float, float]],
+                noise: float) -> Growth | None:
+        if not floors or floors[-1][0] - floors[0][0] < s.min_window_seconds:
+            return None
+        lookbacks = [s.min_window_seconds]
+        while lookbacks[-1] < s.window_seconds:
+            lookbacks.append(min(2 * lookbacks[-1], s.window_seconds))
+        return steady_growth(floors, lookbacks, min_rate=s.min_rate_mb_per_hour * MB / HOUR,
+                             min_rise=max(s.min_growth_mb * MB, NOISE_RISE * noise),
+                             balance=s.balance, short_balance=s.short_balance,
+                             short_lookback=SHORT_LOOKBACK)
