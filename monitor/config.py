@@ -52,10 +52,16 @@ class ServerSettings:
     record_max_bytes: int = 256 << 20  # per run file before rotation
     token: str | None = None
     tick_seconds: float = 1.0
+    state_snapshot_seconds: float = 30.0  # pipeline state to --db (checkpoint.py); a restart replays the rest
+    max_connections: int = 4096  # open HTTP connections; at the cap the longest-idle one is closed (http/connections.py)
+    keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
+    header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port: must be 0-65535, got {self.port!r}")
+        require_positive("server", self, ("state_snapshot_seconds", "max_connections", "keep_alive_seconds",
+                                          "header_timeout_seconds"))
         if not isinstance(self.tick_seconds, (int, float)) or self.tick_seconds <= 0:
             raise ConfigError(f"tick_seconds: must be > 0, got {self.tick_seconds!r}")
         for url in self.webhooks + ([self.alertmanager] if self.alertmanager else []):

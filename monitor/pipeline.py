@@ -9,6 +9,7 @@ record clock by the wall time since its newest record arrived.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Sequence
@@ -72,6 +73,9 @@ class Pipeline:
         self.book = book or AlertBook()
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
+        # server only: wall time before which no tick judges (the sidecar catching up after its own pause
+        # or a restart, see pauses.py); records are still taken
+        self.judge_after = -math.inf
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -153,7 +157,7 @@ class Pipeline:
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
             run.clock_wall = wall
-        if run.clock - run.last_tick >= self.tick_seconds:
+        if run.clock - run.last_tick >= self.tick_seconds and wall >= self.judge_after:
             events.extend(self._tick_run(run, run.clock))
         return self.book.apply(run.run, events) if events else []
 
@@ -195,7 +199,7 @@ class Pipeline:
                                                    f"without records"))
                 continue
             now = run.clock + max(0.0, wall - run.clock_wall)
-            if now - run.last_tick >= self.tick_seconds:
+            if now - run.last_tick >= self.tick_seconds and wall >= self.judge_after:
                 events = self._tick_run(run, now)
                 if events:
                     alerts.extend(self.book.apply(run.run, events))

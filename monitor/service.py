@@ -7,6 +7,7 @@ passed in, so tests build it directly.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
@@ -15,6 +16,7 @@ from . import config as config_mod
 from .alerts import Alert
 from .config import Settings
 from .ingest import BodyError, Decoded, Rejection, decode_body
+from .pauses import Watch
 from .pipeline import Pipeline
 from .record import Record
 from .recorder import FlightRecorder
@@ -28,6 +30,14 @@ class AlertSink(Protocol):
     """Anything that takes alert transitions (store, webhooks, Alertmanager)."""
 
     def __call__(self, alerts: list[Alert]) -> None: ...
+
+
+class Journal(Protocol):
+    """What the pipeline was fed, in order, so a restart can rebuild its state (checkpoint.py)."""
+
+    def fed(self, records: Sequence[Record], wall: float, judge_after: float) -> None: ...
+
+    def ticked(self, wall: float, judge_after: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -55,6 +65,8 @@ class Service:
         self.settings = settings
         self.config_file = config_file
         self.clock = clock
+        # the pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is
+        self.watch = Watch() if clock is time.time else Watch(clock, clock, pause_seconds=math.inf)
         self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
         self.book = self.pipeline.book
         self.sinks: list[AlertSink] = list(sinks or [])
@@ -64,6 +76,8 @@ class Service:
         self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.closers: list[Callable[[], None]] = []
         self.query_alerts: Callable[..., dict[str, Any]] | None = None
+        self.journal: Journal | None = None
+        self.background.append(self.watch.run)
         self.stats = IngestStats()
         if settings.server.record_dir:  # the flight recorder: the first record sink
             recorder = FlightRecorder(settings.server.record_dir, settings.server.record_max_bytes)
@@ -88,9 +102,11 @@ class Service:
 
     def accept(self, decoded: Decoded) -> IngestAnswer:
         self.stats.batches += 1
-        wall = self.clock()
-        self._refuse_future(decoded, wall)
+        self._refuse_future(decoded, self.clock())
+        wall = self._watch()
         outcome = self.pipeline.process(decoded.records, wall=wall)
+        if self.journal is not None:
+            self.journal.fed(decoded.records, wall, self.pipeline.judge_after)
         rejected = list(decoded.rejected)
         capped = 0
         if outcome.refused:
@@ -158,9 +174,19 @@ class Service:
 
     # -- time and config ----------------------------------------------------
     def tick(self) -> list[Alert]:
-        alerts = self.pipeline.tick_wall(self.clock())
+        wall = self._watch()
+        watched = bool(self.pipeline.runs)
+        alerts = self.pipeline.tick_wall(wall)
+        if self.journal is not None and watched:
+            self.journal.ticked(wall, self.pipeline.judge_after)
         self.dispatch(alerts)
         return alerts
+
+    def _watch(self) -> float:
+        """The pipeline's wall time, and whether verdicts wait (the sidecar catching up after a pause)."""
+        wall = self.watch.now()
+        self.pipeline.judge_after = self.watch.hold_until
+        return wall
 
     def reload(self) -> dict[str, Any]:
         """Re-read detector thresholds from the config file, keeping all state."""

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
+from ..checkpoint import attach_checkpoint
 from ..config import ConfigError, Settings
 from ..notify.alertmanager import alertmanager_settings
 from ..notify.sink import AlertsOut
@@ -38,5 +39,6 @@ def attach_alerts_out(service: Service) -> AlertsOut:
 def build_service_and_app(settings: Settings, config_file: str | None = None) -> tuple[Service, FastAPI]:
     service = Service(settings, config_file=config_file)
     alerts_out = attach_alerts_out(service)
+    attach_checkpoint(service)  # after the store put its open alerts back: the replay reconciles with them
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out)]
     return service, create_app(service, hooks)
