@@ -53,7 +53,7 @@ class ServerSettings:
     token: str | None = None
     tick_seconds: float = 1.0
     state_snapshot_seconds: float = 30.0  # pipeline state to --db (checkpoint.py); a restart replays the rest
-    max_connections: int = 4096  # open HTTP connections; at the cap the longest-idle one is closed (http/connections.py)
+    max_connections: int = 4096  # open HTTP connections; at the cap the longest-idle one is closed
     keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
     header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
 
