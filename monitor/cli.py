@@ -102,6 +102,7 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None)
 def serve(settings: Settings, config_file: str | None, log_level: str = "info") -> int:
     import uvicorn
 
+    from .http.connections import connection_cap, guarded_protocol, raise_fd_limit
     from .http.server import build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,9 +120,13 @@ def serve(settings: Settings, config_file: str | None, log_level: str = "info") 
     sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
+    server = settings.server
+    cap = connection_cap(server.max_connections, raise_fd_limit())
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
-                            access_log=False, timeout_graceful_shutdown=5)
+                            access_log=False, timeout_graceful_shutdown=5,
+                            http=guarded_protocol(cap, server.header_timeout_seconds),
+                            timeout_keep_alive=server.keep_alive_seconds)  # type: ignore[arg-type]
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
