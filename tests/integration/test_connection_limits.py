@@ -99,3 +99,19 @@ def test_a_connection_that_sends_no_complete_headers_is_closed(sidecar_url: str)
         pass
     assert time.monotonic() - started < 6
     kept.close()
+
+
+def test_binding_beyond_loopback_without_a_token_warns_at_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
+    for args, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--token", "t0k3n"], False),
+                         (["--host", "127.0.0.1"], False)):
+        proc = subprocess.Popen([sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args,
+                                 "--db", str(tmp_path / "w.db")], cwd=tmp_path,
+                                env={**env, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline() for _ in range(2)] if warned else [proc.stderr.readline()]
+        proc.terminate()
+        rest = proc.communicate(timeout=10)[1]
+        text = "".join(lines) + rest
+        assert "listening on" in text
+        assert ("WARNING: 0.0.0.0 is reachable from other machines and no token is set" in text) is warned, text
