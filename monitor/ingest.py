@@ -109,8 +109,8 @@ def decode_body(body: bytes, content_type: str | None = None, content_encoding: 
 def _decode_array(body: bytes, max_records: int) -> Decoded:
     try:
         records = _array_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):
-        pass  # bad record, non-finite tokens, or bad JSON: the slow path tells which
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass  # bad record, non-finite tokens, bad bytes or bad JSON: the slow path tells which
     else:
         if len(records) > max_records:
             raise _too_many(len(records), max_records)
@@ -141,7 +141,7 @@ def _decode_object(body: bytes, max_records: int) -> Decoded:
     except RecordError as exc:
         out.rejected.append(Rejection(0, exc.field, exc.reason))
         return out
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         pass
     try:
         item = loads(body)
@@ -161,7 +161,7 @@ def _decode_lines(body: bytes, max_records: int) -> Decoded:
     for i, line in enumerate(lines):
         try:  # fast path, one line at a time (as fast as one joined array, and a line is one record)
             rec = decode(line)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             pass
         else:
             try:

@@ -17,6 +17,8 @@ from starlette.exceptions import HTTPException
 from .. import jsonout
 from ..service import Service
 from ..status import run_view, runs_view
+from .openapi import describe
+from .strict_text import StrictText
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     for hook in extra or []:
         hook(app)
+    app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
+    describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
 
 
