@@ -95,3 +95,21 @@ def test_pipeline_gives_no_verdict_while_held_and_judges_after(held: bool) -> No
         alerts += p.tick_wall(wall + 0.25)
     late = [a for a in alerts if a["alert"] == "rank_stalled" and a["state"] == "firing" and a["time"] > 1025]
     assert [a["rank"] for a in late] == [1]
+
+
+def test_once_every_rank_is_read_again_the_hold_ends_and_a_short_stall_is_reported() -> None:
+    s = default_detector_settings()
+    s["rank_stalled"] = RankStalledSettings(floor_seconds=2, startup_seconds=2, silence_floor_seconds=3)
+    p = Pipeline(s)
+    for step in range(1, 30):
+        p.process(_steps(0, step, 1000.0 + step * 0.1, 1) + _steps(1, step, 1000.0 + step * 0.1, 1),
+                  wall=1000.0 + step * 0.1)
+    p.judge_after = 1003.0 + 15.0  # a restart at 1003: verdicts may wait up to 15 s for the retries
+    alerts = p.process(_steps(0, 30, 1003.0, 1) + _steps(1, 30, 1003.0, 1), wall=1003.0).alerts
+    for i in range(1, 20):  # both are back at once; then rank 1 hangs from 1004 to 1008, inside the 15 s
+        wall = 1003.0 + i * 0.5
+        batch = _steps(0, 30 + i, wall, 1) + ([] if 1004.0 < wall < 1008.0 else _steps(1, 30 + i, wall, 1))
+        alerts += p.process(batch, wall=wall).alerts
+        alerts += p.tick_wall(wall + 0.25)
+    assert [(a["rank"], a["state"]) for a in alerts if a["alert"] == "rank_stalled"] == [(1, "firing"),
+                                                                                        (1, "resolved")]
