@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SECONDS = 30.0
+MAX_JOURNAL_ROWS = 200_000  # while snapshots fail, the journal keeps only this many newest entries
 FORMAT = 1
 
 SCHEMA = """
@@ -107,6 +108,7 @@ class Checkpoint:
         self.code = code_version()
         self.errors = 0  # journal or snapshot writes that failed (the next snapshot makes up for them)
         self.dirty = False
+        self.cost = 0.0  # seconds the last snapshot held the event loop
 
     def close(self) -> None:
         self.db.close()
@@ -131,6 +133,7 @@ class Checkpoint:
         """The whole pipeline state in one row; the journal it covers goes in the same transaction."""
         if not self.dirty:
             return
+        started = time.perf_counter()
         try:
             state = pickle.dumps((pipeline.runs, pipeline.detectors, pipeline.records_processed), protocol=5)
             self.db.execute("BEGIN")
@@ -145,8 +148,22 @@ class Checkpoint:
             self.db.execute("COMMIT")
         except (sqlite3.Error, pickle.PicklingError, TypeError, AttributeError) as exc:
             self._failed("snapshot", exc)
+            self._bound_journal()
             return
+        finally:
+            self.cost = time.perf_counter() - started
         self.dirty = False
+
+    def _bound_journal(self) -> None:
+        """Snapshots fail (a detector's state does not pickle, or the disk is full): keep the journal
+        bounded; the stale snapshot goes too, so a restart replays the recent journal alone."""
+        try:
+            newest = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM pipeline_journal").fetchone()[0]
+            if self.db.execute("SELECT COUNT(*) FROM pipeline_journal").fetchone()[0] > MAX_JOURNAL_ROWS:
+                self.db.execute("DELETE FROM pipeline_journal WHERE seq <= ?", (newest - MAX_JOURNAL_ROWS,))
+                self.db.execute("DELETE FROM pipeline_snapshot")
+        except sqlite3.Error as exc:
+            self._failed("journal", exc)
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.errors += 1
@@ -156,8 +173,8 @@ class Checkpoint:
 
     def runner(self, pipeline: Pipeline, clock: Callable[[], float]) -> Callable[[], Coroutine[Any, Any, None]]:
         async def run() -> None:
-            while True:
-                await asyncio.sleep(self.every)
+            while True:  # a snapshot holds the event loop: at most 1% of the time (a huge job snapshots less often)
+                await asyncio.sleep(max(self.every, 100 * self.cost))
                 self.snapshot(pipeline, clock())
 
         return run

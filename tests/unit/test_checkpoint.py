@@ -208,3 +208,16 @@ def test_records_keep_nan_through_the_journal(tmp_path: Path) -> None:
     cp2 = Checkpoint(str(tmp_path / "state.db"))
     unsent = cp2.restore(p, 1.0)
     assert [(a["alert"], a["state"]) for a in unsent] == [("nan_divergence", "firing")]
+
+
+def test_a_snapshot_that_cannot_pickle_is_counted_and_the_journal_kept(tmp_path: Path) -> None:
+    events = trace()[:80]
+    p = Pipeline(settings())
+    cp = Checkpoint(str(tmp_path / "state.db"))
+    sent = feed(p, events, cp)
+    p.detectors["j"][0].__dict__["callback"] = lambda: None  # a rewrite that keeps a lambda in its state
+    cp.snapshot(p, events[-1][2])
+    assert cp.errors == 1 and cp.dirty
+    cp.close()
+    q, unsent = restored(tmp_path, open_after(sent), now=events[-1][2])
+    assert unsent == [] and sorted(q.runs["j"].ranks) == [0, 1, 2, 3]  # the journal alone rebuilt it
