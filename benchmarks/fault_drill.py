@@ -33,15 +33,19 @@ HANG_SECONDS = 8
 NAN = (9, 300)  # rank, step
 
 
-def start_sidecar(port: int, db: str, cfg: str, hook: str) -> subprocess.Popen[str]:
+def start_sidecar(port: int, db: str, cfg: str, hook: str, log: Path) -> subprocess.Popen[bytes]:
+    """Its log goes to a file (a pipe nobody reads would fill and stop it: a pause of our own making)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-    proc = subprocess.Popen([sys.executable, "-m", "trainhealth", "serve", "--port", str(port), "--db", db,
-                             "--config", cfg, "--webhook", hook], env={**env, "PYTHONPATH": str(ROOT)},
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for _ in range(50):
-        if re.search(r"listening on", proc.stderr.readline()):
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "trainhealth", "serve", "--port", str(port), "--db", db,
+                                 "--config", cfg, "--webhook", hook], env={**env, "PYTHONPATH": str(ROOT)},
+                                stderr=out)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if re.search(rb"listening on", log.read_bytes()[start:]):
             return proc
+        time.sleep(0.05)
     raise RuntimeError("sidecar did not start")
 
 
@@ -58,7 +62,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     db = str(tmp / "drill.db")
-    sidecar = start_sidecar(port, db, str(cfg), f"{receiver.url}/hook")
+    log = tmp / "sidecar.log"
+    sidecar = start_sidecar(port, db, str(cfg), f"{receiver.url}/hook", log)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ranks = []
     for r in range(RANKS):
@@ -76,7 +81,7 @@ def main() -> int:
             sidecar.kill()
             sidecar.wait()
             t = time.monotonic()
-            sidecar = start_sidecar(port, db, str(cfg), f"{receiver.url}/hook")
+            sidecar = start_sidecar(port, db, str(cfg), f"{receiver.url}/hook", log)
             downtime.append(time.monotonic() - t)
         time.sleep(max(0.0, 62 - (time.monotonic() - started)))
         sidecar.send_signal(signal.SIGSTOP)
@@ -102,7 +107,7 @@ def main() -> int:
     lost = expected - got
     duplicated = got - expected
     print(json.dumps({
-        "kills_at_s": [round(k, 1) for k in kills], "restart_s": [round(d, 2) for d in downtime],
+        "log": str(log), "kills_at_s": [round(k, 1) for k in kills], "restart_s": [round(d, 2) for d in downtime],
         "sigstop_s": 15, "expected_transitions": sum(expected.values()), "distinct_sent": sum(got.values()),
         "posts": posts, "redeliveries_same_id": posts - sum(got.values()),
         "lost": {"/".join(map(str, k)): v for k, v in lost.items()},

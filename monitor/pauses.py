@@ -79,6 +79,9 @@ class Watch:
 
     async def run(self) -> None:
         """The beat: proves the event loop runs, so that a gap in it is a pause."""
+        m = self.mono()  # start-up (imports, a restore, uvicorn) is not watching either; not worth a warning
+        self.paused += max(0.0, m - self._last - self.beat_seconds)
+        self._last, self._last_wall = m, self.wall()
         while True:
             await asyncio.sleep(self.beat_seconds)
             self.now()
