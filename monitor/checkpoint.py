@@ -201,8 +201,13 @@ class Checkpoint:
             pipeline.judge_after = -math.inf if judge_after is None else judge_after + offset
             if blob is None:
                 transitions += pipeline.tick_wall(wall + offset)
-            else:
-                transitions += pipeline.process(_decode(blob), wall=wall + offset).alerts
+                continue
+            try:
+                records = _decode(blob)
+            except (msgspec.DecodeError, ValueError) as exc:  # a damaged row costs only itself
+                log.warning("state journal in %s: skipped a damaged entry (%s)", self.path, exc)
+                continue
+            transitions += pipeline.process(records, wall=wall + offset).alerts
         pipeline.judge_after = -math.inf
         unsent = lost_transitions(before, pipeline.book.open, transitions)
         log.info("restored %d runs from %s (%d journal entries, %.0f s down) in %.2f s; %d alert transitions "
@@ -242,10 +247,14 @@ def lost_transitions(before: dict[Key, Alert], after: dict[Key, Alert], transiti
 
 def attach_checkpoint(service: Service) -> Checkpoint:
     """Restore the pipeline from ``--db``, send what the stop left unsent, then journal and snapshot."""
+    from .config import ConfigError
     from .pauses import MAX_GRACE_SECONDS
 
     server = service.settings.server
-    checkpoint = Checkpoint(server.db, server.state_snapshot_seconds)
+    try:
+        checkpoint = Checkpoint(server.db, server.state_snapshot_seconds)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"db: cannot keep the detectors' state in {server.db!r}: {exc}") from None
     unsent = checkpoint.restore(service.pipeline, service.watch.now())
     if service.pipeline.runs:  # the clients retry what the stop refused: read it before any verdict
         service.watch.hold(MAX_GRACE_SECONDS)
