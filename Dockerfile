@@ -13,7 +13,10 @@ EXPOSE 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9464/healthz', timeout=2)"]
 ENTRYPOINT ["trainhealth"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "9464", "--db", "/data/trainhealth.db"]
+# Loopback unless told otherwise: to reach it from outside its container, give it a token too, e.g.
+#   docker run -e TRAINHEALTH_TOKEN=$(openssl rand -hex 32) -p 9464:9464 trainhealth serve --host 0.0.0.0 ...
+# (binding beyond loopback without a token works, with a warning at start).
+CMD ["serve", "--port", "9464", "--db", "/data/trainhealth.db"]
 
 FROM sidecar AS trainer
 USER root

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import socket
@@ -130,6 +131,7 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     """Run the sidecar; ``load_settings`` re-reads file, environment and flags on a reload."""
     import uvicorn
 
+    from .http.connections import connection_cap, guarded_protocol, raise_fd_limit
     from .http.server import Server, build_service_and_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -147,14 +149,33 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     sock.listen(2048)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
+    server = settings.server
+    cap = connection_cap(server.max_connections, raise_fd_limit())
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
+    if not server.token and not is_loopback(host):
+        print(f"trainhealth: WARNING: {host} is reachable from other machines and no token is set: anyone "
+              "who can reach this port can send records, read runs and alerts, and silence or acknowledge "
+              "alerts. Set --token or TRAINHEALTH_TOKEN (see docs/operations.md), or bind 127.0.0.1.",
+              file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
-                            access_log=False, timeout_graceful_shutdown=5)
+                            access_log=False, timeout_graceful_shutdown=5,
+                            http=guarded_protocol(cap, server.header_timeout_seconds),
+                            timeout_keep_alive=server.keep_alive_seconds)  # type: ignore[arg-type]
     try:
         Server(config, service).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
         pass
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; any other address or name may be reachable from elsewhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -61,11 +61,17 @@ class ServerSettings:
     record_max_bytes: int = 256 << 20  # per run file before rotation
     token: str | None = None
     tick_seconds: float = 1.0
+    state_snapshot_seconds: float = 30.0  # pipeline state to --db (checkpoint.py); a restart replays the rest
+    max_connections: int = 4096  # open HTTP connections; at the cap the longest-idle one is closed
+    keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
+    header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
 
     def __post_init__(self) -> None:
         validate.whole(self, "server", "port", minimum=0, maximum=65535)
         validate.positive(self, "server", "tick_seconds")
         validate.whole(self, "server", "record_max_bytes", minimum=1)
+        validate.positive(self, "server", "state_snapshot_seconds", "keep_alive_seconds", "header_timeout_seconds")
+        validate.whole(self, "server", "max_connections", minimum=1)
         for i, url in enumerate(self.webhooks):
             if not validate.is_url(url):
                 raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {url!r}")

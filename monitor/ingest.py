@@ -94,7 +94,7 @@ class Decoder:
         RecursionError for text that is not JSON."""
         try:  # fast path; bare NaN tokens and bad records take the checked slow path
             return check(_record_decoder.decode(text), self.runs)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             return from_obj(loads(text), self.runs)
 
     def decode_body(self, body: bytes, content_type: str | None = None, content_encoding: str | None = None,
@@ -128,7 +128,7 @@ class Decoder:
     def _decode_array(self, body: bytes, max_records: int) -> Decoded:
         try:
             records = _array_decoder.decode(body)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             pass  # bad record, non-finite tokens, or bad JSON: the slow path tells which
         else:
             if len(records) > max_records:
@@ -160,7 +160,7 @@ class Decoder:
         except RecordError as exc:
             out.rejected.append(Rejection(0, exc.field, exc.reason))
             return out
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             pass
         try:
             item = loads(body)
@@ -180,7 +180,7 @@ class Decoder:
         for i, line in enumerate(lines):
             try:  # fast path, one line at a time (as fast as one joined array, and a line is one record)
                 rec = decode(line)
-            except (msgspec.DecodeError, RecursionError):
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
                 pass
             else:
                 try:

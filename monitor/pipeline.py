@@ -9,6 +9,7 @@ record clock by the wall time since its newest record arrived.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -73,6 +74,11 @@ class Pipeline:
         self.restored_runs: dict[str, float] = {}  # run -> wall time last seen, for alerts restored at start
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
+        # server only: wall time before which no tick judges (the sidecar catching up after its own pause
+        # or a restart, see pauses.py); records are still taken
+        self.judge_after = -math.inf
+        self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
+        self._hold = -math.inf  # the judge_after that _heard belongs to
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -154,7 +160,9 @@ class Pipeline:
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
             run.clock_wall = wall
-        if run.clock - run.last_tick >= self.tick_seconds:
+        if wall < self.judge_after:  # a hold: no verdict in a batch (the timer's tick gives it, see tick_wall)
+            self._heard_during_hold().setdefault(run.run, set()).add(rec.rank)
+        elif run.clock - run.last_tick >= self.tick_seconds:
             events.extend(self._tick_run(run, run.clock))
         return self.book.apply(run.run, events) if events else []
 
@@ -216,11 +224,24 @@ class Pipeline:
                                                    f"without records"))
                 continue
             now = run.clock + max(0.0, wall - run.clock_wall)
-            if now - run.last_tick >= self.tick_seconds:
+            if now - run.last_tick >= self.tick_seconds and self._may_judge(run, wall):
                 events = self._tick_run(run, now)
                 if events:
                     alerts.extend(self.book.apply(run.run, events))
         return alerts
+
+    def _heard_during_hold(self) -> dict[str, set[int]]:
+        if self._hold != self.judge_after:  # a new hold: nobody heard from yet
+            self._hold, self._heard = self.judge_after, {}
+        return self._heard
+
+    def _may_judge(self, run: RunState, wall: float) -> bool:
+        """Outside a hold, yes; during one, once every rank of the run still training has been read since
+        it began (its queued and retried records are in), so that a short stall is not missed."""
+        if wall >= self.judge_after:
+            return True
+        heard = self._heard_during_hold().get(run.run, ())
+        return all(rank in heard for rank, r in run.ranks.items() if not r.ended)
 
     def forget(self, name: str, why: str) -> list[Alert]:
         """Drop a run; its open alerts resolve."""

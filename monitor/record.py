@@ -205,6 +205,11 @@ def from_obj(obj: Any, runs: RunNames | None = None) -> Record:
     """Validate one decoded JSON value into a Record; raises RecordError."""
     if not isinstance(obj, dict):
         raise RecordError("$", f"a record must be a JSON object, got {type(obj).__name__}")
+    for name in Record.__struct_fields__:  # unknown fields are ignored, bytes and all
+        if name in obj:
+            found = bad_text(obj[name], name)
+            if found:
+                raise RecordError(*found)
     try:
         record = msgspec.convert(normalize(obj), Record, strict=True)
     except msgspec.ValidationError as exc:
@@ -264,13 +269,52 @@ def loads(data: bytes | str) -> Any:
 
     Past Python's int digit limit (4300) ``json.loads`` refuses the whole text; such a number is out
     of range for every field, so it is read as +-inf and the field it is in judges it.
+
+    Bytes that are not UTF-8 do not fail the whole text: they are kept as lone surrogates
+    (``surrogateescape``), so that ``bad_text`` can name the one field that holds them and the rest
+    of a batch is taken.
     """
+    if isinstance(data, (bytes, bytearray)):
+        data = bytes(data).decode("utf-8", "surrogateescape")
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise
     except ValueError:  # an integer past the digit limit
         return json.loads(data, parse_int=_big_int)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def bad_text(value: Any, path: str) -> tuple[str, str] | None:
+    """The first string under ``value`` (a value or a key) that is not valid text, as (path, reason).
+
+    Invalid UTF-8 (``\\xff\\xfe``, overlong ``\\xc0\\xaf``, a CESU-8 surrogate, a cut multibyte
+    sequence), kept by ``loads`` as lone surrogates, and escaped lone surrogates (``"\\ud800"``): no
+    store, page or webhook can encode them, so the field is refused here, by name.
+    """
+    if isinstance(value, str):
+        return (path, f"not valid UTF-8 text (bytes: {_raw(value)})") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return path, f"a name in it is not valid UTF-8 text (bytes: {_raw(key)})"
+            found = bad_text(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = bad_text(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _raw(text: str) -> str:
+    shown = repr(text.encode("utf-8", "surrogateescape" if not re.search("[\ud800-\udc7f]", text)
+                             else "surrogatepass"))
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def to_obj(record: Record) -> dict[str, Any]:

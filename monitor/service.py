@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
@@ -18,6 +19,7 @@ from .alerts import Alert
 from .config import ConfigError, Settings
 from .health import Fault, healthz
 from .ingest import BodyError, Decoded, Decoder, Rejection
+from .pauses import Watch as PauseWatch
 from .pipeline import Pipeline
 from .record import Record
 from .watch import Watch
@@ -32,6 +34,14 @@ class AlertSink(Protocol):
     """Anything that takes alert transitions (store, webhooks, Alertmanager)."""
 
     def __call__(self, alerts: list[Alert]) -> None: ...
+
+
+class Journal(Protocol):
+    """What the pipeline was fed, in order, so a restart can rebuild its state (checkpoint.py)."""
+
+    def fed(self, records: Sequence[Record], wall: float, judge_after: float) -> None: ...
+
+    def ticked(self, wall: float, judge_after: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -78,6 +88,8 @@ class Service:
                  reloaders: Sequence[Callable[[Settings], None]] = ()) -> None:
         self.settings = settings
         self.clock = clock
+        # the pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is
+        self.pauses = PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
         self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
         self.book = self.pipeline.book
         self.sinks: list[AlertSink] = list(sinks)
@@ -88,6 +100,8 @@ class Service:
         self.faults = list(faults)
         self.load_settings = load_settings
         self.reloaders = list(reloaders)
+        self.journal: Journal | None = None  # the pipeline's journal for restarts (checkpoint.py)
+        self.background.append(self.pauses.run)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names
         if restored:
@@ -128,9 +142,11 @@ class Service:
 
     def accept(self, decoded: Decoded, views: bool = False) -> IngestAnswer:
         self.stats.batches += 1
-        wall = self.clock()
-        self._refuse_future(decoded, wall)
+        self._refuse_future(decoded, self.clock())
+        wall = self._watch()
         outcome = self.pipeline.process(decoded.records, wall=wall)
+        if self.journal is not None:
+            self.journal.fed(decoded.records, wall, self.pipeline.judge_after)
         rejected = list(decoded.rejected)
         capped = 0
         if outcome.refused:
@@ -209,7 +225,11 @@ class Service:
 
     # -- time and config ----------------------------------------------------
     def tick(self) -> list[Alert]:
-        alerts = self.pipeline.tick_wall(self.clock())
+        wall = self._watch()
+        watched = bool(self.pipeline.runs)
+        alerts = self.pipeline.tick_wall(wall)
+        if self.journal is not None and watched:
+            self.journal.ticked(wall, self.pipeline.judge_after)
         self.dispatch(alerts)
         return alerts
 
@@ -218,6 +238,12 @@ class Service:
         status, body = healthz(self.faults)
         body["runs"] = len(self.pipeline.runs)
         return status, body
+
+    def _watch(self) -> float:
+        """The pipeline's wall time, and whether verdicts wait (the sidecar catching up after a pause)."""
+        wall = self.pauses.now()
+        self.pipeline.judge_after = self.pauses.hold_until
+        return wall
 
     def reload(self) -> dict[str, Any]:
         """Re-read every setting and check it as a start would; apply what can change live (detector

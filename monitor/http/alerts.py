@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from ..notify.silences import SilenceError
 from ..notify.sink import AlertsOut
-from ..record import loads
+from ..record import bad_text, loads
 from .app import JSON
 
 MAX_BODY = 64 << 10
@@ -38,9 +38,13 @@ async def _body(request: Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return loads(raw)  # json.loads, without refusing an integer of 4300+ digits
-    except ValueError as exc:
+        body = loads(raw)  # json.loads, without refusing an integer of 4300+ digits
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"body: not valid JSON ({exc})") from None
+    found = bad_text(body, "body")
+    if found:
+        raise BadRequest(f"{found[0]}: {found[1]}")
+    return body
 
 
 def _store_errors(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:

@@ -18,6 +18,8 @@ from .. import jsonout
 from ..record import RecordError, check_run
 from ..service import Service
 from ..status import run_view, runs_view
+from .openapi import describe
+from .strict_text import StrictText
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
 
     for hook in extra or []:
         hook(app)
+    app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
+    describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
 
 

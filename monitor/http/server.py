@@ -10,6 +10,7 @@ from typing import Any, Callable
 import uvicorn
 from fastapi import FastAPI
 
+from ..checkpoint import attach_checkpoint
 from ..config import ConfigError, Settings
 from ..notify.console import log_alerts
 from ..notify.sink import AlertsOut
@@ -63,6 +64,7 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
 def build_service_and_app(settings: Settings,
                           load_settings: Callable[[], Settings] | None = None) -> tuple[Service, FastAPI]:
     service, alerts_out = build_service(settings, load_settings=load_settings)
+    attach_checkpoint(service)  # after the store put its open alerts back: the replay reconciles with them
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out),
                                              page_hook(service)]
     return service, create_app(service, hooks)

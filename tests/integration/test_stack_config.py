@@ -44,8 +44,13 @@ def test_amtool_accepts_the_alertmanager_config() -> None:
     run([need_binary("amtool"), "check-config", str(ROOT / "dashboards" / "alertmanager" / "alertmanager.yml")])
 
 
-def test_docker_compose_file_is_valid_and_mounts_existing_files() -> None:
-    run([need_binary("docker-compose"), "-f", "docker-compose.yml", "config", "-q"])
+def test_docker_compose_file_is_valid_and_mounts_existing_files(tmp_path: Path) -> None:
+    # as a user runs it: the repository with trainhealth.env made from the example (git ignores the real one)
+    for entry in ROOT.iterdir():
+        if entry.name != "trainhealth.env":
+            (tmp_path / entry.name).symlink_to(entry)
+    (tmp_path / "trainhealth.env").write_text((ROOT / "trainhealth.env.example").read_text())
+    run([need_binary("docker-compose"), "-f", "docker-compose.yml", "config", "-q"], cwd=tmp_path)
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"sidecar", "trainer", "prometheus", "alertmanager", "grafana"} <= set(services)
@@ -60,3 +65,22 @@ def test_docker_compose_file_is_valid_and_mounts_existing_files() -> None:
             assert f"AS {build['target']}" in (ROOT / "Dockerfile").read_text()
     assert services["trainer"]["environment"]["TRAINHEALTH_URL"] == "http://sidecar:9464"
     assert services["sidecar"]["command"][:4] == ["serve", "--host", "0.0.0.0", "--port"]
+
+
+def test_compose_stack_passes_a_token_to_every_service_that_talks_to_the_sidecar() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in ("sidecar", "trainer", "prometheus"):
+        assert services[name]["env_file"] == ["trainhealth.env"], name
+    example = (ROOT / "trainhealth.env.example").read_text()
+    assert "\nTRAINHEALTH_TOKEN=" in example
+    assert "trainhealth.env" in (ROOT / ".gitignore").read_text().split()[-1]
+    assert "trainhealth.env" in (ROOT / ".dockerignore").read_text().split()  # never baked into an image
+    scrape = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["authorization"] == {"credentials_file": "trainhealth.token"}
+    assert "/etc/prometheus/trainhealth.token" in " ".join(services["prometheus"]["entrypoint"])
+
+
+def test_docker_image_binds_loopback_unless_told_otherwise() -> None:
+    cmd = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD ["))
+    assert "--host" not in cmd  # the sidecar's default, 127.0.0.1

@@ -1,0 +1,271 @@
+"""Pipeline state that survives a restart or a kill -9: a snapshot plus a journal of what came after.
+
+Why this design (DESIGN.md: "restored after a restart or a kill -9 well enough that open alerts
+resolve as they would have and run-level findings are kept"):
+
+* The pipeline is pure: its state is a function of what it was fed, the batches (with the
+  wall time each arrived at) and the timer's ticks. So the journal records exactly that,
+  synchronously, before the batch's alerts go to the store; a restart feeds it again,
+  with notifications off, and the detectors end where they were. Nothing here knows any
+  detector's internals: a detector rewritten tomorrow is restored the same way.
+* Replaying everything since a run started is unbounded (a 6-hour job), and replaying
+  only a recent window loses latched findings (the first rank to NaN). So every
+  ``SNAPSHOT_SECONDS`` the whole pipeline state (runs and their detectors) is pickled into
+  one row, and the journal up to it is deleted in the same transaction: a restart loads
+  the snapshot and replays at most that long a journal. Both are bounded by the limits
+  (runs x ranks x each detector's window).
+* A snapshot is only loaded by the same code that wrote it (a hash of the package's
+  source): after an upgrade the journal alone is replayed and older open alerts fall
+  back to the store's expiry. Unpickling allows only trainhealth's own classes and a few
+  containers, so a doctored database cannot run code.
+* Reconciling with the store: the alerts open in the store were put back in the book
+  before the replay. The replay's transitions are not sent again; only the difference
+  the kill left is: an alert open in the store that the replay resolved gets its
+  ``resolved`` sent now, and one the replay raised that the store never got (killed
+  between journal and store) is sent as ``firing``. Nothing else is sent twice.
+* Wall time: the downtime is nobody's silence. Wall times in the state are shifted by
+  the time between the last sign of life before the kill (the newest snapshot or journal
+  entry; the timer journals a tick every second while runs are watched) and the restart,
+  and verdicts wait for the clients' retries (pauses.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import math
+import pickle
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
+
+import msgspec
+
+from .alerts import Alert, Key
+from .pipeline import Pipeline
+from .record import Record
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_SECONDS = 30.0
+MAX_JOURNAL_ROWS = 200_000  # while snapshots fail, the journal keeps only this many newest entries
+FORMAT = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pipeline_snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, taken REAL NOT NULL,
+    code TEXT NOT NULL, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS pipeline_journal (
+    seq INTEGER PRIMARY KEY,
+    wall REAL NOT NULL,            -- the pipeline's wall time (pauses.Watch) of the batch or tick
+    judge_after REAL,              -- verdicts held before this wall time; NULL: none held
+    records BLOB);                 -- msgpack list of records (NaN kept); NULL: a timer tick
+"""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(list[Record]).decode
+
+# Besides trainhealth's own classes, what a pipeline's state is made of.
+_ALLOWED = {("collections", "deque"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
+            ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
+            ("array", "array"), ("array", "_array_reconstructor"), ("copyreg", "_reconstructor"),
+            ("builtins", "object")}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "trainhealth" or module.startswith("trainhealth.") or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a trainhealth snapshot")
+
+
+def code_version() -> str:
+    """Changes with any source file of the sidecar (and with Python's version): a snapshot is code-specific."""
+    h = hashlib.sha256(f"{FORMAT} {sys.version_info[:2]}".encode())
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Checkpoint:
+    def __init__(self, path: str, every: float = SNAPSHOT_SECONDS) -> None:
+        self.path = path
+        self.every = every
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        self.code = code_version()
+        self.errors = 0  # journal or snapshot writes that failed (the next snapshot makes up for them)
+        self.dirty = False
+        self.cost = 0.0  # seconds the last snapshot held the event loop
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writing ------------------------------------------------------------
+    def fed(self, records: Sequence[Record], wall: float, judge_after: float) -> None:
+        if records:
+            self._append(wall, judge_after, _encode(records))
+
+    def ticked(self, wall: float, judge_after: float) -> None:
+        self._append(wall, judge_after, None)
+
+    def _append(self, wall: float, judge_after: float, blob: bytes | None) -> None:
+        self.dirty = True
+        try:
+            self.db.execute("INSERT INTO pipeline_journal (wall, judge_after, records) VALUES (?, ?, ?)",
+                            (wall, judge_after if math.isfinite(judge_after) else None, blob))
+        except (sqlite3.Error, OverflowError) as exc:  # never break ingest; the next snapshot covers it
+            self._failed("journal", exc)
+
+    def snapshot(self, pipeline: Pipeline, now: float) -> None:
+        """The whole pipeline state in one row; the journal it covers goes in the same transaction."""
+        if not self.dirty:
+            return
+        started = time.perf_counter()
+        try:
+            state = pickle.dumps((pipeline.runs, pipeline.detectors, pipeline.records_processed), protocol=5)
+            self.db.execute("BEGIN")
+            try:
+                seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM pipeline_journal").fetchone()[0]
+                self.db.execute("INSERT OR REPLACE INTO pipeline_snapshot VALUES (1, ?, ?, ?, ?)",
+                                (seq, now, self.code, state))
+                self.db.execute("DELETE FROM pipeline_journal WHERE seq <= ?", (seq,))
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except (sqlite3.Error, pickle.PicklingError, TypeError, AttributeError) as exc:
+            self._failed("snapshot", exc)
+            self._bound_journal()
+            return
+        finally:
+            self.cost = time.perf_counter() - started
+        self.dirty = False
+
+    def _bound_journal(self) -> None:
+        """Snapshots fail (a detector's state does not pickle, or the disk is full): keep the journal
+        bounded; the stale snapshot goes too, so a restart replays the recent journal alone."""
+        try:
+            newest = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM pipeline_journal").fetchone()[0]
+            if self.db.execute("SELECT COUNT(*) FROM pipeline_journal").fetchone()[0] > MAX_JOURNAL_ROWS:
+                self.db.execute("DELETE FROM pipeline_journal WHERE seq <= ?", (newest - MAX_JOURNAL_ROWS,))
+                self.db.execute("DELETE FROM pipeline_snapshot")
+        except sqlite3.Error as exc:
+            self._failed("journal", exc)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        if self.errors <= 10 or self.errors % 1000 == 0:
+            log.warning("state %s: cannot write to %s (%s; %d failures): after a restart the detectors "
+                        "may not resume exactly where they were", what, self.path, exc, self.errors)
+
+    def runner(self, pipeline: Pipeline, clock: Callable[[], float]) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run() -> None:
+            while True:  # a snapshot holds the event loop: at most 1% of the time (a huge job snapshots less often)
+                await asyncio.sleep(max(self.every, 100 * self.cost))
+                self.snapshot(pipeline, clock())
+
+        return run
+
+    # -- reading ------------------------------------------------------------
+    def restore(self, pipeline: Pipeline, now: float) -> list[Alert]:
+        """Rebuild ``pipeline`` (whose book holds the store's open alerts); returns what the kill left unsent."""
+        started = time.perf_counter()
+        row = self.db.execute("SELECT seq, taken, code, state FROM pipeline_snapshot WHERE id = 1").fetchone()
+        journal = self.db.execute("SELECT wall, judge_after, records FROM pipeline_journal ORDER BY seq").fetchall()
+        if row is None and not journal:
+            return []
+        alive = max(([row[1]] if row else []) + ([journal[-1][0]] if journal else []))
+        offset = now - alive
+        if row is not None and row[2] == self.code:
+            self._load(pipeline, row[3], offset)
+        elif row is not None:
+            log.warning("state snapshot in %s was written by another version of trainhealth: only the "
+                        "journal since it is replayed; older open alerts resolve when their run expires",
+                        self.path)
+        before = dict(pipeline.book.open)
+        transitions: list[Alert] = []
+        for wall, judge_after, blob in journal:
+            pipeline.judge_after = -math.inf if judge_after is None else judge_after + offset
+            if blob is None:
+                transitions += pipeline.tick_wall(wall + offset)
+                continue
+            try:
+                records = _decode(blob)
+            except (msgspec.DecodeError, ValueError) as exc:  # a damaged row costs only itself
+                log.warning("state journal in %s: skipped a damaged entry (%s)", self.path, exc)
+                continue
+            transitions += pipeline.process(records, wall=wall + offset).alerts
+        pipeline.judge_after = -math.inf
+        unsent = lost_transitions(before, pipeline.book.open, transitions)
+        log.info("restored %d runs from %s (%d journal entries, %.0f s down) in %.2f s; %d alert transitions "
+                 "the stop left unsent", len(pipeline.runs), self.path, len(journal), offset,
+                 time.perf_counter() - started, len(unsent))
+        self.dirty = True
+        return unsent
+
+    def _load(self, pipeline: Pipeline, state: bytes, offset: float) -> None:
+        try:
+            runs, detectors, processed = _Unpickler(io.BytesIO(state)).load()
+        except Exception as exc:  # a damaged row must not stop the sidecar from starting
+            log.warning("state snapshot in %s cannot be read (%s): replaying the journal only", self.path, exc)
+            return
+        for run in runs.values():
+            run.clock_wall += offset
+            run.last_wall += offset
+        for dets in detectors.values():
+            for det in dets:
+                det.settings = pipeline.detector_settings[det.name]  # the thresholds in force now
+        pipeline.runs.update(runs)
+        pipeline.detectors.update(detectors)
+        pipeline.records_processed += processed
+
+
+def lost_transitions(before: dict[Key, Alert], after: dict[Key, Alert], transitions: list[Alert]) -> list[Alert]:
+    """The net change a replay made to the open alerts: resolves of stored episodes, then new firings."""
+    first_resolve: dict[Key, Alert] = {}
+    for a in transitions:
+        key = (a["run"], a["rank"], a["alert"])
+        if a["state"] == "resolved" and key in before and key not in first_resolve:
+            first_resolve[key] = a  # the first resolve of a key open before closes the stored episode
+    out = [first_resolve[key] for key, old in before.items() if after.get(key) is not old and key in first_resolve]
+    out += [new for key, new in after.items() if before.get(key) is not new]
+    return out
+
+
+def attach_checkpoint(service: Service) -> Checkpoint:
+    """Restore the pipeline from ``--db``, send what the stop left unsent, then journal and snapshot."""
+    from .config import ConfigError
+    from .pauses import MAX_GRACE_SECONDS
+
+    server = service.settings.server
+    try:
+        checkpoint = Checkpoint(server.db, server.state_snapshot_seconds)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"db: cannot keep the detectors' state in {server.db!r}: {exc}") from None
+    unsent = checkpoint.restore(service.pipeline, service.pauses.now())
+    if service.pipeline.runs:  # the clients retry what the stop refused: read it before any verdict
+        service.pauses.hold(MAX_GRACE_SECONDS)
+        service.pipeline.judge_after = service.pauses.hold_until
+    service.dispatch(unsent)
+    service.journal = checkpoint
+    service.background.append(checkpoint.runner(service.pipeline, service.pauses.now))
+
+    def close() -> None:
+        checkpoint.snapshot(service.pipeline, service.pauses.now())  # a clean stop replays nothing
+        checkpoint.close()
+
+    service.closers.insert(0, close)
+    return checkpoint
