@@ -37,6 +37,8 @@ OK_BY_ROUTE = {  # where the answer is not a JSON object with 200
                                      "content": {"application/json": {"schema": INGEST_ANSWER}}}},
     ("/v1/silences", "post"): {"201": {"description": "the silence",
                                        "content": {"application/json": {"schema": JSON_OBJECT}}}},
+    ("/", "get"): {"200": {"description": "the live page (or, with part=live, its refreshed fragment)",
+                           "content": {"text/html": {"schema": {"type": "string"}}}}},
 }
 
 
