@@ -66,6 +66,7 @@ def extra(alert: Alert) -> dict[str, Any]:
 Key = tuple[str, int | None, str]
 
 RESERVED = frozenset(AlertFields.__annotations__)  # a detector's Event.data never overwrites these
+INCIDENT_ROOT = ("first_rank", "first_step", "root_ranks", "host")  # what a run-level incident was about
 
 
 def fingerprint(key: Key) -> str:
@@ -110,6 +111,11 @@ class AlertBook:
                 self.refreshed.pop(current["fingerprint"], None)
                 alert = self._make(run, ev, current["time"])
                 alert["severity"] = current["severity"]
+                if current["rank"] is None:  # a run-level incident: its resolve still names its root
+                    fields, was = extra(alert), extra(current)
+                    for k in INCIDENT_ROOT:
+                        if k in was:
+                            fields.setdefault(k, was[k])
                 if not ev.summary:
                     alert["summary"] = f"resolved: {current['summary']}"
                 out.append(alert)

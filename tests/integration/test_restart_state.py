@@ -41,8 +41,13 @@ def sample(run: str, rank: int, step: int, **fields: Any) -> dict[str, Any]:
     return {"run": run, "rank": rank, "time": time.time(), "step": step, "loss": 1.0, **fields}
 
 
+def root(alert: dict[str, Any]) -> int | None:
+    """The rank an alert is about: its rank, or a run-level incident's first (root) rank."""
+    return alert["rank"] if alert["rank"] is not None else alert.get("first_rank")
+
+
 def sent(receiver: Receiver, alert: str) -> list[tuple[str, int | None]]:
-    return [(d.json()["state"], d.json()["rank"]) for d in receiver.deliveries() if d.json()["alert"] == alert]
+    return [(d.json()["state"], root(d.json())) for d in receiver.deliveries() if d.json()["alert"] == alert]
 
 
 @pytest.mark.parametrize("snapshot", [0.3, 3600.0], ids=["snapshot", "journal-only"])
@@ -69,7 +74,7 @@ def test_rank_stalled_open_at_a_kill_resolves_when_the_rank_resumes_after_restar
     assert sidecar.proc.returncode == -9
 
     again = start_sidecar(*args, db=False)
-    assert [a["rank"] for a in again.client.get("/v1/alerts", params={"state": "firing"}).json()["alerts"]] == [1]
+    assert [root(a) for a in again.client.get("/v1/alerts", params={"state": "firing"}).json()["alerts"]] == [1]
     for _ in range(5):  # rank 1 finishes steps again
         step += 1
         ingest(again, [sample("job", 0, step), sample("job", 1, step)])
