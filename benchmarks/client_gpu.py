@@ -102,6 +102,8 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     tm = Telemetry(url=url, run="gpu", environ={}, stop_on={"nan_divergence"})
     x_all = torch.randn(64, 4096, device=dev)
+    nan_at_0 = torch.zeros_like(x_all)
+    nan_at_0[0, 0] = float("nan")  # made before the sync check: setting one element from Python syncs
     y = torch.randn(64, 1, device=dev)
     for _ in range(5):  # warm up (kernels, allocator, the first pinned blocks)
         loss = torch.nn.functional.mse_loss(model(x_all), y)
@@ -117,8 +119,7 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             x = x_all
             if step % 40 == 0:
-                x = x_all.clone()
-                x[0, 0] = float("nan")
+                x = x_all + nan_at_0  # one NaN input, on the device
             loss = torch.nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from . import jsonout
 from .config import ConfigError, Settings, load
@@ -151,6 +151,12 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     server = settings.server
     cap = connection_cap(server.max_connections, raise_fd_limit())
+    http: Any = "h11"
+    try:
+        http = guarded_protocol(cap, server.header_timeout_seconds)
+    except ImportError:  # uvicorn without its [standard] extra (no httptools): serve, without the guard
+        print("trainhealth: WARNING: httptools is not installed (pip install 'uvicorn[standard]'): no header "
+              "timeout and no connection cap", file=sys.stderr, flush=True)
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     if not server.token and not is_loopback(host):
         print(f"trainhealth: WARNING: {host} is reachable from other machines and no token is set: anyone "
@@ -159,7 +165,7 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
               file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
                             access_log=False, timeout_graceful_shutdown=5,
-                            http=guarded_protocol(cap, server.header_timeout_seconds),
+                            http=http,
                             timeout_keep_alive=server.keep_alive_seconds)  # type: ignore[arg-type]
     try:
         Server(config, service).run(sockets=[sock])

@@ -178,7 +178,7 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
                    f"(now {current / GiB:.1f} of {total / GiB:.1f} GiB, {100 * current / total:.0f}%); "
                    f"at this rate it reaches capacity in ~{steps_left:.0f} steps")
         if gpu.sps > 0:
-            summary += f" (~{seconds_left / 60:.0f} min)"
+            summary += f" (~{seconds_left / 60:.0f} min)" if seconds_left >= 90 else f" (~{seconds_left:.0f} s)"
         summary += ", look for tensors kept across steps"
         return [firing(self.name, rec.rank, step, rec.time, summary, "warning",
                        rate_mib_per_step=round(rate / MiB, 2), peak_bytes=current,

@@ -116,7 +116,11 @@ def test_lightning_16_mixed_on_the_gpu(tmp_path):
     by_step = samples(tm, tmp_path / "pl.jsonl")
     print({s: (r.get("loss"), r.get("grad_norm"), r.get("grad_scale")) for s, r in by_step.items()})
     assert sorted(by_step) == list(range(1, 9))
-    assert all(math.isfinite(by_step[s]["loss"]) and math.isfinite(by_step[s]["grad_norm"])
-               for s in range(1, NAN_STEP))
+    assert all(math.isfinite(by_step[s]["loss"]) for s in range(1, NAN_STEP))
+    # fp16's first steps overflow as the scaler finds its scale (seen on an H200: 65536 -> 4096 over 3 steps):
+    # a non-finite grad norm before the NaN batch comes with the scale halved at the next step (step skipped)
+    for s in range(1, NAN_STEP):
+        if not math.isfinite(by_step[s]["grad_norm"]):
+            assert by_step[s + 1]["grad_scale"] == by_step[s]["grad_scale"] / 2, (s, by_step)
     assert math.isnan(by_step[NAN_STEP]["loss"]) and not math.isfinite(by_step[NAN_STEP]["grad_norm"])
     assert all(by_step[s]["grad_scale"] > 0 for s in by_step)  # torch's GradScaler under 16-mixed
