@@ -144,6 +144,7 @@ class Service:
         self.stats.batches += 1
         self._refuse_future(decoded, self.clock())
         wall = self._watch()
+        self.watch.before(decoded.records)  # a restart forgets the run's stops
         outcome = self.pipeline.process(decoded.records, wall=wall)
         if self.journal is not None:
             self.journal.fed(decoded.records, wall, self.pipeline.judge_after)

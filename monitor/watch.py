@@ -33,6 +33,7 @@ Pure apart from the waiters: no clock, no I/O. The HTTP layer registers a callba
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -66,15 +67,18 @@ class _Run:
     period: float | None = None  # seconds per step, a running average over the ranks' samples
     top_step: int = -1
     first_stop: int | None = None  # the lowest stop step of the run, None while it has none
-    start: Record | None = None  # the run's newest start record seen
+    state: RunState | None = None  # the pipeline's state of the run: a new one means the run was forgotten
     waiters: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Watch:
     def __init__(self, book: AlertBook, states: Mapping[str, RunState] | None = None,
-                 lead: StopLead | None = None, max_runs: int = 10_000) -> None:
-        """``states``: the pipeline's runs (their newest start records tell a restart)."""
+                 lead: StopLead | None = None, max_runs: int = 10_000, epoch: int | None = None) -> None:
+        """``states``: the pipeline's runs (their newest start records tell a restart). ``epoch``: where
+        versions start (default: this process's start in milliseconds), so a client that heard version N
+        from the sidecar before a restart still hears the views after it as newer."""
         self.book = book
+        self.epoch = int(time.time() * 1000) if epoch is None else epoch
         self.states: Mapping[str, RunState] = states if states is not None else {}
         self.lead = lead or StopLead()
         self.max_runs = max_runs
@@ -89,10 +93,23 @@ class Watch:
                     if not state.waiters:
                         del self.runs[old]
                         break
-            run = self.runs[name] = _Run()
+            run = self.runs[name] = _Run(version=self.epoch)
         return run
 
     # -- what arrives -------------------------------------------------------------------------------
+    def before(self, records: Sequence[Record]) -> None:
+        """A batch about to be processed: a ``start`` from a rank that had sampled before it (as the pipeline
+        knows it before this batch) is a restart, and the run's stops are forgotten."""
+        for rec in records:
+            if rec.type != "start":
+                continue
+            state = self.states.get(rec.run)
+            rank = state.ranks.get(rec.rank) if state is not None else None
+            sampled = rank.last_sample_time if rank is not None else None
+            run = self.runs.get(rec.run)
+            if run is not None and sampled is not None and sampled < rec.time:
+                self._restart(rec.run, run)
+
     def note(self, records: Sequence[Record]) -> set[str]:
         """Accepted records: each run's highest step and step period, from the newest record of the run in
         the batch (a client sends its rank's records in order; one dict store per record is all ingest
@@ -106,13 +123,10 @@ class Watch:
             if run is None:
                 run = self._run(name)
             state = self.states.get(name)
-            start = state.last_start if state is not None else None
-            if start is not None and start is not run.start and state is not None:
-                run.start = start
-                rank = state.ranks.get(start.rank)
-                sampled = rank.last_sample_time if rank is not None else None
-                if sampled is not None and sampled < start.time:  # a restart: this rank had trained before
-                    self._restart(name, run)
+            if state is not None and state is not run.state:
+                if run.state is not None:  # the pipeline forgot the run (expired, or evicted at the cap):
+                    self._restart(name, run)  # a job reusing its name starts with no stops
+                run.state = state
             step = rec.step
             if step is None or rec.type not in ("sample", "heartbeat"):
                 continue
@@ -136,6 +150,11 @@ class Watch:
             run.stops.clear()
             run.first_stop = None
             self._bump(name, run)
+
+    def resume(self, open_alerts: Iterable[Alert]) -> None:
+        """After a restart: the alerts still open get a stop again (ahead of the run once it reports: a stop
+        already passed moves ahead), so a job that was told to stop before the restart still stops in step."""
+        self.on_alerts([a for a in open_alerts if a["state"] == "firing"])
 
     def on_alerts(self, alerts: Iterable[Alert]) -> None:
         """Alert transitions: fix a stop for each alert name's first firing; wake the run's waiters."""
@@ -181,7 +200,7 @@ class Watch:
         """{version, stops: {alert: {step, alert, rank, first_step, severity}}, alerts: [firing now],
         alerts_total}: what a client of the run needs to act."""
         run = self.runs.get(name)
-        if run is None or run.version == 0:
+        if run is None:
             return {"version": 0, "stops": {}, "alerts": [], "alerts_total": 0}
         firing = sorted(self.book.firing(name), key=lambda a: a["time"])
         return {
@@ -193,7 +212,7 @@ class Watch:
 
     def views(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The views of the runs that have one (for an ingest answer: nothing when all is quiet)."""
-        return {n: self.view(n) for n in names if self.version(n)}
+        return {n: self.view(n) for n in names if self.version(n) > self.epoch}
 
     def wait(self, name: str, wake: Callable[[], None]) -> bool:
         """Call ``wake`` once at the run's next change; False when too many already wait on it."""

@@ -102,7 +102,8 @@ class Hearing:
             self.stop_at, self.stop_reason, self.missed = None, None, None  # none yet, or the run restarted
             return None
         summary = next((a.get("summary") for a in alerts
-                        if a.get("alert") == chosen.get("alert") and a.get("rank") == chosen.get("rank")), None)
+                        if a.get("alert") == chosen.get("alert")
+                        and a.get("rank") in (None, chosen.get("rank"))), None)  # None: a run-level incident
         self.stop_reason = {k: chosen.get(k) for k in ("alert", "step", "first_step", "rank", "severity")}
         self.stop_reason["summary"] = summary
         return int(chosen["step"])

@@ -65,6 +65,7 @@ def build_service_and_app(settings: Settings,
                           load_settings: Callable[[], Settings] | None = None) -> tuple[Service, FastAPI]:
     service, alerts_out = build_service(settings, load_settings=load_settings)
     attach_checkpoint(service)  # after the store put its open alerts back: the replay reconciles with them
+    service.watch.resume(list(service.book.open.values()))  # stops for what is still open after a restart
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out),
                                              page_hook(service)]
     return service, create_app(service, hooks)

@@ -155,7 +155,7 @@ class AlertsOut:
         self.save_refreshed()
 
     def save_refreshed(self) -> None:
-        if not self._refreshed:
+        if not self._refreshed or self.unwritten:  # a held firing is written first (its row must exist)
             return
         try:
             self.store.refresh(list(self._refreshed.values()))

@@ -42,7 +42,9 @@ def test_quiet_runs_get_no_view_in_the_ingest_answer():
     service = make()
     status, body = send(service, *steps("quiet", range(2), 1, 20))
     assert status == 200 and "runs" not in body
-    assert service.watch.view("quiet") == {"version": 0, "stops": {}, "alerts": [], "alerts_total": 0}
+    # versions start at the sidecar's start (milliseconds): a client's last version from before a restart is older
+    epoch = service.watch.epoch
+    assert service.watch.view("quiet") == {"version": epoch, "stops": {}, "alerts": [], "alerts_total": 0}
 
 
 @pytest.mark.parametrize(("period", "lead"), [(0.05, 2), (0.03, 4), (0.5, 2), (0.001, 100)])
@@ -87,6 +89,40 @@ def test_a_restart_forgets_the_stops():
     assert service.watch.view("r")["stops"]
     send(service, {"type": "start", "run": "r", "rank": 0, "time": T0 + 10, "world_size": 2})
     assert service.watch.view("r")["stops"] == {}
+
+
+def test_a_restart_whose_start_comes_in_the_same_batch_as_its_samples_forgets_the_stops():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    assert service.watch.view("r")["stops"]
+    restarted = {"type": "start", "run": "r", "rank": 0, "time": T0 + 10, "world_size": 2}
+    send(service, restarted, *[{"run": "r", "rank": 0, "time": T0 + 10 + s * 0.05, "step": s, "loss": 1.0}
+                               for s in range(1, 4)])  # one batch: the client flushes start and samples together
+    assert service.watch.view("r")["stops"] == {}
+
+
+def test_a_run_the_pipeline_forgot_starts_again_without_its_stops():
+    service = make()
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    assert service.watch.view("r")["stops"]
+    service.pipeline.forget("r", "expired")
+    send(service, *[{"run": "r", "rank": r, "time": T0 + 100 + s, "step": s, "loss": 1.0}
+                    for s in range(1, 4) for r in range(2)])
+    assert service.watch.view("r")["stops"] == {}
+
+
+def test_after_a_sidecar_restart_open_alerts_get_a_stop_again_under_a_newer_version():
+    before = make()
+    send(before, *steps("r", range(2), 1, 29))
+    send(before, nan("r", 1, 30))
+    old = before.watch.view("r")
+    after = Service(Settings(), clock=lambda: T0 + 3600)
+    after.watch.epoch = old["version"] + 1000  # a later start of the process
+    after.watch.resume(list(before.book.open.values()))  # what the store put back into the book
+    view = after.watch.view("r")
+    assert view["version"] > old["version"] and view["stops"]["nan_divergence"]["first_step"] == 30
 
 
 # -- the long poll --------------------------------------------------------------------------------------
