@@ -189,8 +189,9 @@ def test_every_detectors_state_pickles_after_a_trace() -> None:
 
 
 def test_lost_transitions_sends_the_stored_episodes_resolve_then_the_new_firing() -> None:
-    def alert(state: str, time: float) -> Alert:
-        return {"alert": "a", "state": state, "run": "r", "rank": 0, "time": time}
+    def alert(state: str, time: float, started_at: float | None = None) -> Alert:
+        return {"alert": "a", "state": state, "run": "r", "rank": 0, "time": time,
+                "started_at": time if started_at is None else started_at}
 
     stored = alert("firing", 1.0)
     before = {("r", 0, "a"): stored}
@@ -198,6 +199,17 @@ def test_lost_transitions_sends_the_stored_episodes_resolve_then_the_new_firing(
     assert lost_transitions(before, {("r", 0, "a"): f3}, [r1, f2, r2, f3]) == [r1, f3]
     assert lost_transitions(before, dict(before), [alert("firing", 2.0)]) == []
     assert lost_transitions({}, {}, [f2, r2]) == []
+
+
+def test_an_episode_that_fired_resolved_and_fired_again_in_the_replay_is_not_sent_again() -> None:
+    # the store holds the latest episode (fired at 3.0) open; the snapshot is older: the replay sees the earlier
+    # episode fire (absorbed: the key is open), resolve (closes the stored one in the book) and re-fire at 3.0
+    def alert(state: str, time: float, started_at: float) -> Alert:
+        return {"alert": "a", "state": state, "run": "r", "rank": 0, "time": time, "started_at": started_at}
+
+    stored = alert("firing", 3.0, 3.0)
+    resolve, refire = alert("resolved", 2.0, 1.0), alert("firing", 3.0, 3.0)
+    assert lost_transitions({("r", 0, "a"): stored}, {("r", 0, "a"): refire}, [resolve, refire]) == []
 
 
 def test_records_keep_nan_through_the_journal(tmp_path: Path) -> None:
