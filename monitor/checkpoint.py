@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 import msgspec
 
 from .alerts import Alert, Key
+from .health import Fault
 from .pipeline import Pipeline
 from .record import Record
 
@@ -107,6 +108,7 @@ class Checkpoint:
         self.db.executescript(SCHEMA)
         self.code = code_version()
         self.errors = 0  # journal or snapshot writes that failed (the next snapshot makes up for them)
+        self.fault = Fault("state")  # /healthz 503 and trainhealth_state_errors_total while writes fail
         self.dirty = False
         self.cost = 0.0  # seconds the last snapshot held the event loop
 
@@ -128,6 +130,8 @@ class Checkpoint:
                             (wall, judge_after if math.isfinite(judge_after) else None, blob))
         except (sqlite3.Error, OverflowError) as exc:  # never break ingest; the next snapshot covers it
             self._failed("journal", exc)
+        else:
+            self.fault.ok()
 
     def snapshot(self, pipeline: Pipeline, now: float) -> None:
         """The whole pipeline state in one row; the journal it covers goes in the same transaction."""
@@ -146,6 +150,7 @@ class Checkpoint:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            self.fault.ok()
         except (sqlite3.Error, pickle.PicklingError, TypeError, AttributeError) as exc:
             self._failed("snapshot", exc)
             self._bound_journal()
@@ -167,9 +172,10 @@ class Checkpoint:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.errors += 1
-        if self.errors <= 10 or self.errors % 1000 == 0:
-            log.warning("state %s: cannot write to %s (%s; %d failures): after a restart the detectors "
-                        "may not resume exactly where they were", what, self.path, exc, self.errors)
+        if self.fault.failing is None:
+            log.warning("state %s: cannot write to %s: after a restart the detectors may not resume exactly "
+                        "where they were", what, self.path)
+        self.fault.failed(what, exc)  # rate-limited: the first failure, then one a minute with a count
 
     def runner(self, pipeline: Pipeline, clock: Callable[[], float]) -> Callable[[], Coroutine[Any, Any, None]]:
         async def run() -> None:
@@ -261,6 +267,7 @@ def attach_checkpoint(service: Service) -> Checkpoint:
         checkpoint = Checkpoint(server.db, server.state_snapshot_seconds)
     except sqlite3.Error as exc:
         raise ConfigError(f"db: cannot keep the detectors' state in {server.db!r}: {exc}") from None
+    service.faults.append(checkpoint.fault)
     unsent = checkpoint.restore(service.pipeline, service.pauses.now())
     if service.pipeline.runs:  # the clients retry what the stop refused: read it before any verdict
         service.pauses.hold(MAX_GRACE_SECONDS)

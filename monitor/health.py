@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WRITE_ERROR_NAMES = ("trainhealth_store_errors_total", "trainhealth_recorder_errors_total")  # always exported
+WRITE_ERROR_NAMES = ("trainhealth_store_errors_total", "trainhealth_recorder_errors_total",
+                     "trainhealth_state_errors_total")  # always exported
 UNDELIVERED_NAMES = ("trainhealth_webhook_undelivered",)  # samples only with a delivery target
 
 
@@ -64,7 +65,7 @@ class HealthCollector:
     0 without a recorder) and ``trainhealth_webhook_undelivered{target}`` (notifications kept undelivered
     until redelivered) from the delivery stats of any source that has them. Reads in-memory counters only."""
 
-    NAMES = ("store", "recorder")
+    NAMES = ("store", "recorder", "state")  # state: the detectors' snapshot and journal (checkpoint.py)
 
     def __init__(self, faults: Sequence[Fault], sources: Sequence[object] = ()) -> None:
         self.faults = faults

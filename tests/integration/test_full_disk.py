@@ -68,7 +68,7 @@ def test_full_disk_holds_the_alert_answers_503_and_delivers_it_once_after(start_
     health = sc.client.get("/healthz")
     assert health.status_code == 503
     failing = health.json()["failing"]
-    assert set(failing) == {"store", "recorder"}
+    assert set(failing) == {"store", "recorder", "state"}  # state: the detectors' journal in the same db
     assert "disk" in failing["store"] and "File too large" in failing["recorder"]  # SQLite: "disk I/O error"
     assert metric(sc, "trainhealth_store_errors_total") >= 1
     assert metric(sc, "trainhealth_recorder_errors_total") >= 20

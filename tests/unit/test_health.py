@@ -47,4 +47,5 @@ def test_error_counters_are_exported_even_without_a_recorder() -> None:
     store = Fault("store")
     store.failed("x", OSError("full"))
     samples = {s.name: s.value for fam in HealthCollector([store]).collect() for s in fam.samples}
-    assert samples == {"trainhealth_store_errors_total": 1.0, "trainhealth_recorder_errors_total": 0.0}
+    assert samples == {"trainhealth_store_errors_total": 1.0, "trainhealth_recorder_errors_total": 0.0,
+                       "trainhealth_state_errors_total": 0.0}
