@@ -261,7 +261,8 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         if len(roots) == 1:
             head = f"{what} at step {first_step} on rank {first_rank}"
         else:
-            head = f"{what} at step {first_step} on {ranks_phrase(roots)} (each on its own)"
+            together = "together: the all-reduced gradients" if self.shared else "each on its own"
+            head = f"{what} at step {first_step} on {ranks_phrase(roots)} ({together})"
         if first_own == 0:
             head += " (its own loss)" if len(roots) == 1 else ""
             their = "its" if len(roots) == 1 else "their"

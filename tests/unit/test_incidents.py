@@ -468,3 +468,13 @@ def test_records_measured_before_a_crash_arriving_after_its_end_do_not_revive_th
     assert alerts[0]["summary"].startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same "
                                            "moment (node down or network partition); ranks 0-1 on node-a failed "
                                            "after them with a collective error")
+
+
+def test_an_all_reduced_gradient_overflow_on_every_rank_is_said_to_be_one_not_each_on_its_own():
+    # DDP (equal grad norms), the LR too high: every rank's grad norm turns inf at step 15 with finite losses
+    records = [sample(q, s, T0 + s + 0.001 * q, 2.0 - 0.01 * s, math.inf if s >= 15 else 1.0 + 0.001 * s)
+               for s in range(1, 20) for q in range(4)]
+    _, now, _ = nan_picture(records)
+    assert now["shared_gradients"] is True and now["cause"] == "nonfinite_grad_norm"
+    assert "on ranks 0-3 (together: the all-reduced gradients)" in now["summary"]
+    assert "each on its own" not in now["summary"]
