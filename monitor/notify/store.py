@@ -238,26 +238,14 @@ class Store:
                      cursor: int | None = None, delivery: str | None = None) -> dict[str, Any]:
         """History, newest first. ``state=firing``: alerts open now. ``delivery``: alerts with a notification
         in that state (``undelivered``: the ones to redeliver). Page on with ``next_cursor``."""
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("a.run", run), ("a.alert", alert)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if state == "firing":
-            where.append("a.open = 1")
-        elif state is not None:
-            where.append("a.state = ?")
-            args.append(state)
-        if since is not None:
-            where.append("a.time >= ?")
-            args.append(since)
-        if cursor is not None:
-            where.append("a.id < ?")
-            args.append(cursor)
-        if delivery is not None:
-            where.append("a.id IN (SELECT alert_id FROM deliveries WHERE state = ?)")
-            args.append(delivery)
+        conditions: list[tuple[str, Any]] = [
+            ("a.run = ?", run), ("a.alert = ?", alert),
+            ("a.open = ?", 1) if state == "firing" else ("a.state = ?", state),  # firing: open now
+            ("a.time >= ?", since), ("a.id < ?", cursor),
+            ("a.id IN (SELECT alert_id FROM deliveries WHERE state = ?)", delivery),
+        ]
+        where = [clause for clause, value in conditions if value is not None]
+        args = [value for _, value in conditions if value is not None]
         sql = self._SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY a.id DESC LIMIT ?"
         rows = self.db.execute(sql, (*args, limit + 1)).fetchall()
