@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 from websockets.sync.client import connect
 
+from tests.conftest import stop_process
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-port=0"]
@@ -138,12 +140,6 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(Exception):  # the socket may be gone with the process
             self.stack.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stderr:
             self.proc.stderr.close()

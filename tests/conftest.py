@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -33,6 +33,17 @@ def need_binary(name: str) -> str:
             pytest.fail(f"{name} is required in CI (CI=true) but is not installed")
         pytest.skip(f"{name} not installed")
     return path
+
+
+def stop_process(proc: subprocess.Popen[Any], kill: bool = False, timeout: float = 10) -> None:
+    """SIGTERM (or SIGKILL) a child still running, SIGKILL it after ``timeout`` s, and reap it."""
+    if proc.poll() is None:
+        proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Sidecar:
@@ -81,13 +92,7 @@ class Sidecar:
 
     def stop(self, kill: bool = False) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.kill() if kill else self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, kill)
         self._drain.join(10)
         if self.proc.stderr:
             self.proc.stderr.close()
@@ -95,11 +100,20 @@ class Sidecar:
 
 @pytest.fixture
 def start_sidecar(tmp_path: Path) -> Iterator:
-    """Factory: start_sidecar(*args, env=...) -> Sidecar; all are stopped at teardown."""
+    """Factory: start_sidecar(*args, env=..., config=TOML text, record=True) -> Sidecar; all are stopped at
+    teardown. ``config`` is written to a file for ``--config``; ``record`` turns the flight recorder on in
+    ``tmp_path / "records"``."""
     started: list[Sidecar] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, db: bool = True) -> Sidecar:
+    def start(*args: str, env: dict[str, str] | None = None, db: bool = True, config: str | None = None,
+              record: bool = False) -> Sidecar:
         extra = ["--db", str(tmp_path / f"trainhealth{len(started)}.db")] if db else []
+        if config is not None:
+            path = tmp_path / f"trainhealth{len(started)}.toml"
+            path.write_text(config)
+            extra += ["--config", str(path)]
+        if record:
+            extra += ["--record", str(tmp_path / "records")]
         sidecar = Sidecar([*extra, *args], env=env, cwd=tmp_path)
         started.append(sidecar)
         return sidecar

@@ -131,11 +131,9 @@ class Job:
 
 
 @pytest.fixture
-def sidecar(start_sidecar, tmp_path: Path) -> Sidecar:
+def sidecar(start_sidecar) -> Sidecar:
     """The real sidecar with CONFIG's thresholds and the flight recorder on (tests read what it got)."""
-    config = tmp_path / "trainhealth.toml"
-    config.write_text(CONFIG)
-    return start_sidecar("--config", str(config), "--record", str(tmp_path / "records"))
+    return start_sidecar(config=CONFIG, record=True)
 
 
 @pytest.fixture

@@ -88,9 +88,7 @@ class Node:
 
 
 def test_a_node_down_is_one_incident_naming_the_host(start_sidecar, tmp_path: Path) -> None:
-    config = tmp_path / "trainhealth.toml"
-    config.write_text(CONFIG)
-    sidecar = start_sidecar("--config", str(config), "--record", str(tmp_path / "records"))
+    sidecar = start_sidecar(config=CONFIG, record=True)
     run = f"node-down-{uuid.uuid4().hex[:8]}"
     port = free_port()
     nodes = [Node(host, i, port, run, sidecar, tmp_path / f"{host}.log")

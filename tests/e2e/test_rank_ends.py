@@ -96,10 +96,8 @@ class Launch:
 
 
 @pytest.fixture
-def sidecar(start_sidecar, tmp_path: Path) -> Sidecar:
-    config = tmp_path / "trainhealth.toml"
-    config.write_text(CONFIG)
-    return start_sidecar("--config", str(config), "--record", str(tmp_path / "records"))
+def sidecar(start_sidecar) -> Sidecar:
+    return start_sidecar(config=CONFIG, record=True)
 
 
 @pytest.fixture

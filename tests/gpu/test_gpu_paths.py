@@ -114,9 +114,7 @@ horizon_seconds = 120.0
 
 
 def test_gpu_leak_raises_gpu_oom_risk_before_gpu_oom_at_the_sidecar(start_sidecar, tmp_path: Path) -> None:
-    config = tmp_path / "gpu.toml"
-    config.write_text(GPU_CONFIG)
-    sidecar = start_sidecar("--config", str(config))
+    sidecar = start_sidecar(config=GPU_CONFIG)
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     leak_mb = max(64, int(total_gb * 1024 / 400))  # ~400 steps (~40 s at 0.1 s) from empty to full
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}

@@ -138,3 +138,12 @@ def config(tmp_path: Path, text: str) -> str:
     path = tmp_path / "trainhealth.toml"
     path.write_text(text)
     return str(path)
+
+
+def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> None:
+    """Poll ``predicate`` every 50 ms until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -17,21 +17,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from .alerting import Receiver, ingest, nan_records
+from .alerting import Receiver, ingest, nan_records, until
 from .test_config_reload import StderrLines
 
 
 def disk_full(pid: int, full: bool) -> None:
     _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 if full else hard, hard))
-
-
-def until(predicate: Any, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def metric(sc: Any, name: str) -> float:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from trainhealth.metrics.collector import WEBHOOK_NAMES, exported_names
 
-from tests.conftest import Sidecar, need_binary
+from tests.conftest import Sidecar, need_binary, stop_process
 from tests.promql import RULES, all_expressions, metric_names, substitute
 
 pytestmark = pytest.mark.integration
@@ -79,12 +79,7 @@ class Prometheus:
 
     def stop(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

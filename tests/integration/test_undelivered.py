@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from ..conftest import ROOT
-from .alerting import Receiver, ingest, nan_records
+from .alerting import Receiver, ingest, nan_records, until
 
 
 @pytest.fixture
@@ -34,14 +34,6 @@ def delivery(sc: Any, run: str) -> dict[str, Any]:
     (alert,) = sc.client.get("/v1/alerts", params={"run": run}).json()["alerts"]
     (d,) = alert["delivery"]
     return {"id": alert["id"], **d}
-
-
-def until(predicate: Any, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_a_404_keeps_alerts_undelivered_until_redelivered_once_each(start_sidecar, receiver,
@@ -87,10 +79,8 @@ def test_a_404_keeps_alerts_undelivered_until_redelivered_once_each(start_sideca
     assert r.status_code == 404 and name in r.json()["error"]
 
 
-def test_a_500_is_retried_not_given_up(start_sidecar, receiver, tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(f'[[webhooks]]\nurl = "{receiver.url}/hook"\nbackoff_initial = 0.1\nbackoff_max = 0.2\n')
-    sc = start_sidecar("--config", str(config))
+def test_a_500_is_retried_not_given_up(start_sidecar, receiver) -> None:
+    sc = start_sidecar(config=f'[[webhooks]]\nurl = "{receiver.url}/hook"\nbackoff_initial = 0.1\nbackoff_max = 0.2\n')
     receiver.status = 500
     ingest(sc, nan_records("a", [0]))
     until(lambda: len(receiver.deliveries()) >= 3, what="retries")
@@ -101,12 +91,9 @@ def test_a_500_is_retried_not_given_up(start_sidecar, receiver, tmp_path: Path) 
     assert len(keys) == 1  # one notification, retried under one idempotency key
 
 
-def test_a_hung_receiver_times_out_and_the_alert_is_delivered_under_one_key(start_sidecar, receiver,
-                                                                            tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(f'[[webhooks]]\nurl = "{receiver.url}/hook"\ntimeout = 0.3\nbackoff_initial = 0.1\n'
-                      'backoff_max = 0.2\n')
-    sc = start_sidecar("--config", str(config))
+def test_a_hung_receiver_times_out_and_the_alert_is_delivered_under_one_key(start_sidecar, receiver) -> None:
+    sc = start_sidecar(config=f'[[webhooks]]\nurl = "{receiver.url}/hook"\ntimeout = 0.3\nbackoff_initial = 0.1\n'
+                              'backoff_max = 0.2\n')
     receiver.hold()  # answers nothing until released
     ingest(sc, nan_records("a", [0]))
     until(lambda: len(receiver.deliveries()) >= 2, what="a retry after the timeout")
