@@ -57,19 +57,15 @@ def state_collector(service: Service, settings: ExporterSettings | None = None,
 
 
 def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
-    """Builds the collector in its own registry (never the global one) and the route over it."""
+    """Builds the collector (rendered by ``render``, never a global registry) and the route over it."""
     latency = LatencyHistogram()
     collector = state_collector(service, exporter_settings(service.settings.raw), latency)
-    registry = CollectorRegistry()
-    registry.register(collector)
-    # the sidecar's own health (store/recorder errors, undelivered notifications): in-memory counters,
-    # written after the pipeline's families
+    # the sidecar's own health (store/recorder/state errors, undelivered notifications): in-memory counters,
+    # in a registry of their own, written after the pipeline's families
     health = CollectorRegistry()
     health.register(HealthCollector(service.faults, service.sinks))
-    registry.register(HealthCollector(service.faults, service.sinks))
 
     def hook(app: FastAPI) -> None:
-        app.state.metrics_registry = registry
         app.add_middleware(IngestTimer, histogram=latency)
 
         @app.get("/metrics")
