@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import msgspec
+
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
@@ -106,6 +108,8 @@ class Pipeline:
                 except CapExceeded as exc:
                     refused.append((i, exc))
                     continue
+            if rec.step is None and rec.type == "end":  # a launcher's end: the rank's last known step
+                rec = msgspec.structs.replace(rec, step=max(0, run.ranks[rec.rank].last_step))
             out = feed(run, rec, wall)
             if out:
                 alerts.extend(out)

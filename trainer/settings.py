@@ -6,6 +6,12 @@ variables are ``TRAINHEALTH_URL``, ``TRAINHEALTH_RUN`` (overrides the run name),
 ``TRAINHEALTH_HEARTBEAT_SECONDS``, ``TRAINHEALTH_FLUSH_SECONDS``, ``TRAINHEALTH_SAMPLE_SECONDS``
 (host PSS and NVML) and ``TRAINHEALTH_HOST`` (the host name the start record carries; default the
 machine's, so one machine can stand for two in a test).
+
+The launch identity every batch carries (``X-Trainhealth-Launch``, docs/record.md): ``launch_id``, made once
+per process (``TRAINHEALTH_LAUNCH_ID`` when trainhealth.launch started the process: the launcher and its
+rank share it), and ``job``: ``TRAINHEALTH_JOB``, else the rendezvous address every rank of one
+torch.distributed job shares (``MASTER_ADDR:MASTER_PORT``; a loopback address is prefixed with the host),
+else the launch id (a job of one process).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ log = logging.getLogger("trainhealth.trainer")
 DEFAULT_URL = "http://127.0.0.1:9464"
 RUN_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _RUN_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+LAUNCH_ID = os.urandom(8).hex()  # this process's launch id (a forked child inherits it, and does not send)
+LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +51,8 @@ class ClientSettings:
     host: str = ""  # the start record's host (groups ranks by machine); "" = socket.gethostname()
     poll_seconds: float = 0.005  # while device values are on their way, look for finished copies this often
     crash_flush_seconds: float = 2.0  # a crash's end record: how long the dying process waits for it to leave
+    launch_id: str = LAUNCH_ID  # this process's launch (X-Trainhealth-Launch)
+    job: str = ""  # the job its ranks share ("" = launch_id)
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -66,6 +76,25 @@ class ClientSettings:
 def sanitize_run(name: str) -> str:
     """A run name the sidecar accepts: invalid characters become '-', at most 128 chars."""
     return _RUN_BAD_CHARS.sub("-", name)[:128] or "local"
+
+
+def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
+    """The job key its ranks share: TRAINHEALTH_JOB, else MASTER_ADDR:MASTER_PORT (the rendezvous of a
+    torch.distributed job; a loopback address is the host's own), else the launch id."""
+    job = env.get("TRAINHEALTH_JOB")
+    if not job:
+        addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+        if addr and port:
+            job = f"{host}/{addr}:{port}" if addr.startswith(LOOPBACK) else f"{addr}:{port}"
+        else:
+            job = launch_id
+    return _RUN_BAD_CHARS.sub("-", job)[:128]
+
+
+def launch_header(s: ClientSettings, pid: int) -> str:
+    """``X-Trainhealth-Launch``: ``id=ID; pid=PID; host=HOST; job=JOB`` (docs/record.md)."""
+    host = _RUN_BAD_CHARS.sub("-", s.host)[:128] or "-"
+    return f"id={s.launch_id}; pid={pid}; host={host}; job={s.job or s.launch_id}"
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -110,6 +139,8 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "sample_seconds": _env_float(env, "TRAINHEALTH_SAMPLE_SECONDS", 5.0),
         "host": env.get("TRAINHEALTH_HOST") or socket.gethostname(),
     }
+    values["launch_id"] = sanitize_run(env.get("TRAINHEALTH_LAUNCH_ID") or LAUNCH_ID)[:64]
+    values["job"] = job_of(env, values["host"], values["launch_id"])
     known = {f.name for f in fields(ClientSettings)}
     for key, value in overrides.items():
         if key not in known:
