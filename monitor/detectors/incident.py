@@ -169,7 +169,9 @@ def last_words(tail: str | None) -> str:
     for i in range(len(lines) - 1, -1, -1):
         m = _FATAL.search(lines[i])
         if m:
-            frame = next((f.group(0) for x in lines[i + 1:] if (f := _FRAME.search(x))), "")
+            after = lines[i + 1:]
+            current = next((j for j, x in enumerate(after) if x.startswith("Current thread")), 0)
+            frame = next((f.group(0) for x in after[current:] if (f := _FRAME.search(x))), "")
             return (m.group(0) + (f" ({frame})" if frame else ""))[:WORDS_CHARS]
     last = next((x for x in reversed(lines) if x), "")
     return last[:WORDS_CHARS]

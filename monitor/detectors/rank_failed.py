@@ -112,6 +112,11 @@ class RankFailed(Detector[RankFailedSettings]):
                 return []  # gpu_oom's incident, with the allocator summary
             if _launcher_says(record) and error is None and record.rank in self.clean:
                 return []  # it ended cleanly, then exited with a code of its own choosing (a stop: exit 3)
+            had = self.failures.get(record.rank)
+            if had is not None and _dead(had) and _launcher_says(record):  # a process dies once: a new one died
+                out = self._restart(record, f"rank {record.rank} ran again and died again: a new incident")
+                self._fail(record)
+                return out + self._judge(record.time)
             self._fail(record)
         else:
             self.clean.add(record.rank)
