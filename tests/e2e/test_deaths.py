@@ -174,3 +174,68 @@ def test_each_death_is_named_within_seconds_with_its_cause(start_sidecar, tmp_pa
     assert seen == [("rank_failed", "firing"), ("rank_failed", "resolved")] * (n - 1) + [("rank_failed", "firing")], \
         seen
     assert psutil.Process(procs[0].pid).is_running() and procs[0].poll() is None
+
+
+LOOP = str(ROOT / "tests" / "e2e" / "loop_worker.py")
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["under-trainhealth.launch", "bare"])
+def test_a_ddp_rank_killed_is_named_within_seconds(start_sidecar, tmp_path, procs, watched):
+    """torchrun, 2 ranks of a DDP loop on gloo; rank 1 is SIGKILLed. Under the launcher: rank_failed says
+    SIGKILL. Bare: rank 0's collective fails ("Connection closed by peer") and rank 1, quiet since before it,
+    is named by rank_stalled as exited without an end record, at once rather than after the silence limit."""
+    pytest.importorskip("torch")
+    sidecar = start_sidecar()
+    run = f"ddp-kill-{uuid.uuid4().hex[:8]}"
+    env = env_for(sidecar, run, 0)
+    del env["RANK"], env["WORLD_SIZE"]
+    env["OMP_NUM_THREADS"] = "1"
+    target = ["-m", "trainhealth.launch", sys.executable, LOOP] if watched else [LOOP]
+    with open(tmp_path / "torchrun.log", "wb") as log:
+        torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", *target, "--out", str(tmp_path), "--steps", "100000", "--step-sleep", "0.05"],
+                                    env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(torchrun)
+    status = lambda: sidecar.client.get(f"/v1/runs/{run}").json()  # noqa: E731
+
+    def trains() -> bool:
+        assert torchrun.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
+        got = sidecar.client.get(f"/v1/runs/{run}")
+        return got.status_code == 200 and (status().get("min_step") or 0) >= 5
+
+    try:
+        until(trains, 90, "both ranks to train")
+
+        def rank1() -> psutil.Process | None:
+            for p in psutil.Process(torchrun.pid).children(recursive=True):
+                try:
+                    line = p.cmdline()
+                    if p.environ().get("RANK") == "1" and LOOP in line and "trainhealth.launch" not in line:
+                        return p
+                except psutil.Error:
+                    pass
+            return None
+
+        victim = until(rank1, 10, "rank 1's process")
+        killed = time.time()
+        victim.kill()
+        fired = until(lambda: [a for a in alerts(sidecar, run) if a["state"] == "firing"], 30, "an alert")[0]
+        delay = time.time() - killed
+        print(f"named after {delay:.2f} s: {fired['summary']}")
+        assert delay < NAMED_WITHIN, (delay, fired)
+        assert fired["first_rank"] == 1 and fired["root_ranks"] == [1], fired
+        if watched:
+            assert (fired["alert"], fired["cause"], fired["signal"]) == ("rank_failed", "signal", "SIGKILL"), fired
+            assert "killed by SIGKILL" in fired["summary"]
+        else:
+            assert (fired["alert"], fired["reason"]) == ("rank_stalled", "silent"), fired
+            assert fired["summary"].startswith("rank 1 exited without an end record after step"), fired["summary"]
+            assert "rank 0 failed after it with a collective error" in fired["summary"], fired["summary"]
+        until(lambda: torchrun.poll() is not None or all(r["ended"] for r in status()["rank_states"]), 60,
+              "rank 0's end")
+        time.sleep(1.5)  # the timer's ticks: still the one incident
+        assert [(a["alert"], a["state"]) for a in alerts(sidecar, run) if a["state"] == "firing"] == \
+            [(fired["alert"], "firing")], alerts(sidecar, run)
+    finally:
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
