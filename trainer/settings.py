@@ -28,6 +28,7 @@ log = logging.getLogger("trainhealth.trainer")
 DEFAULT_URL = "http://127.0.0.1:9464"
 RUN_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _RUN_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+_JOB_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:/-]")  # X-Trainhealth-Launch's values
 LAUNCH_ID = os.urandom(8).hex()  # this process's launch id (a forked child inherits it, and does not send)
 LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
 
@@ -88,7 +89,7 @@ def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
             job = f"{host}/{addr}:{port}" if addr.startswith(LOOPBACK) else f"{addr}:{port}"
         else:
             job = launch_id
-    return _RUN_BAD_CHARS.sub("-", job)[:128]
+    return _JOB_BAD_CHARS.sub("-", job)[:160]
 
 
 def launch_header(s: ClientSettings, pid: int) -> str:

@@ -100,7 +100,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
             chunks.append(chunk)
         headers = request.headers
         answer = service.ingest(b"".join(chunks), headers.get("content-type"), headers.get("content-encoding"),
-                                headers.get("x-trainhealth-batch"), headers.get("x-trainhealth-views") == "1")
+                                headers.get("x-trainhealth-batch"), headers.get("x-trainhealth-views") == "1",
+                                headers.get("x-trainhealth-launch"))
         return JSON(answer.body, answer.status)
 
     @app.get("/v1/runs")

@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--after", type=int, default=5, help="die after this many steps")
     ap.add_argument("--steps", type=int, default=10**9)
     ap.add_argument("--step-sleep", type=float, default=0.05)
+    ap.add_argument("--loss", type=float, default=1.0, help="the loss curve's scale (two jobs, two curves)")
     args = ap.parse_args()
     with open(os.path.join(args.out, "pid"), "w") as f:
         f.write(str(os.getpid()))
@@ -43,7 +44,7 @@ def main() -> int:
     hoard = []
     for step in range(1, args.steps + 1):
         time.sleep(args.step_sleep)
-        tm.record(step, loss=1.0 / step, lr=0.01)
+        tm.record(step, loss=args.loss * (1.0 + 1.0 / step), lr=0.01)
         if step == args.after and args.die not in ("wait", "none"):
             tm.flush(5.0)  # what it measured is in: the death is the only thing left to learn
             with open(os.path.join(args.out, "dying"), "w") as f:
