@@ -163,7 +163,8 @@ class RankFailed(Detector[RankFailedSettings]):
         root = min(own or self.failures.values(), key=lambda f: (f.time, f.rank))
         waiting = sorted(q for q in others if states[q].last_step <= root.step)
         moving = sorted(q for q in others if states[q].last_step > root.step)
-        signature = (frozenset(self.failures), root.rank, root.quoted, tuple(waiting), tuple(moving))
+        signature = (frozenset(self.failures), root.rank, root.quoted, root.signal, root.exit_code, tuple(waiting),
+                     tuple(moving))
         if self.open and signature == self.signature:
             return []
         self.signature = signature
@@ -183,10 +184,15 @@ class RankFailed(Detector[RankFailedSettings]):
         later = sorted(q for q, f in self.failures.items() if q != root.rank and not f.peer)
         if later:
             summary += f"; {ranks_phrase(later)} failed too ({self.failures[later[0]].quoted})"
-        consequences = sorted(q for q, f in self.failures.items() if q != root.rank and f.peer)
+        consequences = sorted(q for q, f in self.failures.items()
+                              if q != root.rank and f.peer and f.cause != "stopped")
         if consequences:
             summary += (f"; {where(self.run, consequences)} failed after it with a collective error "
                         f"({self.failures[consequences[0]].quoted})")
+        stopped = sorted(q for q, f in self.failures.items() if q != root.rank and f.cause == "stopped")
+        if stopped:
+            summary += (f"; {where(self.run, stopped)} {'was' if len(stopped) == 1 else 'were'} stopped after it "
+                        f"by {'its' if len(stopped) == 1 else 'their'} launcher")
         if moving:
             summary += f"; {where(self.run, moving)} still finish{'es' if len(moving) == 1 else ''} steps"
         error = root.error
