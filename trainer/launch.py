@@ -5,14 +5,15 @@
 
 The watcher starts the command as its child and stays beside it: the child's stdout is its own, its
 stderr passes through the watcher (written on at once, the last lines kept), the signals the watcher
-gets (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2) are passed on, and the child dies with the watcher
-(PR_SET_PDEATHSIG). When the child exits non-zero or is killed by a signal, the watcher sends the rank's
-``end`` on its behalf within milliseconds: status "failed", ``exit_code`` or ``signal``, ``stderr_tail``
-(the runtime's last words: "terminate called after throwing an instance of 'c10::DistBackendError'",
-faulthandler's Python stack after a segfault), ``oom_killed`` when its cgroup's OOM-kill count rose
-while it ran, with the cgroup's peak usage and limit. A clean exit (code 0) sends nothing: the client's
-own ``end`` says it. Then the watcher exits as the child did (the same code, or the same signal), so
-torchrun sees what it would have seen.
+gets (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2) are passed on (the child has a process group of its
+own, so a signal to the watcher's group reaches it once; it should not read the terminal), and the
+child dies with the watcher (PR_SET_PDEATHSIG). When the child exits non-zero or is killed by a
+signal, the watcher sends the rank's ``end`` on its behalf within milliseconds: status "failed",
+``exit_code`` or ``signal``, ``stderr_tail`` (the runtime's last words: "terminate called after
+throwing an instance of 'c10::DistBackendError'", faulthandler's Python stack after a segfault),
+``oom_killed`` when its cgroup's OOM-kill count rose while it ran, with the cgroup's peak usage and
+limit. A clean exit (code 0) sends nothing: the client's own ``end`` says it. Then the watcher exits
+as the child did (the same code, or the same signal), so torchrun sees what it would have seen.
 
 Run name, rank, sidecar URL and token come from the environment as for the client (settings.py); the
 child gets ``TRAINHEALTH_LAUNCH_ID`` (its batches carry the watcher's launch id, so the sidecar knows both
@@ -199,7 +200,10 @@ class Watcher:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the watcher dies (Linux), so no rank outlives its watcher."""
+    """In the child, before exec: its own process group (a signal sent to the watcher's group, torchrun's
+    killpg or Ctrl-C, reaches it once: passed on by the watcher), and SIGKILL when the watcher dies (Linux),
+    so no rank outlives its watcher."""
+    os.setpgid(0, 0)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux

@@ -160,6 +160,8 @@ class RankFailed(Detector[RankFailedSettings]):
         moving_on = bool(others) and all(states[q].last_step > (first.steps_then or {}).get(q, -1) for q in others)
         if not own and not everyone_ended and not moving_on:
             return []  # consequences only, while other ranks live and wait: rank_stalled names the silent root
+        if not own and all(f.cause == "stopped" for f in self.failures.values()):
+            return []  # the job was stopped from outside (scancel, a time limit): no failure of its own
         root = min(own or self.failures.values(), key=lambda f: (f.time, f.rank))
         waiting = sorted(q for q in others if states[q].last_step <= root.step)
         moving = sorted(q for q in others if states[q].last_step > root.step)

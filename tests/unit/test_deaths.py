@@ -103,6 +103,14 @@ def test_ranks_stopped_by_their_launcher_after_a_death_are_its_consequence():
     assert now["summary"].endswith("; ranks 0-1 were stopped after it by their launcher"), now["summary"]
 
 
+def test_a_job_stopped_from_outside_is_no_failure():
+    # scancel or a time limit: the scheduler's SIGTERM reaches every rank's launcher, which passes it on
+    job = ddp_job(ranks=2, steps=100, last_step={0: 20, 1: 20}, silent_at={0: T0 + 15.2, 1: T0 + 15.2},
+                  until=T0 + 15.2)
+    stops = [end(q, T0 + 15.3, signal="SIGTERM", signal_forwarded=True) for q in (0, 1)]
+    assert everything(job.records + stops, T0 + 600) == []
+
+
 def test_an_abort_after_a_collective_timeout_while_the_others_train_on_is_named():
     # the watchdog's text says a collective broke, but rank 0 goes on finishing steps: nothing else explains it
     job = ddp_job(ranks=2, steps=60, last_step={1: 20}, silent_at={1: T0 + 15.2}, until=T0 + 40)
