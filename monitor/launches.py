@@ -3,8 +3,8 @@
 The client names the sender of every batch: ``id=LAUNCH; pid=PID; host=HOST; job=JOB`` (docs/record.md):
 a launch id made once per process (trainhealth.launch hands its own to the rank it starts), the rank
 process's pid and host, and the job its ranks share (the rendezvous address ``MASTER_ADDR:MASTER_PORT``
-of a torch.distributed job, ``TRAINHEALTH_JOB``, or the launch id of a job of one process). The sidecar
-learns each rank's host and pid from it without a ``start`` record.
+of a torch.distributed job, ``TRAINHEALTH_JOB``, the launch id of a job of one process, or "-": not
+known). The sidecar learns each rank's host and pid from it without a ``start`` record.
 
 Two jobs under one run name never share state (torchrun's static rendezvous without ``--rdzv-id`` names
 every job "none"): the first job to send owns the name, and records of another job for it are refused
@@ -12,7 +12,7 @@ with one line that says why (ingest answer 409, the sidecar's console, an info a
 on the run). The name passes to the next job once its owner is done: every rank ended, or nothing from
 the owner for ``TAKEOVER_SECONDS`` (a restarted job whose rendezvous port changed, a new job after a
 killed one); the old job's state is forgotten then (its alerts resolve), the new job starts fresh.
-Records without the header (older clients, replay) are taken as before.
+Records without the header (older clients, replay), or of a job not known ("-"), are taken as before.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 HEADER = "x-trainhealth-launch"
+UNKNOWN = "-"  # a job the client could not name (several ranks, no MASTER_ADDR/PORT): never judged
 TAKEOVER_SECONDS = 30.0  # an owner quiet this long (heartbeats come every 5 s) gives its run name up
 _VALUE = r"[A-Za-z0-9._:/-]{1,160}"
 _ID = re.compile(rf"\Aid=({_VALUE}); pid=([0-9]{{1,10}}); host=({_VALUE}); job=({_VALUE})\Z")
@@ -80,6 +81,8 @@ class JobOwners:
         """May ``launch`` send for ``run`` now? (True, "") as its owner; (True, why) when the name passes to
         its job now (the caller forgets the old job's state); (False, why) when another job owns it.
         ``ended``: every rank of the run as the sidecar knows it sent ``end``."""
+        if launch.job == UNKNOWN:
+            return True, ""  # ranks started without a rendezvous the client could read: not judged
         owner = self.owners.get(run)
         if owner is None or owner.launch.job == launch.job:
             self._own(run, launch, wall)

@@ -53,7 +53,7 @@ class ClientSettings:
     poll_seconds: float = 0.005  # while device values are on their way, look for finished copies this often
     crash_flush_seconds: float = 2.0  # a crash's end record: how long the dying process waits for it to leave
     launch_id: str = LAUNCH_ID  # this process's launch (X-Trainhealth-Launch)
-    job: str = ""  # the job its ranks share ("" = launch_id)
+    job: str = ""  # the job its ranks share ("" or "-": not known)
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -81,21 +81,24 @@ def sanitize_run(name: str) -> str:
 
 def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
     """The job key its ranks share: TRAINHEALTH_JOB, else MASTER_ADDR:MASTER_PORT (the rendezvous of a
-    torch.distributed job; a loopback address is the host's own), else the launch id."""
+    torch.distributed job; a loopback address is the machine's own: ``host`` is its name), else the
+    launch id for a job of one process, else "-" (not known)."""
     job = env.get("TRAINHEALTH_JOB")
     if not job:
         addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
         if addr and port:
             job = f"{host}/{addr}:{port}" if addr.startswith(LOOPBACK) else f"{addr}:{port}"
+        elif env.get("WORLD_SIZE", "1") in ("", "1"):
+            job = launch_id  # a job of one process
         else:
-            job = launch_id
+            job = "-"  # ranks started some other way: the job is not known (the sidecar does not judge it)
     return _JOB_BAD_CHARS.sub("-", job)[:160]
 
 
 def launch_header(s: ClientSettings, pid: int) -> str:
     """``X-Trainhealth-Launch``: ``id=ID; pid=PID; host=HOST; job=JOB`` (docs/record.md)."""
     host = _RUN_BAD_CHARS.sub("-", s.host)[:128] or "-"
-    return f"id={s.launch_id}; pid={pid}; host={host}; job={s.job or s.launch_id}"
+    return f"id={s.launch_id}; pid={pid}; host={host}; job={s.job or '-'}"
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -141,7 +144,7 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "host": env.get("TRAINHEALTH_HOST") or socket.gethostname(),
     }
     values["launch_id"] = sanitize_run(env.get("TRAINHEALTH_LAUNCH_ID") or LAUNCH_ID)[:64]
-    values["job"] = job_of(env, values["host"], values["launch_id"])
+    values["job"] = job_of(env, socket.gethostname(), values["launch_id"])  # the machine's (not TRAINHEALTH_HOST)
     known = {f.name for f in fields(ClientSettings)}
     for key, value in overrides.items():
         if key not in known:

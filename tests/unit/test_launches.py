@@ -6,6 +6,7 @@ a start record."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -76,10 +77,12 @@ def test_the_name_passes_on_when_its_owner_ended_or_went_quiet_and_the_old_state
     assert send(service, A0, 0, 13, 14)[0] == 200  # the owner went quiet for 30 s: it passes back
 
 
-def test_batches_without_the_header_are_taken_as_before():
+def test_batches_without_the_header_or_of_an_unknown_job_are_taken_as_before():
     service = Service(Settings(), clock=Clock())
     assert send(service, A0, 0, 1, 5)[0] == 200
     assert send(service, None, 0, 6, 9)[0] == 200  # an older client (or a replay): no owner check
+    assert send(service, "id=cc; pid=300; host=node-c; job=-", 1, 6, 9)[0] == 200  # a job not known
+    assert service.pipeline.runs["none"].ranks[1].host == "node-c"  # its host and pid are still learned
 
 
 @pytest.mark.parametrize("bad", ["", "id=a", "id=a; pid=x; host=h; job=j", "id=a; pid=1; host=h h; job=j",
@@ -103,11 +106,13 @@ def test_the_client_names_its_job_as_the_ranks_of_one_job_share_it():
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TRAINHEALTH_HOST": "node-a",
            "TRAINHEALTH_LAUNCH_ID": "abc"}
     s = from_environ(env)
-    assert (s.launch_id, s.job) == ("abc", "node-a/127.0.0.1:29500")
-    assert launch_header(s, 42) == "id=abc; pid=42; host=node-a; job=node-a/127.0.0.1:29500"
-    assert parse(launch_header(s, 42)).job == "node-a/127.0.0.1:29500"
+    machine = socket.gethostname()  # a loopback rendezvous is the machine's, whatever TRAINHEALTH_HOST says
+    assert (s.launch_id, s.job) == ("abc", f"{machine}/127.0.0.1:29500")
+    assert launch_header(s, 42) == f"id=abc; pid=42; host=node-a; job={machine}/127.0.0.1:29500"
+    assert parse(launch_header(s, 42)).job == f"{machine}/127.0.0.1:29500"
     assert job_of({"MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}, "node-b", "x") == "10.0.0.7:29500"
     assert job_of({"TRAINHEALTH_JOB": "sweep 7"}, "node-b", "x") == "sweep-7"
     assert job_of({}, "node-b", "x") == "x"  # a job of one process
+    assert job_of({"WORLD_SIZE": "2"}, "node-b", "x") == "-"  # ranks started by hand: not known, not judged
     assert from_environ({}).launch_id == from_environ({}).launch_id  # one per process
     assert parse(launch_header(ClientSettings(host="my host!"), 1)).host == "my-host-"
