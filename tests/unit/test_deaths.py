@@ -238,3 +238,14 @@ def test_the_cgroup_readers_v1_and_v2(tmp_path: Path):
     assert host_memory.memory_cgroup(cg, tmp_path) == (v2, 2)
     assert (host_memory.oom_kill_count(v2, 2), host_memory.peak_bytes(v2, 2)) == (1, None)  # no memory.peak
     assert host_memory.memory_cgroup(tmp_path / "missing", tmp_path) is None
+
+
+def test_the_report_says_how_each_failed_rank_died():
+    from trainhealth.page.report import RunRecording, ends_html
+
+    run = RunRecording(RUN)
+    run.add(end(0, T0, 3, error=CUDA))
+    run.add(end(1, T0, signal="SIGKILL", oom_killed=True, host_mem_bytes=2.0**30, host_mem_limit_bytes=2.0**30))
+    html = ends_html(run)
+    assert "<li>rank 0: RuntimeError: CUDA error: unspecified launch failure</li>" in html
+    assert "<li>rank 1: killed by the kernel&#x27;s OOM killer at 1.0 GiB of its 1.0 GiB limit (SIGKILL)</li>" in html
