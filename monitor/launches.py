@@ -102,6 +102,16 @@ class JobOwners:
         return False, (f"run {run} is taken by another job ({owner.launch.said()}): give each job its own run "
                        f"name (TRAINHEALTH_RUN, or torchrun --rdzv-id); the records of {launch.said()} are refused")
 
+    def other_job(self, run: str, launch: Launch, wall: float) -> str:
+        """Why ``launch`` belongs to another job than ``run``'s live owner (it must not hear the run's alerts
+        and stops), or "". Changes nothing."""
+        owner = self.owners.get(run)
+        if (owner is None or launch.job == UNKNOWN or owner.launch.job == launch.job
+                or wall - owner.seen > self.takeover_seconds):
+            return ""
+        return (f"run {run} is taken by another job ({owner.launch.said()}): its alerts are not this job's "
+                f"(give each job its own run name: TRAINHEALTH_RUN, or torchrun --rdzv-id)")
+
     def _own(self, run: str, launch: Launch, wall: float) -> None:
         owner = self.owners.get(run)
         if owner is None:

@@ -208,6 +208,17 @@ class Service:
                 body["runs"] = shown
         return IngestAnswer(status, body)
 
+    def other_job(self, run: str, launch: str | None) -> str:
+        """Why a client of ``launch`` may not hear ``run``'s alerts and stops (another job owns the name), or
+        "" (it may; a bad or missing header is not judged here: ingest names it)."""
+        if launch is None:
+            return ""
+        try:
+            origin = launches.parse(launch)
+        except launches.LaunchError:
+            return ""
+        return self.owners.other_job(run, origin, self.pauses.now())
+
     def _claim(self, decoded: Decoded, origin: launches.Launch, wall: float, alerts: list[Alert]) -> int:
         """Two jobs under one run name never share state (launches.py): the records of a run another job
         owns are refused, said once on the console and as an info alert on the run; a run whose owner is

@@ -110,7 +110,7 @@ class Telemetry:
         if start_threads:
             loops = [(self._send_loop, "trainhealth-sender"), (self._heartbeat_loop, "trainhealth-heartbeat")]
             if (stop_on or on_alert is not None) and isinstance(self._sink, HttpSink):
-                self._watcher = Watcher(s.url, s.run, s.token)
+                self._watcher = Watcher(s.url, s.run, s.token, launch=lambda: launch_header(s, os.getpid()))
                 loops.append((self._watch_loop, "trainhealth-watch"))
             for target, name in loops:
                 thread = threading.Thread(target=target, name=name, daemon=True)

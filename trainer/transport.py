@@ -130,10 +130,12 @@ class HttpSink(_Connection):
 class Watcher(_Connection):
     """The long poll of a run's view (``GET /v1/runs/{run}/watch``): firing alerts and stop steps."""
 
-    def __init__(self, url: str, run: str, token: str | None = None, wait: float = 25.0) -> None:
+    def __init__(self, url: str, run: str, token: str | None = None, wait: float = 25.0,
+                 launch: Callable[[], str] | None = None) -> None:
         super().__init__(url, token, wait + 10.0)
         self.wait = wait
         self.path = f"/v1/runs/{quote(run, safe='')}/watch"
+        self.launch = launch  # who asks: a client of another job than the run's hears nothing
 
     def abort(self) -> None:
         """From another thread: end a long poll in progress (close() alone does not wake a blocked read)."""
@@ -148,7 +150,8 @@ class Watcher(_Connection):
 
     def poll(self, version: int) -> dict[str, Any] | str:
         """The run's view once its version is not ``version`` (or after the wait); or why not (a string)."""
-        got = self.exchange("GET", f"{self.path}?version={version}&timeout={self.wait:g}")
+        headers = {LAUNCH_HEADER: self.launch()} if self.launch is not None else None
+        got = self.exchange("GET", f"{self.path}?version={version}&timeout={self.wait:g}", headers=headers)
         if isinstance(got, str):
             return got
         status, text, _ = got

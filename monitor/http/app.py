@@ -136,14 +136,18 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
                                                   limit=limit)})
 
     @app.get("/v1/runs/{run}/watch")
-    async def watch(run: str, version: int = Query(-1, ge=-1, le=2**63 - 1),
+    async def watch(request: Request, run: str, version: int = Query(-1, ge=-1, le=2**63 - 1),
                     timeout: float = Query(30.0, ge=0.0, le=60.0)) -> Response:
         """Long poll: the run's view (firing alerts, stop steps; watch.py) as soon as its version is not
-        ``version``, or after ``timeout`` seconds as it is. A run not known yet has version 0."""
+        ``version``, or after ``timeout`` seconds as it is. A run not known yet has version 0. A client
+        of another job than the run's owner (X-Trainhealth-Launch) hears nothing: 409."""
         try:
             check_run(run)
         except RecordError as exc:
             return JSON({"error": str(exc)}, 400)
+        refused = service.other_job(run, request.headers.get("x-trainhealth-launch"))
+        if refused:
+            return JSON({"error": refused}, 409)
         if service.watch.version(run) == version and timeout > 0:
             changed = asyncio.get_running_loop().create_future()
 

@@ -73,6 +73,10 @@ def describe(app: FastAPI) -> None:
                     responses["409"] = {"description": "the run name belongs to another job (X-Trainhealth-Launch): "
                                                        "`error` says which and what to do",
                                         "content": {"application/json": {"schema": INGEST_REFUSED}}}
+                if path == "/v1/runs/{run}/watch":
+                    responses["409"] = {"description": "the run belongs to another job than the asking client's "
+                                                       "(X-Trainhealth-Launch): its alerts are not this job's",
+                                        "content": {"application/json": {"schema": ERROR}}}
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -62,6 +62,17 @@ def test_the_second_job_under_a_taken_name_is_refused_in_one_line_and_no_detecto
     assert [(a["alert"], a["state"]) for a in service.tick()] == [("run_name_taken", "resolved")]
 
 
+def test_a_client_of_the_other_job_does_not_hear_the_runs_alerts_and_stops():
+    clock = Clock()
+    service = Service(Settings(), clock=clock)
+    assert send(service, A0, 0, 1, 5)[0] == 200
+    assert service.other_job("none", A1) == "" and service.other_job("none", None) == ""
+    assert service.other_job("none", B0) == (
+        "run none is taken by another job (job node-a/127.0.0.1:29500 (pid 100 on node-a)): its alerts are not "
+        "this job's (give each job its own run name: TRAINHEALTH_RUN, or torchrun --rdzv-id)")
+    assert service.other_job("other", B0) == ""  # a run nobody owns yet
+
+
 def test_the_name_passes_on_when_its_owner_ended_or_went_quiet_and_the_old_state_is_forgotten():
     clock = Clock()
     service = Service(Settings(), clock=clock)
