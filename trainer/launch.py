@@ -110,10 +110,14 @@ class Watcher:
     def __init__(self, argv: list[str], environ: Mapping[str, str] | None = None, *,
                  sink: Any = None, clock: Callable[[], float] = time.time) -> None:
         env = dict(os.environ if environ is None else environ)
-        self.settings = from_environ(env)
-        s = self.settings
-        env.setdefault("TRAINHEALTH_RUN", s.run)
-        env["TRAINHEALTH_LAUNCH_ID"] = s.launch_id
+        self.settings: ClientSettings | None = None
+        try:
+            self.settings = from_environ(env)
+        except (ValueError, TypeError) as exc:  # the rank runs anyway: the watcher must never stop training
+            log.warning("trainhealth.launch: cannot report this rank's death (%s); running it anyway", exc)
+        if self.settings is not None:
+            env.setdefault("TRAINHEALTH_RUN", self.settings.run)
+            env["TRAINHEALTH_LAUNCH_ID"] = self.settings.launch_id
         env.setdefault("PYTHONFAULTHANDLER", "1")
         self.argv, self.env = argv, env
         self.clock = clock
@@ -171,6 +175,8 @@ class Watcher:
             oom_after = host_memory.oom_kill_count(*self.cgroup)
             peak = host_memory.peak_bytes(*self.cgroup)
             limit = host_memory.cgroup_limit(self_cgroup=f"/proc/{os.getpid()}/cgroup")
+        if self.settings is None:
+            return code
         rec = end_record(self.settings, code, self.tail.text(), forwarded=self.forwarded, now=self.clock(),
                          oom_before=self.oom_before, oom_after=oom_after, peak=peak, limit=limit)
         if rec is not None:
@@ -179,6 +185,7 @@ class Watcher:
 
     def report(self, rec: dict[str, Any]) -> Result:
         s = self.settings
+        assert s is not None
         pid = self.proc.pid if self.proc is not None else os.getpid()
         sink = self._sink
         if sink is None:
