@@ -26,12 +26,13 @@ when a failed rank starts again (a restart), which forgets every failure of the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..events import Event, firing, resolved
 from ..record import ErrorInfo, Record
-from ..state import RunState
+from ..state import RankState, RunState
 from .base import Detector
 from .incident import death, oom_error, ranks_phrase, where
 from .validate import flag
@@ -61,6 +62,12 @@ class _Failure:
     memory: float | None = None  # its cgroup's peak usage and limit (an OOM kill)
     limit: float | None = None
     steps_then: dict[int, int] | None = None  # the other ranks' steps when it failed
+
+
+def _trains_after(state: RankState, f: _Failure) -> bool:
+    """A step finished and measured after the failure (a late sample from before it does not count)."""
+    return (state.last_step > (f.steps_then or {}).get(state.rank, -1)
+            and (state.last_sample_time or -math.inf) > f.time)
 
 
 def _dead(f: _Failure) -> bool:
@@ -157,7 +164,7 @@ class RankFailed(Detector[RankFailedSettings]):
         everyone_ended = all(r.ended or q in self.failures for q, r in states.items())
         others = [q for q in states if q not in self.failures and not states[q].ended]
         first = min(self.failures.values(), key=lambda f: (f.time, f.rank))
-        moving_on = bool(others) and all(states[q].last_step > (first.steps_then or {}).get(q, -1) for q in others)
+        moving_on = bool(others) and all(_trains_after(states[q], first) for q in others)
         if not own and not everyone_ended and not moving_on:
             return []  # consequences only, while other ranks live and wait: rank_stalled names the silent root
         if not own and all(f.cause == "stopped" for f in self.failures.values()):

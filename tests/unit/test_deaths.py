@@ -249,3 +249,13 @@ def test_the_report_says_how_each_failed_rank_died():
     html = ends_html(run)
     assert "<li>rank 0: RuntimeError: CUDA error: unspecified launch failure</li>" in html
     assert "<li>rank 1: killed by the kernel&#x27;s OOM killer at 1.0 GiB of its 1.0 GiB limit (SIGKILL)</li>" in html
+
+
+def test_a_late_sample_from_before_a_collective_error_is_not_training_on():
+    # rank 0's step-21 sample was measured before rank 1's error and arrives after it: rank 0 did not train on
+    job = ddp_job(ranks=2, steps=100, last_step={0: 20, 1: 20}, silent_at={0: T0 + 15.2, 1: T0 + 15.2},
+                  until=T0 + 15.2)
+    late = from_obj({"run": RUN, "rank": 0, "time": T0 + 15.18, "step": 21, "loss": 2.0})
+    recs = sorted(job.records, key=lambda r: r.time) + [end(1, T0 + 15.2, 20, error=PEER), late]
+    alerts = feed(recs, until=T0 + 20.0)
+    assert [a for a in alerts if a["alert"] == FAILED] == []  # a consequence alone: rank_stalled's to name
