@@ -3,8 +3,8 @@
 The client names the sender of every batch: ``id=LAUNCH; pid=PID; host=HOST; job=JOB`` (docs/record.md):
 a launch id made once per process (trainhealth.launch hands its own to the rank it starts), the rank
 process's pid and host, and the job its ranks share (the rendezvous address ``MASTER_ADDR:MASTER_PORT``
-of a torch.distributed job, ``TRAINHEALTH_JOB``, the launch id of a job of one process, or "-": not
-known). The sidecar learns each rank's host and pid from it without a ``start`` record.
+of a torch.distributed job, torchrun's rendezvous id, ``TRAINHEALTH_JOB``, the launch id of a job of one
+process, or "-": not known). The sidecar learns each rank's host and pid from it without a ``start`` record.
 
 Two jobs under one run name never share state (torchrun's static rendezvous without ``--rdzv-id`` names
 every job "none"): the first job to send owns the name, and records of another job for it are refused
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 HEADER = "x-trainhealth-launch"
 UNKNOWN = "-"  # a job the client could not name (several ranks, no MASTER_ADDR/PORT): never judged
-TAKEOVER_SECONDS = 30.0  # an owner quiet this long (heartbeats come every 5 s) gives its run name up
+TAKEOVER_SECONDS = 15.0  # an owner quiet this long (3 heartbeats of 5 s missed) gives its run name up
 _VALUE = r"[A-Za-z0-9._:/-]{1,160}"
 _ID = re.compile(rf"\Aid=({_VALUE}); pid=([0-9]{{1,10}}); host=({_VALUE}); job=({_VALUE})\Z")
 RULE = ("must be 'id=ID; pid=PID; host=HOST; job=JOB' (ID, HOST, JOB: 1-160 characters of [A-Za-z0-9._:/-]; "

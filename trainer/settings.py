@@ -9,9 +9,10 @@ machine's, so one machine can stand for two in a test).
 
 The launch identity every batch carries (``X-Trainhealth-Launch``, docs/record.md): ``launch_id``, made once
 per process (``TRAINHEALTH_LAUNCH_ID`` when trainhealth.launch started the process: the launcher and its
-rank share it), and ``job``: ``TRAINHEALTH_JOB``, else the rendezvous address every rank of one
-torch.distributed job shares (``MASTER_ADDR:MASTER_PORT``; a loopback address is prefixed with the host),
-else the launch id (a job of one process).
+rank share it), and ``job``: ``TRAINHEALTH_JOB``, else torchrun's rendezvous id ``TORCHELASTIC_RUN_ID``
+(kept across restarts; not "none", the id of every static rendezvous), else the rendezvous address every
+rank of one torch.distributed job shares (``MASTER_ADDR:MASTER_PORT``; a loopback address is prefixed
+with the machine's name), else the launch id for a job of one process, else "-" (not known).
 """
 
 from __future__ import annotations
@@ -80,10 +81,14 @@ def sanitize_run(name: str) -> str:
 
 
 def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
-    """The job key its ranks share: TRAINHEALTH_JOB, else MASTER_ADDR:MASTER_PORT (the rendezvous of a
-    torch.distributed job; a loopback address is the machine's own: ``host`` is its name), else the
-    launch id for a job of one process, else "-" (not known)."""
+    """The job key its ranks share: TRAINHEALTH_JOB, else torchrun's rendezvous id (unless "none": a
+    static rendezvous), else MASTER_ADDR:MASTER_PORT (the rendezvous of a torch.distributed job; a loopback
+    address is the machine's own: ``host`` is its name), else the launch id for a job of one process,
+    else "-" (not known)."""
     job = env.get("TRAINHEALTH_JOB")
+    rdzv = env.get("TORCHELASTIC_RUN_ID", "")
+    if not job and rdzv and rdzv != "none":
+        job = f"rdzv:{rdzv}"  # torchrun's rendezvous id: one per job, kept across restarts and resizes
     if not job:
         addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
         if addr and port:

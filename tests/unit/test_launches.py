@@ -58,7 +58,7 @@ def test_the_second_job_under_a_taken_name_is_refused_in_one_line_and_no_detecto
     assert run.records == 80 and {q: (s.host, s.pid) for q, s in run.ranks.items()} == {
         0: ("node-a", 100), 1: ("node-a", 101)}  # host and pid without a start record
     assert service.stats.rejected == {"run_name_taken": 40}
-    clock.now += 31  # the second job stopped: its conflict is over
+    clock.now += 16  # the second job stopped: its conflict is over
     assert [(a["alert"], a["state"]) for a in service.tick()] == [("run_name_taken", "resolved")]
 
 
@@ -84,8 +84,8 @@ def test_the_name_passes_on_when_its_owner_ended_or_went_quiet_and_the_old_state
     assert service.pipeline.runs["none"].ranks[0].pid == 200 and service.pipeline.runs["none"].records == 3
     clock.now += 5
     assert send(service, A0, 0, 11, 12)[0] == 409  # now the first job is the other one
-    clock.now += 31
-    assert send(service, A0, 0, 13, 14)[0] == 200  # the owner went quiet for 30 s: it passes back
+    clock.now += 16
+    assert send(service, A0, 0, 13, 14)[0] == 200  # the owner went quiet for 15 s: it passes back
 
 
 def test_batches_without_the_header_or_of_an_unknown_job_are_taken_as_before():
@@ -123,6 +123,9 @@ def test_the_client_names_its_job_as_the_ranks_of_one_job_share_it():
     assert parse(launch_header(s, 42)).job == f"{machine}/127.0.0.1:29500"
     assert job_of({"MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}, "node-b", "x") == "10.0.0.7:29500"
     assert job_of({"TRAINHEALTH_JOB": "sweep 7"}, "node-b", "x") == "sweep-7"
+    elastic = {"TORCHELASTIC_RUN_ID": "exp42", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}
+    assert job_of(elastic, "node-b", "x") == "rdzv:exp42"  # kept when a restart moves the rendezvous port
+    assert job_of({**elastic, "TORCHELASTIC_RUN_ID": "none"}, "node-b", "x") == "10.0.0.7:29500"  # static
     assert job_of({}, "node-b", "x") == "x"  # a job of one process
     assert job_of({"WORLD_SIZE": "2"}, "node-b", "x") == "-"  # ranks started by hand: not known, not judged
     assert from_environ({}).launch_id == from_environ({}).launch_id  # one per process
