@@ -41,6 +41,11 @@ first (a collective error: "Connection closed by peer"), it is a consequence,
 listed in ``failed_ranks`` of the stall it followed. A rank that sent an
 ``oom`` record and never finished a step after it is gpu_oom's incident. A new
 ``start`` or a step advance resolves; so does ``end``.
+
+A rank quiet since before another rank's collective error is a suspect: its
+silence limit shrinks to 1.5 s after the error when every other rank is
+finished, else to 1.5 of its heartbeat periods + 1.5 s ("rank 1 exited without
+an end record"); the 1.5 s let its launcher's own word arrive first.
 """
 
 from __future__ import annotations

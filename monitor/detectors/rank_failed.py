@@ -18,7 +18,13 @@ one incident per run, however many ranks fail) names the root and what the other
 * A GPU out-of-memory crash whose rank sent an ``oom`` record (since its last start) is gpu_oom's incident:
   not paged again here.
 * An ``end`` with status "completed", or without a status (an older client), is a clean end: never an
-  alert. A rank killed by a signal sends nothing: that silence is rank_stalled's.
+  alert. A rank killed by a signal sends nothing: that silence is rank_stalled's, unless its launcher
+  (trainhealth.launch) sends the ``end`` for it: ``signal`` or ``exit_code``, ``stderr_tail``,
+  ``oom_killed`` ("rank 1 died at step 4: killed by SIGSEGV (segmentation fault): Fatal Python error: ...").
+  The launcher's word on a death the client reported is added to that failure; an exit code after the
+  rank's own clean end is no failure; a signal passed on by the launcher (the job being stopped) is a
+  consequence, and stops alone are no failure; a consequence alone while the other ranks train on is
+  named. A sample measured after a death the launcher saw is a new process: the incident resolves.
 
 The alert is refreshed in place (same fingerprint, no second page) as more ranks fail or stop; it resolves
 when a failed rank starts again (a restart), which forgets every failure of the run.
