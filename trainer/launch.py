@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import host_memory
@@ -126,6 +127,8 @@ class Watcher:
         self.proc: subprocess.Popen[bytes] | None = None
         self._sink = sink
         self._reader: threading.Thread | None = None
+        self.cgroup: tuple[Path, int] | None = None  # the child's memory cgroup (folder, version)
+        self.oom_before: int | None = None  # its OOM-kill count when the child started
 
     def start(self) -> subprocess.Popen[bytes]:
         self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE,
