@@ -257,12 +257,13 @@ class Service:
         except ConfigError as exc:
             log.error("config reload refused, keeping the running settings: %s", exc)
             return {"reloaded": False, "error": str(exc)}
-        self.pipeline.reconfigure(new.detectors)
+        closed = self.pipeline.reconfigure(new.detectors)  # a detector disabled: its open alerts resolve
         for reloader in self.reloaders:
             reloader(new)
         self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
         self.settings.alertmanager, self.settings.raw = new.alertmanager, new.raw
         self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
+        self.dispatch(closed)
         log.info("config reloaded")
         return {"reloaded": True}
 

@@ -57,6 +57,7 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .divergence_story import story_of
 from .lr_warmup import WarmupFinding, WarmupWatch
 from .steps import step_of as _step_of
 from .validate import flag, whole
@@ -293,6 +294,7 @@ class LrScaling(Detector[LrScalingSettings]):
             out.append(firing(self.name, None, step, rec.time, finding.summary, finding.severity,
                               **finding.data))
         self.open = finding
+        story_of(self.run).lr_alert = finding is not None
         return out
 
     def _now(self) -> str:
