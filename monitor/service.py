@@ -210,10 +210,15 @@ class Service:
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
         refreshed = self.book.take_refreshed() if self.book.refreshed else []
+        if refreshed and alerts:  # an alert fired in this batch already goes out with its sharpened text
+            sent = {id(a) for a in alerts}
+            refreshed = [a for a in refreshed if id(a) not in sent]
         if not alerts and not refreshed:  # refreshed: open alerts rewritten in place (one incident sharpening)
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
         self.watch.on_alerts(alerts)
+        if refreshed:
+            self.watch.on_refreshed(refreshed)
         for sink in self.sinks:
             try:
                 if alerts:
