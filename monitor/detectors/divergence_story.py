@@ -8,7 +8,9 @@ them (the LR went up, then the loss and the grad norm rose, then NaN). They shar
   first of loss_spike/grad_explosion to fire holds it; the other's findings refresh it in place (no page);
 - the NaN alert tells the **timeline** ("LR changed 0.1 -> 2 at step 3000 (20x, at a resume); loss and grad
   norm rose from step 3001; ...") and the open spike alert folds into it (resolved: "went on to NaN");
-- advice names only alerts that exist (``lr_alert``: lr_scaling has one open for the run).
+- advice names only alerts that exist (``lr_alert``: lr_scaling has one open for the run);
+- a rise that follows an LR lr_scaling already called too high joins lr_scaling's alert (its cause, already
+  paged) as a refresh: the LR, the rise and the NaN are two pages, not four.
 
 Pure data: no I/O, no clock. docs/divergence.md describes the incidents.
 """
@@ -64,6 +66,9 @@ class Story:
     lr_change: LrChange | None = None  # the latest upward LR change of LR_JUMP or more
     resumed: bool = False  # a start came since the latest sampled LR
     lr_alert: bool = False  # lr_scaling has an open alert for the run
+    # lr_scaling's open finding when it says the LR is too high: (summary, severity, fields). A rise that
+    # follows joins that alert (its cause) instead of paging on its own
+    lr_finding: tuple[str, str, dict[str, Any]] | None = None
     holder: str | None = None  # the alert that holds the run's spike incident (loss_spike or grad_explosion)
     parts: dict[str, Part] = field(default_factory=dict)  # by label, in the order they fired
     diverged: bool = False  # the run went NaN: the spike incident folded into nan_divergence until a restart
@@ -95,7 +100,7 @@ class Story:
         head = "; ".join(texts)
         if cause:
             head += f"; after {cause}"
-        return f"{head}; {advice}"
+        return f"{head}; {advice}" if advice else head
 
     def fields(self) -> dict[str, Any]:
         """Per-rank detail of the incident, for the alert's fields and the status API."""

@@ -251,7 +251,8 @@ class RankStalled(Detector[RankStalledSettings]):
         at = now if self.open else min(f[1] for f in stalled.values())
         summary, step, data = describe(self, stalled, at)
         was = self.picture.get("root_ranks") if self.open else None
-        if was and not set(was) & set(data["root_ranks"]) and not set(was) & set(stalled):
+        reason = self.picture.get("reason")
+        if was and not set(was) & set(data["root_ranks"]) and all(stalled.get(q, ("",))[0] != reason for q in was):
             # the root came back (a SIGSTOP'ed rank continued): the others still wait behind the step it
             # holds up, and are no new root; the picture that named it stands until they advance
             return []

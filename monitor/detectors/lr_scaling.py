@@ -139,6 +139,7 @@ class LrScaling(Detector[LrScalingSettings]):
         self.watch: WarmupWatch | None = None
         self.history: list[tuple[int, float]] = []  # (total batch, LR) of earlier usable starts
         self.max_lr = 0.0  # highest sample LR since the latest start
+        self.entry_ranks: set[int] = set()  # ranks whose start carried the latest (total batch, LR)
 
     # -- records --------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
@@ -189,13 +190,20 @@ class LrScaling(Detector[LrScalingSettings]):
         if not _usable(expected):  # over- or underflow of absurd values: nothing to compare with
             expected = None
         earlier = self.history
-        # the LR "rose" at this start: against the previous start, or (first start) the reference
+        # the LR "rose" at this start: against the previous start, or (first start) the reference. Every rank
+        # of a restart sends its start: another rank's start with the same numbers is the same restart, and
+        # keeps what the first one said (else the second start would undo it: a resolve and a second page)
         base_lr = earlier[-1][1] if earlier else ref_lr
+        same = (self.current is not None and bool(earlier) and earlier[-1] == (total, rec.lr)
+                and rec.rank not in self.entry_ranks)
+        rose = rec.lr >= self.settings.factor * base_lr
+        lr_rose = self.current["lr_rose"] if same and self.current is not None else rose
+        self.entry_ranks = self.entry_ranks | {rec.rank} if same else {rec.rank}
         grown_from = min((b for b, lr in earlier if b < total and rec.lr <= lr * SAME_LR), default=None)
         self.current = dict(expected_lr=expected, total_batch=total, reference_lr=ref_lr,
                             reference_batch_size=ref_batch, reference=where,
                             warmup_steps=rec.warmup_steps, optimizer=rec.optimizer,
-                            start_rank=rec.rank, lr_rose=rec.lr >= self.settings.factor * base_lr,
+                            start_rank=rec.rank, lr_rose=lr_rose,
                             grown_from=grown_from, rule="sqrt" if sqrt else "linear",
                             batches=sorted({ref_batch, total, *(b for b, _ in earlier)}))
         if total > 0 and (not earlier or earlier[-1] != (total, rec.lr)):
@@ -319,7 +327,13 @@ class LrScaling(Detector[LrScalingSettings]):
             out.append(firing(self.name, None, step, rec.time, finding.summary, finding.severity,
                               **finding.data))
         self.open = finding
-        story_of(self.run).lr_alert = finding is not None
+        story = story_of(self.run)
+        story.lr_alert = finding is not None
+        too_high = finding is not None and "lr_mismatch" in finding.data.get("problems", ()) and (
+            finding.data.get("ratio") or 0) > 1
+        story.lr_finding = (finding.summary, finding.severity, finding.data) if too_high and finding else None
+        if old is not None and story.holder == self.name:  # the rise it held is told anew by the spike detectors
+            story.reset_spikes()
         return out
 
     def _now(self) -> str:

@@ -248,7 +248,8 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         self.timeline = [t for t in (cause, rise) if t]
         holder = story.holder
         story.diverged = True
-        if holder is None:
+        if holder is None or holder == "lr_scaling":  # lr_scaling's alert (the cause) stays: the LR is still off
+            story.holder = None
             return []
         story.holder = None
         return [resolved(holder, None, step, time, f"went on to NaN at step {step} (nan_divergence): {rise}",

@@ -41,9 +41,9 @@ from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from math import isfinite, log
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-from ..events import Event, firing, resolved
+from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
@@ -51,6 +51,7 @@ from .divergence_story import Label, Part, story_of
 from .steps import step_of as _step_of
 from .validate import above, flag, whole
 
+LR_ALERT = "lr_scaling"  # the alert a rise joins when it says the LR is too high (divergence_story.py)
 MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 
 
@@ -349,6 +350,14 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if calm:
             advice = "no action needed if it stays down"
         fields = {**story.fields(), **data}
+        lr = story.lr_finding
+        if lr is not None and story.holder in (None, LR_ALERT):  # the LR lr_scaling called too high: its cause
+            story.holder = LR_ALERT
+            lr_summary, severity, lr_fields = lr
+            event = firing(LR_ALERT, None, step, time, f"{lr_summary}; since then {story.summary('')}",
+                           cast(Severity, severity), **{**lr_fields, **fields})
+            event.refresh = True
+            return event
         if story.holder is None:
             story.holder = self.name
             return firing(self.name, None, step, time, story.summary(advice), "warning", **fields)
@@ -391,6 +400,10 @@ class _SpikeDetector(Detector[SpikeSettings]):
         step = record.step if record.step is not None else _step_of(record, self.run)
         if any(p.ranks for p in story.parts.values()):
             return [self._tell(record.time, step)]
+        if story.holder == LR_ALERT:  # lr_scaling's alert held the rise: it says so, and stays (the LR is still off)
+            told = self._tell(record.time, step)
+            story.reset_spikes()
+            return [told]
         holder = story.holder
         summary = "; ".join(p.recovered for p in story.parts.values())
         story.reset_spikes()
