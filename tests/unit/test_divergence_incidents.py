@@ -285,3 +285,28 @@ def test_the_console_logs_a_refreshed_alerts_new_text(caplog):
     (alert,) = service.book.firing("r")
     assert lines[-1] == f"ALERT updated critical nan_divergence run=r rank=- step=30: {alert['summary']}"
     assert alert["first_rank"] == 0 and service.watch.view("r")["stops"]["nan_divergence"]["rank"] == 0
+
+
+def test_a_frozen_rank_that_resumes_stays_the_root_and_the_ranks_behind_it_only_wait():
+    # 16 ranks; rank 3 is frozen (SIGSTOP) in step 191, the others block in its all-reduce. Resumed (SIGCONT)
+    # at T0+400, rank 3 floods its records (191, 192) at once, ranks 0-1 theirs a moment later, the others
+    # 4 s later (their next flush). Before, the refresh in between named "ranks 2, 4-15 are stuck" (the ranks
+    # whose records had not come yet) although the webhook had named rank 3.
+    from tests import live_traces
+    from tests.live_traces import T0, brief, ddp_job, feed
+
+    ranks = range(16)
+    job = ddp_job(ranks=16, steps=200, last_step={q: 190 for q in ranks}, silent_at={3: T0 + 101}, until=T0 + 410)
+    when = {3: 400.0, 0: 400.2, 1: 400.2}
+    later = [from_obj({"type": "heartbeat", "run": live_traces.RUN, "rank": 3, "time": T0 + 399.9, "step": 190})]
+    later += [from_obj({"run": live_traces.RUN, "rank": q, "time": T0 + when.get(q, 404.0) + 0.3 * k + 0.001 * q,
+                        "step": 190 + k, "loss": 2.0}) for q in ranks for k in (1, 2)]
+    alerts = [a for a in feed(sorted(job.records + later, key=lambda r: r.time), until=T0 + 410)
+              if a["alert"] == "rank_stalled"]
+    assert brief(alerts) == [("rank_stalled", "firing", None, 190), ("rank_stalled", "resolved", None, 190)]
+    told = next(a for a in live_traces.last_pipeline.book.history
+                if a["alert"] == "rank_stalled" and a["state"] == "firing")  # as refreshed until it resolved
+    assert told["root_ranks"] == [3] and told["first_rank"] == 3
+    assert told["summary"].startswith("rank 3 went silent after step 190")
+    assert "still finish" not in told["summary"] and "are stuck" not in told["summary"]
+    assert told["waiting_ranks"] == [q for q in ranks if q != 3] and told["running_ranks"] == []
