@@ -120,8 +120,7 @@ class AlertBook:
                 self.open[key] = alert
                 out.append(alert)
             elif current is not None:
-                del self.open[key]
-                self.refreshed.pop(current["fingerprint"], None)
+                del self.open[key]  # a refresh not yet taken stays: the sinks store the firing's final picture
                 alert = self._make(run, ev, current["time"])
                 alert["severity"] = current["severity"]
                 if current["rank"] is None:  # a run-level incident: its resolve still names its root

@@ -221,11 +221,11 @@ class Service:
             self.watch.on_refreshed(refreshed)
         for sink in self.sinks:
             try:
+                refresh = getattr(sink, "refresh", None)  # sinks that keep alert bodies (the store), the console
+                if refreshed and refresh is not None:  # first: an alert refreshed and then resolved in this
+                    refresh(refreshed)  # batch shows its final picture before its resolve
                 if alerts:
                     sink(alerts)
-                refresh = getattr(sink, "refresh", None)  # sinks that keep alert bodies (the store)
-                if refreshed and refresh is not None:
-                    refresh(refreshed)
             except Exception:  # an optional sink must never break ingest
                 log.exception("alert sink %r failed", sink)
 
