@@ -186,7 +186,7 @@ class Pipeline:
         elif run.clock - run.last_tick >= self.tick_seconds:
             events.extend(self._tick_run(run, run.clock))
         alerts = self.book.apply(run.run, events) if events else []
-        if run.ended:  # every rank has ended: nothing of the run stays open
+        if (rec.type == "end" or alerts) and run.ended:  # every rank has ended: nothing of the run stays open
             alerts.extend(self._close_ended(run))
         return alerts
 
