@@ -32,6 +32,17 @@ record of the rank (a restart) clears its history and resolves its open alert.
 
 Non-finite values are left to nan_divergence. Losses <= 0 switch that rank to
 linear values (no log, no ratio guard); grad norms <= 0 are skipped.
+
+Two more ways to be high (docs/divergence.md): a *soft* spike, ``soft_ratio``
+(below ``min_ratio``) times the level and ``soft_z`` noise deviations above it (a
+smooth LLM loss jumping 1.5x); and, before ``min_history`` values exist, *early*
+growth: ``early_growth`` times the rank's first value since its start.
+
+Judged per rank, told per run: both detectors share the run's one spike incident
+(divergence_story.py), a run-level alert (``rank`` null) that the first signal
+fires and every other rank and signal refreshes; it resolves when every rank of
+both signals is back, folds into nan_divergence at the NaN, and joins
+lr_scaling's alert when that one already says the LR is too high.
 """
 
 from __future__ import annotations
@@ -269,7 +280,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
         elif len(win.values) >= s.min_history:
             med = win.median()
             jump = x - med
-            # _high(), with the changes' median (sigma) read only for a value already high enough
+            # the changes' median (sigma) is read only for a value already soft_ratio above the level
             if jump > 0 and (st.linear or jump >= log(s.soft_ratio)):
                 sigma = st.changes.median() / MAD_DIFF_TO_SIGMA
                 hard = jump >= s.z_threshold * sigma and (st.linear or jump >= log(s.min_ratio))
