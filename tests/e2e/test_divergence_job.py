@@ -40,6 +40,7 @@ def test_lr_raised_1000x_is_two_pages_naming_the_lr_change_and_nothing_firing_af
             break
         time.sleep(0.1)
     pages = [a for a in alerts if a["state"] == "firing"]
+    print("pages:", [(a["alert"], a["step"]) for a in pages])
     assert 1 <= len(pages) <= 2 and pages[-1]["alert"] == "nan_divergence", [a["alert"] for a in alerts]
     nan = pages[-1]
     assert nan["root_ranks"] == [0, 1] and nan["timeline"][0] == "LR changed 0.01 -> 10 at step 30 (1e+03x)"
