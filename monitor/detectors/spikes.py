@@ -420,6 +420,11 @@ class _SpikeDetector(Detector[SpikeSettings]):
         story.reset_spikes()
         return [resolved(holder, None, step, record.time, summary, resolved_by="recovered", **data)]
 
+    def facts(self) -> dict[str, Any]:
+        """The run's open spike incident, per-rank detail included (GET /v1/runs/{run}), from its holder."""
+        story = self.story
+        return story.fields() if story.holder == self.name and story.parts else {}
+
     def _restart(self, record: Record) -> list[Event]:
         st = self.ranks.pop(record.rank, None)
         if st is None or not st.firing:

@@ -267,6 +267,9 @@ def test_a_recovering_signal_says_it_recovered_while_the_other_stays_high():
     p2.process(samples({c: v[:420] for c, v in t.items()}))
     (now,) = live(p2)
     assert "; since then loss back to " in now["summary"] and now["signals"] == ["loss", "grad norm"]
+    # the status API's findings carry the same per-rank picture
+    found = p2.findings(RUN)["loss_spike"]
+    assert (found["spiking_ranks"], found["loss_ranks"], found["grad_norm_ranks"]) == ([0], [0], [0])
 
 
 # -- (5) one text everywhere -----------------------------------------------------------------------------------
