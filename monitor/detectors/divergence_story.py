@@ -50,7 +50,6 @@ class Part:
     seen: set[int] = field(default_factory=set)  # every rank that was high in this incident
     first_rank: int = 0
     onset_step: int = 0  # first high sample of the first rank
-    step: int = 0  # step of the latest firing rank's confirmation
     value: float = 0.0  # the first rank's value when it fired, and how far above its baseline
     baseline: float = 0.0
     ratio: float = 0.0

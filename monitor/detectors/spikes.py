@@ -343,7 +343,6 @@ class _SpikeDetector(Detector[SpikeSettings]):
                                              baseline=base, ratio=ratio, how=how, text=text)
         part.ranks.add(rank)
         part.seen.add(rank)
-        part.step = step
         return [self._tell(record.time, step, value=value, z=z)]
 
     def _tell(self, time: float, step: int, **data: Any) -> Event:
@@ -366,7 +365,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
             story.holder = LR_ALERT
             lr_summary, severity, lr_fields = lr
             event = firing(LR_ALERT, None, step, time, f"{lr_summary}; since then {story.summary('')}",
-                           cast(Severity, severity), **{**lr_fields, **fields})
+                           cast(Severity, severity), **{**fields, **lr_fields})  # the LR's ratio stays its own
             event.refresh = True
             return event
         if story.holder is None:

@@ -141,6 +141,7 @@ def test_lr_raised_20x_at_a_resume_on_8_ddp_ranks_is_two_pages_and_the_nan_names
     assert nan_alert["timeline"] == ["LR changed 0.1 -> 2 at step 301 (20x, at a resume)",
                                      "grad norm and loss rose from step 305 (ranks 0-7)"]
     assert lr_alert["judged"] == "early" and lr_alert["onset_step"] == 305
+    assert lr_alert["ratio"] == 20.0 and lr_alert["lr"] == 2.0  # the LR's own figures stay its own
     assert nan_alert["summary"].startswith(
         f"loss became nan at step {nan_step} on ranks 0-7 (together: the all-reduced gradients) (before it: LR "
         "changed 0.1 -> 2 at step 301 (20x, at a resume); ")
