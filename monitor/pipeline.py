@@ -198,7 +198,7 @@ class Pipeline:
 
     def _close_ended(self, run: RunState) -> list[Alert]:
         """Every rank of the run sent ``end``: its open alerts resolve, saying how the run ended
-        ("run ended completed at step 3043", "run failed at step 812 (rank 3 failed)")."""
+        ("run ended completed at step 3043", "run failed at step 812 (rank 3 ended failed)")."""
         if not self.book.firing(run.run):
             return []
         # the detectors' pictures still waiting for a tick (more ranks failed, more went NaN) first
