@@ -205,13 +205,15 @@ def from_obj(obj: Any, runs: RunNames | None = None) -> Record:
     """Validate one decoded JSON value into a Record; raises RecordError."""
     if not isinstance(obj, dict):
         raise RecordError("$", f"a record must be a JSON object, got {type(obj).__name__}")
-    for name in Record.__struct_fields__:  # unknown fields are ignored, bytes and all
-        if name in obj:
+    known: dict[str, Any] = {}
+    for name in Record.__struct_fields__:  # unknown fields are ignored, bytes and all (names too: msgspec
+        if name in obj:                     # cannot even look at a name holding a lone surrogate)
             found = bad_text(obj[name], name)
             if found:
                 raise RecordError(*found)
+            known[name] = obj[name]
     try:
-        record = msgspec.convert(normalize(obj), Record, strict=True)
+        record = msgspec.convert(normalize(known), Record, strict=True)
     except msgspec.ValidationError as exc:
         raise RecordError(*_split_msgspec_error(str(exc), obj)) from None
     return check(record, runs)
@@ -312,8 +314,13 @@ def bad_text(value: Any, path: str) -> tuple[str, str] | None:
 
 
 def _raw(text: str) -> str:
-    shown = repr(text.encode("utf-8", "surrogateescape" if not re.search("[\ud800-\udc7f]", text)
-                             else "surrogatepass"))
+    """The bytes as sent: invalid UTF-8 kept by ``loads`` (U+DC80-U+DCFF) as those bytes, an escaped lone
+    surrogate (``"\\udfff"``, any of U+D800-U+DFFF) as its CESU-8 bytes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate surrogateescape cannot map back to one byte
+        raw = text.encode("utf-8", "surrogatepass")
+    shown = repr(raw)
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 

@@ -1,0 +1,70 @@
+"""Hostile input and faults, round 2 (docs/operations.md, "Hostile input"): lone surrogates in any field,
+bodies that would cost gigabytes to decode, two sidecars on one database, and the small ones. The real
+sidecar process, real bytes on raw sockets."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from trainhealth.trainer.client import Telemetry
+
+from .test_hostile_bytes import send
+
+pytestmark = pytest.mark.integration
+
+INGEST = b"POST /v1/ingest HTTP/1.1\r\nContent-Type: application/json\r\n"
+FAST = {"flush_seconds": 0.05, "backoff_seconds": 0.05, "max_backoff_seconds": 0.2, "heartbeat_seconds": 60.0}
+
+
+def rec(extra: bytes = b"", run: bytes = b"good") -> bytes:
+    return b'{"run":"%s","rank":0,"time":1700000000,"step":1%s}' % (run, extra)
+
+
+@pytest.mark.parametrize("surrogate", [b"\\udfff", b"\\ude00", b"\\ud800", b"\\udbff\\udbff"])
+def test_a_lone_surrogate_anywhere_is_a_rejection_naming_the_field_never_a_500(sidecar, surrogate: bytes) -> None:
+    cases = [  # (record, the field named; None: taken, an unknown key is ignored)
+        (rec(run=b"a" + surrogate), "run"),
+        (b'{"run":"good","rank":0,"time":1700000000,"type":"start","host":"node-%s"}' % surrogate, "host"),
+        (b'{"run":"good","rank":0,"time":1700000000,"type":"start","config":{"%s":1}}' % surrogate, "config"),
+        (b'{"run":"good","rank":0,"time":1700000000,"type":"start","config":{"a":["%s"]}}' % surrogate,
+         "config.a[0]"),
+        (rec(b',"metrics":{"%s":1}' % surrogate), "metrics"),
+        (rec(b',"zz%s":"%s"' % (surrogate, surrogate)), None),
+    ]
+    for body, field in cases:
+        for content_type, data in ((b"application/json", b"[" + body + b"," + rec() + b"]"),
+                                   (b"application/x-ndjson", body + b"\n" + rec() + b"\n")):
+            status, answer = send(sidecar.url, b"POST /v1/ingest HTTP/1.1\r\nContent-Type: " + content_type
+                                  + b"\r\n", data)
+            assert status == 200, (body, answer)
+            got = json.loads(answer)
+            if field is None:
+                assert got["accepted"] == 2 and got["rejected"] == 0, got
+                continue
+            assert got["accepted"] == 1, (body, got)
+            (error,) = got["errors"]
+            assert error["index"] == 0 and error["field"] == field, (body, error)
+            assert "not valid UTF-8" in error["reason"] and "\\xed" in error["reason"], error
+        status, answer = send(sidecar.url, INGEST, body)  # alone: the whole body refused, by name
+        assert status == (200 if field is None else 400), (body, answer)
+    status, answer = send(sidecar.url, b"POST /v1/silences HTTP/1.1\r\nContent-Type: application/json\r\n",
+                          b'{"run":"good","until":9999999999,"comment":"%s"}' % surrogate)
+    assert status == 400 and "body.comment: not valid UTF-8" in json.loads(answer)["error"], answer
+    assert sidecar.client.get("/healthz").status_code == 200
+
+
+def test_the_client_drops_counts_and_says_once_what_the_sidecar_refuses(sidecar, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="trainhealth")
+    tm = Telemetry(sidecar.url, run="surrogate-run", rank=0, world_size=1, **FAST)
+    tm.start(host="node-\ude00", config={"lr\udfff": 1})
+    for step in range(1, 6):
+        tm.record(step, loss=1.0 / step)
+    assert tm.flush(timeout=20)
+    tm.close()
+    stats = tm.stats()
+    assert stats["rejected"] == 1 and stats["sent"] == 5 and stats["queued"] == 0 and stats["failures"] == 0, stats
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 1 and "host" in said[0] and "not valid UTF-8" in said[0], said
+    assert sidecar.client.get("/v1/runs/surrogate-run").status_code == 200
