@@ -262,7 +262,7 @@ def _shown(value: Any) -> str:
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
-def _big_int(text: str) -> int | float:
+def big_int(text: str) -> int | float:
     return int(text) if len(text) <= 4300 else float(text)  # past the digit limit: +-inf
 
 
@@ -283,7 +283,7 @@ def loads(data: bytes | str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise
     except ValueError:  # an integer past the digit limit
-        return json.loads(data, parse_int=_big_int)
+        return json.loads(data, parse_int=big_int)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -4,6 +4,7 @@ sidecar process, real bytes on raw sockets."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 
@@ -68,3 +69,23 @@ def test_the_client_drops_counts_and_says_once_what_the_sidecar_refuses(sidecar,
     said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(said) == 1 and "host" in said[0] and "not valid UTF-8" in said[0], said
     assert sidecar.client.get("/v1/runs/surrogate-run").status_code == 200
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+
+
+def test_bodies_that_decode_to_millions_of_values_are_refused_unread(sidecar) -> None:
+    before = peak_rss_mb(sidecar.proc.pid)
+    arrays = gzip.compress(b"[" + b"[]," * (20_000_000 - 1) + b"[]]", 9)  # 58 KB on the wire, 60 MB unzipped
+    objects = b"[" + b"{}," * (5_000_000 - 1) + b"{}]"  # 15 MB
+    nested = b'[{"run":"a","rank":0,"time":1,"type":"start","config":{"x":[' + b"[]," * 4_000_000 + b"[]]}}]"
+    for body, encoding in ((arrays, b"gzip"), (objects, None), (nested, None)):
+        head = INGEST + (b"Content-Encoding: " + encoding + b"\r\n" if encoding else b"")
+        status, answer = send(sidecar.url, head, body)
+        assert status == 413 and "limits.max_values_per_batch" in json.loads(answer)["error"], answer[:300]
+    grown = peak_rss_mb(sidecar.proc.pid) - before
+    assert grown < 200, f"the sidecar's peak memory grew by {grown:.0f} MB"  # was 1,500 MB for the gzip body
+    status, answer = send(sidecar.url, INGEST, b"[" + b",".join([rec()] * 3) + b"]")
+    assert status == 200 and json.loads(answer)["accepted"] == 3
