@@ -153,7 +153,7 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     cap = connection_cap(server.max_connections, raise_fd_limit())
     http: Any = "h11"
     try:
-        http = guarded_protocol(cap, server.header_timeout_seconds)
+        http = guarded_protocol(cap, server.header_timeout_seconds, server.body_timeout_seconds)
     except ImportError:  # uvicorn without its [standard] extra (no httptools): serve, without the guard
         print("trainhealth: WARNING: httptools is not installed (pip install 'uvicorn[standard]'): no header "
               "timeout and no connection cap", file=sys.stderr, flush=True)

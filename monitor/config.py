@@ -66,12 +66,14 @@ class ServerSettings:
     max_connections: int = 4096  # open HTTP connections; at the cap the longest-idle one is closed
     keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
     header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
+    body_timeout_seconds: float = 30.0  # a request whose body is not complete this long after its headers: 408
 
     def __post_init__(self) -> None:
         validate.whole(self, "server", "port", minimum=0, maximum=65535)
         validate.positive(self, "server", "tick_seconds")
         validate.whole(self, "server", "record_max_bytes", minimum=1)
-        validate.positive(self, "server", "state_snapshot_seconds", "keep_alive_seconds", "header_timeout_seconds")
+        validate.positive(self, "server", "state_snapshot_seconds", "keep_alive_seconds", "header_timeout_seconds",
+                          "body_timeout_seconds")
         validate.whole(self, "server", "max_connections", minimum=1)
         for i, url in enumerate(self.webhooks):
             if not validate.is_url(url):

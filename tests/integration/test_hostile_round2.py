@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import socket
 
 import pytest
 from trainhealth.trainer.client import Telemetry
@@ -89,3 +90,16 @@ def test_bodies_that_decode_to_millions_of_values_are_refused_unread(sidecar) ->
     assert grown < 200, f"the sidecar's peak memory grew by {grown:.0f} MB"  # was 1,500 MB for the gzip body
     status, answer = send(sidecar.url, INGEST, b"[" + b",".join([rec()] * 3) + b"]")
     assert status == 200 and json.loads(answer)["accepted"] == 3
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback(sidecar) -> None:
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    for path, kind in ((b"/v1/ingest", b"application/json"), (b"/v1/silences", b"application/json"),
+                       (b"/v1/alerts/1/ack", b"application/json")):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + kind
+                      + b"\r\nContent-Length: 100000\r\n\r\n[" + b"{}," * 1000)
+    assert sidecar.client.get("/healthz").status_code == 200
+    status, answer = send(sidecar.url, INGEST, b"[" + rec() + b"]")
+    assert status == 200
+    assert "Traceback" not in sidecar.stderr_text() and "Exception" not in sidecar.stderr_text()
