@@ -136,6 +136,9 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
+    from .dblock import DbLock
+
+    lock = DbLock(settings.server.db) if settings.server.db != ":memory:" else None  # one sidecar per --db
     service, app = build_service_and_app(settings, load_settings)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -171,6 +174,9 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
         Server(config, service).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
         pass
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -7,10 +7,15 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 from trainhealth.trainer.client import Telemetry
+
+from tests.conftest import python_path
 
 from .test_hostile_bytes import send
 
@@ -103,3 +108,18 @@ def test_a_client_gone_mid_body_leaves_no_traceback(sidecar) -> None:
     status, answer = send(sidecar.url, INGEST, b"[" + rec() + b"]")
     assert status == 200
     assert "Traceback" not in sidecar.stderr_text() and "Exception" not in sidecar.stderr_text()
+
+
+def test_a_second_sidecar_on_the_same_db_refuses_in_one_line(start_sidecar, tmp_path) -> None:
+    db = tmp_path / "shared.db"
+    first = start_sidecar("--db", str(db), db=False)
+    second = subprocess.run([sys.executable, "-m", "trainhealth", "serve", "--port", "0", "--db", str(db)],
+                            env={**os.environ, "PYTHONPATH": python_path()}, capture_output=True, text=True,
+                            timeout=60)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"trainhealth: server.db: {str(db)!r} is in use by another sidecar "
+                                     f"(pid {first.proc.pid}); stop it, or give this one another --db"), second.stderr
+    assert first.client.get("/healthz").status_code == 200
+    first.stop(kill=True)  # gone, however: the next one starts on the same file
+    again = start_sidecar("--db", str(db), db=False)
+    assert again.client.get("/healthz").status_code == 200
