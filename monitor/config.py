@@ -77,7 +77,7 @@ class ServerSettings:
         validate.whole(self, "server", "max_connections", minimum=1)
         for i, url in enumerate(self.webhooks):
             if not validate.is_url(url):
-                raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {url!r}")
+                raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {validate.redacted(url)!r}")
         if self.alertmanager is not None:
             validate.url(self, "server", "alertmanager")
 
@@ -189,10 +189,10 @@ def webhook_settings(doc: Mapping[str, Any], server: ServerSettings) -> list[Web
     urls = [w.url for w in out]
     for url in urls:
         if urls.count(url) > 1:
-            raise ConfigError(f"webhooks: {url!r} is configured twice; give it one entry")
+            raise ConfigError(f"webhooks: {validate.redacted(url)!r} is configured twice; give it one entry")
     seen: set[str] = set()
     for w in out:
-        base = w.name or urlsplit(w.url).netloc
+        base = w.name or urlsplit(w.url).netloc.rpartition("@")[2]  # never its user:password
         name, n = base, 1
         while name in seen:
             n += 1

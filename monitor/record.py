@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-RUN_PATTERN = r"\A[A-Za-z0-9._:-]{1,128}\Z"  # \Z, not $: "$" also matches before a final newline
+# \Z, not $: "$" also matches before a final newline; ".", ".." and "..." would be (hidden) recorder files
+RUN_PATTERN = r"\A(?!\.+\Z)[A-Za-z0-9._:-]{1,128}\Z"
 RUN_RULE = "must be 1-128 characters of [A-Za-z0-9._:-]"
+DOTS_RULE = "must not be only dots ('.', '..' name no file of their own)"
 
 # The run name's pattern is checked in check(), not here: a regex per record was 40% of decoding a body,
 # and a batch carries the same few names over and over (a RunNames, held by ingest.Decoder, remembers them).
@@ -198,6 +200,8 @@ def check_run(run: str) -> None:
     """Raises RecordError unless ``run`` is a valid run name (remembers nothing: see RunNames)."""
     if not _run_ok(run):
         reason = RUN_RULE if 1 <= len(run) <= 128 else f"{RUN_RULE}, got {len(run)} characters"
+        if run and not run.strip("."):
+            reason = DOTS_RULE
         raise RecordError("run", f"{reason} (value: {_shown(run)})")
 
 

@@ -11,11 +11,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from trainhealth.trainer.client import Telemetry
 
 from tests.conftest import python_path
+from tests.integration.alerting import free_port, ingest, nan_records
 
 from .test_hostile_bytes import send
 
@@ -123,3 +126,63 @@ def test_a_second_sidecar_on_the_same_db_refuses_in_one_line(start_sidecar, tmp_
     first.stop(kill=True)  # gone, however: the next one starts on the same file
     again = start_sidecar("--db", str(db), db=False)
     assert again.client.get("/healthz").status_code == 200
+
+
+def test_a_restart_with_pending_notifications_does_not_call_their_webhook_gone(start_sidecar, tmp_path) -> None:
+    hook = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: the notification stays pending
+    db = str(tmp_path / "pending.db")
+    first = start_sidecar("--db", db, "--webhook", hook, db=False)
+    assert ingest(first, nan_records("pending", range(2)))["alerts"] == 1
+    first.stop()
+    again = start_sidecar("--db", db, "--webhook", hook, db=False)
+    assert again.client.get("/healthz").status_code == 200
+    assert "no longer configured" not in again.stderr_text(), again.stderr_text()
+    again.stop()
+    moved = start_sidecar("--db", db, "--webhook", "http://user:s3cret@127.0.0.1:9/other", db=False)
+    said = moved.stderr_text()
+    assert "no longer configured" in said and "127.0.0.1" in said and "s3cret" not in said, said
+
+
+def test_credentials_in_a_refused_webhook_url_are_never_echoed(start_sidecar, tmp_path) -> None:
+    bad = "ftp://alice:s3cret@hooks.example/x?key=s3cret2"
+    refused = subprocess.run([sys.executable, "-m", "trainhealth", "serve", "--port", "0", "--db",
+                              str(tmp_path / "r.db"), "--webhook", bad],
+                             env={**os.environ, "PYTHONPATH": python_path()}, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "server.webhooks[0]: must be an http(s) URL" in refused.stderr
+    assert "s3cret" not in refused.stderr and "ftp://***@hooks.example/x?key=***" in refused.stderr, refused.stderr
+    sidecar = start_sidecar(config="")
+    config_file = tmp_path / "trainhealth0.toml"
+    config_file.write_text(f'[[webhooks]]\nurl = "{bad}"\n')
+    answer = sidecar.client.post("/-/reload")
+    assert answer.status_code == 400 and "s3cret" not in answer.text, answer.text
+    assert "must be an http(s) URL" in answer.json()["error"]
+    assert "s3cret" not in sidecar.stderr_text()
+
+
+def test_run_names_of_only_dots_are_refused(sidecar, tmp_path) -> None:
+    for run in (b".", b"..", b"..."):
+        status, answer = send(sidecar.url, INGEST, b"[" + rec(run=run) + b"," + rec() + b"]")
+        got = json.loads(answer)
+        assert status == 200 and got["accepted"] == 1, got
+        assert got["errors"][0]["field"] == "run" and "only dots" in got["errors"][0]["reason"], got
+        silence = sidecar.client.post("/v1/silences", json={"run": run.decode(), "until": time.time() + 60})
+        assert silence.status_code == 400, silence.text
+    assert sidecar.client.post("/v1/silences", json={"run": ".a", "until": time.time() + 60}).status_code == 201
+
+
+@pytest.mark.parametrize("token, warned", [("change-me-to-a-long-random-string", "the placeholder"),
+                                           ("x", "1 characters long"), ("9f8e7d6c5b4a39281706f5e4d3c2b1a0", None)])
+def test_a_guessable_token_is_warned_about_and_the_token_can_come_from_a_file(start_sidecar, tmp_path, token,
+                                                                              warned) -> None:
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    sidecar = start_sidecar("--token-file", str(path))
+    said = sidecar.stderr_text()
+    if warned:
+        assert f"WARNING: the token is {warned}" in said, said
+    else:
+        assert "WARNING" not in said, said
+    assert token.encode() not in Path(f"/proc/{sidecar.proc.pid}/cmdline").read_bytes()  # what ps shows
+    assert sidecar.client.get("/v1/runs").status_code == 401
+    assert sidecar.client.get("/v1/runs", headers={"Authorization": f"Bearer {token}"}).status_code == 200

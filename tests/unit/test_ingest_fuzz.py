@@ -65,7 +65,7 @@ def expected_valid(obj: Any) -> bool:
     if not isinstance(obj, dict):
         return False
     run, rank, time, kind = obj.get("run"), obj.get("rank"), obj.get("time"), record_type(obj)
-    if not (isinstance(run, str) and RUN_RE.fullmatch(run)):
+    if not (isinstance(run, str) and RUN_RE.fullmatch(run) and run.strip(".")):
         return False
     if not (is_int(rank) and 0 <= rank < 2**31):
         return False
@@ -157,7 +157,8 @@ spellings = st.sampled_from(["nan", "NaN", "-nan", "+NaN", "inf", "-Inf", "+inf"
                              "0.5", "1e3", "", "nan ", "infinit", "null", "None", "٣"])
 numbers = (st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**6), 10**6)
            | spellings)
-good_runs = st.text("AZaz09._:-", min_size=1, max_size=3) | st.just("r" * 128) | st.just("r" * 129)
+good_runs = (st.text("AZaz09._:-", min_size=1, max_size=3) | st.sampled_from([".", "..", "...", ".a"])
+             | st.just("r" * 128) | st.just("r" * 129))
 runs = st.sampled_from(["job-1", "job-2", "a:b.c_d"]) | good_runs | st.sampled_from(["abc\n", "a b", "", "x/y"])
 
 
