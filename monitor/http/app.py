@@ -21,6 +21,7 @@ from ..record import RecordError, check_run
 from ..service import Service
 from ..status import run_view, runs_view
 from .cross_site import CrossSite
+from .methods import AllowedMethods
 from .openapi import describe
 from .strict_text import StrictText
 
@@ -193,6 +194,7 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
         hook(app)
     app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
     app.add_middleware(CrossSite)  # no web page on another site may change anything (cross_site.py)
+    app.add_middleware(AllowedMethods)  # OPTIONS and 405s list every method of a path (methods.py)
     describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
 

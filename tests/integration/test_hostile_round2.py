@@ -186,3 +186,25 @@ def test_a_guessable_token_is_warned_about_and_the_token_can_come_from_a_file(st
     assert token.encode() not in Path(f"/proc/{sidecar.proc.pid}/cmdline").read_bytes()  # what ps shows
     assert sidecar.client.get("/v1/runs").status_code == 401
     assert sidecar.client.get("/v1/runs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_options_and_405_list_every_method_of_a_path(sidecar) -> None:
+    for path, methods in (("/v1/silences", "GET, OPTIONS, POST"), ("/v1/ingest", "OPTIONS, POST"),
+                          ("/v1/silences/3", "DELETE, OPTIONS"), ("/-/reload", "OPTIONS, POST")):
+        answer = sidecar.client.options(path)
+        assert answer.status_code == 204 and answer.headers["allow"] == methods, (path, answer.headers)
+        assert "access-control-allow-origin" not in answer.headers  # a preflight is never granted
+        wrong = sidecar.client.put(path)
+        assert wrong.status_code == 405 and wrong.headers["allow"] == methods, (path, wrong.headers)
+    assert sidecar.client.options("/nowhere").status_code == 404
+    schema = sidecar.client.get("/openapi.json").json()
+    silence = schema["paths"]["/v1/silences"]["post"]["requestBody"]
+    assert silence["required"] and silence["content"]["application/json"]["schema"]["required"] == ["run", "until"]
+    watch = {p["name"]: p["schema"] for p in schema["paths"]["/v1/runs/{run}/watch"]["get"]["parameters"]}
+    assert watch["run"]["pattern"] == "^(?!\\.+$)[A-Za-z0-9._:-]{1,128}$"
+    alerts = {p["name"]: p["schema"] for p in schema["paths"]["/v1/alerts"]["get"]["parameters"]}
+    assert alerts["delivery"]["enum"] == ["pending", "delivered", "undelivered"]
+    page = {p["name"]: p["schema"] for p in schema["paths"]["/"]["get"]["parameters"]}
+    assert page["part"]["enum"] == ["live"]
+    assert sidecar.client.get("/", params={"part": ""}).status_code == 400
+    assert sidecar.client.get("/v1/alerts", params={"delivery": ""}).status_code == 400
