@@ -42,6 +42,7 @@ class Limits:
     max_decoded_bytes: int = 64 << 20  # after gunzip
     max_records_per_batch: int = 20_000
     max_values_per_batch: int = 1_000_000  # commas, '[', '{' and line ends in a decoded body: bounds its memory
+    max_text_bytes: int = 64 << 20  # OOM details and start configs kept by all runs together (textbudget.py)
     max_runs: int = 256
     max_ranks_per_run: int = 4096
     run_ttl_seconds: float = 6 * 3600.0  # an ended or silent run is forgotten after this

@@ -208,3 +208,21 @@ def test_options_and_405_list_every_method_of_a_path(sidecar) -> None:
     assert page["part"]["enum"] == ["live"]
     assert sidecar.client.get("/", params={"part": ""}).status_code == 400
     assert sidecar.client.get("/v1/alerts", params={"delivery": ""}).status_code == 400
+
+
+def test_oom_details_and_start_configs_share_one_memory_budget(start_sidecar) -> None:
+    sidecar = start_sidecar(config="[limits]\nmax_text_bytes = 4500000\n")  # 4.5 MB
+    now = time.time()
+    mib = "x" * ((1 << 20) - 10)
+    start = {"run": "text", "rank": 0, "time": now, "type": "start", "config": {"notes": mib}}
+    ooms = [{"run": "text", "rank": rank, "time": now + rank, "step": 1, "type": "oom", "message": "CUDA out of memory",
+             "detail": f"rank {rank} " + mib} for rank in range(6)]
+    for batch in ([start], ooms[:3], ooms[3:]):
+        assert ingest(sidecar, batch)["accepted"] == len(batch)
+    view = sidecar.client.get("/v1/runs/text").json()
+    details = [r["last_oom"]["detail"] for r in view["rank_states"]]
+    kept = [d.startswith("rank ") for d in details]
+    assert kept == [False, False, True, True, True, True], [d[:40] for d in details]  # the newest four fit
+    assert "limits.max_text_bytes" in details[0] and len(details[0]) < 300
+    assert "limits.max_text_bytes" in view["starts"][0]["config"]["trainhealth"]  # the oldest text of all
+    assert view["rank_states"][0]["last_oom"]["message"] == "CUDA out of memory"  # only the long text goes
