@@ -168,17 +168,17 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     except ImportError:  # uvicorn without its [standard] extra (no httptools): serve, without the guard
         print("trainhealth: WARNING: httptools is not installed (pip install 'uvicorn[standard]'): no header "
               "timeout and no connection cap", file=sys.stderr, flush=True)
+    if server.token is not None and (server.token == PLACEHOLDER_TOKEN or len(server.token) < MIN_TOKEN_CHARS):
+        what = "the placeholder from trainhealth.env.example" if server.token == PLACEHOLDER_TOKEN \
+            else f"{len(server.token)} characters long"
+        print(f"trainhealth: WARNING: the token is {what}: anyone can guess it. Use a long random one "
+              "(openssl rand -hex 32).", file=sys.stderr, flush=True)
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     if not server.token and not is_loopback(host):
         print(f"trainhealth: WARNING: {host} is reachable from other machines and no token is set: anyone "
               "who can reach this port can send records, read runs and alerts, and silence or acknowledge "
               "alerts. Set --token or TRAINHEALTH_TOKEN (see docs/operations.md), or bind 127.0.0.1.",
               file=sys.stderr, flush=True)
-    if server.token is not None and (server.token == PLACEHOLDER_TOKEN or len(server.token) < MIN_TOKEN_CHARS):
-        what = "the placeholder from trainhealth.env.example" if server.token == PLACEHOLDER_TOKEN \
-            else f"{len(server.token)} characters long"
-        print(f"trainhealth: WARNING: the token is {what}: anyone can guess it. Use a long random one "
-              "(openssl rand -hex 32).", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level if log_level != "info" else "warning",
                             access_log=False, timeout_graceful_shutdown=5,
                             http=http,

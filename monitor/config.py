@@ -41,7 +41,7 @@ class Limits:
     max_body_bytes: int = 16 << 20  # as sent (maybe gzip)
     max_decoded_bytes: int = 64 << 20  # after gunzip
     max_records_per_batch: int = 20_000
-    max_values_per_batch: int = 1_000_000  # commas, '[', '{' and line ends in a decoded body: bounds its memory
+    max_values_per_batch: int = 500_000  # commas, '[', '{' and line ends in a decoded body: bounds its memory
     max_text_bytes: int = 64 << 20  # OOM details and start configs kept by all runs together (textbudget.py)
     max_runs: int = 256
     max_ranks_per_run: int = 4096

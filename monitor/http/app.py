@@ -28,7 +28,7 @@ from .strict_text import StrictText
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/healthz"}
-INLINE_DECODE_BYTES = 256 << 10  # larger bodies (and every gzip body) are decoded off the event loop
+INLINE_DECODE_BYTES = 1 << 20  # larger bodies (and every gzip body) are decoded off the event loop
 PAGE_PATH = "/"  # the only route that also takes the token as ?token= (http/page.py)
 
 
