@@ -66,6 +66,7 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
     app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
     app.add_exception_handler(RequestValidationError, _bad_query)
     token = service.settings.server.token
+    app.add_middleware(AllowedMethods)  # OPTIONS and 405s list every method of a path (methods.py), after the token
 
     if token:
         expected = token.encode()
@@ -194,7 +195,6 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
         hook(app)
     app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
     app.add_middleware(CrossSite)  # no web page on another site may change anything (cross_site.py)
-    app.add_middleware(AllowedMethods)  # OPTIONS and 405s list every method of a path (methods.py)
     describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
 
