@@ -103,7 +103,7 @@ def test_a_connection_that_sends_no_complete_headers_is_closed(sidecar_url: str)
 
 def test_binding_beyond_loopback_without_a_token_warns_at_start(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-    for args, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--token", "t0k3n"], False),
+    for args, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--token", "t0k3n-0123456789ab"], False),
                          (["--host", "127.0.0.1"], False)):
         proc = subprocess.Popen([sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args,
                                  "--db", str(tmp_path / "w.db")], cwd=tmp_path,
