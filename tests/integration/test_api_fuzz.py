@@ -59,6 +59,12 @@ def test_no_input_gets_a_500_and_every_answer_matches_the_schema(tmp_path: Path)
                     assert mode == GenerationMode.NEGATIVE
                 tried += 1
         assert not failures, "\n\n".join(failures)
+        for path, item in schema.raw_schema["paths"].items():  # OPTIONS lists exactly the documented methods
+            concrete = path.replace("{run}", "r1").replace("{alert_id}", "1").replace("{silence_id}", "1")
+            answer = sidecar.client.options(concrete)
+            documented = {m.upper() for m in item} | {"OPTIONS"}
+            assert answer.status_code == 204 and set(answer.headers["allow"].split(", ")) == documented, (
+                path, answer.status_code, answer.headers.get("allow"))
         assert tried == 2 * len(operations)
         assert sidecar.proc.poll() is None, "the sidecar died"
     finally:
