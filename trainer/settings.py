@@ -46,7 +46,7 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
-            raise ValueError(f"run: must be 1-128 chars of [A-Za-z0-9._:-], got {self.run!r}")
+            raise ValueError(f"run: must be 1-128 chars of [A-Za-z0-9._:-], not only dots, got {self.run!r}")
         if self.rank < 0:
             raise ValueError(f"rank: must be >= 0, got {self.rank}")
         if self.world_size < 1:
