@@ -119,27 +119,54 @@ class Service:
         answered ``duplicate`` and not ingested again (batches.py). ``views``: the answer also carries
         ``runs``, the view of each run of the batch that has alerts (watch.py), for the client.
         ``launch``: the client's ``X-Trainhealth-Launch`` (who sent it; launches.py)."""
-        limits = self.settings.limits
-        ident = None
-        origin = None
+        early = self.screen(batch_id, launch)
+        if early is not None:
+            return early
+        decoded = self.decode(body, content_type, content_encoding)
+        if isinstance(decoded, IngestAnswer):
+            return decoded
+        return self.take(decoded, batch_id, views, launch)
+
+    def screen(self, batch_id: str | None, launch: str | None = None) -> IngestAnswer | None:
+        """The answer for a bad or already taken batch id, or a bad launch header, before its body is
+        decoded; None to go on."""
         if launch is not None:
             try:
-                origin = launches.parse(launch)
+                launches.parse(launch)
             except launches.LaunchError as exc:
                 return self.refuse(400, str(exc))
-        if batch_id is not None:
-            try:
-                ident = batches.parse(batch_id)
-            except batches.BatchIdError as exc:
-                return self.refuse(400, str(exc))
-            if self.taken.taken(*ident):
-                return IngestAnswer(200, {"accepted": 0, "rejected": 0, "alerts": 0, "duplicate": True})
+        if batch_id is None:
+            return None
         try:
-            decoded = self.decoder.decode_body(body, content_type, content_encoding,
-                                  max_records=limits.max_records_per_batch,
-                                  max_decoded_bytes=limits.max_decoded_bytes)
+            ident = batches.parse(batch_id)
+        except batches.BatchIdError as exc:
+            return self.refuse(400, str(exc))
+        if self.taken.taken(*ident):
+            return IngestAnswer(200, {"accepted": 0, "rejected": 0, "alerts": 0, "duplicate": True})
+        return None
+
+    def decode(self, body: bytes, content_type: str | None = None,
+               content_encoding: str | None = None) -> Decoded | IngestAnswer:
+        """The body's records, or the answer refusing it whole. Touches nothing but the decoder, so the HTTP
+        layer runs it off the event loop for large bodies (one at a time: http/app.py)."""
+        limits = self.settings.limits
+        try:
+            return self.decoder.decode_body(body, content_type, content_encoding,
+                                            max_records=limits.max_records_per_batch,
+                                            max_decoded_bytes=limits.max_decoded_bytes,
+                                            max_values=limits.max_values_per_batch)
         except BodyError as exc:
             return self.refuse(exc.status, str(exc))
+
+    def take(self, decoded: Decoded, batch_id: str | None = None, views: bool = False,
+             launch: str | None = None) -> IngestAnswer:
+        """Feed decoded records to the pipeline; a batch id is taken once (checked again: another request
+        with the same id may have been taken while this one was decoded). ``launch``: who sent it."""
+        early = self.screen(batch_id, launch)
+        if early is not None:
+            return early
+        ident = batches.parse(batch_id) if batch_id is not None else None
+        origin = launches.parse(launch) if launch is not None else None
         answer = self.accept(decoded, views, origin)
         if ident is not None and answer.status == 200:
             self.taken.take(*ident)
