@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--url", default="http://127.0.0.1:9464", help="the sidecar (default http://127.0.0.1:9464)")
     d.add_argument("--target", help="only notifications to this target (its name in GET /v1/alerts)")
     d.add_argument("--token", help="Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN)")
+    la = sub.add_parser("launch", help="run one rank under the watcher that reports how it dies, e.g. "
+                        "torchrun ... $(which trainhealth) launch python train.py (docs/liveness.md, 'Deaths')")
+    la.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="the rank's command")
     return p
 
 
@@ -76,6 +79,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if level not in LOG_LEVELS:
                 raise ConfigError(f"TRAINHEALTH_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
             return serve(settings, lambda: load(args.config, flags, environ), level)
+        if args.command == "launch":
+            from .trainer.launch import main as launch
+
+            launch(list(args.cmd))  # exits as the rank did
         if args.command == "redeliver":
             from .notify.redeliver import redeliver
 

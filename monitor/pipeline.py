@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import msgspec
+
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
@@ -111,8 +113,10 @@ class Pipeline:
         return alerts
 
     # -- records ------------------------------------------------------------
-    def process(self, records: Sequence[Record], wall: float = 0.0) -> Outcome:
-        """Feed a batch (any order); returns alert transitions and refused records."""
+    def process(self, records: Sequence[Record], wall: float = 0.0,
+                origin: tuple[str, int] | None = None) -> Outcome:
+        """Feed a batch (any order); returns alert transitions and refused records. ``origin``: the
+        (host, pid) that sent it (X-Trainhealth-Launch): its ranks' host and pid, without a start record."""
         alerts: list[Alert] = []
         refused: list[tuple[int, CapExceeded]] = []
         order = range(len(records))
@@ -128,6 +132,12 @@ class Pipeline:
                 except CapExceeded as exc:
                     refused.append((i, exc))
                     continue
+            if origin is not None:
+                state = run.ranks[rec.rank]
+                if state.pid != origin[1] or state.host != origin[0]:
+                    state.host, state.pid = origin
+            if rec.step is None and rec.type == "end":  # a launcher's end: the rank's last known step
+                rec = msgspec.structs.replace(rec, step=max(0, run.ranks[rec.rank].last_step))
             out = feed(run, rec, wall)
             if out:
                 alerts.extend(out)

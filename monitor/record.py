@@ -59,6 +59,10 @@ NUMBER_FIELDS = (
 
 EndStatus = Literal["completed", "failed"]
 Traceback = Annotated[str, msgspec.Meta(max_length=65536)]
+StderrTail = Annotated[str, msgspec.Meta(max_length=16384)]
+SIGNAL_PATTERN = r"\ASIG[A-Z0-9+]{1,14}\Z"
+Signal = Annotated[str, msgspec.Meta(pattern=SIGNAL_PATTERN)]
+ExitCode = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True, gc=False):
@@ -118,6 +122,12 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     # end: "completed" (a normal exit) or "failed" (an uncaught exception, quoted in ``error``)
     status: EndStatus | None = None
     error: ErrorInfo | None = None
+    # end sent by the launcher (trainhealth.launch) on behalf of a rank that died without its own `end`
+    exit_code: ExitCode | None = None  # it exited with this code
+    signal: Signal | None = None  # it was killed by this signal ("SIGKILL")
+    signal_forwarded: bool | None = None  # that signal came from the launcher's own parent (the job was stopped)
+    oom_killed: bool | None = None  # the kernel's OOM killer killed it (its cgroup's oom_kill count rose)
+    stderr_tail: StderrTail | None = None  # its last lines on stderr
 
 
 class RecordError(ValueError):
@@ -189,7 +199,7 @@ def check(record: Record, runs: RunNames | None = None) -> Record:
         runs.check(record.run)
     if not math.isfinite(record.time) or record.time < 0:
         raise RecordError("time", f"must be finite unix seconds, got {record.time!r}")
-    if record.step is None and record.type != "start":
+    if record.step is None and record.type not in ("start", "end"):
         raise RecordError("step", f"required for a {record.type!r} record, got null")
     if record.phase_time is not None and (not math.isfinite(record.phase_time) or record.phase_time < 0):
         raise RecordError("phase_time", f"must be finite unix seconds, got {record.phase_time!r}")
@@ -242,6 +252,8 @@ def _split_msgspec_error(message: str, obj: dict[str, Any]) -> tuple[str, str]:
         reason = RUN_RULE if 1 <= len(value) <= 128 else f"{RUN_RULE}, got {len(value)} characters"
     elif path == "phase" and "regex" in reason and isinstance(value, str):
         reason = PHASE_RULE
+    elif path == "signal" and "regex" in reason:
+        reason = "must be a signal name such as 'SIGKILL'"
     elif path == "type" and reason.startswith("Invalid enum value"):
         reason = f"must be one of {', '.join(RECORD_TYPES)}"
     elif path in NUMBER_FIELDS and isinstance(value, str):

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
 
-from . import batches
+from . import batches, launches
 from .alerts import Alert
 from .config import ConfigError, Settings
+from .events import firing, resolved
 from .health import Fault, healthz
 from .ingest import BodyError, Decoded, Decoder, Rejection
 from .pauses import Watch as PauseWatch
-from .pipeline import Pipeline
+from .pipeline import Pipeline, run_last_step
 from .record import Record
 from .watch import Watch
 
@@ -108,24 +109,32 @@ class Service:
             self.pipeline.restore(restored, runs_last_seen or {}, clock())
         self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
+        self.owners = launches.JobOwners()  # which job owns each run name (two jobs never share one)
 
     # -- ingest -------------------------------------------------------------
     def ingest(self, body: bytes, content_type: str | None = None,
                content_encoding: str | None = None, batch_id: str | None = None,
-               views: bool = False) -> IngestAnswer:
+               views: bool = False, launch: str | None = None) -> IngestAnswer:
         """``batch_id``: the client's ``X-Trainhealth-Batch`` (CLIENT/SEQ); a batch already taken is
         answered ``duplicate`` and not ingested again (batches.py). ``views``: the answer also carries
-        ``runs``, the view of each run of the batch that has alerts (watch.py), for the client."""
-        early = self.screen(batch_id)
+        ``runs``, the view of each run of the batch that has alerts (watch.py), for the client.
+        ``launch``: the client's ``X-Trainhealth-Launch`` (who sent it; launches.py)."""
+        early = self.screen(batch_id, launch)
         if early is not None:
             return early
         decoded = self.decode(body, content_type, content_encoding)
         if isinstance(decoded, IngestAnswer):
             return decoded
-        return self.take(decoded, batch_id, views)
+        return self.take(decoded, batch_id, views, launch)
 
-    def screen(self, batch_id: str | None) -> IngestAnswer | None:
-        """The answer for a bad or already taken batch id, before its body is decoded; None to go on."""
+    def screen(self, batch_id: str | None, launch: str | None = None) -> IngestAnswer | None:
+        """The answer for a bad or already taken batch id, or a bad launch header, before its body is
+        decoded; None to go on."""
+        if launch is not None:
+            try:
+                launches.parse(launch)
+            except launches.LaunchError as exc:
+                return self.refuse(400, str(exc))
         if batch_id is None:
             return None
         try:
@@ -149,16 +158,16 @@ class Service:
         except BodyError as exc:
             return self.refuse(exc.status, str(exc))
 
-    def take(self, decoded: Decoded, batch_id: str | None = None, views: bool = False) -> IngestAnswer:
+    def take(self, decoded: Decoded, batch_id: str | None = None, views: bool = False,
+             launch: str | None = None) -> IngestAnswer:
         """Feed decoded records to the pipeline; a batch id is taken once (checked again: another request
-        with the same id may have been taken while this one was decoded)."""
-        ident = None
-        if batch_id is not None:
-            early = self.screen(batch_id)
-            if early is not None:
-                return early
-            ident = batches.parse(batch_id)
-        answer = self.accept(decoded, views)
+        with the same id may have been taken while this one was decoded). ``launch``: who sent it."""
+        early = self.screen(batch_id, launch)
+        if early is not None:
+            return early
+        ident = batches.parse(batch_id) if batch_id is not None else None
+        origin = launches.parse(launch) if launch is not None else None
+        answer = self.accept(decoded, views, origin)
         if ident is not None and answer.status == 200:
             self.taken.take(*ident)
         return answer
@@ -167,12 +176,17 @@ class Service:
         self.stats.bodies_refused[status] = self.stats.bodies_refused.get(status, 0) + 1
         return IngestAnswer(status, {"error": message})
 
-    def accept(self, decoded: Decoded, views: bool = False) -> IngestAnswer:
+    def accept(self, decoded: Decoded, views: bool = False,
+               origin: launches.Launch | None = None) -> IngestAnswer:
         self.stats.batches += 1
         self._refuse_future(decoded, self.clock())
         wall = self._watch()
+        taken: list[Alert] = []
+        conflicts = self._claim(decoded, origin, wall, taken) if origin is not None else 0
         self.watch.before(decoded.records)  # a restart forgets the run's stops
-        outcome = self.pipeline.process(decoded.records, wall=wall)
+        outcome = self.pipeline.process(decoded.records, wall=wall,
+                                        origin=(origin.host, origin.pid) if origin is not None else None)
+        outcome.alerts[:0] = taken
         if self.journal is not None:
             self.journal.fed(decoded.records, wall, self.pipeline.judge_after)
         rejected = list(decoded.rejected)
@@ -194,19 +208,23 @@ class Service:
                     log.exception("record sink %r failed", record_sink)
         self.stats.accepted += len(kept)
         names = self.watch.note(kept)
-        if decoded.rejected:
-            self.stats.reject("invalid", len(decoded.rejected))
+        if len(decoded.rejected) > conflicts:
+            self.stats.reject("invalid", len(decoded.rejected) - conflicts)
+        if conflicts:
+            self.stats.reject("run_name_taken", conflicts)
         if capped:
             self.stats.reject("capped", capped)
         self.dispatch(outcome.alerts)
         status = 200
         if not kept and rejected:
-            status = 429 if capped == len(rejected) else 400
+            status = 429 if capped == len(rejected) else 409 if conflicts == len(rejected) else 400
         body: dict[str, Any] = {
             "accepted": len(kept),
             "rejected": len(rejected),
             "alerts": len(outcome.alerts),
         }
+        if conflicts and not kept:  # one line first, where a client's log shows it (a 409)
+            body = {"error": rejected[0].reason, **body}
         if rejected:
             body["errors"] = [r.as_dict() for r in rejected[:MAX_REASONS]]
             if len(rejected) > MAX_REASONS:
@@ -216,6 +234,57 @@ class Service:
             if shown:
                 body["runs"] = shown
         return IngestAnswer(status, body)
+
+    def other_job(self, run: str, launch: str | None) -> str:
+        """Why a client of ``launch`` may not hear ``run``'s alerts and stops (another job owns the name), or
+        "" (it may; a bad or missing header is not judged here: ingest names it)."""
+        if launch is None:
+            return ""
+        try:
+            origin = launches.parse(launch)
+        except launches.LaunchError:
+            return ""
+        return self.owners.other_job(run, origin, self.pauses.now())
+
+    def _claim(self, decoded: Decoded, origin: launches.Launch, wall: float, alerts: list[Alert]) -> int:
+        """Two jobs under one run name never share state (launches.py): the records of a run another job
+        owns are refused, said once on the console and as an info alert on the run; a run whose owner is
+        done passes to this job, the old job's state forgotten. Returns how many records were refused."""
+        verdicts: dict[str, tuple[bool, str]] = {}
+        for rec in decoded.records:
+            if rec.run not in verdicts:
+                run = self.pipeline.runs.get(rec.run)
+                ok, why = verdicts[rec.run] = self.owners.claim(rec.run, origin, wall, run is not None and run.ended)
+                if ok and why:
+                    log.warning("%s", why)
+                    self.watch.forget(rec.run)
+                    alerts.extend(self.pipeline.forget(rec.run, why))
+                elif not ok:
+                    conflict = self.owners.conflicts[(rec.run, origin.job)]
+                    if conflict.refused == 0:  # said once: as an alert (its console line), else a warning
+                        if run is None:
+                            log.warning("%s", why)
+                        else:
+                            alerts.extend(self.book.apply(rec.run, [firing(
+                                "run_name_taken", None, max(0, run_last_step(run)), run.clock, why, "info",
+                                job=conflict.owner.job, host=conflict.owner.host, pid=conflict.owner.pid,
+                                other_job=origin.job, other_host=origin.host, other_pid=origin.pid)]))
+        if all(ok for ok, _ in verdicts.values()):
+            return 0
+        records, indexes = [], []
+        refused = 0
+        for rec, index in zip(decoded.records, decoded.indexes):
+            ok, why = verdicts[rec.run]
+            if ok:
+                records.append(rec)
+                indexes.append(index)
+            else:
+                refused += 1
+                self.owners.conflicts[(rec.run, origin.job)].refused += 1
+                decoded.rejected.append(Rejection(index, "run", why))
+        decoded.records, decoded.indexes = records, indexes
+        decoded.rejected.sort(key=lambda r: r.index)
+        return refused
 
     def _refuse_future(self, decoded: Decoded, wall: float) -> None:
         """A record from the future would move its run's clock ahead for good (liveness, expiry)."""
@@ -261,6 +330,14 @@ class Service:
         wall = self._watch()
         watched = bool(self.pipeline.runs)
         alerts = self.pipeline.tick_wall(wall)
+        if self.owners.conflicts:
+            for c in self.owners.quiet(wall):
+                run = self.pipeline.runs.get(c.run)
+                if run is not None:
+                    alerts += self.book.apply(c.run, [resolved(
+                        "run_name_taken", None, max(0, run_last_step(run)), run.clock,
+                        f"run {c.run}: {c.other.said()} sent nothing for {wall - c.seen:.0f} s "
+                        f"({c.refused} of its records refused)")])
         if self.journal is not None and watched:
             self.journal.ticked(wall, self.pipeline.judge_after)
         self.dispatch(alerts)

@@ -76,9 +76,12 @@ class RankState:
             self.pid = rec.pid if rec.pid is not None else self.pid
             self.ended = False
         elif kind == "end":
+            launcher_after_clean = (self.ended and self.end_status != "failed" and rec.error is None
+                                    and (rec.exit_code is not None or rec.signal is not None))
+            if not launcher_after_clean:  # an exit code after its own clean end is its choice (a stop: exit 3)
+                self.end_status = rec.status
+                self.end_step = rec.step
             self.ended = True
-            self.end_status = rec.status
-            self.end_step = rec.step
         elif kind == "oom":
             self.last_oom = {
                 "step": rec.step,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import faulthandler
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from .crash import error_info, install_hooks, is_cuda_oom
 from .fields import ALERT_NAMES, DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
 from .hearing import Hearing
 from .outbox import LimitedLog, Outbox
-from .settings import ClientSettings, from_environ
+from .settings import ClientSettings, from_environ, launch_header
 from .transport import FileSink, HttpSink, Result, Watcher
 
 __all__ = ["STAGED", "Telemetry"]
@@ -109,7 +110,7 @@ class Telemetry:
         if start_threads:
             loops = [(self._send_loop, "trainhealth-sender"), (self._heartbeat_loop, "trainhealth-heartbeat")]
             if (stop_on or on_alert is not None) and isinstance(self._sink, HttpSink):
-                self._watcher = Watcher(s.url, s.run, s.token)
+                self._watcher = Watcher(s.url, s.run, s.token, launch=lambda: launch_header(s, os.getpid()))
                 loops.append((self._watch_loop, "trainhealth-watch"))
             for target, name in loops:
                 thread = threading.Thread(target=target, name=name, daemon=True)
@@ -118,6 +119,7 @@ class Telemetry:
             atexit.register(self._at_exit)
             _LIVE.add(self)
             install_hooks(_LIVE)
+            _python_stacks_on_fatal_signals()
 
     def _after_fork_in_child(self) -> None:
         """A forked child (a DataLoader worker) has this object but not its threads, and one of them
@@ -513,10 +515,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _python_stacks_on_fatal_signals() -> None:
+    """faulthandler: a segfault or an abort prints the Python stack of every thread on stderr (where
+    trainhealth.launch keeps the last lines for the rank's end record); left alone if already on."""
+    try:
+        if not faulthandler.is_enabled():
+            faulthandler.enable(all_threads=True)
+    except Exception as exc:  # no usable stderr (closed, replaced by an object without a file descriptor)
+        log.debug("trainhealth: faulthandler not enabled: %r", exc)
+
+
 def _make_sink(s: ClientSettings) -> Any:
     if s.offline_path:
         return FileSink(s.offline_path.format(rank=s.rank, run=s.run))
-    return HttpSink(s.url, s.token, s.timeout_seconds)
+    return HttpSink(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, os.getpid()))
 
 
 def _default_probes(s: ClientSettings) -> list[Any]:

@@ -68,6 +68,7 @@ class Outbox:
         self.client_id = os.urandom(8).hex()
         self._seq = 0
         self._held: tuple[str, list[dict[str, Any]]] | None = None  # a failed batch, resent as it is
+        self._sending = 0  # records in the request on its way now (flush waits for its answer too)
         self._staged: deque[dict[str, Any]] = deque()  # records whose device values are on their way
         self._nonfinite = False  # the last staged value read was a non-finite loss or grad norm
         self.on_answer: Callable[[dict[str, Any]], None] | None = None  # the sidecar's answers to batches
@@ -124,7 +125,7 @@ class Outbox:
             return {**self.counts, "queued": self._pending()}
 
     def _pending(self) -> int:
-        return len(self._queue) + (len(self._held[1]) if self._held is not None else 0)
+        return len(self._queue) + (len(self._held[1]) if self._held is not None else 0) + self._sending
 
     def flush(self, timeout: float) -> bool:
         """Wait (a background thread runs the cycles) until the queue is empty; False on a failed
@@ -178,7 +179,11 @@ class Outbox:
                         break
                     self._seq += 1
                     batch_id = f"{self.client_id}/{self._seq}"
-                failed = not self._settle(batch_id, batch, self.sink.send(batch, batch_id))
+                self._sending = len(batch)
+                try:
+                    failed = not self._settle(batch_id, batch, self.sink.send(batch, batch_id))
+                finally:
+                    self._sending = 0
                 if failed or (len(batch) < self.batch_limit and not resend):
                     break
         else:

@@ -6,6 +6,13 @@ variables are ``TRAINHEALTH_URL``, ``TRAINHEALTH_RUN`` (overrides the run name),
 ``TRAINHEALTH_HEARTBEAT_SECONDS``, ``TRAINHEALTH_FLUSH_SECONDS``, ``TRAINHEALTH_SAMPLE_SECONDS``
 (host PSS and NVML) and ``TRAINHEALTH_HOST`` (the host name the start record carries; default the
 machine's, so one machine can stand for two in a test).
+
+The launch identity every batch carries (``X-Trainhealth-Launch``, docs/record.md): ``launch_id``, made once
+per process (``TRAINHEALTH_LAUNCH_ID`` when trainhealth.launch started the process: the launcher and its
+rank share it), and ``job``: ``TRAINHEALTH_JOB``, else torchrun's rendezvous id ``TORCHELASTIC_RUN_ID``
+(kept across restarts; not "none", the id of every static rendezvous), else the rendezvous address every
+rank of one torch.distributed job shares (``MASTER_ADDR:MASTER_PORT``; a loopback address is prefixed
+with the machine's name), else the launch id for a job of one process, else "-" (not known).
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ log = logging.getLogger("trainhealth.trainer")
 DEFAULT_URL = "http://127.0.0.1:9464"
 RUN_RE = re.compile(r"\A(?!\.+\Z)[A-Za-z0-9._:-]{1,128}\Z")  # not only dots: the sidecar refuses those
 _RUN_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+_JOB_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:/-]")  # X-Trainhealth-Launch's values
+LAUNCH_ID = os.urandom(8).hex()  # this process's launch id (a forked child inherits it, and does not send)
+LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +53,8 @@ class ClientSettings:
     host: str = ""  # the start record's host (groups ranks by machine); "" = socket.gethostname()
     poll_seconds: float = 0.005  # while device values are on their way, look for finished copies this often
     crash_flush_seconds: float = 2.0  # a crash's end record: how long the dying process waits for it to leave
+    launch_id: str = LAUNCH_ID  # this process's launch (X-Trainhealth-Launch)
+    job: str = ""  # the job its ranks share ("" or "-": not known)
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -67,6 +79,32 @@ def sanitize_run(name: str) -> str:
     """A run name the sidecar accepts: invalid characters become '-', at most 128 chars."""
     name = _RUN_BAD_CHARS.sub("-", name)[:128]
     return name if name.strip(".") else "local"  # "", ".", "..": not a run name
+
+
+def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
+    """The job key its ranks share: TRAINHEALTH_JOB, else torchrun's rendezvous id (unless "none": a
+    static rendezvous), else MASTER_ADDR:MASTER_PORT (the rendezvous of a torch.distributed job; a loopback
+    address is the machine's own: ``host`` is its name), else the launch id for a job of one process,
+    else "-" (not known)."""
+    job = env.get("TRAINHEALTH_JOB")
+    rdzv = env.get("TORCHELASTIC_RUN_ID", "")
+    if not job and rdzv and rdzv != "none":
+        job = f"rdzv:{rdzv}"  # torchrun's rendezvous id: one per job, kept across restarts and resizes
+    if not job:
+        addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+        if addr and port:
+            job = f"{host}/{addr}:{port}" if addr.startswith(LOOPBACK) else f"{addr}:{port}"
+        elif env.get("WORLD_SIZE", "1") in ("", "1"):
+            job = launch_id  # a job of one process
+        else:
+            job = "-"  # ranks started some other way: the job is not known (the sidecar does not judge it)
+    return _JOB_BAD_CHARS.sub("-", job)[:160]
+
+
+def launch_header(s: ClientSettings, pid: int) -> str:
+    """``X-Trainhealth-Launch``: ``id=ID; pid=PID; host=HOST; job=JOB`` (docs/record.md)."""
+    host = _RUN_BAD_CHARS.sub("-", s.host)[:128] or "-"
+    return f"id={s.launch_id}; pid={pid}; host={host}; job={s.job or '-'}"
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -111,6 +149,8 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "sample_seconds": _env_float(env, "TRAINHEALTH_SAMPLE_SECONDS", 5.0),
         "host": env.get("TRAINHEALTH_HOST") or socket.gethostname(),
     }
+    values["launch_id"] = sanitize_run(env.get("TRAINHEALTH_LAUNCH_ID") or LAUNCH_ID)[:64]
+    values["job"] = job_of(env, socket.gethostname(), values["launch_id"])  # the machine's (not TRAINHEALTH_HOST)
     known = {f.name for f in fields(ClientSettings)}
     for key, value in overrides.items():
         if key not in known:

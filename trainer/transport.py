@@ -14,13 +14,14 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 from urllib.parse import quote, urlsplit
 
 Outcome = Literal["ok", "retry", "drop", "split"]
 MAX_ANSWER_BYTES = 1 << 20  # an ingest answer is read whole up to this; a longer one closes the connection
 BATCH_HEADER = "X-Trainhealth-Batch"  # CLIENT/SEQ: a resend carries the same id, the sidecar takes it once
 VIEWS_HEADER = "X-Trainhealth-Views"  # "1": the answer carries the runs' alerts and stop steps
+LAUNCH_HEADER = "X-Trainhealth-Launch"  # who sends: id=LAUNCH; pid=PID; host=HOST; job=JOB (docs/record.md)
 
 
 @dataclass(slots=True)
@@ -101,14 +102,19 @@ class _Connection:
 
 
 class HttpSink(_Connection):
-    """POSTs batches to ``{url}/v1/ingest`` on one keep-alive connection; each batch carries its id."""
+    """POSTs batches to ``{url}/v1/ingest`` on one keep-alive connection; each batch carries its id and,
+    with ``launch`` (a callable: the pid may change at a fork), the sender's launch identity."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0,
+                 launch: Callable[[], str] | None = None) -> None:
         super().__init__(url, token, timeout)
         self.path = self.prefix + "/v1/ingest"
+        self.launch = launch
 
     def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
         headers = {"Content-Type": "application/json", VIEWS_HEADER: "1"}
+        if self.launch is not None:
+            headers[LAUNCH_HEADER] = self.launch()
         if batch_id is not None:
             headers[BATCH_HEADER] = batch_id
         got = self.exchange("POST", "/v1/ingest", encode_json(records), headers)
@@ -124,10 +130,12 @@ class HttpSink(_Connection):
 class Watcher(_Connection):
     """The long poll of a run's view (``GET /v1/runs/{run}/watch``): firing alerts and stop steps."""
 
-    def __init__(self, url: str, run: str, token: str | None = None, wait: float = 25.0) -> None:
+    def __init__(self, url: str, run: str, token: str | None = None, wait: float = 25.0,
+                 launch: Callable[[], str] | None = None) -> None:
         super().__init__(url, token, wait + 10.0)
         self.wait = wait
         self.path = f"/v1/runs/{quote(run, safe='')}/watch"
+        self.launch = launch  # who asks: a client of another job than the run's hears nothing
 
     def abort(self) -> None:
         """From another thread: end a long poll in progress (close() alone does not wake a blocked read)."""
@@ -142,7 +150,8 @@ class Watcher(_Connection):
 
     def poll(self, version: int) -> dict[str, Any] | str:
         """The run's view once its version is not ``version`` (or after the wait); or why not (a string)."""
-        got = self.exchange("GET", f"{self.path}?version={version}&timeout={self.wait:g}")
+        headers = {LAUNCH_HEADER: self.launch()} if self.launch is not None else None
+        got = self.exchange("GET", f"{self.path}?version={version}&timeout={self.wait:g}", headers=headers)
         if isinstance(got, str):
             return got
         status, text, _ = got

@@ -9,6 +9,7 @@ carry ``host``), and whether a crash is a consequence of another rank going away
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Iterable
 
 from ..record import ErrorInfo
@@ -129,3 +130,81 @@ def hosts_of(run: RunState, ranks: Iterable[int]) -> list[str]:
         if state is not None and state.host is not None and state.host not in out:
             out.append(state.host)
     return out
+
+
+# -- deaths: an end the launcher sent for a rank that died without its own (trainhealth.launch) ------------
+
+SIGNAL_WORDS = {"SIGSEGV": "segmentation fault", "SIGBUS": "bus error", "SIGFPE": "arithmetic error",
+                "SIGILL": "illegal instruction", "SIGKILL": "cannot be caught: the OOM killer, the scheduler or "
+                "a user", "SIGTERM": "asked to stop"}
+_TERMINATE = re.compile(r"terminate called (after throwing an instance of '[^']*'|recursively|without an active "
+                        r"exception)")
+_FATAL = re.compile(r"Fatal Python error: .*")
+_FRAME = re.compile(r'File "[^"]*", line \d+ in \S+')
+WORDS_CHARS = 400  # the runtime's last words quoted in a summary
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """How a rank ended, said once for every alert that names it."""
+
+    quoted: str  # "killed by SIGSEGV (segmentation fault): Fatal Python error: Segmentation fault ..."
+    cause: str  # "exception", "oom_killer", "signal", "exit", "stopped" (docs/alerts.md)
+    peer: bool  # a consequence of another rank going away (a collective error, the job being stopped)
+
+
+def last_words(tail: str | None) -> str:
+    """The runtime's last words in a stderr tail: C++'s ``terminate called ...`` with its ``what():``, a
+    ``Fatal Python error`` with the innermost Python frame, else the last line that is not blank."""
+    if not tail:
+        return ""
+    lines = [line.strip() for line in tail.splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if _TERMINATE.search(lines[i]):
+            words = lines[i][_TERMINATE.search(lines[i]).start():]  # type: ignore[union-attr]
+            what = next((x for x in lines[i + 1:i + 4] if x.startswith("what():")), "")
+            if what:
+                words += ": " + what.removeprefix("what():").strip()
+            return words[:WORDS_CHARS]
+    for i in range(len(lines) - 1, -1, -1):
+        m = _FATAL.search(lines[i])
+        if m:
+            after = lines[i + 1:]
+            current = next((j for j, x in enumerate(after) if x.startswith("Current thread")), 0)
+            frame = next((f.group(0) for x in after[current:] if (f := _FRAME.search(x))), "")
+            return (m.group(0) + (f" ({frame})" if frame else ""))[:WORDS_CHARS]
+    last = next((x for x in reversed(lines) if x), "")
+    return last[:WORDS_CHARS]
+
+
+def size(value: float) -> str:
+    """ "1.5 GiB", "96 MiB"."""
+    return f"{value / 2**30:.1f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int | None = None,
+          forwarded: bool = False, oom_killed: bool = False, stderr_tail: str | None = None,
+          memory: float | None = None, limit: float | None = None) -> Death:
+    """A failed ``end``'s words: the exception the client quoted, else what the launcher saw."""
+    words = last_words(stderr_tail)
+    after = f": {words}" if words else ""
+    if error is not None and (error.type or error.message):
+        return Death(quote(error), "exception", peer_error(error))
+    if oom_killed:
+        at = ""
+        if memory is not None and limit is not None:
+            at = f" at {size(memory)} of its {size(limit)} limit"
+        elif limit is not None:
+            at = f" at its {size(limit)} limit"
+        return Death(f"killed by the kernel's OOM killer{at} (SIGKILL)", "oom_killer", False)
+    peer = bool(words) and bool(_PEER_ERROR.search(words))
+    if signal is not None:
+        if forwarded:
+            return Death(f"stopped by {signal} from its launcher (the job was being stopped)", "stopped", True)
+        if signal == "SIGABRT":
+            return Death(f"aborted (SIGABRT){after}", "signal", peer)
+        meaning = SIGNAL_WORDS.get(signal)
+        return Death(f"killed by {signal}{f' ({meaning})' if meaning else ''}{after}", "signal", peer)
+    if exit_code is not None:
+        return Death(f"exited with code {exit_code} without reporting an exception{after}", "exit", peer)
+    return Death("no error given", "exception", False)

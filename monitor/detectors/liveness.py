@@ -41,6 +41,11 @@ first (a collective error: "Connection closed by peer"), it is a consequence,
 listed in ``failed_ranks`` of the stall it followed. A rank that sent an
 ``oom`` record and never finished a step after it is gpu_oom's incident. A new
 ``start`` or a step advance resolves; so does ``end``.
+
+A rank quiet since before another rank's collective error is a suspect: its
+silence limit shrinks to 1.5 s after the error when every other rank is
+finished, else to 1.5 of its heartbeat periods + 1.5 s ("rank 1 exited without
+an end record"); the 1.5 s let its launcher's own word arrive first.
 """
 
 from __future__ import annotations
@@ -55,10 +60,12 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .incident import oom_error, peer_error, quote
+from .incident import death, oom_error
 from .stall_story import describe
 from .validate import flag
 
+PEER_GRACE_SECONDS = 1.5  # after a collective error, for the quiet rank's launcher to say how it died
+PEER_BEATS = 1.5  # ... and a suspect is gone after this many of its heartbeat periods without a word
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
 ADVANCED = "advanced"  # a step advance (its summary words are made only when an alert is open)
 
@@ -104,6 +111,8 @@ class _Rank:
     phase_seen: float = -math.inf  # time of the record that said so
     error: str = ""  # its failed end's exception, quoted ("" for none)
     end_time: float = -math.inf  # time of its latest end (records measured before it may arrive after it)
+    last_beat: float = -math.inf  # time of its newest heartbeat
+    beat_gap: float = 0.0  # between its last two heartbeats (its client's period): 0 until two are seen
 
 
 class RankStalled(Detector[RankStalledSettings]):
@@ -121,6 +130,9 @@ class RankStalled(Detector[RankStalledSettings]):
         self.end_time = -math.inf
         self.root_failed: dict[int, str] = {}  # rank -> its own crash (rank_failed's incident)
         self.peer_failed: dict[int, str] = {}  # rank -> its collective error (a consequence)
+        self.peer_times: dict[int, float] = {}  # rank -> when it failed so
+        self.peer_cut = -math.inf  # the first collective error: ranks quiet since before it are suspects
+        self.peer_at_once = False  # every rank but the suspects is finished: they are named at once
         self.oom: set[int] = set()  # ranks with an oom record and no step since (gpu_oom's incident)
         self.stalled: dict[int, tuple[str, float, float]] = {}  # rank -> (reason, crossed at, limit)
         self.open = False  # the run's incident is firing
@@ -157,17 +169,28 @@ class RankStalled(Detector[RankStalledSettings]):
             if record.world_size:
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
+            said = None
+            if record.status == "failed":
+                said = death(record.error, signal=record.signal, exit_code=record.exit_code,
+                             forwarded=bool(record.signal_forwarded), oom_killed=bool(record.oom_killed),
+                             stderr_tail=record.stderr_tail)
+                if said.cause != "exception" and record.error is None and r.ended and not r.error:
+                    said = None  # its launcher's word after its own clean end: a deliberate exit code
             r.ended = True
             r.end_time = max(r.end_time, t)
-            if record.status == "failed":
-                r.error = quote(record.error)
-                if peer_error(record.error):
+            if said is not None:
+                r.error = said.quoted
+                if said.peer:
                     self.peer_failed[rank] = r.error
+                    self.peer_times[rank] = t
+                    self._peer_suspects()
                 elif oom_error(record.error) and rank in self.oom:
                     pass  # gpu_oom's incident already
                 else:
                     self.root_failed[rank] = r.error
                 why = f"failed ({r.error})"
+            elif record.status == "failed":
+                why = "ended"  # the clean end before it said so
             else:
                 if record.step is not None and (self.end_step is None or record.step > self.end_step):
                     self.end_step = record.step
@@ -176,6 +199,10 @@ class RankStalled(Detector[RankStalledSettings]):
         else:
             if kind == "heartbeat":
                 r.beats = True
+                if t > r.last_beat:
+                    if r.last_beat > -math.inf:
+                        r.beat_gap = t - r.last_beat
+                    r.last_beat = t
             elif kind == "oom":
                 self.oom.add(rank)
             step = record.step
@@ -224,6 +251,8 @@ class RankStalled(Detector[RankStalledSettings]):
     def _forget_failure(self, rank: int) -> None:
         self.root_failed.pop(rank, None)
         self.peer_failed.pop(rank, None)
+        if self.peer_times.pop(rank, None) is not None:
+            self._peer_suspects()
         self.oom.discard(rank)
 
     def _retire_beyond(self, world_size: int, t: float) -> None:
@@ -236,6 +265,7 @@ class RankStalled(Detector[RankStalledSettings]):
         if now > self.now:
             self.now = now
         now = self.now
+        self._peer_suspects()
         stalled = {}
         for rank, r in self.ranks.items():
             found = self._stalled(r, now)
@@ -271,14 +301,36 @@ class RankStalled(Detector[RankStalledSettings]):
     def silence_limit(self, r: _Rank) -> float:
         s = self.settings
         if not r.beats:
-            return self.step_limit(r)
-        return min(max(s.silence_floor_seconds, s.factor * self.longest_gap), s.ceiling_seconds)
+            limit = self.step_limit(r)
+        else:
+            limit = min(max(s.silence_floor_seconds, s.factor * self.longest_gap), s.ceiling_seconds)
+        if self.suspect(r):  # quiet since before a peer's collective broke: gone, unless it speaks soon
+            if self.peer_at_once:
+                limit = min(limit, self.peer_cut + PEER_GRACE_SECONDS - r.seen)
+            elif r.beat_gap > 0:
+                limit = min(limit, max(self.peer_cut + PEER_GRACE_SECONDS - r.seen,
+                                       PEER_BEATS * r.beat_gap + PEER_GRACE_SECONDS))
+        return limit
 
     def finished(self, r: _Rank) -> bool:
         return r.ended or r.retired or (self.end_step is not None and r.step <= self.end_step)
 
     def typical(self) -> float | None:
         return median(self.recent) if self.recent else None
+
+    def _peer_suspects(self) -> None:
+        """After a collective error, the ranks quiet since before it are suspects (their silence is short:
+        ``_stalled``); when every other rank is finished, they are the only explanation: at once."""
+        if not self.peer_times:
+            self.peer_cut, self.peer_at_once = -math.inf, False
+            return
+        cut = min(self.peer_times.values())
+        self.peer_cut = cut
+        self.peer_at_once = all(r.seen < cut or self.finished(r) for r in self.ranks.values())
+
+    def suspect(self, r: _Rank) -> bool:
+        """Quiet since before another rank's collective error (the first of them)."""
+        return r.seen < self.peer_cut
 
     def _stalled(self, r: _Rank, now: float) -> tuple[str, float, float] | None:
         """(reason, crossing time, limit) of the earliest condition that holds at ``now``."""

@@ -90,6 +90,10 @@ def _silent(det: RankStalled, roots: list[int], live: list[int], at: float) -> t
                 f"network partition)"), steps[0]
     if len(roots) == 1:
         q = roots[0]
+        if det.suspect(ranks[q]):  # a peer's collective broke after its last word
+            return (f"rank {q} exited without an end record {after}: nothing from it for {at - ranks[q].seen:.1f} s "
+                    f"while a peer's collective broke (killed by a signal or the OOM killer, or its node is "
+                    f"down; run the ranks under `python -m trainhealth.launch` to learn how)"), steps[0]
         return (f"rank {q} went silent {after}: nothing from it for {at - ranks[q].seen:.0f} s (process "
                 f"gone or frozen: killed by a signal or the OOM killer, or its node is down)"), steps[0]
     return (f"{ranks_phrase(roots)} went silent {after} {moment} (processes gone or frozen: killed, "
@@ -174,6 +178,10 @@ def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[
 
 def _basis(det: RankStalled, r: Any, reason: str, limit: float) -> str:
     s = det.settings
+    if reason == "silent" and det.suspect(r):
+        q = min(det.peer_times, key=lambda k: (det.peer_times[k], k))
+        return (f"limit {det.silence_limit(r):.1f} s: quiet since before rank {q}'s collective error "
+                f"({'every other rank had finished' if det.peer_at_once else 'its heartbeats stopped'})")
     if reason == "silent" and r.beats:
         return (f"limit {det.silence_limit(r):.0f} s = max(floor {s.silence_floor_seconds:.0f} s, "
                 f"{s.factor:g}x the longest record gap seen, {det.longest_gap:.1f} s)")

@@ -111,7 +111,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
             return Response(status_code=400)
         headers = request.headers
         batch_id = headers.get("x-trainhealth-batch")
-        early = service.screen(batch_id)
+        launch = headers.get("x-trainhealth-launch")
+        early = service.screen(batch_id, launch)
         if early is not None:
             return JSON(early.body, early.status)
         body, encoding = b"".join(chunks), headers.get("content-encoding")
@@ -122,7 +123,7 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
                 decoded = service.decode(body, headers.get("content-type"), encoding)
         if not isinstance(decoded, Decoded):
             return JSON(decoded.body, decoded.status)
-        answer = service.take(decoded, batch_id, headers.get("x-trainhealth-views") == "1")
+        answer = service.take(decoded, batch_id, headers.get("x-trainhealth-views") == "1", launch)
         return JSON(answer.body, answer.status)
 
     @app.get("/v1/runs")
@@ -157,14 +158,18 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
                                                   limit=limit)})
 
     @app.get("/v1/runs/{run}/watch")
-    async def watch(run: str, version: int = Query(-1, ge=-1, le=2**63 - 1),
+    async def watch(request: Request, run: str, version: int = Query(-1, ge=-1, le=2**63 - 1),
                     timeout: float = Query(30.0, ge=0.0, le=60.0)) -> Response:
         """Long poll: the run's view (firing alerts, stop steps; watch.py) as soon as its version is not
-        ``version``, or after ``timeout`` seconds as it is. A run not known yet has version 0."""
+        ``version``, or after ``timeout`` seconds as it is. A run not known yet has version 0. A client
+        of another job than the run's owner (X-Trainhealth-Launch) hears nothing: 409."""
         try:
             check_run(run)
         except RecordError as exc:
             return JSON({"error": str(exc)}, 400)
+        refused = service.other_job(run, request.headers.get("x-trainhealth-launch"))
+        if refused:
+            return JSON({"error": refused}, 409)
         if service.watch.version(run) == version and timeout > 0:
             changed = asyncio.get_running_loop().create_future()
 

@@ -105,6 +105,14 @@ def describe(app: FastAPI) -> None:
                     body_schema = INGEST_REFUSED if path == "/v1/ingest" and status in ("400", "429") else ERROR
                     responses.setdefault(status, {"description": what,
                                                   "content": {"application/json": {"schema": body_schema}}})
+                if path == "/v1/ingest":  # launches.py: two jobs under one run name
+                    responses["409"] = {"description": "the run name belongs to another job (X-Trainhealth-Launch): "
+                                                       "`error` says which and what to do",
+                                        "content": {"application/json": {"schema": INGEST_REFUSED}}}
+                if path == "/v1/runs/{run}/watch":
+                    responses["409"] = {"description": "the run belongs to another job than the asking client's "
+                                                       "(X-Trainhealth-Launch): its alerts are not this job's",
+                                        "content": {"application/json": {"schema": ERROR}}}
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -261,8 +261,9 @@ def service_families(snap: Snapshot) -> Iterator[Metric]:
         omitted.add_metric([reason], n)
     yield omitted
     yield CounterMetricFamily("trainhealth_records_ingested", "Records accepted.", value=snap.accepted)
-    rejected = CounterMetricFamily("trainhealth_records_rejected", "Records rejected: invalid, or over a "
-                                   "cap (runs, ranks per run).", labels=["reason"])
+    rejected = CounterMetricFamily("trainhealth_records_rejected", "Records rejected: invalid, over a cap "
+                                   "(runs, ranks per run), or their run name taken by another job (run_name_taken).",
+                                   labels=["reason"])
     for reason in sorted({"invalid", "capped", *snap.rejected}):
         rejected.add_metric([reason], snap.rejected.get(reason, 0))
     yield rejected

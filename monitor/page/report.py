@@ -14,8 +14,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from ..alerts import Alert
 from ..config import Settings
+from ..detectors.incident import death
 from ..pipeline import Pipeline, replay
-from ..record import Record, to_obj
+from ..record import ErrorInfo, Record, to_obj
 from ..replay import ReadStats, read_files
 from . import html
 from .chart import dumps, episodes, lr_expected, spell_nonfinite
@@ -195,9 +196,18 @@ def ends_html(run: RunRecording) -> str:
     text = f"{len(run.ends)} of {len(run.ranks) or len(run.ends)} ranks sent an end record"
     if not failed:
         return f'<p class="muted">{text}; none failed.</p>'
-    items = "".join(f'<li>rank {r}: {html.esc((e.get("error") or {}).get("type", ""))}: '
-                    f'{html.esc((e.get("error") or {}).get("message", ""))}</li>' for r, e in sorted(failed.items()))
+    items = "".join(f'<li>rank {r}: {html.esc(_how(e))}</li>' for r, e in sorted(failed.items()))
     return f'<p class="bad">{text}; {len(failed)} failed:</p><ul>{items}</ul>'
+
+
+def _how(end: dict[str, Any]) -> str:
+    """A failed end in words: the exception, or what its launcher saw (signal, exit code, last words)."""
+    error = end.get("error")
+    info = ErrorInfo(**{k: v for k, v in error.items() if k in ("type", "message")}) if error else None
+    return death(info, signal=end.get("signal"), exit_code=end.get("exit_code"),
+                 forwarded=bool(end.get("signal_forwarded")), oom_killed=bool(end.get("oom_killed")),
+                 stderr_tail=end.get("stderr_tail"), memory=end.get("host_mem_bytes"),
+                 limit=end.get("host_mem_limit_bytes")).quoted
 
 
 def memory_html(run: RunRecording) -> str:

@@ -1,0 +1,258 @@
+"""trainhealth.launch: run a rank under a small watcher that sees how it ends.
+
+    torchrun --nproc_per_node 8 -m trainhealth.launch python train.py --lr 3e-4
+    python -m trainhealth.launch -- python train.py          # one process
+
+The watcher starts the command as its child and stays beside it: the child's stdout is its own, its
+stderr passes through the watcher (written on at once, the last lines kept), the signals the watcher
+gets (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2) are passed on (the child has a process group of its
+own, so a signal to the watcher's group reaches it once; it should not read the terminal), and the
+child dies with the watcher (PR_SET_PDEATHSIG). When the child exits non-zero or is killed by a
+signal, the watcher sends the rank's ``end`` on its behalf within milliseconds: status "failed",
+``exit_code`` or ``signal``, ``stderr_tail`` (the runtime's last words: "terminate called after
+throwing an instance of 'c10::DistBackendError'", faulthandler's Python stack after a segfault),
+``oom_killed`` when its cgroup's OOM-kill count rose while it ran, with the cgroup's peak usage and
+limit. A clean exit (code 0) sends nothing: the client's own ``end`` says it. Then the watcher exits
+as the child did (the same code, or the same signal), so torchrun sees what it would have seen.
+
+Run name, rank, sidecar URL and token come from the environment as for the client (settings.py); the
+child gets ``TRAINHEALTH_LAUNCH_ID`` (its batches carry the watcher's launch id, so the sidecar knows both
+for one rank), ``TRAINHEALTH_RUN`` (the name the watcher reports under) and ``PYTHONFAULTHANDLER=1``.
+Rules and fields: docs/liveness.md ("Deaths"), docs/record.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import host_memory
+from .settings import ClientSettings, from_environ, launch_header
+from .transport import FileSink, HttpSink, Result
+
+log = logging.getLogger("trainhealth.launch")
+
+TAIL_BYTES = 64 * 1024  # stderr kept (the record takes the last TAIL_CHARS of it)
+TAIL_CHARS = 8192
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+SEND_SECONDS = 3.0  # the end record is retried this long (the sidecar may be restarting)
+DRAIN_SECONDS = 0.5  # after the child's exit, wait this long for the rest of its stderr (a grandchild may hold it)
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class Tail:
+    """The last ``limit`` bytes written, whole lines where the cut allows."""
+
+    limit: int = TAIL_BYTES
+    data: bytearray = field(default_factory=bytearray)
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * self.limit:
+            del self.data[:-self.limit]
+
+    def text(self, chars: int = TAIL_CHARS) -> str:
+        text = bytes(self.data[-self.limit:]).decode("utf-8", "replace")
+        if len(text) > chars:
+            text = text[-chars:]
+            cut = text.find("\n")
+            if 0 <= cut < len(text) - 1:
+                text = text[cut + 1:]
+        return text
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"
+
+
+def end_record(s: ClientSettings, returncode: int, tail: str, *, forwarded: int | None, now: float,
+               oom_before: int | None, oom_after: int | None, peak: float | None,
+               limit: float | None) -> dict[str, Any] | None:
+    """The rank's ``end`` for a child that ended with ``returncode`` (Popen's: -N for signal N); None for a
+    clean exit. ``forwarded``: the signal the watcher passed on, if any. Pure."""
+    if returncode == 0:
+        return None
+    rec: dict[str, Any] = {"type": "end", "run": s.run, "rank": s.rank, "time": now, "status": "failed"}
+    if returncode < 0:
+        rec["signal"] = signal_name(-returncode)
+        if forwarded == -returncode:
+            rec["signal_forwarded"] = True
+    else:
+        rec["exit_code"] = returncode
+    if oom_before is not None and oom_after is not None and oom_after > oom_before and returncode == -signal.SIGKILL:
+        rec["oom_killed"] = True
+        if peak is not None:
+            rec["host_mem_bytes"] = peak
+        if limit is not None:
+            rec["host_mem_limit_bytes"] = limit
+    if tail:
+        rec["stderr_tail"] = tail
+    return rec
+
+
+class Watcher:
+    """One rank's watcher: start the child, pass stderr and signals through, report its death."""
+
+    def __init__(self, argv: list[str], environ: Mapping[str, str] | None = None, *,
+                 sink: Any = None, clock: Callable[[], float] = time.time) -> None:
+        env = dict(os.environ if environ is None else environ)
+        self.settings: ClientSettings | None = None
+        try:
+            self.settings = from_environ(env)
+        except (ValueError, TypeError) as exc:  # the rank runs anyway: the watcher must never stop training
+            log.warning("trainhealth.launch: cannot report this rank's death (%s); running it anyway", exc)
+        if self.settings is not None:
+            env.setdefault("TRAINHEALTH_RUN", self.settings.run)
+            env["TRAINHEALTH_LAUNCH_ID"] = self.settings.launch_id
+        env.setdefault("PYTHONFAULTHANDLER", "1")
+        self.argv, self.env = argv, env
+        self.clock = clock
+        self.tail = Tail()
+        self.forwarded: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._sink = sink
+        self._reader: threading.Thread | None = None
+        self.cgroup: tuple[Path, int] | None = None  # the child's memory cgroup (folder, version)
+        self.oom_before: int | None = None  # its OOM-kill count when the child started
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
+        for sig in FORWARDED:
+            signal.signal(sig, self._forward)
+        self._reader = threading.Thread(target=self._read_stderr, name="trainhealth-stderr", daemon=True)
+        self._reader.start()
+        self.cgroup = host_memory.memory_cgroup(f"/proc/{self.proc.pid}/cgroup")
+        self.oom_before = host_memory.oom_kill_count(*self.cgroup) if self.cgroup else None
+        return self.proc
+
+    def _forward(self, sig: int, frame: Any) -> None:
+        self.forwarded = sig
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        out = sys.stderr.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.tail.add(chunk)
+            try:
+                while chunk:
+                    chunk = chunk[os.write(out, chunk):]
+            except OSError:  # our own stderr is gone: keep the tail anyway
+                pass
+
+    def wait(self) -> int:
+        """Wait for the child, report its death, and return its Popen return code."""
+        assert self.proc is not None
+        code = self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(DRAIN_SECONDS)
+        oom_after = peak = limit = None
+        if self.cgroup is not None:
+            oom_after = host_memory.oom_kill_count(*self.cgroup)
+            peak = host_memory.peak_bytes(*self.cgroup)
+            limit = host_memory.cgroup_limit(self_cgroup=f"/proc/{os.getpid()}/cgroup")
+        if self.settings is None:
+            return code
+        rec = end_record(self.settings, code, self.tail.text(), forwarded=self.forwarded, now=self.clock(),
+                         oom_before=self.oom_before, oom_after=oom_after, peak=peak, limit=limit)
+        if rec is not None:
+            self.report(rec)
+        return code
+
+    def report(self, rec: dict[str, Any]) -> Result:
+        s = self.settings
+        assert s is not None
+        pid = self.proc.pid if self.proc is not None else os.getpid()
+        sink = self._sink
+        if sink is None:
+            sink = (FileSink(s.offline_path.format(rank=s.rank, run=s.run)) if s.offline_path
+                    else HttpSink(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, pid)))
+        deadline = time.monotonic() + SEND_SECONDS
+        batch_id = f"{s.launch_id}-end/1"
+        delay = 0.1
+        while True:
+            result: Result = sink.send([rec], batch_id)
+            if result.outcome != "retry" or time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        if result.outcome != "ok":
+            log.warning("trainhealth.launch: could not report rank %d's end (%s)", s.rank, result.reason)
+        sink.close()
+        return result
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: its own process group (a signal sent to the watcher's group, torchrun's
+    killpg or Ctrl-C, reaches it once: passed on by the watcher), and SIGKILL when the watcher dies (Linux),
+    so no rank outlives its watcher."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def exit_like(code: int) -> None:
+    """Exit as the child did: the same code, or killed by the same signal (no core file of our own)."""
+    if code >= 0:
+        sys.exit(code)
+    sig = -code
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    sys.exit(128 + sig)  # a signal that does not end a process by default
+
+
+USAGE = "usage: python -m trainhealth.launch [--] COMMAND [ARGS...]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + (__doc__ or "").split("\n\n")[2], file=sys.stderr)
+        sys.exit(0 if args else 2)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    watcher = Watcher(args)
+    try:
+        watcher.start()
+    except OSError as exc:
+        print(f"trainhealth.launch: cannot start {args[0]!r}: {exc}", file=sys.stderr)
+        sys.exit(127)
+    exit_like(watcher.wait())
+
+
+if __name__ == "__main__":
+    main()
