@@ -15,6 +15,7 @@ Everything is bounded: two rings, a deque no longer than the fine ring, a few sa
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
@@ -39,6 +40,7 @@ SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
+RECENT_SAMPLES = 48  # raw samples kept for the short check (40 s at one a second)
 
 
 def jitter(values: list[float]) -> float:
@@ -70,10 +72,15 @@ class HostMemoryLeakSettings:
     fast_bucket_seconds: float = 5.0  # fine buckets of the fast check (never wider than bucket_seconds)
     fast_window_seconds: float = 600.0  # the longest rise the fast check looks back over
     fast_min_seconds: float = 40.0  # the shortest sustained rise it reports
-    fast_horizon_seconds: float = 300.0  # it reports any sustained rise that exhausts memory this soon,
+    fast_horizon_seconds: float = 420.0  # it reports any sustained rise that exhausts memory this soon,
     fast_lead: float = 4.0  # and one whose time left is at most fast_lead x how long it has risen
     fast_balance: float = 0.75  # the recent half of the rise >= fast_balance x the older half
     fast_min_growth_mb: float = 64.0  # and it rose at least this much (and 6 sigma of its noise)
+    short_min_seconds: float = 10.0  # the short check: a rise this long whose time left is within
+    # fast_lead x its age (a leak killing within ~40-60 s) is reported before fast_min_seconds
+    near_fraction: float = 0.9  # usage under a limit at this fraction of it and rising: a page now
+    near_rise_fraction: float = 0.01  # "rising": up this fraction of the limit over near_seconds
+    near_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         section = "detectors.host_memory_leak"
@@ -82,8 +89,9 @@ class HostMemoryLeakSettings:
                  "floor_seconds", "warmup_seconds", "min_rate_mb_per_hour", "min_growth_mb",
                  "sawtooth_drop_mb", "critical_hours", "warning_hours", "machine_horizon_hours",
                  "fast_bucket_seconds", "fast_window_seconds", "fast_min_seconds",
-                 "fast_horizon_seconds", "fast_lead", "fast_min_growth_mb")
-        fraction(self, section, "balance", "short_balance", "fast_balance")
+                 "fast_horizon_seconds", "fast_lead", "fast_min_growth_mb", "short_min_seconds",
+                 "near_rise_fraction", "near_seconds")
+        fraction(self, section, "balance", "short_balance", "fast_balance", "near_fraction")
         if self.window_seconds < 4 * self.bucket_seconds:
             raise ValueError(f"{section}.window_seconds: must be >= 4 x bucket_seconds "
                              f"({4 * self.bucket_seconds}), got {self.window_seconds!r}")
@@ -96,6 +104,18 @@ class HostMemoryLeakSettings:
         if self.fast_min_seconds > self.fast_window_seconds:
             raise ValueError(f"{section}.fast_min_seconds: must be <= fast_window_seconds "
                              f"({self.fast_window_seconds}), got {self.fast_min_seconds!r}")
+
+
+def plateau_below(older: float, recent: float, span: float, headroom: float) -> bool:
+    """A saturating fit against a linear one: growth whose rate fell from ``older`` (the first half of
+    ``span``) to ``recent`` (the second) is an exponential approach with time constant
+    tau = (span / 2) / ln(older / recent); what it has left to grow is recent x tau. True when that
+    stays below ``headroom``: a fill that levels off in time. A linear leak (recent ~ older) has
+    tau -> infinity."""
+    if recent >= older:
+        return False
+    tau = 0.5 * span / math.log(older / recent)
+    return recent * tau < headroom
 
 
 @dataclass(slots=True)
@@ -112,7 +132,8 @@ class Open:
 class Series:
     """One watched series: fine and minute minima, sawtooth drops, the open alert. Bounded."""
 
-    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width", "settings")
+    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width", "settings",
+                 "recent")
 
     def __init__(self, s: HostMemoryLeakSettings, t: float) -> None:
         self.settings = s  # the settings it was built for (a reload assigns a new object)
@@ -125,6 +146,7 @@ class Series:
         self.fine_drops = DropWatch()
         self.first_time = t
         self.open: Open | None = None
+        self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_SAMPLES)  # raw samples: the short check
 
     @property
     def growth(self) -> Growth | None:
@@ -145,6 +167,7 @@ class Series:
         """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
         fine = self.fine
         self.buckets.last = v
+        self.recent.append((t, v))
         if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
             if v < fine.low:
                 fine.low, fine.low_time = v, t
@@ -230,7 +253,41 @@ class Series:
         left = max(0.0, headroom) / rate
         if left > max(s.fast_horizon_seconds, s.fast_lead * span):
             return None
+        if left > s.fast_horizon_seconds and plateau_below(older, rate, span, headroom):
+            return None  # a fill: it slows down and levels off before the headroom is gone
         return Growth(rate, rise, span, v)
+
+    def short_growth(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
+        """A rise of at least ``short_min_seconds`` over the raw samples of the last ``fast_min_seconds``
+        whose time left is within ``fast_lead`` x its age: a leak that kills within a minute or so is
+        reported before the fast check has its 40 s of evidence. The same balance and noise rules."""
+        if self.open is not None or len(self.recent) < 5:
+            return None
+        pts = [p for p in self.recent if p[0] >= t - s.fast_min_seconds]
+        if len(pts) < 5:
+            return None
+        v0 = min(p[1] for p in pts)
+        near = v0 + max(0.1 * (v - v0), 3 * self.fine_noise())
+        first = max(i for i, p in enumerate(pts) if p[1] <= near)
+        pts = pts[first:]
+        t0, v0 = pts[0]
+        span, rise = t - t0, v - v0
+        if span < s.short_min_seconds or len(pts) < 5 or rise < max(s.fast_min_growth_mb * MB,
+                                                                    NOISE_RISE * self.fine_noise()):
+            return None
+        mid = len(pts) // 2
+        older = theil_sen([p[0] for p in pts[:mid + 1]], [p[1] for p in pts[:mid + 1]], FAST_FIT_POINTS)
+        rate = theil_sen([p[0] for p in pts[mid:]], [p[1] for p in pts[mid:]], FAST_FIT_POINTS)
+        if older <= 0 or rate <= 0 or rate < s.fast_balance * older:
+            return None
+        if max(0.0, headroom) / rate > s.fast_lead * span:
+            return None
+        return Growth(rate, rise, span, v)
+
+    def rate_since(self, since: float) -> float:
+        """Theil-Sen rate (bytes/s) of the fine minima since ``since`` (0 with too few points)."""
+        pts = self.fine.ring.items(since)
+        return theil_sen([p[0] for p in pts], [p[1] for p in pts], FAST_FIT_POINTS) if len(pts) >= 3 else 0.0
 
     def fast_still_rising(self, t: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
         """While a fast alert is open: the rise over the last half fast window, if it still
