@@ -58,6 +58,7 @@ from .trend import Growth
 __all__ = ["HostMemoryLeak", "HostMemoryLeakSettings", "Series", "jitter"]
 
 _RANK = {"info": 0, "warning": 1, "critical": 2}
+PEERS_SECONDS = 5.0  # a non-critical incident of a many-rank job waits this long for peers judged with it
 GroupKey = tuple[str, str, float]  # host, cgroup path ("" when unknown), limit
 
 
@@ -117,6 +118,9 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         self.groups: dict[GroupKey, Group] = {}
         self.group_of: dict[int, Group] = {}
         self.incident: Incident | None = None
+        self.pending: float | None = None  # a non-critical incident waits until then for its peers
+        self.pending_step = 0
+        self.joined: dict[int, float] = {}  # the rates of the picture being drawn (peers that joined it)
         self.whys: list[str] = []  # why each source closed while the incident was open: the resolve's summary
 
     def update(self, rec: Record) -> list[Event]:
@@ -265,16 +269,24 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             return True
         if not minute:
             return False
-        growth = series.steady(s, t)
+        if op is not None and op.kind == "seasonal":
+            growth = series.seasonal(s, t, lenient=True) or series.steady(s, t)
+        else:
+            growth = series.steady(s, t)
+            if growth is None and op is None:
+                growth = series.seasonal(s, t)
+                kind = "seasonal"
+            else:
+                kind = "steady"
         if growth is None:
             if op is None:
                 return False
             series.open = None
             self._closed(f"host memory of rank {rec.rank} stopped growing (its floor is flat or fell back), "
-                        f"now {value / 1e9:.2f} GB")
+                         f"now {value / 1e9:.2f} GB")
             return True
         if op is None:
-            series.open = Open(growth, "steady", "info", t - growth.lookback)
+            series.open = Open(growth, kind, "info", t - growth.lookback)
         else:
             op.growth = growth
         return True
@@ -326,16 +338,24 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         return True
 
     # -- the incident: one alert for the run -----------------------------------------
+    def tick(self, now: float) -> list[Event]:
+        if self.pending is None or now < self.pending:
+            return []
+        return self._incident_at(now, self.pending_step, self.settings)
+
     def _incident(self, rec: Record, s: HostMemoryLeakSettings) -> list[Event]:
+        return self._incident_at(rec.time, rec.step or 0, s)
+
+    def _incident_at(self, time: float, step: int, s: HostMemoryLeakSettings) -> list[Event]:
         picture = self._picture(s)
-        step = rec.step or 0
         if picture is None:
+            self.pending = None
             if self.incident is None:
                 return []
             self.incident = None
             why = "; ".join(sorted(set(self.whys), key=lambda w: (not w.startswith("host memory"), w)))
             self.whys = []
-            return [resolved(self.name, None, step, rec.time, why or "host memory stopped growing")]
+            return [resolved(self.name, None, step, time, why or "host memory stopped growing")]
         severity, ranks, where, alarm, summary, data = picture
         inc = self.incident
         if inc is not None:
@@ -345,8 +365,17 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                 return []
         if inc is None:
             self.whys = []
+        if inc is None and severity != "critical" and ranks and len(self.ranks) > 1:
+            # a steady leak in a job of many ranks: their minutes close one after another; wait a few
+            # seconds so the page names every rank judged leaking at the same time (and their summed forecast)
+            if self.pending is None:
+                self.pending, self.pending_step = time + PEERS_SECONDS, step
+                return []
+            if time < self.pending:
+                return []
+        self.pending = None
         self.incident = Incident(severity, ranks, where, alarm)
-        event = firing(self.name, None, step, rec.time, summary, severity, **data)
+        event = firing(self.name, None, step, time, summary, severity, **data)
         event.refresh = inc is not None  # escalated in place: the same alert, nobody paged twice
         return [event]
 
@@ -354,19 +383,27 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                                                            dict[str, Any]] | None:
         """The most urgent forecast among the limits and machines with a leak, or None when none is left."""
         leaking = {r: x for r, x in self.ranks.items() if x.open is not None}
+        rates = {r: _rate(x) for r, x in leaking.items()}
+        seasonal = {self._host(r) for r, x in leaking.items() if x.open.kind == "seasonal"}  # type: ignore[union-attr]
+        for r, x in self.ranks.items():  # under one sawtooth, peers rising with it are the same leak
+            if r not in leaking and self._host(r) in seasonal and x.recent:
+                growth = x.seasonal(s, x.recent[-1][0], lenient=True)
+                if growth is not None and growth.rate > 0:
+                    leaking[r], rates[r] = x, growth.rate
         candidates: list[tuple[float, int, str, Any]] = []  # (seconds, -alarm, key, what)
         for key, g in self.groups.items():
             mine = [r for r in leaking if self.group_of.get(r) is g]
             if not (g.alarm or g.series.open is not None or mine):
                 continue
-            rate = max(sum(_rate(leaking[r]) for r in mine),
+            rate = max(sum(rates[r] for r in mine),
                        g.series.open.growth.rate if g.series.open is not None else 0.0, g.alarm_rate)
             headroom = g.limit - g.usage
             avail = self._avail(g.host)
             if avail is not None:
                 headroom = min(headroom, avail)
             seconds = 0.0 if g.alarm == "over" else (max(0.0, headroom) / rate if rate > 0 else math.inf)
-            candidates.append((seconds, -len(g.alarm), f"{key[0]}|{key[1]}|{key[2]}", ("group", g, mine, rate)))
+            candidates.append((seconds, -len(g.alarm), f"{key[0]}|{key[1]}|{key[2]}",
+                               ("group", g, sorted(mine), rate)))
         grouped = {r for r in leaking if r in self.group_of}
         hosts = {self._host(r) for r in leaking if r not in grouped} | {
             h for h, x in self.machines.items() if x.open is not None}
@@ -374,14 +411,15 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             machine = self.machines.get(host)
             mine = [r for r in leaking if self._host(r) == host]
             fall = machine.open.growth.rate if machine is not None and machine.open is not None else 0.0
-            rate = max(sum(_rate(leaking[r]) for r in mine), fall)
+            rate = max(sum(rates[r] for r in mine), fall)
             avail = self._avail(host) if machine is None else -machine.buckets.last
             left = None if avail is None else max(0.0, avail) / rate if rate > 0 else math.inf
             candidates.append((math.inf if left is None else left, 0, f"{host}|machine",
-                               ("machine", host, mine, rate, left)))
+                               ("machine", host, sorted(mine), rate, left)))
         if not candidates:
             return None
         seconds, _, where, what = min(candidates, key=lambda c: (c[0], c[1]))
+        self.joined = rates
         if what[0] == "group":
             return self._describe_group(what[1], what[2], what[3], seconds, where, s)
         return self._describe_machine(what[1], what[2], what[3], what[4], where, s)
@@ -394,6 +432,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                 continue
             if x.open is not None:
                 out[r] = x.open.growth.rate
+            elif r in self.joined:
+                out[r] = self.joined[r]
             elif since is not None:
                 out[r] = x.rate_since(since)
         return out

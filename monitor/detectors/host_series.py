@@ -40,6 +40,7 @@ SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
+SEASONAL_POINTS = 4  # minutes of period-lagged differences the seasonal check needs
 RECENT_SAMPLES = 48  # raw samples kept for the short check (40 s at one a second)
 
 
@@ -301,6 +302,46 @@ class Series:
         if rate <= 0 or max(0.0, headroom) / rate > 2 * s.critical_hours * HOUR:
             return None
         return Growth(rate, pts[-1][1] - pts[0][1], pts[-1][0] - pts[0][0], pts[-1][1])
+
+    # -- the seasonal check: a leak under a sawtooth ------------------------------
+    def seasonal(self, s: HostMemoryLeakSettings, now: float, lenient: bool = False) -> Growth | None:
+        """Under a sawtooth of period P (DataLoader epochs), memory now against memory one period ago at
+        the same point of the tooth: a healthy sawtooth repeats itself (differences ~0), a leak adds its
+        rate x P to every one. Fires when, over the last SEASONAL_POINTS minutes (all after warmup, so
+        the lagged point is too), at least 80% of the differences exceed ``min_growth_mb`` and 6 sigma of
+        the noise and the newer ones are at least ``fast_balance`` x the older ones (a cache filling
+        during the first epochs makes shrinking differences). A leak present from the start is reported
+        about P + warmup + 4 min in (29 min for 20-minute epochs). ``lenient`` (while open, and for the peers
+        of a rank that fired): 3 points, and the median difference above half the threshold."""
+        period = self.fine_drops.period(now, forget_after=s.window_seconds)
+        width = s.bucket_seconds
+        if period < 2 * width or period > s.window_seconds:
+            return None
+        pts = self.buckets.ring.items(now - period - (SEASONAL_POINTS + 2) * width)
+        start = self.first_time + s.warmup_seconds
+        recent = [p for p in pts if p[0] >= now - (SEASONAL_POINTS + 0.5) * width and p[0] - period >= start]
+        if len(recent) < (3 if lenient else SEASONAL_POINTS):
+            return None
+        diffs = []
+        j = 0
+        for t, v in recent:
+            target = t - period
+            while j + 1 < len(pts) and abs(pts[j + 1][0] - target) <= abs(pts[j][0] - target):
+                j += 1
+            if abs(pts[j][0] - target) > width:
+                return None
+            diffs.append(v - pts[j][1])
+        threshold = max(s.min_growth_mb * MB, NOISE_RISE * self.noise())
+        mid = median(diffs)
+        growth = Growth(mid / period, mid, period, recent[-1][1])
+        if lenient:
+            return growth if mid >= 0.5 * threshold else None
+        if sum(d >= threshold for d in diffs) < 0.8 * len(diffs):
+            return None
+        k = len(diffs) // 2
+        if sum(diffs[-k:]) < s.fast_balance * sum(diffs[:k]):
+            return None
+        return growth
 
     # -- the steady check ------------------------------------------------------
     def floors(self, s: HostMemoryLeakSettings, now: float) -> list[tuple[float, float]]:
