@@ -91,6 +91,7 @@ class Group:
     facts: bool = False  # usage is the kernel's (host_mem_cgroup_bytes), not the ranks' sum
     alarm: str = ""  # "over" the limit, or "near" it and rising: a page whatever the trend says
     alarm_rate: float = 0.0
+    leader: int = 2**31  # the lowest rank: its records feed the series
 
     def ranks(self) -> list[int]:
         return sorted(self.pss)
@@ -142,7 +143,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             closed = series.add(rec.time, value, s)
             if closed:
                 judged |= self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
-            if group is not None:
+            if group is not None and rec.rank == group.leader:
                 judged |= self._judge_group(rec, group, s)
         avail = rec.host_mem_available_bytes
         if avail is not None and 0 <= avail < math.inf:
@@ -174,6 +175,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             if group is None or not group.series.matches(s):
                 group = self.groups[key] = Group(key[0], limit, Series(s, rec.time))
             self.group_of[rec.rank] = group
+            group.leader = min(group.leader, rec.rank)
         group.total += value - group.pss.get(rec.rank, 0.0)
         group.pss[rec.rank] = value
         kernel = rec.host_mem_cgroup_bytes
@@ -181,7 +183,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             group.usage, group.facts = kernel, True
         elif not group.facts:
             group.usage = group.total
-        group.series.add(rec.time, group.usage, s)
+        if rec.rank == group.leader:  # one point per round of the ranks' samples (a sum updated in turns
+            group.series.add(rec.time, group.usage, s)  # would zigzag), at the lowest rank's
         return group
 
     def _leave_group(self, rank: int) -> None:
@@ -189,6 +192,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         if group is None:
             return
         group.total -= group.pss.pop(rank, 0.0)
+        group.leader = min(group.pss, default=2**31)
         if not group.pss:
             self.groups = {k: g for k, g in self.groups.items() if g is not group}
 
@@ -272,12 +276,15 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         if op is not None and op.kind == "seasonal":
             growth = series.seasonal(s, t, lenient=True) or series.steady(s, t)
         else:
-            growth = series.steady(s, t)
-            if growth is None and op is None:
-                growth = series.seasonal(s, t)
-                kind = "seasonal"
-            else:
-                kind = "steady"
+            growth, kind = series.steady(s, t), "steady"
+            if growth is None and op is None and headroom is not None:
+                growth, kind = series.seasonal(s, t), "seasonal"
+                # judged early (one period in): only a leak that matters today, counting every rank of the
+                # machine as leaking alike (they share the sawtooth); slower ones wait for the steady check
+                host = self._host(rec.rank)
+                peers = sum(1 for r in self.ranks if self._host(r) == host)
+                if growth is not None and headroom / (growth.rate * peers) > s.warning_hours * HOUR:
+                    growth = None
         if growth is None:
             if op is None:
                 return False
@@ -441,12 +448,13 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     def _describe_group(self, g: Group, mine: list[int], rate: float, seconds: float, where: str,
                         s: HostMemoryLeakSettings) -> tuple[Severity, tuple[int, ...], str, str, str, dict[str, Any]]:
         lead = g.series.open.growth if g.series.open is not None else None
-        if not mine:  # the group's own rise (or the limit's facts): every rank of it that grows
-            since = (lead.lookback if lead is not None else s.near_seconds)
-            rates = self._rates(g.ranks(), self._now(g) - since)
-            mine = [r for r, v in rates.items() if v > 0] or g.ranks()
-        rates = self._rates(mine, self._now(g) - (lead.lookback if lead is not None else s.near_seconds))
-        first = self.ranks[mine[0]].open if mine and mine[0] in self.ranks else None
+        since = self._now(g) - (lead.lookback if lead is not None else s.near_seconds)
+        if lead is not None or g.alarm or not mine:  # the group's own rise: every rank of it that grows with it
+            others = self._rates([r for r in g.ranks() if r not in mine], since)
+            share = 0.1 * rate / max(1, len(g.pss))
+            mine = sorted(set(mine) | {r for r, v in others.items() if v > share}) or g.ranks()
+        rates = self._rates(mine, since)
+        first = next((self.ranks[r].open for r in mine if r in self.ranks and self.ranks[r].open), None)
         growth = lead or (first.growth if first is not None else None)
         kind = ("limit" if g.alarm else "fast" if g.series.open is not None
                 else first.kind if first is not None else "limit")
@@ -481,7 +489,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         machine = self.machines.get(host)
         avail = self._avail(host) if machine is None else -machine.buckets.last
         rates = self._rates(mine, None)
-        first = self.ranks[mine[0]].open if mine else None
+        first = next((self.ranks[r].open for r in mine if r in self.ranks and self.ranks[r].open), None)
         if first is not None:
             growth, kind = first.growth, first.kind
             summary = self._growth_phrase(mine, rates, growth, kind, rate)

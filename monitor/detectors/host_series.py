@@ -40,7 +40,9 @@ SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
-SEASONAL_POINTS = 4  # minutes of period-lagged differences the seasonal check needs
+PLATEAU_MARGIN = 1.25  # a fill's estimated remaining growth may exceed the headroom by this much
+SEASONAL_BALANCE = 0.85  # its newer differences against its older ones: a cache filling under it shrinks them
+SEASONAL_POINTS = 5  # minutes of period-lagged differences the seasonal check needs
 RECENT_SAMPLES = 48  # raw samples kept for the short check (40 s at one a second)
 
 
@@ -112,11 +114,12 @@ def plateau_below(older: float, recent: float, span: float, headroom: float) -> 
     ``span``) to ``recent`` (the second) is an exponential approach with time constant
     tau = (span / 2) / ln(older / recent); what it has left to grow is recent x tau. True when that
     stays below ``headroom``: a fill that levels off in time. A linear leak (recent ~ older) has
-    tau -> infinity."""
+    tau -> infinity. Halves of a noisy rise estimate tau within ~15%: a fill leaving a tenth of the
+    headroom free at its plateau must not page, so the test is against PLATEAU_MARGIN x the headroom."""
     if recent >= older:
         return False
     tau = 0.5 * span / math.log(older / recent)
-    return recent * tau < headroom
+    return recent * tau < PLATEAU_MARGIN * headroom
 
 
 @dataclass(slots=True)
@@ -267,14 +270,15 @@ class Series:
         pts = [p for p in self.recent if p[0] >= t - s.fast_min_seconds]
         if len(pts) < 5:
             return None
+        # the noise of the minute minima: the fine minima's own would count the bend where the leak began
+        noise = self.noise()
         v0 = min(p[1] for p in pts)
-        near = v0 + max(0.1 * (v - v0), 3 * self.fine_noise())
+        near = v0 + max(0.1 * (v - v0), 3 * noise)
         first = max(i for i, p in enumerate(pts) if p[1] <= near)
         pts = pts[first:]
         t0, v0 = pts[0]
         span, rise = t - t0, v - v0
-        if span < s.short_min_seconds or len(pts) < 5 or rise < max(s.fast_min_growth_mb * MB,
-                                                                    NOISE_RISE * self.fine_noise()):
+        if span < s.short_min_seconds or len(pts) < 5 or rise < max(s.fast_min_growth_mb * MB, NOISE_RISE * noise):
             return None
         mid = len(pts) // 2
         older = theil_sen([p[0] for p in pts[:mid + 1]], [p[1] for p in pts[:mid + 1]], FAST_FIT_POINTS)
@@ -286,8 +290,12 @@ class Series:
         return Growth(rate, rise, span, v)
 
     def rate_since(self, since: float) -> float:
-        """Theil-Sen rate (bytes/s) of the fine minima since ``since`` (0 with too few points)."""
-        pts = self.fine.ring.items(since)
+        """Theil-Sen rate (bytes/s) since ``since``: of the raw samples where they reach back that far,
+        else of the fine minima (0 with too few points)."""
+        if self.recent and self.recent[0][0] <= since:
+            pts = [p for p in self.recent if p[0] >= since]
+        else:
+            pts = self.fine.ring.items(since)
         return theil_sen([p[0] for p in pts], [p[1] for p in pts], FAST_FIT_POINTS) if len(pts) >= 3 else 0.0
 
     def fast_still_rising(self, t: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
@@ -309,9 +317,9 @@ class Series:
         the same point of the tooth: a healthy sawtooth repeats itself (differences ~0), a leak adds its
         rate x P to every one. Fires when, over the last SEASONAL_POINTS minutes (all after warmup, so
         the lagged point is too), at least 80% of the differences exceed ``min_growth_mb`` and 6 sigma of
-        the noise and the newer ones are at least ``fast_balance`` x the older ones (a cache filling
+        the noise and the newer ones are at least SEASONAL_BALANCE x the older ones (a cache filling
         during the first epochs makes shrinking differences). A leak present from the start is reported
-        about P + warmup + 4 min in (29 min for 20-minute epochs). ``lenient`` (while open, and for the peers
+        about P + warmup + 5 min in (30 min for 20-minute epochs). ``lenient`` (while open, and for the peers
         of a rank that fired): 3 points, and the median difference above half the threshold."""
         period = self.fine_drops.period(now, forget_after=s.window_seconds)
         width = s.bucket_seconds
@@ -339,7 +347,7 @@ class Series:
         if sum(d >= threshold for d in diffs) < 0.8 * len(diffs):
             return None
         k = len(diffs) // 2
-        if sum(diffs[-k:]) < s.fast_balance * sum(diffs[:k]):
+        if sum(diffs[-k:]) < SEASONAL_BALANCE * sum(diffs[:k]):
             return None
         return growth
 
