@@ -171,7 +171,9 @@ class Series:
         """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
         fine = self.fine
         self.buckets.last = v
-        self.recent.append((t, v))
+        recent = self.recent
+        if not recent or recent[-1][1] != v:  # records between two probe readings repeat the last one
+            recent.append((t, v))
         if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
             if v < fine.low:
                 fine.low, fine.low_time = v, t
