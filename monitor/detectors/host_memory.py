@@ -1,10 +1,10 @@
-"""host_memory_leak: host memory that grows until it runs out, per rank and per machine.
+"""host_memory_leak: host memory that grows until it runs out, as one incident per run.
 
 Leaks are caught at the speed they kill. Each rank's ``host_mem_bytes`` (PSS of the
 process and its DataLoader workers) is watched on two time scales (host_series.py):
 
 - **fast**: on 5-second minima, a sustained rise since the lowest point of the last 10
-  minutes that exhausts the rank's headroom soon: within ``fast_horizon_seconds`` (5 min), or
+  minutes that exhausts the rank's headroom soon: within ``fast_horizon_seconds`` (7 min), or
   within ``fast_lead`` (4) times how long it has been rising. A leak that would exhaust the
   machine in 5 minutes is reported about 40-50 s after it starts, warmup or not. "Sustained"
   means at least ``fast_min_seconds`` (40 s), a recent half rising as much as the older half
@@ -17,28 +17,27 @@ process and its DataLoader workers) is watched on two time scales (host_series.p
   half of what it gained) stretch the floor over their period; saturating growth fails the
   balance of the halves (stricter, ``short_balance``, on lookbacks under 30 min).
 
-The **headroom** of a rank is the machine's available memory (``host_mem_available_bytes``)
-and, where the client reports the process's own limit (``host_mem_limit_bytes``: cgroup
-``memory.max``, or ``TRAINHEALTH_MEMORY_LIMIT``), the limit less the memory of the ranks of the
-same host that report the same limit (one container or job cgroup), whichever is smaller. The
-forecast is the headroom over the combined rate of the leaking ranks of that host, and sets the
-severity: critical within ``critical_hours``, warning within ``warning_hours``, info beyond (a
-slow leak on a big machine is worth knowing, not a page). An open alert whose forecast gets
-worse is raised again at the higher severity ("superseded"); it is never lowered.
+Around those checks (rules and measured delays in docs/memory.md):
 
-The machine-level check watches ``host_mem_available_bytes`` (negated, through the same
-machinery) and fires when available memory is forecast to reach zero within
-``machine_horizon_hours`` (steady) or soon (fast). It is the same alert name with ``rank =
-null`` and ``scope = "machine"``: one open machine alert per run, naming the machine with the
-nearest exhaustion, and none while the leaking ranks of that machine explain half its fall or
-more (they page already: one incident, one page). Ranks are grouped into machines by the ``host`` of their start record;
-ranks with no host are taken to share one machine (the per-node sidecar).
+- **short**: a rise of 10 s on the raw samples whose time left is within ``fast_lead`` x its age (a
+  leak killing within a minute); **seasonal**: under an epoch sawtooth, memory now against memory one
+  period ago at the same point of the tooth (a steady leak under DataLoader epochs within ~30 min);
+  **fills** (rate falling steadily) are fitted as saturating curves and stay quiet when they level off
+  under the headroom.
+- **the kernel's facts**: ranks of one host under one limit (``host_mem_limit_bytes``, same
+  ``host_mem_cgroup``) are a group whose usage is the cgroup's working set (``host_mem_cgroup_bytes``)
+  where the client sends it, else the ranks' own memory summed. Over the limit, or above
+  ``near_fraction`` of it and rising, is a page now; the group's own series (its summed rate) runs the
+  fast and short checks against the shared headroom.
+- **one incident**: one alert per run (rank null), naming the root ranks, their host, the limit, each
+  rank's rate and the time left from the summed rate against the shared headroom (the most urgent
+  among the groups and machines with a leak). A worse picture rewrites it in place (refresh: no second
+  page; severity never lowered); it resolves when nothing it stood on still grows, or its ranks end.
 
-Resolution: a steady alert when the floor's rate over the last ``window_seconds / 2`` is below
-half of ``min_rate_mb_per_hour`` and over the whole window below it, or when memory falls back
-like a sawtooth; a fast alert when the rise over the last half fast window no longer exhausts
-the headroom within twice ``critical_hours`` (unless the steady check then holds it); any when
-the rank restarts or ends.
+The machine-level series watches ``host_mem_available_bytes`` (negated, through the same machinery):
+alone (no leaking rank) it is a fall nobody explains, ``scope = "machine"``. Ranks are grouped into
+machines by the ``host`` of their start record; ranks with no host share one machine (the per-node
+sidecar). A machine's series is dropped when its last rank ends.
 """
 
 from __future__ import annotations
@@ -176,6 +175,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                 group = self.groups[key] = Group(key[0], limit, Series(s, rec.time))
             self.group_of[rec.rank] = group
             group.leader = min(group.leader, rec.rank)
+            if group.pss:  # a summed usage jumps when a rank joins: its history starts over
+                group.series = Series(s, rec.time)
         group.total += value - group.pss.get(rec.rank, 0.0)
         group.pss[rec.rank] = value
         kernel = rec.host_mem_cgroup_bytes
@@ -193,6 +194,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             return
         group.total -= group.pss.pop(rank, 0.0)
         group.leader = min(group.pss, default=2**31)
+        if group.pss and not group.facts:  # and falls when one leaves
+            group.series = Series(group.series.settings, group.series.recent[-1][0] if group.series.recent else 0.0)
         if not group.pss:
             self.groups = {k: g for k, g in self.groups.items() if g is not group}
 

@@ -267,7 +267,13 @@ class Series:
         """A rise of at least ``short_min_seconds`` over the raw samples of the last ``fast_min_seconds``
         whose time left is within ``fast_lead`` x its age: a leak that kills within a minute or so is
         reported before the fast check has its 40 s of evidence. The same balance and noise rules."""
-        if self.open is not None or len(self.recent) < 5:
+        if self.open is not None or len(self.recent) < 5 or not self.low.window:
+            return None
+        # O(1) pre-test: a rise R over >= short_min_seconds fires only if the headroom goes within
+        # fast_lead x fast_min_seconds at about R / short_min_seconds (x2 for a rise that speeds up)
+        rise = v - min(self.low.window[0][1], self.fine.low)
+        if rise < s.fast_min_growth_mb * MB or headroom * s.short_min_seconds > (
+                2 * s.fast_lead * s.fast_min_seconds * rise):
             return None
         pts = [p for p in self.recent if p[0] >= t - s.fast_min_seconds]
         if len(pts) < 5:

@@ -83,7 +83,8 @@ def test_near_the_limit_and_rising_pages_now_whatever_the_trend_says():
                               cgroup_other=0.0))
     first, = pages(out)
     assert 60 < at(first) <= 60 + 30 and (first["severity"], first["detection"]) == ("critical", "limit")
-    assert first["summary"].startswith("rank 0 on node-a is at 9") and "% of its 4.29 GB memory limit" in first["summary"]
+    assert first["summary"].startswith("rank 0 on node-a is at 9")
+    assert "% of its 4.29 GB memory limit" in first["summary"]
     # the same level, flat: silent (a cgroup that sits near its limit is not a leak)
     flat = {0: total(const(0.95 * limit), noise(2 * MB))}
     assert watch(host_trace(flat, 600 / 3600, every=2.0, machine_bytes=64 * GB, limit=limit, seed=4,
