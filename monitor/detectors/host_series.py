@@ -42,7 +42,7 @@ FINE, MINUTE = 1, 2  # what Series.add closed
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
 PLATEAU_MARGIN = 1.25  # a fill's estimated remaining growth may exceed the headroom by this much
 SEASONAL_BALANCE = 0.85  # its newer differences against its older ones: a cache filling under it shrinks them
-SEASONAL_POINTS = 5  # minutes of period-lagged differences the seasonal check needs
+SEASONAL_POINTS = 4  # minutes of period-lagged differences the seasonal check needs
 RECENT_SAMPLES = 48  # raw samples kept for the short check (40 s at one a second)
 
 
@@ -327,7 +327,7 @@ class Series:
         the lagged point is too), at least 80% of the differences exceed ``min_growth_mb`` and 6 sigma of
         the noise and the newer ones are at least SEASONAL_BALANCE x the older ones (a cache filling
         during the first epochs makes shrinking differences). A leak present from the start is reported
-        about P + warmup + 5 min in (30 min for 20-minute epochs). ``lenient`` (while open, and for the peers
+        about P + warmup + 4 min in (29 min for 20-minute epochs). ``lenient`` (while open, and for the peers
         of a rank that fired): 3 points, and the median difference above half the threshold."""
         period = self.fine_drops.period(now, forget_after=s.window_seconds)
         width = s.bucket_seconds

@@ -140,10 +140,24 @@ def test_a_steady_leak_under_an_epoch_sawtooth_is_reported_within_30_minutes():
     assert [a["fingerprint"] for a in open_] == [first["fingerprint"]]
 
 
-@pytest.mark.parametrize("name", ["sawtooth", "sawtooth and a warmup", "sawtooth and a cache filling"])
+def uneven_sawtooth(amount, period, spread):
+    """Epochs of period +- spread seconds (alternating), memory growing through each and falling back."""
+    starts = [0.0]
+    while starts[-1] < 10 * 3600:
+        starts.append(starts[-1] + period + (spread if len(starts) % 2 else -spread))
+
+    def shape(t, r):
+        k = max(i for i, s0 in enumerate(starts) if s0 <= t)
+        return amount * (t - starts[k]) / (starts[k + 1] - starts[k])
+    return shape
+
+
+@pytest.mark.parametrize("name", ["sawtooth", "sawtooth and a warmup", "sawtooth and a cache filling",
+                                  "uneven epochs, 18-22 min", "10-min epochs, 3 GB"])
 def test_epoch_sawtooths_without_a_leak_stay_silent(name):
-    extra = {"sawtooth": const(0.0), "sawtooth and a warmup": warmup(2 * GB, 180),
-             "sawtooth and a cache filling": warmup(2 * GB, 300)}[name]
-    ranks = {k: total(const(6 * GB), extra, sawtooth(2 * GB, 1200), noise(50 * MB)) for k in range(4)}
+    extra = {"sawtooth and a warmup": warmup(2 * GB, 180), "sawtooth and a cache filling": warmup(2 * GB, 300)}
+    tooth = {"uneven epochs, 18-22 min": uneven_sawtooth(2 * GB, 1200, 120),
+             "10-min epochs, 3 GB": sawtooth(3 * GB, 600)}.get(name, sawtooth(2 * GB, 1200))
+    ranks = {k: total(const(6 * GB), extra.get(name, const(0.0)), tooth, noise(50 * MB)) for k in range(4)}
     out, _ = watch(host_trace(ranks, 2.0, machine_bytes=512 * GiB, other_bytes=200 * GB, seed=11))
     assert out == [], [(at(a) / 60, a["summary"]) for a in out]
