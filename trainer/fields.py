@@ -1,4 +1,5 @@
-"""Record field names as the client sorts them (DESIGN.md's record; the client does not import the sidecar)."""
+"""Record field names as the client sorts them (docs/record.md; the client does not import the sidecar:
+tests/unit/test_contract_names.py checks these equal the sidecar's)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def assign(rec: dict[str, Any], name: str, value: Any) -> None:
     else:
         rec.setdefault("metrics", {})[name] = value
 
-# DESIGN.md's alert names: what ``Telemetry(stop_on=...)`` may name (a misspelled name would never stop)
+# The alert names of docs/alerts.md: what ``Telemetry(stop_on=...)`` may name (a misspelled name would never stop)
 ALERT_NAMES = frozenset((
     "nan_divergence", "loss_spike", "grad_explosion", "gpu_oom_risk", "gpu_oom", "host_memory_leak",
     "rank_stalled", "rank_failed", "straggler", "lr_scaling",
