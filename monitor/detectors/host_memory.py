@@ -57,6 +57,7 @@ from .trend import Growth
 __all__ = ["HostMemoryLeak", "HostMemoryLeakSettings", "Series", "jitter"]
 
 _RANK = {"info": 0, "warning": 1, "critical": 2}
+REAPED_SECONDS = 5.0  # after an OOM kill in its cgroup, a rank silent this long (since before the kill) is gone
 PEERS_SECONDS = 5.0  # a non-critical incident of a many-rank job waits this long for peers judged with it
 GroupKey = tuple[str, str, float]  # host, cgroup path ("" when unknown), limit
 
@@ -91,6 +92,10 @@ class Group:
     alarm: str = ""  # "over" the limit, or "near" it and rising: a page whatever the trend says
     alarm_rate: float = 0.0
     leader: int = 2**31  # the lowest rank: its records feed the series
+    oom_base: int | None = None  # the cgroup's OOM-kill count when first seen
+    oom_kills: int = 0  # processes the OOM killer ended in it since
+    reaped: int = 0  # kills already matched with ranks that stopped reporting
+    kill_time: float = 0.0  # when the count last rose
 
     def ranks(self) -> list[int]:
         return sorted(self.pss)
@@ -104,6 +109,7 @@ class Incident:
     ranks: tuple[int, ...]
     where: str  # the group or machine it forecasts against
     alarm: str
+    kills: int = 0  # the OOM killer's kills in its cgroup since it was first seen
 
 
 class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
@@ -142,6 +148,9 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             closed = series.add(rec.time, value, s)
             if closed:
                 judged |= self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
+            if group is not None and group.oom_kills > group.reaped:
+                judged |= self._reap(rec, group)
+                group = self.group_of.get(rec.rank)
             if group is not None and rec.rank == group.leader:
                 judged |= self._judge_group(rec, group, s)
         avail = rec.host_mem_available_bytes
@@ -184,6 +193,13 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             group.usage, group.facts = kernel, True
         elif not group.facts:
             group.usage = group.total
+        kills = rec.host_mem_oom_kills
+        if kills is not None and group.facts:
+            if group.oom_base is None or kills < group.oom_base:
+                group.oom_base = kills
+            if kills - group.oom_base > group.oom_kills:
+                group.kill_time = rec.time
+            group.oom_kills = kills - group.oom_base
         if rec.rank == group.leader:  # one point per round of the ranks' samples (a sum updated in turns
             group.series.add(rec.time, group.usage, s)  # would zigzag), at the lowest rank's
         return group
@@ -198,6 +214,25 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             group.series = Series(group.series.settings, group.series.recent[-1][0] if group.series.recent else 0.0)
         if not group.pss:
             self.groups = {k: g for k, g in self.groups.items() if g is not group}
+
+    def _reap(self, rec: Record, group: Group) -> bool:
+        """The kernel's OOM killer ended a process in the group's cgroup (a surviving peer's sample says so):
+        the ranks of the group that stopped reporting since are gone, and no longer count in the incident (a
+        killed rank sends no end record; naming the death is rank_failed's)."""
+        gone = [r for r in group.ranks() if r != rec.rank
+                and (self.run.ranks[r].last_sample_time or 0.0) < min(rec.time - REAPED_SECONDS, group.kill_time)]
+        if not gone:
+            if rec.time > group.kill_time + 60:  # nobody went away: a process other than the ranks
+                group.reaped = group.oom_kills
+            return False
+        group.reaped += len(gone)
+        group.series = Series(group.series.settings, rec.time)  # what it held was freed: its history starts over
+        for r in gone:
+            self.ranks.pop(r, None)
+            self.machine_of.pop(r, None)
+            self._leave_group(r)
+            self._closed(f"rank {r} stopped reporting after the kernel's OOM killer ended a process in its cgroup")
+        return True
 
     def _judge_group(self, rec: Record, group: Group, s: HostMemoryLeakSettings) -> bool:
         """The kernel's facts first: over the limit, or near it and rising, is a page now. Then the
@@ -221,7 +256,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         if was and not group.alarm:
             self._closed(f"usage under the {limit / 1e9:.2f} GB memory limit stopped rising "
                          f"(now {usage / 1e9:.2f} GB)")
-        judged = group.alarm != was
+        judged = group.alarm != was or (self.incident is not None and self.incident.kills != group.oom_kills
+                                         and self.group_of.get(rec.rank) is group)
         series = group.series
         headroom = limit - usage
         avail = self.run.ranks[rec.rank].latest.get("host_mem_available_bytes")
@@ -367,11 +403,12 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             self.whys = []
             return [resolved(self.name, None, step, time, why or "host memory stopped growing")]
         severity, ranks, where, alarm, summary, data = picture
+        kills = data.get("oom_kills", 0)
         inc = self.incident
         if inc is not None:
             if _RANK[severity] < _RANK[inc.severity]:
                 severity = inc.severity  # never lowered while open
-            if (severity, ranks, where, alarm) == (inc.severity, inc.ranks, inc.where, inc.alarm):
+            if (severity, ranks, where, alarm, kills) == (inc.severity, inc.ranks, inc.where, inc.alarm, inc.kills):
                 return []
         if inc is None:
             self.whys = []
@@ -384,7 +421,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             if time < self.pending:
                 return []
         self.pending = None
-        self.incident = Incident(severity, ranks, where, alarm)
+        self.incident = Incident(severity, ranks, where, alarm, kills)
         event = firing(self.name, None, step, time, summary, severity, **data)
         event.refresh = inc is not None  # escalated in place: the same alert, nobody paged twice
         return [event]
@@ -479,12 +516,15 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             summary = self._growth_phrase(mine, rates, growth, kind, rate) + (
                 f"the {max(0.0, g.limit - g.usage) / 1e9:.2f} GB left under {whose} {g.limit / 1e9:.2f} GB "
                 f"memory limit is gone in {duration(seconds)}")
+        if g.oom_kills:
+            summary += (f"; the kernel's OOM killer has ended {g.oom_kills} process"
+                        f"{'es' if g.oom_kills > 1 else ''} in that cgroup since (see rank_failed)")
         avail = self._avail(g.host)
         data = self._data(mine, rates, growth, kind, rate, seconds, g.host, "process" if mine else "limit")
         data.update(host_mem_available_bytes=avail, host_mem_limit_bytes=g.limit,
                     headroom_bytes=g.limit - g.usage if avail is None else min(avail, g.limit - g.usage),
                     limit_used_bytes=g.usage, limit_used_source="cgroup" if g.facts else "ranks",
-                    limit_fraction=round(g.usage / g.limit, 4))
+                    limit_fraction=round(g.usage / g.limit, 4), oom_kills=g.oom_kills)
         return severity, tuple(mine), where, g.alarm, summary, data
 
     def _describe_machine(self, host: str, mine: list[int], rate: float, seconds: float | None, where: str,

@@ -161,3 +161,27 @@ def test_epoch_sawtooths_without_a_leak_stay_silent(name):
     ranks = {k: total(const(6 * GB), extra.get(name, const(0.0)), tooth, noise(50 * MB)) for k in range(4)}
     out, _ = watch(host_trace(ranks, 2.0, machine_bytes=512 * GiB, other_bytes=200 * GB, seed=11))
     assert out == [], [(at(a) / 60, a["summary"]) for a in out]
+
+
+def test_a_rank_killed_by_the_oom_killer_leaves_the_incident_which_resolves():
+    # rank 1 leaks into the 2 GiB cgroup both share; at the limit the kernel kills it (no end record). Rank 0's
+    # samples then show the cgroup's OOM-kill count up by one and the usage back down: the incident says so,
+    # rank 1 stops counting, and with nothing growing it resolves
+    limit = 2 * GiB
+    ranks = {0: total(const(0.3 * GB), noise(5 * MB)),
+             1: total(const(0.3 * GB), linear(40 * MB * 3600, start=10), noise(5 * MB))}
+    kill = 10 + (limit - 0.6 * GB) / (40 * MB)  # ~48 s
+    records = []
+    for r in host_trace(ranks, 120 / 3600, every=1.0, machine_bytes=64 * GB, limit=limit, seed=12, cgroup_other=0.0):
+        if r.type == "sample":
+            r.host_mem_oom_kills = 0
+            if r.time - T0 >= kill:
+                if r.rank == 1:
+                    continue  # killed: it sends nothing more
+                r.host_mem_oom_kills, r.host_mem_cgroup_bytes = 1, r.host_mem_bytes
+        records.append(r)
+    out, open_ = watch(records)
+    assert [a["state"] for a in out] == ["firing", "resolved"] and open_ == []
+    assert out[0]["root_ranks"] == [1] and at(out[0]) < kill - 10
+    assert kill < at(out[1]) <= kill + 10
+    assert "rank 1 stopped reporting after the kernel's OOM killer ended a process in its cgroup" in out[1]["summary"]
