@@ -18,13 +18,21 @@ buckets after ``warmup_steps``:
   device, or the forecast (headroom / rate) reaches capacity within
   ``horizon_steps`` steps or ``horizon_seconds`` seconds.
 
+Two more causes, same alert (``cause``): **fast**, a leak that fills the GPU in seconds (the
+last ``fast_samples`` samples each higher, the newest ``fast_min_rise_fraction`` of the device above
+anything before them, capacity within ``fast_horizon_seconds``), judged per sample from a quarter of
+the warmup on; **fragmentation**, the allocator's reserved memory climbing to within
+``near_fraction`` of the device while the peak allocated stays flat, with
+``fragmentation_fraction`` of it reserved but unallocated (the summary gives the fix,
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``). Trend alerts have cause "trend".
+
 A GPU filled to a high but constant level makes no new highs and its slope is
 flat, so it stays quiet. The alert resolves when the last third's level is no
 higher than the middle third's or the slope is no longer positive (the trend flattened), and when the
 rank restarts.
 
 gpu_oom, per rank: an ``oom`` record (the client's caught
-``torch.cuda.OutOfMemoryError``); critical. The run state keeps the record's
+``torch.cuda.OutOfMemoryError``); critical, quoting PyTorch's message whole. The run state keeps the record's
 allocator summary (``RankState.last_oom``), which the status API serves. It
 resolves when the rank restarts, or when it has trained ``resolve_after_steps``
 further steps without another OOM (the job caught it and went on).
