@@ -40,6 +40,7 @@ SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
+FILL_BEND = 0.8  # within the fast horizon, a fill must bend this much (recent rate / older rate) to be judged one
 PLATEAU_MARGIN = 1.25  # a fill's estimated remaining growth may exceed the headroom by this much
 SEASONAL_BALANCE = 0.85  # its newer differences against its older ones: a cache filling under it shrinks them
 SEASONAL_POINTS = 4  # minutes of period-lagged differences the seasonal check needs
@@ -259,8 +260,10 @@ class Series:
         left = max(0.0, headroom) / rate
         if left > max(s.fast_horizon_seconds, s.fast_lead * span):
             return None
-        if left > s.fast_horizon_seconds and plateau_below(older, rate, span, headroom):
-            return None  # a fill: it slows down and levels off before the headroom is gone
+        # a fill: it slows down and levels off before the headroom is gone. Within the horizon only when
+        # the bend is clear (a noisy leak's halves differ by up to ~20%)
+        if (left > s.fast_horizon_seconds or rate < FILL_BEND * older) and plateau_below(older, rate, span, headroom):
+            return None
         return Growth(rate, rise, span, v)
 
     def short_growth(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:

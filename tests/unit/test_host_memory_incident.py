@@ -185,3 +185,19 @@ def test_a_rank_killed_by_the_oom_killer_leaves_the_incident_which_resolves():
     assert out[0]["root_ranks"] == [1] and at(out[0]) < kill - 10
     assert kill < at(out[1]) <= kill + 10
     assert "rank 1 stopped reporting after the kernel's OOM killer ended a process in its cgroup" in out[1]["summary"]
+
+
+@pytest.mark.parametrize(("name", "shape"), [
+    # a start-up taking more than about a quarter of the headroom within a minute or two reads as a fast leak
+    # for its first minute (docs/memory.md, Limits): a fifth of it here
+    ("start-ups taking a fifth of the headroom (tau 1 min)", total(const(0.5 * GB), warmup(0.75 * GiB, 60),
+                                                                    noise(20 * MB))),
+    ("a cache filling to 85% of the limit (tau 8 min)", total(const(0.5 * GB), warmup(2.9 * GiB, 480), noise(20 * MB))),
+    ("noise at 80% of the limit", total(const(0.8 * 4 * GiB), noise(60 * MB))),
+])
+def test_healthy_ranks_under_one_cgroup_stay_silent(name, shape):
+    # four ranks under one 16 GiB cgroup, its usage (the kernel's) their sum: the group's own checks stay quiet
+    ranks = {k: shape for k in range(4)}
+    out, _ = watch(host_trace(ranks, 1.0, every=2.0, machine_bytes=64 * GB, limit=16 * GiB, seed=13,
+                              cgroup_other=0.1 * GB))
+    assert out == [], (name, [(at(a), a["summary"]) for a in out])
