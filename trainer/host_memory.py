@@ -13,6 +13,13 @@ visible), else the smallest ``memory.max`` (cgroup v2) or ``memory.limit_in_byte
 this process's cgroup and its ancestors. No limit (none set, "max", unreadable files, a
 limit at or above the machine's memory) sends no field: the sidecar then forecasts against
 the machine's available memory alone.
+
+With every sample go the kernel's facts about that limit (``KernelMemory.facts``, fields in
+docs/record.md): the limiting cgroup's directory and working set (usage less inactive page
+cache), its OOM-kill and max/high event counts, and memory pressure (PSI); with no cgroup
+limit, the machine's OOM-kill count and pressure. The readers are small functions with the
+paths passed in (``limiting_cgroup``, ``cgroup_usage``, ``cgroup_events``, ``oom_kills``,
+``machine_oom_kills``, ``memory_pressure``) for whoever else needs them (the rank-death watcher).
 """
 
 from __future__ import annotations
