@@ -95,6 +95,13 @@ def costs(ranks: int, repeat: int) -> None:
     us, n = per_record_us([HostMemoryLeak], leaking, 1)
     print(f"   {'host_memory_leak, 16 ranks leaking':34s} {us:6.2f} us/record  (detector: {us - base:5.2f} us; "
           f"{n} alerts; samples every 1 s for 4 h)")
+    # 16 ranks under one cgroup limit, each sample with the kernel's usage: the group series and its checks
+    limited = host_trace({r: total(const(1 * G), noise(30 * MB)) for r in range(16)}, 1, every=1.0, seed=2,
+                         limit=64 * G, cgroup_other=0.0)
+    base, _ = per_record_us([], limited, repeat)
+    us, n = per_record_us([HostMemoryLeak], limited, repeat)
+    print(f"   {'host_memory_leak, 16 ranks, 1 cgroup':34s} {us:6.2f} us/record  (detector: {us - base:5.2f} us; "
+          f"{n} alerts; samples every 1 s for 1 h, healthy)")
 
 
 def judge_cost() -> None:
@@ -189,7 +196,7 @@ def delays(seeds: int) -> None:
             shape = total(const(3 * G), linear(avail / (minutes_left * 60) * 3600), noise(50 * MB))
             recs = host_trace({0: shape}, minutes_left / 60, every=every, machine_bytes=machine,
                               other_bytes=0.15 * machine, seed=seed)
-            out = [a for a in first_alerts(recs, [HostMemoryLeak]) if a["state"] == "firing" and a["rank"] == 0]
+            out = [a for a in first_alerts(recs, [HostMemoryLeak]) if a["state"] == "firing"]
             if out:
                 when.append(out[0]["time"] - T0)
                 left.append(out[0]["seconds_to_exhaustion"])
@@ -212,6 +219,65 @@ def delays(seeds: int) -> None:
                 when.append(out[0]["step"])
                 err.append(100 * (out[0]["rate_mib_per_step"] / true_rate - 1))
         print(f"   {name:48s} fires at step {spread(when)}, rate error {spread(err, '{:+.0f}')} %")
+
+
+def incident_cases(seeds: int) -> None:
+    """The cases measured on real processes and held-out traces (issue 20): delay, pages, forecast error."""
+    print(f"\n5. one incident per leak, {seeds} seeds: median [min-max]; pages = firing transitions")
+
+    def run(recs: list) -> list:
+        pipe = Pipeline(default_detector_settings(), detectors=[HostMemoryLeak])
+        out = []
+        for i in range(0, len(recs), 4):
+            out += [dict(a) for a in pipe.process(recs[i:i + 4]).alerts]
+        return [a for a in out if a["state"] == "firing"]
+
+    def report(name: str, delays: list, pages: list, errors: list, unit: str = "s") -> None:
+        err = f", forecast error {spread(errors, '{:+.0f}')} %" if errors else ""
+        print(f"   {name:58s} {spread(delays, '{:.1f}')} {unit}, pages {spread(pages)}{err}")
+
+    d, n, e = [], [], []
+    for seed in range(seeds):  # 2 ranks, each +30 MB/s from t=10 s, one 2 GiB cgroup, the kernel's usage sent
+        ranks = {k: total(const(0.15 * G), linear(30 * MB * 3600, start=10), noise(5 * MB)) for k in (0, 1)}
+        pages = run(host_trace(ranks, 60 / 3600, every=1.0, machine_bytes=64 * G, limit=2 * GiB, seed=seed,
+                               cgroup_other=0.05 * G))
+        kill = 10 + (2 * GiB - 0.35 * G) / (60 * MB)
+        if pages:
+            t = pages[0]["time"] - T0
+            d.append(t - 10)
+            n.append(len(pages))
+            e.append(100 * (pages[0]["seconds_to_exhaustion"] / (kill - t) - 1))
+    report("2 ranks x 30 MB/s into one 2 GiB cgroup (after the start)", d, n, e)
+    for every in (1.0, 5.0):
+        d, n, e = [], [], []
+        for seed in range(seeds):  # 60 MB/s from t=30 s, 25 GB machine: ~6 min left
+            ranks = {0: total(const(2 * G), linear(60 * MB * 3600, start=30), noise(20 * MB))}
+            pages = run(host_trace(ranks, 150 / 3600, every=every, machine_bytes=25 * G, other_bytes=1.4 * G,
+                                   seed=seed))
+            if pages:
+                t = pages[0]["time"] - T0
+                d.append(t - 30)
+                n.append(len(pages))
+                truth = (25 * G - 1.4 * G - 2 * G - 60 * MB * (t - 30)) / (60 * MB)
+                e.append(100 * (pages[0]["seconds_to_exhaustion"] / truth - 1))
+        report(f"60 MB/s, 25 GB machine, 6 min left, samples every {every:.0f} s", d, n, e)
+    n = []
+    for seed in range(seeds):  # healthy: 4 -> 20 GiB, tau 8 min, then flat, 25 GB machine
+        n.append(len(run(host_trace({0: total(const(4 * GiB), warmup(16 * GiB, 480), noise(30 * MB))}, 1.0,
+                                    every=5.0, machine_bytes=25 * G, other_bytes=1 * G, seed=seed))))
+    print(f"   {'healthy fill 4 -> 20 GiB (tau 8 min), 25 GB machine, 1 h':58s} pages {spread(n)}")
+    d, n, e = [], [], []
+    for seed in range(seeds):  # 8 ranks, 4.8 GB/h each under a 2 GB 20-min sawtooth, 512 GiB machine, ~6 h
+        leak = 4.8 * G
+        ranks = {k: total(const(6 * G), linear(leak), sawtooth(2 * G, 1200), noise(50 * MB)) for k in range(8)}
+        pages = run(host_trace(ranks, 1.5, machine_bytes=512 * GiB, other_bytes=512 * GiB - 48 * G - 48 * leak,
+                               seed=seed))
+        if pages:
+            d.append((pages[0]["time"] - T0) / 60)
+            n.append(len(pages))
+            truth = pages[0]["host_mem_available_bytes"] / (8 * leak / 3600)
+            e.append(100 * (pages[0]["seconds_to_exhaustion"] / truth - 1))
+    report("8 ranks, 0.8 GB per 10 min each under a 2 GB epoch sawtooth", d, n, e, unit="min")
 
 
 def state_size(ranks: int) -> None:
@@ -244,6 +310,7 @@ def main() -> None:
     costs(args.ranks, args.repeat)
     judge_cost()
     delays(args.seeds)
+    incident_cases(min(args.seeds, 5))
     state_size(8)
 
 

@@ -51,6 +51,8 @@ NUMBER_FIELDS = (
     "host_mem_total_bytes",
     "host_mem_available_bytes",
     "host_mem_limit_bytes",
+    "host_mem_cgroup_bytes",
+    "host_mem_pressure",
     "step_time_seconds",
     "data_time_seconds",
     "reference_lr",
@@ -103,6 +105,13 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     host_mem_available_bytes: float | None = None
     # the process's own memory limit where the client can read it (cgroup v2 memory.max, v1 limit_in_bytes)
     host_mem_limit_bytes: float | None = None
+    # what the kernel says (docs/record.md): the limiting cgroup's working set and memory event counts, PSI
+    host_mem_cgroup: Text | None = None
+    host_mem_cgroup_bytes: float | None = None
+    host_mem_oom_kills: NonNegInt | None = None
+    host_mem_max_events: NonNegInt | None = None
+    host_mem_high_events: NonNegInt | None = None
+    host_mem_pressure: float | None = None
     step_time_seconds: float | None = None
     data_time_seconds: float | None = None
     batch_size: NonNegInt | None = None

@@ -12,7 +12,8 @@ from typing import Any
 from .history import RankHistory
 from .record import NUMBER_FIELDS, Record
 
-SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size")  # without reference_lr
+SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size", "host_mem_oom_kills",
+                                            "host_mem_max_events", "host_mem_high_events")  # without reference_lr
 MAX_STARTS_KEPT = 16
 MAX_METRICS_KEPT = 256  # per rank: one record may carry any number of names
 

@@ -60,11 +60,14 @@ def host_trace(ranks: dict[int, Shape], hours: float, every: float = 10.0, *,
                machine_bytes: float = 64e9, other_bytes: float = 8e9,
                available: Shape | None = None, seed: int = 0, run: str = "host-run",
                host: str | None = "node-a", starts: bool = True, limit: float | None = None,
-               report_available: bool = True) -> list[Record]:
+               report_available: bool = True, cgroup_other: float | None = None,
+               ends: dict[int, float] | None = None) -> list[Record]:
     """Samples every ``every`` s with host_mem_bytes per rank; available = machine - all ranks - other
     (or ``available`` when given). One step per second of record time. ``limit``: every rank reports
     it as ``host_mem_limit_bytes`` (a shared cgroup limit); ``report_available=False`` leaves the
-    machine's fields out."""
+    machine's fields out. ``cgroup_other``: every rank also reports the cgroup's usage as the kernel states it
+    (``host_mem_cgroup_bytes``: all ranks plus this much of other memory in it). ``ends``: rank -> seconds
+    at which it sends an ``end`` record and stops."""
     rng = random.Random(seed)
     out: list[Record] = []
     if starts:
@@ -74,6 +77,11 @@ def host_trace(ranks: dict[int, Shape], hours: float, every: float = 10.0, *,
     for i in range(1, n + 1):
         t = i * every
         values = {k: max(0.0, shape(t, rng)) for k, shape in ranks.items()}
+        for k, at in (ends or {}).items():
+            if at <= t and k in values:
+                del values[k]
+                if at > t - every:
+                    out.append(from_obj({"type": "end", "run": run, "rank": k, "time": T0 + at, "step": int(at)}))
         avail = available(t, rng) if available else machine_bytes - other_bytes - sum(values.values())
         for k, v in values.items():
             obj = {"run": run, "rank": k, "time": T0 + t, "step": int(t), "host_mem_bytes": v}
@@ -81,6 +89,9 @@ def host_trace(ranks: dict[int, Shape], hours: float, every: float = 10.0, *,
                 obj.update(host_mem_total_bytes=machine_bytes, host_mem_available_bytes=max(0.0, avail))
             if limit is not None:
                 obj["host_mem_limit_bytes"] = limit
+            if cgroup_other is not None:
+                obj.update(host_mem_cgroup="/sys/fs/cgroup/job", host_mem_cgroup_bytes=min(
+                    limit or math.inf, sum(values.values()) + cgroup_other))
             out.append(from_obj(obj))
     return out
 

@@ -9,10 +9,12 @@ STAGED = "_staged"  # key of a record whose tensor values the device has not fin
 SAMPLE_FIELDS = frozenset((
     "loss", "lr", "grad_norm", "grad_scale", "gpu_mem_allocated_bytes", "gpu_mem_reserved_bytes",
     "gpu_mem_peak_bytes", "gpu_mem_total_bytes", "host_mem_bytes", "host_mem_total_bytes",
-    "host_mem_available_bytes", "host_mem_limit_bytes", "step_time_seconds", "data_time_seconds", "batch_size",
-    "world_size",
+    "host_mem_available_bytes", "host_mem_limit_bytes", "host_mem_cgroup_bytes", "host_mem_oom_kills",
+    "host_mem_max_events", "host_mem_high_events", "host_mem_pressure",
+    "step_time_seconds", "data_time_seconds", "batch_size", "world_size",
 ))
-INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid"))
+INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid", "host_mem_oom_kills",
+                        "host_mem_max_events", "host_mem_high_events"))
 FLOAT_FIELDS = SAMPLE_FIELDS - INT_FIELDS
 MESSAGE_CHARS = 4000  # the sidecar's limits on oom records
 DETAIL_CHARS = 1_000_000

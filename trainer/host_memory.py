@@ -13,6 +13,13 @@ visible), else the smallest ``memory.max`` (cgroup v2) or ``memory.limit_in_byte
 this process's cgroup and its ancestors. No limit (none set, "max", unreadable files, a
 limit at or above the machine's memory) sends no field: the sidecar then forecasts against
 the machine's available memory alone.
+
+With every sample go the kernel's facts about that limit (``KernelMemory.facts``, fields in
+docs/record.md): the limiting cgroup's directory and working set (usage less inactive page
+cache), its OOM-kill and max/high event counts, and memory pressure (PSI); with no cgroup
+limit, the machine's OOM-kill count and pressure. The readers are small functions with the
+paths passed in (``limiting_cgroup``, ``cgroup_usage``, ``cgroup_events``, ``oom_kills``,
+``machine_oom_kills``, ``memory_pressure``) for whoever else needs them (the rank-death watcher).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -78,33 +86,164 @@ def parse_size(text: str) -> float:
     return value
 
 
-def cgroup_limit(root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
-    """The smallest memory limit of this process's cgroup and its ancestors (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``), or None: no limit, no cgroup, or nothing readable."""
+@dataclass(frozen=True, slots=True)
+class Cgroup:
+    """The memory cgroup whose limit applies to this process: its directory, version (1 or 2) and limit."""
+
+    path: Path
+    version: int
+    limit: float
+
+
+def limiting_cgroup(root: str | Path = "/sys/fs/cgroup",
+                    self_cgroup: str | Path = "/proc/self/cgroup") -> Cgroup | None:
+    """The cgroup with the smallest memory limit among this process's cgroup and its ancestors (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``), or None: no limit, no cgroup, or nothing readable."""
     try:
         lines = Path(self_cgroup).read_text().splitlines()
     except OSError:
         return None
     root = Path(root)
-    found: list[float] = []
+    best: Cgroup | None = None
     for line in lines:
         ident, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if ident == "0" and controllers == "":
-            base, name = root, "memory.max"
+            base, name, version = root, "memory.max", 2
         elif "memory" in controllers.split(","):
-            base, name = root / "memory", "memory.limit_in_bytes"
+            base, name, version = root / "memory", "memory.limit_in_bytes", 1
         else:
             continue
         parts = [p for p in path.split("/") if p]
         for depth in range(len(parts), -1, -1):  # the cgroup itself, then each ancestor
+            folder = base.joinpath(*parts[:depth])
             try:
-                raw = (base.joinpath(*parts[:depth]) / name).read_text().strip()
+                raw = (folder / name).read_text().strip()
             except OSError:
                 continue
-            if raw.isdigit() and 0 < int(raw) < UNLIMITED:
-                found.append(float(raw))
-    return min(found, default=None)
+            if raw.isdigit() and 0 < int(raw) < UNLIMITED and (best is None or int(raw) < best.limit):
+                best = Cgroup(folder, version, float(raw))
+    return best
+
+
+def cgroup_limit(root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+    """The smallest memory limit of this process's cgroup and its ancestors, or None (see limiting_cgroup)."""
+    found = limiting_cgroup(root, self_cgroup)
+    return None if found is None else found.limit
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """``name value`` lines (memory.events, memory.stat, memory.oom_control, /proc/vmstat) as a dict;
+    empty when unreadable."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
+def _number(path: Path) -> int | None:
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return None
+    return int(raw) if raw.isdigit() else None
+
+
+def cgroup_usage(folder: str | Path, version: int) -> float | None:
+    """The memory charged to the cgroup less its inactive page cache (the kernel reclaims that before it
+    kills; kubelet and ``docker stats`` call the rest the working set): v2 ``memory.current`` less
+    ``memory.stat`` inactive_file, v1 ``memory.usage_in_bytes`` less total_inactive_file. None if unreadable."""
+    folder = Path(folder)
+    if version == 2:
+        usage, inactive = _number(folder / "memory.current"), _keyed(folder / "memory.stat").get("inactive_file", 0)
+    else:
+        usage = _number(folder / "memory.usage_in_bytes")
+        inactive = _keyed(folder / "memory.stat").get("total_inactive_file", 0)
+    return None if usage is None else float(max(0, usage - inactive))
+
+
+def cgroup_events(folder: str | Path, version: int) -> dict[str, int]:
+    """The cgroup's memory event counts: ``oom_kill`` (processes the OOM killer ended in it), ``max``
+    (times its usage hit the limit) and, v2 only, ``high`` (times it went over ``memory.high`` and was
+    throttled). v2 ``memory.events``; v1 ``memory.oom_control`` (oom_kill, kernel >= 4.13) and
+    ``memory.failcnt`` (max). Only the counts that could be read."""
+    folder = Path(folder)
+    if version == 2:
+        events = _keyed(folder / "memory.events")
+        return {k: events[k] for k in ("oom_kill", "max", "high") if k in events}
+    out = {}
+    kills = _keyed(folder / "memory.oom_control").get("oom_kill")
+    if kills is not None:
+        out["oom_kill"] = kills
+    failcnt = _number(folder / "memory.failcnt")
+    if failcnt is not None:
+        out["max"] = failcnt
+    return out
+
+
+def oom_kills(folder: str | Path, version: int) -> int | None:
+    """How many processes the kernel's OOM killer has ended in the cgroup (None if not readable)."""
+    return cgroup_events(folder, version).get("oom_kill")
+
+
+def machine_oom_kills(vmstat: str | Path = "/proc/vmstat") -> int | None:
+    """How many processes the OOM killer has ended on the machine since boot (``oom_kill`` of /proc/vmstat)."""
+    return _keyed(Path(vmstat)).get("oom_kill")
+
+
+def memory_pressure(path: str | Path) -> float | None:
+    """PSI: the share (percent) of the last 10 s in which some task waited for memory (``some avg10`` of
+    a cgroup's ``memory.pressure`` or of /proc/pressure/memory); None where the kernel has no PSI."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("some "):
+            for item in line.split()[1:]:
+                name, _, value = item.partition("=")
+                if name == "avg10":
+                    try:
+                        return float(value)
+                    except ValueError:
+                        return None
+    return None
+
+
+def kernel_facts(cgroup: Cgroup | None, proc: str | Path = "/proc") -> dict[str, Any]:
+    """The record fields the kernel states about memory (docs/record.md): the limiting cgroup's usage and
+    event counts where a cgroup limit applies (else the machine's OOM-kill count), and memory pressure (the
+    cgroup's on v2, else the machine's)."""
+    proc = Path(proc)
+    out: dict[str, Any] = {}
+    pressure = None
+    if cgroup is not None:
+        out["host_mem_cgroup"] = str(cgroup.path)
+        usage = cgroup_usage(cgroup.path, cgroup.version)
+        if usage is not None:
+            out["host_mem_cgroup_bytes"] = usage
+        events = cgroup_events(cgroup.path, cgroup.version)
+        for key, field in (("oom_kill", "host_mem_oom_kills"), ("max", "host_mem_max_events"),
+                           ("high", "host_mem_high_events")):
+            if key in events:
+                out[field] = events[key]
+        if cgroup.version == 2:
+            pressure = memory_pressure(cgroup.path / "memory.pressure")
+    else:
+        kills = machine_oom_kills(proc / "vmstat")
+        if kills is not None:
+            out["host_mem_oom_kills"] = kills
+    if pressure is None:
+        pressure = memory_pressure(proc / "pressure" / "memory")
+    if pressure is not None:
+        out["host_mem_pressure"] = pressure
+    return out
 
 
 def memory_limit(environ: Mapping[str, str] | None = None, root: str | Path = "/sys/fs/cgroup",
@@ -121,19 +260,49 @@ def memory_limit(environ: Mapping[str, str] | None = None, root: str | Path = "/
     return cgroup_limit(root, self_cgroup)
 
 
+class KernelMemory:
+    """What the kernel says: ``limit()`` (the environment's or the limiting cgroup's; it also finds that
+    cgroup, so call it now and then) and ``facts()`` (that cgroup's usage, events and pressure, read each time)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None, root: str | Path = "/sys/fs/cgroup",
+                 self_cgroup: str | Path = "/proc/self/cgroup", proc: str | Path = "/proc") -> None:
+        self.environ, self.root, self.self_cgroup, self.proc = environ, root, self_cgroup, proc
+        self.cgroup: Cgroup | None = None
+
+    def limit(self) -> float | None:
+        env = os.environ if self.environ is None else self.environ
+        self.cgroup = limiting_cgroup(self.root, self.self_cgroup)
+        if env.get(LIMIT_ENV):
+            limit = memory_limit(env, self.root, self.self_cgroup)
+            if self.cgroup is not None and limit != self.cgroup.limit:
+                self.cgroup = None  # the limit is not this cgroup's: its usage is not what counts against it
+            return limit
+        return None if self.cgroup is None else self.cgroup.limit
+
+    def facts(self) -> dict[str, Any]:
+        return kernel_facts(self.cgroup, self.proc)
+
+
 class HostMemory:
     """A probe: ``sample()`` returns the host memory fields, re-read every ``interval`` seconds;
-    the memory limit (``limit()``, by default ``memory_limit``) every ``LIMIT_SECONDS``."""
+    the memory limit (``limit()``, by default ``KernelMemory().limit``) every ``LIMIT_SECONDS``, and
+    the kernel's facts (``kernel()``, by default ``KernelMemory().facts``; none when only ``limit`` is
+    given) with every sample."""
 
     def __init__(self, interval: float = 5.0, proc: Any = None,
                  virtual_memory: Callable[[], Any] | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
-                 limit: Callable[[], float | None] | None = None) -> None:
+                 limit: Callable[[], float | None] | None = None,
+                 kernel: Callable[[], dict[str, Any]] | None = None) -> None:
         self.interval = interval
         self._proc = proc if proc is not None else psutil.Process()
         self._virtual_memory = virtual_memory or psutil.virtual_memory
         self._monotonic = monotonic
-        self._limit_of = limit or memory_limit
+        if limit is None:
+            reader = KernelMemory()
+            limit, kernel = reader.limit, kernel or reader.facts
+        self._limit_of = limit
+        self._kernel = kernel
         self._limit: float | None = None
         self._next = 0.0
         self._next_limit = 0.0
@@ -156,8 +325,19 @@ class HostMemory:
                 "host_mem_total_bytes": vm.total,
                 "host_mem_available_bytes": vm.available,
             }
-            if self._limit is not None and self._limit < vm.total:  # a limit above the machine is none
+            limited = self._limit is not None and self._limit < vm.total  # a limit above the machine is none
+            if limited:
                 self._fields["host_mem_limit_bytes"] = self._limit
+            if self._kernel is not None:
+                try:
+                    facts = self._kernel()
+                except Exception as exc:  # never break training over a file we cannot read
+                    log.warning("trainhealth: kernel memory facts unreadable: %r", exc)
+                    facts = {}
+                if not limited:
+                    facts.pop("host_mem_cgroup", None)
+                    facts.pop("host_mem_cgroup_bytes", None)
+                self._fields.update(facts)
         return self._fields
 
 

@@ -18,13 +18,21 @@ buckets after ``warmup_steps``:
   device, or the forecast (headroom / rate) reaches capacity within
   ``horizon_steps`` steps or ``horizon_seconds`` seconds.
 
+Two more causes, same alert (``cause``): **fast**, a leak that fills the GPU in seconds (the
+last ``fast_samples`` samples each higher, the newest ``fast_min_rise_fraction`` of the device above
+anything before them, capacity within ``fast_horizon_seconds``), judged per sample from a quarter of
+the warmup on; **fragmentation**, the allocator's reserved memory climbing to within
+``near_fraction`` of the device while the peak allocated stays flat, with
+``fragmentation_fraction`` of it reserved but unallocated (the summary gives the fix,
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``). Trend alerts have cause "trend".
+
 A GPU filled to a high but constant level makes no new highs and its slope is
 flat, so it stays quiet. The alert resolves when the last third's level is no
 higher than the middle third's or the slope is no longer positive (the trend flattened), and when the
 rank restarts.
 
 gpu_oom, per rank: an ``oom`` record (the client's caught
-``torch.cuda.OutOfMemoryError``); critical. The run state keeps the record's
+``torch.cuda.OutOfMemoryError``); critical, quoting PyTorch's message whole. The run state keeps the record's
 allocator summary (``RankState.last_oom``), which the status API serves. It
 resolves when the rank restarts, or when it has trained ``resolve_after_steps``
 further steps without another OOM (the job caught it and went on).
@@ -33,6 +41,7 @@ further steps without another OOM (the job caught it and went on).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
@@ -62,13 +71,18 @@ class GpuOomRiskSettings:
     bucket_seconds: float = 10.0  # ... and at least this many seconds
     window_buckets: int = 48
     min_buckets: int = 12  # buckets needed before the first judgement
+    fast_samples: int = 8  # fast path: this many samples in a row, each higher than the one before ...
+    fast_min_rise_fraction: float = 0.05  # ... adding this share of the device ...
+    fast_horizon_seconds: float = 30.0  # ... reach capacity within this many seconds at their rate
+    fragmentation_fraction: float = 0.1  # reserved but not allocated: this share of the device is fragmentation
 
     def __post_init__(self) -> None:
         section = "detectors.gpu_oom_risk"
         flag(self, section, "enabled")
         fraction(self, section, "near_fraction", "min_rise_fraction", "near_min_rise_fraction",
-                 "decel_ratio")
-        positive(self, section, "horizon_seconds", "bucket_seconds", "min_trend_z")
+                 "decel_ratio", "fast_min_rise_fraction", "fragmentation_fraction")
+        positive(self, section, "horizon_seconds", "bucket_seconds", "min_trend_z", "fast_horizon_seconds")
+        whole(self, section, "fast_samples", minimum=3, maximum=16)
         whole(self, section, "horizon_steps", "bucket_steps", minimum=1)
         whole(self, section, "warmup_steps", minimum=0)
         whole(self, section, "min_buckets", minimum=6)
@@ -78,10 +92,16 @@ class GpuOomRiskSettings:
 class _Gpu:
     """One rank's bucket maxima of the GPU peak, and its alert state. Bounded."""
 
-    __slots__ = ("ring", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev", "open")
+    __slots__ = ("ring", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev", "open", "recent",
+                 "reserved", "b_reserved", "cause", "top")
 
     def __init__(self, size: int, step: int, time: float) -> None:
         self.ring = Ring(size)  # (last step of the bucket, maximum)
+        self.reserved = Ring(size)  # (last step of the bucket, maximum reserved): fragmentation
+        self.b_reserved = -math.inf
+        self.recent: deque[tuple[int, float, float]] = deque(maxlen=16)  # (step, time, value): the fast path
+        self.cause = ""  # what opened the alert: "trend", "fast" or "fragmentation"
+        self.top = -math.inf  # the highest sample before the fast path's last samples
         self.first_step = step
         self.b_step, self.b_time, self.b_max, self.b_last = step, time, -math.inf, step
         self.sps = 0.0  # seconds per step (smoothed)
@@ -99,9 +119,33 @@ class _Gpu:
         self.b_last = max(self.b_last, step)
         if step - self.b_step >= s.bucket_steps and time - self.b_time >= s.bucket_seconds:
             self.ring.append(self.b_last, self.b_max)
-            self.b_step, self.b_time, self.b_max = step, time, -math.inf
+            self.reserved.append(self.b_last, self.b_reserved)
+            self.b_step, self.b_time, self.b_max, self.b_reserved = step, time, -math.inf, -math.inf
             return True
         return False
+
+    def fast(self, total: float, s: GpuOomRiskSettings) -> tuple[float, float] | None:
+        """(bytes per second, seconds to capacity) when the last ``fast_samples`` samples each rose, the
+        newest ``fast_min_rise_fraction`` of the device above anything seen before them (jitter makes no
+        such new highs), evenly (the later half at least half as fast as the earlier), and reach capacity
+        within ``fast_horizon_seconds``: a leak that fills a GPU in seconds, before any bucket could be
+        judged."""
+        n = s.fast_samples
+        if len(self.recent) < n:
+            return None
+        pts = list(self.recent)[-n:]
+        if any(b[2] <= a[2] for a, b in zip(pts, pts[1:])):
+            return None
+        if pts[-1][2] - max(self.top, pts[0][2]) < s.fast_min_rise_fraction * total:
+            return None
+        rise, seconds = pts[-1][2] - pts[0][2], pts[-1][1] - pts[0][1]
+        half = n // 2
+        early, late = pts[half][2] - pts[0][2], pts[-1][2] - pts[-1 - half][2]
+        if rise < s.fast_min_rise_fraction * total or seconds <= 0 or late < 0.5 * early:
+            return None
+        rate = rise / seconds
+        left = max(0.0, total - pts[-1][2]) / rate
+        return (rate, left) if left <= s.fast_horizon_seconds else None
 
 
 class GpuOomRisk(Detector[GpuOomRiskSettings]):
@@ -133,12 +177,73 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
         gpu = self.ranks.get(rec.rank)
         if gpu is None or gpu.ring.size != s.window_buckets:  # new, or reconfigured
             gpu = self.ranks[rec.rank] = _Gpu(s.window_buckets, rec.step, rec.time)
+        reserved = rec.gpu_mem_reserved_bytes
+        if reserved is not None and math.isfinite(reserved) and reserved > gpu.b_reserved:
+            gpu.b_reserved = reserved
+        if not gpu.open and rec.step >= gpu.first_step + s.warmup_steps // 4 and (
+                not gpu.recent or rec.step > gpu.recent[-1][0]):
+            if len(gpu.recent) >= s.fast_samples:
+                gpu.top = max(gpu.top, gpu.recent[-s.fast_samples][2])
+            gpu.recent.append((rec.step, rec.time, value))
+            total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
+            if total is not None and math.isfinite(total) and total > 0:
+                found = gpu.fast(total, s)
+                if found is not None:
+                    return self._fire_fast(rec, gpu, total, value, *found)
         if not gpu.add(rec.step, rec.time, value, s):
             return []
         total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
         if total is None or not math.isfinite(total) or total <= 0:
             return []
+        if not gpu.open:
+            fragmented = self._fragmentation(rec, gpu, total, s)
+            if fragmented:
+                return fragmented
+        elif gpu.cause == "fragmentation":
+            level = gpu.reserved.last()[1]
+            if level < s.near_fraction * total - s.fragmentation_fraction * total:
+                gpu.open, gpu.cause = False, ""
+                return [resolved(self.name, rec.rank, rec.step or 0, rec.time,
+                                 f"GPU memory reserved by rank {rec.rank}'s allocator fell back to "
+                                 f"{level / GiB:.1f} of {total / GiB:.1f} GiB")]
+            return []
         return self._judge(rec, gpu, total, s)
+
+    def _fire_fast(self, rec: Record, gpu: _Gpu, total: float, current: float, rate: float,
+                   left: float) -> list[Event]:
+        gpu.open, gpu.cause = True, "fast"
+        summary = (f"GPU memory peak of rank {rec.rank} rises {rate / GiB:.2f} GiB/s (now {current / GiB:.1f} of "
+                   f"{total / GiB:.1f} GiB, {100 * current / total:.0f}%); at this rate it reaches capacity in "
+                   f"~{left:.0f} s, look for tensors kept across steps")
+        return [firing(self.name, rec.rank, rec.step or 0, rec.time, summary, "warning", cause="fast",
+                       rate_gib_per_second=round(rate / GiB, 3), peak_bytes=current, total_bytes=total,
+                       fraction=round(current / total, 4), seconds_to_oom=round(left, 1))]
+
+    def _fragmentation(self, rec: Record, gpu: _Gpu, total: float, s: GpuOomRiskSettings) -> list[Event]:
+        """The allocator's reserved memory climbed to within ``near_fraction`` of the device while the
+        peak allocated stayed flat, and ``fragmentation_fraction`` of the device is reserved but not
+        allocated: the next large allocation may find no block big enough (fragmentation)."""
+        since = gpu.first_step + s.warmup_steps
+        res = gpu.reserved.items(since=since)
+        peaks = gpu.ring.items(since=since)
+        if len(res) < s.min_buckets or len(peaks) < s.min_buckets:
+            return []
+        k = len(res) // 3
+        level, peak = res[-1][1], max(p[1] for p in peaks[-k:])
+        if not (level >= s.near_fraction * total and level - peak >= s.fragmentation_fraction * total):
+            return []
+        climbed = level - median(v for _, v in res[:k]) >= s.min_rise_fraction * total
+        flat = peak - median(v for _, v in peaks[:k]) < s.min_rise_fraction * total
+        if not (climbed and flat):
+            return []
+        gpu.open, gpu.cause = True, "fragmentation"
+        summary = (f"GPU memory of rank {rec.rank}: the allocator has reserved {level / GiB:.1f} of "
+                   f"{total / GiB:.1f} GiB ({100 * level / total:.0f}%) while the peak allocated stays at "
+                   f"{peak / GiB:.1f} GiB: {(level - peak) / GiB:.1f} GiB reserved but unallocated is fragmentation, "
+                   f"and the next large allocation may fail; set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+        return [firing(self.name, rec.rank, rec.step or 0, rec.time, summary, "warning", cause="fragmentation",
+                       reserved_bytes=level, peak_bytes=peak, total_bytes=total,
+                       fraction=round(level / total, 4), fix="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")]
 
     def _judge(self, rec: Record, gpu: _Gpu, total: float, s: GpuOomRiskSettings) -> list[Event]:
         pts = gpu.ring.items(since=gpu.first_step + s.warmup_steps)
@@ -153,7 +258,7 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
         # the trend test (~50 us: all pairs of points) runs only when the cheap conditions leave it a say
         if gpu.open:
             if recent <= 0 or trend_test(xs, vs, max_points=24)[0] <= 0:
-                gpu.open = False
+                gpu.open, gpu.cause = False, ""
                 return [resolved(self.name, rec.rank, step, rec.time,
                                  f"GPU memory peak of rank {rec.rank} stopped rising "
                                  f"({max(vs[-2:]) / GiB:.1f} of {total / GiB:.1f} GiB)")]
@@ -173,7 +278,7 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
         soon = steps_left <= s.horizon_steps or (gpu.sps > 0 and seconds_left <= s.horizon_seconds)
         if not (near or soon):
             return []
-        gpu.open = True
+        gpu.open, gpu.cause = True, "trend"
         summary = (f"GPU memory peak of rank {rec.rank} rises {rate / MiB:.1f} MiB/step "
                    f"(now {current / GiB:.1f} of {total / GiB:.1f} GiB, {100 * current / total:.0f}%); "
                    f"at this rate it reaches capacity in ~{steps_left:.0f} steps")
@@ -216,12 +321,19 @@ class GpuOom(Detector[GpuOomSettings]):
         step = rec.step or 0
         if rec.type == "oom":
             self.open[rec.rank] = step
-            lines = (rec.message or "").strip().splitlines()
-            message = lines[0][:200] if lines else "out of memory"
+            # PyTorch's message whole (bounded by the record's limit): its end says "reserved but
+            # unallocated ... expandable_segments:True" when fragmentation is the cause, which is the fix
+            message = " ".join((rec.message or "").split()) or "out of memory"
             summary = (f"rank {rec.rank} ran out of GPU memory at step {step}: {message}; "
                        f"peak {_gib(rec.gpu_mem_peak_bytes)}, reserved {_gib(rec.gpu_mem_reserved_bytes)}, "
-                       f"allocated {_gib(rec.gpu_mem_allocated_bytes)} of {_gib(rec.gpu_mem_total_bytes)}"
-                       f"; the allocator summary is in GET /v1/runs/{self.run.run}")
+                       f"allocated {_gib(rec.gpu_mem_allocated_bytes)} of {_gib(rec.gpu_mem_total_bytes)}")
+            reserved, allocated = rec.gpu_mem_reserved_bytes, rec.gpu_mem_allocated_bytes
+            total = rec.gpu_mem_total_bytes
+            if (reserved is not None and allocated is not None and total and reserved - allocated >= 0.1 * total
+                    and "expandable_segments" not in message):
+                summary += (f"; {(reserved - allocated) / GiB:.1f} GiB reserved but unallocated is fragmentation: "
+                            f"set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+            summary += f"; the allocator summary is in GET /v1/runs/{self.run.run}"
             return [firing(self.name, rec.rank, step, rec.time, summary, "critical",
                            message=rec.message, has_detail=rec.detail is not None,
                            **{f: getattr(rec, f) for f in ("gpu_mem_allocated_bytes",

@@ -15,6 +15,7 @@ Everything is bounded: two rings, a deque no longer than the fine ring, a few sa
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
@@ -39,6 +40,11 @@ SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
+FILL_BEND = 0.8  # within the fast horizon, a fill must bend this much (recent rate / older rate) to be judged one
+PLATEAU_MARGIN = 1.25  # a fill's estimated remaining growth may exceed the headroom by this much
+SEASONAL_BALANCE = 0.85  # its newer differences against its older ones: a cache filling under it shrinks them
+SEASONAL_POINTS = 4  # minutes of period-lagged differences the seasonal check needs
+RECENT_SAMPLES = 48  # raw samples kept for the short check (40 s at one a second)
 
 
 def jitter(values: list[float]) -> float:
@@ -70,10 +76,15 @@ class HostMemoryLeakSettings:
     fast_bucket_seconds: float = 5.0  # fine buckets of the fast check (never wider than bucket_seconds)
     fast_window_seconds: float = 600.0  # the longest rise the fast check looks back over
     fast_min_seconds: float = 40.0  # the shortest sustained rise it reports
-    fast_horizon_seconds: float = 300.0  # it reports any sustained rise that exhausts memory this soon,
+    fast_horizon_seconds: float = 420.0  # it reports any sustained rise that exhausts memory this soon,
     fast_lead: float = 4.0  # and one whose time left is at most fast_lead x how long it has risen
     fast_balance: float = 0.75  # the recent half of the rise >= fast_balance x the older half
     fast_min_growth_mb: float = 64.0  # and it rose at least this much (and 6 sigma of its noise)
+    short_min_seconds: float = 10.0  # the short check: a rise this long whose time left is within
+    # fast_lead x its age (a leak killing within ~40-60 s) is reported before fast_min_seconds
+    near_fraction: float = 0.9  # usage under a limit at this fraction of it and rising: a page now
+    near_rise_fraction: float = 0.01  # "rising": up this fraction of the limit over near_seconds
+    near_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         section = "detectors.host_memory_leak"
@@ -82,8 +93,9 @@ class HostMemoryLeakSettings:
                  "floor_seconds", "warmup_seconds", "min_rate_mb_per_hour", "min_growth_mb",
                  "sawtooth_drop_mb", "critical_hours", "warning_hours", "machine_horizon_hours",
                  "fast_bucket_seconds", "fast_window_seconds", "fast_min_seconds",
-                 "fast_horizon_seconds", "fast_lead", "fast_min_growth_mb")
-        fraction(self, section, "balance", "short_balance", "fast_balance")
+                 "fast_horizon_seconds", "fast_lead", "fast_min_growth_mb", "short_min_seconds",
+                 "near_rise_fraction", "near_seconds")
+        fraction(self, section, "balance", "short_balance", "fast_balance", "near_fraction")
         if self.window_seconds < 4 * self.bucket_seconds:
             raise ValueError(f"{section}.window_seconds: must be >= 4 x bucket_seconds "
                              f"({4 * self.bucket_seconds}), got {self.window_seconds!r}")
@@ -96,6 +108,19 @@ class HostMemoryLeakSettings:
         if self.fast_min_seconds > self.fast_window_seconds:
             raise ValueError(f"{section}.fast_min_seconds: must be <= fast_window_seconds "
                              f"({self.fast_window_seconds}), got {self.fast_min_seconds!r}")
+
+
+def plateau_below(older: float, recent: float, span: float, headroom: float) -> bool:
+    """A saturating fit against a linear one: growth whose rate fell from ``older`` (the first half of
+    ``span``) to ``recent`` (the second) is an exponential approach with time constant
+    tau = (span / 2) / ln(older / recent); what it has left to grow is recent x tau. True when that
+    stays below ``headroom``: a fill that levels off in time. A linear leak (recent ~ older) has
+    tau -> infinity. Halves of a noisy rise estimate tau within ~15%: a fill leaving a tenth of the
+    headroom free at its plateau must not page, so the test is against PLATEAU_MARGIN x the headroom."""
+    if recent >= older:
+        return False
+    tau = 0.5 * span / math.log(older / recent)
+    return recent * tau < PLATEAU_MARGIN * headroom
 
 
 @dataclass(slots=True)
@@ -112,7 +137,8 @@ class Open:
 class Series:
     """One watched series: fine and minute minima, sawtooth drops, the open alert. Bounded."""
 
-    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width", "settings")
+    __slots__ = ("fine", "low", "buckets", "drops", "fine_drops", "first_time", "open", "fine_width", "settings",
+                 "recent")
 
     def __init__(self, s: HostMemoryLeakSettings, t: float) -> None:
         self.settings = s  # the settings it was built for (a reload assigns a new object)
@@ -125,6 +151,7 @@ class Series:
         self.fine_drops = DropWatch()
         self.first_time = t
         self.open: Open | None = None
+        self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_SAMPLES)  # raw samples: the short check
 
     @property
     def growth(self) -> Growth | None:
@@ -145,6 +172,9 @@ class Series:
         """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
         fine = self.fine
         self.buckets.last = v
+        recent = self.recent
+        if not recent or recent[-1][1] != v:  # records between two probe readings repeat the last one
+            recent.append((t, v))
         if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
             if v < fine.low:
                 fine.low, fine.low_time = v, t
@@ -230,7 +260,54 @@ class Series:
         left = max(0.0, headroom) / rate
         if left > max(s.fast_horizon_seconds, s.fast_lead * span):
             return None
+        # a fill: it slows down and levels off before the headroom is gone. Within the horizon only when
+        # the bend is clear (a noisy leak's halves differ by up to ~20%)
+        if (left > s.fast_horizon_seconds or rate < FILL_BEND * older) and plateau_below(older, rate, span, headroom):
+            return None
         return Growth(rate, rise, span, v)
+
+    def short_growth(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
+        """A rise of at least ``short_min_seconds`` over the raw samples of the last ``fast_min_seconds``
+        whose time left is within ``fast_lead`` x its age: a leak that kills within a minute or so is
+        reported before the fast check has its 40 s of evidence. The same balance and noise rules."""
+        if self.open is not None or len(self.recent) < 5 or not self.low.window:
+            return None
+        # O(1) pre-test: a rise R over >= short_min_seconds fires only if the headroom goes within
+        # fast_lead x fast_min_seconds at about R / short_min_seconds (x2 for a rise that speeds up)
+        rise = v - min(self.low.window[0][1], self.fine.low)
+        if rise < s.fast_min_growth_mb * MB or headroom * s.short_min_seconds > (
+                2 * s.fast_lead * s.fast_min_seconds * rise):
+            return None
+        pts = [p for p in self.recent if p[0] >= t - s.fast_min_seconds]
+        if len(pts) < 5:
+            return None
+        # the noise of the minute minima: the fine minima's own would count the bend where the leak began
+        noise = self.noise()
+        v0 = min(p[1] for p in pts)
+        near = v0 + max(0.1 * (v - v0), 3 * noise)
+        first = max(i for i, p in enumerate(pts) if p[1] <= near)
+        pts = pts[first:]
+        t0, v0 = pts[0]
+        span, rise = t - t0, v - v0
+        if span < s.short_min_seconds or len(pts) < 5 or rise < max(s.fast_min_growth_mb * MB, NOISE_RISE * noise):
+            return None
+        mid = len(pts) // 2
+        older = theil_sen([p[0] for p in pts[:mid + 1]], [p[1] for p in pts[:mid + 1]], FAST_FIT_POINTS)
+        rate = theil_sen([p[0] for p in pts[mid:]], [p[1] for p in pts[mid:]], FAST_FIT_POINTS)
+        if older <= 0 or rate <= 0 or rate < s.fast_balance * older:
+            return None
+        if max(0.0, headroom) / rate > s.fast_lead * span:
+            return None
+        return Growth(rate, rise, span, v)
+
+    def rate_since(self, since: float) -> float:
+        """Theil-Sen rate (bytes/s) since ``since``: of the raw samples where they reach back that far,
+        else of the fine minima (0 with too few points)."""
+        if self.recent and self.recent[0][0] <= since:
+            pts = [p for p in self.recent if p[0] >= since]
+        else:
+            pts = self.fine.ring.items(since)
+        return theil_sen([p[0] for p in pts], [p[1] for p in pts], FAST_FIT_POINTS) if len(pts) >= 3 else 0.0
 
     def fast_still_rising(self, t: float, headroom: float, s: HostMemoryLeakSettings) -> Growth | None:
         """While a fast alert is open: the rise over the last half fast window, if it still
@@ -244,6 +321,46 @@ class Series:
         if rate <= 0 or max(0.0, headroom) / rate > 2 * s.critical_hours * HOUR:
             return None
         return Growth(rate, pts[-1][1] - pts[0][1], pts[-1][0] - pts[0][0], pts[-1][1])
+
+    # -- the seasonal check: a leak under a sawtooth ------------------------------
+    def seasonal(self, s: HostMemoryLeakSettings, now: float, lenient: bool = False) -> Growth | None:
+        """Under a sawtooth of period P (DataLoader epochs), memory now against memory one period ago at
+        the same point of the tooth: a healthy sawtooth repeats itself (differences ~0), a leak adds its
+        rate x P to every one. Fires when, over the last SEASONAL_POINTS minutes (all after warmup, so
+        the lagged point is too), at least 80% of the differences exceed ``min_growth_mb`` and 6 sigma of
+        the noise and the newer ones are at least SEASONAL_BALANCE x the older ones (a cache filling
+        during the first epochs makes shrinking differences). A leak present from the start is reported
+        about P + warmup + 4 min in (29 min for 20-minute epochs). ``lenient`` (while open, and for the peers
+        of a rank that fired): 3 points, and the median difference above half the threshold."""
+        period = self.fine_drops.period(now, forget_after=s.window_seconds)
+        width = s.bucket_seconds
+        if period < 2 * width or period > s.window_seconds:
+            return None
+        pts = self.buckets.ring.items(now - period - (SEASONAL_POINTS + 2) * width)
+        start = self.first_time + s.warmup_seconds
+        recent = [p for p in pts if p[0] >= now - (SEASONAL_POINTS + 0.5) * width and p[0] - period >= start]
+        if len(recent) < (3 if lenient else SEASONAL_POINTS):
+            return None
+        diffs = []
+        j = 0
+        for t, v in recent:
+            target = t - period
+            while j + 1 < len(pts) and abs(pts[j + 1][0] - target) <= abs(pts[j][0] - target):
+                j += 1
+            if abs(pts[j][0] - target) > width:
+                return None
+            diffs.append(v - pts[j][1])
+        threshold = max(s.min_growth_mb * MB, NOISE_RISE * self.noise())
+        mid = median(diffs)
+        growth = Growth(mid / period, mid, period, recent[-1][1])
+        if lenient:
+            return growth if mid >= 0.5 * threshold else None
+        if sum(d >= threshold for d in diffs) < 0.8 * len(diffs):
+            return None
+        k = len(diffs) // 2
+        if sum(diffs[-k:]) < SEASONAL_BALANCE * sum(diffs[:k]):
+            return None
+        return growth
 
     # -- the steady check ------------------------------------------------------
     def floors(self, s: HostMemoryLeakSettings, now: float) -> list[tuple[float, float]]:

@@ -144,7 +144,7 @@ def test_oom_record_fires_critical_with_message_and_numbers():
     assert [(a["alert"], a["rank"], a["state"], a["severity"], a["step"]) for a in out] == [
         ("gpu_oom", 3, "firing", "critical", 812)]
     s = out[0]["summary"]
-    assert "step 812" in s and "Tried to allocate 2.00 GiB" in s and "more text" not in s
+    assert "step 812" in s and "Tried to allocate 2.00 GiB more text; " in s  # the message whole, on one line
     assert "79.2 GiB" in s and "80.0 GiB" in s
     assert out[0]["gpu_mem_reserved_bytes"] == 79.5 * GiB and out[0]["has_detail"] is True
     assert p.runs["r"].ranks[3].last_oom["detail"] == oom["detail"]
@@ -185,3 +185,83 @@ def test_bad_gpu_settings_name_the_key_and_value(key, value):
 def test_bad_oom_settings_name_the_key_and_value():
     with pytest.raises(ValueError, match=r"gpu_oom\.resolve_after_steps: .*0"):
         GpuOomSettings(resolve_after_steps=0)
+
+
+# -- fast leaks, fragmentation, the OOM's own words ------------------------------------------------------------
+
+H200 = 140 * GiB
+
+
+def test_a_leak_filling_a_gpu_in_seconds_is_warned_before_it_runs_out():
+    # measured on an H200: a leak filling 140 GiB in ~12 s; the 100-step warm-up could not warn before the OOM.
+    # 10 steps a second, 1.2 GiB kept per step from step 1 on top of 20 GiB
+    recs = gpu_trace({0: total(const(20 * GiB), linear(1.2 * GiB * PER_HOUR))}, 100, total_bytes=H200,
+                     seconds_per_step=0.1, seed=20)
+    out = alerts(recs)
+    assert [(a["state"], a["cause"]) for a in out] == [("firing", "fast")]
+    a = out[0]
+    oom_step = (H200 - 20 * GiB) / (1.2 * GiB)  # the step it runs out at: 100
+    assert a["step"] <= 40 and (oom_step - a["step"]) * 0.1 >= 5  # >= 5 s before the OOM
+    truth = (oom_step - a["step"]) * 0.1
+    assert 0.5 * truth <= a["seconds_to_oom"] <= 2 * truth
+    assert a["rate_gib_per_second"] == pytest.approx(12, rel=0.1)
+
+
+def fragmented(reserved_climb: bool, peak_rise: float = 0.0):
+    """Peak allocated flat at 60 GiB (jitter); reserved climbing 62 -> 78 GiB of 80 over 1500 steps (or flat)."""
+    def peak(step, r):
+        return 60 * GiB + peak_rise * step + r.gauss(0, 0.2 * GiB)
+
+    def reserved(step, r):
+        return (62 + (16 * min(step, 1500) / 1500 if reserved_climb else 0)) * GiB
+
+    import random
+    rng = random.Random(21)
+    recs = [from_obj({"type": "start", "run": "frag", "rank": 0, "time": T0})]
+    for step in range(1, 2000):
+        recs.append(from_obj({"run": "frag", "rank": 0, "time": T0 + step * 0.5, "step": step,
+                              "gpu_mem_peak_bytes": peak(step, rng), "gpu_mem_reserved_bytes": reserved(step, rng),
+                              "gpu_mem_allocated_bytes": 55 * GiB, "gpu_mem_total_bytes": T}))
+    return recs
+
+
+def test_reserved_memory_climbing_to_capacity_while_the_peak_stays_flat_is_fragmentation_with_its_fix():
+    out = alerts(fragmented(True))
+    assert [(a["state"], a["cause"], a["severity"]) for a in out] == [("firing", "fragmentation", "warning")]
+    a = out[0]
+    assert a["reserved_bytes"] >= 0.95 * T and a["peak_bytes"] < 61.5 * GiB
+    assert a["fix"] == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    assert "reserved but unallocated is fragmentation" in a["summary"] and a["summary"].endswith(
+        "set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def test_reserved_memory_high_but_flat_is_not_fragmentation():
+    assert alerts(fragmented(False)) == []  # a cache that holds 78% of the device and stays there
+
+
+def test_the_oom_alert_quotes_pytorchs_message_whole_and_names_fragmentation():
+    message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB of which "
+               "1.21 GiB is free. Of the allocated memory 60.10 GiB is allocated by PyTorch, and 16.35 GiB is "
+               "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+               "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+    p = Pipeline(default_detector_settings(), detectors=[GpuOom])
+    out = p.process([from_obj({"type": "oom", "run": "r", "rank": 1, "time": T0, "step": 9, "message": message,
+                               "gpu_mem_reserved_bytes": 76.4 * GiB, "gpu_mem_allocated_bytes": 60.1 * GiB,
+                               "gpu_mem_total_bytes": 80 * GiB})]).alerts
+    s = out[0]["summary"]
+    assert " ".join(message.split()) in s and "expandable_segments:True to avoid fragmentation" in s
+    assert out[0]["message"] == message
+    # a message that does not say it: the numbers do
+    out = p.process([from_obj({"type": "oom", "run": "r", "rank": 2, "time": T0, "step": 9,
+                               "message": "CUDA out of memory. Tried to allocate 2.00 GiB",
+                               "gpu_mem_reserved_bytes": 76.4 * GiB, "gpu_mem_allocated_bytes": 60.1 * GiB,
+                               "gpu_mem_total_bytes": 80 * GiB})]).alerts
+    assert "16.3 GiB reserved but unallocated is fragmentation: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" \
+        in out[0]["summary"]
+
+
+@pytest.mark.parametrize("tau", [10, 25, 40])
+def test_a_steep_warmup_at_ten_steps_a_second_is_not_a_fast_leak(tau):
+    shape = total(const(0.4 * T), warmup(0.5 * T, tau), noise(0.002 * T))
+    assert alerts(gpu_trace({0: shape, 1: shape}, 600, seconds_per_step=0.1, seed=22)) == []

@@ -158,3 +158,89 @@ def test_the_real_probe_degrades_cleanly_on_this_machine():
     assert fields["host_mem_bytes"] > 0
     limit = fields.get("host_mem_limit_bytes")
     assert limit is None or 0 < limit < fields["host_mem_total_bytes"]
+
+
+# -- the kernel's facts: the limiting cgroup's usage, events, pressure -------------------------------------
+
+def test_cgroup_v2_facts_of_the_limiting_cgroup(tmp_path):
+    from trainhealth.trainer.host_memory import KernelMemory, limiting_cgroup, oom_kills
+
+    root, me = cgroup_tree(tmp_path, "0::/job/rank\n", {
+        "job/rank/memory.max": "max\n", "job/memory.max": "2147483648\n",
+        "job/memory.current": "1500000000\n", "job/memory.stat": "anon 1000\ninactive_file 300000000\nactive_file 5\n",
+        "job/memory.events": "low 0\nhigh 7\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n",
+        "job/memory.pressure": "some avg10=1.50 avg60=0.20 avg300=0.00 total=1234\nfull avg10=0.00 avg60=0.00 "
+                               "avg300=0.00 total=0\n"})
+    found = limiting_cgroup(root, me)
+    assert found is not None and (found.path, found.version, found.limit) == (root / "job", 2, 2147483648)
+    assert oom_kills(found.path, 2) == 2
+    kernel = KernelMemory({}, root, me, proc=tmp_path / "noproc")
+    assert kernel.limit() == 2147483648
+    assert kernel.facts() == {"host_mem_cgroup": str(root / "job"), "host_mem_cgroup_bytes": 1.2e9,
+                              "host_mem_oom_kills": 2, "host_mem_max_events": 12, "host_mem_high_events": 7,
+                              "host_mem_pressure": 1.5}
+
+
+def test_cgroup_v1_facts_and_the_machines_pressure(tmp_path):
+    from trainhealth.trainer.host_memory import KernelMemory
+
+    root, me = cgroup_tree(tmp_path, "4:memory:/job/42\n3:cpu:/job/42\n", {
+        "memory/job/42/memory.limit_in_bytes": "1073741824\n", "memory/job/42/memory.usage_in_bytes": "900000000\n",
+        "memory/job/42/memory.stat": "cache 5\ninactive_file 1\ntotal_inactive_file 100000000\n",
+        "memory/job/42/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        "memory/job/42/memory.failcnt": "40\n"})
+    proc = tmp_path / "proc"
+    (proc / "pressure").mkdir(parents=True)
+    (proc / "pressure" / "memory").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    kernel = KernelMemory({}, root, me, proc=proc)
+    assert kernel.limit() == 1073741824
+    assert kernel.facts() == {"host_mem_cgroup": str(root / "memory/job/42"), "host_mem_cgroup_bytes": 8e8,
+                              "host_mem_oom_kills": 1, "host_mem_max_events": 40, "host_mem_pressure": 0.0}
+
+
+def test_no_cgroup_limit_sends_the_machines_oom_kills_and_an_environment_limit_no_cgroup_usage(tmp_path):
+    from trainhealth.trainer.host_memory import KernelMemory
+
+    root, me = cgroup_tree(tmp_path, "0::/job\n", {"job/memory.max": "max\n", "job/memory.current": "5\n"})
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "vmstat").write_text("nr_free_pages 1\noom_kill 3\n")
+    kernel = KernelMemory({}, root, me, proc=proc)
+    assert kernel.limit() is None and kernel.facts() == {"host_mem_oom_kills": 3}
+    root, me = cgroup_tree(tmp_path / "b", "0::/job\n", {"job/memory.max": "4294967296\n", "job/memory.current": "5\n"})
+    kernel = KernelMemory({"TRAINHEALTH_MEMORY_LIMIT": "1G"}, root, me, proc=proc)
+    assert kernel.limit() == 2**30 and kernel.facts() == {"host_mem_oom_kills": 3}  # not that cgroup's limit
+
+
+def test_probe_sends_the_kernels_facts_with_every_sample_and_never_breaks_on_them():
+    clock = Clock()
+    vm = SimpleNamespace(total=64e9, available=40e9)
+    facts = iter([{"host_mem_cgroup": "/cg", "host_mem_cgroup_bytes": 1e9, "host_mem_oom_kills": 0},
+                  {"host_mem_cgroup": "/cg", "host_mem_cgroup_bytes": 2e9, "host_mem_oom_kills": 1}])
+    probe = HostMemory(interval=5.0, proc=FakeProc(pss=1e9, rss=1e9), virtual_memory=lambda: vm, monotonic=clock,
+                       limit=lambda: 4e9, kernel=lambda: next(facts))
+    assert probe.sample()["host_mem_cgroup_bytes"] == 1e9
+    clock.now += 5
+    fields = probe.sample()
+    assert (fields["host_mem_cgroup_bytes"], fields["host_mem_oom_kills"], fields["host_mem_limit_bytes"]) == (
+        2e9, 1, 4e9)
+    clock.now += 5
+    assert probe.sample()["host_mem_bytes"] == 1e9  # the reader failed (StopIteration): no facts, no crash
+    unlimited = HostMemory(proc=FakeProc(pss=1, rss=1), virtual_memory=lambda: vm, monotonic=Clock(),
+                           limit=lambda: None, kernel=lambda: {"host_mem_cgroup_bytes": 5.0, "host_mem_oom_kills": 0})
+    assert unlimited.sample() == {"host_mem_bytes": 1, "host_mem_total_bytes": 64e9,
+                                  "host_mem_available_bytes": 40e9, "host_mem_oom_kills": 0}
+
+
+def test_the_real_kernel_facts_of_this_machine_are_well_formed():
+    from trainhealth.trainer.host_memory import KernelMemory
+
+    kernel = KernelMemory({})
+    limit = kernel.limit()
+    facts = kernel.facts()
+    assert limit is None or limit > 0
+    assert set(facts) <= {"host_mem_cgroup", "host_mem_cgroup_bytes", "host_mem_oom_kills", "host_mem_max_events",
+                          "host_mem_high_events", "host_mem_pressure"}
+    assert all(isinstance(facts[k], int) and facts[k] >= 0 for k in facts if k.endswith(("_kills", "_events")))
+    if "host_mem_pressure" in facts:
+        assert 0.0 <= facts["host_mem_pressure"] <= 100.0
