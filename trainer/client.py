@@ -233,9 +233,12 @@ class Telemetry:
         self._active = True
         self._outbox.request_flush()
 
-    def heartbeat(self, step: int | None = None) -> None:
+    def heartbeat(self, step: int | None = None, *, gpu_health: dict[str, Any] | None = None) -> None:
         phase = self._phase  # one read: name and start time stay together
-        self._send_kind("heartbeat", step, {} if phase is None else {"phase": phase[0], "phase_time": phase[1]})
+        fields: dict[str, Any] = {} if phase is None else {"phase": phase[0], "phase_time": phase[1]}
+        if gpu_health is not None:
+            fields["gpu_health"] = gpu_health
+        self._send_kind("heartbeat", step, fields)
 
     def end(self, step: int | None = None) -> None:
         """The rank is done (status "completed"); sent at once. Not needed: a normal exit sends it."""
@@ -457,6 +460,7 @@ class Telemetry:
         cycle, also while sends are failing, so samples recorded during an outage keep their values."""
         top: dict[str, Any] = {}
         metrics: dict[str, Any] = {}
+        health = None
         for probe in self._probes:
             try:
                 fields = dict(probe.sample())
@@ -464,7 +468,10 @@ class Telemetry:
                 self._warn(f"probe-{type(probe).__name__}", "%s failed: %r", type(probe).__name__, exc)
                 continue
             metrics.update(fields.pop("metrics", None) or {})
+            health = fields.pop("gpu_health", None) or health
             top.update(fields)
+        if health is not None and self._active:
+            self.heartbeat(gpu_health=health)  # each reading once, in its own heartbeat: record() pays nothing
         dropped = self._outbox.counts["dropped"]
         if dropped:
             metrics["client_dropped_records"] = dropped
@@ -528,6 +535,12 @@ def _default_probes(s: ClientSettings) -> list[Any]:
             from .torch_helpers import TorchProbe
 
             probes.append(TorchProbe(sample_seconds=s.sample_seconds))
+            import torch
+
+            if torch.cuda.is_available():
+                from .gpu_health import GpuHealthProbe
+
+                probes.append(GpuHealthProbe(sample_seconds=s.sample_seconds))
         except Exception as exc:  # pragma: no cover - a broken torch install
             log.warning("trainhealth: torch helpers unavailable: %r", exc)
     return probes

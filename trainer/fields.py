@@ -9,6 +9,7 @@ SAMPLE_FIELDS = frozenset((
     "loss", "lr", "grad_norm", "grad_scale", "gpu_mem_allocated_bytes", "gpu_mem_reserved_bytes",
     "gpu_mem_peak_bytes", "gpu_mem_total_bytes", "host_mem_bytes", "host_mem_total_bytes",
     "host_mem_available_bytes", "step_time_seconds", "data_time_seconds", "batch_size", "world_size",
+    "compute_seconds", "comm_wait_seconds",
 ))
 INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid"))
 FLOAT_FIELDS = SAMPLE_FIELDS - INT_FIELDS
@@ -28,6 +29,7 @@ ALERT_NAMES = frozenset((
     "nan_divergence", "loss_spike", "grad_explosion", "gpu_oom_risk", "gpu_oom", "host_memory_leak",
     "rank_stalled", "rank_failed", "straggler", "lr_scaling",
 ))
+ALERT_NAMES |= frozenset(("gpu_fault", "gpu_degraded"))  # GPU health (docs/gpu-health.md)
 ERROR_TEXT_CHARS = 4000  # an end record's error type and message (the sidecar takes 4096)
 TRACEBACK_FRAMES = 20  # the last frames of a crash's traceback
 TRACEBACK_CHARS = 16_000
