@@ -1,0 +1,91 @@
+"""StepTimer: a step split into compute and collective wait, with real torch on the CPU (a fake clock
+decides the times, so the test does not depend on this machine's speed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from trainhealth.integrations._common import Reporter
+from trainhealth.trainer.client import Telemetry
+from trainhealth.trainer.step_timing import StepTimer
+
+from .trainer_fakes import ENV, Clock, FakeSink
+
+
+class Slow(nn.Module):
+    """A linear layer whose forward takes ``seconds`` of the fake clock."""
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+        self.layer = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.seconds
+        return self.layer(x)
+
+
+def test_compute_runs_to_the_last_gradient_and_the_wait_from_there_to_end():
+    clock = Clock()
+    model = Slow(clock, 0.25)
+    timer = StepTimer(model, clock=clock)
+    timer.begin()
+    model(torch.ones(2, 4)).sum().backward()
+    clock.now += 0.5  # DDP's backward waiting for its all-reduce, after the last gradient
+    assert timer.end() == {"compute_seconds": 0.25, "comm_wait_seconds": 0.5}
+    assert timer.end() == {}  # no step begun since
+
+
+def test_gradient_accumulation_counts_from_the_first_micro_batch():
+    clock = Clock()
+    model = Slow(clock, 0.1)
+    timer = StepTimer(model, clock=clock)
+    for _ in range(3):
+        timer.begin()
+        model(torch.ones(2, 4)).sum().backward()
+    assert timer.end() == {"compute_seconds": pytest.approx(0.3), "comm_wait_seconds": 0.0}
+
+
+def test_a_step_without_gradients_or_on_cuda_is_not_measured():
+    clock = Clock()
+    timer = StepTimer(nn.Linear(4, 1), clock=clock)
+    timer.begin()
+    assert timer.end() == {}  # no backward
+    cuda_param = SimpleNamespace(requires_grad=True, is_cuda=True)
+    on_gpu = StepTimer(SimpleNamespace(parameters=lambda: [cuda_param]), clock=clock)
+    on_gpu.begin()
+    assert not on_gpu.measured and on_gpu.end() == {}
+
+
+def test_detach_removes_the_hooks():
+    clock = Clock()
+    model = Slow(clock, 0.1)
+    timer = StepTimer(model, clock=clock)
+    timer.detach()
+    timer.begin()
+    model(torch.ones(2, 4)).sum().backward()
+    assert timer.end() == {}
+
+
+def test_the_callbacks_reporter_puts_the_split_into_the_steps_sample():
+    clock, sink = Clock(), FakeSink()
+    tm = Telemetry(environ=ENV, sink=sink, probes=[], start_threads=False)
+    reporter = Reporter(tm, None, {}, {})
+    model = Slow(clock, 0.2)
+    reporter.time_steps(model)
+    reporter.timer._clock = clock  # type: ignore[union-attr]  # the fake clock, for exact numbers
+    reporter.compute_begins()
+    model(torch.ones(2, 4)).sum().backward()
+    clock.now += 0.05
+    reporter.compute_ends()
+    reporter.step(7, loss=1.0)
+    tm.flush()
+    sample = [r for r in sink.records if r["type"] == "sample"][0]
+    assert sample["step"] == 7
+    assert (sample["compute_seconds"], sample["comm_wait_seconds"]) == (pytest.approx(0.2), pytest.approx(0.05))
+    reporter.end(7)
+    assert reporter.timer is None
+    tm.close()
