@@ -89,3 +89,18 @@ def test_the_callbacks_reporter_puts_the_split_into_the_steps_sample():
     reporter.end(7)
     assert reporter.timer is None
     tm.close()
+
+
+def test_after_the_first_step_only_the_last_parameters_to_get_gradients_stay_hooked():
+    clock = Clock()
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])  # 10 parameters
+    timer = StepTimer(model, clock=clock)
+    assert len(timer._handles) == 10
+    for _ in range(3):
+        timer.begin()
+        clock.now += 0.1
+        model(torch.ones(2, 4)).sum().backward()
+        clock.now += 0.2
+        assert timer.end() == {"compute_seconds": pytest.approx(0.1), "comm_wait_seconds": pytest.approx(0.2)}
+    first = {id(p) for p in model[0].parameters()}  # backward reaches the first layer last
+    assert first <= set(timer._handles) and len(timer._handles) == 4
