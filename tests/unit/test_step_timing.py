@@ -3,8 +3,6 @@ decides the times, so the test does not depend on this machine's speed)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
@@ -49,15 +47,59 @@ def test_gradient_accumulation_counts_from_the_first_micro_batch():
     assert timer.end() == {"compute_seconds": pytest.approx(0.3), "comm_wait_seconds": 0.0}
 
 
-def test_a_step_without_gradients_or_on_cuda_is_not_measured():
+def test_a_step_without_gradients_is_not_measured():
     clock = Clock()
     timer = StepTimer(nn.Linear(4, 1), clock=clock)
     timer.begin()
     assert timer.end() == {}  # no backward
-    cuda_param = SimpleNamespace(requires_grad=True, is_cuda=True)
-    on_gpu = StepTimer(SimpleNamespace(parameters=lambda: [cuda_param]), clock=clock)
-    on_gpu.begin()
-    assert not on_gpu.measured and on_gpu.end() == {}
+
+
+class FakeEvents:
+    """Fake ``torch.cuda`` events (no GPU here): an event records the fake device clock when ``record()`` is
+    called, and is done once the test moves ``done_until`` past it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.done_until = 0.0
+        self.made = 0
+        events = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                assert enable_timing
+                events.made += 1
+                self.at: float | None = None
+
+            def record(self) -> None:
+                self.at = events.clock.now
+
+            def query(self) -> bool:
+                return self.at is not None and self.at <= events.done_until
+
+            def elapsed_time(self, other: Event) -> float:
+                assert self.query() and other.query(), "elapsed_time of an unfinished event would sync"
+                return (other.at - self.at) * 1000.0
+
+        self.Event = Event
+
+
+def test_on_cuda_the_split_comes_from_events_read_once_the_device_passed_them():
+    clock = Clock()
+    events = FakeEvents(clock)
+    model = Slow(clock, 0.25)
+    timer = StepTimer(model, cuda=events, clock=lambda: 0.0)  # the host clock is never used on CUDA
+    out = []
+    for _ in range(3):
+        timer.begin()
+        model(torch.ones(2, 4)).sum().backward()
+        clock.now += 0.5
+        out.append(timer.end())
+        clock.now += 0.01
+    assert out == [{}, {}, {}]  # the device has finished none of them: nothing waited for
+    events.done_until = clock.now
+    got = timer.end()  # the oldest finished step, one per call
+    assert got == {"compute_seconds": pytest.approx(0.25), "comm_wait_seconds": pytest.approx(0.5)}
+    assert len(timer._pending) == 2
 
 
 def test_detach_removes_the_hooks():
