@@ -377,11 +377,24 @@ class Telemetry:
                 from .torch_helpers import report_oom
 
                 report_oom(self, exc)
+            self._gpu_health_now()  # a crash may be the GPU's (XID 79): its reading goes out before the end
             self._send_kind("end", None, {"status": "failed", "error": error_info(exc_type, exc, tb, thread)})
             self._active = False  # a thread's crash: the rank is failed until it records again
             self.flush(self.settings.crash_flush_seconds)
         except Exception as inner:  # the report must not hide the crash
             log.warning("trainhealth: could not report %s: %r", exc_type.__name__, inner)
+
+    def _gpu_health_now(self) -> None:
+        """A GPU health reading now, in a heartbeat, from the probes that read one (gpu_health.py)."""
+        for probe in self._probes:
+            if hasattr(probe, "read_now"):
+                try:
+                    reading = probe.read_now()
+                except Exception as exc:  # the report must not hide the crash
+                    log.debug("trainhealth: GPU health at the crash: %r", exc)
+                    continue
+                if reading:
+                    self.heartbeat(gpu_health=reading)
 
     def __enter__(self) -> Telemetry:
         return self

@@ -13,6 +13,7 @@ rank has to be elected, and a GPU that no rank of the job uses is not the job's 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -40,13 +41,24 @@ class GpuHealthProbe:
         self._opened = False
         self._dev: nvml_mod.NvmlDevice | None = None
         self._failing = False
+        self._lock = threading.Lock()  # the background thread's reading and a crash's read_now()
 
     def bind(self) -> None:
         """On the training thread: its CUDA device (the background thread's current device is not it)."""
         if self.device is None and self.cuda.is_available() and self.cuda.is_initialized():
             self.device = self.cuda.current_device()
 
+    def read_now(self) -> dict[str, Any] | None:
+        """A reading at once, whatever the interval (the client's crash report); None without one."""
+        with self._lock:
+            self._next = 0.0
+            return self._sample().get("gpu_health")
+
     def sample(self) -> dict[str, Any]:
+        with self._lock:
+            return self._sample()
+
+    def _sample(self) -> dict[str, Any]:
         if self.device is None:
             return {}
         now = self._monotonic()

@@ -262,3 +262,20 @@ def test_bad_settings_are_refused_naming_key_and_value(section, values, message)
 def test_xid_lists_from_toml_are_taken():
     built = detector_settings({"gpu_fault": {"xids": [79, 48]}, "gpu_degraded": {"xids": []}})
     assert built["gpu_fault"].xids == (79, 48) and built["gpu_degraded"].xids == ()
+
+
+def test_a_crash_reads_the_gpu_at_once_and_sends_it_before_the_end_record():
+    nvml, sink, clock = FakeNvml(), FakeSink(), Clock()
+    probe = GpuHealthProbe(FakeCuda(), nvml, sample_seconds=5.0, monotonic=clock, clock=clock)
+    tm = Telemetry(environ=ENV, sink=sink, probes=[probe], start_threads=False, clock=clock)
+    tm.record(1, loss=2.0)
+    tm.pump()  # a healthy reading
+    nvml.xids.append(79)  # then the GPU falls off the bus, and the next CUDA call raises
+    clock.now += 1.0  # within sample_seconds: the background thread would not read it for 4 s more
+    try:
+        raise RuntimeError("CUDA error: unspecified launch failure")
+    except RuntimeError as exc:
+        tm._crashed(RuntimeError, exc, exc.__traceback__)
+    kinds = [(r["type"], r.get("gpu_health", {}).get("xids")) for r in sink.records if r["type"] != "sample"]
+    assert kinds == [("heartbeat", None), ("heartbeat", [{"xid": 79, "time": 1001.0}]), ("end", None)]
+    tm.close()
