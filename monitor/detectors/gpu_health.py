@@ -107,7 +107,7 @@ class _Gpu:
     slow_what: str = ""
     counters: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
     recent_xids: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
-    degraded: str | None = None  # the open gpu_degraded's summary
+    degraded: tuple[str, ...] | None = None  # what the open gpu_degraded names (kinds, not the numbers)
 
 
 class _GpuHealthBase:
@@ -208,29 +208,32 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
             return []
         g = self.gpu(record.rank, h)
         now = record.time
-        reasons = self._reasons(g, h, now) if s.enabled else []
-        if not reasons:
+        found = self._reasons(g, h, now) if s.enabled else []
+        if not found:
             if g.degraded is None:
                 return []
             g.degraded = None
             place, data = self.where(self.run, record.rank, g)
             return [resolved(self.name, record.rank, record.step or 0, now,
                              f"{place} is healthy again (rank {record.rank})", **data)]
+        kinds = tuple(kind for kind, _ in found)
+        if kinds == g.degraded:
+            return []  # the same reasons with newer numbers: no churn (the open alert keeps the first ones)
+        refresh = g.degraded is not None
+        g.degraded = kinds
+        reasons = [text for _, text in found]
         place, data = self.where(self.run, record.rank, g)
         summary = f"{place} is degraded: {'; '.join(reasons)} (rank {record.rank})"
-        if summary == g.degraded:
-            return []
-        refresh = g.degraded is not None
-        g.degraded = summary
         event = firing(self.name, record.rank, record.step or 0, now, summary, "warning", **data,
                        reasons=reasons, throttle_reasons=h.throttle_reasons, sm_clock_mhz=h.sm_clock_mhz,
                        sm_clock_max_mhz=h.sm_clock_max_mhz)
         event.refresh = refresh
         return [event]
 
-    def _reasons(self, g: _Gpu, h: GpuHealth, now: float) -> list[str]:
+    def _reasons(self, g: _Gpu, h: GpuHealth, now: float) -> list[tuple[str, str]]:
+        """(kind, text) of each reason that holds now."""
         s = self.settings
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         slow = slowdown(h, s.clock_ratio)
         if slow is None:
             g.slow_since = None
@@ -239,7 +242,7 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
                 g.slow_since = now
             g.slow_what = slow
             if now - g.slow_since >= s.throttle_seconds:
-                out.append(f"{slow} for {now - g.slow_since:.0f} s")
+                out.append(("slow", f"{slow} for {now - g.slow_since:.0f} s"))
         for name, what, key in COUNTERS:
             value = getattr(h, name)
             if value is None:
@@ -252,11 +255,11 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
                 dq.popleft()  # keeps the newest reading at or before the window's start as the base
             rise = value - dq[0][1]
             if rise >= getattr(s, key):
-                out.append(f"{rise} {what} in {now - dq[0][0]:.0f} s")
+                out.append((name, f"{rise} {what} in {now - dq[0][0]:.0f} s"))
         if h.remapped_rows_pending:
-            out.append("row remapping pending (reset the GPU when the job allows)")
+            out.append(("remap", "row remapping pending (reset the GPU when the job allows)"))
         if h.retired_pages_pending:
-            out.append("page retirement pending (reset the GPU when the job allows)")
+            out.append(("retire", "page retirement pending (reset the GPU when the job allows)"))
         for x in h.xids or ():
             if (x.xid, x.time) not in g.seen:
                 g.seen.add((x.xid, x.time))
@@ -264,7 +267,7 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
                     g.recent_xids.append((x.time, x.xid))
         for when, xid in g.recent_xids:
             if now - when < s.window_seconds:
-                out.append(f"XID {xid}, {XID_TEXT.get(xid, 'see the XID catalogue')}")
+                out.append((f"xid{xid}", f"XID {xid}, {XID_TEXT.get(xid, 'see the XID catalogue')}"))
         return out
 
 

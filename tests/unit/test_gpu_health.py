@@ -279,3 +279,16 @@ def test_a_crash_reads_the_gpu_at_once_and_sends_it_before_the_end_record():
     kinds = [(r["type"], r.get("gpu_health", {}).get("xids")) for r in sink.records if r["type"] != "sample"]
     assert kinds == [("heartbeat", None), ("heartbeat", [{"xid": 79, "time": 1001.0}]), ("end", None)]
     tm.close()
+
+
+def test_an_open_gpu_degraded_is_refreshed_when_its_reasons_change_not_when_the_numbers_move():
+    def worse(k: int) -> dict[str, Any]:
+        hot = {"throttle_reasons": pynvml.nvmlClocksEventReasonHwThermalSlowdown} if k >= 10 else {}
+        return {**HEALTHY, "remapped_rows_pending": k >= 5, "ecc_corrected": k // 2, **hot}
+    feed(job({0: worse}, steps=40))
+    from tests import live_traces
+    assert live_traces.last_pipeline is not None
+    (open_alert,) = [a for a in live_traces.last_pipeline.book.open.values() if a["alert"] == "gpu_degraded"]
+    assert open_alert["step"] == 5  # fired at step 5, refreshed once at step 22 (thermal held 60 s)
+    assert open_alert["reasons"] == ["HW thermal slowdown, SM clock 1980/1980 MHz for 60 s",
+                                     "row remapping pending (reset the GPU when the job allows)"]
