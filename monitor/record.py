@@ -235,6 +235,10 @@ def check(record: Record, runs: RunNames | None = None) -> Record:
         raise RecordError("step", f"required for a {record.type!r} record, got null")
     if record.phase_time is not None and (not math.isfinite(record.phase_time) or record.phase_time < 0):
         raise RecordError("phase_time", f"must be finite unix seconds, got {record.phase_time!r}")
+    if record.gpu_health is not None and record.gpu_health.xids:
+        for i, x in enumerate(record.gpu_health.xids):
+            if not math.isfinite(x.time) or x.time < 0:
+                raise RecordError(f"gpu_health.xids[{i}].time", f"must be finite unix seconds, got {x.time!r}")
     return record
 
 

@@ -292,3 +292,18 @@ def test_an_open_gpu_degraded_is_refreshed_when_its_reasons_change_not_when_the_
     assert open_alert["step"] == 5  # fired at step 5, refreshed once at step 22 (thermal held 60 s)
     assert open_alert["reasons"] == ["HW thermal slowdown, SM clock 1980/1980 MHz for 60 s",
                                      "row remapping pending (reset the GPU when the job allows)"]
+
+
+@pytest.mark.parametrize("health, message", [
+    ({"xids": [{"xid": 79, "time": float("nan")}]}, "gpu_health.xids[0].time: must be finite unix seconds, got nan"),
+    ({"xids": [{"xid": "79", "time": 1.0}]}, "gpu_health.xids[0].xid: Expected `int`, got `str`"),
+    ({"ecc_uncorrected": -1}, "gpu_health.ecc_uncorrected: Expected `int` >= 0"),
+    ({"remapped_rows_pending": 1}, "gpu_health.remapped_rows_pending: Expected `bool | null`, got `int`"),
+    ([], "gpu_health: Expected `object | null`, got `array`"),
+])
+def test_a_bad_gpu_health_is_rejected_naming_the_member(health, message):
+    from trainhealth.record import RecordError
+
+    with pytest.raises(RecordError) as err:
+        from_obj({"type": "heartbeat", "run": RUN, "rank": 0, "time": T0, "step": 1, "gpu_health": health})
+    assert str(err.value).startswith(message)
