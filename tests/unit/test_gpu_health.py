@@ -307,3 +307,16 @@ def test_a_bad_gpu_health_is_rejected_naming_the_member(health, message):
     with pytest.raises(RecordError) as err:
         from_obj({"type": "heartbeat", "run": RUN, "rank": 0, "time": T0, "step": 1, "gpu_health": health})
     assert str(err.value).startswith(message)
+
+
+def test_the_status_api_shows_each_ranks_newest_reading():
+    from trainhealth.status import run_view
+
+    from tests import live_traces
+
+    feed(job({1: lambda k: {**HEALTHY, "sm_clock_mhz": 1000.0 + k}}, steps=3))
+    p = live_traces.last_pipeline
+    assert p is not None
+    ranks = run_view(p.runs[RUN], p.book, detail=True)["rank_states"]
+    assert ranks[1]["gpu_health"] == {**HEALTHY, "sm_clock_mhz": 1003.0, "time": T0 + 15.011}
+    assert ranks[0]["gpu_health"]["index"] == 3 and "gpu_health" not in run_view(p.runs[RUN], p.book)
