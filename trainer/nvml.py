@@ -30,6 +30,7 @@ class NvmlDevice:
         self._clock = clock
         self._events: Any = None  # the XID event set, made at the first health reading
         self._events_tried = False
+        self._events_failed = False
         self._xids: list[dict[str, Any]] = []
         self._unsupported: set[str] = set()  # readings this device said it does not support
         self._links: int | None = None  # NVLink links that exist (learned at the first reading)
@@ -113,9 +114,11 @@ class NvmlDevice:
             try:
                 data = nv.nvmlEventSetWait(self._events, 0)
             except nv.NVMLError as exc:
-                if _code(exc) != nv.NVML_ERROR_TIMEOUT:
-                    log.info("trainhealth: NVML XID event read failed: %s", exc)
+                if _code(exc) != nv.NVML_ERROR_TIMEOUT:  # said once, then quietly tried every reading
+                    (log.debug if self._events_failed else log.info)("trainhealth: NVML XID event read failed: %s", exc)
+                    self._events_failed = True
                 return
+            self._events_failed = False
             if data.eventType & nv.nvmlEventTypeXidCriticalError:
                 self._xids.append({"xid": int(data.eventData), "time": self._clock()})
                 del self._xids[:-MAX_XIDS]
