@@ -20,7 +20,8 @@ values that the GPU has finished computing (torch tensors are copied without a
 sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
 exponential backoff, and when the buffer is full the oldest records are dropped
 and counted. Every cycle it also measures host/GPU memory (the probes); each
-sample carries the latest measurement. A second thread sends heartbeats while
+sample carries the latest measurement. A GPU health reading (NVML, every few seconds:
+gpu_health.py) goes out once, in a heartbeat of its own, not in the samples. A second thread sends heartbeats while
 the training thread is busy or blocked; with ``tm.phase("data")`` / ``tm.phase("step")``
 around the loop's parts, each heartbeat also says what the training thread is doing, so
 the sidecar can tell a rank stuck in data loading from the ranks it keeps waiting.

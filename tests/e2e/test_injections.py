@@ -282,7 +282,7 @@ def test_slow_compute_on_rank_1_is_named_though_every_step_time_is_equal(launch,
     assert (a["signal"], a["severity"], a["window"]) == ("compute", "warning", 20)
     assert 0.1 <= a["median_seconds"] < 0.15 and a["peers_median_seconds"] < 0.05
     assert 0.05 < a["peers_comm_wait_seconds"] < 0.15
-    assert 20 <= a["step"] <= 60  # a full window of slow samples, sustained for 10 more (and the ticks' lag)
+    assert 20 <= a["step"] <= 80  # a full window of slow samples, sustained for 10 more (and the ticks' lag)
     assert [x["alert"] for x in alerts] == ["straggler"]
     samples = [r for r in recorded(tmp_path, job) if r.get("type", "sample") == "sample" and r["step"] > 5]
     step_times = {rank: sorted(r["step_time_seconds"] for r in samples if r["rank"] == rank) for rank in range(3)}
