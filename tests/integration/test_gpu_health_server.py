@@ -4,13 +4,16 @@ here) behind a fake ``torch.cuda`` that says the rank runs on it."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from trainhealth.record import from_obj
 from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.gpu_health import GpuHealthProbe
 
 from tests.conftest import Sidecar
 from tests.integration.alerting import until
+from tests.live_traces import feed
 from tests.unit.nvml_fake import FakeNvml
 from tests.unit.test_gpu_health import FakeCuda
 
@@ -21,7 +24,8 @@ def alerts(sidecar: Sidecar, run: str) -> list[dict[str, Any]]:
     return answer.json()["alerts"][::-1]
 
 
-def test_xid_79_read_by_the_client_pages_gpu_fault_naming_host_gpu_and_bus(sidecar: Sidecar):
+def test_xid_79_read_by_the_client_pages_gpu_fault_naming_host_gpu_and_bus(start_sidecar, tmp_path):
+    sidecar: Sidecar = start_sidecar(record=True)
     nvml = FakeNvml()
     probe = GpuHealthProbe(FakeCuda(), nvml, sample_seconds=0.1)
     tm = Telemetry(url=sidecar.url, run="gpu-e2e", rank=2, world_size=4, probes=[probe], host="node-b",
@@ -44,3 +48,10 @@ def test_xid_79_read_by_the_client_pages_gpu_fault_naming_host_gpu_and_bus(sidec
     assert (a["host"], a["gpu_index"], a["pci_bus_id"], a["xids"]) == ("node-b", 3, "00000000:65:00.0", [79])
     assert a["summary"] == ("drain node-b GPU 3 (00000000:65:00.0): XID 79, GPU has fallen off the bus; "
                             "restart the job without it (rank 2, step 3)")
+    # the flight recorder kept the readings as they came (a replay of the file raises the same alert)
+    lines = [json.loads(line) for line in (tmp_path / "records" / "gpu-e2e.jsonl").read_text().splitlines()]
+    readings = [r["gpu_health"] for r in lines if "gpu_health" in r]
+    assert all(r["type"] == "heartbeat" for r in lines if "gpu_health" in r) and len(readings) >= 3
+    assert readings[-1]["xids"][0]["xid"] == 79 and "xids" not in readings[0]
+    replayed = feed([from_obj(r) for r in lines])
+    assert [(x["alert"], x["rank"], x["summary"]) for x in replayed] == [("gpu_fault", 2, a["summary"])]
