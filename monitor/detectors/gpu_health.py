@@ -104,7 +104,6 @@ class _Gpu:
     faults: list[str] = field(default_factory=list)  # what the open gpu_fault says
     fault_xids: list[int] = field(default_factory=list)
     slow_since: float | None = None  # throttled or clocked down since (consecutive readings)
-    slow_what: str = ""
     counters: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
     recent_xids: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
     degraded: tuple[str, ...] | None = None  # what the open gpu_degraded names (kinds, not the numbers)
@@ -240,7 +239,6 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
         else:
             if g.slow_since is None:
                 g.slow_since = now
-            g.slow_what = slow
             if now - g.slow_since >= s.throttle_seconds:
                 out.append(("slow", f"{slow} for {now - g.slow_since:.0f} s"))
         for name, what, key in COUNTERS:
