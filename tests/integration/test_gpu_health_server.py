@@ -36,7 +36,8 @@ def test_xid_79_read_by_the_client_pages_gpu_fault_naming_host_gpu_and_bus(start
             tm.record(step, loss=1.0)
         # a healthy GPU's readings arrive (a heartbeat each) and raise nothing
         until(lambda: sidecar.client.get("/v1/runs/gpu-e2e").status_code == 200, what="the run")
-        until(lambda: nvml.calls > 60, what="a few healthy readings")  # about 20 NVML calls a reading
+        # a few healthy readings taken (one event poll each) and sent
+        until(lambda: nvml.counts.get("nvmlEventSetWait", 0) >= 4, what="a few healthy readings")
         tm.flush()
         assert alerts(sidecar, "gpu-e2e") == []
         nvml.xids.append(79)  # the GPU falls off the bus; the training thread is stuck: no more records

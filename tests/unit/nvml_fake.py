@@ -36,6 +36,7 @@ class FakeNvml:
                               pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT: 0, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA: 0}
         self.pcie_replays = 0
         self.calls = 0
+        self.counts: dict[str, int] = {}  # calls per function name
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith(("NVML", "nvmlClocks", "nvmlEventType")):
@@ -44,6 +45,7 @@ class FakeNvml:
 
     def _call(self, name: str) -> None:
         self.calls += 1
+        self.counts[name] = self.counts.get(name, 0) + 1
         if self.lost:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         if name in self.unsupported:
