@@ -288,7 +288,10 @@ def test_slow_compute_on_rank_1_is_named_though_every_step_time_is_equal(launch,
     assert 0.1 <= a["median_seconds"] < 0.15 and a["peers_median_seconds"] < 0.05
     assert 0.05 < a["peers_comm_wait_seconds"] < 0.15
     assert 20 <= a["step"] <= 80  # a full window of slow samples, sustained for 10 more (and the ticks' lag)
-    assert [x["alert"] for x in alerts] == ["straggler"]
+    # no other rank is named by anything; the trainer's own early loss rise on 3 ranks may page loss_spike
+    # (run-wide, rank null): that is the loss detector's finding, not this one's
+    assert [(x["state"], x["rank"]) for x in alerts if x["alert"] == "straggler"] == [("firing", INJECTED)]
+    assert all(x["rank"] in (None, INJECTED) for x in alerts)
     samples = [r for r in recorded(tmp_path, job) if r.get("type", "sample") == "sample" and r["step"] > 5]
     step_times = {rank: sorted(r["step_time_seconds"] for r in samples if r["rank"] == rank) for rank in range(3)}
     medians = {rank: times[len(times) // 2] for rank, times in step_times.items()}
