@@ -7,7 +7,8 @@ What pages and why is written down in docs/gpu-health.md. In short:
   down...), the volatile uncorrectable ECC count rising while the run watches, or row
   remapping that failed (no spare rows left). The summary says what to do: drain the host's
   GPU and restart the job without it. It stays open until the rank starts again (a new
-  process on whichever GPU it gets): a broken GPU does not heal because a process exited.
+  process on whichever GPU it gets): a broken GPU does not heal because a process exited
+  (the pipeline still closes a finished run's alerts once every rank has ended).
 - ``gpu_degraded`` (warning, one alert per rank): the GPU still works but slows the job or
   is wearing out: a throttle reason (HW slowdown, HW thermal, HW power brake, SW thermal) or
   an SM clock under ``clock_ratio`` of its maximum, held for ``throttle_seconds``; corrected
