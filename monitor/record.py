@@ -55,6 +55,8 @@ NUMBER_FIELDS = (
     "host_mem_pressure",
     "step_time_seconds",
     "data_time_seconds",
+    "compute_seconds",
+    "comm_wait_seconds",
     "reference_lr",
 )
 
@@ -73,6 +75,43 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True, gc=False):
     type: Text = ""
     message: Text = ""
     traceback: Traceback = ""
+
+
+class XidEvent(msgspec.Struct, gc=False):
+    """One XID event NVML reported for the rank's GPU: its number and when the client read it."""
+
+    xid: NonNegInt
+    time: float
+
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class GpuHealth(msgspec.Struct, omit_defaults=True, gc=False):
+    """The rank's GPU as NVML reports it (docs/gpu-health.md); None: not read (not supported, no NVML).
+
+    Counters are the device's own (volatile: since the driver loaded); ``xids`` are the XID events the
+    client read since it started, oldest first, at most 32 (sent again on every reading, so a lost
+    record loses none)."""
+
+    index: NonNegInt | None = None  # NVML's device index (nvidia-smi's), not CUDA_VISIBLE_DEVICES' number
+    pci_bus_id: Text | None = None
+    xids: list[XidEvent] | None = None
+    ecc_uncorrected: Count | None = None
+    ecc_corrected: Count | None = None
+    remapped_rows_pending: bool | None = None
+    remapped_rows_failed: bool | None = None
+    retired_pages: Count | None = None
+    retired_pages_pending: bool | None = None
+    throttle_reasons: Count | None = None  # NVML's clocks event reasons bitmask
+    sm_clock_mhz: float | None = None
+    sm_clock_max_mhz: float | None = None
+    power_watts: float | None = None
+    power_limit_watts: float | None = None
+    nvlink_replay_errors: Count | None = None
+    nvlink_crc_errors: Count | None = None
+    nvlink_recovery_errors: Count | None = None
+    pcie_replay_errors: Count | None = None
 
 
 class Record(msgspec.Struct, omit_defaults=True, gc=False):
@@ -114,9 +153,14 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     host_mem_pressure: float | None = None
     step_time_seconds: float | None = None
     data_time_seconds: float | None = None
+    # of the step: time computing (forward, backward) and time blocked in its collectives after that
+    compute_seconds: float | None = None
+    comm_wait_seconds: float | None = None
     batch_size: NonNegInt | None = None
     world_size: NonNegInt | None = None
     metrics: dict[MetricName, float | None] | None = None
+    # heartbeat (and sample): the rank's GPU health from NVML, every few seconds
+    gpu_health: GpuHealth | None = None
     # start
     reference_lr: float | None = None
     reference_batch_size: NonNegInt | None = None
@@ -212,6 +256,10 @@ def check(record: Record, runs: RunNames | None = None) -> Record:
         raise RecordError("step", f"required for a {record.type!r} record, got null")
     if record.phase_time is not None and (not math.isfinite(record.phase_time) or record.phase_time < 0):
         raise RecordError("phase_time", f"must be finite unix seconds, got {record.phase_time!r}")
+    if record.gpu_health is not None and record.gpu_health.xids:
+        for i, x in enumerate(record.gpu_health.xids):
+            if not math.isfinite(x.time) or x.time < 0:
+                raise RecordError(f"gpu_health.xids[{i}].time", f"must be finite unix seconds, got {x.time!r}")
     return record
 
 
@@ -354,4 +402,6 @@ def to_obj(record: Record) -> dict[str, Any]:
     obj = {f: v for f in record.__struct_fields__ if (v := getattr(record, f)) is not None}
     if record.error is not None:
         obj["error"] = msgspec.structs.asdict(record.error)
+    if record.gpu_health is not None:
+        obj["gpu_health"] = msgspec.to_builtins(record.gpu_health)
     return obj

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from .history import RankHistory
 from .record import NUMBER_FIELDS, Record
 
@@ -38,6 +40,7 @@ class RankState:
     phase_time: float | None = None  # when that phase began
     phase_seen: float = 0.0  # record time of the heartbeat or sample that said so
     history: RankHistory = field(default_factory=RankHistory)  # the live page's recent window (bounded)
+    gpu_health: dict[str, Any] | None = None  # its GPU's newest NVML reading, with the record's "time"
 
     def apply(self, rec: Record) -> None:
         self.records += 1
@@ -48,6 +51,8 @@ class RankState:
             self.phase, self.phase_time = rec.phase, rec.phase_time if rec.phase is not None else None
         if rec.step is not None and rec.step > self.last_step:
             self.last_step = rec.step
+        if rec.gpu_health is not None and (self.gpu_health is None or rec.time >= self.gpu_health["time"]):
+            self.gpu_health = {**msgspec.to_builtins(rec.gpu_health), "time": rec.time}  # plain: JSON, pickle
         kind = rec.type
         if kind == "sample":
             if self.last_sample_time is None or rec.time >= self.last_sample_time:

@@ -32,6 +32,8 @@ def rank_view(r: RankState, detail: bool) -> dict[str, Any]:
             out["pid"] = r.pid
         if r.last_oom is not None:
             out["last_oom"] = r.last_oom
+        if r.gpu_health is not None:
+            out["gpu_health"] = dict(r.gpu_health)
     return out
 
 

@@ -20,7 +20,8 @@ values that the GPU has finished computing (torch tensors are copied without a
 sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
 exponential backoff, and when the buffer is full the oldest records are dropped
 and counted. Every cycle it also measures host/GPU memory (the probes); each
-sample carries the latest measurement. A second thread sends heartbeats while
+sample carries the latest measurement. A GPU health reading (NVML, every few seconds:
+gpu_health.py) goes out once, in a heartbeat of its own, not in the samples. A second thread sends heartbeats while
 the training thread is busy or blocked; with ``tm.phase("data")`` / ``tm.phase("step")``
 around the loop's parts, each heartbeat also says what the training thread is doing, so
 the sidecar can tell a rank stuck in data loading from the ranks it keeps waiting.
@@ -235,9 +236,12 @@ class Telemetry:
         self._active = True
         self._outbox.request_flush()
 
-    def heartbeat(self, step: int | None = None) -> None:
+    def heartbeat(self, step: int | None = None, *, gpu_health: dict[str, Any] | None = None) -> None:
         phase = self._phase  # one read: name and start time stay together
-        self._send_kind("heartbeat", step, {} if phase is None else {"phase": phase[0], "phase_time": phase[1]})
+        fields: dict[str, Any] = {} if phase is None else {"phase": phase[0], "phase_time": phase[1]}
+        if gpu_health is not None:
+            fields["gpu_health"] = gpu_health
+        self._send_kind("heartbeat", step, fields)
 
     def end(self, step: int | None = None) -> None:
         """The rank is done (status "completed"); sent at once. Not needed: a normal exit sends it."""
@@ -376,11 +380,24 @@ class Telemetry:
                 from .torch_helpers import report_oom
 
                 report_oom(self, exc)
+            self._gpu_health_now()  # a crash may be the GPU's (XID 79): its reading goes out before the end
             self._send_kind("end", None, {"status": "failed", "error": error_info(exc_type, exc, tb, thread)})
             self._active = False  # a thread's crash: the rank is failed until it records again
             self.flush(self.settings.crash_flush_seconds)
         except Exception as inner:  # the report must not hide the crash
             log.warning("trainhealth: could not report %s: %r", exc_type.__name__, inner)
+
+    def _gpu_health_now(self) -> None:
+        """A GPU health reading now, in a heartbeat, from the probes that read one (gpu_health.py)."""
+        for probe in self._probes:
+            if hasattr(probe, "read_now"):
+                try:
+                    reading = probe.read_now()
+                except Exception as exc:  # the report must not hide the crash
+                    log.debug("trainhealth: GPU health at the crash: %r", exc)
+                    continue
+                if reading:
+                    self.heartbeat(gpu_health=reading)
 
     def __enter__(self) -> Telemetry:
         return self
@@ -459,6 +476,7 @@ class Telemetry:
         cycle, also while sends are failing, so samples recorded during an outage keep their values."""
         top: dict[str, Any] = {}
         metrics: dict[str, Any] = {}
+        health = None
         for probe in self._probes:
             try:
                 fields = dict(probe.sample())
@@ -466,7 +484,10 @@ class Telemetry:
                 self._warn(f"probe-{type(probe).__name__}", "%s failed: %r", type(probe).__name__, exc)
                 continue
             metrics.update(fields.pop("metrics", None) or {})
+            health = fields.pop("gpu_health", None) or health
             top.update(fields)
+        if health is not None and self._active:
+            self.heartbeat(gpu_health=health)  # each reading once, in its own heartbeat: record() pays nothing
         dropped = self._outbox.counts["dropped"]
         if dropped:
             metrics["client_dropped_records"] = dropped
@@ -540,6 +561,12 @@ def _default_probes(s: ClientSettings) -> list[Any]:
             from .torch_helpers import TorchProbe
 
             probes.append(TorchProbe(sample_seconds=s.sample_seconds))
+            import torch
+
+            if torch.cuda.is_available():
+                from .gpu_health import GpuHealthProbe
+
+                probes.append(GpuHealthProbe(sample_seconds=s.sample_seconds))
         except Exception as exc:  # pragma: no cover - a broken torch install
             log.warning("trainhealth: torch helpers unavailable: %r", exc)
     return probes

@@ -12,6 +12,7 @@ SAMPLE_FIELDS = frozenset((
     "host_mem_available_bytes", "host_mem_limit_bytes", "host_mem_cgroup_bytes", "host_mem_oom_kills",
     "host_mem_max_events", "host_mem_high_events", "host_mem_pressure",
     "step_time_seconds", "data_time_seconds", "batch_size", "world_size",
+    "compute_seconds", "comm_wait_seconds",
 ))
 INT_FIELDS = frozenset(("batch_size", "world_size", "reference_batch_size", "warmup_steps", "pid", "host_mem_oom_kills",
                         "host_mem_max_events", "host_mem_high_events"))
@@ -32,6 +33,7 @@ ALERT_NAMES = frozenset((
     "nan_divergence", "loss_spike", "grad_explosion", "gpu_oom_risk", "gpu_oom", "host_memory_leak",
     "rank_stalled", "rank_failed", "straggler", "lr_scaling",
 ))
+ALERT_NAMES |= frozenset(("gpu_fault", "gpu_degraded"))  # GPU health (docs/gpu-health.md)
 ERROR_TEXT_CHARS = 4000  # an end record's error type and message (the sidecar takes 4096)
 TRACEBACK_FRAMES = 20  # the last frames of a crash's traceback
 TRACEBACK_CHARS = 16_000

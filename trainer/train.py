@@ -31,6 +31,8 @@ Faults (--inject NAME, on rank --inject-rank K, at step --inject-step S; steps c
     hang         at step S rank K sleeps --hang-seconds (0: forever) while the others wait in all-reduce
     die          at step S rank K exits at once with os._exit(13): no end record, no flush
     straggler    from step S rank K sleeps --straggler-seconds in data loading every step
+    slow-compute from step S rank K sleeps --straggler-seconds inside its forward every step (a slow GPU): every
+                 rank's step time stays the same, the others wait for it in the all-reduce
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ from torch import nn
 
 from .client import Telemetry
 from .fields import ALERT_NAMES
+from .step_timing import StepTimer
 
 log = logging.getLogger("trainhealth.trainer.train")
-INJECTIONS = ("lr-unscaled", "nan-data", "gpu-leak", "host-leak", "hang", "die", "straggler")
+INJECTIONS = ("lr-unscaled", "nan-data", "gpu-leak", "host-leak", "hang", "die", "straggler", "slow-compute")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = torch.optim.SGD(model.parameters(), lr=sched.peak_lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and use_cuda)
+    timer = StepTimer(model)  # compute vs waiting in the all-reduce, per step (CPU: wall clock)
 
     tm = Telemetry(rank=rank, world_size=world, stop_on=stop_names(cfg))
     tm.start(world_size=world, batch_size=cfg.batch_size, lr=sched.peak_lr, reference_lr=cfg.reference_lr,
@@ -307,14 +311,18 @@ def main(argv: list[str] | None = None) -> int:
 
         # forward, backward (DDP all-reduces the gradients here), update
         with tm.phase("step"):
+            timer.begin()
             lr = lr_at(it, sched, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with tm.oom_guard(step=it):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+                    if faulty and cfg.inject == "slow-compute":
+                        time.sleep(cfg.straggler_seconds)  # this rank's forward is slow; the others wait
                     loss = F.mse_loss(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                split = timer.end()  # backward and DDP's all-reduce have returned
                 scaler.unscale_(optimizer)
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm(grads)  # a tensor: no sync
@@ -332,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         # telemetry: tensors are handed over as they are, read later without a GPU sync
         tm.record(step, loss=loss.detach(), lr=lr, grad_norm=grad_norm, grad_scale=scaler,
                   step_time_seconds=step_time, data_time_seconds=data_time,
-                  batch_size=cfg.batch_size, world_size=world)
+                  batch_size=cfg.batch_size, world_size=world, **split)
         if master and (step % cfg.log_every == 0 or step == n_steps):
             # loss.item() is a CPU-GPU sync point: only every log_every steps, for the console
             log.info("step %d/%d: loss %.4f, lr %.6g, %.1f ms", step, n_steps, loss.item(), lr,

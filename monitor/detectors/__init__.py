@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Detector
+from .gpu_health import GpuDegraded, GpuFault
 from .gpu_memory import GpuOom, GpuOomRisk
 from .host_memory import HostMemoryLeak
 from .liveness import RankStalled
@@ -29,6 +30,8 @@ ALL: list[type[Detector[Any]]] = [
     RankFailed,
     RankStalled,
     Straggler,
+    GpuFault,
+    GpuDegraded,
 ]
 
 __all__ = ["ALL", "Detector"]

@@ -3,8 +3,12 @@
 In synchronous data-parallel training every rank's step time is the same (the
 fast ranks wait for the slow one in the all-reduce), so step time cannot name
 the culprit. What differs is the time a rank waits for its data
-(``data_time_seconds``); and, when ranks do not synchronise every step, the time
-between a rank's samples (per step, so sampling every N steps compares fairly).
+(``data_time_seconds``); the time it computes (``compute_seconds``: a slow or
+throttling GPU), which counts only while its peers wait for it in their
+collectives (their ``comm_wait_seconds`` median at least half its excess); and,
+when ranks do not synchronise every step, the time between a rank's samples (per
+step, so sampling every N steps compares fairly). When the slow rank's latest
+``gpu_health`` reading shows its GPU throttling, the alert says so.
 
 For each signal and rank: the median over the rank's last ``window`` samples,
 against the median of its peers' medians (leave-one-out). A rank is slow when
@@ -29,10 +33,12 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .gpu_health import slowdown
 from .validate import at_least, flag, whole
 
-SIGNALS = ("data_time", "step_interval")
-WHAT = {"data_time": "waits for data", "step_interval": "takes per step"}
+SIGNALS = ("data_time", "compute", "step_interval")
+WHAT = {"data_time": "waits for data", "compute": "computes", "step_interval": "takes per step"}
+CLOCK_RATIO = 0.5  # a GPU clocked under half its maximum is said to throttle (as gpu_degraded's default)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,6 +71,7 @@ class _Rank:
     last_time: float = 0.0
     onset: dict[str, int] = field(default_factory=dict)  # signal -> samples count when it turned slow
     ended: bool = False
+    gpu: str | None = None  # its GPU's latest reading, when it throttles: "GPU 3 (0000:65:00.0): HW slowdown"
 
 
 def _median(values: Iterable[float]) -> float:
@@ -108,6 +115,11 @@ class Straggler(Detector[StragglerSettings]):
                     dq.append(value)
                 else:
                     self._push(r, "data_time", value)
+            value = record.compute_seconds
+            if value is not None and isfinite(value) and value >= 0:
+                self._push(r, "compute", value)
+                wait = record.comm_wait_seconds
+                self._push(r, "comm_wait", wait if wait is not None and isfinite(wait) and wait >= 0 else 0.0)
             step = record.step
             if step is not None and step > r.last_step:
                 if r.last_step >= 0 and record.time > r.last_time:
@@ -117,6 +129,11 @@ class Straggler(Detector[StragglerSettings]):
             if value is not None and isfinite(value) and value > 0:
                 self.step_times.append(value)
             return []
+        if record.gpu_health is not None and record.rank in self.ranks:
+            h = record.gpu_health
+            slow = slowdown(h, CLOCK_RATIO)
+            bus = f" ({h.pci_bus_id})" if h.pci_bus_id else ""
+            self.ranks[record.rank].gpu = None if slow is None else f"GPU {h.index}{bus}: {slow}"
         if kind in ("start", "end") and record.rank in self.ranks:
             r = self.ranks[record.rank]
             if kind == "start":  # a restart: what it did before says nothing about now
@@ -170,6 +187,8 @@ class Straggler(Detector[StragglerSettings]):
                 peers = _median_without(ordered, index[m])
                 r = live[q]
                 slow = m >= s.ratio * peers and m - peers >= need
+                if slow and signal == "compute":
+                    slow = self._peers_wait(live, q) >= (m - peers) / 2  # they wait for it
                 if q in self.firing:
                     if m >= s.resolve_ratio * peers and m - peers >= need / 2:
                         holding.add(q)
@@ -193,19 +212,35 @@ class Straggler(Detector[StragglerSettings]):
             r.onset.clear()
         return out
 
+    def _peers_wait(self, live: dict[int, _Rank], rank: int) -> float:
+        """The median of the other ranks' median collective wait (0 without any)."""
+        waits = [_median(dq) for q, r in live.items()
+                 if q != rank and (dq := r.windows.get("comm_wait")) is not None and dq]
+        return _median(waits) if waits else 0.0
+
     def _fire(self, rank: int, r: _Rank, signal: str, m: float, peers: float, now: float,
               step_time: float | None) -> Event:
         self.firing[rank] = signal
         times = f"{m / peers:.1f}x" if peers > 0 else "far more than"
+        waits = self._peers_wait({q: x for q, x in self.ranks.items() if not x.ended}, rank)
         summary = (f"rank {rank} is a straggler: it {WHAT[signal]} {m:.3f} s (median of its last "
-                   f"{self.settings.window} samples), {times} its peers' {peers:.3f} s; "
-                   f"the job loses about {m - peers:.3f} s per step waiting for it")
+                   f"{self.settings.window} samples), {times} its peers' {peers:.3f} s")
+        if signal == "compute":
+            summary += f", while they wait {waits:.3f} s per step in their collectives"
+        summary += f"; the job loses about {m - peers:.3f} s per step waiting for it"
         if signal == "data_time":
             summary += " (check its data loader workers, disk or CPU)"
+        host = self.run.ranks[rank].host if rank in self.run.ranks else None
+        if r.gpu is not None:
+            summary += f"; its GPU is throttling: {host + ' ' if host else ''}{r.gpu}"
+        elif signal == "compute":
+            summary += " (a slow GPU or CPU, or more work on that rank)"
         return firing(self.name, rank, max(r.last_step, 0), now, summary, "warning",
                       signal=signal, median_seconds=m, peers_median_seconds=peers,
                       ratio=(m / peers if peers > 0 else None), excess_seconds=m - peers,
-                      step_time_seconds=step_time, window=self.settings.window)
+                      step_time_seconds=step_time, window=self.settings.window,
+                      peers_comm_wait_seconds=waits if signal == "compute" else None,
+                      gpu_throttling=r.gpu)
 
     def _resolve_all(self, now: float, why: str) -> list[Event]:
         out = [resolved(self.name, q, max(self.ranks[q].last_step, 0), now, f"rank {q}: {why}")

@@ -67,6 +67,10 @@ PER_RANK_VALUES: tuple[tuple[str, str, str], ...] = (
     ("trainhealth_host_memory_total_bytes", "host_mem_total_bytes", "The machine's total memory."),
     ("trainhealth_step_time_seconds", "step_time_seconds", "Wall time of the rank's last step."),
     ("trainhealth_data_time_seconds", "data_time_seconds", "Time of the last step spent waiting for data."),
+    ("trainhealth_compute_seconds", "compute_seconds", "Time of the last step spent computing (forward, "
+                                                       "backward)."),
+    ("trainhealth_comm_wait_seconds", "comm_wait_seconds", "Time of the last step spent waiting in its "
+                                                           "collectives after computing."),
 )
 EXPORTED_KEYS = frozenset(key for _, key, _ in PER_RANK_VALUES)  # latest also holds batch/world size
 PER_RANK_STATE = ("trainhealth_step", "trainhealth_last_record_timestamp_seconds", "trainhealth_rank_ended")

@@ -115,6 +115,9 @@ def test_hf_without_a_stop_runs_to_the_end_and_sends_each_step_once(tmp_path):
     steps = [r for r in recs if r["type"] == "sample"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert all("grad_norm" in r and "loss" in r and "lr" in r for r in steps)
+    # each step split into compute (forward, backward) and waiting after it (no collective here: ~0)
+    assert all(0 < r["compute_seconds"] < r["step_time_seconds"] for r in steps[1:])
+    assert all(r["comm_wait_seconds"] >= 0 for r in steps)
     assert recs[0]["type"] == "start" and recs[0]["optimizer"] == "adamw" and recs[0]["batch_size"] == 2
     assert recs[-1]["type"] == "end"
 
@@ -157,6 +160,7 @@ def test_lightning_stop_answer_sets_should_stop_after_that_step(tmp_path):
     steps = [r for r in recs if r["type"] == "sample"]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["lr"] == 0.01 for r in steps)
+    assert all(r["compute_seconds"] > 0 and r["comm_wait_seconds"] >= 0 for r in steps)  # both micro-batches
     assert recs[0]["batch_size"] == 16 and recs[0]["optimizer"] == "adam" and recs[-1]["type"] == "end"
 
 

@@ -62,6 +62,9 @@ def test_start_every_step_and_end_reach_the_sidecar_with_what_the_trainer_logged
             assert sample.grad_norm == pytest.approx(entry["grad_norm"], rel=1e-6)
             assert sample.metrics["epoch"] == pytest.approx(entry["epoch"])
             assert math.isfinite(sample.loss)
+            # DDP over gloo: the step split into compute and the wait in its all-reduce (and clipping)
+            assert sample.compute_seconds is not None and sample.compute_seconds > 0
+            assert sample.comm_wait_seconds is not None and sample.comm_wait_seconds >= 0
     # the Trainer's linear warmup from 0 over 3 steps, then linear decay: the LR each step used
     assert [by_rank[0][s].lr for s in range(1, 7)] == pytest.approx([0, 1e-3 / 3, 2e-3 / 3, 1e-3, 2e-3 / 3, 1e-3 / 3])
     assert by_rank[0][6].step_time_seconds > 0

@@ -56,14 +56,15 @@ INJECTED = 1  # the rank every fault is injected on
 class Job:
     """A torchrun launch of ``python -m trainhealth.trainer``; its output goes to ``log_path``."""
 
-    def __init__(self, sidecar: Sidecar, log_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
+    def __init__(self, sidecar: Sidecar, log_path: Path, args: tuple[str, ...], env: dict[str, str],
+                 nproc: int = 2) -> None:
         self.sidecar = sidecar
         self.run = f"e2e-{uuid.uuid4().hex[:12]}"
         self.log_path = log_path
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
         environ.update({"PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", "TRAINHEALTH_URL": sidecar.url,
                         "TRAINHEALTH_RUN": self.run, **FAST_CLIENT, **env})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "trainhealth.trainer", "--log-every", "1000", *args]
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT,
@@ -141,8 +142,8 @@ def launch(sidecar: Sidecar, tmp_path: Path) -> Iterator[Callable[..., Job]]:
     """launch(*trainer_args, env=...) -> Job; every job is killed at teardown, passed or failed."""
     jobs: list[Job] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Job:
-        job = Job(sidecar, tmp_path / f"torchrun{len(jobs)}.log", args, env or {})
+    def start(*args: str, env: dict[str, str] | None = None, nproc: int = 2) -> Job:
+        job = Job(sidecar, tmp_path / f"torchrun{len(jobs)}.log", args, env or {}, nproc)
         jobs.append(job)
         return job
 
@@ -273,6 +274,29 @@ def test_straggler_on_rank_1_fires_straggler_for_it(launch):
     assert 0.1 <= a["median_seconds"] < 0.2 and a["peers_median_seconds"] < 0.02
     assert a["step"] >= 3 + 20  # a full window of slow samples, then sustained
     assert [x["alert"] for x in alerts] == ["straggler"]
+
+
+def test_slow_compute_on_rank_1_is_named_though_every_step_time_is_equal(launch, tmp_path):
+    # synchronous DDP on 3 ranks: rank 1 sleeps 0.1 s in its forward every step; the others wait for it in
+    # the all-reduce, so every rank's step time is the same and only compute vs waiting tells them apart
+    job = launch("--inject", "slow-compute", "--inject-rank", str(INJECTED), "--inject-step", "1",
+                 "--straggler-seconds", "0.1", "--steps", "1000", "--step-sleep", "0.02", nproc=3)
+    alerts = job.wait_for(lambda a: bool(firing(a, "straggler")))
+    slow = firing(alerts, "straggler")
+    assert list(slow) == [INJECTED]
+    a = slow[INJECTED]
+    assert (a["signal"], a["severity"], a["window"]) == ("compute", "warning", 20)
+    assert 0.1 <= a["median_seconds"] < 0.15 and a["peers_median_seconds"] < 0.05
+    assert 0.05 < a["peers_comm_wait_seconds"] < 0.15
+    assert 20 <= a["step"] <= 80  # a full window of slow samples, sustained for 10 more (and the ticks' lag)
+    # no other rank is named by anything; the trainer's own early loss rise on 3 ranks may page loss_spike
+    # (run-wide, rank null): that is the loss detector's finding, not this one's
+    assert [(x["state"], x["rank"]) for x in alerts if x["alert"] == "straggler"] == [("firing", INJECTED)]
+    assert all(x["rank"] in (None, INJECTED) for x in alerts)
+    samples = [r for r in recorded(tmp_path, job) if r.get("type", "sample") == "sample" and r["step"] > 5]
+    step_times = {rank: sorted(r["step_time_seconds"] for r in samples if r["rank"] == rank) for rank in range(3)}
+    medians = {rank: times[len(times) // 2] for rank, times in step_times.items()}
+    assert max(medians.values()) < 1.15 * min(medians.values()), medians  # every rank's step takes as long
 
 
 def test_host_leak_on_rank_1_fires_host_memory_leak_for_it(launch, tmp_path):

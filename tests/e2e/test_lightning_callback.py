@@ -62,6 +62,9 @@ def test_start_every_step_and_end_reach_the_sidecar_under_one_run_name(start_sid
         assert [s.lr for s in mine] == pytest.approx([0.01 * min(1.0, step / 3)] * 2)
         assert mine[0].grad_norm == pytest.approx(mine[1].grad_norm, rel=1e-5) and mine[0].grad_norm > 0
         assert all(math.isfinite(s.loss) and s.loss > 0 for s in mine)
+        # DDP over gloo: each step split into compute and the wait in its all-reduce
+        assert all(s.compute_seconds is not None and s.compute_seconds > 0 and s.comm_wait_seconds is not None
+                   and s.comm_wait_seconds >= 0 for s in mine)
     assert by_rank[0][6].step_time_seconds > 0
     assert [a for a in alerts(sidecar, run) if a["state"] == "firing"] == []  # a healthy run stays quiet
 

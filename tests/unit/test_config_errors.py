@@ -40,6 +40,8 @@ def wrong_type(hint: Any) -> Any:
         return "1"
     if hint is str:
         return 5
+    if typing.get_args(hint)[:1] == (int,):
+        return ["1"]  # lists and tuples of integers (gpu_fault.xids)
     return [1]  # lists and tuples of strings
 
 

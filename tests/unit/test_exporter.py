@@ -62,7 +62,8 @@ def test_rank_values_are_exported_with_run_and_rank_labels() -> None:
     service, reg, _ = make()
     send(service, sample(rank=0, loss=2.5, lr=0.1, grad_norm=3.0, gpu_mem_peak_bytes=7e9,
                          gpu_mem_total_bytes=8e9, host_mem_bytes=2e9, step_time_seconds=0.4,
-                         data_time_seconds=0.05, grad_scale=65536.0),
+                         data_time_seconds=0.05, grad_scale=65536.0, compute_seconds=0.3,
+                         comm_wait_seconds=0.04),
          sample(rank=1, loss=2.7, lr=0.1, step=2))
     assert value(reg, "trainhealth_loss", run="job", rank="0") == 2.5
     assert value(reg, "trainhealth_loss", run="job", rank="1") == 2.7
@@ -74,6 +75,8 @@ def test_rank_values_are_exported_with_run_and_rank_labels() -> None:
     assert value(reg, "trainhealth_host_memory_bytes", run="job", rank="0") == 2e9
     assert value(reg, "trainhealth_step_time_seconds", run="job", rank="0") == 0.4
     assert value(reg, "trainhealth_data_time_seconds", run="job", rank="0") == 0.05
+    assert value(reg, "trainhealth_compute_seconds", run="job", rank="0") == 0.3
+    assert value(reg, "trainhealth_comm_wait_seconds", run="job", rank="0") == 0.04
     assert value(reg, "trainhealth_step", run="job", rank="1") == 2
     assert value(reg, "trainhealth_last_record_timestamp_seconds", run="job", rank="0") == T0
 
@@ -240,7 +243,7 @@ def test_every_sample_name_is_declared_in_exported_names() -> None:
     fields = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "grad_scale": 1.0, "gpu_mem_peak_bytes": 1.0,
               "gpu_mem_total_bytes": 2.0, "gpu_mem_allocated_bytes": 1.0, "gpu_mem_reserved_bytes": 1.0,
               "host_mem_bytes": 1.0, "host_mem_available_bytes": 1.0, "host_mem_total_bytes": 2.0,
-              "step_time_seconds": 1.0, "data_time_seconds": 0.1}
+              "step_time_seconds": 1.0, "data_time_seconds": 0.1, "compute_seconds": 0.5, "comm_wait_seconds": 0.4}
     send(service, sample(**fields), sample(rank=1, loss="nan"))
     service.ingest(b"[", "application/json")
     latency.observe(0.001)

@@ -145,3 +145,87 @@ def test_bad_settings_are_refused_naming_key_and_value(values, message):
         StragglerSettings(**values)
     with pytest.raises(ValueError, match=re.escape(message)):
         detector_settings({NAME: values})
+
+
+# -- synchronous training: compute against collective wait ------------------------------------------------
+
+def sync_job(ranks, steps, compute, step_seconds=None, heartbeats=None, hosts="abcdefgh"):
+    """Synchronous DDP as the client reports it: every rank's step takes as long as the slowest rank's
+    compute (plus the all-reduce, 10 ms), so step times are equal; each rank waits the difference.
+    compute(rank, step) -> seconds; heartbeats(rank, step) -> gpu_health or None."""
+    out = [{"type": "start", "run": RUN, "rank": r, "time": T0 + 0.01 * r, "world_size": ranks,
+            "host": f"node-{hosts[r]}"} for r in range(ranks)]
+    t = T0 + 5.0
+    for k in range(1, steps + 1):
+        c = {r: compute(r, k) for r in range(ranks)}
+        step = step_seconds(k) if step_seconds else max(c.values()) + 0.01
+        t += step
+        for r in range(ranks):
+            out.append({"run": RUN, "rank": r, "time": t + 0.001 * r, "step": k, "loss": 1.0,
+                        "step_time_seconds": step, "data_time_seconds": 0.002, "compute_seconds": c[r],
+                        "comm_wait_seconds": max(0.0, step - 0.002 - c[r])})
+            health = heartbeats(r, k) if heartbeats else None
+            if health is not None:
+                out.append({"type": "heartbeat", "run": RUN, "rank": r, "time": t + 0.002, "step": k,
+                            "gpu_health": health})
+    return [from_obj(o) for o in sorted(out, key=lambda o: o["time"])]
+
+
+def test_rank_computing_slowly_while_the_others_wait_is_named_though_step_times_are_equal():
+    rng = random.Random(3)
+
+    def compute(rank, step):
+        slow = rank == 2 and step > 100
+        return lognormal(rng, 0.3 if slow else 0.1, 0.1)
+
+    records = sync_job(4, 300, compute)
+    alerts = stragglers(records)
+    assert brief(alerts)[:1] == [(NAME, "firing", 2, alerts[0]["step"])] and len(alerts) == 1
+    a = alerts[0]
+    assert 120 <= a["step"] <= 124  # the median turns with the 11th slow sample, then 10 more
+    assert a["signal"] == "compute" and a["ratio"] == pytest.approx(3.0, rel=0.15)
+    assert a["peers_comm_wait_seconds"] == pytest.approx(0.2, rel=0.2)
+    assert re.match(r"rank 2 is a straggler: it computes 0\.\d{3} s \(median of its last 20 samples\), "
+                    r"\d\.\dx its peers' 0\.\d+ s, while they wait 0\.\d+ s per step in their collectives; "
+                    r"the job loses about 0\.\d+ s per step waiting for it \(a slow GPU or CPU", a["summary"])
+
+
+def test_a_throttling_gpu_is_said_in_the_same_alert():
+    def compute(rank, step):
+        return 0.25 if rank == 1 and step > 50 else 0.1
+
+    def health(rank, step):
+        throttled = rank == 1 and step > 50
+        return {"index": 3, "pci_bus_id": "00000000:65:00.0", "throttle_reasons": 0x8 if throttled else 0,
+                "sm_clock_mhz": 705.0 if throttled else 1980.0, "sm_clock_max_mhz": 1980.0}
+
+    alerts = stragglers(sync_job(3, 150, compute, heartbeats=health))
+    assert brief(alerts)[0][:3] == (NAME, "firing", 1) and len(alerts) == 1
+    assert alerts[0]["summary"].endswith("; its GPU is throttling: node-b GPU 3 (00000000:65:00.0): "
+                                         "HW slowdown, SM clock 705/1980 MHz")
+    assert alerts[0]["gpu_throttling"] == "GPU 3 (00000000:65:00.0): HW slowdown, SM clock 705/1980 MHz"
+
+
+def test_noisy_compute_and_a_checkpoint_pause_on_every_rank_stay_quiet():
+    rng = random.Random(4)
+
+    def compute(rank, step):
+        if step % 100 == 0:  # a checkpoint save inside the step, on every rank at once
+            return rng.uniform(3.0, 6.0)
+        if rng.random() < 0.05:  # now and then a slow step on any rank (a page fault, a GC)
+            return rng.uniform(0.3, 0.8)
+        return lognormal(rng, 0.1, 0.3)
+
+    assert stragglers(sync_job(8, 600, compute)) == []
+
+
+def test_longer_compute_that_nobody_waits_for_stays_quiet():
+    # rank 0 computes more by design (it also evaluates), but the ranks do not wait for each other here:
+    # every step is its own length and no one reports waiting in a collective
+    records = sync_job(3, 200, lambda r, k: 0.3 if r == 0 else 0.1, step_seconds=lambda k: 0.35)
+    records = [r if r.type != "sample" else from_obj({**{"run": r.run, "rank": r.rank, "time": r.time,
+                                                        "step": r.step, "compute_seconds": r.compute_seconds,
+                                                        "comm_wait_seconds": 0.0,
+                                                        "step_time_seconds": r.step_time_seconds}})
+               for r in records]
+    assert stragglers(records) == []

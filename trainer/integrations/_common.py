@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.outbox import LimitedLog
 from trainhealth.trainer.settings import from_environ
+from trainhealth.trainer.step_timing import StepTimer
 
 log = logging.getLogger("trainhealth.integrations")
 _warn = LimitedLog()
@@ -97,6 +98,8 @@ class Reporter:
         self.telemetry_options = telemetry_options
         self.stop_step: int | None = None  # the step the run stopped after, on trainhealth's word
         self._last_step_end: float | None = None
+        self.timer: StepTimer | None = None  # compute and collective wait per step (step_timing.py)
+        self._timing: dict[str, float] = {}
 
     # -- setup ----------------------------------------------------------------------------------------
     def bind(self, rank: int, world_size: int, broadcast: Callable[[Any], Any] | None) -> Telemetry:
@@ -116,6 +119,25 @@ class Reporter:
         options.setdefault("world_size", world_size)
         self.telemetry = Telemetry(**options)
         return self.telemetry
+
+    def time_steps(self, model: Any) -> None:
+        """Split each step into compute and collective wait (``compute_seconds``, ``comm_wait_seconds``):
+        hooks on ``model``'s parameters; ``compute_begins()`` and ``compute_ends()`` mark the step."""
+        if self.timer is not None:
+            self.timer.detach()
+        self.timer = StepTimer(model) if model is not None and hasattr(model, "parameters") else None
+        self._timing = {}
+
+    def compute_begins(self) -> None:
+        """The step's batch is in hand (the first micro-batch's, with gradient accumulation)."""
+        if self.timer is not None:
+            self.timer.begin()
+
+    def compute_ends(self) -> None:
+        """Backward and its all-reduce returned, the optimizer has not stepped: the split is kept for the
+        step's sample."""
+        if self.timer is not None:
+            self._timing = self.timer.end()
 
     # -- events ---------------------------------------------------------------------------------------
     def start(self, **framework_fields: Any) -> None:
@@ -141,6 +163,10 @@ class Reporter:
         if self._last_step_end is not None:
             values.setdefault("step_time_seconds", now - self._last_step_end)
         self._last_step_end = now
+        if self._timing:
+            for name, value in self._timing.items():
+                values.setdefault(name, value)
+            self._timing = {}
         tm.record(step, **values)
 
     def should_stop(self, step: int) -> bool:
@@ -161,6 +187,9 @@ class Reporter:
         if tm is None:
             return
         tm.end(step)
+        if self.timer is not None:
+            self.timer.detach()
+            self.timer = None
         if self.owned:
             tm.flush(timeout=5.0)
 

@@ -93,6 +93,7 @@ class TrainHealthCallback(TrainerCallback):
         self._remove_hook()
         if model is not None and hasattr(model, "register_forward_hook"):
             self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self.reporter.time_steps(model)
         self._per_token = False
         self._average_tokens = bool(getattr(args, "average_tokens_across_devices", False))
         self._world_size = int(args.world_size)
@@ -141,6 +142,11 @@ class TrainHealthCallback(TrainerCallback):
     @guarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._send_pending()  # a logging step whose log never came
+        self.reporter.compute_begins()
+
+    @guarded
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.reporter.compute_ends()  # backward and DDP's all-reduce are done (and clipping)
 
     @guarded
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -75,9 +75,11 @@ class TrainHealthCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for ``strategy="ddp_spawn"``: each spawned process makes its own client at setup."""
         state = self.__dict__.copy()
-        if self.reporter.owned:
+        if self.reporter.owned or self.reporter.timer is not None:
             reporter = Reporter.__new__(Reporter)
-            reporter.__dict__.update(self.reporter.__dict__, telemetry=None)
+            reporter.__dict__.update(self.reporter.__dict__, timer=None)  # hooks stay in their process
+            if self.reporter.owned:
+                reporter.telemetry = None
             state["reporter"] = reporter
         return state
 
@@ -92,6 +94,7 @@ class TrainHealthCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._losses, self._lr, self._norm = [], None, None
         self._last_step = int(trainer.global_step)
+        self.reporter.time_steps(pl_module)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         per_device = _batch_size(trainer)
         accumulation = int(trainer.accumulate_grad_batches)
@@ -105,7 +108,12 @@ class TrainHealthCallback(Callback):
 
     # -- every optimizer step -------------------------------------------------------------------------
     @guarded
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.reporter.compute_begins()  # counts from the first micro-batch after the last step
+
+    @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.reporter.compute_ends()  # the closure (forward, backward, DDP's all-reduce) returned
         self._lr = first_lr(optimizer)  # the LR this step uses (schedulers step after it)
         if self.grad_norm and not _sharded(trainer.strategy):
             self._norm = _total_norm(pl_module)  # before clipping, after AMP's unscale
