@@ -49,7 +49,7 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
     others = [q for q in live if q not in roots]
-    summary = head + _others(det, roots, others, failed, quiet)
+    summary = head + _others(det, roots, others, failed, quiet, at)
     anchor = ranks[roots[0]] if roots else ranks[first]
     summary += "; " + _basis(det, anchor, reason, limit)
     hosts = whole_hosts(det.run, roots) if roots else []
@@ -138,14 +138,20 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
 
 
 def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[int],
-            quiet: list[int]) -> str:
-    """What the ranks that are not the root do: wait in a collective, train on, or failed after it."""
+            quiet: list[int], at: float) -> str:
+    """What the ranks that are not the root do: wait in a collective, train on, or failed after it.
+
+    Still training: a step finished after the roots' last record and within half the roots' silence limit
+    of ``at``. A step or two just after it is not training on: the roots' last records were lost with them
+    (a killed client's unsent buffer) while the others finished the steps they had shared with them, and
+    wait in the next one's collective."""
     if not roots:
         return ""
     ranks = det.ranks
     out = ""
     stopped = max(ranks[q].seen for q in roots)
-    moving = [q for q in others if ranks[q].advance_time > stopped and q not in quiet]
+    recent = at - det.silence_limit(ranks[roots[0]]) / 2
+    moving = [q for q in others if ranks[q].advance_time > max(stopped, recent) and q not in quiet]
     waiting = [q for q in others if q not in moving and q not in quiet]
     if waiting and quiet and set(quiet) == set(roots):
         n = len(waiting)

@@ -82,6 +82,28 @@ def test_a_host_going_down_is_one_incident_naming_the_host(hosts, per_host, down
     assert findings()[STALL]["root_ranks"] == gone and findings()[STALL]["waiting_ranks"] == others
 
 
+def test_the_others_finishing_the_step_the_dead_node_lost_still_wait_in_a_collective():
+    # seen on the two-namespace bed: node-b's clients were killed with step 151's samples unsent, while
+    # node-a's ranks finished step 151 (its all-reduce had completed) and then wait in step 152's
+    job = ddp_job(ranks=4, steps=200, last_step={0: 151, 1: 151, 2: 150, 3: 150},
+                  silent_at={2: T0 + 80.3, 3: T0 + 80.3}, until=T0 + 400)
+    alerts = everything(with_hosts(job.records, 2), T0 + 400)
+    assert brief(alerts) == [(STALL, "firing", None, 150)]
+    summary = alerts[0]["summary"]
+    assert summary.startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same moment (node down "
+                              "or network partition); ranks 0-1 on node-a wait in a collective;"), summary
+    assert alerts[0]["waiting_ranks"] == [0, 1]
+
+
+def test_ranks_that_keep_finishing_steps_after_one_went_silent_are_said_to_train_on():
+    # not synchronous with it (or a rank of another group): the others' steps keep coming
+    job = ddp_job(ranks=4, steps=600, silent_at={3: T0 + 85.4}, until=T0 + 400)
+    alerts = everything(with_hosts(job.records, 2), T0 + 400)
+    assert brief(alerts)[0][:3] == (STALL, "firing", None)
+    assert "; ranks 0-2 still finish steps;" in alerts[0]["summary"] or \
+        "; ranks 0-1 on node-a, 2 on node-b still finish steps;" in alerts[0]["summary"], alerts[0]["summary"]
+
+
 def test_the_field_case_two_machines_of_four_ranks_one_down():
     job = ddp_job(ranks=8, steps=1600, step_seconds=0.2, last_step={q: 1500 for q in range(8)},
                   silent_at={q: T0 + 305.3 for q in range(4, 8)}, until=T0 + 700)
