@@ -35,6 +35,8 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
     failed = sorted(det.peer_failed)
     first = min(stalled, key=lambda q: (stalled[q][1], q))
     reason, _, limit = stalled[first]
+    stopped = _stopped_with_failed(det, quiet, failed)
+    quiet = [q for q in quiet if q not in stopped]
     if quiet and (len(quiet) < len(live) or failed):
         roots = sorted(quiet)
         head, step = _silent(det, roots, live, at)
@@ -48,8 +50,12 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         head = prefix + head
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
-    others = [q for q in live if q not in roots]
+    others = [q for q in live if q not in roots and q not in stopped]
     summary = head + _others(det, roots, others, failed, quiet, at)
+    if stopped and roots:
+        its = "its" if len(stopped) == 1 else "their"
+        summary += (f"; {where(det.run, stopped)} went silent after {'it' if len(failed) == 1 else 'them'} "
+                    f"(stopped by {its} launcher when a rank of {its} node failed)")
     anchor = ranks[roots[0]] if roots else ranks[first]
     summary += "; " + _basis(det, anchor, reason, limit)
     hosts = whole_hosts(det.run, roots) if roots else []
@@ -63,6 +69,7 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         "stuck_ranks": sorted(q for q, f in stalled.items() if f[0] == "stuck"),
         "waiting_ranks": sorted(others),
         "failed_ranks": failed,
+        "stopped_ranks": sorted(stopped),
         "threshold_seconds": limit,
         "last_step_time": anchor.advance_time,
         "last_record_time": anchor.seen,
@@ -73,6 +80,17 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         "phase_time": anchor.phase_time,
     }
     return summary, step, data
+
+
+def _stopped_with_failed(det: RankStalled, quiet: list[int], failed: list[int]) -> list[int]:
+    """Quiet ranks on a host where a rank failed with a collective error, while ranks of another host went
+    quiet: torchrun stops a node's other workers (SIGTERM: nothing sent) when one of them fails, so their
+    silence is a consequence of the others', not the root. Without hosts (older clients): none."""
+    if not failed:
+        return []
+    torn = {det.run.ranks[q].host for q in failed if q in det.run.ranks} - {None}
+    stopped = [q for q in quiet if q in det.run.ranks and det.run.ranks[q].host in torn]
+    return stopped if len(stopped) < len(quiet) else []
 
 
 def _silent(det: RankStalled, roots: list[int], live: list[int], at: float) -> tuple[str, int]:

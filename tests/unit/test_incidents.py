@@ -104,6 +104,35 @@ def test_ranks_that_keep_finishing_steps_after_one_went_silent_are_said_to_train
         "; ranks 0-1 on node-a, 2 on node-b still finish steps;" in alerts[0]["summary"], alerts[0]["summary"]
 
 
+def test_a_survivor_stopped_by_its_launcher_after_its_neighbour_failed_is_not_a_root():
+    # the flaky e2e (host None): node-b is SIGKILLed; rank 0 fails with a collective error and exits, and
+    # torchrun's agent on node-a SIGTERMs rank 1 before its own error was reported: rank 1 goes silent too
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)},
+                  silent_at={0: T0 + 85.4, 1: T0 + 85.7, 2: T0 + 85.4, 3: T0 + 85.4}, until=T0 + 400)
+    crash = [end(0, T0 + 85.6, 150, PEER)]
+    alerts = everything(with_hosts(job.records, 2) + crash, T0 + 400)
+    assert brief(alerts) == [(STALL, "firing", None, 150)]
+    a = open_alerts()[STALL]
+    assert (a["host"], a["root_ranks"], a["failed_ranks"], a["stopped_ranks"], a["waiting_ranks"]) == \
+        ("node-b", [2, 3], [0], [1], [])
+    assert a["summary"].startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same moment (node "
+                                   "down or network partition); rank 0 on node-a failed after them with a "
+                                   "collective error (RuntimeError: "), a["summary"]
+    assert "; rank 1 on node-a went silent after it (stopped by its launcher when a rank of its node failed);" \
+        in a["summary"]
+
+
+def test_a_silent_rank_beside_a_failed_one_with_no_other_host_quiet_is_still_named():
+    # rank 1 quiet on its own while rank 0 of the same host failed with a collective error: nobody else went
+    # quiet, so rank 1 is the root (it is not torn down after another host's silence)
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)}, silent_at={1: T0 + 85.4},
+                  until=T0 + 400)
+    crash = [end(0, T0 + 85.6, 150, PEER)]
+    alerts = everything(with_hosts(job.records, 2) + crash, T0 + 400)
+    a = open_alerts()[STALL]
+    assert (a["root_ranks"], a["stopped_ranks"]) == ([1], []), alerts
+
+
 def test_the_field_case_two_machines_of_four_ranks_one_down():
     job = ddp_job(ranks=8, steps=1600, step_seconds=0.2, last_step={q: 1500 for q in range(8)},
                   silent_at={q: T0 + 305.3 for q in range(4, 8)}, until=T0 + 700)
