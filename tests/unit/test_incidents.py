@@ -391,6 +391,15 @@ def test_nan_through_the_all_reduce_points_the_others_at_the_root_batch(ranks, r
                                    f"not theirs")
 
 
+def test_nan_on_another_node_names_the_root_with_its_host():
+    # two nodes of two ranks (start records carry host): bad data on rank 2 of node-b
+    starts = [from_obj({"type": "start", "run": RUN, "rank": q, "time": T0 - 1, "world_size": 4,
+                        "host": f"node-{chr(97 + q // 2)}"}) for q in range(4)]
+    made, now, facts = nan_picture(starts + shared(2, 12, 4))
+    assert now["summary"].startswith("loss became nan at step 12 on rank 2 on node-b (its own loss); "), now["summary"]
+    assert (now["first_rank"], now["root_hosts"], now["received_ranks"]) == (2, ["node-b"], [0, 1, 3])
+
+
 def test_ties_lowest_step_then_own_loss_then_lowest_rank():
     grad7 = [sample(0, 7, T0 + 7, 1.0, math.inf)]
     loss8 = [sample(1, 8, T0 + 7.5, math.nan, 1.0)]
