@@ -8,6 +8,7 @@ under ``[detectors.NAME]`` and can be reloaded (SIGHUP, ``POST /-/reload``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class RetryPolicy:
 
 
 FORMATS = ("trainhealth", "alertmanager")
+NODE_LABEL = re.compile(r"[A-Za-z0-9._:-]{0,128}\Z")
 SEVERITIES = ("critical", "warning", "info")
 
 
@@ -133,10 +135,13 @@ class AlertmanagerSettings(RetryPolicy):
     """``[alertmanager]``; ``url`` is the base URL, e.g. http://alertmanager:9093."""
 
     resend_seconds: float = 60.0
+    node: str = ""  # a ``node`` label on every alert pushed (one sidecar per node: whose alert it is)
 
     def __post_init__(self) -> None:
         RetryPolicy.__post_init__(self)
         validate.positive(self, "alertmanager", "resend_seconds")
+        if not isinstance(self.node, str) or not NODE_LABEL.match(self.node):
+            raise ConfigError(f"alertmanager.node: must be 0-128 characters of [A-Za-z0-9._:-], got {self.node!r}")
 
     def _section(self) -> str:
         return "alertmanager"

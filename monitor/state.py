@@ -34,6 +34,7 @@ class RankState:
     phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
     phase_time: float | None = None  # when that phase began
     phase_seen: float = 0.0  # record time of the heartbeat or sample that said so
+    loss_nonfinite_step: int | None = None  # first step with a NaN/Inf loss since its start (the fleet's NaN rule)
     history: RankHistory = field(default_factory=RankHistory)  # the live page's recent window (bounded)
 
     def apply(self, rec: Record) -> None:
@@ -47,6 +48,10 @@ class RankState:
             self.last_step = rec.step
         kind = rec.type
         if kind == "sample":
+            loss = rec.loss
+            if loss is not None and loss - loss != 0.0 and rec.step is not None:  # NaN or infinite
+                if self.loss_nonfinite_step is None or rec.step < self.loss_nonfinite_step:
+                    self.loss_nonfinite_step = rec.step
             if self.last_sample_time is None or rec.time >= self.last_sample_time:
                 self.last_sample_time = rec.time
                 self.history.add(rec)
@@ -70,6 +75,7 @@ class RankState:
             self.ended = False
         elif kind == "start":
             self.phase = self.phase_time = None
+            self.loss_nonfinite_step = None
             self.host = rec.host or self.host
             self.pid = rec.pid if rec.pid is not None else self.pid
             self.ended = False

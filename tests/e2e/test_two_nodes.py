@@ -2,6 +2,13 @@
 torchrun ``--nnodes 2`` with a c10d rendezvous on node 0 and gloo over the veths, 2 ranks of the reference
 trainer per node, real sidecars.
 
+One sidecar per node: each node's ranks send to their own node's sidecar; one Prometheus (the repo's rules,
+their ``for:`` scaled to seconds) scrapes both, and both sidecars and Prometheus send to one Alertmanager
+(the repo's config, its waits scaled to seconds) that posts to a webhook receiver. NaN on rank 2 (node-1):
+the one notification of the run names rank 2 as the first across nodes (TrainhealthNanFirstRank; each
+sidecar's own nan_divergence, which sees only its node, is inhibited); then node-1 down: its sidecar goes
+with it, TrainhealthNodeDown names it, and node-0's rank_stalled (its ranks wait) is inhibited.
+
 One sidecar per job: on node 0 (the rendezvous host), every rank sends to it through
 ``TRAINHEALTH_URL=http://{master}:PORT`` (MASTER_ADDR, from torchrun). One job: bad data on rank 2 (node-1)
 at step 8 is named across nodes as the first NaN rank; then node-1 goes down (its link cut, every process in
@@ -17,14 +24,19 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import httpx
+import psutil
 import pytest
+import yaml
 
-from tests.conftest import IN_CI, Sidecar, python_path
+from tests.conftest import IN_CI, ROOT, Sidecar, need_binary, python_path, stop_process
+from tests.integration.alerting import Receiver
 from tests.twonodes import BedUnavailable, TwoNodes, why_unavailable
 
 torch = pytest.importorskip("torch")
@@ -77,21 +89,47 @@ def until(ok: Callable[[], Any], timeout: float, what: Callable[[], str]) -> Any
 
 
 class Job:
-    """The reference trainer on both nodes: one torchrun agent per node, 2 ranks each."""
+    """The reference trainer on both nodes: one torchrun agent per node, 2 ranks each; ``urls``: each
+    node's TRAINHEALTH_URL."""
 
-    def __init__(self, bed: TwoNodes, url: str, logs: Path, *args: str) -> None:
+    def __init__(self, bed: TwoNodes, urls: tuple[str, str], logs: Path, *args: str) -> None:
         self.bed = bed
         self.run = f"two-{uuid.uuid4().hex[:8]}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-        env.update({"PYTHONPATH": python_path(), "TRAINHEALTH_URL": url, "TRAINHEALTH_RUN": self.run,
-                    **FAST_CLIENT})
+        env.update({"PYTHONPATH": python_path(), "TRAINHEALTH_RUN": self.run, **FAST_CLIENT})
         trainer = ["-m", "trainhealth.trainer", "--log-every", "100000", "--pg-timeout", "120", *args]
         port = free_port()
         self.logs = [logs / f"{self.run}-{n}.log" for n in NODE]
-        self.agents = [bed.torchrun(n, port, trainer, env, log=self.logs[n]) for n in (0, 1)]
+        self.agents = [bed.torchrun(n, port, trainer, {**env, "TRAINHEALTH_URL": urls[n]}, log=self.logs[n])
+                       for n in (0, 1)]
 
     def log(self) -> str:
         return "\n".join(f"--- {n}:\n{p.read_text()[-2500:]}" for n, p in zip(NODE, self.logs))
+
+    def kill(self) -> None:
+        """Every process this job started on either node (a failed test must not leave ranks running)."""
+        family: list[psutil.Process] = []
+        for agent in self.agents:
+            try:
+                family += [psutil.Process(agent.pid), *psutil.Process(agent.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=10)
+
+
+@pytest.fixture
+def jobs(bed: TwoNodes) -> Iterator[list[Job]]:
+    """Jobs started by a test: killed at its end, and node-1's link up again for the next test."""
+    started: list[Job] = []
+    yield started
+    for job in started:
+        job.kill()
+    bed.link_up(1)
 
 
 def alerts_of(sidecar: Sidecar, run: str) -> list[dict[str, Any]]:
@@ -117,11 +155,13 @@ def job_sidecar(bed: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iter
         sidecar.stop()
 
 
-def test_one_sidecar_per_job_names_node_1_for_its_nan_and_its_death(bed, job_sidecar, tmp_path):
+def test_one_sidecar_per_job_names_node_1_for_its_nan_and_its_death(bed, job_sidecar, jobs, tmp_path):
     sidecar = job_sidecar
     port = sidecar.url.rsplit(":", 1)[1]
-    job = Job(bed, f"http://{{master}}:{port}", tmp_path, "--steps", "100000", "--step-sleep", "0.05",
+    url = f"http://{{master}}:{port}"  # every rank: the sidecar on the rendezvous host
+    job = Job(bed, (url, url), tmp_path, "--steps", "100000", "--step-sleep", "0.05",
               "--inject", "nan-data", "--inject-rank", "2", "--inject-step", "8")
+    jobs.append(job)
     run = job.run
 
     # every rank, from both nodes, reaches the sidecar on node 0 and trains past the NaN
@@ -156,4 +196,145 @@ def test_one_sidecar_per_job_names_node_1_for_its_nan_and_its_death(bed, job_sid
     assert all(p.poll() is None for p in job.agents[:1]), job.log()  # node-0's agent still waits
     findings = status_of(sidecar, run)["findings"]["rank_stalled"]
     assert (findings["host"], findings["root_ranks"]) == ("node-1", [2, 3])
-    bed.link_up(1)
+
+
+# -- one sidecar per node, one Prometheus, one Alertmanager ------------------------------------------------
+
+NODE_CONFIG = """
+[detectors.rank_stalled]
+floor_seconds = 10.0
+startup_seconds = 30.0
+silence_floor_seconds = 2.0
+
+[alertmanager]
+resend_seconds = 1.0
+"""
+SCALED = {"30s": "2s", "20s": "6s", "1m": "2s"}  # the rules' for: and Alertmanager's waits, in seconds here
+
+
+def scaled(text: str, keys: tuple[str, ...]) -> str:
+    """``key: 30s`` lines with the durations of SCALED: the shipped files, on a test's clock."""
+    def swap(m: re.Match[str]) -> str:
+        return f"{m.group(1)}{SCALED.get(m.group(2), m.group(2))}"
+    return re.sub(rf"^(\s*(?:{'|'.join(keys)}): )(\S+)$", swap, text, flags=re.M)
+
+
+class Server:
+    """Prometheus or Alertmanager on the observer (the bridge's address), its log in ``workdir``."""
+
+    def __init__(self, argv: list[str], url: str, log: Path) -> None:
+        self.url = url
+        self.log_path = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        until(lambda: self._ready(), 30, lambda: f"{argv[0]} not ready:\n{log.read_text()[-3000:]}")
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return self.proc.poll() is not None and False
+
+    def get(self, path: str, **params: str) -> Any:
+        answer = httpx.get(f"{self.url}{path}", params=params, timeout=5)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+
+@pytest.fixture(scope="module")
+def per_node(bed: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A sidecar on each node, Prometheus scraping both, one Alertmanager posting to a webhook receiver."""
+    prometheus, alertmanager = need_binary("prometheus"), need_binary("prometheus-alertmanager")
+    tmp = tmp_path_factory.mktemp("per-node")
+    receiver = Receiver().start()
+    am_port, prom_port = free_port(), free_port()
+    am_url = f"http://{bed.observer}:{am_port}"
+    am_config = (ROOT / "dashboards" / "alertmanager" / "alertmanager.yml").read_text()
+    am_config = scaled(am_config, ("group_wait", "group_interval")).replace(
+        "http://webhook-echo:8080/alerts", f"{receiver.url}/alerts")
+    (tmp / "am.yml").write_text(am_config)
+    for n in (0, 1):  # each sidecar's alerts carry its node's name
+        (tmp / f"node{n}.toml").write_text(f'{NODE_CONFIG}node = "{NODE[n]}"\n')
+    (tmp / "rules.yml").write_text(scaled((ROOT / "dashboards" / "prometheus" / "rules.yml").read_text(), ("for",)))
+    servers: list[Server] = []
+    sidecars: list[Sidecar] = []
+    try:
+        servers.append(Server([alertmanager, f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp / 'am'}",
+                               f"--web.listen-address={bed.observer}:{am_port}", "--cluster.listen-address="],
+                              am_url, tmp / "am.log"))
+        for n in (0, 1):
+            sidecars.append(Sidecar(["--host", bed.addr(n), "--config", str(tmp / f"node{n}.toml"),
+                                     "--db", str(tmp / f"node{n}.db"), "--alertmanager", am_url],
+                                    cwd=tmp, wrap=lambda argv, n=n: bed.command(n, argv)))
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(tmp / "rules.yml")],
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"{bed.observer}:{am_port}"]}]}]},
+            "scrape_configs": [{"job_name": "trainhealth", "scrape_interval": "1s", "scrape_timeout": "1s",
+                                "static_configs": [{"targets": [s.url.removeprefix("http://") for s in sidecars]}]}],
+        }
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        servers.append(Server([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}",
+                               "--log.level=warn"], f"http://127.0.0.1:{prom_port}", tmp / "prometheus.log"))
+        yield {"sidecars": sidecars, "receiver": receiver, "prometheus": servers[1], "alertmanager": servers[0]}
+    finally:
+        for s in sidecars:
+            s.stop(kill=True)
+        for server in servers:
+            stop_process(server.proc)
+        receiver.stop()
+
+
+def notifications(receiver: Receiver, run: str) -> list[dict[str, Any]]:
+    """Alertmanager's notifications for the run's group, oldest first."""
+    out = [d.json() for d in receiver.deliveries("/alerts")]
+    return [n for n in out if n["groupLabels"].get("run") == run]
+
+
+def firing_names(notification: dict[str, Any]) -> list[tuple[str, str]]:
+    return sorted((a["labels"]["alertname"], a["labels"].get("rank") or a["labels"].get("instance", ""))
+                  for a in notification["alerts"] if a["status"] == "firing")
+
+
+def test_one_sidecar_per_node_folds_the_nodes_alerts_into_one_notification(bed, per_node, jobs, tmp_path):
+    sidecars, receiver = per_node["sidecars"], per_node["receiver"]
+    job = Job(bed, (sidecars[0].url, sidecars[1].url), tmp_path, "--steps", "100000", "--step-sleep", "0.05",
+              "--inject", "nan-data", "--inject-rank", "2", "--inject-step", "8")
+    jobs.append(job)
+    run = job.run
+    until(lambda: min((status_of(s, run).get("min_step") or 0) for s in sidecars) >= 20, 120,
+          lambda: f"the job did not train:\n{job.log()}")
+    # each sidecar saw only its node's ranks, and each raised its own nan_divergence
+    assert [sorted(r["rank"] for r in status_of(s, run)["rank_states"]) for s in sidecars] == [[0, 1], [2, 3]]
+    assert [[a["first_rank"] for a in alerts_of(s, run)] for s in sidecars] == [[0], [2]]
+
+    # one notification for the run: the first NaN rank over both nodes; the sidecars' own ones inhibited
+    until(lambda: notifications(receiver, run), 30, lambda: f"no notification: {receiver.deliveries()}")
+    first = notifications(receiver, run)[0]
+    # (node-0's sidecar may be scraped first: ranks 0-1 at step 9 look first for a second, and are resolved in
+    # the same notification once rank 2's step 8 is in: it is the one firing)
+    assert firing_names(first) == [("TrainhealthNanFirstRank", "2")], first
+    (nan,) = [a for a in first["alerts"] if a["status"] == "firing"]
+    assert nan["labels"]["instance"] == sidecars[1].url.removeprefix("http://")
+    assert "the loss went NaN/Inf first on rank 2 (sidecar " in nan["annotations"]["summary"]
+    assert " at step 8, across every node" in nan["annotations"]["summary"]
+    am = per_node["alertmanager"].get("/api/v2/alerts", filter=f'run="{run}"')
+    assert sorted((a["labels"]["alertname"], a["labels"].get("node"), bool(a["status"]["inhibitedBy"]))
+                  for a in am) == [("TrainhealthNanFirstRank", None, False), ("nan_divergence", "node-0", True),
+                                   ("nan_divergence", "node-1", True)]
+
+    bed.node_down(1)  # node-1 and its sidecar go down
+    def node_down_notified() -> list[dict[str, Any]]:
+        return [n for n in notifications(receiver, run)
+                if ("TrainhealthNodeDown", sidecars[1].url.removeprefix("http://")) in firing_names(n)]
+    until(node_down_notified, 30, lambda: f"no TrainhealthNodeDown: {notifications(receiver, run)}")
+    # node-0's ranks wait in a collective: its sidecar's rank_stalled is there, inhibited by the node down
+    def stalled_in_am() -> list[dict[str, Any]]:
+        return [a for a in per_node["alertmanager"].get("/api/v2/alerts", filter=f'run="{run}"')
+                if a["labels"]["alertname"] == "rank_stalled"]
+    (stalled,) = until(stalled_in_am, 30, lambda: f"node-0's rank_stalled never reached Alertmanager:\n{job.log()}")
+    assert stalled["status"]["inhibitedBy"], stalled
+    time.sleep(3)  # a group interval (2 s here): nothing else is notified
+    paged = {name for n in notifications(receiver, run) for name, _ in firing_names(n)}
+    assert paged == {"TrainhealthNanFirstRank", "TrainhealthNodeDown"}, notifications(receiver, run)
