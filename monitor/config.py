@@ -273,5 +273,9 @@ def load(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
         detectors=detector_settings(doc.get("detectors", {})),
         raw=doc,  # webhooks and alertmanager: built from it and server in Settings.__post_init__
     )
+    node = environ.get(ENV_PREFIX + "NODE", "")
+    if settings.alertmanager is not None and node and "node" not in doc.get("alertmanager", {}):
+        # one sidecar per node: TRAINHEALTH_NODE (the name its ranks report) labels its pushes
+        settings.alertmanager = dataclasses.replace(settings.alertmanager, node=node)
     exporter_settings(doc)  # [exporter] is checked at start and reload like every section
     return settings

@@ -53,3 +53,24 @@ def test_a_bind_address_in_trainhealth_host_is_not_taken_as_the_host_name(caplog
 
 def test_no_node_setting_is_the_machine_name():
     assert from_environ({}).host == socket.gethostname()
+
+
+def test_the_sidecars_alertmanager_node_label_comes_from_the_file_else_trainhealth_node(tmp_path):
+    from trainhealth.config import ConfigError, load
+    from trainhealth.notify.alertmanager import postable
+
+    env = {"TRAINHEALTH_ALERTMANAGER": "http://am:9093", "TRAINHEALTH_NODE": "node-1"}
+    settings = load(None, {}, env)
+    assert settings.alertmanager is not None and settings.alertmanager.node == "node-1"
+    alert = {"alert": "rank_stalled", "run": "r", "rank": None, "severity": "critical", "summary": "s", "step": 3,
+             "started_at": 1.0, "state": "firing", "fingerprint": "r/-/rank_stalled"}
+    (pushed,) = postable([alert], 2.0, 60.0, settings.alertmanager.node)  # type: ignore[list-item]
+    assert pushed["labels"] == {"alertname": "rank_stalled", "run": "r", "severity": "critical",
+                                "source": "trainhealth", "node": "node-1"}
+    path = tmp_path / "t.toml"
+    path.write_text('[alertmanager]\nnode = "gpu-7"\n')
+    assert load(str(path), {}, env).alertmanager.node == "gpu-7"  # type: ignore[union-attr]
+    path.write_text('[alertmanager]\nnode = "a b"\n')
+    with pytest.raises(ConfigError, match="alertmanager.node: must be 0-128 characters of"):
+        load(str(path), {}, env)
+    assert load(None, {}, {"TRAINHEALTH_ALERTMANAGER": "http://am:9093"}).alertmanager.node == ""  # type: ignore[union-attr]
