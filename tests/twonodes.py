@@ -238,52 +238,52 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="scripts/two-nodes",
         description="Two nodes in network namespaces (root only): a 2x2-rank torchrun job of the reference "
-                    "trainer, per-job (one sidecar on node 0) or per-node (one sidecar on each node); "
-                    "optionally node 1 goes down. Prints the alerts; everything is removed at exit.")
+                    "trainer, per job (one sidecar on node-0) or per node (one sidecar on each node); "
+                    "optionally node-1 goes down. Prints the alerts; everything is removed at exit.")
     p.add_argument("--topology", choices=("job", "node"), default="job")
-    p.add_argument("--down-after", type=float, default=15.0, metavar="S",
-                   help="node 1 goes down S seconds after every rank trains (0: never)")
-    p.add_argument("--watch", type=float, default=20.0, metavar="S", help="seconds to watch after that")
-    p.add_argument("trainer_args", nargs="*", help="arguments for the trainer (after --)")
+    p.add_argument("--down-after", type=float, default=10.0, metavar="S",
+                   help="node-1 goes down S seconds after every rank trains (0: never)")
+    p.add_argument("--watch", type=float, default=10.0, metavar="S", help="seconds to watch after that")
+    p.add_argument("trainer_args", nargs="*", help="arguments for the trainer (after --), e.g. -- --inject "
+                                                  "nan-data --inject-rank 2 --inject-step 20")
     args = p.parse_args(argv)
+    import tempfile
+
     import httpx
 
     run = f"bed-{uuid.uuid4().hex[:8]}"
-    config = ROOT / "tests" / "e2e" / "two_nodes.toml"
     try:
         bed = TwoNodes()
     except BedUnavailable as err:
         print(f"two-nodes: {err}", file=sys.stderr)
         return 2
-    with bed:
+    with bed, tempfile.TemporaryDirectory(prefix="th-mn-") as tmp:
+        config = Path(tmp) / "trainhealth.toml"
+        config.write_text("[detectors.rank_stalled]\nsilence_floor_seconds = 5.0\nfloor_seconds = 10.0\n")
         port = 9464
         sidecars = [0] if args.topology == "job" else [0, 1]
         for node in sidecars:
             bed.popen(node, [sys.executable, "-m", "trainhealth", "serve", "--host", "0.0.0.0", "--port", str(port),
-                             "--config", str(config), "--db", f"/tmp/{bed.namespaces[node]}.db"],
-                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             "--config", str(config), "--db", f"{tmp}/node{node}.db"],
+                      env={**os.environ, "PYTHONPATH": str(ROOT)}, log=Path(tmp) / f"sidecar{node}.log")
         urls = [f"http://{bed.addr(n)}:{port}" for n in sidecars]
         for url in urls:
             _wait(lambda u=url: httpx.get(u + "/healthz", timeout=2).status_code == 200, 30)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
         env.update({"PYTHONPATH": str(ROOT), "TRAINHEALTH_RUN": run, "TRAINHEALTH_HEARTBEAT_SECONDS": "0.5",
-                    "TRAINHEALTH_FLUSH_SECONDS": "0.5"})
-        if args.topology == "job":
-            env.update({"TRAINHEALTH_URL": "master", "MASTER_PORT_TRAINHEALTH": str(port)})
-            env.pop("MASTER_PORT_TRAINHEALTH")
-            env["TRAINHEALTH_SIDECAR"] = f"job:{port}"
-        else:
-            env["TRAINHEALTH_URL"] = f"http://127.0.0.1:{port}"
+                    "TRAINHEALTH_FLUSH_SECONDS": "0.5",
+                    "TRAINHEALTH_URL": f"http://{{master}}:{port}" if args.topology == "job"
+                    else f"http://127.0.0.1:{port}"})
         trainer = ["-m", "trainhealth.trainer", "--steps", "100000", "--step-sleep", "0.05", "--log-every", "200",
                    *args.trainer_args]
         for node in (0, 1):
-            bed.torchrun(node, 29400, trainer, env)
-        print(f"two-nodes: run {run}, {args.topology} topology, sidecars at {', '.join(urls)}", file=sys.stderr)
+            bed.torchrun(node, 29400, trainer, env, log=Path(tmp) / f"torchrun{node}.log")
+        print(f"two-nodes: run {run}, one sidecar per {args.topology}: {', '.join(urls)}", file=sys.stderr)
         _wait(lambda: all(_min_step(u, run) >= 10 for u in urls), 120)
         if args.down_after > 0:
             time.sleep(args.down_after)
             bed.node_down(1)
-            print("two-nodes: node-1 is down", file=sys.stderr)
+            print("two-nodes: node-1 is down (link cut, every process killed)", file=sys.stderr)
             urls = urls[:1]
         time.sleep(args.watch)
         for url in urls:
