@@ -209,7 +209,7 @@ silence_floor_seconds = 2.0
 [alertmanager]
 resend_seconds = 1.0
 """
-SCALED = {"30s": "2s", "20s": "6s", "1m": "2s"}  # the rules' for: and Alertmanager's waits, in seconds here
+SCALED = {"30s": "2s", "20s": "10s", "1m": "2s"}  # the rules' for: and Alertmanager's waits, in seconds here
 
 
 def scaled(text: str, keys: tuple[str, ...]) -> str:
