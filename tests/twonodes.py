@@ -243,7 +243,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--topology", choices=("job", "node"), default="job")
     p.add_argument("--down-after", type=float, default=10.0, metavar="S",
                    help="node-1 goes down S seconds after every rank trains (0: never)")
-    p.add_argument("--watch", type=float, default=10.0, metavar="S", help="seconds to watch after that")
+    p.add_argument("--watch", type=float, default=20.0, metavar="S", help="seconds to watch after that")
     p.add_argument("trainer_args", nargs="*", help="arguments for the trainer (after --), e.g. -- --inject "
                                                   "nan-data --inject-rank 2 --inject-step 20")
     args = p.parse_args(argv)
@@ -252,6 +252,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
     run = f"bed-{uuid.uuid4().hex[:8]}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes what the bed made
     try:
         bed = TwoNodes()
     except BedUnavailable as err:
@@ -283,7 +284,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.down_after > 0:
             time.sleep(args.down_after)
             bed.node_down(1)
-            print("two-nodes: node-1 is down (link cut, every process killed)", file=sys.stderr)
+            print("two-nodes: node-1 is down (link cut, every process killed)" + (
+                "; per node, node-1's sidecar went with it: node-0's sidecar sees its own ranks wait (a "
+                "Prometheus scraping both raises TrainhealthNodeDown, docs/deploy.md)" if args.topology == "node"
+                else ""), file=sys.stderr)
             urls = urls[:1]
         time.sleep(args.watch)
         for url in urls:

@@ -52,6 +52,7 @@ silence_floor_seconds = 2.0
 FAST_CLIENT = {"TRAINHEALTH_HEARTBEAT_SECONDS": "0.2", "TRAINHEALTH_FLUSH_SECONDS": "0.2",
                "TRAINHEALTH_SAMPLE_SECONDS": "0.5"}
 NODE = ("node-0", "node-1")
+TOKEN = "two-node-token"  # the sidecars listen on the nodes' network: ranks, the test and Prometheus send it
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ class Job:
         self.bed = bed
         self.run = f"two-{uuid.uuid4().hex[:8]}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-        env.update({"PYTHONPATH": python_path(), "TRAINHEALTH_RUN": self.run, **FAST_CLIENT})
+        env.update({"PYTHONPATH": python_path(), "TRAINHEALTH_RUN": self.run, "TRAINHEALTH_TOKEN": TOKEN,
+                    **FAST_CLIENT})
         trainer = ["-m", "trainhealth.trainer", "--log-every", "100000", "--pg-timeout", "120", *args]
         port = free_port()
         self.logs = [logs / f"{self.run}-{n}.log" for n in NODE]
@@ -132,6 +134,15 @@ def jobs(bed: TwoNodes) -> Iterator[list[Job]]:
     bed.link_up(1)
 
 
+def node_sidecar(bed: TwoNodes, node: int, args: list[str], cwd: Path) -> Sidecar:
+    """The real sidecar on ``node``, listening on the node's address with TOKEN; its client sends it."""
+    sidecar = Sidecar(["--host", bed.addr(node), "--token", TOKEN, *args], cwd=cwd,
+                      wrap=lambda argv: bed.command(node, argv))
+    assert sidecar.client.get("/v1/runs").status_code == 401  # the token guards it
+    sidecar.client.headers["Authorization"] = f"Bearer {TOKEN}"
+    return sidecar
+
+
 def alerts_of(sidecar: Sidecar, run: str) -> list[dict[str, Any]]:
     """The run's alert transitions, oldest first."""
     return sidecar.client.get("/v1/alerts", params={"run": run}).json()["alerts"][::-1]
@@ -147,8 +158,8 @@ def job_sidecar(bed: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """One sidecar for the job, on node 0, listening on node 0's address."""
     tmp = tmp_path_factory.mktemp("job-sidecar")
     (tmp / "trainhealth.toml").write_text(CONFIG)
-    sidecar = Sidecar(["--host", bed.addr(0), "--config", str(tmp / "trainhealth.toml"), "--db",
-                       str(tmp / "trainhealth.db")], cwd=tmp, wrap=lambda argv: bed.command(0, argv))
+    sidecar = node_sidecar(bed, 0, ["--config", str(tmp / "trainhealth.toml"), "--db", str(tmp / "trainhealth.db")],
+                           tmp)
     try:
         yield sidecar
     finally:
@@ -263,14 +274,14 @@ def per_node(bed: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                                f"--web.listen-address={bed.observer}:{am_port}", "--cluster.listen-address="],
                               am_url, tmp / "am.log"))
         for n in (0, 1):
-            sidecars.append(Sidecar(["--host", bed.addr(n), "--config", str(tmp / f"node{n}.toml"),
-                                     "--db", str(tmp / f"node{n}.db"), "--alertmanager", am_url],
-                                    cwd=tmp, wrap=lambda argv, n=n: bed.command(n, argv)))
+            sidecars.append(node_sidecar(bed, n, ["--config", str(tmp / f"node{n}.toml"), "--db",
+                                                  str(tmp / f"node{n}.db"), "--alertmanager", am_url], tmp))
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(tmp / "rules.yml")],
             "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"{bed.observer}:{am_port}"]}]}]},
             "scrape_configs": [{"job_name": "trainhealth", "scrape_interval": "1s", "scrape_timeout": "1s",
+                                "authorization": {"credentials": TOKEN},
                                 "static_configs": [{"targets": [s.url.removeprefix("http://") for s in sidecars]}]}],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
