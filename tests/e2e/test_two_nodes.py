@@ -37,7 +37,7 @@ import yaml
 
 from tests.conftest import IN_CI, ROOT, Sidecar, need_binary, python_path, stop_process
 from tests.integration.alerting import Receiver
-from tests.twonodes import BedUnavailable, TwoNodes, why_unavailable
+from tests.twonodes import NETNS_ETC, BedUnavailable, TwoNodes, why_unavailable
 
 torch = pytest.importorskip("torch")
 
@@ -55,21 +55,39 @@ NODE = ("node-0", "node-1")
 TOKEN = "two-node-token"  # the sidecars listen on the nodes' network: ranks, the test and Prometheus send it
 
 
+def make_bed(tag: str) -> TwoNodes:
+    """A bed, or skip with the reason it cannot be made here (fail under CI=true)."""
+    reason = why_unavailable()
+    if reason is None:
+        try:
+            return TwoNodes(tag)
+        except BedUnavailable as err:
+            reason = str(err)
+    if IN_CI:
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def bed() -> Iterator[TwoNodes]:
-    reason = why_unavailable()
-    if reason is not None:
-        if IN_CI:
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
-    try:
-        made = TwoNodes(f"{os.getpid() % 100000}")
-    except BedUnavailable as err:
-        if IN_CI:
-            pytest.fail(f"CI=true: {err}")
-        pytest.skip(str(err))
-    with made:
+    with make_bed(f"{os.getpid() % 100000}") as made:
         yield made
+
+
+def test_the_bed_removes_everything_it_made():
+    bed = make_bed(f"c{os.getpid() % 10000}")
+    sleeper = bed.popen(1, ["sleep", "600"])
+    assert bed.pids(1) == [sleeper.pid]  # the node's only process (the wrappers exec'd into it)
+    host = subprocess.run(bed.command(1, ["hostname"]), capture_output=True, text=True, check=True).stdout
+    assert host.strip() == "node-1"
+    bed.close()
+    assert sleeper.poll() is not None
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True, check=True).stdout
+    assert not [ns for ns in bed.namespaces if ns in netns]
+    assert not [name for name in (bed.bridge, *(o for o, _ in bed.veths)) if f" {name}:" in links
+                or f" {name}@" in links]
+    assert not [ns for ns in bed.namespaces if (NETNS_ETC / ns).exists()]
 
 
 def free_port() -> int:
