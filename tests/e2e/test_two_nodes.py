@@ -77,7 +77,8 @@ def bed() -> Iterator[TwoNodes]:
 def test_the_bed_removes_everything_it_made():
     bed = make_bed(f"c{os.getpid() % 10000}")
     sleeper = bed.popen(1, ["sleep", "600"])
-    assert bed.pids(1) == [sleeper.pid]  # the node's only process (the wrappers exec'd into it)
+    # the node's only process, once in its namespace (ip netns exec, unshare and sh exec into it: one pid)
+    until(lambda: bed.pids(1) == [sleeper.pid], 10, lambda: f"{bed.pids(1)} in node-1, not [{sleeper.pid}]")
     host = subprocess.run(bed.command(1, ["hostname"]), capture_output=True, text=True, check=True).stdout
     assert host.strip() == "node-1"
     bed.close()
