@@ -133,6 +133,15 @@ def test_a_silent_rank_beside_a_failed_one_with_no_other_host_quiet_is_still_nam
     assert (a["root_ranks"], a["stopped_ranks"]) == ([1], []), alerts
 
 
+def test_without_hosts_a_silent_rank_beside_a_failed_one_stays_a_root():
+    # an older client (no host in its start): who was stopped by a launcher cannot be told, nothing is dropped
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)},
+                  silent_at={0: T0 + 85.4, 1: T0 + 85.7, 2: T0 + 85.4, 3: T0 + 85.4}, until=T0 + 400)
+    everything(job.records + [end(0, T0 + 85.6, 150, PEER)], T0 + 400)
+    a = open_alerts()[STALL]
+    assert (a["root_ranks"], a["stopped_ranks"], a["failed_ranks"], a["host"]) == ([1, 2, 3], [], [0], None)
+
+
 def test_the_field_case_two_machines_of_four_ranks_one_down():
     job = ddp_job(ranks=8, steps=1600, step_seconds=0.2, last_step={q: 1500 for q in range(8)},
                   silent_at={q: T0 + 305.3 for q in range(4, 8)}, until=T0 + 700)
