@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,12 +62,15 @@ def why_unavailable() -> str | None:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """A /24 in 10.200-249.x.0 that no route here uses (this namespace holds the bridge's address)."""
-    used = _ip("-4", "route", "show").stdout
+    routes = _ip("-4", "route", "show", "table", "all").stdout
+    used = [ipaddress.IPv4Network(m, strict=False) for m in re.findall(r"\b(\d+\.\d+\.\d+\.\d+/\d+)", routes)]
+    used += [ipaddress.IPv4Network(f"{m}/32") for m in re.findall(r"^(?:local |broadcast )?(\d+\.\d+\.\d+\.\d+)\s",
+                                                                   routes, flags=re.M)]
     seed = os.getpid()
     for i in range(2000):
         n = (seed + i * 7919) % (50 * 256)
         net = ipaddress.IPv4Network(f"10.{200 + n // 256}.{n % 256}.0/24")
-        if f"{net.network_address}/" not in used and str(net.network_address)[:-1] not in used:
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):  # (the default route overlaps all)
             return net
     raise BedUnavailable("no free 10.200-249.x.0/24 subnet for the bed")
 
