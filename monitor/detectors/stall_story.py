@@ -51,7 +51,8 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
     others = [q for q in live if q not in roots and q not in stopped]
-    summary = head + _others(det, roots, others, failed, quiet, at)
+    moving = _moving(det, roots, others, quiet, at)
+    summary = head + _others(det, roots, others, failed, quiet, moving)
     if stopped and roots:
         its = "its" if len(stopped) == 1 else "their"
         summary += (f"; {where(det.run, stopped)} went silent after {'it' if len(failed) == 1 else 'them'} "
@@ -67,7 +68,8 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         "hosts": hosts,
         "silent_ranks": sorted(q for q, f in stalled.items() if f[0] == "silent"),
         "stuck_ranks": sorted(q for q, f in stalled.items() if f[0] == "stuck"),
-        "waiting_ranks": sorted(others),
+        "waiting_ranks": sorted(q for q in others if q not in moving),
+        "running_ranks": moving,
         "failed_ranks": failed,
         "stopped_ranks": sorted(stopped),
         "threshold_seconds": limit,
@@ -155,21 +157,30 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
                 f"dump)"), low
 
 
-def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[int],
-            quiet: list[int], at: float) -> str:
-    """What the ranks that are not the root do: wait in a collective, train on, or failed after it.
+def _moving(det: RankStalled, roots: list[int], others: list[int], quiet: list[int], at: float) -> list[int]:
+    """The other ranks that still finish steps: advanced after the root stopped, past the step after the
+    root's (in synchronous training a rank may finish the one step the root's collective let through, never
+    more: that rank waits, it does not train on), and recently: within half the root's silence limit of
+    ``at``. A killed client loses its unsent records (up to a flush interval of steps), so the root's last
+    step seen may be a few behind the one it reached; the others' steps just after its last record are
+    those they shared with it, not training on."""
+    if not roots:
+        return []
+    ranks = det.ranks
+    stopped = max(ranks[q].seen for q in roots)
+    recent = at - det.silence_limit(ranks[roots[0]]) / 2
+    top = max(ranks[q].shown for q in roots)
+    return sorted(q for q in others if ranks[q].advance_time > max(stopped, recent) and ranks[q].shown > top + 1
+                  and q not in quiet)
 
-    Still training: a step finished after the roots' last record and within half the roots' silence limit
-    of ``at``. A step or two just after it is not training on: the roots' last records were lost with them
-    (a killed client's unsent buffer) while the others finished the steps they had shared with them, and
-    wait in the next one's collective."""
+
+def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[int],
+            quiet: list[int], moving: list[int]) -> str:
+    """What the ranks that are not the root do: wait in a collective, train on, or failed after it."""
     if not roots:
         return ""
     ranks = det.ranks
     out = ""
-    stopped = max(ranks[q].seen for q in roots)
-    recent = at - det.silence_limit(ranks[roots[0]]) / 2
-    moving = [q for q in others if ranks[q].advance_time > max(stopped, recent) and q not in quiet]
     waiting = [q for q in others if q not in moving and q not in quiet]
     if waiting and quiet and set(quiet) == set(roots):
         n = len(waiting)
