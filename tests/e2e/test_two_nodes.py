@@ -52,7 +52,7 @@ silence_floor_seconds = 2.0
 FAST_CLIENT = {"TRAINHEALTH_HEARTBEAT_SECONDS": "0.2", "TRAINHEALTH_FLUSH_SECONDS": "0.2",
                "TRAINHEALTH_SAMPLE_SECONDS": "0.5"}
 NODE = ("node-0", "node-1")
-TOKEN = "two-node-token"  # the sidecars listen on the nodes' network: ranks, the test and Prometheus send it
+TOKEN = "two-nodes-" + "5e1f" * 8  # the sidecars listen on the nodes' network: ranks, the test and Prometheus send it
 
 
 def make_bed(tag: str) -> TwoNodes:
