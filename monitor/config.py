@@ -8,6 +8,7 @@ under ``[detectors.NAME]`` and can be reloaded (SIGHUP, ``POST /-/reload``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class RetryPolicy:
 
 
 FORMATS = ("trainhealth", "alertmanager")
+NODE_LABEL = re.compile(r"[A-Za-z0-9._:-]{0,128}\Z")
 SEVERITIES = ("critical", "warning", "info")
 
 
@@ -137,10 +139,13 @@ class AlertmanagerSettings(RetryPolicy):
     """``[alertmanager]``; ``url`` is the base URL, e.g. http://alertmanager:9093."""
 
     resend_seconds: float = 60.0
+    node: str = ""  # a ``node`` label on every alert pushed (one sidecar per node: whose alert it is)
 
     def __post_init__(self) -> None:
         RetryPolicy.__post_init__(self)
         validate.positive(self, "alertmanager", "resend_seconds")
+        if not isinstance(self.node, str) or not NODE_LABEL.match(self.node):
+            raise ConfigError(f"alertmanager.node: must be 0-128 characters of [A-Za-z0-9._:-], got {self.node!r}")
 
     def _section(self) -> str:
         return "alertmanager"
@@ -272,5 +277,9 @@ def load(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
         detectors=detector_settings(doc.get("detectors", {})),
         raw=doc,  # webhooks and alertmanager: built from it and server in Settings.__post_init__
     )
+    node = environ.get(ENV_PREFIX + "NODE", "")
+    if settings.alertmanager is not None and node and "node" not in doc.get("alertmanager", {}):
+        # one sidecar per node: TRAINHEALTH_NODE (the name its ranks report) labels its pushes
+        settings.alertmanager = dataclasses.replace(settings.alertmanager, node=node)
     exporter_settings(doc)  # [exporter] is checked at start and reload like every section
     return settings

@@ -39,6 +39,7 @@ class RankState:
     phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
     phase_time: float | None = None  # when that phase began
     phase_seen: float = 0.0  # record time of the heartbeat or sample that said so
+    loss_nonfinite_step: int | None = None  # first step with a NaN/Inf loss since its start (the fleet's NaN rule)
     history: RankHistory = field(default_factory=RankHistory)  # the live page's recent window (bounded)
     gpu_health: dict[str, Any] | None = None  # its GPU's newest NVML reading, with the record's "time"
 
@@ -55,6 +56,10 @@ class RankState:
             self.gpu_health = {**msgspec.to_builtins(rec.gpu_health), "time": rec.time}  # plain: JSON, pickle
         kind = rec.type
         if kind == "sample":
+            loss = rec.loss
+            if loss is not None and loss - loss != 0.0 and rec.step is not None:  # NaN or infinite
+                if self.loss_nonfinite_step is None or rec.step < self.loss_nonfinite_step:
+                    self.loss_nonfinite_step = rec.step
             if self.last_sample_time is None or rec.time >= self.last_sample_time:
                 self.last_sample_time = rec.time
                 self.history.add(rec)
@@ -78,6 +83,7 @@ class RankState:
             self.ended = False
         elif kind == "start":
             self.phase = self.phase_time = None
+            self.loss_nonfinite_step = None
             self.host = rec.host or self.host
             self.pid = rec.pid if rec.pid is not None else self.pid
             self.ended = False

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -49,12 +49,15 @@ def stop_process(proc: subprocess.Popen[Any], kill: bool = False, timeout: float
 class Sidecar:
     """A running ``python -m trainhealth serve`` process."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        """``wrap``: the command line as it is to run (e.g. on a node of tests/twonodes.py)."""
         full_env = {**os.environ, "PYTHONPATH": python_path(), **(env or {})}
         for key in [k for k in full_env if k.startswith("TRAINHEALTH_") and k not in (env or {})]:
             del full_env[key]
+        argv = [sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args],
+            wrap(argv) if wrap is not None else argv,
             cwd=str(cwd or ROOT), env=full_env, stderr=subprocess.PIPE, text=True,
         )
         self.startup: list[str] = []  # what it printed up to "listening on" (warnings at start)

@@ -49,6 +49,12 @@ def rule_expressions(path: Path = RULES) -> Iterator[tuple[str, str]]:
             yield f"{path.name} {rule.get('alert') or rule.get('record')}", rule["expr"]
 
 
+def recorded_names(path: Path = RULES) -> set[str]:
+    """Series the rules record themselves (``record:``), which other rules select."""
+    doc = yaml.safe_load(path.read_text())
+    return {rule["record"] for group in doc["groups"] for rule in group["rules"] if "record" in rule}
+
+
 def all_expressions() -> list[tuple[str, str]]:
     out = [e for path in DASHBOARDS for e in dashboard_expressions(path)]
     return out + list(rule_expressions())

@@ -4,7 +4,7 @@ torchrun sets ``RANK``, ``WORLD_SIZE`` and ``TORCHELASTIC_RUN_ID``; trainhealth'
 variables are ``TRAINHEALTH_URL``, ``TRAINHEALTH_RUN`` (overrides the run name),
 ``TRAINHEALTH_TOKEN``, ``TRAINHEALTH_OFFLINE`` (write a .jsonl instead of sending),
 ``TRAINHEALTH_HEARTBEAT_SECONDS``, ``TRAINHEALTH_FLUSH_SECONDS``, ``TRAINHEALTH_SAMPLE_SECONDS``
-(host PSS and NVML) and ``TRAINHEALTH_HOST`` (the host name the start record carries; default the
+(host PSS and NVML) and ``TRAINHEALTH_NODE`` (the host name the start record carries; default the
 machine's, so one machine can stand for two in a test).
 
 The launch identity every batch carries (``X-Trainhealth-Launch``, docs/record.md): ``launch_id``, made once
@@ -13,10 +13,20 @@ rank share it), and ``job``: ``TRAINHEALTH_JOB``, else torchrun's rendezvous id 
 (kept across restarts; not "none", the id of every static rendezvous), else the rendezvous address every
 rank of one torch.distributed job shares (``MASTER_ADDR:MASTER_PORT``; a loopback address is prefixed
 with the machine's name), else the launch id for a job of one process, else "-" (not known).
+
+One sidecar per job: ``TRAINHEALTH_URL=http://{master}:9464`` sends every rank to the sidecar on the
+rendezvous host; ``{master}`` is ``MASTER_ADDR``, which torchrun (and the PyTorchJob operator, and a Slurm
+script that sets it) gives every rank. Without ``MASTER_ADDR`` it is 127.0.0.1, with a warning.
+
+``TRAINHEALTH_HOST`` is the sidecar's bind address. The client took it as its host name before
+``TRAINHEALTH_NODE`` existed: it still does when ``TRAINHEALTH_NODE`` is unset, with a deprecation
+warning, except for an IP address (0.0.0.0, a node's address: a bind address from a shared environment
+file), which is not a host name and is ignored, with a warning.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -132,13 +142,50 @@ def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+MASTER = "{master}"  # in TRAINHEALTH_URL: the rendezvous host (MASTER_ADDR), for one sidecar per job
+
+
+def sidecar_url(environ: Mapping[str, str]) -> str:
+    """TRAINHEALTH_URL with ``{master}`` replaced by MASTER_ADDR (an IPv6 address in brackets)."""
+    url = (environ.get("TRAINHEALTH_URL") or DEFAULT_URL).strip()
+    if MASTER not in url:
+        return url
+    master = (environ.get("MASTER_ADDR") or "").strip()
+    if not master:
+        log.warning("trainhealth: TRAINHEALTH_URL=%s names {master} but MASTER_ADDR is not set (not under "
+                    "torchrun?); using 127.0.0.1", url)
+        master = "127.0.0.1"
+    elif ":" in master and not master.startswith("["):
+        master = f"[{master}]"
+    return url.replace(MASTER, master)
+
+
+def node_name(environ: Mapping[str, str]) -> str:
+    """The host name this rank reports: TRAINHEALTH_NODE, else (deprecated) a host name in TRAINHEALTH_HOST,
+    else the machine's."""
+    node = (environ.get("TRAINHEALTH_NODE") or "").strip()
+    if node:
+        return node
+    old = (environ.get("TRAINHEALTH_HOST") or "").strip()
+    if old:
+        try:
+            ipaddress.ip_address(old)
+        except ValueError:
+            log.warning("trainhealth: TRAINHEALTH_HOST=%s as the client's host name is deprecated: set "
+                        "TRAINHEALTH_NODE (TRAINHEALTH_HOST is the sidecar's bind address)", old)
+            return old
+        log.warning("trainhealth: ignoring TRAINHEALTH_HOST=%s for the host name (an address: the sidecar's "
+                    "bind address); set TRAINHEALTH_NODE to name this node", old)
+    return socket.gethostname()
+
+
 def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientSettings:
     """Settings from the environment; explicit arguments (not None) win."""
     env = os.environ if environ is None else environ
     run = (env.get("TRAINHEALTH_RUN") or env.get("TORCHELASTIC_RUN_ID")
            or f"{socket.gethostname()}-{os.getpid()}")
     values: dict[str, Any] = {
-        "url": (env.get("TRAINHEALTH_URL") or DEFAULT_URL).rstrip("/"),
+        "url": sidecar_url(env).rstrip("/") if overrides.get("url") is None else overrides["url"],
         "run": sanitize_run(run),
         "rank": _env_int(env, "RANK", 0),
         "world_size": _env_int(env, "WORLD_SIZE", 1),
@@ -147,7 +194,7 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "heartbeat_seconds": _env_float(env, "TRAINHEALTH_HEARTBEAT_SECONDS", 5.0),
         "flush_seconds": _env_float(env, "TRAINHEALTH_FLUSH_SECONDS", 1.0),
         "sample_seconds": _env_float(env, "TRAINHEALTH_SAMPLE_SECONDS", 5.0),
-        "host": env.get("TRAINHEALTH_HOST") or socket.gethostname(),
+        "host": node_name(env) if overrides.get("host") is None else overrides["host"],
     }
     values["launch_id"] = sanitize_run(env.get("TRAINHEALTH_LAUNCH_ID") or LAUNCH_ID)[:64]
     values["job"] = job_of(env, socket.gethostname(), values["launch_id"])  # the machine's (not TRAINHEALTH_HOST)

@@ -50,7 +50,7 @@ from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .divergence_story import story_of
-from .incident import ranks_phrase
+from .incident import hosts_of, ranks_phrase, where
 from .steps import step_of as _step_of
 from .validate import flag, whole
 
@@ -282,7 +282,7 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         roots.sort()
         what = self.diverged[first_rank][4]
         if len(roots) == 1:
-            head = f"{what} at step {first_step} on rank {first_rank}"
+            head = f"{what} at step {first_step} on {where(self.run, roots)}"
         else:
             together = "together: the all-reduced gradients" if self.shared else "each on its own"
             head = f"{what} at step {first_step} on {ranks_phrase(roots)} ({together})"
@@ -316,8 +316,8 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         data.update(self.first_values)
         data.update(cause=self.first_cause, first_rank=first_rank, first_step=first_step,
                     root_ranks=roots, own_loss_ranks=sorted(q for q, d in self.diverged.items() if d[1] == 0),
-                    received_ranks=sorted(received), diverged_ranks=len(self.diverged),
-                    shared_gradients=self.shared, timeline=list(self.timeline))
+                    root_hosts=hosts_of(self.run, roots), received_ranks=sorted(received),
+                    diverged_ranks=len(self.diverged), shared_gradients=self.shared, timeline=list(self.timeline))
         return summary, data
 
     def facts(self) -> dict[str, Any]:

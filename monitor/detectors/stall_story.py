@@ -35,6 +35,8 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
     failed = sorted(det.peer_failed)
     first = min(stalled, key=lambda q: (stalled[q][1], q))
     reason, _, limit = stalled[first]
+    stopped = _stopped_with_failed(det, quiet, failed)
+    quiet = [q for q in quiet if q not in stopped]
     if quiet and (len(quiet) < len(live) or failed):
         roots = sorted(quiet)
         head, step = _silent(det, roots, live, at)
@@ -48,9 +50,13 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         head = prefix + head
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
-    others = [q for q in live if q not in roots]
-    moving = _moving(det, roots, others, quiet)
+    others = [q for q in live if q not in roots and q not in stopped]
+    moving = _moving(det, roots, others, quiet, at)
     summary = head + _others(det, roots, others, failed, quiet, moving)
+    if stopped and roots:
+        its = "its" if len(stopped) == 1 else "their"
+        summary += (f"; {where(det.run, stopped)} went silent after {'it' if len(failed) == 1 else 'them'} "
+                    f"(stopped by {its} launcher when a rank of {its} node failed)")
     anchor = ranks[roots[0]] if roots else ranks[first]
     summary += "; " + _basis(det, anchor, reason, limit)
     hosts = whole_hosts(det.run, roots) if roots else []
@@ -65,6 +71,7 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         "waiting_ranks": sorted(q for q in others if q not in moving),
         "running_ranks": moving,
         "failed_ranks": failed,
+        "stopped_ranks": sorted(stopped),
         "threshold_seconds": limit,
         "last_step_time": anchor.advance_time,
         "last_record_time": anchor.seen,
@@ -75,6 +82,17 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         "phase_time": anchor.phase_time,
     }
     return summary, step, data
+
+
+def _stopped_with_failed(det: RankStalled, quiet: list[int], failed: list[int]) -> list[int]:
+    """Quiet ranks on a host where a rank failed with a collective error, while ranks of another host went
+    quiet: torchrun stops a node's other workers (SIGTERM: nothing sent) when one of them fails, so their
+    silence is a consequence of the others', not the root. Without hosts (older clients): none."""
+    if not failed:
+        return []
+    torn = {det.run.ranks[q].host for q in failed if q in det.run.ranks} - {None}
+    stopped = [q for q in quiet if q in det.run.ranks and det.run.ranks[q].host in torn]
+    return stopped if len(stopped) < len(quiet) else []
 
 
 def _silent(det: RankStalled, roots: list[int], live: list[int], at: float) -> tuple[str, int]:
@@ -143,16 +161,20 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
                 f"dump)"), low
 
 
-def _moving(det: RankStalled, roots: list[int], others: list[int], quiet: list[int]) -> list[int]:
-    """The other ranks that still finish steps: advanced after the root stopped, and past the step after the
+def _moving(det: RankStalled, roots: list[int], others: list[int], quiet: list[int], at: float) -> list[int]:
+    """The other ranks that still finish steps: advanced after the root stopped, past the step after the
     root's (in synchronous training a rank may finish the one step the root's collective let through, never
-    more: that rank waits, it does not train on)."""
+    more: that rank waits, it does not train on), and recently: within half the root's silence limit of
+    ``at``. A killed client loses its unsent records (up to a flush interval of steps), so the root's last
+    step seen may be a few behind the one it reached; the others' steps just after its last record are
+    those they shared with it, not training on."""
     if not roots:
         return []
     ranks = det.ranks
     stopped = max(ranks[q].seen for q in roots)
+    recent = at - det.silence_limit(ranks[roots[0]]) / 2
     top = max(ranks[q].shown for q in roots)
-    return sorted(q for q in others if ranks[q].advance_time > stopped and ranks[q].shown > top + 1
+    return sorted(q for q in others if ranks[q].advance_time > max(stopped, recent) and ranks[q].shown > top + 1
                   and q not in quiet)
 
 

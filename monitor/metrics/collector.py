@@ -73,7 +73,8 @@ PER_RANK_VALUES: tuple[tuple[str, str, str], ...] = (
                                                            "collectives after computing."),
 )
 EXPORTED_KEYS = frozenset(key for _, key, _ in PER_RANK_VALUES)  # latest also holds batch/world size
-PER_RANK_STATE = ("trainhealth_step", "trainhealth_last_record_timestamp_seconds", "trainhealth_rank_ended")
+PER_RANK_STATE = ("trainhealth_step", "trainhealth_last_record_timestamp_seconds", "trainhealth_rank_ended",
+                  "trainhealth_loss_nonfinite_first_step")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WEBHOOK_NAMES = ("trainhealth_webhook_deliveries_total", "trainhealth_webhook_outbox_depth", *UNDELIVERED_NAMES)
 OUTBOX_KEYS = ("outbox_depth", "outbox")
@@ -175,13 +176,14 @@ class StateCollector(Collector):
             if run.ended and wall - run.clock_wall > keep_ended:
                 snap.omitted["ended"] += 1
                 continue
-            cost = sum(len(PER_RANK_STATE) + len(EXPORTED_KEYS & r.latest.keys()) for r in run.ranks.values())
+            cost = sum(len(PER_RANK_STATE) - (r.loss_nonfinite_step is None) + len(EXPORTED_KEYS & r.latest.keys())
+                       for r in run.ranks.values())  # the first-NaN step only once there is one
             if cost > budget:
                 snap.omitted["series_cap"] += 1
                 continue
             budget -= cost
-            rows = [RankRow(str(r.rank), r.last_step, r.last_time, r.ended, r.latest.copy())
-                    for r in run.ranks.values()]
+            rows = [RankRow(str(r.rank), r.last_step, r.last_time, r.ended, r.latest.copy(),
+                            r.loss_nonfinite_step) for r in run.ranks.values()]
             snap.runs.append((run.run, rows))
 
     def _read_deliveries(self, snap: Snapshot) -> None:
@@ -216,6 +218,9 @@ PER_RANK_STATE_FAMILIES: tuple[tuple[str, str, Callable[[RankRow], float | None]
     ("trainhealth_last_record_timestamp_seconds",
      "Record time (unix seconds) of the rank's newest record of any type.", lambda row: row.last_time),
     ("trainhealth_rank_ended", "1 once the rank sent an end record.", lambda row: 1.0 if row.ended else 0.0),
+    ("trainhealth_loss_nonfinite_first_step", "Step of the rank's first NaN/Inf loss since its start (absent "
+     "while its loss is finite): over every sidecar, the lowest is the run's first NaN rank.",
+     lambda row: row.loss_nonfinite_step),
 )
 
 

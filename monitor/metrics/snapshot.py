@@ -18,6 +18,7 @@ class RankRow:
     last_time: float
     ended: bool
     latest: dict[str, float]
+    loss_nonfinite_step: int | None = None
 
 
 @dataclass(slots=True)

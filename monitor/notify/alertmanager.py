@@ -1,7 +1,8 @@
 """Push to a real Alertmanager (its v2 API, ``POST /api/v2/alerts``), so teams route, group and silence there.
 
 Labels: ``alertname``, ``run``, ``rank`` (absent for run-wide alerts),
-``severity``, ``source="trainhealth"``; annotations: ``summary``, ``step``.
+``severity``, ``source="trainhealth"``, and ``node`` with ``[alertmanager] node`` set (one sidecar per
+node: two nodes' run-wide alerts of one run would otherwise be one alert); annotations: ``summary``, ``step``.
 New transitions go through the outbox (firing, then resolved with ``endsAt``);
 while nothing is queued, the open alerts are re-sent every ``resend_seconds``
 with ``endsAt`` = now + 4 x resend_seconds, as Prometheus does, so Alertmanager
@@ -43,20 +44,23 @@ def label_fingerprint(alert: Alert) -> str:
     return hashlib.sha256(alert["fingerprint"].encode()).hexdigest()[:16]
 
 
-def postable(alerts: list[Alert], now: float, resend_seconds: float) -> list[dict[str, Any]]:
+def postable(alerts: list[Alert], now: float, resend_seconds: float, node: str = "") -> list[dict[str, Any]]:
     """Alertmanager v2 ``postableAlerts``. Times use the sidecar's wall clock where records may be skewed."""
     out = []
     for a in alerts:
         starts = min(float(a["started_at"]), now)
         ends = now + 4 * resend_seconds if a["state"] == "firing" else max(now, starts)
-        out.append({"labels": labels(a), "annotations": summary_annotations(a),
+        names = labels(a)
+        if node:
+            names["node"] = node
+        out.append({"labels": names, "annotations": summary_annotations(a),
                     "startsAt": rfc3339(starts), "endsAt": rfc3339(ends)})
     return out
 
 
 def target(s: AlertmanagerSettings, open_alerts: Callable[[], list[Alert]]) -> Target:
     def render(alerts: list[Alert], now: float) -> bytes:
-        return jsonout.dumpb(postable(alerts, now, s.resend_seconds))
+        return jsonout.dumpb(postable(alerts, now, s.resend_seconds, s.node))
 
     return Target(key=f"alertmanager {s.url}", name="alertmanager", kind="alertmanager",
                   url=s.url.rstrip("/") + "/api/v2/alerts", render=render, refresh=open_alerts,

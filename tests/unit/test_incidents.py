@@ -82,6 +82,66 @@ def test_a_host_going_down_is_one_incident_naming_the_host(hosts, per_host, down
     assert findings()[STALL]["root_ranks"] == gone and findings()[STALL]["waiting_ranks"] == others
 
 
+def test_the_others_finishing_the_step_the_dead_node_lost_still_wait_in_a_collective():
+    # seen on the two-namespace bed: node-b's clients were killed with step 151's samples unsent, while
+    # node-a's ranks finished step 151 (its all-reduce had completed) and then wait in step 152's
+    job = ddp_job(ranks=4, steps=200, last_step={0: 151, 1: 151, 2: 150, 3: 150},
+                  silent_at={2: T0 + 80.3, 3: T0 + 80.3}, until=T0 + 400)
+    alerts = everything(with_hosts(job.records, 2), T0 + 400)
+    assert brief(alerts) == [(STALL, "firing", None, 150)]
+    summary = alerts[0]["summary"]
+    assert summary.startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same moment (node down "
+                              "or network partition); ranks 0-1 on node-a wait in a collective;"), summary
+    assert alerts[0]["waiting_ranks"] == [0, 1]
+
+
+def test_ranks_that_keep_finishing_steps_after_one_went_silent_are_said_to_train_on():
+    # not synchronous with it (or a rank of another group): the others' steps keep coming
+    job = ddp_job(ranks=4, steps=600, silent_at={3: T0 + 85.4}, until=T0 + 400)
+    alerts = everything(with_hosts(job.records, 2), T0 + 400)
+    assert brief(alerts)[0][:3] == (STALL, "firing", None)
+    assert "; ranks 0-2 still finish steps;" in alerts[0]["summary"] or \
+        "; ranks 0-1 on node-a, 2 on node-b still finish steps;" in alerts[0]["summary"], alerts[0]["summary"]
+
+
+def test_a_survivor_stopped_by_its_launcher_after_its_neighbour_failed_is_not_a_root():
+    # the flaky e2e (host None): node-b is SIGKILLed; rank 0 fails with a collective error and exits, and
+    # torchrun's agent on node-a SIGTERMs rank 1 before its own error was reported: rank 1 goes silent too
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)},
+                  silent_at={0: T0 + 85.4, 1: T0 + 85.7, 2: T0 + 85.4, 3: T0 + 85.4}, until=T0 + 400)
+    crash = [end(0, T0 + 85.6, 150, PEER)]
+    alerts = everything(with_hosts(job.records, 2) + crash, T0 + 400)
+    assert brief(alerts) == [(STALL, "firing", None, 150)]
+    a = open_alerts()[STALL]
+    assert (a["host"], a["root_ranks"], a["failed_ranks"], a["stopped_ranks"], a["waiting_ranks"]) == \
+        ("node-b", [2, 3], [0], [1], [])
+    assert a["summary"].startswith("node-b went silent: ranks 2-3 stopped after step 150 at the same moment (node "
+                                   "down or network partition); rank 0 on node-a failed after them with a "
+                                   "collective error (RuntimeError: "), a["summary"]
+    assert "; rank 1 on node-a went silent after it (stopped by its launcher when a rank of its node failed);" \
+        in a["summary"]
+
+
+def test_a_silent_rank_beside_a_failed_one_with_no_other_host_quiet_is_still_named():
+    # rank 1 quiet on its own while rank 0 of the same host failed with a collective error: nobody else went
+    # quiet, so rank 1 is the root (it is not torn down after another host's silence)
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)}, silent_at={1: T0 + 85.4},
+                  until=T0 + 400)
+    crash = [end(0, T0 + 85.6, 150, PEER)]
+    alerts = everything(with_hosts(job.records, 2) + crash, T0 + 400)
+    a = open_alerts()[STALL]
+    assert (a["root_ranks"], a["stopped_ranks"]) == ([1], []), alerts
+
+
+def test_without_hosts_a_silent_rank_beside_a_failed_one_stays_a_root():
+    # an older client (no host in its start): who was stopped by a launcher cannot be told, nothing is dropped
+    job = ddp_job(ranks=4, steps=200, last_step={q: 150 for q in range(4)},
+                  silent_at={0: T0 + 85.4, 1: T0 + 85.7, 2: T0 + 85.4, 3: T0 + 85.4}, until=T0 + 400)
+    everything(job.records + [end(0, T0 + 85.6, 150, PEER)], T0 + 400)
+    a = open_alerts()[STALL]
+    assert (a["root_ranks"], a["stopped_ranks"], a["failed_ranks"], a["host"]) == ([1, 2, 3], [], [0], None)
+
+
 def test_the_field_case_two_machines_of_four_ranks_one_down():
     job = ddp_job(ranks=8, steps=1600, step_seconds=0.2, last_step={q: 1500 for q in range(8)},
                   silent_at={q: T0 + 305.3 for q in range(4, 8)}, until=T0 + 700)
@@ -343,6 +403,15 @@ def test_nan_through_the_all_reduce_points_the_others_at_the_root_batch(ranks, r
                                      f"last good checkpoint with a lower LR, and check its batch")
     assert now["summary"].endswith(f"got the NaN only through the shared gradients: check rank {root}'s batch, "
                                    f"not theirs")
+
+
+def test_nan_on_another_node_names_the_root_with_its_host():
+    # two nodes of two ranks (start records carry host): bad data on rank 2 of node-b
+    starts = [from_obj({"type": "start", "run": RUN, "rank": q, "time": T0 - 1, "world_size": 4,
+                        "host": f"node-{chr(97 + q // 2)}"}) for q in range(4)]
+    made, now, facts = nan_picture(starts + shared(2, 12, 4))
+    assert now["summary"].startswith("loss became nan at step 12 on rank 2 on node-b (its own loss); "), now["summary"]
+    assert (now["first_rank"], now["root_hosts"], now["received_ranks"]) == (2, ["node-b"], [0, 1, 3])
 
 
 def test_ties_lowest_step_then_own_loss_then_lowest_rank():
