@@ -79,6 +79,7 @@ class Pipeline:
         self.judge_after = -math.inf
         self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
         self._hold = -math.inf  # the judge_after that _heard belongs to
+        self._bound: dict[str, tuple[list[Detector[Any]], list[Callable[[Record], list[Event]]]]] = {}
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -100,13 +101,14 @@ class Pipeline:
         for i in order:
             rec = records[i]
             run = runs.get(rec.run)
-            if run is None or rec.rank not in run.ranks:
+            if run is None or (rank := run.ranks.get(rec.rank)) is None:
                 try:
                     run = self._admit(rec, wall, alerts)
                 except CapExceeded as exc:
                     refused.append((i, exc))
                     continue
-            out = feed(run, rec, wall)
+                rank = run.ranks[rec.rank]
+            out = feed(run, rank, rec, wall)
             if out:
                 alerts.extend(out)
         refused.sort(key=lambda r: r[0])
@@ -142,21 +144,30 @@ class Pipeline:
                                               f"for run {newcomer} (limits.max_runs)"))
         return True
 
-    def _feed(self, run: RunState, rec: Record, wall: float) -> list[Alert]:
+    def _updates(self, run: str) -> list[Callable[[Record], list[Event]]]:
+        """The run's detectors' bound ``update`` methods, made once per run (not per record); remade when
+        ``self.detectors`` holds another list for the run (a checkpoint restore replaces it)."""
+        dets = self.detectors[run]
+        cached = self._bound.get(run)
+        if cached is None or cached[0] is not dets:
+            cached = self._bound[run] = (dets, [det.update for det in dets])
+        return cached[1]
+
+    def _feed(self, run: RunState, rank: RankState, rec: Record, wall: float) -> list[Alert]:
         run.records += 1
         run.last_wall = wall
         self.records_processed += 1
-        run.ranks[rec.rank].apply(rec)
+        rank.apply(rec)
         if rec.type == "start":
             run.add_start(rec)
         events: list[Event] = []
-        for det in self.detectors[run.run]:
+        for update in self._updates(run.run):
             try:
-                out = det.update(rec)
+                out = update(rec)
             except Exception:  # one detector's bug must not fail the batch nor blind the others
-                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
+                out = self._detector_failed(update.__self__, rec.run, rec.rank, rec.step)  # type: ignore[attr-defined]
             if out:
-                events.extend(out)
+                events += out
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
             run.clock_wall = wall
@@ -247,6 +258,7 @@ class Pipeline:
         """Drop a run; its open alerts resolve."""
         run = self.runs.pop(name, None)
         self.detectors.pop(name, None)
+        self._bound.pop(name, None)
         if run is None:
             return []
         events = [resolved(a["alert"], a["rank"], max(0, run_last_step(run)), run.clock, why)

@@ -1,7 +1,10 @@
 """Flight recorder: every accepted record appended to ``DIR/RUN.jsonl``.
 
-Lines are written with Python's ``json`` so NaN stays the bare ``NaN`` token
-(replay reads it back as NaN, never as null). Files are size-capped: past
+Lines are written by msgspec (one ``encode_lines`` per run and batch: about 0.5 us a record, where
+Python's ``json`` took ~10); a batch whose encoding holds a ``null`` (msgspec writes NaN and the
+infinities as null, and a ``null`` in ``metrics`` or ``config`` is one too) is written again with Python's
+``json`` record by record, so NaN stays the bare ``NaN`` token (replay reads it back as NaN, never as
+null). Unset fields are left out either way (``sample`` is the default type). Files are size-capped: past
 ``max_bytes`` the file rotates to ``RUN.jsonl.1`` (``keep`` old files).
 
 A write that fails (a full disk) never stops ingest: it is counted in ``fault``
@@ -18,10 +21,26 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Iterable
 
+import msgspec
+
 from .health import Fault
 from .record import Record, to_obj
 
 log = logging.getLogger(__name__)
+
+_encode_lines = msgspec.json.Encoder().encode_lines
+
+
+def lines(records: list[Record]) -> str:
+    """The records as .jsonl text (each line ends with a newline): msgspec when nothing in them encodes
+    as ``null``, else Python's ``json``, which keeps NaN a bare token."""
+    try:
+        blob = _encode_lines(records)
+    except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError):
+        blob = b"null"  # what msgspec cannot write (a huge integer in config): the json path tells
+    if b"null" not in blob:
+        return blob.decode()
+    return "".join(json.dumps(to_obj(rec), separators=(",", ":")) + "\n" for rec in records)
 
 
 class FlightRecorder:
@@ -40,13 +59,17 @@ class FlightRecorder:
         return self.dir / f"{run}.jsonl"  # run names are [A-Za-z0-9._:-]: no path separators
 
     def write(self, records: Iterable[Record]) -> None:
-        by_run: dict[str, list[str]] = {}
+        by_run: dict[str, list[Record]] = {}
         for rec in records:
-            by_run.setdefault(rec.run, []).append(json.dumps(to_obj(rec), separators=(",", ":")))
-        for run, lines in by_run.items():
+            got = by_run.get(rec.run)
+            if got is None:
+                by_run[rec.run] = [rec]
+            else:
+                got.append(rec)
+        for run, recs in by_run.items():
             try:
                 fh = self._open(run)
-                fh.write(("\n" if run in self._broken else "") + "\n".join(lines) + "\n")
+                fh.write(("\n" if run in self._broken else "") + lines(recs))
                 fh.flush()
                 if fh.tell() >= self.max_bytes:
                     self._rotate(run)
