@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class RankRow:
-    """One rank's exported values; ``rank`` is already the label text."""
+    """One rank's exported values; ``rank`` is already the label text. ``source`` and ``version`` (the
+    RankState and its record count) let the text writer reuse the rank's lines from the previous scrape
+    while it took no record since (exposition.RankLines); None: never reused."""
 
     rank: str
     step: int
     last_time: float
     ended: bool
     latest: dict[str, float]
+    source: object = None
+    version: int = -1
 
 
 @dataclass(slots=True)
