@@ -40,6 +40,8 @@ class Outcome:
 
 
 _step_and_time = attrgetter("step", "time")
+# a run's detectors, their bound update methods, and the bound tick methods of those that have one
+_Bound = tuple[list[Detector[Any]], list[Callable[[Record], list[Event]]], list[Callable[[float], list[Event]]]]
 
 
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
@@ -79,7 +81,7 @@ class Pipeline:
         self.judge_after = -math.inf
         self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
         self._hold = -math.inf  # the judge_after that _heard belongs to
-        self._bound: dict[str, tuple[list[Detector[Any]], list[Callable[[Record], list[Event]]]]] = {}
+        self._bound: dict[str, _Bound] = {}
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> None:
@@ -111,7 +113,8 @@ class Pipeline:
             out = feed(run, rank, rec, wall)
             if out:
                 alerts.extend(out)
-        refused.sort(key=lambda r: r[0])
+        if refused:
+            refused.sort(key=lambda r: r[0])
         return Outcome(alerts, refused)
 
     def _admit(self, rec: Record, wall: float, alerts: list[Alert]) -> RunState:
@@ -144,14 +147,20 @@ class Pipeline:
                                               f"for run {newcomer} (limits.max_runs)"))
         return True
 
-    def _updates(self, run: str) -> list[Callable[[Record], list[Event]]]:
-        """The run's detectors' bound ``update`` methods, made once per run (not per record); remade when
-        ``self.detectors`` holds another list for the run (a checkpoint restore replaces it)."""
+    def _bound_methods(self, run: str) -> _Bound:
+        """The run's detectors' bound ``update`` methods, and ``tick`` of those that have one (the base
+        class's does nothing), made once per run, not per record; made again when ``self.detectors`` holds
+        another list for the run (a checkpoint restore replaces it)."""
         dets = self.detectors[run]
         cached = self._bound.get(run)
-        if cached is None or cached[0] is not dets:
-            cached = self._bound[run] = (dets, [det.update for det in dets])
-        return cached[1]
+        if cached is not None and cached[0] is dets:
+            return cached
+        updates: list[Callable[[Record], list[Event]]] = [det.update for det in dets]
+        ticks: list[Callable[[float], list[Event]]] = [det.tick for det in dets
+                                                       if type(det).tick is not Detector.tick]
+        made: _Bound = (dets, updates, ticks)
+        self._bound[run] = made
+        return made
 
     def _feed(self, run: RunState, rank: RankState, rec: Record, wall: float) -> list[Alert]:
         run.records += 1
@@ -161,7 +170,7 @@ class Pipeline:
         if rec.type == "start":
             run.add_start(rec)
         events: list[Event] = []
-        for update in self._updates(run.run):
+        for update in self._bound_methods(run.run)[1]:
             try:
                 out = update(rec)
             except Exception:  # one detector's bug must not fail the batch nor blind the others
@@ -190,11 +199,11 @@ class Pipeline:
     def _tick_run(self, run: RunState, now: float) -> list[Event]:
         run.last_tick = now
         events: list[Event] = []
-        for det in self.detectors[run.run]:
+        for tick in self._bound_methods(run.run)[2]:
             try:
-                out = det.tick(now)
+                out = tick(now)
             except Exception:
-                out = self._detector_failed(det, run.run, None, None)
+                out = self._detector_failed(tick.__self__, run.run, None, None)  # type: ignore[attr-defined]
             if out:
                 events.extend(out)
         return events
