@@ -44,7 +44,7 @@ class RankLines:
         self.reused = 0  # ranks whose lines the latest render reused whole (tests, benchmarks)
 
 
-_Entry = tuple[object, int, tuple["float | None", ...], tuple[str, ...]]
+_Entry = tuple[object, int, list["float | None"], list[str]]
 
 
 def per_rank_text(runs: Iterable[tuple[str, Sequence[RankRow]]],
@@ -56,43 +56,63 @@ def per_rank_text(runs: Iterable[tuple[str, Sequence[RankRow]]],
     ``cache``: reuse the lines of ranks unchanged since the previous call with the same cache, and of a
     changed rank the lines whose value did not change (its GPU total, its learning rate...)."""
     if cache is None:
-        return _text(runs, values, state, None)
+        return _plain_text(runs, values, state)
     with cache.lock:
         return _text(runs, values, state, cache)
 
 
-def _text(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
-          state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]], cache: RankLines | None) -> str:
+def _plain_text(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
+                state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]]) -> str:
+    """Family by family, no cache (the first scrape, tests): the cheapest way to write every line once."""
+    rows = []
+    for run, run_rows in runs:
+        run_label = escape_label_value(run)
+        rows += [(f'{{rank="{escape_label_value(row.rank)}",run="{run_label}"}} ', row) for row in run_rows]
+    out = []
     go: Callable[[float], str] = floatToGoString  # prometheus-client leaves it unannotated
-    old = cache.entries if cache is not None else {}
+    for name, key, help_text in values:
+        out.append(gauge_header(name, help_text))
+        out += [f"{name}{labels}{go(v)}\n" for labels, row in rows if (v := row.latest.get(key)) is not None]
+    for name, help_text, get in state:
+        out.append(gauge_header(name, help_text))
+        out += [f"{name}{labels}{go(v)}\n" for labels, row in rows if (v := get(row)) is not None]
+    return "".join(out)
+
+
+def _text(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
+          state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]], cache: RankLines) -> str:
+    """Rank by rank (each rank's lines are what the cache keeps), then assembled family by family."""
+    go: Callable[[float], str] = floatToGoString  # prometheus-client leaves it unannotated
+    old = cache.entries
     kept: dict[tuple[str, str], _Entry] = {}
-    per_row: list[tuple[str, ...]] = []
+    per_row: list[Sequence[str]] = []
     names = [name for name, _, _ in values] + [name for name, _, _ in state]
+    keys = [key for _, key, _ in values]
+    getters = [get for _, _, get in state]
     reused = 0
     for run, run_rows in runs:
         run_label = escape_label_value(run)
         for row in run_rows:
             key = (run, row.rank)
             entry = old.get(key)
-            if entry is not None and entry[0] is row.source and entry[1] == row.version:
+            source = row.source
+            if entry is not None and entry[0] is source and entry[1] == row.version:
                 reused += 1
             else:
-                latest = row.latest
-                vals = tuple([latest.get(k) for _, k, _ in values] + [get(row) for _, _, get in state])
+                get_value = row.latest.get
+                vals = [get_value(k) for k in keys] + [get(row) for get in getters]
                 labels = f'{{rank="{escape_label_value(row.rank)}",run="{run_label}"}} '
-                if entry is not None and entry[0] is row.source:  # the same rank: its unchanged values' lines
-                    was, was_lines = entry[2], entry[3]
-                    lines = tuple(was_lines[i] if v == was[i] and v else  # 0.0 and -0.0 are equal, written apart
-                                  "" if v is None else f"{name}{labels}{go(v)}\n"
-                                  for i, (name, v) in enumerate(zip(names, vals)))
+                if entry is not None and entry[0] is source:  # the same rank: its unchanged values' lines
+                    # (0.0 and -0.0 are equal but written apart, NaN is never equal: both written again)
+                    lines = [was_line if v == was and v else "" if v is None else f"{name}{labels}{go(v)}\n"
+                             for name, v, was, was_line in zip(names, vals, entry[2], entry[3])]
                 else:
-                    lines = tuple("" if v is None else f"{name}{labels}{go(v)}\n" for name, v in zip(names, vals))
-                entry = (row.source, row.version, vals, lines)
-            if row.source is not None:
+                    lines = ["" if v is None else f"{name}{labels}{go(v)}\n" for name, v in zip(names, vals)]
+                entry = (source, row.version, vals, lines)
+            if source is not None:
                 kept[key] = entry
             per_row.append(entry[3])
-    if cache is not None:
-        cache.entries, cache.reused = kept, reused  # ranks gone since are dropped
+    cache.entries, cache.reused = kept, reused  # ranks gone since are dropped
     out = []
     headers = [gauge_header(name, help_text) for name, _, help_text in values]
     headers += [gauge_header(name, help_text) for name, help_text, _ in state]
