@@ -2,9 +2,11 @@
 
 Lines are written by msgspec (one ``encode_lines`` per run and batch: about 0.5 us a record, where
 Python's ``json`` took ~10); a batch whose encoding holds a ``null`` (msgspec writes NaN and the
-infinities as null, and a ``null`` in ``metrics`` or ``config`` is one too) is written again with Python's
+infinities as null, and a ``null`` in ``metrics`` or ``config`` is one too), or an ``end`` with its
+``error``, is written with Python's
 ``json`` record by record, so NaN stays the bare ``NaN`` token (replay reads it back as NaN, never as
-null). Unset fields are left out either way (``sample`` is the default type). Files are size-capped: past
+null). Each line reads back as what ``json.dumps(record.to_obj(rec))`` wrote before
+(tests/unit/test_recorder_lines.py). Files are size-capped: past
 ``max_bytes`` the file rotates to ``RUN.jsonl.1`` (``keep`` old files).
 
 A write that fails (a full disk) never stops ingest: it is counted in ``fault``
@@ -33,14 +35,20 @@ _encode_lines = msgspec.json.Encoder().encode_lines
 
 def lines(records: list[Record]) -> str:
     """The records as .jsonl text (each line ends with a newline): msgspec when nothing in them encodes
-    as ``null``, else Python's ``json``, which keeps NaN a bare token."""
+    as ``null``, else Python's ``json``, which keeps NaN a bare token. Every line names its ``type``
+    (msgspec leaves out the default, ``sample``: it is put back before ``step``, which every sample has
+    and which comes right after ``type`` in the record's field order)."""
     try:
         blob = _encode_lines(records)
     except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError):
-        blob = b"null"  # what msgspec cannot write (a huge integer in config): the json path tells
-    if b"null" not in blob:
-        return blob.decode()
-    return "".join(json.dumps(to_obj(rec), separators=(",", ":")) + "\n" for rec in records)
+        blob = b"null"  # what msgspec cannot write: the json path tells
+    if b"null" in blob or any(rec.error is not None for rec in records):  # (to_obj writes an error whole)
+        return "".join(json.dumps(to_obj(rec), separators=(",", ":")) + "\n" for rec in records)
+    parts = blob.split(b"\n")
+    for i, rec in enumerate(records):
+        if rec.type == "sample":
+            parts[i] = parts[i].replace(b',"step":', b',"type":"sample","step":', 1)
+    return b"\n".join(parts).decode()
 
 
 class FlightRecorder:
