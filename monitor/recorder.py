@@ -1,13 +1,12 @@
 """Flight recorder: every accepted record appended to ``DIR/RUN.jsonl``.
 
 Lines are written by msgspec (one ``encode_lines`` per run and batch: about 0.5 us a record, where
-Python's ``json`` took ~10); a batch whose encoding holds a ``null`` (msgspec writes NaN and the
-infinities as null, and a ``null`` in ``metrics`` or ``config`` is one too), or an ``end`` with its
-``error``, is written with Python's
-``json`` record by record, so NaN stays the bare ``NaN`` token (replay reads it back as NaN, never as
-null). Each line reads back as what ``json.dumps(record.to_obj(rec))`` wrote before
-(tests/unit/test_recorder_lines.py). Files are size-capped: past
-``max_bytes`` the file rotates to ``RUN.jsonl.1`` (``keep`` old files).
+Python's ``json`` took ~10). A batch whose encoding holds a ``null`` (msgspec writes NaN and the
+infinities as null; a ``null`` in ``metrics`` or ``config`` is one too), or an ``end`` with its ``error``,
+is written with Python's ``json`` record by record, so NaN stays the bare ``NaN`` token (replay reads it
+back as NaN, never as null). Each line reads back as what ``json.dumps(record.to_obj(rec))`` wrote before
+(tests/unit/test_recorder_lines.py). Files are size-capped: past ``max_bytes`` the file rotates to
+``RUN.jsonl.1`` (``keep`` old files).
 
 A write that fails (a full disk) never stops ingest: it is counted in ``fault``
 (``trainhealth_recorder_errors_total``, ``/healthz`` 503 until a write works
