@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
+from .detectors.incident import ranks_phrase
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
@@ -41,7 +42,8 @@ class Outcome:
 
 _step_and_time = attrgetter("step", "time")
 # a run's detectors, their bound update methods, and the bound tick methods of those that have one
-_Bound = tuple[list[Detector[Any]], list[Callable[[Record], list[Event]]], list[Callable[[float], list[Event]]]]
+_Bound = tuple[list[Detector[Any]], list[tuple[Detector[Any], Callable[[Record], list[Event]]]],
+               list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
 
 
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
@@ -76,6 +78,7 @@ class Pipeline:
         self.restored_runs: dict[str, float] = {}  # run -> wall time last seen, for alerts restored at start
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
+        self.owners: dict[str, str] = {}  # alert name -> the detector that raised it (for a reload's disable)
         # server only: wall time before which no tick judges (the sidecar catching up after its own pause
         # or a restart, see pauses.py); records are still taken
         self.judge_after = -math.inf
@@ -84,12 +87,30 @@ class Pipeline:
         self._bound: dict[str, _Bound] = {}
 
     # -- configuration ------------------------------------------------------
-    def reconfigure(self, detector_settings: dict[str, Any]) -> None:
-        """New thresholds, same state."""
+    def reconfigure(self, detector_settings: dict[str, Any]) -> list[Alert]:
+        """New thresholds, same state. A detector the new settings disable has its open alerts resolved,
+        whichever detector it is (returned: the transitions to dispatch)."""
+        was = self.detector_settings
         self.detector_settings = detector_settings
         for dets in self.detectors.values():
             for det in dets:
                 det.settings = detector_settings[det.name]
+        disabled = {name for name, s in detector_settings.items()
+                    if not getattr(s, "enabled", True) and getattr(was.get(name), "enabled", True)}
+        if not disabled:
+            return []
+        alerts: list[Alert] = []
+        for name in list(self.runs) + [r for r in self.restored_runs if r not in self.runs]:
+            run = self.runs.get(name)
+            step = run_last_step(run) if run is not None else None
+            events = [resolved(a["alert"], a["rank"], max(0, a["step"] if step is None else step),
+                               run.clock if run is not None else a["time"],
+                               f"detector {owner} disabled by a config reload", resolved_by="detector_disabled")
+                      for a in self.book.firing(name)
+                      if (owner := self.owners.get(a["alert"], a["alert"])) in disabled]
+            if events:
+                alerts.extend(self.book.close(name, events))
+        return alerts
 
     # -- records ------------------------------------------------------------
     def process(self, records: Sequence[Record], wall: float = 0.0) -> Outcome:
@@ -155,9 +176,9 @@ class Pipeline:
         cached = self._bound.get(run)
         if cached is not None and cached[0] is dets:
             return cached
-        updates: list[Callable[[Record], list[Event]]] = [det.update for det in dets]
-        ticks: list[Callable[[float], list[Event]]] = [det.tick for det in dets
-                                                       if type(det).tick is not Detector.tick]
+        updates: list[tuple[Detector[Any], Callable[[Record], list[Event]]]] = [(det, det.update) for det in dets]
+        ticks: list[tuple[Detector[Any], Callable[[float], list[Event]]]] = [
+            (det, det.tick) for det in dets if type(det).tick is not Detector.tick]
         made: _Bound = (dets, updates, ticks)
         self._bound[run] = made
         return made
@@ -170,12 +191,13 @@ class Pipeline:
         if rec.type == "start":
             run.add_start(rec)
         events: list[Event] = []
-        for update in self._bound_methods(run.run)[1]:
+        for det, update in self._bound_methods(run.run)[1]:
             try:
                 out = update(rec)
             except Exception:  # one detector's bug must not fail the batch nor blind the others
-                out = self._detector_failed(update.__self__, rec.run, rec.rank, rec.step)  # type: ignore[attr-defined]
+                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
             if out:
+                self._own(det, out)
                 events += out
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
@@ -184,7 +206,36 @@ class Pipeline:
             self._heard_during_hold().setdefault(run.run, set()).add(rec.rank)
         elif run.clock - run.last_tick >= self.tick_seconds:
             events.extend(self._tick_run(run, run.clock))
-        return self.book.apply(run.run, events) if events else []
+        alerts = self.book.apply(run.run, events) if events else []
+        if (rec.type == "end" or alerts) and run.ended:  # every rank has ended: nothing of the run stays open
+            alerts.extend(self._close_ended(run))
+        return alerts
+
+    def _own(self, det: Detector[Any], events: list[Event]) -> None:
+        owners = self.owners
+        for ev in events:
+            if ev.alert not in owners:
+                owners[ev.alert] = det.name
+
+    def _close_ended(self, run: RunState) -> list[Alert]:
+        """Every rank of the run sent ``end``: its open alerts resolve, saying how the run ended
+        ("run ended completed at step 3043", "run failed at step 812 (rank 3 ended failed)")."""
+        if not self.book.firing(run.run):
+            return []
+        # the detectors' pictures still waiting for a tick (more ranks failed, more went NaN) first
+        alerts = self.book.apply(run.run, self._tick_run(run, run.clock))
+        open_alerts = self.book.firing(run.run)
+        step = max(0, run_last_step(run))
+        failed = sorted(q for q, r in run.ranks.items() if r.end_status == "failed")
+        if failed:
+            why = f"run failed at step {step} ({ranks_phrase(failed)} ended failed)"
+        elif all(r.end_status == "completed" for r in run.ranks.values()):
+            why = f"run ended completed at step {step}"
+        else:
+            why = f"run ended at step {step}"
+        events = [resolved(a["alert"], a["rank"], step, run.clock, why,
+                           resolved_by="run_failed" if failed else "run_ended") for a in open_alerts]
+        return alerts + self.book.close(run.run, events)
 
     def findings(self, name: str) -> dict[str, Any]:
         """The run's detector facts by detector name (only detectors with something to say)."""
@@ -199,12 +250,13 @@ class Pipeline:
     def _tick_run(self, run: RunState, now: float) -> list[Event]:
         run.last_tick = now
         events: list[Event] = []
-        for tick in self._bound_methods(run.run)[2]:
+        for det, tick in self._bound_methods(run.run)[2]:
             try:
                 out = tick(now)
             except Exception:
-                out = self._detector_failed(tick.__self__, run.run, None, None)  # type: ignore[attr-defined]
+                out = self._detector_failed(det, run.run, None, None)
             if out:
+                self._own(det, out)
                 events.extend(out)
         return events
 
@@ -248,6 +300,8 @@ class Pipeline:
                 events = self._tick_run(run, now)
                 if events:
                     alerts.extend(self.book.apply(run.run, events))
+                    if run.ended:
+                        alerts.extend(self._close_ended(run))
         return alerts
 
     def _heard_during_hold(self) -> dict[str, set[int]]:
