@@ -21,6 +21,7 @@ from .detectors.incident import ranks_phrase
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
+from .textbudget import TextBudget
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Pipeline:
         self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
         self._hold = -math.inf  # the judge_after that _heard belongs to
         self._bound: dict[str, _Bound] = {}
+        self.text = TextBudget(self.limits.max_text_bytes)  # OOM details and start configs, all runs together
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> list[Alert]:
@@ -190,6 +192,10 @@ class Pipeline:
         rank.apply(rec)
         if rec.type == "start":
             run.add_start(rec)
+            if rec.config:
+                self.text.hold(rec)
+        elif rec.type == "oom" and rec.detail and rank.last_oom is not None:
+            self.text.hold(rank.last_oom)
         events: list[Event] = []
         for det, update in self._bound_methods(run.run)[1]:
             try:
