@@ -3,10 +3,13 @@
     python benchmarks/metrics_exposition.py [--ranks 1000] [--runs 1] [--repeat 30]
 
 Part 1 (in process): the snapshot (taken on the event loop) and the render
-(families + text formatting, done in a worker thread by the route), per scrape.
-Part 2 (real sidecar): GET /metrics end to end, and the worst /healthz latency
-seen while scrapes run back to back (what other requests wait for), against
-/healthz with no scrape running.
+(families + text formatting, done in a worker thread by the route), per scrape:
+with every rank changed since the previous scrape (nothing to reuse), and with
+the ranks unchanged (their lines reused from the previous scrape: RankLines).
+Part 2 (real sidecar): GET /metrics end to end, with the ranks unchanged between
+scrapes and with every rank sending a record between scrapes (not timed), and
+the worst /healthz latency seen while scrapes run back to back (what other
+requests wait for), against /healthz with no scrape running.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ FIELDS = {"loss": 2.31, "lr": 0.02, "grad_norm": 1.7, "grad_scale": 65536.0, "gp
           "step_time_seconds": 0.41, "data_time_seconds": 0.03}
 
 
-def records(ranks: int, runs: int) -> list[dict]:
+def records(ranks: int, runs: int, step: int = 100) -> list[dict]:
     now = time.time()
     per_run = ranks // runs
-    return [{"run": f"job-{j}", "rank": r, "time": now, "step": 100, **FIELDS}
+    return [{"run": f"job-{j}", "rank": r, "time": now, "step": step, **FIELDS, "loss": 2.31 + step * 1e-4}
             for j in range(runs) for r in range(per_run)]
 
 
@@ -50,25 +53,33 @@ def in_process(body: bytes, repeat: int) -> dict[str, float]:
     service = Service(Settings())
     service.ingest(body, "application/json")
     collector = state_collector(service)
-    snaps, renders = [], []
+    snaps, renders, cached = [], [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         snap = collector.snapshot()
-        t1 = time.perf_counter()
-        text = render(snap)
-        t2 = time.perf_counter()
+        t1 = time.process_time()
+        text = render(snap)  # no cache: every rank formatted, as when each changed since the last scrape
+        t2 = time.process_time()
+        render(snap, collector.lines)  # fills the cache; the next render reuses every rank
+        t3 = time.process_time()
+        again = render(snap, collector.lines)
+        t4 = time.process_time()
+        assert again == text
         snaps.append(t1 - t0)
         renders.append(t2 - t1)
+        cached.append(t4 - t3)
     series = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
     print(f"in process: {series} series, {len(text) / 1e6:.2f} MB")
     print(f"  snapshot (on the event loop): {ms(snaps)}")
-    print(f"  render (worker thread):       {ms(renders)}  = {statistics.median(renders) / series * 1e6:.1f} "
-          "us/series")
+    print(f"  render (worker thread), every rank changed: {ms(renders)}  = "
+          f"{statistics.median(renders) / series * 1e6:.1f} us/series")
+    print(f"  render, ranks unchanged (lines reused):     {ms(cached)}")
     return {"series": series, "snapshot_ms": statistics.median(snaps) * 1e3,
-            "render_ms": statistics.median(renders) * 1e3}
+            "render_ms": statistics.median(renders) * 1e3, "render_unchanged_ms": statistics.median(cached) * 1e3}
 
 
-def real_server(body: bytes, repeat: int, probe_seconds: float = 5.0) -> dict[str, float]:
+def real_server(body: bytes, repeat: int, probe_seconds: float = 5.0, ranks: int = 1000,
+                runs: int = 1) -> dict[str, float]:
     from tests.conftest import Sidecar
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,12 +88,34 @@ def real_server(body: bytes, repeat: int, probe_seconds: float = 5.0) -> dict[st
             client = sidecar.client
             assert client.post("/v1/ingest", content=body,
                                headers={"content-type": "application/json"}).status_code == 200
-            scrapes = []
+            import psutil
+
+            proc = psutil.Process(sidecar.proc.pid)
+
+            def cpu() -> float:
+                t = proc.cpu_times()
+                return float(t.user + t.system)
+
+            scrapes, scrape_cpu = [], []
             for _ in range(repeat):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu()
                 assert client.get("/metrics").status_code == 200
                 scrapes.append(time.perf_counter() - t0)
-            print(f"real sidecar: GET /metrics {ms(scrapes)}")
+                scrape_cpu.append(cpu() - c0)
+            print(f"real sidecar: GET /metrics, ranks unchanged {ms(scrapes)}")
+            changed, changed_cpu = [], []
+            for k in range(repeat):  # every rank sends a record between scrapes (the post is not timed)
+                fresh = json.dumps(records(ranks, runs, 101 + k)).encode()
+                assert client.post("/v1/ingest", content=fresh,
+                                   headers={"content-type": "application/json"}).status_code == 200
+                t0, c0 = time.perf_counter(), cpu()
+                assert client.get("/metrics").status_code == 200
+                changed.append(time.perf_counter() - t0)
+                changed_cpu.append(cpu() - c0)
+            print(f"real sidecar: GET /metrics, every rank changed {ms(changed)}")
+            cpu_same, cpu_changed = statistics.mean(scrape_cpu) * 1e3, statistics.mean(changed_cpu) * 1e3
+            print(f"  sidecar CPU per scrape (mean; psutil counts 10 ms ticks): unchanged {cpu_same:.1f} ms, "
+                  f"every rank changed {cpu_changed:.1f} ms")
             idle = probe(sidecar.url, None, probe_seconds / 2)
             stop = threading.Event()
             worker = threading.Thread(target=scrape_loop, args=(sidecar.url, stop))
@@ -94,6 +127,8 @@ def real_server(body: bytes, repeat: int, probe_seconds: float = 5.0) -> dict[st
         finally:
             sidecar.stop()
     return {"median_ms": statistics.median(scrapes) * 1e3, "max_ms": max(scrapes) * 1e3,
+            "changed_median_ms": statistics.median(changed) * 1e3,
+            "cpu_ms": statistics.mean(scrape_cpu) * 1e3, "changed_cpu_ms": statistics.mean(changed_cpu) * 1e3,
             "healthz_idle_median_ms": statistics.median(idle) * 1e3,
             "healthz_during_scrapes_median_ms": statistics.median(busy) * 1e3,
             "healthz_during_scrapes_max_ms": max(busy) * 1e3}
@@ -103,10 +138,15 @@ def run(quick: bool = False, ranks: int = 1000) -> list[Figure]:
     repeat = 15 if quick else 30
     body = json.dumps(records(ranks, 1)).encode()
     local = in_process(body, repeat)
-    served = real_server(body, repeat, 2.0 if quick else 5.0)
-    return [Figure("exposition", f"GET /metrics, {ranks:,} ranks (median)", served["median_ms"], "ms", 50.0, "<",
-                   {"ranks": ranks, **local, **served}),
-            Figure("exposition", f"render only, {ranks:,} ranks ({local['series']:,} series)", local["render_ms"],
+    served = real_server(body, repeat, 2.0 if quick else 5.0, ranks)
+    return [Figure("exposition", f"GET /metrics, {ranks:,} ranks unchanged since the last scrape (sidecar CPU)",
+                   served["cpu_ms"], "ms", 10.0, "<", {"ranks": ranks, "per": "sidecar CPU per scrape, mean",
+                                                      **local, **served}),
+            Figure("exposition", f"GET /metrics, {ranks:,} ranks, every one changed (sidecar CPU)",
+                   served["changed_cpu_ms"], "ms", 10.0, "<", {"ranks": ranks, **served}),
+            Figure("exposition", f"render only, {ranks:,} ranks ({local['series']:,} series), every rank changed",
+                   local["render_ms"], "ms", None, "<", local),
+            Figure("exposition", "render only, ranks unchanged (lines reused)", local["render_unchanged_ms"],
                    "ms", None, "<", local)]
 
 
@@ -145,7 +185,7 @@ def main() -> None:
     print(f"{args.ranks} ranks in {args.runs} run(s), {len(FIELDS)} value fields per rank")
     in_process(body, args.repeat)
     if not args.no_server:
-        real_server(body, args.repeat)
+        real_server(body, args.repeat, ranks=args.ranks, runs=args.runs)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
 
 Sections (each is also a script of its own in benchmarks/):
   stages      CPU per record: decoding, the pipeline, each detector           (stages.py)
-  ingest      records/s over HTTP for batches of 1/100/1000 vs in-process; replay (ingest.py)
+  where       the same per stage and detector on the 64-rank feed and a long 8-rank trace, cProfile tables
+              (--profile: py-spy flame graphs) in benchmarks/results/        (where_time_goes.py)
+  ingest      records/s over HTTP for batches of 1/100/1000 vs in-process (journal, store and
+              recorder on); replay of two traces vs the msgspec parse floor      (ingest.py)
   latency     NaN POST -> /v1/alerts and -> webhook, p50/p99, under load      (latency.py)
   exposition  GET /metrics with 1,000 ranks                                    (metrics_exposition.py)
   client      Telemetry.record() per training step                             (client_cost.py)
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Figure, machine, table, write_results  # noqa: E402
 
-SECTIONS = ("stages", "ingest", "latency", "exposition", "client", "client_alerts", "memory", "page")
+SECTIONS = ("stages", "where", "ingest", "latency", "exposition", "client", "client_alerts", "memory", "page")
 
 
 def section(name: str, args: argparse.Namespace) -> Callable[[], list[Figure]]:
@@ -38,6 +41,9 @@ def section(name: str, args: argparse.Namespace) -> Callable[[], list[Figure]]:
     if name == "stages":
         from benchmarks import stages
         return lambda: stages.run(quick)
+    if name == "where":
+        from benchmarks import where_time_goes
+        return lambda: where_time_goes.run(quick, args.profile)
     if name == "ingest":
         from benchmarks import ingest
         return lambda: ingest.run(quick, args.profile, args.pin)

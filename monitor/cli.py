@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", type=float, metavar="SECONDS",
                    help="after the last record, let SECONDS pass with no records (as the server's "
                         "timer would), so a hang or a silent rank at the end of a recording is reported")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="replay the runs in N processes at once (files grouped by the run they are named after, "
+                        "RUN.jsonl as the flight recorder writes them); each run's alerts are the same")
     o = sub.add_parser("report", help="write a self-contained HTML post-mortem of recorded .jsonl files")
     o.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records (e.g. from serve --record)")
     o.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
@@ -92,26 +95,35 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"--until: must be >= 0 seconds, got {args.until!r}")
         if args.command == "report":
             return report(args.files, args.output, settings, args.until)
-        return replay(args.files, settings, args.until)
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs: must be >= 1, got {args.jobs}")
+        return replay(args.files, settings, args.until, args.jobs)
     except ConfigError as exc:
         print(f"trainhealth: {exc}", file=sys.stderr)
         return 2
 
 
-def replay(files: Sequence[str], settings: Settings, until: float | None = None) -> int:
+def replay(files: Sequence[str], settings: Settings, until: float | None = None, jobs: int = 1) -> int:
     from .pipeline import Pipeline
     from .pipeline import replay as run_replay
     from .replay import ReadStats, read_files
+    from .replay_parallel import groups, replay_parallel
 
     for path in files:
         if not os.path.isfile(path):
             print(f"trainhealth replay: no such file: {path}", file=sys.stderr)
             return 2
-    stats = ReadStats()
-    pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
     out = sys.stdout
-    for alert in run_replay(read_files(files, stats), pipeline, until=until):
-        out.write(jsonout.dumps(alert) + "\n")
+    if jobs > 1 and len(groups(files)) > 1:
+        part = replay_parallel(files, settings, until, jobs)
+        stats = part.stats
+        for _, line in part.alerts:
+            out.write(line + "\n")
+    else:  # streamed: each alert printed as it happens
+        stats = ReadStats()
+        pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
+        for alert in run_replay(read_files(files, stats), pipeline, until=until):
+            out.write(jsonout.dumps(alert) + "\n")
     out.flush()
     msg = f"trainhealth replay: {stats.records} records, {stats.skipped} corrupt lines skipped"
     print(msg, file=sys.stderr)

@@ -44,6 +44,9 @@ class Outcome:
 
 
 _step_and_time = attrgetter("step", "time")
+# a run's detectors, their bound update methods, and the bound tick methods of those that have one
+_Bound = tuple[list[Detector[Any]], list[tuple[Detector[Any], Callable[[Record], list[Event]]]],
+               list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
 
 
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
@@ -84,6 +87,7 @@ class Pipeline:
         self.judge_after = -math.inf
         self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
         self._hold = -math.inf  # the judge_after that _heard belongs to
+        self._bound: dict[str, _Bound] = {}
         self.text = TextBudget(self.limits.max_text_bytes)  # OOM details and start configs, all runs together
 
     # -- configuration ------------------------------------------------------
@@ -126,22 +130,22 @@ class Pipeline:
         for i in order:
             rec = records[i]
             run = runs.get(rec.run)
-            if run is None or rec.rank not in run.ranks:
+            if run is None or (rank := run.ranks.get(rec.rank)) is None:
                 try:
                     run = self._admit(rec, wall, alerts)
                 except CapExceeded as exc:
                     refused.append((i, exc))
                     continue
-            if origin is not None:
-                state = run.ranks[rec.rank]
-                if state.pid != origin[1] or state.host != origin[0]:
-                    state.host, state.pid = origin
+                rank = run.ranks[rec.rank]
+            if origin is not None and (rank.pid != origin[1] or rank.host != origin[0]):
+                rank.host, rank.pid = origin
             if rec.step is None and rec.type == "end":  # a launcher's end: the rank's last known step
-                rec = msgspec.structs.replace(rec, step=max(0, run.ranks[rec.rank].last_step))
-            out = feed(run, rec, wall)
+                rec = msgspec.structs.replace(rec, step=max(0, rank.last_step))
+            out = feed(run, rank, rec, wall)
             if out:
                 alerts.extend(out)
-        refused.sort(key=lambda r: r[0])
+        if refused:
+            refused.sort(key=lambda r: r[0])
         return Outcome(alerts, refused)
 
     def _admit(self, rec: Record, wall: float, alerts: list[Alert]) -> RunState:
@@ -174,11 +178,25 @@ class Pipeline:
                                               f"for run {newcomer} (limits.max_runs)"))
         return True
 
-    def _feed(self, run: RunState, rec: Record, wall: float) -> list[Alert]:
+    def _bound_methods(self, run: str) -> _Bound:
+        """The run's detectors' bound ``update`` methods, and ``tick`` of those that have one (the base
+        class's does nothing), made once per run, not per record; made again when ``self.detectors`` holds
+        another list for the run (a checkpoint restore replaces it)."""
+        dets = self.detectors[run]
+        cached = self._bound.get(run)
+        if cached is not None and cached[0] is dets:
+            return cached
+        updates: list[tuple[Detector[Any], Callable[[Record], list[Event]]]] = [(det, det.update) for det in dets]
+        ticks: list[tuple[Detector[Any], Callable[[float], list[Event]]]] = [
+            (det, det.tick) for det in dets if type(det).tick is not Detector.tick]
+        made: _Bound = (dets, updates, ticks)
+        self._bound[run] = made
+        return made
+
+    def _feed(self, run: RunState, rank: RankState, rec: Record, wall: float) -> list[Alert]:
         run.records += 1
         run.last_wall = wall
         self.records_processed += 1
-        rank = run.ranks[rec.rank]
         rank.apply(rec)
         if rec.type == "start":
             run.add_start(rec)
@@ -187,14 +205,14 @@ class Pipeline:
         elif rec.type == "oom" and rec.detail and rank.last_oom is not None:
             self.text.hold(rank.last_oom)
         events: list[Event] = []
-        for det in self.detectors[run.run]:
+        for det, update in self._bound_methods(run.run)[1]:
             try:
-                out = det.update(rec)
+                out = update(rec)
             except Exception:  # one detector's bug must not fail the batch nor blind the others
                 out = self._detector_failed(det, rec.run, rec.rank, rec.step)
             if out:
                 self._own(det, out)
-                events.extend(out)
+                events += out
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
             run.clock_wall = wall
@@ -246,9 +264,9 @@ class Pipeline:
     def _tick_run(self, run: RunState, now: float) -> list[Event]:
         run.last_tick = now
         events: list[Event] = []
-        for det in self.detectors[run.run]:
+        for det, tick in self._bound_methods(run.run)[2]:
             try:
-                out = det.tick(now)
+                out = tick(now)
             except Exception:
                 out = self._detector_failed(det, run.run, None, None)
             if out:
@@ -317,6 +335,7 @@ class Pipeline:
         """Drop a run; its open alerts resolve."""
         run = self.runs.pop(name, None)
         self.detectors.pop(name, None)
+        self._bound.pop(name, None)
         if run is None:
             return []
         events = [resolved(a["alert"], a["rank"], max(0, run_last_step(run)), run.clock, why)

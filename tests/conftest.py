@@ -130,3 +130,13 @@ def start_sidecar(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def sidecar(start_sidecar) -> Sidecar:
     return start_sidecar()
+
+
+@pytest.fixture(scope="module")
+def module_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    """One sidecar (store attached) for a whole test module: for tests that need no fresh state (they use run
+    names of their own, or none). A start costs a second or more, under load several: most of a short test."""
+    tmp = tmp_path_factory.mktemp("module-sidecar")
+    sc = Sidecar(["--db", str(tmp / "trainhealth.db")], cwd=tmp)
+    yield sc
+    sc.stop()

@@ -6,7 +6,9 @@ different threads:
 - ``stage()`` on the training thread, inside ``record()``: a CUDA loss or grad norm is copied
   into pinned host memory with ``non_blocking=True`` and a CUDA event is recorded after the
   copy. Nothing waits for the GPU. (``loss.item()`` here would be a CPU-GPU sync point on
-  every step.) A CPU tensor is just read: that is not a device sync.
+  every step.) A CPU tensor is just read: that is not a device sync. The pinned buffer and the
+  event come from a pool (``Slots``): made once, given back when the background thread has read
+  the values, so a call costs the copies and one event record, not an allocation and a new event.
 - ``sample()`` on the background thread, every client cycle (about a second): the caching
   allocator's counters (host-side bookkeeping, no device sync), the peak since the previous
   cycle, and every few seconds NVML utilisation and temperature. Samples recorded after it
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from typing import Any, Callable, Iterator
 
 import torch
@@ -34,22 +37,67 @@ log = logging.getLogger("trainhealth.trainer.torch_helpers")
 DEFAULT_OOM_FLUSH_SECONDS = 2.0
 
 
+SLOT_VALUES = 8  # values one pooled slot holds (loss, grad norm, grad scale, ...); more get a slot of their own
+MAX_FREE_SLOTS = 64  # slots kept for reuse (one per record in flight; the client holds a few at a time)
+
+
+class Slot:
+    """A pinned host buffer, a view per element of it (each made once: indexing per copy costs a dispatch),
+    and the CUDA event recorded after the copies into it."""
+
+    __slots__ = ("buf", "views", "event")
+
+    def __init__(self, size: int, pinned: bool, cuda: Any) -> None:
+        self.buf = torch.empty(size, dtype=torch.float32, pin_memory=pinned)
+        self.views: list[torch.Tensor] = []  # made as first needed: a slot that is never reused makes few
+        self.event = cuda.Event()
+
+
+class Slots:
+    """Free slots, taken on the training thread and given back on the background thread once read (a deque:
+    append and pop are atomic). A slot is reused only after its values were read, so after its copies."""
+
+    def __init__(self, pinned: bool, cuda: Any) -> None:
+        self.pinned = pinned
+        self.cuda = cuda
+        self.free: deque[Slot] = deque()
+        self.made = 0  # slots ever made (tests, benchmarks)
+
+    def take(self, n: int) -> Slot:
+        if n <= SLOT_VALUES:
+            try:
+                return self.free.pop()
+            except IndexError:
+                pass
+        self.made += 1
+        return Slot(max(n, SLOT_VALUES), self.pinned, self.cuda)
+
+    def give(self, slot: Slot) -> None:
+        if len(slot.buf) == SLOT_VALUES and len(self.free) < MAX_FREE_SLOTS:
+            self.free.append(slot)
+
+
 class Staged:
     """Values on their way from the device to pinned host memory."""
 
-    __slots__ = ("names", "buf", "event")
+    __slots__ = ("names", "slot", "pool")
 
-    def __init__(self, names: list[str], buf: Any, event: Any) -> None:
+    def __init__(self, names: list[str], slot: Slot, pool: Slots | None = None) -> None:
         self.names = names
-        self.buf = buf
-        self.event = event
+        self.slot = slot
+        self.pool = pool
 
     def ready(self) -> bool:
-        return bool(self.event.query())  # cudaEventQuery: returns at once, never waits
+        return bool(self.slot.event.query())  # cudaEventQuery: returns at once, never waits
 
     def values(self) -> dict[str, float]:
-        # pinned host memory and the copy is done: no sync
-        return dict(zip(self.names, self.buf.tolist(), strict=True))
+        """The values (pinned host memory, the copy is done: no sync); the slot goes back to the pool,
+        so call this once."""
+        values = dict(zip(self.names, self.slot.buf.tolist()))  # (a slice first would cost a dispatch)
+        if self.pool is not None:
+            self.pool.give(self.slot)
+            self.pool = None
+        return values
 
 
 class TorchProbe:
@@ -73,6 +121,7 @@ class TorchProbe:
         self._nvml_fields: dict[str, float] = {}
         self._monotonic = monotonic
         self._warned: set[str] = set()
+        self.slots = Slots(self.on_gpu and not defer_all, self.cuda)
 
     # -- training thread -----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -99,22 +148,25 @@ class TorchProbe:
             if value.is_cpu and not self.defer_all:
                 now[name] = value.item()  # a CPU tensor: reading it does not touch a device
             else:
-                later[name] = value.detach()
+                later[name] = value.detach() if value.requires_grad else value
         if not later:
             return now, None
         if self.device is None and self.on_gpu:
             first = next(iter(later.values()))
             if first.device.type == "cuda":
                 self.device = first.device.index
-        pinned = self.on_gpu and not self.defer_all
-        # pinned blocks come from torch's caching host allocator, reused once their copies are done
-        buf = torch.empty(len(later), dtype=torch.float32, pin_memory=pinned)
-        for i, t in enumerate(later.values()):
-            # float() converts on the device; the copy into pinned memory is asynchronous: no sync.
-            buf[i].copy_(t.float().reshape(()), non_blocking=True)
-        event = self.cuda.Event()
-        event.record()  # on the current stream, after the copies
-        return now, Staged(list(later), buf, event)
+        slot = self.slots.take(len(later))
+        views = slot.views
+        while len(views) < len(later):
+            views.append(slot.buf[len(views)])
+        for view, t in zip(views, later.values()):
+            if t.dtype is not torch.float32:
+                t = t.float()  # converts on the device
+            if t.dim():
+                t = t.reshape(())
+            view.copy_(t, non_blocking=True)  # into pinned memory, asynchronous: no sync
+        slot.event.record()  # on the current stream, after the copies
+        return now, Staged(list(later), slot, self.slots)
 
     # -- background thread ---------------------------------------------------------------------------
     def sample(self) -> dict[str, Any]:

@@ -45,8 +45,8 @@ class IngestTimer:
             self.histogram.observe(self.clock() - start)
 
 
-def _render(snap: Any, health: CollectorRegistry) -> bytes:
-    return render(snap) + generate_latest(health)
+def _render(snap: Any, health: CollectorRegistry, collector: StateCollector) -> bytes:
+    return render(snap, collector.lines) + generate_latest(health)
 
 
 def state_collector(service: Service, settings: ExporterSettings | None = None,
@@ -71,7 +71,7 @@ def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
         @app.get("/metrics")
         async def metrics() -> Response:
             snap = collector.snapshot()  # on the event loop: copies only
-            body = await asyncio.to_thread(_render, snap, health)  # building + formatting: off the loop
+            body = await asyncio.to_thread(_render, snap, health, collector)  # building + formatting: off the loop
             return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
 
     return hook

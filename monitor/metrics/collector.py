@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 from ..detectors.validate import ConfigError
 from ..detectors.validate import build as _build
 from ..health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
-from .exposition import per_rank_text
+from .exposition import RankLines, per_rank_text
 from .snapshot import RankRow, Snapshot
 
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class StateCollector(Collector):
         self.latency = latency
         self.delivery_sources = delivery_sources
         self.settings = settings or ExporterSettings()
+        self.lines = RankLines()  # each rank's text from the previous scrape (render(snap, collector.lines))
 
     def describe(self) -> list[Metric]:
         return []  # nothing up front: registering then neither collects nor checks name clashes
@@ -183,7 +184,8 @@ class StateCollector(Collector):
                 continue
             budget -= cost
             rows = [RankRow(str(r.rank), r.last_step, r.last_time, r.ended, r.latest.copy(),
-                            r.loss_nonfinite_step) for r in run.ranks.values()]
+                            loss_nonfinite_step=r.loss_nonfinite_step, source=r, version=r.records)
+                    for r in run.ranks.values()]
             snap.runs.append((run.run, rows))
 
     def _read_deliveries(self, snap: Snapshot) -> None:
@@ -313,11 +315,13 @@ class _ServiceFamilies(Collector):
         return service_families(self.snap)
 
 
-def render(snap: Snapshot) -> bytes:
+def render(snap: Snapshot, cache: RankLines | None = None) -> bytes:
     """Text exposition of ``snap`` (pure; callable from any thread).
 
     The per-rank families (nearly every series) are written by exposition.py, first; prometheus-client
     writes the service-wide families. Same text as ``generate_latest`` over ``families(snap)``, and as
-    ``generate_latest`` of a registry holding only a StateCollector whose snapshot is ``snap``."""
+    ``generate_latest`` of a registry holding only a StateCollector whose snapshot is ``snap``.
+    ``cache`` (the collector's ``lines``): the ranks unchanged since the previous scrape are not formatted
+    again (exposition.RankLines)."""
     rest = generate_latest(_ServiceFamilies(snap))
-    return per_rank_text(snap.runs, PER_RANK_VALUES, PER_RANK_STATE_FAMILIES).encode() + rest
+    return per_rank_text(snap.runs, PER_RANK_VALUES, PER_RANK_STATE_FAMILIES, cache).encode() + rest

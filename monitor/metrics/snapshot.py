@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class RankRow:
-    """One rank's exported values; ``rank`` is already the label text."""
+    """One rank's exported values; ``rank`` is already the label text. ``source`` and ``version`` (the
+    RankState and its record count) let the text writer reuse the rank's lines from the previous scrape
+    while it took no record since (exposition.RankLines); None: never reused."""
 
     rank: str
     step: int
@@ -19,6 +21,8 @@ class RankRow:
     ended: bool
     latest: dict[str, float]
     loss_nonfinite_step: int | None = None
+    source: object = None
+    version: int = -1
 
 
 @dataclass(slots=True)

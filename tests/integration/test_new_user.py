@@ -99,7 +99,8 @@ def test_readme_walkthrough_gives_the_answers_it_shows(start_sidecar, tmp_path):
     assert out.stderr.splitlines()[0] == "trainhealth replay: 4 records, 0 corrupt lines skipped"
 
 
-def test_every_body_shape_the_readme_names_is_taken(sidecar):
+def test_every_body_shape_the_readme_names_is_taken(module_sidecar):
+    sidecar = module_sidecar
     one = {"run": "shapes", "rank": 0, "time": 1700000000.0, "step": 1, "loss": "nan"}
     pretty = json.dumps(one, indent=2).encode()
     assert post(sidecar, pretty).json() == {"accepted": 1, "rejected": 0, "alerts": 1}
@@ -112,7 +113,8 @@ def test_every_body_shape_the_readme_names_is_taken(sidecar):
     assert latest == {"loss": "-Infinity"}
 
 
-def test_mistakes_a_new_user_makes_get_answers_that_say_what_to_do(sidecar):
+def test_mistakes_a_new_user_makes_get_answers_that_say_what_to_do(module_sidecar):
+    sidecar = module_sidecar
     # urllib (like curl -d) sends form content-type unless told
     req = urllib.request.Request(sidecar.url + "/v1/ingest", data=b'{"run":"a","rank":0,"time":1,"step":1}')
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -152,7 +154,8 @@ def test_token_accepts_the_bearer_scheme_in_any_case(start_sidecar):
 @pytest.mark.parametrize("method,path", [
     ("DELETE", "/v1/silences/99999999999999999999999"), ("POST", "/v1/alerts/99999999999999999999999/ack"),
     ("GET", "/v1/alerts?cursor=99999999999999999999999"), ("DELETE", "/v1/silences/-1")])
-def test_ids_past_sqlite_integers_are_a_400_naming_the_parameter_not_a_500(sidecar, method, path):
+def test_ids_past_sqlite_integers_are_a_400_naming_the_parameter_not_a_500(module_sidecar, method, path):
+    sidecar = module_sidecar
     r = sidecar.client.request(method, path, content=b"{}")
     assert r.status_code == 400 and r.json()["error"].split(":")[0] in ("silence_id", "alert_id", "cursor")
     assert sidecar.client.get("/healthz").status_code == 200

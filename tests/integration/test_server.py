@@ -39,7 +39,8 @@ def test_nan_loss_becomes_a_firing_alert_with_rank_and_step(sidecar):
     assert sidecar.client.get("/v1/runs").json()["runs"][0]["run"] == "job"
 
 
-def test_partial_batch_accepts_good_records_and_names_each_bad_one(sidecar):
+def test_partial_batch_accepts_good_records_and_names_each_bad_one(module_sidecar):
+    sidecar = module_sidecar
     r = post(sidecar, [rec(1), rec(2, rank=-3), rec(3, loss="0.5"), {"run": "job", "rank": 0}, rec(4)])
     assert r.status_code == 200
     body = r.json()
@@ -47,7 +48,8 @@ def test_partial_batch_accepts_good_records_and_names_each_bad_one(sidecar):
     assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "rank"), (2, "loss"), (3, "time")]
 
 
-def test_all_bad_records_is_a_400_with_reasons(sidecar):
+def test_all_bad_records_is_a_400_with_reasons(module_sidecar):
+    sidecar = module_sidecar
     r = post(sidecar, [rec(1, rank="zero")])
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "rank"
 
@@ -59,7 +61,8 @@ def test_all_bad_records_is_a_400_with_reasons(sidecar):
     (b"\xff\xfe\x00garbage", {}, 400),
     (b"[" * 200000, {}, 400),
 ], ids=["truncated", "xml", "deflate", "binary", "deep-nesting"])
-def test_malformed_bodies_get_a_clear_4xx_and_the_server_keeps_serving(sidecar, payload, headers, status):
+def test_malformed_bodies_get_a_clear_4xx_and_the_server_keeps_serving(module_sidecar, payload, headers, status):
+    sidecar = module_sidecar
     r = post(sidecar, payload, **headers)
     assert r.status_code == status and r.json()["error"]
     assert sidecar.client.get("/healthz").json()["status"] == "ok"
@@ -147,12 +150,14 @@ def test_sighup_reloads_config(start_sidecar, tmp_path):
     assert sc.proc.poll() is None
 
 
-def test_unknown_run_is_404(sidecar):
+def test_unknown_run_is_404(module_sidecar):
+    sidecar = module_sidecar
     r = sidecar.client.get("/v1/runs/nope")
     assert r.status_code == 404 and "nope" in r.json()["error"]
 
 
-def test_alert_filters_validate(sidecar):
+def test_alert_filters_validate(module_sidecar):
+    sidecar = module_sidecar
     assert sidecar.client.get("/v1/alerts", params={"state": "open"}).status_code == 400
 
 
@@ -187,7 +192,8 @@ def test_replay_and_serve_give_identical_alerts(start_sidecar, tmp_path):
     assert (now["received_ranks"], now["first_rank"], now["state"]) == ([0], 1, "firing")
 
 
-def test_server_survives_a_flood_of_junk(sidecar):
+def test_server_survives_a_flood_of_junk(module_sidecar):
+    sidecar = module_sidecar
     junk = [b"", b"{}", b"[{}]", b"null", b"[null]", b'{"run":' + b"x" * 100000, b"[1,2,3]",
             json.dumps([{"run": "a", "rank": 0, "time": "yesterday", "step": 1}]).encode(),
             json.dumps([{"run": "a", "rank": 2**70, "time": 1, "step": 1}]).encode(),
@@ -210,7 +216,8 @@ def test_replay_missing_file_is_exit_2(tmp_path):
     assert out.returncode == 2 and "no such file" in out.stderr
 
 
-def test_httpx_client_is_not_needed_to_talk_to_it(sidecar):
+def test_httpx_client_is_not_needed_to_talk_to_it(module_sidecar):
+    sidecar = module_sidecar
     import urllib.request
 
     req = urllib.request.Request(sidecar.url + "/v1/ingest", data=json.dumps([rec(1)]).encode(),
@@ -220,7 +227,8 @@ def test_httpx_client_is_not_needed_to_talk_to_it(sidecar):
     assert httpx.get(sidecar.url + "/healthz").status_code == 200
 
 
-def test_record_from_the_far_future_is_refused_by_name_and_the_rest_accepted(sidecar):
+def test_record_from_the_far_future_is_refused_by_name_and_the_rest_accepted(module_sidecar):
+    sidecar = module_sidecar
     now = time.time()
     batch = [{"run": "clock", "rank": 0, "time": now, "step": 1},
              {"run": "clock", "rank": 0, "time": now + 10 * 86400, "step": 2, "loss": 1.0}]

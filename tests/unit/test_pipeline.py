@@ -139,3 +139,28 @@ def test_a_detector_bug_is_counted_and_logged_but_fails_neither_the_batch_nor_th
     assert p.runs["r"].ranks[0].last_step == 3 and p.records_processed == 4
     assert p.detector_errors == {"nan_divergence": 7}  # 4 updates and 3 ticks (record clock at 1001, 1002, 1010)
     assert "detector nan_divergence failed on run r rank 0 step 0 (1 times)" in caplog.text
+
+
+def test_detectors_put_in_place_of_a_runs_own_are_the_ones_fed():
+    """The pipeline binds a run's detectors' methods once; a restore that replaces the run's list (checkpoint.py)
+    must be fed from then on, the old ones no more."""
+    from trainhealth.detectors import Detector
+
+    seen: list[tuple[str, int]] = []
+
+    class Probe(Detector):
+        name = "nan_divergence"  # borrows a real detector's settings
+        label = "old"
+
+        def update(self, record):
+            seen.append((self.label, record.step))
+            return []
+
+    class NewProbe(Probe):
+        label = "new"
+
+    p = Pipeline(default_detector_settings(), detectors=[Probe])
+    p.process([sample(1, loss=1.0)])
+    p.detectors["r"] = [NewProbe(default_detector_settings()["nan_divergence"], p.runs["r"])]
+    p.process([sample(2, loss=1.0)])
+    assert seen == [("old", 1), ("new", 2)]

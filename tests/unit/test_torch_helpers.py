@@ -233,3 +233,22 @@ def test_oom_guard_ignores_other_errors():
         raise ValueError("not an OOM")
     tm.pump()
     assert sink.records == []
+
+
+def test_pinned_buffers_and_events_are_reused_once_read_never_while_in_flight():
+    probe, _, _ = gpu_probe()
+    _, first = probe.stage({"loss": torch.tensor(1.0), "grad_norm": torch.tensor([2.0], dtype=torch.float16)})
+    _, second = probe.stage({"loss": torch.tensor(3.0)})  # the first is still on its way: a slot of its own
+    assert first.slot is not second.slot and len(FakeEvent.instances) == 2
+    for event in FakeEvent.instances:
+        event.done = True
+    assert first.values() == {"loss": 1.0, "grad_norm": 2.0} and second.values() == {"loss": 3.0}
+    _, third = probe.stage({"loss": torch.tensor(5.0), "lr": torch.tensor(0.5, dtype=torch.float64)})
+    assert third.slot in (first.slot, second.slot) and len(FakeEvent.instances) == 2  # reused: no new event
+    assert third.values() == {"loss": 5.0, "lr": 0.5}  # the reused buffer holds the new values
+    assert probe.slots.made == 2
+    many = {f"m{i}": torch.tensor(float(i)) for i in range(12)}  # more than a pooled slot holds
+    _, big = probe.stage(many)
+    FakeEvent.instances[-1].done = True
+    assert big.values() == {f"m{i}": float(i) for i in range(12)}
+    assert len(probe.slots.free) == 2  # the big slot is not kept
