@@ -37,3 +37,59 @@ def diverging_run(ranks: int = 2, steps: int = 200, nan_step: int = 150, t0: flo
 def lines(records: list[dict[str, Any]]) -> str:
     """As the flight recorder writes them: Python's json, NaN as the bare token."""
     return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _start(run: str, rank: int, world: int, t0: float, **extra: Any) -> dict[str, Any]:
+    return {"type": "start", "run": run, "rank": rank, "time": t0 + 0.01 * rank, "world_size": world,
+            "batch_size": 8, "lr": 3e-4, "warmup_steps": 0, "optimizer": "adamw", "host": f"node-{rank // 2}",
+            **extra}
+
+
+def _sample(run: str, rank: int, t: float, step: int, **values: Any) -> dict[str, Any]:
+    loss = 2.5 * math.exp(-step / 60) + 0.4 + 0.02 * ((step * 7 + rank) % 5)
+    return {"run": run, "rank": rank, "time": t, "step": step, "loss": loss, "lr": 3e-4,
+            "grad_norm": 0.6 + 0.4 * math.exp(-step / 50) + 0.01 * ((step * 7 + rank) % 3),
+            "gpu_mem_peak_bytes": 30e9 + 1e6 * (step % 9),
+            "gpu_mem_total_bytes": 80e9, "host_mem_bytes": 6e9 + 1e6 * ((step * 3 + rank) % 7),
+            "step_time_seconds": 1.0, "batch_size": 8, "world_size": 2, **values}
+
+
+def healthy_run(steps: int = 240, t0: float = 1_790_000_000.0, run: str = "healthy") -> list[dict[str, Any]]:
+    """Two ranks that train well: the loss falls, memory holds; each sends its end at the last step."""
+    out = [_start(run, r, 2, t0) for r in range(2)]
+    out += [_sample(run, r, t0 + step + 0.01 * r, step) for step in range(1, steps + 1) for r in range(2)]
+    out += [{"type": "end", "run": run, "rank": r, "time": t0 + steps + 0.5, "step": steps, "status": "completed"}
+            for r in range(2)]
+    return out
+
+
+GLOO_RESET = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+              "[10.0.0.3]:29500 \u274c")  # gloo's message, with a glyph no font here has
+
+
+def crashing_run(steps: int = 240, crash_step: int = 150, t0: float = 1_790_000_000.0,
+                 run: str = "crash") -> list[dict[str, Any]]:
+    """Rank 1 dies of its own CUDA error at ``crash_step``; rank 0's all-reduce then fails (gloo's connection
+    reset): the root cause on rank 1, the consequence on rank 0 (which ends a second later)."""
+    out = [_start(run, r, 2, t0) for r in range(2)]
+    out += [_sample(run, r, t0 + step + 0.01 * r, step) for step in range(1, crash_step + 1) for r in range(2)]
+    t = t0 + crash_step + 0.6
+    out.append({"type": "end", "run": run, "rank": 1, "time": t, "step": crash_step, "status": "failed",
+                "error": {"type": "RuntimeError", "message": "CUDA error: an illegal memory access was encountered",
+                          "traceback": "  File \"train.py\", line 88, in step\n    loss.backward()"}})
+    out.append({"type": "end", "run": run, "rank": 0, "time": t + 1.0, "step": crash_step, "status": "failed",
+                "error": {"type": "DistBackendError", "message": GLOO_RESET,
+                          "traceback": "  File \"train.py\", line 91, in step\n    dist.all_reduce(g)"}})
+    return out
+
+
+def leaking_run(steps: int = 150, t0: float = 1_790_000_000.0, run: str = "leak") -> list[dict[str, Any]]:
+    """Rank 0's host memory grows 60 MB a step (a second) on a 24 GB machine: out of memory in minutes."""
+    out = [_start(run, r, 2, t0) for r in range(2)]
+    for step in range(1, steps + 1):
+        leaked = 60e6 * step
+        for r in range(2):
+            host = 3e9 + (leaked if r == 0 else 0) + 1e6 * ((step * 3 + r) % 7)
+            out.append(_sample(run, r, t0 + step + 0.01 * r, step, host_mem_bytes=host,
+                               host_mem_total_bytes=24e9, host_mem_available_bytes=24e9 - 9e9 - leaked))
+    return out

@@ -1,7 +1,7 @@
 """The chart data both pages draw: per-rank columns of charted values, and alert episodes.
 
 Shape (one run): ``{"series": [{"rank", "time": [...], "step": [...], "loss": [...], ...}],
-"gpu_total": {rank: bytes}, "alerts": [{"alert", "severity", "rank", "step", "time", "end", "summary"}],
+"gpu_total": {rank: bytes}, "alerts": [{"alert", "severity", "rank", "root_ranks", "step", "time", "end", "summary"}],
 "lr_expected": [[time, lr], ...]}``. A value is a number, ``None`` (not measured: skipped) or the string
 "NaN" / "Infinity" / "-Infinity" (the line breaks and a red mark shows it). ``dumps`` writes it as JSON
 that is safe inside a ``<script>`` element.
@@ -16,8 +16,9 @@ from typing import Any, Iterable, Mapping
 from .. import jsonout
 from ..history import columns
 from ..state import RunState
+from .glyphs import plain
 
-EPISODE_FIELDS = ("alert", "severity", "rank", "step", "time", "summary")
+EPISODE_FIELDS = ("alert", "severity", "rank", "root_ranks", "step", "time", "summary")
 
 
 def spell_nonfinite(col: list[Any]) -> list[Any]:
@@ -58,6 +59,9 @@ def episodes(transitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 ep["time"] = a.get("started_at", a["time"])
                 out.append(ep)
             ep["end"] = a["time"]
+    for ep in out:  # the charts' list shows summaries as text: the page's font has no pictographs
+        if isinstance(ep.get("summary"), str):
+            ep["summary"] = plain(ep["summary"])
     cleaned: list[dict[str, Any]] = jsonout.clean(out)
     return cleaned
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from .. import jsonout
 from .chart import dumps
+from .glyphs import plain
 
 MAX_RANK_ROWS = 256  # a 4,096-rank run lists its first ranks and says how many more
 RECENT_ALERTS = 20
@@ -28,7 +29,7 @@ def asset(name: str) -> str:
 
 
 def esc(value: Any) -> str:
-    return escape(str(value), quote=True)
+    return escape(plain(str(value)), quote=True)
 
 
 def dumps_pretty(obj: Any) -> str:

@@ -17,7 +17,7 @@ from ..config import Settings
 from ..pipeline import Pipeline, replay
 from ..record import Record, to_obj
 from ..replay import ReadStats, read_files
-from . import html
+from . import html, story
 from .chart import dumps, episodes, lr_expected, spell_nonfinite
 from .downsample import BUCKETS, VALUES, RankBuckets
 
@@ -67,6 +67,11 @@ class RunRecording:
             self.starts.append(to_obj(rec))
         elif kind == "end":
             self.ends[rec.rank] = to_obj(rec)
+
+    def rank_list(self) -> list[int]:
+        """Every rank the recording heard of: by its samples, its start or its end."""
+        started = {s["rank"] for s in self.starts if isinstance(s.get("rank"), int)}
+        return sorted(set(self.ranks) | set(self.ends) | started)
 
     # -- what the page shows ------------------------------------------------
     def chart(self) -> dict[str, Any]:
@@ -145,7 +150,8 @@ def run_section(i: int, run: RunRecording, findings: dict[str, Any]) -> str:
             f'<h2>Run {html.esc(run.name)}</h2>'
             f'<p class="muted">{html.fmt_time(run.first_time)} to {html.fmt_time(run.last_time)} '
             f'({_duration(run.last_time - run.first_time)}), {len(run.ranks)} ranks, {run.records} records</p>'
-            f'{html.findings_html(findings)}{ends_html(run)}'
+            f'{story.incident_html(run.alerts, run.ends, run.rank_list(), run.starts)}'
+            f'<h3>Evidence</h3>{html.findings_html(findings)}'
             f'<h3>Starts and configuration</h3>{starts_html(run)}'
             f'<h3>Alert timeline</h3>{html.alerts_table(fired, "No alerts: the detectors stayed quiet.")}'
             f'<h3>Memory</h3>{memory_html(run)}'
@@ -186,18 +192,6 @@ def starts_html(run: RunRecording) -> str:
             '<th class="num">world size</th><th class="num">batch/rank</th><th class="num">total batch</th>'
             '<th class="num">LR</th><th class="num">linear-scaling LR (LR / it)</th><th class="num">warmup</th>'
             f'<th>optimizer</th><th></th></tr>{"".join(rows)}</table>')
-
-
-def ends_html(run: RunRecording) -> str:
-    if not run.ends:
-        return ""
-    failed = {r: e for r, e in run.ends.items() if e.get("status") == "failed"}
-    text = f"{len(run.ends)} of {len(run.ranks) or len(run.ends)} ranks sent an end record"
-    if not failed:
-        return f'<p class="muted">{text}; none failed.</p>'
-    items = "".join(f'<li>rank {r}: {html.esc((e.get("error") or {}).get("type", ""))}: '
-                    f'{html.esc((e.get("error") or {}).get("message", ""))}</li>' for r, e in sorted(failed.items()))
-    return f'<p class="bad">{text}; {len(failed)} failed:</p><ul>{items}</ul>'
 
 
 def memory_html(run: RunRecording) -> str:
