@@ -93,3 +93,16 @@ def leaking_run(steps: int = 150, t0: float = 1_790_000_000.0, run: str = "leak"
             out.append(_sample(run, r, t0 + step + 0.01 * r, step, host_mem_bytes=host,
                                host_mem_total_bytes=24e9, host_mem_available_bytes=24e9 - 9e9 - leaked))
     return out
+
+
+def stopped_run(nan_step: int = 150, stop_after: int = 151) -> list[dict[str, Any]]:
+    """The diverging run of a job with ``stop_on = "nan_divergence"``: every rank leaves after step
+    ``stop_after`` and sends its end (status "completed") there."""
+    out = [r for r in diverging_run(steps=stop_after, nan_step=nan_step, run="stopped")]
+    for r in out:
+        if r.get("type") == "start":
+            r["config"] = {**r["config"], "stop_on": "nan_divergence", "steps": 300}
+    last = max(r["time"] for r in out)
+    out += [{"type": "end", "run": "stopped", "rank": k, "time": last + 0.2, "step": stop_after,
+             "status": "completed"} for k in range(2)]
+    return out

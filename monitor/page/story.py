@@ -127,7 +127,9 @@ def incident_html(alerts: Sequence[Mapping[str, Any]], ends: Mapping[int, Mappin
                       if len(same) > 1 else a)
     after = sum(1 for a in firing if a["time"] > incident["time"])
     sev = html.esc(incident.get("severity"))
-    return (f'<div class="incident sev-{sev}"><h3>What happened</h3>'
+    step = html.esc(incident.get("step")) if incident.get("step") is not None else ""
+    return (f'<div class="incident sev-{sev}" data-alert="{html.esc(incident["alert"])}" data-step="{step}">'
+            '<h3>What happened</h3>'
             f'<p class="what">{html.severity(incident.get("severity"))} <b>{html.esc(incident["alert"])}</b>: '
             f'{html.esc(incident.get("summary", ""))}</p>'
             f'<table class="facts"><tr><th>where</th><td>{where_html(incident, hosts)}</td></tr>'

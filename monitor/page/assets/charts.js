@@ -115,6 +115,37 @@
             t0: pts.length ? pts[0][0] : null, t1: pts.length ? pts[pts.length - 1][0] : null};
   }
 
+  /* The x scale. With a focus step (the failure came late: its last stretch would get a sliver of the
+     width), steps before it take the left FRAME of the plot and the rest the right part: the whole run
+     as context, the failure framed. Ticks: [value, spacing] per part. */
+  var FRAME = 0.55;
+  function xScale(s0, s1, focus) {
+    var w = W - L - R;
+    if (focus === null || focus <= s0 || focus >= s1) {
+      var all = linear(s0, s1, 6);
+      return {focus: null, X: function (st) { return L + (st - s0) / (s1 - s0) * w; },
+              step: function (x) { return s0 + (x - L) / w * (s1 - s0); },
+              ticks: all.ticks.filter(function (v) { return v >= s0 && v <= s1; }).map(function (v) { return [v, all.step]; })};
+    }
+    var mid = L + FRAME * w, a = linear(s0, focus, 3), b = linear(focus, s1, 3);
+    return {
+      focus: focus,
+      X: function (st) { return st <= focus ? L + (st - s0) / (focus - s0) * FRAME * w : mid + (st - focus) / (s1 - focus) * (1 - FRAME) * w; },
+      step: function (x) { return x <= mid ? s0 + (x - L) / (FRAME * w) * (focus - s0) : focus + (x - mid) / ((1 - FRAME) * w) * (s1 - focus); },
+      ticks: a.ticks.filter(function (v) { return v >= s0 && v < focus; }).map(function (v) { return [v, a.step]; })
+        .concat(b.ticks.filter(function (v) { return v >= focus && v <= s1; }).map(function (v) { return [v, b.step]; }))
+    };
+  }
+
+  /* The focus: when the first alert after the run's start (not a setting flagged at step 0) comes in the
+     last quarter of the steps, frame from a little before it. */
+  function focusStep(marked, tl) {
+    var span = tl.s1 - tl.s0, first = null;
+    marked.forEach(function (e) { if (first === null && e.step > tl.s0 + 0.05 * span) first = e; });
+    if (first === null || span < 40 || first.step < tl.s1 - 0.25 * span) return null;
+    return Math.max(tl.s0 + 1, Math.floor(first.step - Math.max(5, 0.1 * span)));
+  }
+
   /* The alerts as numbered entries, one per (alert, step): the ranks of one alert at one step together. */
   function entries(data, tl) {
     var byKey = {}, out = [];
@@ -189,7 +220,7 @@
     });
     if (!lines.length) return null;
     var s0 = tl.s0, s1 = tl.s1 > tl.s0 ? tl.s1 : tl.s0 + 1;
-    var X = function (step) { return L + (step - s0) / (s1 - s0) * (W - L - R); };
+    var xs = xScale(s0, s1, tl.focus), X = xs.X;
     var refs = [];  // dashed reference lines: [[step, y], ...]
     if (spec.capacity && data.gpu_total) {
       var caps = {};
@@ -225,7 +256,7 @@
 
     var svg = el("svg", {viewBox: "0 0 " + W + " " + H, "class": "chart", "data-key": spec.key, role: "img",
                          "aria-label": spec.title, "data-scale": log ? "log" : "linear",
-                         "data-steps": s0 + "-" + s1});
+                         "data-steps": s0 + "-" + s1, "data-focus": xs.focus === null ? "" : String(xs.focus)});
     var note = (log ? ", log scale" : "") + (spec.expected && refs.length ? ", dashed: its linear-scaling value" : "");
     el("text", {x: L, y: 12, "class": "title"}, svg).textContent = spec.title + (note ? " (" + note.slice(2) + ")" : "");
     var axes = el("g", {"class": "axes"}, svg);
@@ -234,12 +265,20 @@
       el("line", {x1: L, x2: W - R, y1: py, y2: py, "class": "grid"}, axes);
       el("text", {x: L - 4, y: py + 3, "class": "ylabel"}, axes).textContent = label(v);
     });
-    var xt = linear(s0, s1, 6);
-    xt.ticks.forEach(function (st) {
-      if (st < s0 || st > s1) return;
-      el("line", {x1: X(st), x2: X(st), y1: H - B, y2: H - B + 3, "class": "tick"}, axes);
-      el("text", {x: X(st), y: H - B + 13, "class": "xlabel", "text-anchor": "middle"}, axes).textContent = fmtTick(st, xt.step);
+    var placed = [];
+    xs.ticks.forEach(function (tk) {  // distinct values, at least 34 px apart
+      var px = X(tk[0]);
+      if (placed.some(function (p) { return p[0] === tk[0] || Math.abs(p[1] - px) < 34; })) return;
+      placed.push([tk[0], px]);
+      el("line", {x1: px, x2: px, y1: H - B, y2: H - B + 3, "class": "tick"}, axes);
+      el("text", {x: px, y: H - B + 13, "class": "xlabel", "text-anchor": "middle"}, axes).textContent = fmtTick(tk[0], tk[1]);
     });
+    if (xs.focus !== null) {  // where the scale changes: the steps after it get the right part of the width
+      var fx = X(xs.focus);
+      el("line", {x1: fx, x2: fx, y1: T, y2: H - B, "class": "focus"}, axes);
+      el("text", {x: fx + 3, y: H - B - 4, "class": "xlabel focus-label"}, axes).textContent =
+        "zoom: steps " + xs.focus + "-" + s1;
+    }
     el("text", {x: L - 4, y: H - B + 13, "class": "xlabel xname", "text-anchor": "end"}, axes).textContent = "step";
     if (tl.t0 !== null) {
       el("text", {x: W - R, y: H - 2, "class": "xlabel span", "text-anchor": "end"}, axes).textContent =
@@ -259,6 +298,7 @@
     });
     Object.keys(bands).forEach(function (name) {
       bands[name].forEach(function (b) {
+        if (X(b.end) - X(b.start) > 0.9 * (W - L - R)) return;  // open the whole time (a setting): no news
         el("rect", {x: X(b.start), y: T, width: Math.max(1, X(b.end) - X(b.start)), height: H - T - B,
                     "class": "band sev-" + b.severity, "data-alert": name}, svg);
       });
@@ -304,19 +344,20 @@
       el("rect", {x: b.left, y: y, width: b.w, height: ROW - 2, rx: 3, "class": "badge"}, g);
       el("text", {x: b.left + 3, y: y + ROW - 5, "class": "mlabel"}, g).textContent = b.text;
     });
-    hover(svg, lines, spec, tl, X, s0, s1);
+    hover(svg, lines, spec, tl, xs);
     return svg;
   }
 
   /* Hover: the step under the pointer, its time, and each rank's value (the first 4). */
-  function hover(svg, lines, spec, tl, X, s0, s1) {
+  function hover(svg, lines, spec, tl, xs) {
+    var X = xs.X;
     var g = el("g", {"class": "hover", visibility: "hidden"}, svg);
     var line = el("line", {y1: T, y2: H - B, "class": "cursor"}, g);
     var text = el("text", {x: W - R - 2, y: H - B - 5, "text-anchor": "end", "class": "hlabel"}, g);
     svg.addEventListener("mousemove", function (ev) {
       var m = svg.getScreenCTM();
       if (!m) return;
-      var x = (ev.clientX - m.e) / m.a, step = Math.round(s0 + (x - L) / (W - L - R) * (s1 - s0));
+      var x = (ev.clientX - m.e) / m.a, step = Math.round(xs.step(x));
       if (x < L || x > W - R) { g.setAttribute("visibility", "hidden"); return; }
       var parts = [];
       lines.slice(0, 4).forEach(function (s) {
@@ -379,6 +420,7 @@
       return 0;
     }
     var tl = timeline(data), marked = entries(data, tl);
+    tl.focus = focusStep(marked, tl);
     box.appendChild(legend(data));
     if (marked.length) box.appendChild(alertList(marked));
     var drawn = 0;
