@@ -144,6 +144,7 @@ def live_fragment(model: dict[str, Any]) -> str:
     if detail is not None:
         name = esc(detail["run"])
         parts += [f'<section class="card" id="run" data-run="{name}"><h2>Run {name}</h2>',
+                  model.get("incident", ""),
                   findings_html(detail.get("findings")),
                   '<h3>Firing</h3>', alerts_table(detail["firing"], "Nothing is firing.", with_state=False),
                   '<h3>Ranks</h3>', ranks_table(detail["rank_states"]),

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 from ..alerts import AlertBook
 from ..pipeline import Pipeline
 from ..status import run_view, runs_view
+from . import story
 from .chart import live_chart, live_rows
 
 RECENT_LIMIT = 200  # transitions read for the tables and the chart markers
@@ -39,7 +40,14 @@ def finish(model: dict[str, Any]) -> dict[str, Any]:
     """Chart data from the snapshot's copies: the window's samples and the alerts that touch it."""
     rows = model.pop("rows", None)
     gpu_total = model.pop("gpu_total", {})
-    if rows is None or model["detail"] is None:
+    detail = model["detail"]
+    if detail is not None:  # the incident card: the run's alert history and what is firing now
+        seen = {a.get("fingerprint") for a in model["recent"]}
+        told = [*model["recent"], *(a for a in detail["firing"] if a.get("fingerprint") not in seen)]
+        fired = [a for a in told if a["state"] == "firing"]
+        outcome = story.live_outcome_html(detail["rank_states"], detail["starts"], fired)
+        model["incident"] = story.incident_html(told, {}, [], detail["starts"], outcome, "so far")
+    if rows is None or detail is None:
         return model
     start = min((r[0] for r in rows.values()), default=None)  # time is each row's first column
     touching = [a for a in model["recent"] if start is None or a["time"] >= start or a["state"] == "resolved"]

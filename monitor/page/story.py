@@ -107,15 +107,42 @@ def stopped_by(starts: Sequence[Mapping[str, Any]], fired: Sequence[Mapping[str,
     return min(hits, key=lambda a: a["time"]) if hits else None
 
 
+def live_outcome_html(rank_states: Sequence[Mapping[str, Any]], starts: Sequence[Mapping[str, Any]],
+                      fired: Sequence[Mapping[str, Any]]) -> str:
+    """What the job did so far, from the sidecar's rank states: the ranks that ended (stopped by
+    ``stop_on`` when they all ended at one step and the run's config names an alert that fired), and
+    the ranks still running."""
+    ended = [r for r in rank_states if r.get("ended")]
+    running = [r for r in rank_states if not r.get("ended")]
+    parts = []
+    if ended:
+        steps = sorted({r["step"] for r in ended if isinstance(r.get("step"), int)})
+        who = "every rank" if not running else ranks_text([r["rank"] for r in ended])
+        stop = stopped_by(starts, fired, steps[0]) if len(steps) == 1 and not running else None
+        if stop is not None:
+            parts.append(f'<li>{who} stopped at step <b>{steps[0]}</b> by <code>stop_on</code>: '
+                         f'{html.esc(stop["alert"])} fired at step {html.fmt_num(stop.get("step"))}</li>')
+        else:
+            last = f" (last step {steps[-1]})" if steps else ""
+            parts.append(f"<li>{who} ended{last}</li>")
+    if running:
+        steps = [r["step"] for r in running if isinstance(r.get("step"), int)]
+        at = f" (at step {max(steps)})" if steps else ""
+        parts.append(f'<li>{html.esc(ranks_text([r["rank"] for r in running]))} running{at}</li>')
+    return f'<ul class="outcome">{"".join(parts)}</ul>'
+
+
 def incident_html(alerts: Sequence[Mapping[str, Any]], ends: Mapping[int, Mapping[str, Any]],
-                  ranks: Sequence[int], starts: Sequence[Mapping[str, Any]]) -> str:
+                  ranks: Sequence[int], starts: Sequence[Mapping[str, Any]], outcome: str | None = None,
+                  quiet: str = "over the whole recording") -> str:
+    """The card. ``outcome``: what the job did, when the caller tells it (the live page); else from ``ends``."""
     firing = sorted((a for a in alerts if a["state"] == "firing"), key=lambda a: a["time"])
     hosts = {s["rank"]: s["host"] for s in starts if isinstance(s.get("host"), str) and s.get("rank") is not None}
     incident = choose(firing)
     if incident is None:
-        return ('<div class="incident quiet-run"><h3>No incident</h3><p class="quiet">The detectors stayed quiet '
-                'over the whole recording.</p>'
-                f'<h4>What the job did</h4>{outcome_html(ends, ranks, starts, [], [])}</div>')
+        return (f'<div class="incident quiet-run"><h3>No incident</h3><p class="quiet">The detectors stayed quiet '
+                f'{html.esc(quiet)}.</p><h4>What the job did</h4>'
+                f'{outcome or outcome_html(ends, ranks, starts, [], [])}</div>')
     before = []
     seen: set[str] = set()
     for a in firing:  # one line per alert name: its first firing before the incident
@@ -134,7 +161,8 @@ def incident_html(alerts: Sequence[Mapping[str, Any]], ends: Mapping[int, Mappin
             f'{html.esc(incident.get("summary", ""))}</p>'
             f'<table class="facts"><tr><th>where</th><td>{where_html(incident, hosts)}</td></tr>'
             f'<tr><th>why</th><td>{why_html(incident, before)}</td></tr>'
-            f'<tr><th>what the job did</th><td>{outcome_html(ends, ranks, starts, firing, roots(incident))}</td></tr>'
+            f'<tr><th>what the job did</th>'
+            f'<td>{outcome or outcome_html(ends, ranks, starts, firing, roots(incident))}</td></tr>'
             '</table>'
             + (f'<p class="muted">{after} more alert{"s" if after != 1 else ""} after it: the timeline below.</p>'
                if after else "")
