@@ -27,7 +27,8 @@ def diverging_run(ranks: int = 2, steps: int = 200, nan_step: int = 150, t0: flo
             if step > nan_step or (step == nan_step and r == 1):
                 loss = math.nan
             out.append({"run": run, "rank": r, "time": t0 + 5 + step * step_seconds + 0.001 * r, "step": step,
-                        "loss": loss, "lr": 0.02, "grad_norm": 1.0 + 0.1 * (step % 3),
+                        "loss": loss, "lr": 0.02,
+                        "grad_norm": 1.0 + 0.3 * math.exp(-step / 60) + 0.01 * ((step * 7 + r) % 5),
                         "gpu_mem_peak_bytes": 6e9 + 1e6 * step, "gpu_mem_total_bytes": 8e9,
                         "host_mem_bytes": 3e9 + 2e5 * step, "step_time_seconds": step_seconds,
                         "batch_size": 2, "world_size": ranks})
