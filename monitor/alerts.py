@@ -4,7 +4,7 @@ One open alert per (run, rank, alert name): repeated ``firing`` events while it
 is open update it quietly (a ``refresh`` event also rewrites its summary, severity
 and fields in place: one incident whose picture sharpens, paged once); ``resolved``
 closes it; a later ``firing`` re-fires.
-A transition is the alert object of DESIGN.md (a plain dict, typed as ``Alert``),
+A transition is the alert object of docs/alerts.md (a plain dict, typed as ``Alert``),
 the same one replay prints, the API returns, the store keeps and webhooks post.
 """
 
@@ -17,7 +17,7 @@ from .events import Event, Severity, State
 
 
 class AlertFields(TypedDict):
-    """What every alert transition carries (DESIGN.md "Alerts"), set by ``AlertBook``."""
+    """What every alert transition carries (docs/alerts.md), set by ``AlertBook``."""
 
     alert: str  # the alert name: nan_divergence, rank_stalled, ...
     state: State  # "firing" | "resolved"

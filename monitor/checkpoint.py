@@ -1,7 +1,7 @@
 """Pipeline state that survives a restart or a kill -9: a snapshot plus a journal of what came after.
 
-Why this design (DESIGN.md: "restored after a restart or a kill -9 well enough that open alerts
-resolve as they would have and run-level findings are kept"):
+Why this design (the promise of docs/operations.md, "Restart and kill -9": after a kill -9 and a restart,
+every alert ends in the state it would have reached without the kill):
 
 * The pipeline is pure: its state is a function of what it was fed, the batches (with the
   wall time each arrived at) and the timer's ticks. So the journal records exactly that,

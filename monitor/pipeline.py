@@ -1,4 +1,4 @@
-"""The pipeline of DESIGN.md: records -> run state -> detectors -> alert transitions.
+"""The pipeline (docs/code-structure.md): records -> run state -> detectors -> alert transitions.
 
 The same object runs in the server and in ``trainhealth replay``. It is pure:
 time is the records' own ``time``; the server adds wall time only through

@@ -1,6 +1,6 @@
 """The record: the contract between client, server, replay and recorded runs.
 
-One msgspec Struct carries every field of DESIGN.md. Decoding is strict (no
+One msgspec Struct carries every field of docs/record.md. Decoding is strict (no
 string-to-number coercion); the only strings a number field accepts are the
 non-finite spellings Python's ``float()`` reads ("nan", "-Infinity", "+inf"),
 and those are turned into floats *before* validation by ``normalize``.

@@ -1,6 +1,6 @@
 """What a run's training processes hear back: its firing alerts, and a stop step every rank agrees on.
 
-The job hears its alerts (DESIGN.md): each ingest answer carries the view of the runs in its batch, and
+The job hears its alerts (docs/trainer.md): each ingest answer carries the view of the runs in its batch, and
 ``GET /v1/runs/{run}/watch`` (a long poll) answers the moment the run's view changes, so every client
 of the run learns of an alert within milliseconds of it firing, whichever rank caused it.
 

@@ -61,7 +61,7 @@ class Telemetry:
     measure on the background thread (default: host memory, and torch's when torch is imported).
     ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests.
 
-    ``stop_on``: alert names (DESIGN.md's table) that end the loop: ``should_stop(step)`` turns true on
+    ``stop_on``: alert names (docs/alerts.md) that end the loop: ``should_stop(step)`` turns true on
     every rank at the step the sidecar fixed when one of them first fired for this run. Empty by default.
     ``on_alert(alert)``: called once for each alert of this run that starts firing (on a client thread:
     keep it short; an exception in it is logged)."""

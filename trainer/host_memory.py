@@ -2,7 +2,7 @@
 
 PSS counts pages shared between a forked parent and its workers once; summed RSS
 counts them in every process and reads 2-2.5x too high for forked workers. PSS
-is expensive (22 ms for a process + 4 workers, MEASURED.md), so this is sampled
+is expensive (22 ms for a process + 4 workers, docs/measured.md), so this is sampled
 every few seconds and only ever from the client's background thread.
 
 The process's own memory limit goes out as ``host_mem_limit_bytes`` so the sidecar can

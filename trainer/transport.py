@@ -44,7 +44,7 @@ def encode_jsonl(records: list[dict[str, Any]]) -> bytes:
 
 class _Connection:
     """One keep-alive http.client connection to the sidecar (http.client is the cheapest client in the
-    training process, see MEASURED.md)."""
+    training process, see docs/measured.md)."""
 
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
         parts = urlsplit(url)

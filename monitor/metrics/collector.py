@@ -18,7 +18,7 @@ The collector depends only on what it is given (like prometheus-client's
 and optionally the ingest counters, the latency histogram and the objects that
 report webhook delivery stats. ``http/metrics.py`` wires a Service's parts in.
 
-Names are fixed by DESIGN.md; per-rank series carry ``run`` and ``rank`` labels.
+Names are fixed by docs/grafana.md and the dashboards; per-rank series carry ``run`` and ``rank`` labels.
 Label values are bounded: run names are validated on ingest and runs, ranks and
 exported series are capped.
 """

@@ -3,7 +3,7 @@
 stdlib ``sqlite3`` in WAL mode with ``synchronous=NORMAL``: a commit is a
 write() into the WAL, so a kill -9 of the sidecar loses nothing committed
 (only a power cut can lose the last transactions). Writes are batched: one
-transaction per ingest call at most (MEASURED.md: 0.4-0.8M rows/s batched).
+transaction per ingest call at most (docs/measured.md: 0.4-0.8M rows/s batched).
 
 One connection, used from one thread (the server's event loop); the store
 holds no policy: notify.py decides what is silenced and what goes out.

@@ -11,7 +11,7 @@ format; ``[[webhooks]]`` tables in the config file add filters and options::
     secret = "shared"                # adds X-Trainhealth-Signature: sha256=<hex HMAC of the body>
     send_resolved = true
 
-Formats: ``trainhealth`` posts one DESIGN.md alert object per transition (plus
+Formats: ``trainhealth`` posts one alert object (docs/alerts.md) per transition (plus
 its stored ``id``); ``alertmanager`` posts what Alertmanager posts to its
 webhook receivers (``version: "4"``, ``status``, ``alerts[]`` with labels,
 annotations, startsAt, endsAt), one notification per (run, alert, state) in a

@@ -1,4 +1,4 @@
-"""Property tests of the ingest path against an independent reading of DESIGN.md's record contract.
+"""Property tests of the ingest path against an independent reading of docs/record.md's record contract.
 
 Arbitrary JSON values and records (NaN, huge ints, unicode, nesting, wrong types per field), random bytes,
 truncated bodies, gzip of random data and NDJSON with blank lines / CRLF go through ``decode_body`` and
@@ -61,7 +61,7 @@ def record_type(obj: dict[str, Any]) -> Any:
 
 
 def expected_valid(obj: Any) -> bool:
-    """DESIGN.md: is this decoded JSON value a usable record?"""
+    """docs/record.md: is this decoded JSON value a usable record?"""
     if not isinstance(obj, dict):
         return False
     run, rank, time, kind = obj.get("run"), obj.get("rank"), obj.get("time"), record_type(obj)

@@ -1,4 +1,4 @@
-"""DESIGN.md's record contract, field by field, and the gaps a new user's client falls into."""
+"""docs/record.md's record contract, field by field, and the gaps a new user's client falls into."""
 
 from __future__ import annotations
 
