@@ -107,3 +107,8 @@ def stopped_run(nan_step: int = 150, stop_after: int = 151) -> list[dict[str, An
     out += [{"type": "end", "run": "stopped", "rank": k, "time": last + 0.2, "step": stop_after,
              "status": "completed"} for k in range(2)]
     return out
+
+
+def stalled_run() -> list[dict[str, Any]]:
+    """Rank 1 goes silent after step 150 while rank 0 reaches 200 (a hang: report it with ``--until``)."""
+    return [r for r in diverging_run(nan_step=10_000, run="hang") if not (r["rank"] == 1 and r.get("step", 0) > 150)]

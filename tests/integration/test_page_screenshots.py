@@ -20,14 +20,15 @@ from trainhealth.cli import main as cli
 
 from tests.browser import Browser
 from tests.conftest import need_binary
-from tests.page_traces import crashing_run, healthy_run, leaking_run, lines, stopped_run
+from tests.page_traces import crashing_run, healthy_run, leaking_run, lines, stalled_run, stopped_run
 
 pytestmark = pytest.mark.integration
 PLOT = (62, 640 - 12)  # the charts' plot area, x (charts.js: L and W - R)
 KINDS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "divergence": stopped_run, "crash": crashing_run, "leak": leaking_run, "healthy": healthy_run}
 INCIDENT = {"divergence": ("nan_divergence", 150), "crash": ("rank_failed", 150), "leak": ("host_memory_leak", 45),
-            "healthy": None}
+            "healthy": None, "hang": ("rank_stalled", 150)}
+REPORTED = {**KINDS, "hang": stalled_run}  # a hang is reported with --until: the time a silence takes
 
 READ = """(() => {
   const q = (root, s) => Array.from(root.querySelectorAll(s));
@@ -51,6 +52,14 @@ READ = """(() => {
                      text: inc.innerText} : null,
     text: document.body.innerText,
   };
+})()"""
+
+
+HOVER = """(() => {
+  const svg = document.querySelector('svg.chart[data-key=loss]'), m = svg.getScreenCTM();
+  svg.dispatchEvent(new MouseEvent('mousemove', {clientX: m.a * %s + m.e, clientY: m.f + 60 * m.d}));
+  const g = svg.querySelector('g.hover');
+  return g.getAttribute('visibility') === 'visible' && g.querySelector('text').textContent;
 })()"""
 
 
@@ -96,9 +105,9 @@ def check_charts(dom: dict[str, Any], incident: tuple[str, int] | None) -> None:
 
 def open_report(browser: Browser, tmp_path: Path, kind: str) -> dict[str, Any]:
     records = tmp_path / f"{kind}.jsonl"
-    records.write_text(lines(KINDS[kind]()))
+    records.write_text(lines(REPORTED[kind]()))
     out = tmp_path / f"report-{kind}.html"
-    assert cli(["report", str(records), "-o", str(out)]) == 0
+    assert cli(["report", str(records), "-o", str(out), *(["--until", "600"] if kind == "hang" else [])]) == 0
     browser.open(out.as_uri())
     dom: dict[str, Any] = browser.wait_for(f"(() => {{ const d = {READ}; return d.charts.length ? d : null; }})()")
     assert browser.errors() == [], browser.errors()
@@ -106,7 +115,7 @@ def open_report(browser: Browser, tmp_path: Path, kind: str) -> dict[str, Any]:
     return dom
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(REPORTED))
 def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str) -> None:
     dom = open_report(browser, tmp_path, kind)
     check_charts(dom, INCIDENT[kind])
@@ -124,10 +133,15 @@ def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str) -
         assert "every rank stopped at step 151 by stop_on: nan_divergence fired at step 150" in incident["text"]
         assert "lr_scaling (run, step 0)" in incident["text"]  # the cause, named under why
         assert [li.split(" ")[0] for li in dom["legend"]] == ["lr_scaling", "loss_spike", "nan_divergence"]
+        # hovering the incident's marker tells its step and time
+        x = {m["alert"]: m["x"][0] for m in charts["loss"]["markers"]}["nan_divergence"]
+        assert browser.eval(HOVER % x) == "step 150, 14:14:40 UTC: r0 6.8e+5  r1 NaN"
     elif kind == "crash":
         did = incident["text"].split("what the job did")[1]
         assert did.index("rank 1 failed at step 150: RuntimeError") < did.index("rank 0 then failed")
         assert "\u274c" not in text and "29500 [x]" in text  # gloo's pictograph, as a word
+    elif kind == "hang":  # marked at the step where rank 1 stopped, not where the silence was noticed
+        assert "where\trank 1, host " in incident["text"] and "step 150," in incident["text"]
     elif kind == "leak":
         assert "where\trank 0, host node-0, step 45" in incident["text"]
         assert "ranks 0, 1 sent no end record" in incident["text"]
