@@ -36,7 +36,15 @@ def roots(alert: Mapping[str, Any]) -> list[int]:
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+    """"rank 3", "ranks 0, 2", "ranks 0-63, 70": consecutive ranks as a range."""
+    spans: list[list[int]] = []
+    for r in sorted(set(ranks)):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}" for a, b in spans)
+    return ("rank " if len(ranks) == 1 else "ranks ") + text
 
 
 def where_html(alert: Mapping[str, Any], hosts: Mapping[int, str]) -> str:

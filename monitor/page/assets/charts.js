@@ -64,6 +64,11 @@
     }
     return v.toFixed(digits);
   }
+  function fmtStep(v, step) {  // 25k, 1.5M: a step count reads better than 2.5e+4
+    if (Math.abs(v) >= 1e6 && step >= 1e4) return fmtTick(v / 1e6, step / 1e6) + "M";
+    if (Math.abs(v) >= 1e4 && step >= 10) return fmtTick(v / 1e3, step / 1e3) + "k";
+    return fmtTick(v, step);
+  }
   function logTicks(ylo, yhi) {  // ylo, yhi: log10 of the range
     var out = [], d;
     for (d = Math.ceil(ylo); d <= Math.floor(yhi); d++) out.push(Math.pow(10, d));
@@ -271,7 +276,7 @@
       if (placed.some(function (p) { return p[0] === tk[0] || Math.abs(p[1] - px) < 34; })) return;
       placed.push([tk[0], px]);
       el("line", {x1: px, x2: px, y1: H - B, y2: H - B + 3, "class": "tick"}, axes);
-      el("text", {x: px, y: H - B + 13, "class": "xlabel", "text-anchor": "middle"}, axes).textContent = fmtTick(tk[0], tk[1]);
+      el("text", {x: px, y: H - B + 13, "class": "xlabel", "text-anchor": "middle"}, axes).textContent = fmtStep(tk[0], tk[1]);
     });
     if (xs.focus !== null) {  // where the scale changes: the steps after it get the right part of the width
       var fx = X(xs.focus);
