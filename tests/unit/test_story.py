@@ -59,3 +59,9 @@ def test_a_quiet_run_says_so_and_what_its_ranks_did() -> None:
     live = story.live_outcome_html([{"rank": 0, "ended": True, "step": 300}, {"rank": 1, "ended": False, "step": 12}],
                                    [], [])
     assert live == '<ul class="outcome"><li>rank 0 ended (last step 300)</li><li>rank 1 running (at step 12)</li></ul>'
+
+
+def test_ranks_read_as_ranges() -> None:
+    assert story.ranks_text(list(range(64))) == "ranks 0-63"
+    assert story.ranks_text([8, 0, 1, 2, 5, 6]) == "ranks 0-2, 5, 6, 8"
+    assert story.ranks_text([3]) == "rank 3"
