@@ -308,11 +308,6 @@
                     "class": "band sev-" + b.severity, "data-alert": name}, svg);
       });
     });
-    refs.forEach(function (pts) {
-      var dd = "";
-      pts.forEach(function (p) { if (finite(p[1])) dd += (dd ? "L" : "M") + X(p[0]).toFixed(1) + " " + Y(p[1]).toFixed(1); });
-      if (dd) el("path", {d: dd, "class": "ref"}, svg);
-    });
     lines.forEach(function (s, k) {
       var ys = s[spec.key], d = "", pen = false, n = 0;
       for (var i = 0; i < ys.length; i++) {
@@ -324,6 +319,12 @@
       var p = el("path", {d: d, stroke: COLORS[k % COLORS.length], "class": "line", "data-rank": s.rank,
                           "data-points": n}, svg);
       el("title", {}, p).textContent = "rank " + s.rank;
+    });
+    // the dashed references over the lines: a rank exactly at its expected LR still shows the dash
+    refs.forEach(function (pts) {
+      var dd = "";
+      pts.forEach(function (p) { if (finite(p[1])) dd += (dd ? "L" : "M") + X(p[0]).toFixed(1) + " " + Y(p[1]).toFixed(1); });
+      if (dd) el("path", {d: dd, "class": "ref"}, svg);
     });
     var seen = {};
     marks.forEach(function (m) {
