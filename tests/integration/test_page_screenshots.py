@@ -160,5 +160,14 @@ def test_live_page_shows_each_kind_of_run_at_a_glance(start_sidecar, browser: Br
         browser.open(f"{sidecar.url}/?run={run}")
         dom = browser.wait_for(f"(() => {{ const d = {READ}; return d.charts.length ? d : null; }})()")
         check_charts(dom, INCIDENT[kind])
+        incident = dom["incident"]
+        if INCIDENT[kind] is None:
+            assert incident["text"].startswith("No incident") and "every rank ended (last step 240)" in incident["text"]
+        else:  # the same card as the report's, what the job did told from the sidecar's rank states
+            assert (incident["alert"], incident["step"]) == INCIDENT[kind]
+        if kind == "divergence":
+            assert "every rank stopped at step 151 by stop_on: nan_divergence fired at step 150" in incident["text"]
+        if kind == "leak":
+            assert "ranks 0, 1 running (at step 150)" in incident["text"]
         assert browser.errors() == [], browser.errors()
         shoot(browser, tmp_path / f"page-{kind}.png")
