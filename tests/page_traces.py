@@ -85,14 +85,16 @@ def crashing_run(steps: int = 240, crash_step: int = 150, t0: float = 1_790_000_
 
 
 def leaking_run(steps: int = 150, t0: float = 1_790_000_000.0, run: str = "leak") -> list[dict[str, Any]]:
-    """Rank 0's host memory grows 60 MB a step (a second) on a 24 GB machine: out of memory in minutes."""
+    """Rank 0's host memory grows 60 MB a step (a second) on a 24 GB machine, under a 16 GB limit (the job's
+    cgroup): out of memory in minutes."""
     out = [_start(run, r, 2, t0) for r in range(2)]
     for step in range(1, steps + 1):
         leaked = 60e6 * step
         for r in range(2):
             host = 3e9 + (leaked if r == 0 else 0) + 1e6 * ((step * 3 + r) % 7)
             out.append(_sample(run, r, t0 + step + 0.01 * r, step, host_mem_bytes=host,
-                               host_mem_total_bytes=24e9, host_mem_available_bytes=24e9 - 9e9 - leaked))
+                               host_mem_total_bytes=24e9, host_mem_available_bytes=24e9 - 9e9 - leaked,
+                               host_mem_limit_bytes=16e9))
     return out
 
 

@@ -37,6 +37,7 @@ class RunRecording:
         self.ends: dict[int, dict[str, Any]] = {}
         self.ranks: dict[int, RankBuckets] = {}
         self.gpu_total: dict[int, float] = {}
+        self.host_limit: dict[int, float] = {}
         self.first_host: dict[int, tuple[float, float]] = {}  # rank -> (time, bytes) of its first host sample
         self.last_host: dict[int, tuple[float, float]] = {}
         self.gpu_peak: dict[int, float] = {}
@@ -57,6 +58,8 @@ class RunRecording:
             peak = rec.gpu_mem_peak_bytes
             if peak is not None and math.isfinite(peak) and peak > self.gpu_peak.get(rec.rank, -1.0):
                 self.gpu_peak[rec.rank] = peak
+            if rec.host_mem_limit_bytes is not None and math.isfinite(rec.host_mem_limit_bytes):
+                self.host_limit[rec.rank] = rec.host_mem_limit_bytes
             host = rec.host_mem_bytes
             if host is not None and math.isfinite(host):
                 self.first_host.setdefault(rec.rank, (rec.time, host))
@@ -85,6 +88,7 @@ class RunRecording:
                 cols[name] = spell_nonfinite([_short(r[2][k]) for r in rows])
             series.append(cols)
         return {"run": self.name, "series": series, "gpu_total": {str(r): v for r, v in self.gpu_total.items()},
+                "host_limit": {str(r): v for r, v in self.host_limit.items()},
                 "alerts": episodes(self.alerts), "lr_expected": self.lr_expected()}
 
     def lr_expected(self) -> list[list[float]]:

@@ -143,6 +143,9 @@ def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str) -
     elif kind == "hang":  # marked at the step where rank 1 stopped, not where the silence was noticed
         assert "where\trank 1, host " in incident["text"] and "step 150," in incident["text"]
     elif kind == "leak":
+        charts = {c["key"]: c for c in dom["charts"]}
+        assert len(charts["host_mem_bytes"]["ref"]) == 1  # the 16 GB limit, dashed
+        assert charts["host_mem_bytes"]["ylabels"][-1] == "15 GiB"  # the axis reaches it
         assert "where\trank 0, host node-0, step 45" in incident["text"]
         assert "ranks 0, 1 sent no end record" in incident["text"]
     else:
@@ -169,5 +172,6 @@ def test_live_page_shows_each_kind_of_run_at_a_glance(start_sidecar, browser: Br
             assert "every rank stopped at step 151 by stop_on: nan_divergence fired at step 150" in incident["text"]
         if kind == "leak":
             assert "ranks 0, 1 running (at step 150)" in incident["text"]
+            assert [len(c["ref"]) for c in dom["charts"] if c["key"] == "host_mem_bytes"] == [1]  # the limit
         assert browser.errors() == [], browser.errors()
         shoot(browser, tmp_path / f"page-{kind}.png")

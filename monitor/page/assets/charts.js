@@ -6,7 +6,7 @@
    (drawn as a red x on the top edge: a NaN loss is the news, never a gap).
    The x axis is the training step (hover for the time): a failure after hours of healthy steps still gets
    its share of the width. Loss, gradient norm and LR go to a log scale when they span a decade or more;
-   memory starts at zero (GPU: up to its capacity). Alerts are numbered in step order: a badge on every
+   memory starts at zero, with the GPU's capacity and the rank's host memory limit (where it sends one) dashed. Alerts are numbered in step order: a badge on every
    chart (stacked in rows, merged into "3-5" where they would touch, so badges never overlap) and the
    numbered list above the charts says what each one is. */
 (function (global) {
@@ -19,8 +19,8 @@
     {key: "loss", title: "Loss per rank", logish: true},
     {key: "lr", title: "Learning rate per rank", logish: true, expected: true, zero: true},
     {key: "grad_norm", title: "Gradient norm per rank", logish: true},
-    {key: "gpu_mem_peak_bytes", title: "GPU memory peak per rank (dashed: capacity)", bytes: true, capacity: true},
-    {key: "host_mem_bytes", title: "Host memory per rank", bytes: true}
+    {key: "gpu_mem_peak_bytes", title: "GPU memory peak per rank", bytes: true, limits: "gpu_total", dashed: "capacity"},
+    {key: "host_mem_bytes", title: "Host memory per rank", bytes: true, limits: "host_limit", dashed: "its limit"}
   ];
 
   function el(name, attrs, parent) {
@@ -227,9 +227,10 @@
     var s0 = tl.s0, s1 = tl.s1 > tl.s0 ? tl.s1 : tl.s0 + 1;
     var xs = xScale(s0, s1, tl.focus), X = xs.X;
     var refs = [];  // dashed reference lines: [[step, y], ...]
-    if (spec.capacity && data.gpu_total) {
+    var limits = spec.limits && data[spec.limits];  // GPU capacity, the host memory limit: a dashed line each
+    if (limits) {
       var caps = {};
-      for (var r in data.gpu_total) if (finite(data.gpu_total[r])) caps[data.gpu_total[r]] = true;
+      for (var r in limits) if (finite(limits[r])) caps[limits[r]] = true;
       Object.keys(caps).forEach(function (c) { refs.push([[s0, +c], [s1, +c]]); });
     }
     if (spec.expected && data.lr_expected && data.lr_expected.length) {
@@ -262,7 +263,8 @@
     var svg = el("svg", {viewBox: "0 0 " + W + " " + H, "class": "chart", "data-key": spec.key, role: "img",
                          "aria-label": spec.title, "data-scale": log ? "log" : "linear",
                          "data-steps": s0 + "-" + s1, "data-focus": xs.focus === null ? "" : String(xs.focus)});
-    var note = (log ? ", log scale" : "") + (spec.expected && refs.length ? ", dashed: its linear-scaling value" : "");
+    var note = (log ? ", log scale" : "") + (spec.expected && refs.length ? ", dashed: its linear-scaling value" : "") +
+      (spec.dashed && refs.length ? ", dashed: " + spec.dashed : "");
     el("text", {x: L, y: 12, "class": "title"}, svg).textContent = spec.title + (note ? " (" + note.slice(2) + ")" : "");
     var axes = el("g", {"class": "axes"}, svg);
     tickVals.forEach(function (v) {
