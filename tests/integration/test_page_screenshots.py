@@ -10,6 +10,7 @@ line drawn, memory axes from zero, the incident told before the evidence.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from trainhealth.cli import main as cli
+from trainhealth.page.html import asset
 
 from tests.browser import Browser
 from tests.conftest import need_binary
@@ -175,3 +177,34 @@ def test_live_page_shows_each_kind_of_run_at_a_glance(start_sidecar, browser: Br
             assert [len(c["ref"]) for c in dom["charts"] if c["key"] == "host_mem_bytes"] == [1]  # the limit
         assert browser.errors() == [], browser.errors()
         shoot(browser, tmp_path / f"page-{kind}.png")
+
+
+def test_crowded_alerts_keep_their_badges_apart_and_timed_ones_land_on_their_step(browser: Browser,
+                                                                                   tmp_path: Path) -> None:
+    """charts.js alone, on alerts no detector here makes: 16 within a few steps (names it never heard of),
+    and one with a time but no step (placed at the step reached by then)."""
+    t0, steps = 1_790_000_000.0, list(range(1, 301))
+    series = [{"rank": r, "time": [t0 + s for s in steps], "step": steps, "loss": [2.0 / s ** 0.5 for s in steps],
+               "lr": [1e-3] * 300, "grad_norm": [1.0] * 300, "gpu_mem_peak_bytes": [None] * 300,
+               "host_mem_bytes": [4e9] * 300} for r in range(2)]
+    alerts = [{"alert": f"gpu_fault_{k}", "severity": "critical" if k % 3 else "warning", "rank": k % 2,
+               "root_ranks": None, "step": 270 + k // 2, "time": t0 + 270 + k // 2, "end": None,
+               "summary": f"fault {k}"} for k in range(16)]
+    alerts.append({"alert": "rank_failed", "severity": "critical", "rank": None, "root_ranks": [1], "step": None,
+                   "time": t0 + 120.5, "end": None, "summary": "rank 1 failed"})
+    data = {"series": series, "gpu_total": {}, "host_limit": {}, "alerts": alerts, "lr_expected": []}
+    page = tmp_path / "crowded.html"
+    page.write_text(f"<!doctype html><meta charset=utf-8><style>{asset('page.css')}</style><div class=charts id=c>"
+                    f"</div><script>{asset('charts.js')}</script><script>TH.drawCharts(document.getElementById('c'),"
+                    f"{json.dumps(data)})</script>")
+    browser.open(page.as_uri())
+    dom = browser.wait_for(f"(() => {{ const d = {READ}; return d.charts.length ? d : null; }})()")
+    assert browser.errors() == [], browser.errors()
+    shoot(browser, tmp_path / "crowded.png")
+    for c in dom["charts"]:
+        assert overlapping(c["badges"]) == [] and c["overflow"] == 0, c["key"]
+        shown = sorted(int(n) for m in c["markers"] for part in m["n"].split(",")
+                       for n in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))
+        assert shown == list(range(1, 18)), (c["key"], [m["n"] for m in c["markers"]])  # every alert, once
+    assert [li.split(" ")[:2] for li in dom["legend"]][0] == ["rank_failed", "run"]  # step 120: the first
+    assert "step 120," in dom["legend"][0]

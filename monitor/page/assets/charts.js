@@ -176,6 +176,17 @@
     return "run" + (e.roots.length ? " (root rank" + (e.roots.length > 1 ? "s " : " ") + e.roots.join(", ") + ")" : "");
   }
 
+  function numbers(ns) {  // [2, 3, 4, 7] -> "2-4,7": what a merged badge stands for, and only that
+    var out = [], i = 0;
+    while (i < ns.length) {
+      var j = i;
+      while (j + 1 < ns.length && ns[j + 1] === ns[j] + 1) j++;
+      out.push(j > i ? ns[i] + "-" + ns[j] : String(ns[i]));
+      i = j + 1;
+    }
+    return out.join(",");
+  }
+
   /* Badges in rows, left to right: each takes the first row where it fits (with its name if there is room,
      else its number), else it joins the last badge of the bottom row ("3-5"). Never two overlap. */
   function layout(list, X0, x0, x1) {
@@ -194,14 +205,14 @@
       for (var k = 0; k < tries.length && !done; k++) {
         var w = tries[k].length * CHAR + 6, left = Math.max(x0, Math.min(x - 6, x1 - w)), r = place(left, w);
         if (r >= 0) {
-          var b = {left: left, w: w, row: r, text: tries[k], first: e, last: e, x: [x], all: [e]};
+          var b = {left: left, w: w, row: r, text: tries[k], first: e, x: [x], all: [e]};
           rows[r].push(b); out.push(b); done = true;
         }
       }
       if (!done) {  // join the bottom row's last badge: it is the rightmost there, so growing right is safe
         var row = rows[rows.length - 1], m = row[row.length - 1];
-        m.last = e; m.all.push(e); m.x.push(x);
-        m.text = m.first.n + "-" + e.n;
+        m.all.push(e); m.x.push(x);
+        m.text = numbers(m.all.map(function (a) { return a.n; }));
         m.w = Math.max(m.w, m.text.length * CHAR + 6);
       }
     });
@@ -343,7 +354,7 @@
     var shown = marked.filter(function (e) { return e.step >= s0 - near && e.step <= s1; });
     layout(shown, X, L, W - R).forEach(function (b) {
       var g = el("g", {"class": "marker sev-" + b.first.severity, "data-alert": b.first.alert,
-                       "data-n": b.first.n + (b.last !== b.first ? "-" + b.last.n : "")}, svg);
+                       "data-n": numbers(b.all.map(function (a) { return a.n; }))}, svg);
       el("title", {}, g).textContent = b.all.map(function (e) {
         return e.n + ". " + e.alert + " (" + where(e) + ") at step " + e.step + ": " + e.summary;
       }).join("\n");
