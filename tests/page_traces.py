@@ -64,8 +64,10 @@ def healthy_run(steps: int = 240, t0: float = 1_790_000_000.0, run: str = "healt
     return out
 
 
-GLOO_RESET = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
-              "[10.0.0.3]:29500 \u274c")  # gloo's message, with a glyph no font here has
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+              "[10.0.0.3]:29500: Connection reset by peer. This is typically caused by a remote worker hanging or "
+              "bugs in the application. Check the logs of the remote worker before reporting an error. "
+              "GLHF! \U0001f3d6\ufe0f")  # torch 2.13's gloo, word for word: its beach is in no font here
 
 
 def crashing_run(steps: int = 240, crash_step: int = 150, t0: float = 1_790_000_000.0,

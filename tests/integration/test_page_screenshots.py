@@ -141,7 +141,7 @@ def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str) -
     elif kind == "crash":
         did = incident["text"].split("what the job did")[1]
         assert did.index("rank 1 failed at step 150: RuntimeError") < did.index("rank 0 then failed")
-        assert "\u274c" not in text and "29500 [x]" in text  # gloo's pictograph, as a word
+        assert "\U0001f3d6" not in text and "reporting an error. GLHF!\n" in text  # gloo's beach, dropped
     elif kind == "hang":  # marked at the step where rank 1 stopped, not where the silence was noticed
         assert "where\trank 1, host " in incident["text"] and "step 150," in incident["text"]
     elif kind == "leak":

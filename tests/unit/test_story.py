@@ -48,6 +48,7 @@ def test_the_failed_root_comes_before_the_rank_that_failed_because_of_it_and_sil
     did = card.split("what the job did")[1]
     assert did.index("rank 2 failed at step 9: <code>RuntimeError: CUDA") < did.index("rank 0 then failed at step 9")
     assert "\u274c" not in card and esc(gloo) == "Connection closed by peer [x]"
+    assert esc("GLHF! \U0001f3d6\ufe0f") == "GLHF!" and esc("a \u26a0\ufe0f b") == "a [!] b"
     assert "rank 1 sent no end record" in did
 
 
