@@ -200,7 +200,7 @@ def test_crowded_alerts_keep_their_badges_apart_and_timed_ones_land_on_their_ste
     browser.open(page.as_uri())
     dom = browser.wait_for(f"(() => {{ const d = {READ}; return d.charts.length ? d : null; }})()")
     assert browser.errors() == [], browser.errors()
-    shoot(browser, tmp_path / "crowded.png")
+    browser.screenshot(tmp_path / "crowded.png")
     for c in dom["charts"]:
         assert overlapping(c["badges"]) == [] and c["overflow"] == 0, c["key"]
         shown = sorted(int(n) for m in c["markers"] for part in m["n"].split(",")
