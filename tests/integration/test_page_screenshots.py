@@ -106,10 +106,10 @@ def check_charts(dom: dict[str, Any], incident: tuple[str, int] | None) -> None:
 
 
 def open_report(browser: Browser, tmp_path: Path, kind: str) -> dict[str, Any]:
-    records = tmp_path / f"{kind}.jsonl"
-    records.write_text(lines(REPORTED[kind]()))
+    """The report of ``kind``'s records, written as a user would from the folder that holds them."""
+    (tmp_path / f"{kind}.jsonl").write_text(lines(REPORTED[kind]()))
     out = tmp_path / f"report-{kind}.html"
-    assert cli(["report", str(records), "-o", str(out), *(["--until", "600"] if kind == "hang" else [])]) == 0
+    assert cli(["report", f"{kind}.jsonl", "-o", str(out), *(["--until", "600"] if kind == "hang" else [])]) == 0
     browser.open(out.as_uri())
     dom: dict[str, Any] = browser.wait_for(f"(() => {{ const d = {READ}; return d.charts.length ? d : null; }})()")
     assert browser.errors() == [], browser.errors()
@@ -118,7 +118,9 @@ def open_report(browser: Browser, tmp_path: Path, kind: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("kind", list(REPORTED))
-def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str) -> None:
+def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     dom = open_report(browser, tmp_path, kind)
     check_charts(dom, INCIDENT[kind])
     text, incident = dom["text"], dom["incident"]
