@@ -1,11 +1,12 @@
 """The four kinds of run as a person sees them: a divergence (stopped by stop_on), a crash, a host memory
-leak and a healthy run, on the live page and in the report, in one headless Chromium for the module.
+leak and a healthy run, on the live page and in the report (and a hang, reported), in one headless
+Chromium for the module.
 
-Each page is screenshotted (under the test's temporary folder; set TRAINHEALTH_SCREENSHOTS=DIR to keep
-them, as docs/screenshots/ was made) and its rendered DOM is read for what a reader relies on: the
-incident's step inside every chart's x range with its marker drawn in the plot, no two marker badges
-overlapping and each badge's text inside it, tick labels never repeated, the LR chart's linear-scaling
-line drawn, memory axes from zero, the incident told before the evidence.
+Each page is screenshotted under the test's temporary folder (TRAINHEALTH_SCREENSHOTS=docs/screenshots
+copies them there: the docs' ones were made so) and its rendered DOM is read for what a reader relies
+on: the incident's step inside every chart's x range with its marker drawn in the plot, no two marker
+badges overlapping and each badge's text inside it, tick labels never repeated, the LR chart's
+linear-scaling line drawn, memory axes from zero, the incident told before the evidence.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from trainhealth.cli import main as cli
 from trainhealth.page.html import asset
 
 from tests.browser import Browser
-from tests.conftest import need_binary
+from tests.conftest import ROOT, need_binary
 from tests.page_traces import crashing_run, healthy_run, leaking_run, lines, stalled_run, stopped_run
 
 pytestmark = pytest.mark.integration
@@ -75,9 +76,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
 def shoot(browser: Browser, path: Path) -> None:
     browser.screenshot(path)
     keep = os.environ.get("TRAINHEALTH_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(keep) / path.name)
+    if keep:  # a relative DIR is the repository's (the report tests run in their own folder)
+        folder = ROOT / keep
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
 
 
 def overlapping(boxes: list[list[float]]) -> list[tuple[list[float], list[float]]]:
