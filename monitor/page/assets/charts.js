@@ -171,18 +171,19 @@
     out.forEach(function (e, i) { e.n = i + 1; });
     return out;
   }
-  function where(e) {
-    if (e.ranks.length) return (e.ranks.length > 1 ? "ranks " : "rank ") + e.ranks.join(", ");
-    return "run" + (e.roots.length ? " (root rank" + (e.roots.length > 1 ? "s " : " ") + e.roots.join(", ") + ")" : "");
+  function where(e) {  // "rank 3", "ranks 0-63", "run (root rank 1)"
+    var sorted = function (xs) { return xs.slice().sort(function (a, b) { return a - b; }); };
+    if (e.ranks.length) return (e.ranks.length > 1 ? "ranks " : "rank ") + numbers(sorted(e.ranks)).replace(/,/g, ", ");
+    return "run" + (e.roots.length ? " (root rank" + (e.roots.length > 1 ? "s " : " ") +
+                    numbers(sorted(e.roots)).replace(/,/g, ", ") + ")" : "");
   }
 
-  function numbers(ns) {  // [2, 3, 4, 7] -> "2-4,7": what a merged badge stands for, and only that
+  function numbers(ns) {  // [2, 3, 4, 7, 8] -> "2-4,7,8": what a merged badge stands for, and only that
     var out = [], i = 0;
     while (i < ns.length) {
       var j = i;
       while (j + 1 < ns.length && ns[j + 1] === ns[j] + 1) j++;
-      out.push(j > i ? ns[i] + "-" + ns[j] : String(ns[i]));
-      i = j + 1;
+      if (j - i >= 2) { out.push(ns[i] + "-" + ns[j]); i = j + 1; } else { out.push(String(ns[i])); i++; }
     }
     return out.join(",");
   }
