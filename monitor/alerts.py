@@ -81,6 +81,16 @@ class AlertBook:
         self.open: dict[Key, Alert] = {}
         self.history: deque[Alert] = deque(maxlen=history)
         self.refreshed: dict[str, Alert] = {}  # fingerprint -> open alert rewritten in place, not yet saved
+        self.closed: set[Key] = set()  # alerts closed by ``close`` whose detector may still think them open
+
+    def close(self, run: str, events: Iterable[Event]) -> list[Alert]:
+        """Resolve open alerts from outside their detector (the pipeline: the run ended, a reload disabled
+        the detector). The detector still thinks them open: its refreshes are dropped until it fires anew."""
+        events = list(events)
+        self.closed.update((run, ev.rank, ev.alert) for ev in events)
+        if len(self.closed) > 100_000:  # bounded: forgetting only lets a late refresh open the alert again
+            self.closed.clear()
+        return self.apply(run, events)
 
     def take_refreshed(self) -> list[Alert]:
         """The open alerts rewritten in place since the last call (for the sinks that store them)."""
@@ -103,12 +113,14 @@ class AlertBook:
                         extra(current).update((k, v) for k, v in ev.data.items() if k not in RESERVED)
                         self.refreshed[current["fingerprint"]] = current
                     continue
+                if ev.refresh and key in self.closed:  # closed from outside its detector (the run ended, a
+                    continue  # reload disabled it): a refresh of that incident does not open it again
+                self.closed.discard(key)
                 alert = self._make(run, ev, ev.time)
                 self.open[key] = alert
                 out.append(alert)
             elif current is not None:
-                del self.open[key]
-                self.refreshed.pop(current["fingerprint"], None)
+                del self.open[key]  # a refresh not yet taken stays: the sinks store the firing's final picture
                 alert = self._make(run, ev, current["time"])
                 alert["severity"] = current["severity"]
                 if current["rank"] is None:  # a run-level incident: its resolve still names its root

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
+from .detectors.incident import ranks_phrase
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
@@ -74,6 +75,7 @@ class Pipeline:
         self.restored_runs: dict[str, float] = {}  # run -> wall time last seen, for alerts restored at start
         self.records_processed = 0
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
+        self.owners: dict[str, str] = {}  # alert name -> the detector that raised it (for a reload's disable)
         # server only: wall time before which no tick judges (the sidecar catching up after its own pause
         # or a restart, see pauses.py); records are still taken
         self.judge_after = -math.inf
@@ -81,12 +83,30 @@ class Pipeline:
         self._hold = -math.inf  # the judge_after that _heard belongs to
 
     # -- configuration ------------------------------------------------------
-    def reconfigure(self, detector_settings: dict[str, Any]) -> None:
-        """New thresholds, same state."""
+    def reconfigure(self, detector_settings: dict[str, Any]) -> list[Alert]:
+        """New thresholds, same state. A detector the new settings disable has its open alerts resolved,
+        whichever detector it is (returned: the transitions to dispatch)."""
+        was = self.detector_settings
         self.detector_settings = detector_settings
         for dets in self.detectors.values():
             for det in dets:
                 det.settings = detector_settings[det.name]
+        disabled = {name for name, s in detector_settings.items()
+                    if not getattr(s, "enabled", True) and getattr(was.get(name), "enabled", True)}
+        if not disabled:
+            return []
+        alerts: list[Alert] = []
+        for name in list(self.runs) + [r for r in self.restored_runs if r not in self.runs]:
+            run = self.runs.get(name)
+            step = run_last_step(run) if run is not None else None
+            events = [resolved(a["alert"], a["rank"], max(0, a["step"] if step is None else step),
+                               run.clock if run is not None else a["time"],
+                               f"detector {owner} disabled by a config reload", resolved_by="detector_disabled")
+                      for a in self.book.firing(name)
+                      if (owner := self.owners.get(a["alert"], a["alert"])) in disabled]
+            if events:
+                alerts.extend(self.book.close(name, events))
+        return alerts
 
     # -- records ------------------------------------------------------------
     def process(self, records: Sequence[Record], wall: float = 0.0) -> Outcome:
@@ -156,6 +176,7 @@ class Pipeline:
             except Exception:  # one detector's bug must not fail the batch nor blind the others
                 out = self._detector_failed(det, rec.run, rec.rank, rec.step)
             if out:
+                self._own(det, out)
                 events.extend(out)
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
@@ -164,7 +185,36 @@ class Pipeline:
             self._heard_during_hold().setdefault(run.run, set()).add(rec.rank)
         elif run.clock - run.last_tick >= self.tick_seconds:
             events.extend(self._tick_run(run, run.clock))
-        return self.book.apply(run.run, events) if events else []
+        alerts = self.book.apply(run.run, events) if events else []
+        if (rec.type == "end" or alerts) and run.ended:  # every rank has ended: nothing of the run stays open
+            alerts.extend(self._close_ended(run))
+        return alerts
+
+    def _own(self, det: Detector[Any], events: list[Event]) -> None:
+        owners = self.owners
+        for ev in events:
+            if ev.alert not in owners:
+                owners[ev.alert] = det.name
+
+    def _close_ended(self, run: RunState) -> list[Alert]:
+        """Every rank of the run sent ``end``: its open alerts resolve, saying how the run ended
+        ("run ended completed at step 3043", "run failed at step 812 (rank 3 ended failed)")."""
+        if not self.book.firing(run.run):
+            return []
+        # the detectors' pictures still waiting for a tick (more ranks failed, more went NaN) first
+        alerts = self.book.apply(run.run, self._tick_run(run, run.clock))
+        open_alerts = self.book.firing(run.run)
+        step = max(0, run_last_step(run))
+        failed = sorted(q for q, r in run.ranks.items() if r.end_status == "failed")
+        if failed:
+            why = f"run failed at step {step} ({ranks_phrase(failed)} ended failed)"
+        elif all(r.end_status == "completed" for r in run.ranks.values()):
+            why = f"run ended completed at step {step}"
+        else:
+            why = f"run ended at step {step}"
+        events = [resolved(a["alert"], a["rank"], step, run.clock, why,
+                           resolved_by="run_failed" if failed else "run_ended") for a in open_alerts]
+        return alerts + self.book.close(run.run, events)
 
     def findings(self, name: str) -> dict[str, Any]:
         """The run's detector facts by detector name (only detectors with something to say)."""
@@ -185,6 +235,7 @@ class Pipeline:
             except Exception:
                 out = self._detector_failed(det, run.run, None, None)
             if out:
+                self._own(det, out)
                 events.extend(out)
         return events
 
@@ -228,6 +279,8 @@ class Pipeline:
                 events = self._tick_run(run, now)
                 if events:
                     alerts.extend(self.book.apply(run.run, events))
+                    if run.ended:
+                        alerts.extend(self._close_ended(run))
         return alerts
 
     def _heard_during_hold(self) -> dict[str, set[int]]:

@@ -210,17 +210,22 @@ class Service:
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
         refreshed = self.book.take_refreshed() if self.book.refreshed else []
+        if refreshed and alerts:  # an alert fired in this batch already goes out with its sharpened text
+            sent = {id(a) for a in alerts}
+            refreshed = [a for a in refreshed if id(a) not in sent]
         if not alerts and not refreshed:  # refreshed: open alerts rewritten in place (one incident sharpening)
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
         self.watch.on_alerts(alerts)
+        if refreshed:
+            self.watch.on_refreshed(refreshed)
         for sink in self.sinks:
             try:
+                refresh = getattr(sink, "refresh", None)  # sinks that keep alert bodies (the store), the console
+                if refreshed and refresh is not None:  # first: an alert refreshed and then resolved in this
+                    refresh(refreshed)  # batch shows its final picture before its resolve
                 if alerts:
                     sink(alerts)
-                refresh = getattr(sink, "refresh", None)  # sinks that keep alert bodies (the store)
-                if refreshed and refresh is not None:
-                    refresh(refreshed)
             except Exception:  # an optional sink must never break ingest
                 log.exception("alert sink %r failed", sink)
 
@@ -257,12 +262,13 @@ class Service:
         except ConfigError as exc:
             log.error("config reload refused, keeping the running settings: %s", exc)
             return {"reloaded": False, "error": str(exc)}
-        self.pipeline.reconfigure(new.detectors)
+        closed = self.pipeline.reconfigure(new.detectors)  # a detector disabled: its open alerts resolve
         for reloader in self.reloaders:
             reloader(new)
         self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
         self.settings.alertmanager, self.settings.raw = new.alertmanager, new.raw
         self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
+        self.dispatch(closed)
         log.info("config reloaded")
         return {"reloaded": True}
 

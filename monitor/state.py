@@ -30,6 +30,8 @@ class RankState:
     host: str | None = None
     pid: int | None = None
     ended: bool = False
+    end_status: str | None = None  # its latest ``end`` record's status ("completed", "failed"), if any
+    end_step: int | None = None  # and that record's step
     last_oom: dict[str, Any] | None = None
     phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
     phase_time: float | None = None  # when that phase began
@@ -75,6 +77,8 @@ class RankState:
             self.ended = False
         elif kind == "end":
             self.ended = True
+            self.end_status = rec.status
+            self.end_step = rec.step
         elif kind == "oom":
             self.last_oom = {
                 "step": rec.step,
@@ -100,6 +104,7 @@ class RunState:
     last_wall: float = 0.0  # wall time of the newest arrival (server only; for expiry)
     last_tick: float = 0.0
     records: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)  # what detectors of the run share (divergence_story.py)
 
     @property
     def first_start(self) -> Record | None:

@@ -175,6 +175,22 @@ class Watch:
         for name, run in touched.items():
             self._bump(name, run)
 
+    def on_refreshed(self, alerts: Iterable[Alert]) -> None:
+        """Open alerts refreshed in place: a stop's root and severity follow the incident's sharpened picture
+        (the client's ``stop_reason`` says what the page and the API say); the stop step never moves."""
+        touched: dict[str, _Run] = {}
+        for alert in alerts:
+            run = self.runs.get(alert["run"])
+            stop = run.stops.get(alert["alert"]) if run is not None else None
+            if run is None or stop is None:
+                continue
+            root, severity = _root(alert), alert["severity"]
+            if (stop["rank"], stop["severity"]) != (root, severity):
+                stop["rank"], stop["severity"] = root, severity
+                touched[alert["run"]] = run
+        for name, run in touched.items():
+            self._bump(name, run)
+
     def _move(self, name: str, run: _Run) -> None:
         """A rank went past a stop: nobody stopped there; every stop passed moves ahead of the run."""
         ahead = run.top_step + self.lead.steps(run.period)

@@ -250,6 +250,12 @@ class RankStalled(Detector[RankStalledSettings]):
         self.signature = signature
         at = now if self.open else min(f[1] for f in stalled.values())
         summary, step, data = describe(self, stalled, at)
+        was = self.picture.get("root_ranks") if self.open else None
+        reason = self.picture.get("reason")
+        if was and not set(was) & set(data["root_ranks"]) and all(stalled.get(q, ("",))[0] != reason for q in was):
+            # the root came back (a SIGSTOP'ed rank continued): the others still wait behind the step it
+            # holds up, and are no new root; the picture that named it stands until they advance
+            return []
         self.picture = {"summary": summary, "step": step, **data}
         event = firing(self.name, None, step, at, summary, "critical", **data)
         event.refresh = self.open

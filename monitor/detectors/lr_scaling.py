@@ -57,6 +57,7 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .divergence_story import story_of
 from .lr_warmup import WarmupFinding, WarmupWatch
 from .steps import step_of as _step_of
 from .validate import flag, whole
@@ -77,6 +78,11 @@ class LrScalingSettings:
     advisory_optimizers: tuple[str, ...] = ("lars", "lamb")
     check_warmup: bool = True  # compare the declared warmup_steps with the sampled LR
     late_factor: float = 2.0  # "still below its peak" is judged from step late_factor x warmup_steps
+    # the scaling rule: "auto" = square root for these optimizers (substring match on the start's optimizer,
+    # case-insensitive: Adam-family, Malladi et al. 2022), linear for the rest (SGD: Goyal et al.);
+    # "linear" or "sqrt" forces one rule for every optimizer
+    rule: str = "auto"
+    sqrt_optimizers: tuple[str, ...] = ("adam", "rmsprop", "adagrad", "adafactor")
 
     def __post_init__(self) -> None:
         name = "lr_scaling"
@@ -90,11 +96,22 @@ class LrScalingSettings:
             raise ValueError(f"{name}.critical_factor: must be >= factor ({self.factor:g}), "
                              f"got {self.critical_factor!r}")
         whole(self, name, "large_batch", minimum=1)
-        names = self.advisory_optimizers
-        if isinstance(names, list):
-            names = self.advisory_optimizers = tuple(names)  # TOML arrays arrive as lists
-        if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"{name}.advisory_optimizers: must be a list of names, got {names!r}")
+        for key in ("advisory_optimizers", "sqrt_optimizers"):
+            names = getattr(self, key)
+            if isinstance(names, list):
+                names = tuple(names)  # TOML arrays arrive as lists
+                setattr(self, key, names)
+            if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"{name}.{key}: must be a list of names, got {names!r}")
+        if self.rule not in ("auto", "linear", "sqrt"):
+            raise ValueError(f"{name}.rule: must be \"auto\", \"linear\" or \"sqrt\", got {self.rule!r}")
+
+    def sqrt_rule(self, optimizer: str | None) -> bool:
+        """Whether the square-root rule applies to this optimizer (else the linear one)."""
+        if self.rule != "auto":
+            return self.rule == "sqrt"
+        opt = (optimizer or "").lower()
+        return bool(opt) and any(n.lower() in opt for n in self.sqrt_optimizers)
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,6 +139,7 @@ class LrScaling(Detector[LrScalingSettings]):
         self.watch: WarmupWatch | None = None
         self.history: list[tuple[int, float]] = []  # (total batch, LR) of earlier usable starts
         self.max_lr = 0.0  # highest sample LR since the latest start
+        self.entry_ranks: set[int] = set()  # ranks whose start carried the latest (total batch, LR)
 
     # -- records --------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
@@ -167,18 +185,27 @@ class LrScaling(Detector[LrScalingSettings]):
         if self.reference is None and total > 0:
             self.reference = (rec.lr, total, "first start")
         ok = total > 0 and ref_batch > 0 and ref_lr > 0 and math.isfinite(ref_lr)
-        expected = ref_lr * total / ref_batch if ok else None
+        sqrt = self.settings.sqrt_rule(rec.optimizer)
+        expected = ref_lr * (math.sqrt(total / ref_batch) if sqrt else total / ref_batch) if ok else None
         if not _usable(expected):  # over- or underflow of absurd values: nothing to compare with
             expected = None
         earlier = self.history
-        # the LR "rose" at this start: against the previous start, or (first start) the reference
+        # the LR "rose" at this start: against the previous start, or (first start) the reference. Every rank
+        # of a restart sends its start: another rank's start with the same numbers is the same restart, and
+        # keeps what the first one said (else the second start would undo it: a resolve and a second page)
         base_lr = earlier[-1][1] if earlier else ref_lr
+        same = (self.current is not None and bool(earlier) and earlier[-1] == (total, rec.lr)
+                and rec.rank not in self.entry_ranks)
+        rose = rec.lr >= self.settings.factor * base_lr
+        lr_rose = self.current["lr_rose"] if same and self.current is not None else rose
+        self.entry_ranks = self.entry_ranks | {rec.rank} if same else {rec.rank}
         grown_from = min((b for b, lr in earlier if b < total and rec.lr <= lr * SAME_LR), default=None)
         self.current = dict(expected_lr=expected, total_batch=total, reference_lr=ref_lr,
                             reference_batch_size=ref_batch, reference=where,
                             warmup_steps=rec.warmup_steps, optimizer=rec.optimizer,
-                            start_rank=rec.rank, lr_rose=rec.lr >= self.settings.factor * base_lr,
-                            grown_from=grown_from)
+                            start_rank=rec.rank, lr_rose=lr_rose,
+                            grown_from=grown_from, rule="sqrt" if sqrt else "linear",
+                            batches=sorted({ref_batch, total, *(b for b, _ in earlier)}))
         if total > 0 and (not earlier or earlier[-1] != (total, rec.lr)):
             earlier.append((total, rec.lr))
             if len(earlier) > MAX_HISTORY:
@@ -224,9 +251,16 @@ class LrScaling(Detector[LrScalingSettings]):
         elif mismatch:
             assert ratio is not None and expected is not None
             how = f"{_times(ratio)}x" if ratio >= 1 else f"{_times(1 / ratio)}x below"
-            batch = _batch_for(lr, ref_lr, ref_batch)
-            parts.append(f"{what} is {how} the linear-scaling value {expected:g} for total "
-                         f"batch {total} ({ref_text}); set lr={expected:g}"
+            sqrt = cur["rule"] == "sqrt"
+            batch = _batch_for(lr, ref_lr, ref_batch, sqrt)
+            known = cur["batches"]
+            if batch is not None and not known[0] <= batch <= known[-1]:
+                batch = None  # a batch this run never had is no advice (a 166,667x LR would ask for 5 million)
+            rule = "square-root-scaling" if sqrt else "linear-scaling"
+            parts.append(f"{what} is {how} the {rule} value {expected:g} for total "
+                         f"batch {total} ({ref_text}"
+                         + (f"; {cur['optimizer']}: LR x sqrt(batch ratio), Malladi et al. 2022" if sqrt else "")
+                         + f"); set lr={expected:g}"
                          + (f" or a total batch of {batch}" if batch is not None else ""))
         scale_up = lr / ref_lr if ref_lr > 0 else 1.0
         warm = cur["warmup_steps"]
@@ -253,7 +287,7 @@ class LrScaling(Detector[LrScalingSettings]):
         problems = ((["lr_mismatch"] if mismatch else []) + (["batch_growth_decay"] if decay else [])
                     + (["no_warmup"] if no_warmup else []))
         data = dict(cur, lr=lr, ratio=ratio, problems=problems)
-        del data["lr_rose"], data["grown_from"]
+        del data["lr_rose"], data["grown_from"], data["batches"]
         if decay:
             data["grown_from_batch"] = grown
         key = (round(lr, 12), expected, total, tuple(problems), severity)
@@ -293,6 +327,13 @@ class LrScaling(Detector[LrScalingSettings]):
             out.append(firing(self.name, None, step, rec.time, finding.summary, finding.severity,
                               **finding.data))
         self.open = finding
+        story = story_of(self.run)
+        story.lr_alert = finding is not None
+        too_high = finding is not None and "lr_mismatch" in finding.data.get("problems", ()) and (
+            finding.data.get("ratio") or 0) > 1
+        story.lr_finding = (finding.summary, finding.severity, finding.data) if too_high and finding else None
+        if old is not None and story.holder == self.name:  # the rise it held is told anew by the spike detectors
+            story.reset_spikes()
         return out
 
     def _now(self) -> str:
@@ -302,9 +343,10 @@ class LrScaling(Detector[LrScalingSettings]):
         return f"total batch {cur['total_batch']}, expected LR {cur['expected_lr']:g}"
 
 
-def _batch_for(lr: float, ref_lr: float, ref_batch: int) -> int | None:
+def _batch_for(lr: float, ref_lr: float, ref_batch: int, sqrt: bool) -> int | None:
     """The total batch for which ``lr`` would be right (None when no job could have it)."""
-    batch = ref_batch * lr / ref_lr
+    r = lr / ref_lr
+    batch = ref_batch * (r * r if sqrt else r)  # a product overflows to inf where ** would raise
     return max(1, round(batch)) if batch < 2**63 else None
 
 

@@ -49,6 +49,7 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .divergence_story import story_of
 from .incident import ranks_phrase
 from .steps import step_of as _step_of
 from .validate import flag, whole
@@ -132,12 +133,17 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         self.grad_at: dict[int, float] = {}  # step -> the first finite grad norm reported for it
         self.votes = 0  # > 0: equal norms seen; < 0: different ones
         self.compared = 0
+        self.story = story_of(run)  # what came before the NaN (an LR change, a rise): its timeline
+        self.timeline: list[str] = []  # told with the alert: the cause, the rise, frozen when it first fired
 
     def update(self, record: Record) -> list[Event]:
         if record.type == "start":
+            self.story.note_start()
             return self._restart(record)
         if record.type != "sample" or not self.settings.enabled:
             return []
+        if record.lr is not None:
+            self.story.note_lr(record.lr, record.step)
         rank = self.ranks.get(record.rank)
         if rank is None:
             rank = self.ranks[record.rank] = _Rank()
@@ -230,7 +236,24 @@ class NanDivergence(Detector[NanDivergenceSettings]):
             # one picture per second, not one per rank (a new root is told at once, below)
             self.dirty = True
             return []
-        return [self._event(record.time)]
+        out = [] if self.open else self._fold_spikes(step, record.time)
+        return out + [self._event(record.time)]
+
+    def _fold_spikes(self, step: int, time: float) -> list[Event]:
+        """The first NaN of the run: the rise before it (an open spike incident) and its cause (an LR change)
+        become this alert's timeline, and the spike incident folds into it (resolved: one incident)."""
+        story = self.story
+        rise = story.rise()
+        cause = story.cause(before=min((p.onset_step for p in story.parts.values()), default=step))
+        self.timeline = [t for t in (cause, rise) if t]
+        holder = story.holder
+        story.diverged = True
+        if holder is None or holder == "lr_scaling":  # lr_scaling's alert (the cause) stays: the LR is still off
+            story.holder = None
+            return []
+        story.holder = None
+        return [resolved(holder, None, step, time, f"went on to NaN at step {step} (nan_divergence): {rise}",
+                         resolved_by="diverged")]
 
     def _event(self, time: float) -> Event:
         assert self.first is not None
@@ -263,17 +286,24 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         else:
             together = "together: the all-reduced gradients" if self.shared else "each on its own"
             head = f"{what} at step {first_step} on {ranks_phrase(roots)} ({together})"
+        see = " (see lr_scaling)" if self.story.lr_alert else ""  # only an alert that exists
+        change = self.story.lr_change if self.timeline and self.timeline[0].startswith("LR changed") else None
+        lower = (f"from before step {change.step} with the LR it had ({change.before:g})" if change is not None
+                 else f"with a lower LR{see}")
         if first_own == 0:
             head += " (its own loss)" if len(roots) == 1 else ""
             their = "its" if len(roots) == 1 else "their"
-            advice = (f"restart from the last good checkpoint with a lower LR (see lr_scaling), and check "
-                      f"{their} batch at that step")
+            advice = f"restart from the last good checkpoint {lower}, and check {their} batch at that step"
         elif self.first_cause == "amp_scale_collapse":
-            advice = ("restart from the last good checkpoint with a lower LR (see lr_scaling), and check "
-                      f"rank {first_rank}'s batch at that step")
+            advice = ("the fix is the fp16 loss scaler, not the LR: every step overflows, so no step updates the "
+                      "weights; check GradScaler's init_scale, growth_factor, backoff_factor and growth_interval, "
+                      "train in bf16, or keep the layer that overflows (often attention logits or a softmax) in "
+                      "fp32")
         else:
-            advice = ("the loss was still finite: the gradients overflowed; restart from the last good "
-                      "checkpoint with a lower LR (see lr_scaling) or clip gradients")
+            advice = (f"the loss was still finite: the gradients overflowed; restart from the last good "
+                      f"checkpoint {lower} or clip gradients")
+        if self.timeline:
+            head += f" (before it: {'; '.join(self.timeline)})"
         summary = f"{head}; {advice}"
         if own_later:
             steps = sorted({self.diverged[q][0] for q in own_later})
@@ -287,7 +317,7 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         data.update(cause=self.first_cause, first_rank=first_rank, first_step=first_step,
                     root_ranks=roots, own_loss_ranks=sorted(q for q, d in self.diverged.items() if d[1] == 0),
                     received_ranks=sorted(received), diverged_ranks=len(self.diverged),
-                    shared_gradients=self.shared)
+                    shared_gradients=self.shared, timeline=list(self.timeline))
         return summary, data
 
     def facts(self) -> dict[str, Any]:
@@ -315,4 +345,7 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         self.first_cause = ""
         self.first_values, self.first_data = {}, {}
         self.open = self.dirty = False
+        self.timeline = []
+        self.story.diverged = False
+        self.story.reset_spikes()
         return out

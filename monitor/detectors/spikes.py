@@ -32,6 +32,17 @@ record of the rank (a restart) clears its history and resolves its open alert.
 
 Non-finite values are left to nan_divergence. Losses <= 0 switch that rank to
 linear values (no log, no ratio guard); grad norms <= 0 are skipped.
+
+Two more ways to be high (docs/divergence.md): a *soft* spike, ``soft_ratio``
+(below ``min_ratio``) times the level and ``soft_z`` noise deviations above it (a
+smooth LLM loss jumping 1.5x); and, before ``min_history`` values exist, *early*
+growth: ``early_growth`` times the rank's first value since its start.
+
+Judged per rank, told per run: both detectors share the run's one spike incident
+(divergence_story.py), a run-level alert (``rank`` null) that the first signal
+fires and every other rank and signal refreshes; it resolves when every rank of
+both signals is back, folds into nan_divergence at the NaN, and joins
+lr_scaling's alert when that one already says the LR is too high.
 """
 
 from __future__ import annotations
@@ -41,15 +52,17 @@ from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from math import isfinite, log
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-from ..events import Event, firing, resolved
+from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
+from .divergence_story import Label, Part, story_of
 from .steps import step_of as _step_of
 from .validate import above, flag, whole
 
+LR_ALERT = "lr_scaling"  # the alert a rise joins when it says the LR is too high (divergence_story.py)
 MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 
 
@@ -155,6 +168,13 @@ class SpikeSettings:
     confirm_samples: int = 2  # high samples in a row to fire
     z_resolve: float = 3.0
     resolve_samples: int = 3  # calm samples in a row to resolve
+    # a smooth curve's own noise: a jump of soft_ratio (below min_ratio) is a soft spike when it is soft_z
+    # noise deviations above the median (only a curve with little step-to-step noise gets there)
+    soft_ratio: float = 1.4
+    soft_z: float = 30.0
+    # before min_history values exist (the first samples after a start or a resume): a value this many
+    # times the first one, confirm_samples times in a row, fires (absolute growth)
+    early_growth: float = 10.0
 
     def __post_init__(self) -> None:
         self._check("loss_spike")
@@ -170,11 +190,21 @@ class SpikeSettings:
         if self.z_resolve > self.z_threshold:
             raise ValueError(f"{name}.z_resolve: must be <= z_threshold ({self.z_threshold:g}), "
                              f"got {self.z_resolve!r}")
+        above(self, name, 1.0, "soft_ratio", "early_growth")
+        if self.soft_ratio > self.min_ratio:
+            raise ValueError(f"{name}.soft_ratio: must be <= min_ratio ({self.min_ratio:g}), "
+                             f"got {self.soft_ratio!r}")
+        if self.soft_z < self.z_threshold:
+            raise ValueError(f"{name}.soft_z: must be >= z_threshold ({self.z_threshold:g}), "
+                             f"got {self.soft_z!r}")
 
 
 @dataclass(kw_only=True, slots=True)
 class GradExplosionSettings(SpikeSettings):
     min_ratio: float = 5.0  # grad norms are noisier than losses: single 2-4x bumps are common
+    soft_ratio: float = 5.0  # no soft tier: a grad norm moving 2-4x is routine
+    # zero-initialized adapters (LoRA's B) and warmups make grad norms grow 10x+ in the first steps, healthily
+    early_growth: float = 100.0
 
     def __post_init__(self) -> None:
         self._check("grad_explosion")
@@ -182,7 +212,7 @@ class GradExplosionSettings(SpikeSettings):
 
 class _Rank:
     __slots__ = ("window", "changes", "prev", "linear", "high", "onset_step", "firing", "base_median",
-                 "base_sigma", "calm", "fired_for")
+                 "base_sigma", "calm", "fired_for", "first", "first_step", "how")
 
     def __init__(self, size: int) -> None:
         self.window = RobustWindow(size)  # values (log space)
@@ -196,17 +226,20 @@ class _Rank:
         self.base_sigma = 0.0
         self.calm = 0
         self.fired_for = 0  # samples since firing
+        self.first: float | None = None  # the first value since the start (log space), for early growth
+        self.first_step = 0
+        self.how = ""  # how the firing was judged: "robust", "soft" or "early"
 
 
 class _SpikeDetector(Detector[SpikeSettings]):
     field: ClassVar[str] = ""
-    label: ClassVar[str] = ""
-    advice: ClassVar[str] = ""
+    label: ClassVar[Label] = "loss"
     linear_below_zero: ClassVar[bool] = False
 
     def __init__(self, settings: SpikeSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
+        self.story = story_of(run)  # the run's one spike incident, shared with the other spike detector
 
     def update(self, record: Record) -> list[Event]:
         kind = record.type
@@ -214,6 +247,13 @@ class _SpikeDetector(Detector[SpikeSettings]):
             return self._restart(record) if kind == "start" else []
         s = self.settings
         if not s.enabled:
+            return []
+        story = self.story
+        if record.lr is not None:
+            story.note_lr(record.lr, record.step)
+        if story.diverged:  # the run went NaN: nan_divergence tells the rest, until a restart
+            if self.ranks:
+                self.ranks.clear()
             return []
         value = getattr(record, self.field)
         if value is None or not isfinite(value):
@@ -240,16 +280,31 @@ class _SpikeDetector(Detector[SpikeSettings]):
         elif len(win.values) >= s.min_history:
             med = win.median()
             jump = x - med
-            # _high(), with the changes' median (sigma) read only for a value already high enough
-            if jump > 0 and (st.linear or jump >= log(s.min_ratio)) and jump >= s.z_threshold * (
-                    sigma := st.changes.median() / MAD_DIFF_TO_SIGMA):
+            # the changes' median (sigma) is read only for a value already soft_ratio above the level
+            if jump > 0 and (st.linear or jump >= log(s.soft_ratio)):
+                sigma = st.changes.median() / MAD_DIFF_TO_SIGMA
+                hard = jump >= s.z_threshold * sigma and (st.linear or jump >= log(s.min_ratio))
+                if hard or (not st.linear and jump >= s.soft_z * sigma):
+                    st.high += 1
+                    if st.high == 1:
+                        st.onset_step = record.step or 0
+                    if st.high >= s.confirm_samples:
+                        out = self._fire(record, st, x, value, med, sigma, "robust" if hard else "soft")
+                else:
+                    st.high = 0
+            else:
+                st.high = 0
+        elif st.first is not None and not st.linear:  # no history yet: absolute growth since the start
+            if x - st.first >= log(s.early_growth):
                 st.high += 1
                 if st.high == 1:
                     st.onset_step = record.step or 0
                 if st.high >= s.confirm_samples:
-                    out = [self._fire(record, st, x, value, med, sigma)]
+                    out = self._fire(record, st, x, value, st.first, 0.0, "early")
             else:
                 st.high = 0
+        if st.first is None and not st.linear:
+            st.first, st.first_step = x, record.step or 0
         win.push(x)
         prev = st.prev
         if prev is not None:
@@ -262,19 +317,63 @@ class _SpikeDetector(Detector[SpikeSettings]):
         return jump > 0 and jump >= s.z_threshold * sigma and (st.linear or jump >= math.log(s.min_ratio))
 
     def _fire(self, record: Record, st: _Rank, x: float, value: float, med: float,
-              sigma: float) -> Event:
-        st.firing, st.high, st.calm, st.fired_for = True, 0, 0, 0
+              sigma: float, how: str) -> list[Event]:
+        st.firing, st.high, st.calm, st.fired_for, st.how = True, 0, 0, 0, how
         st.base_median, st.base_sigma = med, sigma
         step = record.step or 0
         base = med if st.linear else math.exp(med)
         z = (x - med) / sigma if sigma > 0 else math.inf
         ratio = value / base if base > 0 else math.inf
-        summary = (f"{self.label} jumped to {value:.4g} at step {step} on rank {record.rank}, "
-                   f"{ratio:.3g}x its recent median {base:.4g} ({_z(z)} robust deviations above, "
-                   f"since step {st.onset_step}); {self.advice}")
-        return firing(self.name, record.rank, step, record.time, summary, "warning",
-                      value=value, baseline=base, ratio=ratio, z=z, onset_step=st.onset_step,
-                      history=len(st.window))
+        label, rank = self.label, record.rank
+        if how == "early":
+            text = (f"{label} grew {ratio:.3g}x within {step - st.first_step} steps of its first sample: "
+                    f"{base:.4g} at step {st.first_step} -> {value:.4g} at step {step} on rank {rank} (no "
+                    f"history yet: judged by absolute growth, {self.settings.early_growth:g}x or more)")
+        elif how == "soft":
+            text = (f"a soft {label} spike: {value:.4g} at step {step} on rank {rank}, {ratio:.3g}x its recent "
+                    f"median {base:.4g}, small but {_z(z)} deviations above its smooth curve's own noise "
+                    f"(since step {st.onset_step})")
+        else:
+            text = (f"{label} jumped to {value:.4g} at step {step} on rank {rank}, {ratio:.3g}x its recent "
+                    f"median {base:.4g} ({_z(z)} robust deviations above, since step {st.onset_step})")
+        story = self.story
+        part = story.parts.get(label)
+        if part is None or not part.ranks and part.recovered:  # new, or a recovered signal rising again
+            part = story.parts[label] = Part(label, first_rank=rank, onset_step=st.onset_step, value=value,
+                                             baseline=base, ratio=ratio, how=how, text=text)
+        part.ranks.add(rank)
+        part.seen.add(rank)
+        return [self._tell(record.time, step, value=value, z=z)]
+
+    def _tell(self, time: float, step: int, **data: Any) -> Event:
+        """The run's spike incident as it stands: fired by the first signal, refreshed by the rest."""
+        story = self.story
+        parts = list(story.parts.values())
+        if story.lr_change is not None and story.cause(before=min(p.onset_step for p in parts)):
+            advice = (f"go back to the LR before the change ({story.lr_change.before:g}) or clip gradients "
+                      "before it diverges")
+        elif "grad norm" in story.parts:
+            advice = "clip gradients (clip_grad_norm_) or lower the LR before it diverges"
+        else:
+            advice = "lower the LR or clip gradients before it diverges"
+        calm = all(not p.ranks for p in parts)
+        if calm:
+            advice = "no action needed if it stays down"
+        fields = {**story.fields(), **data}
+        lr = story.lr_finding
+        if lr is not None and story.holder in (None, LR_ALERT):  # the LR lr_scaling called too high: its cause
+            story.holder = LR_ALERT
+            lr_summary, severity, lr_fields = lr
+            event = firing(LR_ALERT, None, step, time, f"{lr_summary}; since then {story.summary('')}",
+                           cast(Severity, severity), **{**fields, **lr_fields})  # the LR's ratio stays its own
+            event.refresh = True
+            return event
+        if story.holder is None:
+            story.holder = self.name
+            return firing(self.name, None, step, time, story.summary(advice), "warning", **fields)
+        event = firing(story.holder, None, step, time, story.summary(advice), "warning", **fields)
+        event.refresh = True
+        return event
 
     def _judge_firing(self, record: Record, st: _Rank, x: float, value: float) -> list[Event]:
         s = self.settings
@@ -294,17 +393,42 @@ class _SpikeDetector(Detector[SpikeSettings]):
         else:
             return []
         st.firing, st.calm, st.high = False, 0, 0
-        summary = (f"{self.label} {how} at step {step} on rank {record.rank} "
-                   f"(pre-spike median {base:.4g})")
-        return [resolved(self.name, record.rank, step, record.time, summary, value=value, baseline=base)]
+        return self._calm(record, f"{self.label} {how} at step {step} on rank {record.rank} "
+                                  f"(pre-spike median {base:.4g})", value=value, baseline=base)
+
+    def _calm(self, record: Record, text: str, **data: Any) -> list[Event]:
+        """A rank of this signal came back: when it was the signal's last, the incident says so (it
+        recovered); when every signal has, the run's spike incident resolves."""
+        story = self.story
+        part = story.parts.get(self.label)
+        if part is None or record.rank not in part.ranks or story.holder is None:
+            return []
+        part.ranks.discard(record.rank)
+        if part.ranks:
+            return []
+        part.recovered = text.replace(f" on rank {record.rank}", "" if len(part.seen) == 1 else " on every rank")
+        step = record.step if record.step is not None else _step_of(record, self.run)
+        if any(p.ranks for p in story.parts.values()):
+            return [self._tell(record.time, step)]
+        if story.holder == LR_ALERT:  # lr_scaling's alert held the rise: it says so, and stays (the LR is still off)
+            told = self._tell(record.time, step)
+            story.reset_spikes()
+            return [told]
+        holder = story.holder
+        summary = "; ".join(p.recovered for p in story.parts.values())
+        story.reset_spikes()
+        return [resolved(holder, None, step, record.time, summary, resolved_by="recovered", **data)]
+
+    def facts(self) -> dict[str, Any]:
+        """The run's open spike incident, per-rank detail included (GET /v1/runs/{run}), from its holder."""
+        story = self.story
+        return story.fields() if story.holder == self.name and story.parts else {}
 
     def _restart(self, record: Record) -> list[Event]:
         st = self.ranks.pop(record.rank, None)
         if st is None or not st.firing:
             return []
-        step = _step_of(record, self.run)
-        return [resolved(self.name, record.rank, step, record.time,
-                         f"rank {record.rank} restarted; {self.label} history cleared")]
+        return self._calm(record, f"rank {record.rank} restarted; {self.label} history cleared")
 
 
 def _z(z: float) -> str:
@@ -316,7 +440,6 @@ class LossSpike(_SpikeDetector):
     Settings = SpikeSettings
     field = "loss"
     label = "loss"
-    advice = "lower the LR or clip gradients before it diverges"
     linear_below_zero = True
 
 
@@ -325,7 +448,6 @@ class GradExplosion(_SpikeDetector):
     Settings = GradExplosionSettings
     field = "grad_norm"
     label = "grad norm"
-    advice = "clip gradients (clip_grad_norm_) or lower the LR before it diverges"
 
 
 __all__: list[Any] = ["LossSpike", "GradExplosion", "RobustWindow", "SpikeSettings",

@@ -49,7 +49,8 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
     others = [q for q in live if q not in roots]
-    summary = head + _others(det, roots, others, failed, quiet)
+    moving = _moving(det, roots, others, quiet)
+    summary = head + _others(det, roots, others, failed, quiet, moving)
     anchor = ranks[roots[0]] if roots else ranks[first]
     summary += "; " + _basis(det, anchor, reason, limit)
     hosts = whole_hosts(det.run, roots) if roots else []
@@ -61,7 +62,8 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
         "hosts": hosts,
         "silent_ranks": sorted(q for q, f in stalled.items() if f[0] == "silent"),
         "stuck_ranks": sorted(q for q, f in stalled.items() if f[0] == "stuck"),
-        "waiting_ranks": sorted(others),
+        "waiting_ranks": sorted(q for q in others if q not in moving),
+        "running_ranks": moving,
         "failed_ranks": failed,
         "threshold_seconds": limit,
         "last_step_time": anchor.advance_time,
@@ -137,15 +139,26 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
                 f"dump)"), low
 
 
+def _moving(det: RankStalled, roots: list[int], others: list[int], quiet: list[int]) -> list[int]:
+    """The other ranks that still finish steps: advanced after the root stopped, and past the step after the
+    root's (in synchronous training a rank may finish the one step the root's collective let through, never
+    more: that rank waits, it does not train on)."""
+    if not roots:
+        return []
+    ranks = det.ranks
+    stopped = max(ranks[q].seen for q in roots)
+    top = max(ranks[q].shown for q in roots)
+    return sorted(q for q in others if ranks[q].advance_time > stopped and ranks[q].shown > top + 1
+                  and q not in quiet)
+
+
 def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[int],
-            quiet: list[int]) -> str:
+            quiet: list[int], moving: list[int]) -> str:
     """What the ranks that are not the root do: wait in a collective, train on, or failed after it."""
     if not roots:
         return ""
     ranks = det.ranks
     out = ""
-    stopped = max(ranks[q].seen for q in roots)
-    moving = [q for q in others if ranks[q].advance_time > stopped and q not in quiet]
     waiting = [q for q in others if q not in moving and q not in quiet]
     if waiting and quiet and set(quiet) == set(roots):
         n = len(waiting)

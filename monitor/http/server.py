@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from ..checkpoint import attach_checkpoint
 from ..config import ConfigError, Settings
-from ..notify.console import log_alerts
+from ..notify.console import ConsoleLog
 from ..notify.sink import AlertsOut
 from ..notify.store import Store
 from ..record import Record
@@ -52,7 +52,7 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
         closers.insert(0, recorder.close)
         faults.append(recorder.fault)
     service = Service(
-        settings, clock=clock, sinks=[log_alerts, alerts_out],  # log_alerts: one console line per transition
+        settings, clock=clock, sinks=[ConsoleLog(), alerts_out],  # the console: one line per transition and refresh
         record_sinks=record_sinks, background=[alerts_out.run],
         closers=closers, query_alerts=alerts_out.query_alerts, faults=faults,
         restored=alerts_out.restored(), runs_last_seen=store.runs_last_seen() if alerts_out.open else {},

@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--crash-step", type=int, default=0)
     ap.add_argument("--late-rank", type=int, default=-1)
     ap.add_argument("--late-url", default="")
+    ap.add_argument("--lr-step", type=int, default=0)  # from this step on the LR is --lr-factor times higher
+    ap.add_argument("--lr-factor", type=float, default=1.0)
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -45,7 +47,12 @@ def main() -> int:
 
     stopped_at = heard_at = heard_time = None
     step = 0
+    lr = 0.01
     for step in range(1, args.steps + 1):
+        if step == args.lr_step:  # a resume or a schedule bug that raises the LR
+            lr *= args.lr_factor
+            for group in opt.param_groups:
+                group["lr"] = lr
         x, y = torch.randn(4, 8), torch.randn(4, 1)
         if rank == args.nan_rank and step == args.nan_step:
             x[0, 0] = float("nan")
@@ -57,7 +64,7 @@ def main() -> int:
         grad_norm = tm.grad_norm(model)
         opt.step()
         time.sleep(args.step_sleep)
-        tm.record(step, loss=loss.detach(), grad_norm=grad_norm, lr=0.01)  # the second line
+        tm.record(step, loss=loss.detach(), grad_norm=grad_norm, lr=lr)  # the second line
         if heard_at is None and tm.stop_reason is not None:
             heard_at, heard_time = step, time.time()
         if tm.should_stop(step):

@@ -179,9 +179,14 @@ def test_healthy_run_raises_nothing_at_all(launch):
 def test_lr_unscaled_fires_lr_scaling_at_start_then_nan_divergence(launch, tmp_path):
     job = launch("--inject", "lr-unscaled", "--steps", "100", "--warmup-steps", "10")
     assert job.wait() == 0, job.log()  # NaN does not crash the trainer
-    alerts = job.wait_for(lambda a: None in firing(a, "nan_divergence"), timeout=10)
+    alerts = job.wait_for(lambda a: None in firing(a, "nan_divergence") and any(
+        x["alert"] == "lr_scaling" and x["state"] == "resolved" for x in a), timeout=10)
     lr = [a for a in alerts if a["alert"] == "lr_scaling"]
-    assert [(a["state"], a["rank"], a["step"], a["severity"]) for a in lr] == [("firing", None, 0, "critical")]
+    # the job ran to its end (the NaN does not crash it): once both ranks ended, the run's alerts resolved
+    assert [(a["state"], a["rank"], a["severity"]) for a in lr] == [("firing", None, "critical"),
+                                                                    ("resolved", None, "critical")]
+    assert lr[0]["step"] == 0 and (lr[1]["resolved_by"], lr[1]["summary"]) == ("run_ended",
+                                                                              "run ended completed at step 100")
     assert lr[0]["summary"].startswith("LR 0.02 is 4.0x the linear-scaling value 0.005 for total batch 4 "
                                        "(reference LR 0.02 for batch 16)")
     # the exact step: the first sample whose loss or grad norm was not finite, on any rank

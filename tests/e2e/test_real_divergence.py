@@ -71,24 +71,67 @@ def test_lr_eight_times_the_scaled_value_diverges_and_alerts_fire_in_order(tmp_p
     last = train(0.02, path)
     alerts = replay_file(path)
     firing = [a for a in alerts if a["state"] == "firing"]
-    names = [a["alert"] for a in firing]
-    assert names[0] == "lr_scaling"
-    assert names[-1] == "nan_divergence"
-    warnings = [a for a in firing if a["alert"] in ("loss_spike", "grad_explosion")]
-    assert warnings, names
-    lr_alert, nan_alert = firing[0], firing[-1]
+    # two pages: the LR (critical from the start) and the NaN; the rise in between joins the LR's alert
+    assert [a["alert"] for a in firing] == ["lr_scaling", "nan_divergence"]
+    lr_alert, nan_alert = firing
     assert (lr_alert["severity"], lr_alert["rank"], lr_alert["step"]) == ("critical", None, 0)
     assert lr_alert["summary"].startswith("LR 0.02 is 8.0x the linear-scaling value 0.0025 for total "
                                           "batch 2 (reference LR 0.02 for batch 16)")
-    # the early warning comes well before the NaN, and the NaN is the real one, at its exact step
-    assert all(w["severity"] == "warning" and w["rank"] == 0 for w in warnings)
-    assert warnings[0]["step"] + 20 < nan_alert["step"]
+    # the early warning (the rise, told inside the LR's alert) comes well before the NaN, which is the real
+    # one, at its exact step; its timeline holds the rise
+    assert "; since then loss jumped to " in lr_alert["summary"] or "; since then grad norm jumped to " in \
+        lr_alert["summary"]
+    assert lr_alert["onset_step"] + 20 < nan_alert["step"]
     assert nan_alert["severity"] == "critical" and (nan_alert["rank"], nan_alert["first_rank"]) == (None, 0)
+    (rise,) = nan_alert["timeline"]  # the warmup's gradual LR is no change worth naming; the rise is
+    assert rise.endswith(f" rose from step {lr_alert['onset_step']} (rank 0)")
+    assert "(see lr_scaling)" in nan_alert["summary"]  # it exists here
     lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
     first_bad = next(o["step"] for o in lines
                      if not (math.isfinite(o["loss"]) and math.isfinite(o["grad_norm"])))
     assert nan_alert["step"] == first_bad <= last
-    assert names.index("nan_divergence") == len(names) - 1
+
+
+def adamw(lr: float, path: Path, steps: int = 40) -> list[dict]:
+    """A small MLP regression with AdamW (as the HF Trainer's default optimizer); records to ``path``."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 32)
+    y = x @ torch.randn(32, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    lines = [{"type": "start", "run": "adamw", "rank": 0, "time": 1000.0, "world_size": 1, "optimizer": "AdamW"}]
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, x.shape[0], (8,), generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        opt.step()
+        lines.append({"run": "adamw", "rank": 0, "step": step, "time": 1000.0 + 0.05 * step, "loss": loss.item(),
+                      "grad_norm": grad_norm.item(), "lr": lr})
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in lines))
+    return lines[1:]
+
+
+def test_adamw_exploding_from_step_1_is_told_before_step_20_long_before_any_nan(tmp_path):
+    # AdamW at a huge LR moves every weight by ~lr per step: the loss multiplies from the first steps, and
+    # the spike detectors have no history yet (20 samples): its absolute growth tells it
+    lines = adamw(1.0, tmp_path / "adamw.jsonl")
+    assert all(math.isfinite(o["loss"]) for o in lines)  # no NaN ever: only the growth says it
+    assert min(o["loss"] for o in lines[1:]) > 10 * lines[0]["loss"]
+    alerts = replay_file(tmp_path / "adamw.jsonl")
+    first = alerts[0]
+    assert (first["alert"], first["state"], first["rank"], first["judged"]) == ("loss_spike", "firing", None, "early")
+    assert first["step"] < 20
+    assert first["summary"].startswith("loss grew ") and "judged by absolute growth" in first["summary"]
+    assert [a["alert"] for a in alerts if a["state"] == "firing"] == ["loss_spike"]  # one incident
+
+
+def test_the_same_adamw_at_a_sane_lr_stays_quiet(tmp_path):
+    lines = adamw(1e-3, tmp_path / "sane.jsonl", steps=200)
+    assert lines[-1]["loss"] < lines[0]["loss"]  # it trains
+    assert replay_file(tmp_path / "sane.jsonl") == []
 
 
 def test_the_same_loop_at_the_scaled_lr_trains_and_stays_quiet(tmp_path):

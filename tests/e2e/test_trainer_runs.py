@@ -117,10 +117,12 @@ def test_nan_data_against_the_real_sidecar_fires_nan_divergence_naming_the_rank(
     # one incident for the run (rank null): rank 1's loss went NaN on its own bad batch, rank 0 only through
     # the all-reduced gradients, so rank 1 is the first rank whichever rank's batch arrived first (the open
     # alert is refreshed in place once the picture is complete)
+    # the job then ended cleanly: its alert resolved ("run ended completed at step 12"), and its firing
+    # transition in the history holds the picture it was refreshed to
     deadline = time.monotonic() + 10
     while True:
-        alerts = sidecar.client.get("/v1/alerts", params={"run": "e2e-nan", "state": "firing"}).json()["alerts"]
-        nan = [a for a in alerts if a["alert"] == "nan_divergence"]
+        alerts = sidecar.client.get("/v1/alerts", params={"run": "e2e-nan"}).json()["alerts"]
+        nan = [a for a in alerts if a["alert"] == "nan_divergence" and a["state"] == "firing"]
         if (nan and nan[0].get("first_rank") == 1 and nan[0].get("received_ranks")) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

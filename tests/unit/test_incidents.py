@@ -139,7 +139,10 @@ def test_every_rank_seen_ending_with_a_collective_error_is_one_rank_failed():
     job = ddp_job(ranks=2, steps=200, last_step={0: 150, 1: 150}, until=T0 + 85.4)
     crashes = [end(1, T0 + 85.6, 150, PEER), end(0, T0 + 85.6, 150, PEER)]
     alerts = everything(job.records + crashes, T0 + 400)
-    assert brief(alerts) == [(FAILED, "firing", None, 150)]
+    # every rank has ended: the run's alert resolves saying how (nothing stale stays firing)
+    assert brief(alerts) == [(FAILED, "firing", None, 150), (FAILED, "resolved", None, 150)]
+    assert (alerts[1]["summary"], alerts[1]["resolved_by"]) == ("run failed at step 150 (ranks 0-1 ended failed)",
+                                                                "run_failed")
     assert alerts[0]["first_rank"] == 0  # same time: the lowest rank
     assert "every rank of the run ended, each with a collective error: the rank that broke the collective " \
            "is not among those this sidecar sees" in alerts[0]["summary"]
@@ -181,8 +184,10 @@ def test_the_others_crashing_after_it_with_collective_errors_fold_into_the_same_
                   until=T0 + 15.2)
     crashes = [end(2, T0 + 15.1, 20, CUDA)] + [end(q, T0 + 15.15, 20, PEER) for q in (0, 1, 3)]
     alerts = everything(job.records + crashes, T0 + 600)
-    assert brief(alerts) == [(FAILED, "firing", None, 20)]
-    now = open_alerts()[FAILED]
+    assert brief(alerts) == [(FAILED, "firing", None, 20), (FAILED, "resolved", None, 20)]  # every rank ended
+    assert alerts[1]["summary"] == "run failed at step 20 (ranks 0-3 ended failed)"
+    # the firing transition as the book holds it: refreshed in place while it was open
+    now = next(a for a in live_traces.last_pipeline.book.history if a["state"] == "firing")
     assert (now["first_rank"], now["failed_ranks"], now["waiting_ranks"]) == (2, [0, 1, 2, 3], [])
     assert now["summary"].startswith("rank 2 failed at step 20: RuntimeError: CUDA error: unspecified launch "
                                      "failure; ranks 0-1, 3 failed after it with a collective error")
@@ -192,7 +197,7 @@ def test_a_consequence_arriving_first_does_not_take_the_root():
     # rank 0's collective error reaches the sidecar before rank 1's own crash (another batch)
     job = ddp_job(ranks=2, steps=100, last_step={0: 20, 1: 20}, until=T0 + 15.2)
     alerts = everything(job.records + [end(0, T0 + 15.15, 20, PEER), end(1, T0 + 15.3, 20, CUDA)], T0 + 300)
-    assert brief(alerts) == [(FAILED, "firing", None, 20)]
+    assert brief(alerts) == [(FAILED, "firing", None, 20), (FAILED, "resolved", None, 20)]
     assert alerts[0]["first_rank"] == 1 and alerts[0]["failed_ranks"] == [0, 1]
 
 
@@ -305,7 +310,7 @@ def test_the_field_case_own_nan_on_both_ranks_microseconds_apart_keeps_the_lr_ad
     made, now, facts = nan_picture(independent({0: 20, 1: 20}))
     assert len(made) == 1 and now["first_rank"] == 0  # the lowest rank, never the earlier microsecond
     assert now["summary"] == ("loss became nan at step 20 on ranks 0-1 (each on its own); restart from the last "
-                              "good checkpoint with a lower LR (see lr_scaling), and check their batch at that "
+                              "good checkpoint with a lower LR, and check their batch at that "
                               "step")
     assert (facts["root_ranks"], facts["own_loss_ranks"], facts["received_ranks"]) == ([0, 1], [0, 1], [])
     assert "check rank 0's batch" not in now["summary"]
@@ -314,7 +319,7 @@ def test_the_field_case_own_nan_on_both_ranks_microseconds_apart_keeps_the_lr_ad
 def test_the_field_case_rank_1_own_nan_alone_is_told_so():
     made, now, facts = nan_picture(independent({1: 20}))
     assert now["summary"].startswith("loss became nan at step 20 on rank 1 (its own loss); restart from the last "
-                                     "good checkpoint with a lower LR (see lr_scaling)")
+                                     "good checkpoint with a lower LR")
     assert now["shared_gradients"] is False and facts["first_rank"] == 1
 
 
@@ -335,7 +340,7 @@ def test_nan_through_the_all_reduce_points_the_others_at_the_root_batch(ranks, r
     assert (now["first_rank"], now["root_ranks"], now["received_ranks"]) == (root, [root], others)
     assert now["shared_gradients"] is True and now["cause"] == "nonfinite_loss"
     assert now["summary"].startswith(f"loss became nan at step 12 on rank {root} (its own loss); restart from the "
-                                     f"last good checkpoint with a lower LR (see lr_scaling), and check its batch")
+                                     f"last good checkpoint with a lower LR, and check its batch")
     assert now["summary"].endswith(f"got the NaN only through the shared gradients: check rank {root}'s batch, "
                                    f"not theirs")
 

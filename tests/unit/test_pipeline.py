@@ -53,13 +53,15 @@ def test_run_and_rank_caps_refuse_with_reasons():
 
 def test_ended_run_gives_way_at_the_run_cap_and_its_alerts_resolve():
     p = Pipeline(default_detector_settings(), Limits(max_runs=2))
-    end = {"type": "end", "rank": 0, "time": 1010.0, "step": 2}
-    p.process([sample(1, run="a", loss=math.nan), from_obj({**end, "run": "a"})], wall=10.0)
+    end = {"type": "end", "rank": 0, "time": 1010.0, "step": 2, "status": "completed"}
+    ended = p.process([sample(1, run="a", loss=math.nan), from_obj({**end, "run": "a"})], wall=10.0).alerts
+    # its every rank ended: its alert resolves then, saying so (nothing stays firing for a finished run)
+    assert [(a["alert"], a["state"], a.get("resolved_by")) for a in ended] == [
+        ("nan_divergence", "firing", None), ("nan_divergence", "resolved", "run_ended")]
+    assert ended[1]["summary"] == "run ended completed at step 2"
     p.process([sample(1, run="b"), from_obj({**end, "run": "b"})], wall=20.0)
     out = p.process([sample(1, run="c")], wall=30.0)  # a sweep's next job: "a" ended longest ago
-    assert out.refused == [] and sorted(p.runs) == ["b", "c"]
-    assert [(a["run"], a["alert"], a["state"]) for a in out.alerts] == [("a", "nan_divergence", "resolved")]
-    assert "dropped to make room for run c" in out.alerts[0]["summary"]
+    assert out.refused == [] and sorted(p.runs) == ["b", "c"] and out.alerts == []
     p.process([sample(2, run="c")])
     refused = p.process([sample(1, run="d"), sample(1, run="e")]).refused  # "b" gives way, then no run has ended
     assert [(i, e.field) for i, e in refused] == [(1, "run")] and sorted(p.runs) == ["c", "d"]

@@ -50,14 +50,15 @@ def test_loss_spike_that_recovers_fires_then_resolves():
     quiet = healthy(600, seed=0)
     spiky = scale_from(healthy(600, seed=1), "loss", 399, [5, 6, 5, 4])  # steps 400-403
     alerts = spike_alerts(merge(samples(quiet, rank=0), samples(spiky, rank=1)))
-    assert only(alerts, "loss_spike") == [("firing", 1, 401), ("resolved", 1, 406)]
+    assert only(alerts, "loss_spike") == [("firing", None, 401), ("resolved", None, 406)]
     fired, gone = alerts
     assert fired["severity"] == "warning" and fired["onset_step"] == 400
+    assert (fired["first_rank"], fired["spiking_ranks"], fired["judged"]) == (1, [1], "robust")
     assert fired["ratio"] == pytest.approx(fired["value"] / fired["baseline"])
     assert 4.0 < fired["ratio"] < 8.0 and fired["z"] >= 10
     assert fired["summary"].startswith(f"loss jumped to {fired['value']:.4g} at step 401 on rank 1, ")
     assert "lower the LR or clip gradients" in fired["summary"]
-    assert gone["summary"].startswith("loss back to ")
+    assert gone["summary"].startswith("loss back to ") and gone["resolved_by"] == "recovered"
 
 
 def test_single_bad_batch_is_not_a_spike():
@@ -68,7 +69,7 @@ def test_single_bad_batch_is_not_a_spike():
 def test_one_confirm_sample_setting_fires_on_a_single_bad_batch():
     trace = scale_from(healthy(600, seed=0), "loss", 399, [20])
     alerts = spike_alerts(samples(trace), loss_spike={"confirm_samples": 1})
-    assert only(alerts, "loss_spike") == [("firing", 0, 400), ("resolved", 0, 403)]
+    assert only(alerts, "loss_spike") == [("firing", None, 400), ("resolved", None, 403)]
 
 
 def test_no_judgement_before_min_history():
@@ -78,13 +79,13 @@ def test_no_judgement_before_min_history():
 
 def test_spike_right_after_min_history_fires():
     trace = scale_from(healthy(600, seed=0), "loss", 20, [10] * 5)  # 20 values seen before step 21
-    assert only(spike_alerts(samples(trace)), "loss_spike") == [("firing", 0, 22), ("resolved", 0, 28)]
+    assert only(spike_alerts(samples(trace)), "loss_spike") == [("firing", None, 22), ("resolved", None, 28)]
 
 
 def test_grad_explosion_on_one_rank_names_that_rank():
     blown = scale_from(healthy(600, seed=1), "grad_norm", 299, [20] * 30)  # steps 300-329
     alerts = spike_alerts(merge(samples(healthy(600, seed=0), rank=0), samples(blown, rank=1)))
-    assert only(alerts, "grad_explosion") == [("firing", 1, 301), ("resolved", 1, 332)]
+    assert only(alerts, "grad_explosion") == [("firing", None, 301), ("resolved", None, 332)]
     assert "clip gradients" in alerts[0]["summary"] and alerts[0]["ratio"] > 10
 
 
@@ -96,7 +97,7 @@ def test_grad_norm_bump_below_min_ratio_is_quiet():
 def test_level_shift_that_stays_resolves_as_a_new_level_after_a_window():
     trace = scale_from(healthy(800, seed=0), "loss", 299, [8] * 500)  # steps 300 onwards
     alerts = spike_alerts(samples(trace))
-    assert only(alerts, "loss_spike") == [("firing", 0, 301), ("resolved", 0, 401)]
+    assert only(alerts, "loss_spike") == [("firing", None, 301), ("resolved", None, 401)]
     assert "settled at a new level" in alerts[1]["summary"]
 
 
@@ -104,7 +105,7 @@ def test_restart_resolves_an_open_spike_and_clears_history():
     trace = scale_from(healthy(300, seed=0), "loss", 199, [10] * 100)  # high until the end
     after = samples(healthy(30, seed=5), step0=150, t0=3000.0)  # 30 samples: history is too short
     alerts = spike_alerts(samples(trace), [start(0, time=2000.0)], after)
-    assert only(alerts, "loss_spike") == [("firing", 0, 201), ("resolved", 0, 300)]
+    assert only(alerts, "loss_spike") == [("firing", None, 201), ("resolved", None, 300)]
     assert "restarted" in alerts[1]["summary"]
 
 
@@ -114,7 +115,7 @@ def test_negative_losses_switch_to_linear_values():
     assert spike_alerts(samples(shifted)) == []
     spiked = {**shifted, "loss": [x + (20.0 if 400 <= i < 405 else 0.0)
                                   for i, x in enumerate(shifted["loss"])]}
-    assert only(spike_alerts(samples(spiked)), "loss_spike") == [("firing", 0, 402), ("resolved", 0, 408)]
+    assert only(spike_alerts(samples(spiked)), "loss_spike") == [("firing", None, 402), ("resolved", None, 408)]
 
 
 def test_nan_loss_is_left_to_nan_divergence():
@@ -188,10 +189,14 @@ def test_steady_exponential_blowup_warns_long_before_the_nan():
     trace["loss"][first_inf:] = [math.inf] + [math.nan] * (599 - first_inf)
     trace["grad_norm"][first_inf:] = [math.nan] * (600 - first_inf)
     alerts = run_pipeline(samples(trace))
+    # one incident before the NaN (the grad norm's explosion joins the loss spike's alert, not a second
+    # page), folded into the NaN's alert, whose timeline holds the rise
     assert [(a["alert"], a["state"], a["step"]) for a in alerts] == [
-        ("loss_spike", "firing", 304), ("grad_explosion", "firing", 309),
-        ("nan_divergence", "firing", 521)]
-    assert alerts[-1]["summary"].startswith("loss became inf at step 521 on rank 0")
+        ("loss_spike", "firing", 304), ("loss_spike", "resolved", 521), ("nan_divergence", "firing", 521)]
+    assert alerts[1]["resolved_by"] == "diverged"
+    assert alerts[-1]["summary"].startswith("loss became inf at step 521 on rank 0 (its own loss) (before it: "
+                                            "loss and grad norm rose from step 303 (rank 0))")
+    assert alerts[-1]["timeline"] == ["loss and grad norm rose from step 303 (rank 0)"]
 
 
 @pytest.mark.parametrize("cls, key, value", [

@@ -72,7 +72,11 @@ def test_every_rank_is_told_the_same_stop_and_a_later_alert_never_moves_it_lower
     send(service, *steps("r", range(2), 1, 29))
     _, first = send(service, nan("r", 1, 30))
     _, second = send(service, nan("r", 0, 30))  # rank 0's NaN (through the all-reduce): the same stop
-    assert first["runs"]["r"]["stops"] == second["runs"]["r"]["stops"]
+    one, two = first["runs"]["r"]["stops"]["nan_divergence"], second["runs"]["r"]["stops"]["nan_divergence"]
+    assert one["step"] == two["step"] and one["first_step"] == two["first_step"]  # the same stop
+    # both ranks' own loss at step 30: the refreshed incident's root is the lowest rank, and the stop says so
+    # (the client's stop_reason names the rank the alert names)
+    assert (one["rank"], two["rank"]) == (1, 0) == (1, service.book.firing("r")[0]["first_rank"])
     assert second["runs"]["r"]["version"] >= first["runs"]["r"]["version"]  # the same incident, refreshed
     # another alert later, at a much shorter period: its stop is not below the first one
     service.watch.lead.lead_seconds = 0.0
