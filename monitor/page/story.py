@@ -1,6 +1,6 @@
 """The report's first card for a run: the incident, told in order (what, where, why, what the job did),
 before the evidence. Alerts are read by their common fields (alert, severity, summary, rank,
-``root_ranks``/``first_rank``, ``host``, step, time, and a ``cause`` where one is given), so an alert this
+``root_ranks``, ``host``, step, time, and a ``cause`` where one is given), so an alert this
 module has never heard of is told the same way.
 """
 
@@ -26,13 +26,11 @@ def choose(firing: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 
 def roots(alert: Mapping[str, Any]) -> list[int]:
-    """The ranks an alert is about: its rank, else the roots it names (run-level incidents)."""
+    """The ranks an alert is about: its rank, else the roots it names (a run-level incident's
+    ``root_ranks``); none for a run-level alert that names no root (lr_scaling: the run's setting)."""
     if alert.get("rank") is not None:
         return [alert["rank"]]
-    named = [r for r in (alert.get("root_ranks") or ()) if isinstance(r, int)]
-    if not named and isinstance(alert.get("first_rank"), int):
-        named = [alert["first_rank"]]
-    return named
+    return [r for r in (alert.get("root_ranks") or ()) if isinstance(r, int)]
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
