@@ -237,6 +237,7 @@ class Checkpoint:
         pipeline.runs.update(runs)
         pipeline.detectors.update(detectors)
         pipeline.records_processed += processed
+        pipeline.text.rebuild(pipeline.runs)  # the text the restored runs keep, under the same budget
 
 
 def lost_transitions(before: dict[Key, Alert], after: dict[Key, Alert], transitions: list[Alert]) -> list[Alert]:

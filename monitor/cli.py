@@ -17,6 +17,8 @@ log = logging.getLogger("trainhealth")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PLACEHOLDER_TOKEN = "change-me-to-a-long-random-string"  # trainhealth.env.example's
+MIN_TOKEN_CHARS = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", help="SQLite file (TRAINHEALTH_DB; default ./trainhealth.db)")
     s.add_argument("--config", help="TOML file with thresholds; reloaded on SIGHUP and POST /-/reload")
     s.add_argument("--record", dest="record_dir", help="flight recorder: append records to DIR/RUN.jsonl")
-    s.add_argument("--token", help="require Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN)")
+    s.add_argument("--token", help="require Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN); visible to ps: "
+                   "prefer --token-file")
+    s.add_argument("--token-file", metavar="PATH", help="read the token from this file (its first line)")
     s.add_argument("--log-level", choices=LOG_LEVELS, help="TRAINHEALTH_LOG_LEVEL; default info")
     r = sub.add_parser("replay", help="run the detectors over recorded .jsonl files")
     r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records, or folders of them")
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "serve":
             flags = {k: getattr(args, k) for k in ("host", "port", "webhooks", "alertmanager", "db",
                                                    "record_dir", "token")}
+            if args.token_file is not None:
+                if args.token is not None:
+                    raise ConfigError("--token-file: give --token or --token-file, not both")
+                flags["token"] = read_token(args.token_file)
             settings = load(args.config, flags, environ)
             level = args.log_level or environ.get("TRAINHEALTH_LOG_LEVEL") or "info"
             if level not in LOG_LEVELS:
@@ -163,6 +171,9 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
+    from .dblock import DbLock
+
+    lock = DbLock(settings.server.db) if settings.server.db != ":memory:" else None  # one sidecar per --db
     service, app = build_service_and_app(settings, load_settings)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -180,10 +191,15 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     cap = connection_cap(server.max_connections, raise_fd_limit())
     http: Any = "h11"
     try:
-        http = guarded_protocol(cap, server.header_timeout_seconds)
+        http = guarded_protocol(cap, server.header_timeout_seconds, server.body_timeout_seconds)
     except ImportError:  # uvicorn without its [standard] extra (no httptools): serve, without the guard
         print("trainhealth: WARNING: httptools is not installed (pip install 'uvicorn[standard]'): no header "
               "timeout and no connection cap", file=sys.stderr, flush=True)
+    if server.token is not None and (server.token == PLACEHOLDER_TOKEN or len(server.token) < MIN_TOKEN_CHARS):
+        what = "the placeholder from trainhealth.env.example" if server.token == PLACEHOLDER_TOKEN \
+            else f"{len(server.token)} characters long"
+        print(f"trainhealth: WARNING: the token is {what}: anyone can guess it. Use a long random one "
+              "(openssl rand -hex 32).", file=sys.stderr, flush=True)
     print(f"trainhealth: listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     if not server.token and not is_loopback(host):
         print(f"trainhealth: WARNING: {host} is reachable from other machines and no token is set: anyone "
@@ -198,7 +214,22 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
         Server(config, service).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised SIGINT
         pass
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def read_token(path: str) -> str:
+    """The token in a file (its first line, without the newline); ConfigError when there is none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--token-file: cannot read {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"--token-file: {path!r} holds no token (its first line is empty)")
+    return token
 
 
 def is_loopback(host: str) -> bool:

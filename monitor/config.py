@@ -41,6 +41,8 @@ class Limits:
     max_body_bytes: int = 16 << 20  # as sent (maybe gzip)
     max_decoded_bytes: int = 64 << 20  # after gunzip
     max_records_per_batch: int = 20_000
+    max_values_per_batch: int = 500_000  # commas, '[', '{' and line ends in a decoded body: bounds its memory
+    max_text_bytes: int = 64 << 20  # OOM details and start configs kept by all runs together (textbudget.py)
     max_runs: int = 256
     max_ranks_per_run: int = 4096
     run_ttl_seconds: float = 6 * 3600.0  # an ended or silent run is forgotten after this
@@ -65,16 +67,18 @@ class ServerSettings:
     max_connections: int = 4096  # open HTTP connections; at the cap the longest-idle one is closed
     keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
     header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
+    body_timeout_seconds: float = 30.0  # a request whose body is not complete this long after its headers: 408
 
     def __post_init__(self) -> None:
         validate.whole(self, "server", "port", minimum=0, maximum=65535)
         validate.positive(self, "server", "tick_seconds")
         validate.whole(self, "server", "record_max_bytes", minimum=1)
-        validate.positive(self, "server", "state_snapshot_seconds", "keep_alive_seconds", "header_timeout_seconds")
+        validate.positive(self, "server", "state_snapshot_seconds", "keep_alive_seconds", "header_timeout_seconds",
+                          "body_timeout_seconds")
         validate.whole(self, "server", "max_connections", minimum=1)
         for i, url in enumerate(self.webhooks):
             if not validate.is_url(url):
-                raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {url!r}")
+                raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {validate.redacted(url)!r}")
         if self.alertmanager is not None:
             validate.url(self, "server", "alertmanager")
 
@@ -186,10 +190,10 @@ def webhook_settings(doc: Mapping[str, Any], server: ServerSettings) -> list[Web
     urls = [w.url for w in out]
     for url in urls:
         if urls.count(url) > 1:
-            raise ConfigError(f"webhooks: {url!r} is configured twice; give it one entry")
+            raise ConfigError(f"webhooks: {validate.redacted(url)!r} is configured twice; give it one entry")
     seen: set[str] = set()
     for w in out:
-        base = w.name or urlsplit(w.url).netloc
+        base = w.name or urlsplit(w.url).netloc.rpartition("@")[2]  # never its user:password
         name, n = base, 1
         while name in seen:
             n += 1

@@ -21,6 +21,7 @@ from .detectors.incident import ranks_phrase
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
+from .textbudget import TextBudget
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Pipeline:
         self.judge_after = -math.inf
         self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
         self._hold = -math.inf  # the judge_after that _heard belongs to
+        self.text = TextBudget(self.limits.max_text_bytes)  # OOM details and start configs, all runs together
 
     # -- configuration ------------------------------------------------------
     def reconfigure(self, detector_settings: dict[str, Any]) -> list[Alert]:
@@ -166,9 +168,14 @@ class Pipeline:
         run.records += 1
         run.last_wall = wall
         self.records_processed += 1
-        run.ranks[rec.rank].apply(rec)
+        rank = run.ranks[rec.rank]
+        rank.apply(rec)
         if rec.type == "start":
             run.add_start(rec)
+            if rec.config:
+                self.text.hold(rec)
+        elif rec.type == "oom" and rec.detail and rank.last_oom is not None:
+            self.text.hold(rank.last_oom)
         events: list[Event] = []
         for det in self.detectors[run.run]:
             try:

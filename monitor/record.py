@@ -15,8 +15,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-RUN_PATTERN = r"\A[A-Za-z0-9._:-]{1,128}\Z"  # \Z, not $: "$" also matches before a final newline
+# \Z, not $: "$" also matches before a final newline; ".", ".." and "..." would be (hidden) recorder files
+RUN_PATTERN = r"\A(?!\.+\Z)[A-Za-z0-9._:-]{1,128}\Z"
 RUN_RULE = "must be 1-128 characters of [A-Za-z0-9._:-]"
+DOTS_RULE = "must not be only dots ('.', '..' name no file of their own)"
 
 # The run name's pattern is checked in check(), not here: a regex per record was 40% of decoding a body,
 # and a batch carries the same few names over and over (a RunNames, held by ingest.Decoder, remembers them).
@@ -198,6 +200,8 @@ def check_run(run: str) -> None:
     """Raises RecordError unless ``run`` is a valid run name (remembers nothing: see RunNames)."""
     if not _run_ok(run):
         reason = RUN_RULE if 1 <= len(run) <= 128 else f"{RUN_RULE}, got {len(run)} characters"
+        if run and not run.strip("."):
+            reason = DOTS_RULE
         raise RecordError("run", f"{reason} (value: {_shown(run)})")
 
 
@@ -205,13 +209,15 @@ def from_obj(obj: Any, runs: RunNames | None = None) -> Record:
     """Validate one decoded JSON value into a Record; raises RecordError."""
     if not isinstance(obj, dict):
         raise RecordError("$", f"a record must be a JSON object, got {type(obj).__name__}")
-    for name in Record.__struct_fields__:  # unknown fields are ignored, bytes and all
-        if name in obj:
+    known: dict[str, Any] = {}
+    for name in Record.__struct_fields__:  # unknown fields are ignored, bytes and all (names too: msgspec
+        if name in obj:                     # cannot even look at a name holding a lone surrogate)
             found = bad_text(obj[name], name)
             if found:
                 raise RecordError(*found)
+            known[name] = obj[name]
     try:
-        record = msgspec.convert(normalize(obj), Record, strict=True)
+        record = msgspec.convert(normalize(known), Record, strict=True)
     except msgspec.ValidationError as exc:
         raise RecordError(*_split_msgspec_error(str(exc), obj)) from None
     return check(record, runs)
@@ -260,7 +266,7 @@ def _shown(value: Any) -> str:
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
-def _big_int(text: str) -> int | float:
+def big_int(text: str) -> int | float:
     return int(text) if len(text) <= 4300 else float(text)  # past the digit limit: +-inf
 
 
@@ -281,7 +287,7 @@ def loads(data: bytes | str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise
     except ValueError:  # an integer past the digit limit
-        return json.loads(data, parse_int=_big_int)
+        return json.loads(data, parse_int=big_int)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -312,8 +318,13 @@ def bad_text(value: Any, path: str) -> tuple[str, str] | None:
 
 
 def _raw(text: str) -> str:
-    shown = repr(text.encode("utf-8", "surrogateescape" if not re.search("[\ud800-\udc7f]", text)
-                             else "surrogatepass"))
+    """The bytes as sent: invalid UTF-8 kept by ``loads`` (U+DC80-U+DCFF) as those bytes, an escaped lone
+    surrogate (``"\\udfff"``, any of U+D800-U+DFFF) as its CESU-8 bytes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate surrogateescape cannot map back to one byte
+        raw = text.encode("utf-8", "surrogatepass")
+    shown = repr(raw)
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 

@@ -116,21 +116,48 @@ class Service:
         """``batch_id``: the client's ``X-Trainhealth-Batch`` (CLIENT/SEQ); a batch already taken is
         answered ``duplicate`` and not ingested again (batches.py). ``views``: the answer also carries
         ``runs``, the view of each run of the batch that has alerts (watch.py), for the client."""
-        limits = self.settings.limits
-        ident = None
-        if batch_id is not None:
-            try:
-                ident = batches.parse(batch_id)
-            except batches.BatchIdError as exc:
-                return self.refuse(400, str(exc))
-            if self.taken.taken(*ident):
-                return IngestAnswer(200, {"accepted": 0, "rejected": 0, "alerts": 0, "duplicate": True})
+        early = self.screen(batch_id)
+        if early is not None:
+            return early
+        decoded = self.decode(body, content_type, content_encoding)
+        if isinstance(decoded, IngestAnswer):
+            return decoded
+        return self.take(decoded, batch_id, views)
+
+    def screen(self, batch_id: str | None) -> IngestAnswer | None:
+        """The answer for a bad or already taken batch id, before its body is decoded; None to go on."""
+        if batch_id is None:
+            return None
         try:
-            decoded = self.decoder.decode_body(body, content_type, content_encoding,
-                                  max_records=limits.max_records_per_batch,
-                                  max_decoded_bytes=limits.max_decoded_bytes)
+            ident = batches.parse(batch_id)
+        except batches.BatchIdError as exc:
+            return self.refuse(400, str(exc))
+        if self.taken.taken(*ident):
+            return IngestAnswer(200, {"accepted": 0, "rejected": 0, "alerts": 0, "duplicate": True})
+        return None
+
+    def decode(self, body: bytes, content_type: str | None = None,
+               content_encoding: str | None = None) -> Decoded | IngestAnswer:
+        """The body's records, or the answer refusing it whole. Touches nothing but the decoder, so the HTTP
+        layer runs it off the event loop for large bodies (one at a time: http/app.py)."""
+        limits = self.settings.limits
+        try:
+            return self.decoder.decode_body(body, content_type, content_encoding,
+                                            max_records=limits.max_records_per_batch,
+                                            max_decoded_bytes=limits.max_decoded_bytes,
+                                            max_values=limits.max_values_per_batch)
         except BodyError as exc:
             return self.refuse(exc.status, str(exc))
+
+    def take(self, decoded: Decoded, batch_id: str | None = None, views: bool = False) -> IngestAnswer:
+        """Feed decoded records to the pipeline; a batch id is taken once (checked again: another request
+        with the same id may have been taken while this one was decoded)."""
+        ident = None
+        if batch_id is not None:
+            early = self.screen(batch_id)
+            if early is not None:
+                return early
+            ident = batches.parse(batch_id)
         answer = self.accept(decoded, views)
         if ident is not None and answer.status == 200:
             self.taken.take(*ident)

@@ -57,10 +57,11 @@ class Sidecar:
             [sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args],
             cwd=str(cwd or ROOT), env=full_env, stderr=subprocess.PIPE, text=True,
         )
+        self.startup: list[str] = []  # what it printed up to "listening on" (warnings at start)
         self.url = self._wait_for_port()
         self.client = httpx.Client(base_url=self.url, timeout=10)
         # its console (alert lines, warnings) is drained by a thread: a full pipe would stall the sidecar
-        self.lines: deque[str] = deque(maxlen=5000)
+        self.lines: deque[str] = deque(self.startup, maxlen=5000)
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
 
@@ -78,7 +79,7 @@ class Sidecar:
     def _wait_for_port(self) -> str:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 30
-        lines = []
+        lines = self.startup
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()
             if not line:

@@ -219,9 +219,14 @@ class Outbox:
         decision."""
         s = self.settings
         if result.outcome == "ok":
-            self.counts["sent"] += len(batch)
-            self._backoff = 0.0
             answer = result.answer
+            refused = _refused(answer)  # records the sidecar rejected one by one: dropped, never resent
+            self.counts["sent"] += len(batch) - refused
+            self.counts["rejected"] += refused
+            self._backoff = 0.0
+            if refused and answer is not None:
+                self._warn("rejected", "sidecar refused %d of %d records, dropped them: %s", refused, len(batch),
+                           (answer.get("errors") or [{}])[0])
             if answer is not None:
                 if answer.get("duplicate") is True:
                     self.counts["duplicates"] += 1  # it had landed before: taken once
@@ -259,6 +264,12 @@ class Outbox:
                 self._queue.popleft()
                 self.counts["dropped"] += 1
         return True
+
+
+def _refused(answer: dict[str, Any] | None) -> int:
+    """How many records of a delivered batch the sidecar rejected (its answer's ``rejected``)."""
+    n = answer.get("rejected") if answer is not None else None
+    return n if type(n) is int and n > 0 else 0
 
 
 def _fill(rec: dict[str, Any]) -> None:

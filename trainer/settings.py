@@ -20,7 +20,7 @@ from typing import Any, Mapping
 log = logging.getLogger("trainhealth.trainer")
 
 DEFAULT_URL = "http://127.0.0.1:9464"
-RUN_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RUN_RE = re.compile(r"\A(?!\.+\Z)[A-Za-z0-9._:-]{1,128}\Z")  # not only dots: the sidecar refuses those
 _RUN_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
 
 
@@ -46,7 +46,7 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
-            raise ValueError(f"run: must be 1-128 chars of [A-Za-z0-9._:-], got {self.run!r}")
+            raise ValueError(f"run: must be 1-128 chars of [A-Za-z0-9._:-], not only dots, got {self.run!r}")
         if self.rank < 0:
             raise ValueError(f"rank: must be >= 0, got {self.rank}")
         if self.world_size < 1:
@@ -65,7 +65,8 @@ class ClientSettings:
 
 def sanitize_run(name: str) -> str:
     """A run name the sidecar accepts: invalid characters become '-', at most 128 chars."""
-    return _RUN_BAD_CHARS.sub("-", name)[:128] or "local"
+    name = _RUN_BAD_CHARS.sub("-", name)[:128]
+    return name if name.strip(".") else "local"  # "", ".", "..": not a run name
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:

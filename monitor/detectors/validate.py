@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -93,7 +94,16 @@ def url(settings: Any, section: str, name: str) -> None:
     """An http(s) URL with a host."""
     value = getattr(settings, name)
     if not is_url(value):
-        raise _fail(section, name, "must be an http(s) URL", value)
+        raise _fail(section, name, "must be an http(s) URL", redacted(value))
+
+
+def redacted(value: Any) -> Any:
+    """A URL as messages and logs may show it: ``user:password@`` and the query's values hidden."""
+    if not isinstance(value, str):
+        return value
+    value = re.sub(r"(?<=://)[^/?#@]*@", "***@", value)
+    base, sep, query = value.partition("?")
+    return base + sep + re.sub(r"=[^&#]*", "=***", query)
 
 
 def is_url(value: Any) -> bool:

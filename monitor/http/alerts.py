@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from ..notify.silences import SilenceError
 from ..notify.sink import AlertsOut
@@ -31,12 +32,22 @@ class BadRequest(ValueError):
     """A body that is not a small JSON document."""
 
 
+class UnsupportedType(BadRequest):
+    """A body that is not sent as application/json (415)."""
+
+
 async def _body(request: Request) -> Any:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone mid-body: the answer is never read, and no traceback is logged
+        raise BadRequest("body: the client disconnected before sending all of it") from None
     if len(raw) > MAX_BODY:
         raise BadRequest(f"body: at most {MAX_BODY} bytes, got {len(raw)}")
     if not raw.strip():
         return {}
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # text/plain and forms are what a web page can send without asking
+        raise UnsupportedType(f"Content-Type: must be application/json for a body, got {kind or 'none'!r}")
     try:
         body = loads(raw)  # json.loads, without refusing an integer of 4300+ digits
     except (ValueError, RecursionError) as exc:
@@ -82,7 +93,7 @@ def routes(out: AlertsOut) -> Callable[[FastAPI], None]:
             try:
                 return JSON(out.add_silence(await _body(request)), 201)
             except (BadRequest, SilenceError) as exc:
-                return JSON({"error": str(exc)}, 400)
+                return JSON({"error": str(exc)}, 415 if isinstance(exc, UnsupportedType) else 400)
 
         @app.get("/v1/silences")
         async def list_silences(expired: bool = False) -> Response:
@@ -101,7 +112,7 @@ def routes(out: AlertsOut) -> Callable[[FastAPI], None]:
             try:
                 body = await _body(request)
             except BadRequest as exc:
-                return JSON({"error": str(exc)}, 400)
+                return JSON({"error": str(exc)}, 415 if isinstance(exc, UnsupportedType) else 400)
             if not isinstance(body, dict):
                 return JSON({"error": f"body: must be a JSON object, got {body!r:.80}"}, 400)
             by, comment = body.get("by"), body.get("comment")

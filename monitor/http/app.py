@@ -13,17 +13,22 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import jsonout
+from ..ingest import Decoded
 from ..record import RecordError, check_run
 from ..service import Service
 from ..status import run_view, runs_view
+from .cross_site import CrossSite
+from .methods import AllowedMethods
 from .openapi import describe
 from .strict_text import StrictText
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/healthz"}
+INLINE_DECODE_BYTES = 1 << 20  # larger bodies (and every gzip body) are decoded off the event loop
 PAGE_PATH = "/"  # the only route that also takes the token as ?token= (http/page.py)
 
 
@@ -61,6 +66,7 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
     app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
     app.add_exception_handler(RequestValidationError, _bad_query)
     token = service.settings.server.token
+    app.add_middleware(AllowedMethods)  # OPTIONS and 405s list every method of a path (methods.py), after the token
 
     if token:
         expected = token.encode()
@@ -81,6 +87,8 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
                                 headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
 
+    decoding = asyncio.Lock()
+
     @app.post("/v1/ingest")
     async def ingest(request: Request) -> Response:
         limit = service.settings.limits.max_body_bytes
@@ -91,16 +99,30 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
             return JSON(answer.body, answer.status)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                answer = service.refuse(413, f"body is over the limit of {limit} bytes "
-                                             "(limits.max_body_bytes): send smaller batches")
-                return JSON(answer.body, answer.status)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    answer = service.refuse(413, f"body is over the limit of {limit} bytes "
+                                                 "(limits.max_body_bytes): send smaller batches")
+                    return JSON(answer.body, answer.status)
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client went away mid-body (or the body timeout closed it): no answer
+            return Response(status_code=400)
         headers = request.headers
-        answer = service.ingest(b"".join(chunks), headers.get("content-type"), headers.get("content-encoding"),
-                                headers.get("x-trainhealth-batch"), headers.get("x-trainhealth-views") == "1")
+        batch_id = headers.get("x-trainhealth-batch")
+        early = service.screen(batch_id)
+        if early is not None:
+            return JSON(early.body, early.status)
+        body, encoding = b"".join(chunks), headers.get("content-encoding")
+        async with decoding:  # one body decoded at a time: memory is one body's bound (docs/operations.md)
+            if len(body) > INLINE_DECODE_BYTES or (encoding or "").strip().lower() == "gzip":
+                decoded = await asyncio.to_thread(service.decode, body, headers.get("content-type"), encoding)
+            else:
+                decoded = service.decode(body, headers.get("content-type"), encoding)
+        if not isinstance(decoded, Decoded):
+            return JSON(decoded.body, decoded.status)
+        answer = service.take(decoded, batch_id, headers.get("x-trainhealth-views") == "1")
         return JSON(answer.body, answer.status)
 
     @app.get("/v1/runs")
@@ -172,6 +194,7 @@ def create_app(service: Service, extra: list[Callable[[FastAPI], None]] | None =
     for hook in extra or []:
         hook(app)
     app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
+    app.add_middleware(CrossSite)  # no web page on another site may change anything (cross_site.py)
     describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
 

@@ -8,12 +8,14 @@ see the API as it is: the record schema comes from the msgspec Struct itself.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
 from fastapi import FastAPI
 
-from ..record import Record
+from ..notify.silences import MAX_COMMENT, MAX_RANK, MAX_SILENCE_SECONDS
+from ..record import RUN_PATTERN, Record
 
 ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 ERROR_STATUSES = {"400": "bad input, named in `error`", "401": "missing or wrong bearer token",
@@ -42,12 +44,41 @@ OK_BY_ROUTE = {  # where the answer is not a JSON object with 200
 }
 
 
+# JSON Schema's "pattern" is ECMA-262: no \A or \Z (a pattern there is searched, so ^...$ anchors it whole)
+RUN_NAME = {"type": "string", "pattern": "^(?!\\.+$)[A-Za-z0-9._:-]{1,128}$"}
+assert RUN_PATTERN == r"\A(?!\.+\Z)[A-Za-z0-9._:-]{1,128}\Z", "RUN_NAME above says what RUN_PATTERN does"
+# what each route enforces on its parameters, beyond their types (the routes answer 400 naming the rule)
+PARAMETERS: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("/v1/alerts", "get", "state"): {"type": "string", "enum": ["firing", "resolved"]},
+    ("/v1/alerts", "get", "delivery"): {"type": "string", "enum": ["pending", "delivered", "undelivered"]},
+    ("/v1/alerts", "get", "limit"): {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 1000},
+    ("/v1/runs/{run}/watch", "get", "run"): RUN_NAME,
+    ("/", "get", "part"): {"type": "string", "enum": ["live"]},
+}
+_TEXT_OR_NULL = {"anyOf": [{"type": "string", "maxLength": 1000}, {"type": "null"}]}
+ACK_BODY = {"type": "object", "additionalProperties": False,
+            "properties": {"by": _TEXT_OR_NULL, "comment": _TEXT_OR_NULL}}
+
+
+def silence_body(now: float) -> dict[str, Any]:
+    """A silence's fields; ``until`` must be ahead of the sidecar's clock (as of this schema) and within 366 days."""
+    return {"type": "object", "additionalProperties": False, "required": ["run", "until"], "properties": {
+        "run": RUN_NAME,
+        "alert": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 128}, {"type": "null"}]},
+        "rank": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_RANK}, {"type": "null"}]},
+        "until": {"type": "number", "minimum": int(now) + 3600, "maximum": int(now) + MAX_SILENCE_SECONDS - 3600},
+        "comment": {"anyOf": [{"type": "string", "maxLength": MAX_COMMENT}, {"type": "null"}]},
+        "created_by": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "null"}]}}}
+
+
 def describe(app: FastAPI) -> None:
     """Complete ``app.openapi()`` (built once, on the first request for it)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
+        if app.openapi_schema:  # the silence window moves with the clock
+            body = app.openapi_schema["paths"]["/v1/silences"]["post"]["requestBody"]
+            body["content"]["application/json"]["schema"] = silence_body(time.time())
             return app.openapi_schema
         schema = generate()
         (records,), components = msgspec.json.schema_components(
@@ -56,14 +87,19 @@ def describe(app: FastAPI) -> None:
         bodies = {
             ("/v1/ingest", "post"): {"application/json": {"schema": records},
                                      "application/x-ndjson": {"schema": {"type": "string"}}},
-            ("/v1/silences", "post"): {"application/json": {"schema": JSON_OBJECT}},
-            ("/v1/alerts/{alert_id}/ack", "post"): {"application/json": {"schema": JSON_OBJECT}},
+            ("/v1/silences", "post"): {"application/json": {"schema": silence_body(time.time())}},
+            ("/v1/alerts/{alert_id}/ack", "post"): {"application/json": {"schema": ACK_BODY}},
         }
         for path, item in schema.get("paths", {}).items():
             for method, op in item.items():
                 body = bodies.get((path, method))
                 if body is not None:
-                    op["requestBody"] = {"required": False, "content": body}
+                    op["requestBody"] = {"required": (path, method) == ("/v1/silences", "post"), "content": body}
+                for param in op.get("parameters", []):
+                    rule = PARAMETERS.get((path, method, param["name"]))
+                    if rule is not None:
+                        param["schema"] = {**rule, **({"title": param["schema"]["title"]}
+                                                      if "title" in param.get("schema", {}) else {})}
                 responses = op["responses"] = dict(OK_BY_ROUTE.get((path, method), OK))  # FastAPI says "string"
                 for status, what in ERROR_STATUSES.items():
                     body_schema = INGEST_REFUSED if path == "/v1/ingest" and status in ("400", "429") else ERROR

@@ -17,6 +17,7 @@ from ..notify.sink import AlertsOut
 from ..notify.store import Store
 from ..record import Record
 from ..recorder import FlightRecorder
+from ..reserve import Reserve
 from ..service import Service
 from . import alerts as alerts_api
 from .app import create_app
@@ -65,6 +66,9 @@ def build_service_and_app(settings: Settings,
                           load_settings: Callable[[], Settings] | None = None) -> tuple[Service, FastAPI]:
     service, alerts_out = build_service(settings, load_settings=load_settings)
     attach_checkpoint(service)  # after the store put its open alerts back: the replay reconciles with them
+    if settings.server.db != ":memory:":
+        reserve = Reserve(settings.server.db)  # room for the last writes of a clean stop on a full disk
+        service.closers.insert(0, reserve.release)  # given back before the final snapshot and alert writes
     service.watch.resume(list(service.book.open.values()))  # stops for what is still open after a restart
     hooks: list[Callable[[FastAPI], Any]] = [metrics_hook(service), alerts_api.routes(alerts_out),
                                              page_hook(service)]

@@ -36,6 +36,7 @@ import httpx
 from .. import jsonout
 from ..alerts import Alert
 from ..config import RetryPolicy
+from ..detectors.validate import redacted
 from ..health import Fault
 from .store import OutboxRow, Store
 
@@ -128,7 +129,7 @@ class Deliverer:
         for key, n in self.store.pending().items():
             if key not in self.stats:
                 log.warning("%d undelivered notifications in the outbox for %s, which is no longer "
-                            "configured; they stay there until it is", n, key)
+                            "configured; they stay there until it is", n, redacted(key))
 
     def set_targets(self, targets: list[Target]) -> None:
         """The configured targets (at start and on reload): workers start for new ones, stop for gone ones."""

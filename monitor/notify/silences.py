@@ -44,6 +44,9 @@ class Silence:
         return asdict(self)
 
 
+MAX_RANK = 2**31 - 1  # as a record's rank
+
+
 def parse(obj: Any, now: float) -> Silence:
     """A silence from a request body; raises SilenceError naming the bad field."""
     if not isinstance(obj, dict):
@@ -59,8 +62,10 @@ def parse(obj: Any, now: float) -> Silence:
     if alert is not None and (not isinstance(alert, str) or not 0 < len(alert) <= 128):
         raise SilenceError(f"alert: must be an alert name or null, got {alert!r}")
     rank = obj.get("rank")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
-        raise SilenceError(f"rank: must be an integer >= 0 or null, got {rank!r}")
+    if isinstance(rank, float) and rank.is_integer():  # 3.0 is the integer 3 in JSON (and JSON Schema)
+        rank = int(rank)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= MAX_RANK):
+        raise SilenceError(f"rank: must be an integer 0-{MAX_RANK} or null, got {rank!r}")
     until = obj.get("until")
     if not isinstance(until, (int, float)) or isinstance(until, bool) or not math.isfinite(until):
         raise SilenceError(f"until: must be unix seconds, got {until!r}")

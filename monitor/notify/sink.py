@@ -63,9 +63,9 @@ class AlertsOut:
         self.store = store
         self.clock = clock
         self.fault = Fault("store")
-        self.targets: list[Target] = []
-        self.deliverer = Deliverer(store, [], clock=self.clock, fault=self.fault)
-        self.retarget(webhooks, alertmanager)
+        self.targets = self._targets(webhooks, alertmanager)
+        # built with its targets: rows pending for them at start are theirs, not "no longer configured"
+        self.deliverer = Deliverer(store, self.targets, clock=self.clock, fault=self.fault)
         self.silences = [Silence(**s) for s in store.silences(active_at=self.clock())]
         self.open: dict[str, Open] = {}
         for alert, silenced in store.open_alerts():
@@ -81,10 +81,14 @@ class AlertsOut:
 
     def retarget(self, webhooks: list[WebhookSettings], alertmanager: AlertmanagerSettings | None) -> None:
         """The delivery targets, at start and on reload; rows queued for a target that stays are kept."""
-        self.targets = [webhook_target(w) for w in webhooks]
-        if alertmanager is not None:
-            self.targets.append(alertmanager_target(alertmanager, self.notified_open))
+        self.targets = self._targets(webhooks, alertmanager)
         self.deliverer.set_targets(self.targets)
+
+    def _targets(self, webhooks: list[WebhookSettings], alertmanager: AlertmanagerSettings | None) -> list[Target]:
+        targets = [webhook_target(w) for w in webhooks]
+        if alertmanager is not None:
+            targets.append(alertmanager_target(alertmanager, self.notified_open))
+        return targets
 
     # -- the sink -----------------------------------------------------------
     def __call__(self, alerts: list[Alert]) -> None:

@@ -92,7 +92,8 @@ def _render_alertmanager(alerts: list[Alert], now: float) -> bytes:
 
 def target(w: WebhookSettings) -> Target:
     am = w.format == "alertmanager"
-    return Target(key=f"webhook {w.url}", name=w.name or urlsplit(w.url).netloc, kind="webhook", url=w.url,
+    name = w.name or urlsplit(w.url).netloc.rpartition("@")[2]  # never its user:password
+    return Target(key=f"webhook {w.url}", name=name, kind="webhook", url=w.url,
                   render=_render_alertmanager if am else _render_trainhealth,
                   accepts=lambda alert: accepts(w, alert), split=_by_group if am else _one_each,
                   secret=w.secret, retry=w)

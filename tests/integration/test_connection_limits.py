@@ -30,7 +30,7 @@ def _low_fd_limit() -> None:
 
 @pytest.fixture
 def sidecar_url(tmp_path: Path) -> Iterator[str]:
-    cfg = config(tmp_path, "[server]\nheader_timeout_seconds = 2\nkeep_alive_seconds = 2\n")
+    cfg = config(tmp_path, "[server]\nheader_timeout_seconds = 2\nkeep_alive_seconds = 2\nbody_timeout_seconds = 3\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
     proc = subprocess.Popen([sys.executable, "-m", "trainhealth", "serve", "--port", "0", "--config", cfg,
                              "--db", str(tmp_path / "t.db")], cwd=tmp_path,
@@ -103,7 +103,7 @@ def test_a_connection_that_sends_no_complete_headers_is_closed(sidecar_url: str)
 
 def test_binding_beyond_loopback_without_a_token_warns_at_start(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
-    for args, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--token", "t0k3n"], False),
+    for args, warned in ((["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--token", "t0k3n-0123456789ab"], False),
                          (["--host", "127.0.0.1"], False)):
         proc = subprocess.Popen([sys.executable, "-m", "trainhealth", "serve", "--port", "0", *args,
                                  "--db", str(tmp_path / "w.db")], cwd=tmp_path,
@@ -115,3 +115,41 @@ def test_binding_beyond_loopback_without_a_token_warns_at_start(tmp_path: Path) 
         text = "".join(lines) + rest
         assert "listening on" in text
         assert ("WARNING: 0.0.0.0 is reachable from other machines and no token is set" in text) is warned, text
+
+
+def slow_bodies(url: str, n: int) -> list[socket.socket]:
+    """Connections whose request headers are complete and whose body never is (one byte of 1,000 sent)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    out = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)))
+        out.append(s)
+        try:
+            s.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n[")
+        except OSError:  # already closed by the sidecar to make room
+            pass
+    return out
+
+
+def test_slow_bodies_time_out_and_make_room_at_the_cap(sidecar_url: str) -> None:
+    (one,) = slow_bodies(sidecar_url, 1)
+    one.settimeout(15)
+    started = time.monotonic()
+    answer = b""
+    while chunk := one.recv(1000):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout_seconds" in answer, answer
+    assert time.monotonic() - started < 10
+    one.close()
+    held = slow_bodies(sidecar_url, 200)  # the cap is 256 - 128 descriptors: these take every slot
+    try:
+        for i in range(5):
+            with httpx.Client(base_url=sidecar_url, timeout=5) as client:
+                assert client.get("/healthz").status_code == 200
+                answer = client.post("/v1/ingest", json=[{"run": "slow", "rank": 0, "time": time.time(),
+                                                          "step": i, "loss": 1.0}])
+                assert answer.status_code == 200 and answer.json()["accepted"] == 1
+    finally:
+        for s in held:
+            s.close()

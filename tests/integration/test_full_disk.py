@@ -10,7 +10,10 @@ mount. The receiver is a real HTTP server.
 
 from __future__ import annotations
 
+import errno
+import os
 import resource
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -114,3 +117,52 @@ def test_an_id_given_while_the_disk_was_full_is_not_given_again_after_a_kill(sta
     ingest(sc, nan_records("after", [0]))
     ids = {a["run"]: a["id"] for a in sc.client.get("/v1/alerts").json()["alerts"]}
     assert set(ids) == {"stored", "after"} and ids["after"] > held > ids["stored"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 24 MiB filesystem (tmpfs) that can fill up: ENOSPC, not a file size limit. Needs root."""
+    mount = tmp_path / f"fs-hostile-{os.getpid()}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "trainhealth-test-fs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write until the filesystem is full."""
+    filler = directory / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (64 << 10))
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_a_clean_stop_on_a_full_disk_keeps_the_alerts_it_held(start_sidecar, receiver, small_filesystem: Path
+                                                              ) -> None:
+    db = str(small_filesystem / "trainhealth.db")
+    sc = start_sidecar("--db", db, "--webhook", f"{receiver.url}/hook", db=False)
+    ingest(sc, healthy("steady", 1))
+    assert os.path.getsize(db + ".reserve") == 16 << 20
+    filler = fill(small_filesystem)
+    assert ingest(sc, nan_records("full", [0, 1]))["alerts"] == 1  # raised while nothing can be written
+    until(lambda: sc.client.get("/healthz").status_code == 503, what="/healthz 503 on the full disk")
+    sc.stop()  # SIGTERM: a clean stop
+    assert "could not be written before shutdown" not in sc.stderr_text(), sc.stderr_text()
+    assert not os.path.exists(db + ".reserve")
+    filler.unlink()  # space again
+    again = start_sidecar("--db", db, "--webhook", f"{receiver.url}/hook", db=False)
+    alerts = again.client.get("/v1/alerts", params={"run": "full"}).json()["alerts"]
+    assert [(a["alert"], a["state"]) for a in alerts] == [("nan_divergence", "firing")]
+    receiver.wait_for(lambda: len(receiver.deliveries()) == 1, what="the alert held at the stop, delivered")
+    assert receiver.deliveries()[0].json()["id"] == alerts[0]["id"]
+    assert again.client.get("/v1/runs/full").json()["firing"][0]["alert"] == "nan_divergence"  # the state too

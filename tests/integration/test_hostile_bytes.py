@@ -70,9 +70,10 @@ def test_hostile_bytes_in_paths_queries_headers_and_small_bodies_get_a_400_namin
     status, answer = send(sidecar.url, b"POST /v1/ingest HTTP/1.1\r\nContent-Type: " + bad + b"\r\n",
                           record(b"good"))
     assert status == 415, answer
-    status, answer = send(sidecar.url, b"POST /v1/silences HTTP/1.1\r\n",
+    status, answer = send(sidecar.url, b"POST /v1/silences HTTP/1.1\r\nContent-Type: application/json\r\n",
                           b'{"run":"good","until":9999999999,"comment":"' + bad + b'"}')
     assert status == 400 and "body.comment: not valid UTF-8" in json.loads(answer)["error"], answer
-    status, answer = send(sidecar.url, b"POST /v1/alerts/1/ack HTTP/1.1\r\n", b'{"by":"' + bad + b'"}')
+    status, answer = send(sidecar.url, b"POST /v1/alerts/1/ack HTTP/1.1\r\nContent-Type: application/json\r\n",
+                          b'{"by":"' + bad + b'"}')
     assert status == 400 and "body.by: not valid UTF-8" in json.loads(answer)["error"], answer
     assert sidecar.client.get("/healthz").status_code == 200

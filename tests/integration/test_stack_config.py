@@ -84,3 +84,11 @@ def test_compose_stack_passes_a_token_to_every_service_that_talks_to_the_sidecar
 def test_docker_image_binds_loopback_unless_told_otherwise() -> None:
     cmd = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD ["))
     assert "--host" not in cmd  # the sidecar's default, 127.0.0.1
+
+
+def test_compose_publishes_prometheus_alertmanager_and_grafana_on_loopback_only() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("prometheus", "alertmanager", "grafana"):  # lifecycle API, silences, anonymous viewers
+        for published in services[name].get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), f"{name} publishes {published} on every interface"
+    assert "--token" not in " ".join(services["sidecar"]["command"])  # from trainhealth.env, never argv

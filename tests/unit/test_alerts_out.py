@@ -180,7 +180,7 @@ def test_acknowledging_shows_on_the_alert(start: Start) -> None:
 @pytest.mark.parametrize("body, message", [
     ({"alert": "x", "until": 2e9}, "run: must be a run name"),
     ({"run": "r/1", "until": 2e9}, "run: must be a run name (1-128 of [A-Za-z0-9._:-]), got 'r/1'"),
-    ({"run": "r1", "rank": -1, "until": 2e9}, "rank: must be an integer >= 0 or null, got -1"),
+    ({"run": "r1", "rank": -1, "until": 2e9}, "rank: must be an integer 0-2147483647 or null, got -1"),
     ({"run": "r1", "until": "tomorrow"}, "until: must be unix seconds, got 'tomorrow'"),
     ({"run": "r1", "until": 1e9}, "until: must be in the future and within 366 days, got 1000000000.0"),
     ({"run": "r1", "until": 2e9, "matchers": []}, "matchers: unknown field"),

@@ -65,7 +65,7 @@ def expected_valid(obj: Any) -> bool:
     if not isinstance(obj, dict):
         return False
     run, rank, time, kind = obj.get("run"), obj.get("rank"), obj.get("time"), record_type(obj)
-    if not (isinstance(run, str) and RUN_RE.fullmatch(run)):
+    if not (isinstance(run, str) and RUN_RE.fullmatch(run) and run.strip(".")):
         return False
     if not (is_int(rank) and 0 <= rank < 2**31):
         return False
@@ -88,17 +88,28 @@ def expected_valid(obj: Any) -> bool:
             return False
     for name, cap in TEXT_FIELDS.items():
         v = obj.get(name)
-        if v is not None and not (isinstance(v, str) and len(v) <= cap):
+        if v is not None and not (isinstance(v, str) and len(v) <= cap and not unicode_broken(v)):
             return False
-    if obj.get("config") is not None and not isinstance(obj["config"], dict):
+    if obj.get("config") is not None and not (isinstance(obj["config"], dict) and not unicode_broken(obj["config"])):
         return False
     metrics = obj.get("metrics")
     if metrics is not None:
         if not isinstance(metrics, dict):
             return False
-        if not all(len(k) <= 128 and number_ok(v) for k, v in metrics.items()):
+        if not all(len(k) <= 128 and not unicode_broken(k) and number_ok(v) for k, v in metrics.items()):
             return False
     return True
+
+
+def unicode_broken(value: Any) -> bool:
+    """A string anywhere in ``value`` (keys too) holds a lone surrogate: no store can encode it."""
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return any(unicode_broken(k) or unicode_broken(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(unicode_broken(v) for v in value)
+    return False
 
 
 def same_number(sent: Any, got: Any) -> bool:
@@ -130,15 +141,24 @@ def assert_holds_what_was_sent(obj: dict[str, Any], rec: Any) -> None:
 
 # -- strategies ---------------------------------------------------------------------------------------
 huge_ints = st.integers(min_value=-(10**400), max_value=10**400) | st.sampled_from([2**63, 2**31, 2**1024, -1])
+
+
+def texts(max_size: int) -> st.SearchStrategy[str]:
+    """Text, now and then with a lone surrogate (JSON's "\\udfff" escape: valid JSON, not valid Unicode)."""
+    return st.text(max_size=max_size) | st.text(st.characters() | st.characters(categories=["Cs"]),
+                                                  min_size=1, max_size=max_size)
+
+
 scalars = (st.none() | st.booleans() | st.integers() | huge_ints
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
+           | st.floats(allow_nan=True, allow_infinity=True) | texts(20))
 json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=6)
+                           | st.dictionaries(texts(8), kids, max_size=4), max_leaves=6)
 spellings = st.sampled_from(["nan", "NaN", "-nan", "+NaN", "inf", "-Inf", "+inf", "INFINITY", "-Infinity",
                              "0.5", "1e3", "", "nan ", "infinit", "null", "None", "٣"])
 numbers = (st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**6), 10**6)
            | spellings)
-good_runs = st.text("AZaz09._:-", min_size=1, max_size=3) | st.just("r" * 128) | st.just("r" * 129)
+good_runs = (st.text("AZaz09._:-", min_size=1, max_size=3) | st.sampled_from([".", "..", "...", ".a"])
+             | st.just("r" * 128) | st.just("r" * 129))
 runs = st.sampled_from(["job-1", "job-2", "a:b.c_d"]) | good_runs | st.sampled_from(["abc\n", "a b", "", "x/y"])
 
 
@@ -155,9 +175,9 @@ record_fields = {
     "step": field_value(st.integers(-1, 10**6)),
     **{name: field_value(numbers) for name in NUMBER_FIELDS},
     **{name: field_value(st.none() | st.integers(-1, 4096)) for name in INT_FIELDS},
-    **{name: field_value(st.none() | st.text(max_size=30)) for name in TEXT_FIELDS},
-    "metrics": field_value(st.none() | st.dictionaries(st.text(max_size=10), numbers, max_size=4)),
-    "config": field_value(st.none() | st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
+    **{name: field_value(st.none() | texts(30)) for name in TEXT_FIELDS},
+    "metrics": field_value(st.none() | st.dictionaries(texts(10), numbers, max_size=4)),
+    "config": field_value(st.none() | st.dictionaries(texts(6), json_values, max_size=3)),
 }
 REQUIRED = ("run", "rank", "time", "step")
 
@@ -169,7 +189,7 @@ def records(draw: st.DrawFn) -> Any:
     keys = [k for k in REQUIRED if draw(st.integers(0, 9)) > 0]  # a required field is sometimes missing
     keys += draw(st.lists(st.sampled_from(sorted(record_fields)), max_size=5, unique=True))
     obj = {k: draw(record_fields[k]) for k in keys}
-    obj.update(draw(st.dictionaries(st.text(max_size=12).filter(lambda k: k not in record_fields),
+    obj.update(draw(st.dictionaries(texts(12).filter(lambda k: k not in record_fields),
                                     json_values, max_size=2)))  # unknown fields
     return obj
 
@@ -350,3 +370,54 @@ def test_arbitrary_values_through_every_detector_give_well_formed_alerts(steps):
         assert is_int(alert["step"]) and isinstance(alert["time"], float)
         assert isinstance(alert["summary"], str) and alert["summary"]
         json.loads(jsonout.dumps(alert))  # printable as replay does, posted as webhooks do
+
+
+# -- bombs: bodies far larger decoded than sent ------------------------------------------------------------
+def json_value_count(value: Any) -> int:
+    """Every JSON value in ``value``, containers and dict keys included (what a decoder builds objects for)."""
+    if isinstance(value, dict):
+        return 1 + sum(1 + json_value_count(v) for v in value.values())
+    if isinstance(value, list):
+        return 1 + sum(json_value_count(v) for v in value)
+    return 1
+
+
+@FUZZ
+@given(st.integers(0, 3000), st.integers(1, 4), st.sampled_from(["top", "element", "config", "unknown", "ndjson"]),
+       st.sampled_from([b"[]", b"{}", b"0", b"NaN"]), st.booleans())
+def test_nested_array_bombs_are_refused_unread_past_the_value_limit(width, depth, where, leaf, gzipped):
+    inner = leaf
+    for _ in range(depth):
+        inner = b"[" + b",".join([inner] * width) + b"]" if width else b"[]"
+        width = min(width, 3)  # wide at the bottom, narrow above: up to ~3000*27 values
+    record = b'{"run":"r","rank":0,"time":1,"type":"start"%s}'
+    body = {"top": inner, "element": b"[" + inner + b"]",
+            "config": b"[" + record % (b',"config":{"x":' + inner + b"}") + b"]",
+            "unknown": b"[" + record % (b',"zz":' + inner) + b"]",
+            "ndjson": b"\n".join([record % b""] * (len(inner) // 8))}[where]
+    limit = 2000
+    ctype = "application/x-ndjson" if where == "ndjson" else "application/json"
+    try:
+        out = decode_body(gzip.compress(body) if gzipped else body, ctype, "gzip" if gzipped else None,
+                          max_values=limit, max_records=20_000, count_from=0)
+    except BodyError as exc:
+        assert exc.status in (400, 413), exc
+        if exc.status == 413:
+            assert "limits.max_values_per_batch" in str(exc) and len(body) > limit, exc
+        return
+    parsed = [json.loads(line) for line in body.splitlines()] if where == "ndjson" else json.loads(body)
+    assert json_value_count(parsed) <= 2 * limit, "a body holding more values than the limit was decoded"
+    assert sorted(out.indexes + [r.index for r in out.rejected]) == list(range(len(out.indexes) + len(out.rejected)))
+
+
+def test_the_record_cap_stops_the_slow_path_as_it_reads():
+    one = b'{"run":"r","rank":0,"time":1,"step":1,"loss":NaN}'  # bare NaN: the slow path
+    body = b"[" + b",".join([one] * 101) + b",[[[[]]]], this is never read"
+    with_cap = decode_body(b"[" + b",".join([one] * 100) + b"]", "application/json", max_records=100)
+    assert len(with_cap.records) == 100 and math.isnan(with_cap.records[0].loss)
+    try:
+        decode_body(body, "application/json", max_records=100)
+    except BodyError as exc:
+        assert exc.status == 413 and "more than 100 records" in str(exc)
+    else:
+        raise AssertionError("101 records were taken with a cap of 100")
