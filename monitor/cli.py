@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", metavar="PATH", help="read the token from this file (its first line)")
     s.add_argument("--log-level", choices=LOG_LEVELS, help="TRAINHEALTH_LOG_LEVEL; default info")
     r = sub.add_parser("replay", help="run the detectors over recorded .jsonl files")
-    r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records")
+    r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records, or folders of them")
     r.add_argument("--config", help="TOML file with thresholds to try")
     r.add_argument("--until", type=float, metavar="SECONDS",
                    help="after the last record, let SECONDS pass with no records (as the server's "
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay the runs in N processes at once (files grouped by the run they are named after, "
                         "RUN.jsonl as the flight recorder writes them); each run's alerts are the same")
     o = sub.add_parser("report", help="write a self-contained HTML post-mortem of recorded .jsonl files")
-    o.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records (e.g. from serve --record)")
+    o.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records, or folders of them "
+                   "(e.g. serve --record's)")
     o.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     o.add_argument("--config", help="TOML file with thresholds (as for replay)")
     o.add_argument("--until", type=float, metavar="SECONDS", help="as for replay: let SECONDS pass after the "
@@ -109,10 +110,10 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None,
     from .replay import ReadStats, read_files
     from .replay_parallel import groups, replay_parallel
 
-    for path in files:
-        if not os.path.isfile(path):
-            print(f"trainhealth replay: no such file: {path}", file=sys.stderr)
-            return 2
+    found = record_files("replay", files)
+    if found is None:
+        return 2
+    files = found
     out = sys.stdout
     if jobs > 1 and len(groups(files)) > 1:
         part = replay_parallel(files, settings, until, jobs)
@@ -135,11 +136,14 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None,
 def report(files: Sequence[str], output: str, settings: Settings, until: float | None = None) -> int:
     from .page import report as report_mod
 
-    for path in files:
-        if not os.path.isfile(path):
-            print(f"trainhealth report: no such file: {path}", file=sys.stderr)
-            return 2
-    body, stats = report_mod.build(files, settings, until)
+    found = record_files("report", files)
+    if found is None:
+        return 2
+    body, stats = report_mod.build(found, settings, until)
+    if not stats.records:
+        why = f" ({stats.skipped} lines skipped: {stats.first_errors[0]})" if stats.first_errors else ""
+        print(f"trainhealth report: no record read from {', '.join(found)}{why}; nothing written", file=sys.stderr)
+        return 1
     try:
         with open(output, "w", encoding="utf-8") as fh:
             fh.write(body)
@@ -151,6 +155,29 @@ def report(files: Sequence[str], output: str, settings: Settings, until: float |
     for err in stats.first_errors:
         print(f"  skipped {err}", file=sys.stderr)
     return 0
+
+
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+def record_files(command: str, paths: Sequence[str]) -> list[str] | None:
+    """The files to read: each file as given, and a folder's .jsonl/.jsonl.gz files (sorted; not its
+    subfolders). None, after saying why on stderr, for a path that is missing or a folder with none."""
+    out: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(RECORD_SUFFIXES)
+                            and os.path.isfile(os.path.join(path, n)))
+            if not inside:
+                print(f"trainhealth {command}: no .jsonl or .jsonl.gz file in the folder {path}", file=sys.stderr)
+                return None
+            out += inside
+        elif os.path.isfile(path):
+            out.append(path)
+        else:
+            print(f"trainhealth {command}: no such file: {path}", file=sys.stderr)
+            return None
+    return out
 
 
 def serve(settings: Settings, load_settings: Callable[[], Settings] | None = None,

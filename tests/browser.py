@@ -92,6 +92,12 @@ class Browser:
                 return
 
     def open(self, url: str, timeout: float = 60) -> None:
+        """Load ``url``; events (errors, requests) are this page's only: the previous page is left for a blank
+        one first, so a request it had in flight (a refresh to a sidecar now stopped) is not counted here."""
+        self._load("about:blank", timeout)
+        self._load(url, timeout)
+
+    def _load(self, url: str, timeout: float) -> None:
         self.events.clear()
         self.call("Page.navigate", url=url)
         deadline = time.monotonic() + timeout

@@ -55,6 +55,9 @@ class _Connection:
         self._host = parts.hostname
         self._port = parts.port
         self.prefix = parts.path.rstrip("/")
+        # what an error names: the address tried, without any user:password part (the token is a header)
+        netloc = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self.shown = f"{parts.scheme}://{netloc}{'' if parts.port is None else f':{parts.port}'}{self.prefix}"
         self._timeout = timeout
         self._headers = {"Connection": "keep-alive"}
         if token:
@@ -88,7 +91,7 @@ class _Connection:
                 self.close()
                 if reused and not isinstance(exc, TimeoutError):
                     continue
-                return f"{type(exc).__name__}: {exc}"
+                return f"{type(exc).__name__}: {exc} ({method} {self.shown}{path})"
             return resp.status, text[:MAX_ANSWER_BYTES], resp.getheader("Retry-After")
         return "connection closed twice"  # pragma: no cover - loop always returns
 

@@ -1,7 +1,8 @@
 """The chart data both pages draw: per-rank columns of charted values, and alert episodes.
 
 Shape (one run): ``{"series": [{"rank", "time": [...], "step": [...], "loss": [...], ...}],
-"gpu_total": {rank: bytes}, "alerts": [{"alert", "severity", "rank", "step", "time", "end", "summary"}],
+"gpu_total": {rank: bytes}, "host_limit": {rank: bytes},
+"alerts": [{"alert", "severity", "rank", "root_ranks", "step", "time", "end", "summary"}],
 "lr_expected": [[time, lr], ...]}``. A value is a number, ``None`` (not measured: skipped) or the string
 "NaN" / "Infinity" / "-Infinity" (the line breaks and a red mark shows it). ``dumps`` writes it as JSON
 that is safe inside a ``<script>`` element.
@@ -16,8 +17,9 @@ from typing import Any, Iterable, Mapping
 from .. import jsonout
 from ..history import columns
 from ..state import RunState
+from .glyphs import plain
 
-EPISODE_FIELDS = ("alert", "severity", "rank", "step", "time", "summary")
+EPISODE_FIELDS = ("alert", "severity", "rank", "root_ranks", "step", "time", "summary")
 
 
 def spell_nonfinite(col: list[Any]) -> list[Any]:
@@ -58,6 +60,9 @@ def episodes(transitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 ep["time"] = a.get("started_at", a["time"])
                 out.append(ep)
             ep["end"] = a["time"]
+    for ep in out:  # the charts' list shows summaries as text: the page's font has no pictographs
+        if isinstance(ep.get("summary"), str):
+            ep["summary"] = plain(ep["summary"])
     cleaned: list[dict[str, Any]] = jsonout.clean(out)
     return cleaned
 
@@ -81,13 +86,24 @@ def live_rows(run: RunState, prefer: Iterable[int | None] = ()) -> tuple[dict[in
     return rows, gpu_total
 
 
+def host_limits(run: RunState, ranks: Iterable[int]) -> dict[str, float]:
+    """Each charted rank's latest host memory limit (``host_mem_limit_bytes``), where it has one."""
+    out = {}
+    for rank in ranks:
+        limit = run.ranks[rank].latest.get("host_mem_limit_bytes")
+        if limit is not None and math.isfinite(limit):
+            out[str(rank)] = limit
+    return out
+
+
 def live_chart(name: str, rows: dict[int, Any], gpu_total: dict[str, float],
                transitions: Iterable[Mapping[str, Any]], ranks_total: int,
-               starts: list[dict[str, Any]]) -> dict[str, Any]:
+               starts: list[dict[str, Any]], host_limit: dict[str, float] | None = None) -> dict[str, Any]:
     """The recent window of one live run, from ``live_rows``' copies (off the event loop)."""
     series = [rank_series(rank, columns(r)) for rank, r in rows.items()]
     until = max((s["time"][-1] for s in series if s["time"]), default=0.0)
-    return {"run": name, "series": series, "gpu_total": gpu_total, "alerts": episodes(transitions),
+    return {"run": name, "series": series, "gpu_total": gpu_total, "host_limit": host_limit or {},
+            "alerts": episodes(transitions),
             "ranks_total": ranks_total, "lr_expected": jsonout.clean(lr_expected(starts, until))}
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from .. import jsonout
 from .chart import dumps
+from .glyphs import plain
 
 MAX_RANK_ROWS = 256  # a 4,096-rank run lists its first ranks and says how many more
 RECENT_ALERTS = 20
@@ -28,7 +29,7 @@ def asset(name: str) -> str:
 
 
 def esc(value: Any) -> str:
-    return escape(str(value), quote=True)
+    return escape(plain(str(value)), quote=True)
 
 
 def dumps_pretty(obj: Any) -> str:
@@ -143,8 +144,10 @@ def live_fragment(model: dict[str, Any]) -> str:
     if detail is not None:
         name = esc(detail["run"])
         parts += [f'<section class="card" id="run" data-run="{name}"><h2>Run {name}</h2>',
+                  model.get("incident", ""),
                   findings_html(detail.get("findings")),
-                  '<h3>Firing</h3>', alerts_table(detail["firing"], "Nothing is firing.", with_state=False),
+                  '<h3>Firing</h3>', alerts_table(sorted(detail["firing"], key=lambda a: a["time"]),
+                                                  "Nothing is firing.", with_state=False),
                   '<h3>Ranks</h3>', ranks_table(detail["rank_states"]),
                   '<h3>Recent alerts</h3>', alerts_table(model["recent"][:RECENT_ALERTS], "No alerts yet."),
                   '</section>',

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping
 from ..alerts import AlertBook
 from ..pipeline import Pipeline
 from ..status import run_view, runs_view
-from .chart import live_chart, live_rows
+from . import story
+from .chart import host_limits, live_chart, live_rows
 
 RECENT_LIMIT = 200  # transitions read for the tables and the chart markers
 
@@ -32,6 +33,7 @@ def snapshot(pipeline: Pipeline, book: AlertBook, recent: Callable[[str, int], l
         model["detail"] = run_view(state, book, detail=True, findings=pipeline.findings(chosen))
         model["recent"] = recent(chosen, RECENT_LIMIT)
         model["rows"], model["gpu_total"] = live_rows(state, alerting_ranks(model["detail"]["firing"]))
+        model["host_limit"] = host_limits(state, model["rows"])
     return model
 
 
@@ -39,12 +41,20 @@ def finish(model: dict[str, Any]) -> dict[str, Any]:
     """Chart data from the snapshot's copies: the window's samples and the alerts that touch it."""
     rows = model.pop("rows", None)
     gpu_total = model.pop("gpu_total", {})
-    if rows is None or model["detail"] is None:
+    host_limit = model.pop("host_limit", {})
+    detail = model["detail"]
+    if detail is not None:  # the incident card: the run's alert history and what is firing now
+        seen = {a.get("fingerprint") for a in model["recent"]}
+        told = [*model["recent"], *(a for a in detail["firing"] if a.get("fingerprint") not in seen)]
+        fired = [a for a in told if a["state"] == "firing"]
+        outcome = story.live_outcome_html(detail["rank_states"], detail["starts"], fired)
+        model["incident"] = story.incident_html(told, {}, [], detail["starts"], outcome, "so far")
+    if rows is None or detail is None:
         return model
     start = min((r[0] for r in rows.values()), default=None)  # time is each row's first column
     touching = [a for a in model["recent"] if start is None or a["time"] >= start or a["state"] == "resolved"]
     model["chart"] = live_chart(model["chosen"], rows, gpu_total, touching + model["detail"]["firing"],
-                                model["detail"]["ranks"], [dict(s) for s in model["detail"]["starts"]])
+                                model["detail"]["ranks"], [dict(s) for s in model["detail"]["starts"]], host_limit)
     return model
 
 

@@ -14,11 +14,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from ..alerts import Alert
 from ..config import Settings
-from ..detectors.incident import death
 from ..pipeline import Pipeline, replay
-from ..record import ErrorInfo, Record, to_obj
+from ..record import Record, to_obj
 from ..replay import ReadStats, read_files
-from . import html
+from . import html, story
 from .chart import dumps, episodes, lr_expected, spell_nonfinite
 from .downsample import BUCKETS, VALUES, RankBuckets
 
@@ -38,6 +37,7 @@ class RunRecording:
         self.ends: dict[int, dict[str, Any]] = {}
         self.ranks: dict[int, RankBuckets] = {}
         self.gpu_total: dict[int, float] = {}
+        self.host_limit: dict[int, float] = {}
         self.first_host: dict[int, tuple[float, float]] = {}  # rank -> (time, bytes) of its first host sample
         self.last_host: dict[int, tuple[float, float]] = {}
         self.gpu_peak: dict[int, float] = {}
@@ -58,6 +58,8 @@ class RunRecording:
             peak = rec.gpu_mem_peak_bytes
             if peak is not None and math.isfinite(peak) and peak > self.gpu_peak.get(rec.rank, -1.0):
                 self.gpu_peak[rec.rank] = peak
+            if rec.host_mem_limit_bytes is not None and math.isfinite(rec.host_mem_limit_bytes):
+                self.host_limit[rec.rank] = rec.host_mem_limit_bytes
             host = rec.host_mem_bytes
             if host is not None and math.isfinite(host):
                 self.first_host.setdefault(rec.rank, (rec.time, host))
@@ -68,6 +70,11 @@ class RunRecording:
             self.starts.append(to_obj(rec))
         elif kind == "end":
             self.ends[rec.rank] = to_obj(rec)
+
+    def rank_list(self) -> list[int]:
+        """Every rank the recording heard of: by its samples, its start or its end."""
+        started = {s["rank"] for s in self.starts if isinstance(s.get("rank"), int)}
+        return sorted(set(self.ranks) | set(self.ends) | started)
 
     # -- what the page shows ------------------------------------------------
     def chart(self) -> dict[str, Any]:
@@ -81,6 +88,7 @@ class RunRecording:
                 cols[name] = spell_nonfinite([_short(r[2][k]) for r in rows])
             series.append(cols)
         return {"run": self.name, "series": series, "gpu_total": {str(r): v for r, v in self.gpu_total.items()},
+                "host_limit": {str(r): v for r, v in self.host_limit.items()},
                 "alerts": episodes(self.alerts), "lr_expected": self.lr_expected()}
 
     def lr_expected(self) -> list[list[float]]:
@@ -146,7 +154,8 @@ def run_section(i: int, run: RunRecording, findings: dict[str, Any]) -> str:
             f'<h2>Run {html.esc(run.name)}</h2>'
             f'<p class="muted">{html.fmt_time(run.first_time)} to {html.fmt_time(run.last_time)} '
             f'({_duration(run.last_time - run.first_time)}), {len(run.ranks)} ranks, {run.records} records</p>'
-            f'{html.findings_html(findings)}{ends_html(run)}'
+            f'{story.incident_html(run.alerts, run.ends, run.rank_list(), run.starts)}'
+            f'<h3>Evidence</h3>{html.findings_html(findings)}'
             f'<h3>Starts and configuration</h3>{starts_html(run)}'
             f'<h3>Alert timeline</h3>{html.alerts_table(fired, "No alerts: the detectors stayed quiet.")}'
             f'<h3>Memory</h3>{memory_html(run)}'
@@ -187,27 +196,6 @@ def starts_html(run: RunRecording) -> str:
             '<th class="num">world size</th><th class="num">batch/rank</th><th class="num">total batch</th>'
             '<th class="num">LR</th><th class="num">linear-scaling LR (LR / it)</th><th class="num">warmup</th>'
             f'<th>optimizer</th><th></th></tr>{"".join(rows)}</table>')
-
-
-def ends_html(run: RunRecording) -> str:
-    if not run.ends:
-        return ""
-    failed = {r: e for r, e in run.ends.items() if e.get("status") == "failed"}
-    text = f"{len(run.ends)} of {len(run.ranks) or len(run.ends)} ranks sent an end record"
-    if not failed:
-        return f'<p class="muted">{text}; none failed.</p>'
-    items = "".join(f'<li>rank {r}: {html.esc(_how(e))}</li>' for r, e in sorted(failed.items()))
-    return f'<p class="bad">{text}; {len(failed)} failed:</p><ul>{items}</ul>'
-
-
-def _how(end: dict[str, Any]) -> str:
-    """A failed end in words: the exception, or what its launcher saw (signal, exit code, last words)."""
-    error = end.get("error")
-    info = ErrorInfo(**{k: v for k, v in error.items() if k in ("type", "message")}) if error else None
-    return death(info, signal=end.get("signal"), exit_code=end.get("exit_code"),
-                 forwarded=bool(end.get("signal_forwarded")), oom_killed=bool(end.get("oom_killed")),
-                 stderr_tail=end.get("stderr_tail"), memory=end.get("host_mem_bytes"),
-                 limit=end.get("host_mem_limit_bytes")).quoted
 
 
 def memory_html(run: RunRecording) -> str:

@@ -43,9 +43,9 @@ READ_DOM = """(() => {
 })()"""
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Browser]:
-    b = Browser(need_binary("chromium"), tmp_path / "chromium-profile")
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    b = Browser(need_binary("chromium"), tmp_path_factory.mktemp("chromium") / "profile")
     yield b
     b.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import pytest
 from trainhealth.record import from_obj
 from trainhealth.trainer.client import STAGED, Telemetry
 from trainhealth.trainer.settings import ClientSettings, from_environ
-from trainhealth.trainer.transport import Result, classify, encode_json, encode_jsonl
+from trainhealth.trainer.transport import HttpSink, Result, classify, encode_json, encode_jsonl
 
 from .trainer_fakes import ENV, Clock, FakeSink
 
@@ -224,6 +225,18 @@ def test_too_large_batches_are_split_and_a_single_too_large_record_dropped():
                                             (401, "retry")])
 def test_http_status_classification(status, outcome):
     assert classify(status, "").outcome == outcome
+
+
+def test_a_failed_send_names_the_url_it_tried_but_never_the_token_or_a_password():
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        sink = HttpSink(f"http://user:hunter2@127.0.0.1:{port}/th/", token="s3cret")
+        result = sink.send([{"type": "sample"}])
+    assert result.outcome == "retry"
+    assert result.reason.endswith(f"(POST http://127.0.0.1:{port}/th/v1/ingest)"), result.reason
+    assert "Connection refused" in result.reason
+    assert "s3cret" not in result.reason and "hunter2" not in result.reason
 
 
 # -- values the device has not finished (a fake stager: the client side of the deferred path) -----------

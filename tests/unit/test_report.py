@@ -144,3 +144,29 @@ def test_report_until_reports_a_rank_that_went_silent_at_the_end(tmp_path: Path)
     rows = re.findall(r'<tr class="alert" data-alert="(\w+)">', out.read_text())
     assert sorted(rows) == sorted(a["alert"] for a in replayed)
     assert cli("report", str(path), "-o", str(out), "--until", "-1").returncode == 2
+
+
+def test_report_of_a_folder_takes_its_jsonl_files_and_nothing_read_is_an_error(tmp_path: Path, capsys) -> None:
+    from trainhealth.cli import main
+
+    records = diverging_run(steps=30, nan_step=10_000)
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(lines([r for r in records if r["rank"] == 0]))
+    (folder / "b.jsonl").write_text(lines([r for r in records if r["rank"] == 1]))
+    (folder / "notes.txt").write_text("not records")
+    out = tmp_path / "report.html"
+    assert main(["report", str(folder), "-o", str(out)]) == 0
+    assert f"{len(records)} records" in capsys.readouterr().err
+    assert [s["rank"] for s in report_data(out.read_text())["runs"][0]["chart"]["series"]] == [0, 1]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty), "-o", str(tmp_path / "e.html")]) == 2
+    assert capsys.readouterr().err == f"trainhealth report: no .jsonl or .jsonl.gz file in the folder {empty}\n"
+
+    (empty / "junk.jsonl").write_text("{not json\n")  # a file, but no record in it
+    assert main(["report", str(empty), "-o", str(tmp_path / "e.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trainhealth report: no record read from ") and "nothing written" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "e.html").exists()
