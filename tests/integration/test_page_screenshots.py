@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 PLOT = (62, 640 - 12)  # the charts' plot area, x (charts.js: L and W - R)
 KINDS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "divergence": stopped_run, "crash": crashing_run, "leak": leaking_run, "healthy": healthy_run}
-INCIDENT = {"divergence": ("nan_divergence", 150), "crash": ("rank_failed", 150), "leak": ("host_memory_leak", 45),
+INCIDENT = {"divergence": ("nan_divergence", 150), "crash": ("rank_failed", 150), "leak": ("host_memory_leak", 38),
             "healthy": None, "hang": ("rank_stalled", 150)}
 REPORTED = {**KINDS, "hang": stalled_run}  # a hang is reported with --until: the time a silence takes
 
@@ -153,7 +153,7 @@ def test_report_reads_at_a_glance(browser: Browser, tmp_path: Path, kind: str,
         charts = {c["key"]: c for c in dom["charts"]}
         assert len(charts["host_mem_bytes"]["ref"]) == 1  # the 16 GB limit, dashed
         assert charts["host_mem_bytes"]["ylabels"][-1] == "15 GiB"  # the axis reaches it
-        assert "where\trank 0, host node-0, step 45" in incident["text"]
+        assert "where\trank 0, host node-0, step 38" in incident["text"]
         assert "ranks 0, 1 sent no end record" in incident["text"]
     else:
         assert "every rank ended at step 240" in incident["text"] and dom["legend"] == []
