@@ -80,7 +80,9 @@ def outcome_html(ends: Mapping[int, Mapping[str, Any]], ranks: Sequence[int], st
     failed.sort(key=lambda r: (r not in first, ends[r].get("time", 0), r))
     for k, r in enumerate(failed):
         lead = "failed" if k == 0 else "then failed"
-        parts.append(f'<li class="bad">rank {r} {lead} at step {html.fmt_num(ends[r].get("step"))}: '
+        step = ends[r].get("step")  # a launcher's end has none: it knows how the rank died, not where
+        where = f' at step {html.fmt_num(step)}' if isinstance(step, int) else ""
+        parts.append(f'<li class="bad">rank {r} {lead}{where}: '
                      f'<code>{html.esc(how_it_ended(ends[r]))}</code></li>')
     done = sorted(r for r in ends if r not in failed)
     if done:

@@ -245,14 +245,17 @@ def test_the_cgroup_readers_v1_and_v2(tmp_path: Path):
 
 
 def test_the_report_says_how_each_failed_rank_died():
-    from trainhealth.page.report import RunRecording, ends_html
+    from trainhealth.page import story
+    from trainhealth.page.report import RunRecording
 
     run = RunRecording(RUN)
     run.add(end(0, T0, 3, error=CUDA))
-    run.add(end(1, T0, signal="SIGKILL", oom_killed=True, host_mem_bytes=2.0**30, host_mem_limit_bytes=2.0**30))
-    html = ends_html(run)
-    assert "<li>rank 0: RuntimeError: CUDA error: unspecified launch failure</li>" in html
-    assert "<li>rank 1: killed by the kernel&#x27;s OOM killer at 1.0 GiB of its 1.0 GiB limit (SIGKILL)</li>" in html
+    run.add(end(1, T0 + 1, signal="SIGKILL", oom_killed=True, host_mem_bytes=2.0**30,
+                host_mem_limit_bytes=2.0**30))
+    html = story.outcome_html(run.ends, run.rank_list(), run.starts, [], [])
+    assert "rank 0 failed at step 3: <code>RuntimeError: CUDA error: unspecified launch failure</code>" in html
+    assert ("rank 1 then failed: <code>killed by the kernel&#x27;s OOM killer at 1.0 GiB of its 1.0 GiB "
+            "limit (SIGKILL)</code>") in html
 
 
 def test_a_late_sample_from_before_a_collective_error_is_not_training_on():
