@@ -345,53 +345,10 @@ def available() -> bool:
     return psutil is not None
 
 
-# -- the launcher's view of its rank's cgroup (trainhealth.launch): OOM kills and peak usage ------------------
+# -- the launcher's view of its rank's cgroup (trainhealth.launch): its peak usage ------------------------------
 
-def memory_cgroup(self_cgroup: str | Path = "/proc/self/cgroup",
-                  root: str | Path = "/sys/fs/cgroup") -> tuple[Path, int] | None:
-    """The memory cgroup folder of a process (``self_cgroup``: its /proc/PID/cgroup) and the version (1 or
-    2): the v1 ``memory`` hierarchy where it is mounted, else the v2 unified one; None when unreadable."""
-    try:
-        lines = Path(self_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    root = Path(root)
-    unified = None
-    for line in lines:
-        ident, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        parts = [p for p in path.split("/") if p]
-        if "memory" in controllers.split(","):
-            folder = root.joinpath("memory", *parts)
-            if folder.is_dir():
-                return folder, 1
-        elif ident == "0" and controllers == "":
-            unified = root.joinpath(*parts)
-    if unified is not None and (unified / "memory.events").exists():
-        return unified, 2
-    return None
-
-
-def oom_kill_count(folder: Path, version: int) -> int | None:
-    """Processes the kernel's OOM killer killed in this cgroup so far (v2 ``memory.events``, v1
-    ``memory.oom_control``: their ``oom_kill`` line; kernels before 4.13 have none): None if unreadable."""
-    name = "memory.events" if version == 2 else "memory.oom_control"
-    try:
-        text = (folder / name).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill" and value.strip().isdigit():
-            return int(value)
-    return None
-
-
-def peak_bytes(folder: Path, version: int) -> float | None:
+def peak_bytes(folder: str | Path, version: int) -> float | None:
     """The cgroup's peak memory usage (v2 ``memory.peak``, kernel 5.19+; v1 ``memory.max_usage_in_bytes``)."""
     name = "memory.peak" if version == 2 else "memory.max_usage_in_bytes"
-    try:
-        raw = (folder / name).read_text().strip()
-    except OSError:
-        return None
-    return float(raw) if raw.isdigit() else None
+    value = _number(Path(folder) / name)
+    return None if value is None else float(value)

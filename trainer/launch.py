@@ -11,9 +11,10 @@ child dies with the watcher (PR_SET_PDEATHSIG). When the child exits non-zero or
 signal, the watcher sends the rank's ``end`` on its behalf within milliseconds: status "failed",
 ``exit_code`` or ``signal``, ``stderr_tail`` (the runtime's last words: "terminate called after
 throwing an instance of 'c10::DistBackendError'", faulthandler's Python stack after a segfault),
-``oom_killed`` when its cgroup's OOM-kill count rose while it ran, with the cgroup's peak usage and
-limit. A clean exit (code 0) sends nothing: the client's own ``end`` says it. Then the watcher exits
-as the child did (the same code, or the same signal), so torchrun sees what it would have seen.
+``oom_killed`` when the OOM-kill count of its limiting cgroup (else the machine's) rose while it ran,
+with the cgroup's peak usage and limit. A clean exit (code 0) sends nothing: the client's own ``end``
+says it. Then the watcher exits as the child did (the same code, or the same signal), so torchrun sees
+what it would have seen.
 
 Run name, rank, sidecar URL and token come from the environment as for the client (settings.py); the
 child gets ``TRAINHEALTH_LAUNCH_ID`` (its batches carry the watcher's launch id, so the sidecar knows both
@@ -34,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import host_memory
@@ -127,8 +127,8 @@ class Watcher:
         self.proc: subprocess.Popen[bytes] | None = None
         self._sink = sink
         self._reader: threading.Thread | None = None
-        self.cgroup: tuple[Path, int] | None = None  # the child's memory cgroup (folder, version)
-        self.oom_before: int | None = None  # its OOM-kill count when the child started
+        self.cgroup: host_memory.Cgroup | None = None  # the memory cgroup whose limit applies to the child
+        self.oom_before: int | None = None  # its OOM-kill count (the machine's without one) at the start
 
     def start(self) -> subprocess.Popen[bytes]:
         self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE,
@@ -137,9 +137,14 @@ class Watcher:
             signal.signal(sig, self._forward)
         self._reader = threading.Thread(target=self._read_stderr, name="trainhealth-stderr", daemon=True)
         self._reader.start()
-        self.cgroup = host_memory.memory_cgroup(f"/proc/{self.proc.pid}/cgroup")
-        self.oom_before = host_memory.oom_kill_count(*self.cgroup) if self.cgroup else None
+        self.cgroup = host_memory.limiting_cgroup(self_cgroup=f"/proc/{self.proc.pid}/cgroup")
+        self.oom_before = self._oom_kills()
         return self.proc
+
+    def _oom_kills(self) -> int | None:
+        """The OOM killer's count where the child lives: its limiting cgroup's, else the machine's."""
+        cg = self.cgroup
+        return host_memory.oom_kills(cg.path, cg.version) if cg is not None else host_memory.machine_oom_kills()
 
     def _forward(self, sig: int, frame: Any) -> None:
         self.forwarded = sig
@@ -173,11 +178,11 @@ class Watcher:
         code = self.proc.wait()
         if self._reader is not None:
             self._reader.join(DRAIN_SECONDS)
-        oom_after = peak = limit = None
+        oom_after = self._oom_kills()
+        peak = limit = None
         if self.cgroup is not None:
-            oom_after = host_memory.oom_kill_count(*self.cgroup)
-            peak = host_memory.peak_bytes(*self.cgroup)
-            limit = host_memory.cgroup_limit(self_cgroup=f"/proc/{os.getpid()}/cgroup")
+            peak = host_memory.peak_bytes(self.cgroup.path, self.cgroup.version)
+            limit = self.cgroup.limit
         if self.settings is None:
             return code
         rec = end_record(self.settings, code, self.tail.text(), forwarded=self.forwarded, now=self.clock(),

@@ -226,22 +226,25 @@ def test_the_stderr_tail_is_bounded_and_starts_at_a_line():
     assert text.endswith("line 499\n") and text.startswith("line ") and len(text) <= 100
 
 
-def test_the_cgroup_readers_v1_and_v2(tmp_path: Path):
-    (tmp_path / "memory" / "job" / "rank1").mkdir(parents=True)
+def test_the_launchers_cgroup_reading_v1_and_v2(tmp_path: Path):
+    # the limiting cgroup and its OOM-kill count are the memory readers' (limiting_cgroup, oom_kills); the
+    # launcher adds the peak usage
     v1 = tmp_path / "memory" / "job" / "rank1"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("167772160\n")
     (v1 / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     (v1 / "memory.max_usage_in_bytes").write_text("104857600\n")
     cg = tmp_path / "cgroup"
-    cg.write_text("4:memory:/job/rank1\n0::/\n")
-    assert host_memory.memory_cgroup(cg, tmp_path) == (v1, 1)
-    assert (host_memory.oom_kill_count(v1, 1), host_memory.peak_bytes(v1, 1)) == (2, 104857600.0)
+    cg.write_text("4:memory:/job/rank1\n")
+    found = host_memory.limiting_cgroup(tmp_path, cg)
+    assert found is not None and (found.path, found.version, found.limit) == (v1, 1, 167772160.0)
+    assert (host_memory.oom_kills(v1, 1), host_memory.peak_bytes(v1, 1)) == (2, 104857600.0)
     v2 = tmp_path / "job.slice"
     v2.mkdir()
     (v2 / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\noom_group_kill 0\n")
-    cg.write_text("0::/job.slice\n")
-    assert host_memory.memory_cgroup(cg, tmp_path) == (v2, 2)
-    assert (host_memory.oom_kill_count(v2, 2), host_memory.peak_bytes(v2, 2)) == (1, None)  # no memory.peak
-    assert host_memory.memory_cgroup(tmp_path / "missing", tmp_path) is None
+    assert (host_memory.oom_kills(v2, 2), host_memory.peak_bytes(v2, 2)) == (1, None)  # no memory.peak
+    (v2 / "memory.peak").write_text("2048\n")
+    assert host_memory.peak_bytes(v2, 2) == 2048.0
 
 
 def test_the_report_says_how_each_failed_rank_died():
