@@ -36,7 +36,10 @@ linear values (no log, no ratio guard); grad norms <= 0 are skipped.
 Two more ways to be high (docs/divergence.md): a *soft* spike, ``soft_ratio``
 (below ``min_ratio``) times the level and ``soft_z`` noise deviations above it (a
 smooth LLM loss jumping 1.5x); and, before ``min_history`` values exist, *early*
-growth: ``early_growth`` times the rank's first value since its start.
+growth: the last ``EARLY_CONFIRM`` values in a row all ``early_growth`` times the median of the rank's first
+``EARLY_BASE`` values since its start. A median and a run of values, not the first value and one sample: a
+per-rank loss on a tiny batch is noisy from its first step (the reference trainer's moves 10-40x between
+neighbouring steps on healthy runs), and one low first value would make every later one look grown.
 
 Judged per rank, told per run: both detectors share the run's one spike incident
 (divergence_story.py), a run-level alert (``rank`` null) that the first signal
@@ -158,6 +161,10 @@ class LazyWindow(RobustWindow):
         return super().median()
 
 
+EARLY_BASE = 3  # early growth is judged against the median of a rank's first values since its start...
+EARLY_CONFIRM = 3  # ...by this many values in a row (at least confirm_samples)
+
+
 @dataclass(kw_only=True, slots=True)
 class SpikeSettings:
     enabled: bool = True
@@ -212,7 +219,7 @@ class GradExplosionSettings(SpikeSettings):
 
 class _Rank:
     __slots__ = ("window", "changes", "prev", "linear", "high", "onset_step", "firing", "base_median",
-                 "base_sigma", "calm", "fired_for", "first", "first_step", "how")
+                 "base_sigma", "calm", "fired_for", "early", "first_step", "how")
 
     def __init__(self, size: int) -> None:
         self.window = RobustWindow(size)  # values (log space)
@@ -226,7 +233,7 @@ class _Rank:
         self.base_sigma = 0.0
         self.calm = 0
         self.fired_for = 0  # samples since firing
-        self.first: float | None = None  # the first value since the start (log space), for early growth
+        self.early: list[float] = []  # the first EARLY_BASE values since the start (log space), for early growth
         self.first_step = 0
         self.how = ""  # how the firing was judged: "robust", "soft" or "early"
 
@@ -294,17 +301,20 @@ class _SpikeDetector(Detector[SpikeSettings]):
                     st.high = 0
             else:
                 st.high = 0
-        elif st.first is not None and not st.linear:  # no history yet: absolute growth since the start
-            if x - st.first >= log(s.early_growth):
+        elif len(st.early) == EARLY_BASE and not st.linear:  # no history yet: absolute growth since the start
+            base = sorted(st.early)[EARLY_BASE // 2]
+            if x - base >= log(s.early_growth):
                 st.high += 1
                 if st.high == 1:
                     st.onset_step = record.step or 0
-                if st.high >= s.confirm_samples:
-                    out = self._fire(record, st, x, value, st.first, 0.0, "early")
+                if st.high >= max(s.confirm_samples, EARLY_CONFIRM):
+                    out = self._fire(record, st, x, value, base, 0.0, "early")
             else:
                 st.high = 0
-        if st.first is None and not st.linear:
-            st.first, st.first_step = x, record.step or 0
+        if len(st.early) < EARLY_BASE and not st.linear:
+            if not st.early:
+                st.first_step = record.step or 0
+            st.early.append(x)
         win.push(x)
         prev = st.prev
         if prev is not None:
@@ -326,8 +336,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
         ratio = value / base if base > 0 else math.inf
         label, rank = self.label, record.rank
         if how == "early":
-            text = (f"{label} grew {ratio:.3g}x within {step - st.first_step} steps of its first sample: "
-                    f"{base:.4g} at step {st.first_step} -> {value:.4g} at step {step} on rank {rank} (no "
+            text = (f"{label} grew {ratio:.3g}x within {step - st.first_step} steps of its start: "
+                    f"{base:.4g} (the median of its first {EARLY_BASE} samples, from step {st.first_step}) -> "
+                    f"{value:.4g} at step {step} on rank {rank}, high since step {st.onset_step} (no "
                     f"history yet: judged by absolute growth, {self.settings.early_growth:g}x or more)")
         elif how == "soft":
             text = (f"a soft {label} spike: {value:.4g} at step {step} on rank {rank}, {ratio:.3g}x its recent "
