@@ -140,3 +140,13 @@ def module_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar
     sc = Sidecar(["--db", str(tmp / "trainhealth.db")], cwd=tmp)
     yield sc
     sc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium (tests/browser.py) for a whole test module: a start costs seconds."""
+    from tests.browser import Browser
+
+    b = Browser(need_binary("chromium"), tmp_path_factory.mktemp("chromium") / "profile")
+    yield b
+    b.close()

@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from tests.conftest import IN_CI, ROOT, Sidecar, need_binary, python_path, stop_process
+from tests.e2e.test_node_down import CONFIG, FAST_CLIENT  # the same fast stall floors and client
 from tests.integration.alerting import Receiver
 from tests.twonodes import NETNS_ETC, BedUnavailable, TwoNodes, why_unavailable
 
@@ -43,14 +44,6 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-CONFIG = """
-[detectors.rank_stalled]
-floor_seconds = 3.0
-startup_seconds = 30.0
-silence_floor_seconds = 2.0
-"""
-FAST_CLIENT = {"TRAINHEALTH_HEARTBEAT_SECONDS": "0.2", "TRAINHEALTH_FLUSH_SECONDS": "0.2",
-               "TRAINHEALTH_SAMPLE_SECONDS": "0.5"}
 NODE = ("node-0", "node-1")
 TOKEN = "two-nodes-" + "5e1f" * 8  # the sidecars listen on the nodes' network: ranks, the test and Prometheus send it
 

@@ -11,12 +11,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.browser import Browser
-from tests.conftest import ROOT, need_binary
+from tests.conftest import ROOT
 from tests.page_traces import HOSTILE, RUN, diverging_run, lines
 
 pytestmark = pytest.mark.integration
@@ -41,13 +40,6 @@ READ_DOM = """(() => {
     stored: sessionStorage.getItem('trainhealth-token'),
   };
 })()"""
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    b = Browser(need_binary("chromium"), tmp_path_factory.mktemp("chromium") / "profile")
-    yield b
-    b.close()
 
 
 def post(sidecar, records: list[dict]) -> None:

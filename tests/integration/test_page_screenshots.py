@@ -15,14 +15,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 from trainhealth.cli import main as cli
 from trainhealth.page.html import asset
 
 from tests.browser import Browser
-from tests.conftest import ROOT, need_binary
+from tests.conftest import ROOT
 from tests.page_traces import crashing_run, healthy_run, leaking_run, lines, stalled_run, stopped_run
 
 pytestmark = pytest.mark.integration
@@ -65,13 +65,6 @@ HOVER = """(() => {
   const g = svg.querySelector('g.hover');
   return g.getAttribute('visibility') === 'visible' && g.querySelector('text').textContent;
 })()"""
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    b = Browser(need_binary("chromium"), tmp_path_factory.mktemp("chromium") / "profile")
-    yield b
-    b.close()
 
 
 def shoot(browser: Browser, path: Path) -> None:
