@@ -91,11 +91,12 @@ def sanitize_run(name: str) -> str:
     return name if name.strip(".") else "local"  # "", ".", "..": not a run name
 
 
-def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
+def job_of(env: Mapping[str, str], host: str, launch_id: str, world_size: int | None = None) -> str:
     """The job key its ranks share: TRAINHEALTH_JOB, else torchrun's rendezvous id (unless "none": a
     static rendezvous), else MASTER_ADDR:MASTER_PORT (the rendezvous of a torch.distributed job; a loopback
-    address is the machine's own: ``host`` is its name), else the launch id for a job of one process,
-    else "-" (not known)."""
+    address is the machine's own: ``host`` is its name), else the launch id for a job of one process
+    (``world_size``, as the client was given it: by torchrun's WORLD_SIZE or by the caller), else "-" (not
+    known: ranks started some other way share no key the sidecar could judge)."""
     job = env.get("TRAINHEALTH_JOB")
     rdzv = env.get("TORCHELASTIC_RUN_ID", "")
     if not job and rdzv and rdzv != "none":
@@ -104,7 +105,7 @@ def job_of(env: Mapping[str, str], host: str, launch_id: str) -> str:
         addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
         if addr and port:
             job = f"{host}/{addr}:{port}" if addr.startswith(LOOPBACK) else f"{addr}:{port}"
-        elif env.get("WORLD_SIZE", "1") in ("", "1"):
+        elif (world_size if world_size is not None else _env_int(env, "WORLD_SIZE", 1)) <= 1:
             job = launch_id  # a job of one process
         else:
             job = "-"  # ranks started some other way: the job is not known (the sidecar does not judge it)
@@ -197,13 +198,14 @@ def from_environ(environ: Mapping[str, str] | None = None, **overrides: Any) -> 
         "host": node_name(env) if overrides.get("host") is None else overrides["host"],
     }
     values["launch_id"] = sanitize_run(env.get("TRAINHEALTH_LAUNCH_ID") or LAUNCH_ID)[:64]
-    values["job"] = job_of(env, socket.gethostname(), values["launch_id"])  # the machine's (not TRAINHEALTH_HOST)
     known = {f.name for f in fields(ClientSettings)}
     for key, value in overrides.items():
         if key not in known:
             raise TypeError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
+    if overrides.get("job") is None:  # the machine's name (not TRAINHEALTH_HOST); the world size as given
+        values["job"] = job_of(env, socket.gethostname(), values["launch_id"], values["world_size"])
     if isinstance(values["url"], str):
         values["url"] = values["url"].rstrip("/")
     return ClientSettings(**values)

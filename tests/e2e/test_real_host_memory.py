@@ -49,7 +49,9 @@ def test_torch_loop_leaking_tensors_is_caught_with_its_rate():
     true_rate = leak_bytes * 3600 / seconds_per_step / 1e6  # 472 MB per hour of record time
     _, alerts, wall = run_loop("leak", "--steps", "2400", "--leak-bytes", str(leak_bytes), "--every", "10",
                             "--seconds-per-step", str(seconds_per_step))  # 80 min of record time
-    assert [(a["alert"], a["rank"], a["state"]) for a in alerts] == [("host_memory_leak", 0, "firing")]
+    # one incident per leak: run-level (rank null), the leaking rank its root
+    assert [(a["alert"], a["rank"], a["state"]) for a in alerts] == [("host_memory_leak", None, "firing")]
+    assert alerts[0]["root_ranks"] == [0]
     alert = alerts[0]
     assert alert["rate_mb_per_hour"] == pytest.approx(true_rate, rel=0.2)
     delay_min = (alert["time"] - T0) / 60

@@ -24,7 +24,7 @@ TOKEN = "scrape-token"
 FIELDS = {"lr": 0.02, "grad_norm": 1.5, "grad_scale": 1024.0, "gpu_mem_peak_bytes": 6e9,
           "gpu_mem_total_bytes": 8e9, "gpu_mem_allocated_bytes": 4e9, "gpu_mem_reserved_bytes": 7e9,
           "host_mem_bytes": 3e9, "host_mem_available_bytes": 5e10, "host_mem_total_bytes": 6.4e10,
-          "step_time_seconds": 0.5, "data_time_seconds": 0.1}
+          "step_time_seconds": 0.5, "data_time_seconds": 0.1, "compute_seconds": 0.3, "comm_wait_seconds": 0.1}
 
 
 def free_port() -> int:

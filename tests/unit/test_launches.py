@@ -128,5 +128,9 @@ def test_the_client_names_its_job_as_the_ranks_of_one_job_share_it():
     assert job_of({**elastic, "TORCHELASTIC_RUN_ID": "none"}, "node-b", "x") == "10.0.0.7:29500"  # static
     assert job_of({}, "node-b", "x") == "x"  # a job of one process
     assert job_of({"WORLD_SIZE": "2"}, "node-b", "x") == "-"  # ranks started by hand: not known, not judged
+    assert job_of({}, "node-b", "x", world_size=4) == "-"  # Telemetry(world_size=4) without torchrun's environment
+    # four processes started by hand, each told its rank and the world size: one run, no job claims it
+    jobs = {from_environ({}, run="pause", rank=r, world_size=4).job for r in range(4)}
+    assert jobs == {"-"}
     assert from_environ({}).launch_id == from_environ({}).launch_id  # one per process
     assert parse(launch_header(ClientSettings(host="my host!"), 1)).host == "my-host-"
