@@ -55,6 +55,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from math import isfinite, log
+from statistics import median
 from typing import Any, ClassVar, cast
 
 from ..events import Event, Severity, firing, resolved
@@ -163,6 +164,7 @@ class LazyWindow(RobustWindow):
 
 EARLY_BASE = 3  # early growth is judged against the median of a rank's first values since its start...
 EARLY_CONFIRM = 3  # ...by this many values in a row (at least confirm_samples)
+EARLY_JUMP = 10.0  # a jump inside those first values: this many times early_growth above the ranks' first values
 
 
 @dataclass(kw_only=True, slots=True)
@@ -219,7 +221,7 @@ class GradExplosionSettings(SpikeSettings):
 
 class _Rank:
     __slots__ = ("window", "changes", "prev", "linear", "high", "onset_step", "firing", "base_median",
-                 "base_sigma", "calm", "fired_for", "early", "first_step", "how")
+                 "base_sigma", "calm", "fired_for", "early", "first_step", "how", "early_from")
 
     def __init__(self, size: int) -> None:
         self.window = RobustWindow(size)  # values (log space)
@@ -234,6 +236,7 @@ class _Rank:
         self.calm = 0
         self.fired_for = 0  # samples since firing
         self.early: list[float] = []  # the first EARLY_BASE values since the start (log space), for early growth
+        self.early_from = ""  # what the early baseline was, in words
         self.first_step = 0
         self.how = ""  # how the firing was judged: "robust", "soft" or "early"
 
@@ -246,6 +249,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
     def __init__(self, settings: SpikeSettings, run: RunState) -> None:
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
+        self.firsts: dict[int, float] = {}  # each rank's first value since its start (log space): early jumps
         self.story = story_of(run)  # the run's one spike incident, shared with the other spike detector
 
     def update(self, record: Record) -> list[Event]:
@@ -261,6 +265,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if story.diverged:  # the run went NaN: nan_divergence tells the rest, until a restart
             if self.ranks:
                 self.ranks.clear()
+                self.firsts.clear()
             return []
         value = getattr(record, self.field)
         if value is None or not isfinite(value):
@@ -301,9 +306,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
                     st.high = 0
             else:
                 st.high = 0
-        elif len(st.early) == EARLY_BASE and not st.linear:  # no history yet: absolute growth since the start
-            base = sorted(st.early)[EARLY_BASE // 2]
-            if x - base >= log(s.early_growth):
+        elif st.early and not st.linear:  # no history yet: absolute growth since the start
+            base = self._early_base(st, x)
+            if base is not None:
                 st.high += 1
                 if st.high == 1:
                     st.onset_step = record.step or 0
@@ -314,6 +319,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if len(st.early) < EARLY_BASE and not st.linear:
             if not st.early:
                 st.first_step = record.step or 0
+                self.firsts[record.rank] = x
             st.early.append(x)
         win.push(x)
         prev = st.prev
@@ -321,6 +327,25 @@ class _SpikeDetector(Detector[SpikeSettings]):
             st.changes.push(abs(x - prev))
         st.prev = x
         return out
+
+    def _early_base(self, st: _Rank, x: float) -> float | None:
+        """The baseline ``x`` grew ``early_growth`` times above, or None: the median of the rank's first
+        EARLY_BASE values; or, for a jump inside those first values (AdamW at a huge LR: 27 -> 7,480 at its
+        second step, and it stays there), ``EARLY_JUMP`` times more above the median of the ranks' first
+        values (one rank's lucky first batch is not the run's start)."""
+        grow = log(self.settings.early_growth)
+        if len(st.early) == EARLY_BASE:
+            base = sorted(st.early)[EARLY_BASE // 2]
+            if x - base >= grow:
+                st.early_from = f"the median of its first {EARLY_BASE} samples, from step {st.first_step}"
+                return base
+        firsts = self.firsts.values()
+        base = median(firsts)
+        if x - base >= grow + log(EARLY_JUMP):
+            who = "its first sample" if len(firsts) == 1 else f"the median of {len(firsts)} ranks' first samples"
+            st.early_from = f"{who}, {EARLY_JUMP:g}x the usual bound: a jump"
+            return base
+        return None
 
     def _high(self, st: _Rank, jump: float, sigma: float) -> bool:
         s = self.settings
@@ -337,7 +362,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
         label, rank = self.label, record.rank
         if how == "early":
             text = (f"{label} grew {ratio:.3g}x within {step - st.first_step} steps of its start: "
-                    f"{base:.4g} (the median of its first {EARLY_BASE} samples, from step {st.first_step}) -> "
+                    f"{base:.4g} ({st.early_from}) -> "
                     f"{value:.4g} at step {step} on rank {rank}, high since step {st.onset_step} (no "
                     f"history yet: judged by absolute growth, {self.settings.early_growth:g}x or more)")
         elif how == "soft":
@@ -437,6 +462,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
 
     def _restart(self, record: Record) -> list[Event]:
         st = self.ranks.pop(record.rank, None)
+        self.firsts.pop(record.rank, None)
         if st is None or not st.firing:
             return []
         return self._calm(record, f"rank {record.rank} restarted; {self.label} history cleared")
