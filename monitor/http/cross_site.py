@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
-from .. import jsonout
+from .strict_text import send_error
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 SAME_SITE = {b"same-origin", b"none"}
@@ -59,11 +59,7 @@ class CrossSite:
         if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
             why = cross_site(scope.get("headers", []))
             if why is not None:
-                body = jsonout.dumpb({"error": f"{scope['method']} {scope['path']}: refused, a web page on another "
-                                               f"site sent it ({why}); send it without Origin (curl, the client)"})
-                await send({"type": "http.response.start", "status": 403,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, 403, f"{scope['method']} {scope['path']}: refused, a web page on another "
+                                            f"site sent it ({why}); send it without Origin (curl, the client)")
                 return
         await self.app(scope, receive, send)

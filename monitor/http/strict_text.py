@@ -47,10 +47,14 @@ class StrictText:
             raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
             error = bad_bytes(raw_path, scope.get("query_string", b""))
             if error is not None:
-                body = jsonout.dumpb({"error": error})
-                await send({"type": "http.response.start", "status": 400,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, 400, error)
                 return
         await self.app(scope, receive, send)
+
+
+async def send_error(send: Callable[[Any], Awaitable[None]], status: int, error: str) -> None:
+    """Answer ``{"error": ...}`` with ``status`` from an ASGI middleware, before the app sees the request."""
+    body = jsonout.dumpb({"error": error})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
