@@ -117,18 +117,26 @@ class AlertBook:
         self.refreshed.clear()
         return out
 
+    def current(self, alerts: list[Alert]) -> list[Alert]:
+        """These transitions (one batch's, as ``apply`` returned them), each firing that was refreshed after
+        it was made replaced by a new copy of its alert as it stands now: a batch's transitions show the
+        picture at its end. The given dicts are not changed."""
+        if not self.refreshed:
+            return alerts
+        out = []
+        for a in alerts:
+            now = self.refreshed.get(a["fingerprint"]) if a["state"] == "firing" else None
+            out.append(copied(now) if now is not None and _episode(now) == _episode(a) else a)
+        return out
+
     def hand_off(self, alerts: list[Alert]) -> tuple[list[Alert], list[Alert]]:
-        """What goes to the sinks after a batch (or tick): its transitions (copies, as ``apply`` returned them),
-        and the open alerts refreshed since the last hand-off (copies, taken once). A firing of these
-        transitions that was refreshed later in the same batch goes out once, with its latest picture (the
-        page says what the store and the console say), and not also as a refresh; the copy the caller holds
-        stays as it was made."""
-        refreshed = self.take_refreshed()
-        if not refreshed or not alerts:
-            return alerts, refreshed
-        latest = {_episode(a): a for a in refreshed}
-        out = [latest.pop(_episode(a), a) if a["state"] == "firing" else a for a in alerts]
-        return out, list(latest.values())
+        """What goes to the sinks after a batch (or tick): its transitions as they stand now (``current``),
+        and copies of the open alerts refreshed since the last hand-off that did not fire in this batch (a
+        firing refreshed in its own batch goes out once, with its latest picture, not also as a refresh)."""
+        alerts = self.current(alerts)
+        fired = {_episode(a) for a in alerts if a["state"] == "firing"}
+        refreshed = [a for a in self.take_refreshed() if _episode(a) not in fired]
+        return alerts, refreshed
 
     def apply(self, run: str, events: Iterable[Event]) -> list[Alert]:
         """The transitions these events make, as copies (the caller's to keep: the book's own open alert
