@@ -133,6 +133,8 @@ class AlertBook:
         """What goes to the sinks after a batch (or tick): its transitions as they stand now (``current``),
         and copies of the open alerts refreshed since the last hand-off that did not fire in this batch (a
         firing refreshed in its own batch goes out once, with its latest picture, not also as a refresh)."""
+        if not self.refreshed:  # the common case: nothing rewritten in place since the last hand-off
+            return alerts, []
         alerts = self.current(alerts)
         fired = {_episode(a) for a in alerts if a["state"] == "firing"}
         refreshed = [a for a in self.take_refreshed() if _episode(a) not in fired]
