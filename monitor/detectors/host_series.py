@@ -169,7 +169,8 @@ class Series:
 
     # -- feeding ---------------------------------------------------------------
     def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
-        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
+        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did.
+        (HostMemoryLeak.update has the common case inline: keep the two alike.)"""
         fine = self.fine
         self.buckets.last = v
         recent = self.recent
@@ -179,18 +180,44 @@ class Series:
             if v < fine.low:
                 fine.low, fine.low_time = v, t
             return 0
-        closed = fine.add(t, v)
-        if closed is None:
-            return 0
-        ct, cv = closed
-        self.low.add(ct, cv)
+        return self.roll(t, v, s)
+
+    def roll(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
+        """The rest of ``add``, for a sample outside the open fine bucket (``recent`` and ``buckets.last``
+        already hold it)."""
+        # (FineBuckets.add, SlidingMin.add and MinBuckets.add have their common cases inline here)
+        fine = self.fine
+        idx = int(t // fine.width)
+        if fine.index is None or idx <= fine.index:  # the first sample, or a late one
+            closed = fine.add(t, v)
+            if closed is None:
+                return 0
+            ct, cv = closed
+        else:
+            ct, cv = fine.low_time, fine.low
+            fine.ring.append(ct, cv)
+            fine.index, fine.low, fine.low_time = idx, v, t
+        lows = self.low.window  # self.low.add(ct, cv)
+        while lows and lows[-1][1] >= cv:
+            lows.pop()
+        lows.append((ct, cv))
+        while lows[0][0] < ct - self.low.span:
+            lows.popleft()
         drops = self.fine_drops
         min_drop = s.sawtooth_drop_mb * MB
-        if drops.trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
-            min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
-        drops.add(ct, cv, min_drop)
-        minute = self.buckets.add(ct, cv)
-        self.buckets.last = v
+        trough = drops.trough
+        # a fine minimum within what the sawtooth watch has seen, and no drop: it changes nothing there
+        if trough is None or cv < trough or cv > drops.high or drops.high - cv >= min_drop:
+            if trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
+                min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
+            drops.add(ct, cv, min_drop)
+        buckets = self.buckets
+        if buckets.index is not None and int(ct // buckets.width) <= buckets.index:  # the same minute
+            if cv < buckets.low:
+                buckets.low = cv
+            return FINE
+        minute = buckets.add(ct, cv)
+        buckets.last = v
         if not minute:
             return FINE
         bucket_time, low = self.buckets.ring.last()
