@@ -93,11 +93,12 @@ class GpuOomRiskSettings:
 class _Gpu:
     """One rank's bucket maxima of the GPU peak, and its alert state. Bounded."""
 
-    __slots__ = ("ring", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev_step", "prev_time",
-                 "open", "recent", "rising", "reserved", "b_reserved", "cause", "top")
+    __slots__ = ("ring", "hi", "lo", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev_step",
+                 "prev_time", "open", "recent", "rising", "reserved", "b_reserved", "cause", "top")
 
     def __init__(self, size: int, step: int, time: float) -> None:
         self.ring = Ring(size)  # (last step of the bucket, maximum)
+        self.hi = self.lo = math.nan  # the highest and lowest maximum in the ring
         self.reserved = Ring(size)  # (last step of the bucket, maximum reserved): fragmentation
         self.b_reserved = -math.inf
         self.recent: deque[tuple[int, float, float]] = deque(maxlen=16)  # (step, time, value): the fast path
@@ -126,7 +127,17 @@ class _Gpu:
         return False
 
     def close(self, step: int, time: float) -> None:
-        self.ring.append(self.b_last, self.b_max)
+        ring, v = self.ring, self.b_max
+        evicted = ring.values[ring.head] if ring.count == ring.size else None
+        ring.append(self.b_last, v)
+        if ring.count == 1:
+            self.hi = self.lo = v
+        elif evicted is not None and (evicted == self.hi or evicted == self.lo):  # an extreme left the ring
+            self.hi, self.lo = max(ring.values), min(ring.values)
+        elif v > self.hi:
+            self.hi = v
+        elif v < self.lo:
+            self.lo = v
         self.reserved.append(self.b_last, self.b_reserved)
         self.b_step, self.b_time, self.b_max, self.b_reserved = step, time, -math.inf, -math.inf
 
@@ -280,9 +291,7 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
         if not gpu.open:
             # cheap bound first (most buckets of most runs stop here): to fire, the last third's median must
             # be half the smaller minimum rise above the first third's, so the window's range at least that
-            ring = gpu.ring
-            values = ring.values if ring.count == ring.size else ring.values[:ring.count]
-            if max(values) - min(values) < 0.5 * (min(s.near_min_rise_fraction, s.min_rise_fraction) * total):
+            if gpu.hi - gpu.lo < 0.5 * (min(s.near_min_rise_fraction, s.min_rise_fraction) * total):
                 return []
         pts = gpu.ring.items(since=gpu.first_step + s.warmup_steps)
         if len(pts) < s.min_buckets:
