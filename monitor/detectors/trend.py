@@ -146,10 +146,15 @@ class Ring:
         """The lowest value of the entries with time >= ``since`` (inf when none)."""
         if not self.count:
             return math.inf
+        if self.ordered:  # bisect the older run of slots, then the newer (no copy of the ring)
+            times, values, head, size = self.times, self.values, self.head, self.size
+            if self.count < size:
+                return min(values[bisect_left(times, since, 0, head):head], default=math.inf)
+            if head and since > times[size - 1]:  # past the older run: within the newer
+                return min(values[bisect_left(times, since, 0, head):head], default=math.inf)
+            i = bisect_left(times, since, head, size)
+            return min(min(values[i:], default=math.inf), min(values[:head], default=math.inf))
         times, values = self.arrays()
-        if self.ordered:
-            i = self.first_since(times, since)
-            return min(values[i:], default=math.inf)
         return min((v for t, v in zip(times, values) if t >= since), default=math.inf)
 
     def tail(self, n: int) -> list[float]:
