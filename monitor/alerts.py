@@ -6,12 +6,18 @@ and fields in place: one incident whose picture sharpens, paged once); ``resolve
 closes it; a later ``firing`` re-fires.
 A transition is the alert object of docs/alerts.md (a plain dict, typed as ``Alert``),
 the same one replay prints, the API returns, the store keeps and webhooks post.
+
+The book is the one owner of open alerts: it assigns ids (from the sequence it is given: the
+store's, in the server) and holds the open set; only it writes into its alert dicts. Everyone
+else gets copies (``apply``, ``take_refreshed``, ``hand_off``) or reads (``open``, ``firing``,
+``query``: the book's own dicts, never written outside it). docs/code-structure.md, "Alerts".
 """
 
 from __future__ import annotations
 
+import copy
 from collections import deque
-from typing import Any, Iterable, TypedDict, cast
+from typing import Any, Callable, Iterable, TypedDict, cast
 
 from .events import Event, Severity, State
 
@@ -40,7 +46,7 @@ class Alert(AlertFields, total=False):
 
     last_step: int  # an open alert: step and time of its latest repeated firing event (AlertBook)
     last_time: float
-    id: int  # the store's transition id (notify.sink, before anything is stored or sent)
+    id: int  # the transition's id: assigned by the AlertBook when it makes the transition (the store's sequence)
     silenced: bool  # read back from the store: not notified, a silence matched when it fired
     acknowledged: bool  # read back from the store: its episode was acknowledged ...
     acknowledged_at: float  # ... when, by whom, why
@@ -74,13 +80,26 @@ def fingerprint(key: Key) -> str:
     return f"{run}/{'-' if rank is None else rank}/{name}"
 
 
-class AlertBook:
-    """Open alerts and a bounded in-memory history of transitions."""
+def copied(alert: Alert) -> Alert:
+    """A copy nobody else holds: its lists and dicts (a detector's ``root_ranks``, ...) copied too."""
+    return cast("Alert", {k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in alert.items()})
 
-    def __init__(self, history: int = 10_000) -> None:
-        self.open: dict[Key, Alert] = {}
-        self.history: deque[Alert] = deque(maxlen=history)
-        self.refreshed: dict[str, Alert] = {}  # fingerprint -> open alert rewritten in place, not yet saved
+
+def _episode(alert: Alert) -> tuple[str, float]:
+    return alert["fingerprint"], alert["started_at"]
+
+
+class AlertBook:
+    """Open alerts and a bounded in-memory history of transitions: the one owner of both.
+
+    ``ids``: where transition ids come from (the server: the store's sequence, which never hands an id out
+    twice, across restarts too); None (replay, tests): transitions carry no id."""
+
+    def __init__(self, history: int = 10_000, ids: Callable[[], int] | None = None) -> None:
+        self.ids = ids
+        self.open: dict[Key, Alert] = {}  # the book's own dicts: read them, never write them outside the book
+        self.history: deque[Alert] = deque(maxlen=history)  # a firing's entry is its open alert (refreshed)
+        self.refreshed: dict[str, Alert] = {}  # fingerprint -> open alert rewritten in place, not yet taken
         self.closed: set[Key] = set()  # alerts closed by ``close`` whose detector may still think them open
 
     def close(self, run: str, events: Iterable[Event]) -> list[Alert]:
@@ -93,12 +112,37 @@ class AlertBook:
         return self.apply(run, events)
 
     def take_refreshed(self) -> list[Alert]:
-        """The open alerts rewritten in place since the last call (for the sinks that store them)."""
-        out = list(self.refreshed.values())
+        """Copies of the open alerts rewritten in place since the last call, as they stand now."""
+        out = [copied(a) for a in self.refreshed.values()]
         self.refreshed.clear()
         return out
 
+    def current(self, alerts: list[Alert]) -> list[Alert]:
+        """These transitions (one batch's, as ``apply`` returned them), each firing that was refreshed after
+        it was made replaced by a new copy of its alert as it stands now: a batch's transitions show the
+        picture at its end. The given dicts are not changed."""
+        if not self.refreshed:
+            return alerts
+        out = []
+        for a in alerts:
+            now = self.refreshed.get(a["fingerprint"]) if a["state"] == "firing" else None
+            out.append(copied(now) if now is not None and _episode(now) == _episode(a) else a)
+        return out
+
+    def hand_off(self, alerts: list[Alert]) -> tuple[list[Alert], list[Alert]]:
+        """What goes to the sinks after a batch (or tick): its transitions as they stand now (``current``),
+        and copies of the open alerts refreshed since the last hand-off that did not fire in this batch (a
+        firing refreshed in its own batch goes out once, with its latest picture, not also as a refresh)."""
+        if not self.refreshed:  # the common case: nothing rewritten in place since the last hand-off
+            return alerts, []
+        alerts = self.current(alerts)
+        fired = {_episode(a) for a in alerts if a["state"] == "firing"}
+        refreshed = [a for a in self.take_refreshed() if _episode(a) not in fired]
+        return alerts, refreshed
+
     def apply(self, run: str, events: Iterable[Event]) -> list[Alert]:
+        """The transitions these events make, as copies (the caller's to keep: the book's own open alert
+        may be refreshed in place later, the copy is not)."""
         out: list[Alert] = []
         for ev in events:
             key = (run, ev.rank, ev.alert)
@@ -118,7 +162,7 @@ class AlertBook:
                 self.closed.discard(key)
                 alert = self._make(run, ev, ev.time)
                 self.open[key] = alert
-                out.append(alert)
+                out.append(self._identify(alert))
             elif current is not None:
                 del self.open[key]  # a refresh not yet taken stays: the sinks store the firing's final picture
                 alert = self._make(run, ev, current["time"])
@@ -130,9 +174,15 @@ class AlertBook:
                             fields.setdefault(k, was[k])
                 if not ev.summary:
                     alert["summary"] = f"resolved: {current['summary']}"
-                out.append(alert)
+                out.append(self._identify(alert))
         self.history.extend(out)
-        return out
+        return [copied(a) for a in out]
+
+    def _identify(self, alert: Alert) -> Alert:
+        """Its id, once, when the transition is made (last in the dict, as stored and posted)."""
+        if self.ids is not None:
+            alert["id"] = self.ids()
+        return alert
 
     @staticmethod
     def _make(run: str, ev: Event, started_at: float) -> Alert:
@@ -155,10 +205,12 @@ class AlertBook:
         return alert
 
     def restore(self, alert: Alert) -> None:
-        """An alert that was open when the sidecar stopped (from the store): open again."""
-        self.open[(alert["run"], alert["rank"], alert["alert"])] = alert
+        """An alert that was open when the sidecar stopped (from the store): open again, as a copy of the
+        book's own, with the id it was stored under."""
+        self.open[(alert["run"], alert["rank"], alert["alert"])] = copied(alert)
 
     def firing(self, run: str | None = None) -> list[Alert]:
+        """The open alerts (of ``run``): the book's own dicts, to read."""
         return [a for (r, _, _), a in self.open.items() if run is None or r == run]
 
     def query(self, run: str | None = None, state: str | None = None, alert: str | None = None,

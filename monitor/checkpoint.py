@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 import msgspec
 
-from .alerts import Alert, Key
+from .alerts import Alert, Key, copied
 from .health import Fault
 from .pipeline import Pipeline
 from .record import Record
@@ -215,7 +215,8 @@ class Checkpoint:
                 continue
             transitions += pipeline.process(records, wall=wall + offset).alerts
         pipeline.judge_after = -math.inf
-        unsent = lost_transitions(before, pipeline.book.open, transitions)
+        lost = lost_transitions(before, pipeline.book.open, transitions)
+        unsent = [copied(a) for a in lost]  # copies: the book's own dicts stay the book's
         log.info("restored %d runs from %s (%d journal entries, %.0f s down) in %.2f s; %d alert transitions "
                  "the stop left unsent", len(pipeline.runs), self.path, len(journal), offset,
                  time.perf_counter() - started, len(unsent))

@@ -146,7 +146,7 @@ class Pipeline:
                 alerts.extend(out)
         if refused:
             refused.sort(key=lambda r: r[0])
-        return Outcome(alerts, refused)
+        return Outcome(self.book.current(alerts) if alerts else alerts, refused)  # as they stand at its end
 
     def _admit(self, rec: Record, wall: float, alerts: list[Alert]) -> RunState:
         run = self.runs.get(rec.run)

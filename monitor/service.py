@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Protocol, Sequence
 
 from . import batches, launches
-from .alerts import Alert
+from .alerts import Alert, AlertBook, copied
 from .config import ConfigError, Settings
 from .events import firing, resolved
 from .health import Fault, healthz
@@ -32,9 +32,16 @@ MAX_REASONS = 100  # rejections listed in one answer; the count is always exact
 
 
 class AlertSink(Protocol):
-    """Anything that takes alert transitions (store, webhooks, Alertmanager)."""
+    """Anything that takes alerts from the book (the console; the store, webhooks and Alertmanager). Every
+    call gets the sink its own copies (``dispatch``): it may keep or change them; the book's stay the book's."""
 
-    def __call__(self, alerts: list[Alert]) -> None: ...
+    def __call__(self, alerts: list[Alert]) -> None:
+        """Transitions (firing, resolved), in the order they were made; each carries its ``id`` where the
+        book was given an id sequence (the server: the store's)."""
+
+    def refresh(self, alerts: list[Alert]) -> None:
+        """Open alerts the book rewrote in place (one incident whose picture sharpened: same id, same episode,
+        nobody paged again), as they stand now; before the transitions of the same batch."""
 
 
 class Journal(Protocol):
@@ -73,6 +80,7 @@ class Service:
     - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
     - ``faults``: components whose writes can fail (store, recorder): ``/healthz`` is 503 while one does;
     - ``restored`` and ``runs_last_seen``: alerts open when the sidecar last stopped, for the book;
+    - ``alert_ids``: the sequence the book assigns transition ids from (the store's); None: no ids;
     - ``load_settings``: re-reads every setting (file, environment, flags) for a reload;
     - ``reloaders``: told the new settings after a reload passed (delivery targets).
     """
@@ -85,14 +93,16 @@ class Service:
                  query_alerts: Callable[..., dict[str, Any]] | None = None,
                  faults: Sequence[Fault] = (),
                  restored: Sequence[Alert] = (), runs_last_seen: dict[str, float] | None = None,
+                 alert_ids: Callable[[], int] | None = None,
                  load_settings: Callable[[], Settings] | None = None,
                  reloaders: Sequence[Callable[[Settings], None]] = ()) -> None:
         self.settings = settings
         self.clock = clock
         # the pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is
         self.pauses = PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
-        self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
-        self.book = self.pipeline.book
+        self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds,
+                                 book=AlertBook(ids=alert_ids))
+        self.book = self.pipeline.book  # the one owner of open alerts and their ids (alerts.py)
         self.sinks: list[AlertSink] = list(sinks)
         self.record_sinks = list(record_sinks)
         self.background = list(background)
@@ -305,11 +315,11 @@ class Service:
 
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:
-        refreshed = self.book.take_refreshed() if self.book.refreshed else []
-        if refreshed and alerts:  # an alert fired in this batch already goes out with its sharpened text
-            sent = {id(a) for a in alerts}
-            refreshed = [a for a in refreshed if id(a) not in sent]
-        if not alerts and not refreshed:  # refreshed: open alerts rewritten in place (one incident sharpening)
+        """Hand a batch's (or tick's) transitions and the book's refreshed open alerts to the watch and every
+        sink; each sink gets copies of its own, refreshes first (an alert refreshed and then resolved in the
+        batch shows its final picture before its resolve)."""
+        alerts, refreshed = self.book.hand_off(alerts)
+        if not alerts and not refreshed:
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
         self.watch.on_alerts(alerts)
@@ -317,11 +327,10 @@ class Service:
             self.watch.on_refreshed(refreshed)
         for sink in self.sinks:
             try:
-                refresh = getattr(sink, "refresh", None)  # sinks that keep alert bodies (the store), the console
-                if refreshed and refresh is not None:  # first: an alert refreshed and then resolved in this
-                    refresh(refreshed)  # batch shows its final picture before its resolve
+                if refreshed:
+                    sink.refresh([copied(a) for a in refreshed])
                 if alerts:
-                    sink(alerts)
+                    sink([copied(a) for a in alerts])
             except Exception:  # an optional sink must never break ingest
                 log.exception("alert sink %r failed", sink)
 

@@ -57,6 +57,7 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
         record_sinks=record_sinks, background=[alerts_out.run],
         closers=closers, query_alerts=alerts_out.query_alerts, faults=faults,
         restored=alerts_out.restored(), runs_last_seen=store.runs_last_seen() if alerts_out.open else {},
+        alert_ids=store.new_id,  # the book assigns ids from the store's sequence (never reused, restarts too)
         load_settings=load_settings,
         reloaders=[lambda new: alerts_out.retarget(new.webhooks, new.alertmanager)])
     return service, alerts_out

@@ -13,6 +13,12 @@ handed out meanwhile are reserved in the file (store.py), so never reused.
 Restart: the alerts open when the sidecar stopped are loaded here (with their
 silenced flag) and handed to the pipeline, whose alert book takes them back
 and resolves them as their runs go on or expire (pipeline.py).
+
+Ids: the AlertBook assigns every transition its id, from this store's sequence
+(``Store.new_id``, given to the book by http/server.py); this sink only reads
+them. What it receives are its own copies (Service.dispatch): ``open`` below is
+its own record of the open episodes (id, silenced, latest body), kept in step
+by the transitions and refreshes it is handed, never the book's dicts.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import jsonout
-from ..alerts import Alert
+from ..alerts import Alert, copied
 from ..config import AlertmanagerSettings, WebhookSettings
 from ..health import Fault
 from .alertmanager import target as alertmanager_target
@@ -43,7 +49,7 @@ MAX_UNWRITTEN = 100_000  # transitions held while the store refuses writes (then
 
 @dataclass(slots=True)
 class Open:
-    alert: Alert  # the same dict the AlertBook holds
+    alert: Alert  # this sink's copy of the open alert (the latest body it was handed)
     silenced: bool  # not notified yet: a silence matched when it fired
 
 
@@ -76,8 +82,8 @@ class AlertsOut:
             log.info("restored %d open alerts from %s", len(self.open), store.path)
 
     def restored(self) -> list[Alert]:
-        """The alerts open when the sidecar last stopped, for the pipeline's alert book."""
-        return [o.alert for o in self.open.values()]
+        """Copies of the alerts open when the sidecar last stopped, for the pipeline's alert book."""
+        return [copied(o.alert) for o in self.open.values()]
 
     def retarget(self, webhooks: list[WebhookSettings], alertmanager: AlertmanagerSettings | None) -> None:
         """The delivery targets, at start and on reload; rows queued for a target that stays are kept."""
@@ -90,17 +96,20 @@ class AlertsOut:
             targets.append(alertmanager_target(alertmanager, self.notified_open))
         return targets
 
-    # -- the sink -----------------------------------------------------------
+    # -- the sink (service.AlertSink) ------------------------------------------
     def __call__(self, alerts: list[Alert]) -> None:
+        """Transitions with their ids (the book's), stored and queued in one transaction."""
         if not alerts:
             return
+        missing = [a["fingerprint"] for a in alerts if "id" not in a]
+        if missing:  # wiring: the book was not given the store's id sequence (Service(alert_ids=...))
+            raise ValueError(f"alert transitions without an id (the AlertBook assigns them): {missing[:5]}")
         now = self.clock()
         transitions: list[Transition] = []
         closed: list[int] = []
         notify: list[Alert] = []
         bodies: dict[int, str] = {}  # id(alert) -> JSON, encoded once for the store and the outbox
         for a in alerts:
-            a["id"] = self.store.new_id()
             previous = self.open.pop(a["fingerprint"], None)
             if previous is not None:
                 closed.append(previous.alert["id"])
@@ -151,11 +160,16 @@ class AlertsOut:
                       len(lost.transitions), [t.alert["id"] for t in lost.transitions])
 
     def refresh(self, alerts: list[Alert]) -> None:
-        """Open alerts the AlertBook rewrote in place (same episode, nobody paged again): store their new
-        body. Held (the latest body per alert) and retried each tick while the store cannot write."""
+        """Open alerts the AlertBook rewrote in place (same id and episode, nobody paged again): their new
+        body is stored (held, the latest per alert, and retried each tick while the store cannot write) and
+        is what Alertmanager is re-sent from now on."""
         for a in alerts:
-            if "id" in a:
-                self._refreshed[a["fingerprint"]] = a
+            if "id" not in a:  # never stored (the book had no id sequence): nothing to rewrite
+                continue
+            self._refreshed[a["fingerprint"]] = a
+            held = self.open.get(a["fingerprint"])
+            if held is not None and held.alert["id"] == a["id"]:
+                held.alert = a
         self.save_refreshed()
 
     def save_refreshed(self) -> None:

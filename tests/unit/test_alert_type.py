@@ -19,7 +19,9 @@ def test_a_transition_carries_every_required_field_and_the_detectors_own() -> No
     assert extra(fired)["first_rank"] == 3
     assert fired["summary"] == "loss became NaN"  # Event.data never overwrites a contract field
     book.apply("job", [firing("nan_divergence", 3, 11, 6.0, "again")])
-    assert (fired["last_step"], fired["last_time"]) == (11, 6.0)  # optional fields, set later
+    held = book.open[("job", 3, "nan_divergence")]
+    assert (held["last_step"], held["last_time"]) == (11, 6.0)  # optional fields, set later on the book's own
+    assert "last_step" not in fired  # the caller's copy is as it was made
     [closed] = book.apply("job", [resolved("nan_divergence", 3, 12, 7.0)])
     assert set(closed) == Alert.__required_keys__
     assert (closed["severity"], closed["started_at"]) == ("critical", 5.0)

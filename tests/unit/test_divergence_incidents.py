@@ -21,7 +21,7 @@ from trainhealth.pipeline import Pipeline
 from trainhealth.record import Record, from_obj
 from trainhealth.service import Service
 
-from .traces import RUN, healthy, merge, run_pipeline, samples, start, with_amp
+from .traces import RUN, SentAlerts, healthy, merge, run_pipeline, samples, start, with_amp
 
 SPIKES = ("loss_spike", "grad_explosion")
 
@@ -107,9 +107,10 @@ def test_one_rank_ending_leaves_the_alert_open_and_a_failed_run_says_so():
 def test_a_detector_disabled_by_a_reload_resolves_its_open_alerts(tmp_path: Path, section, records):
     path = tmp_path / "c.toml"
     path.write_text("")
-    sent: list[dict[str, Any]] = []
+    sink = SentAlerts()
+    sent = sink.sent
     service = Service(load(str(path)), clock=lambda: 1000.0, load_settings=lambda: load(str(path)),
-                      sinks=[sent.extend])
+                      sinks=[sink])
     service.accept(service.decoder.decode_body(json.dumps([msgspec_obj(r) for r in records]).encode(),
                                                "application/json", None, max_records=100,
                                                max_decoded_bytes=10**6))

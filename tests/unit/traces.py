@@ -131,3 +131,18 @@ def run_pipeline(*batches: Sequence[Record], **overrides: dict[str, Any]) -> lis
 def only(alerts: list[dict[str, Any]], name: str) -> list[tuple[str, int | None, int]]:
     """(state, rank, step) of one alert's transitions: the exact expectation tests compare."""
     return [(a["state"], a["rank"], a["step"]) for a in alerts if a["alert"] == name]
+
+
+class SentAlerts:
+    """An alert sink (service.AlertSink) that keeps what it is handed: ``sent`` the transitions, ``refreshed``
+    the open alerts refreshed in place, each list in the order received."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.refreshed: list[dict[str, Any]] = []
+
+    def __call__(self, alerts: list[Any]) -> None:
+        self.sent.extend(alerts)
+
+    def refresh(self, alerts: list[Any]) -> None:
+        self.refreshed.extend(alerts)
