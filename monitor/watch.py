@@ -98,8 +98,10 @@ class Watch:
 
     # -- what arrives -------------------------------------------------------------------------------
     def before(self, records: Sequence[Record]) -> None:
-        """A batch about to be processed: a ``start`` from a rank that had sampled before it (as the pipeline
-        knows it before this batch) is a restart, and the run's stops are forgotten."""
+        """A batch's ``start`` records, before the pipeline takes them (the Service passes only those, and
+        only for a batch that has one; other records are skipped): a ``start`` from a rank that had sampled
+        before it (as the pipeline knows it before this batch) is a restart, and the run's stops are
+        forgotten."""
         for rec in records:
             if rec.type != "start":
                 continue
