@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from array import array
-from operator import attrgetter
 from typing import Any
 
 COLUMNS = ("time", "step", "loss", "lr", "grad_norm", "gpu_mem_peak_bytes", "host_mem_bytes")
@@ -25,7 +24,6 @@ POINTS = 240  # samples kept per rank: 240 x 7 x 8 bytes = 13 KiB at most (16.8 
 # A quiet NaN with a payload of its own: parsers and arithmetic make 0x7FF8000000000000 (or with the sign bit)
 MISSING: float = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_0000_1DE5))[0]
 _MISSING_BYTES = struct.pack("<d", MISSING)
-_ROW = attrgetter(*COLUMNS)  # a sample's row in one C call (every column is a Record field)
 
 
 def is_missing(x: float) -> bool:
@@ -45,10 +43,6 @@ class RankHistory:
         rows = self.rows
         if len(rows) >= self.trim_at:
             del rows[: len(rows) - self.points * WIDTH]
-        row = _ROW(rec)
-        if None not in row:  # every value measured (and the step there): the row as it is
-            rows.extend(row)
-            return
         m = MISSING
         rows.extend((
             rec.time,

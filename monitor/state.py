@@ -7,8 +7,7 @@ live page: history.py), a few start records per run. Detectors keep their own bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 
@@ -19,50 +18,6 @@ SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size", "host_me
                                             "host_mem_max_events", "host_mem_high_events")  # without reference_lr
 MAX_STARTS_KEPT = 16
 MAX_METRICS_KEPT = 256  # per rank: one record may carry any number of names
-MAX_SHAPES = 1024  # distinct sets of value fields remembered (a rank's samples keep one set, or a few)
-
-
-def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    """The fields' values as one tuple, read in C (``attrgetter`` of one name returns no tuple: doubled)."""
-    if not names:
-        return lambda rec: ()
-    return attrgetter(*(names * 2 if len(names) == 1 else names))
-
-
-class Shape:
-    """Which of ``SAMPLE_VALUE_FIELDS`` a rank's samples carry: a sample of the same shape as the rank's last
-    one updates ``RankState.latest`` with two C calls and one ``dict.update`` (the loop over the 23 fields
-    was a third of the pipeline's own cost per record). Shared by every rank with that shape; pickled as
-    its names."""
-
-    __slots__ = ("names", "present", "absent", "nones")
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names * 2 if len(names) == 1 else names
-        self.present = _getter(names)
-        others = tuple(n for n in SAMPLE_VALUE_FIELDS if n not in names)
-        self.absent = _getter(others)
-        self.nones = (None,) * len(self.absent(_NOTHING))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return shape, (tuple(dict.fromkeys(self.names)),)
-
-
-class _Nothing:
-    def __getattr__(self, name: str) -> None:
-        return None
-
-
-_NOTHING = _Nothing()
-_SHAPES: dict[tuple[str, ...], Shape] = {}
-
-
-def shape(names: tuple[str, ...]) -> Shape | None:
-    """The one Shape of these names (None past MAX_SHAPES: such a rank takes the field-by-field path)."""
-    found = _SHAPES.get(names)
-    if found is None and len(_SHAPES) < MAX_SHAPES:
-        found = _SHAPES[names] = Shape(names)
-    return found
 
 
 @dataclass(slots=True)
@@ -87,7 +42,6 @@ class RankState:
     loss_nonfinite_step: int | None = None  # first step with a NaN/Inf loss since its start (the fleet's NaN rule)
     history: RankHistory = field(default_factory=RankHistory)  # the live page's recent window (bounded)
     gpu_health: dict[str, Any] | None = None  # its GPU's newest NVML reading, with the record's "time"
-    shape: Shape | None = None  # which value fields its newest sample carried (``latest`` in two C calls)
 
     def apply(self, rec: Record) -> None:
         self.records += 1
@@ -109,11 +63,11 @@ class RankState:
             if self.last_sample_time is None or rec.time >= self.last_sample_time:
                 self.last_sample_time = rec.time
                 self.history.add(rec)
-                got = self.shape
-                if got is not None and None not in (values := got.present(rec)) and got.absent(rec) == got.nones:
-                    self.latest.update(zip(got.names, values))
-                else:  # another set of fields than its last sample's: field by field, and remember the set
-                    self._new_shape(rec)
+                latest = self.latest
+                for name in SAMPLE_VALUE_FIELDS:
+                    value = getattr(rec, name)
+                    if value is not None:
+                        latest[name] = value
                 if rec.metrics:
                     metrics = self.metrics
                     if len(metrics) + len(rec.metrics) <= MAX_METRICS_KEPT:
@@ -153,17 +107,6 @@ class RankState:
                     if getattr(rec, f) is not None
                 },
             }
-
-
-    def _new_shape(self, rec: Record) -> None:
-        latest = self.latest
-        names = []
-        for name in SAMPLE_VALUE_FIELDS:
-            value = getattr(rec, name)
-            if value is not None:
-                latest[name] = value
-                names.append(name)
-        self.shape = shape(tuple(names))
 
 
 @dataclass(slots=True)
