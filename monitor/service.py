@@ -267,9 +267,11 @@ class Service:
         records, indexes = decoded.records, decoded.indexes
         horizon = now + self.settings.limits.max_future_seconds
         future = bool(records) and max(map(_time, records)) > horizon
-        runs = dict.fromkeys(rec.run for rec in records if rec.time <= horizon) if future \
-            else dict.fromkeys(map(_run, records))
-        verdicts = self._claim(runs, origin, wall, alerts) if origin is not None else None
+        verdicts = None
+        if origin is not None:  # each run of the batch judged once, in the order of the body
+            runs = dict.fromkeys(rec.run for rec in records if rec.time <= horizon) if future \
+                else dict.fromkeys(map(_run, records))
+            verdicts = self._claim(runs, origin, wall, alerts)
         if not future and verdicts is None:
             return records, indexes, 0
         kept, kept_indexes = [], []
