@@ -19,8 +19,9 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from operator import attrgetter
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Sequence
 
 import msgspec
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _encode_lines = msgspec.json.Encoder().encode_lines
 _STEP, _SAMPLE_STEP = b',"step":', b',"type":"sample","step":'
+_run = attrgetter("run")
 
 
 def lines(records: list[Record]) -> str:
@@ -71,14 +73,14 @@ class FlightRecorder:
     def path(self, run: str) -> Path:
         return self.dir / f"{run}.jsonl"  # run names are [A-Za-z0-9._:-]: no path separators
 
-    def write(self, records: Iterable[Record]) -> None:
-        by_run: dict[str, list[Record]] = {}
-        for rec in records:
-            got = by_run.get(rec.run)
-            if got is None:
-                by_run[rec.run] = [rec]
-            else:
-                got.append(rec)
+    def write(self, records: Sequence[Record]) -> None:
+        runs = dict.fromkeys(map(_run, records))
+        if len(runs) == 1:  # one run (one job's client): the batch as it is
+            by_run = {run: list(records) for run in runs}
+        else:
+            by_run = {run: [] for run in runs}
+            for rec in records:
+                by_run[rec.run].append(rec)
         for run, recs in by_run.items():
             try:
                 fh = self._open(run)
