@@ -12,7 +12,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Protocol, Sequence
+from operator import attrgetter
+from typing import Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
 from . import batches, launches
 from .alerts import Alert, AlertBook, copied
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LIVE_SERVER_KEYS = ("webhooks", "alertmanager")  # delivery targets: applied by a reload, like [[webhooks]]
 MAX_REASONS = 100  # rejections listed in one answer; the count is always exact
+_time, _run, _index = attrgetter("time"), attrgetter("run"), attrgetter("index")
 
 
 class AlertSink(Protocol):
@@ -188,28 +190,33 @@ class Service:
 
     def accept(self, decoded: Decoded, views: bool = False,
                origin: launches.Launch | None = None) -> IngestAnswer:
+        """One batch, one pass (docs/code-structure.md): the decoded records go down once (screened here,
+        then the pipeline, then the record sinks and the watch), and every refusal on the way joins one
+        list of rejections, keyed by the record's index in the body, sorted once for the answer."""
         self.stats.batches += 1
-        self._refuse_future(decoded, self.clock())
+        now = self.clock()
         wall = self._watch()
+        rejected = list(decoded.rejected)  # the decoder's, in index order; later refusals append
         taken: list[Alert] = []
-        conflicts = self._claim(decoded, origin, wall, taken) if origin is not None else 0
-        self.watch.before(decoded.records)  # a restart forgets the run's stops
-        outcome = self.pipeline.process(decoded.records, wall=wall,
+        records, indexes, conflicts = self._screen(decoded, now, wall, origin, rejected, taken)
+        invalid = len(rejected) - conflicts  # the decoder's and the records from the future
+        starts = [rec for rec in records if rec.type == "start"]
+        if starts:
+            self.watch.before(starts)  # a restart forgets the run's stops
+        outcome = self.pipeline.process(records, wall=wall,
                                         origin=(origin.host, origin.pid) if origin is not None else None)
-        outcome.alerts[:0] = taken
+        alerts = taken + outcome.alerts if taken else outcome.alerts
         if self.journal is not None:
-            self.journal.fed(decoded.records, wall, self.pipeline.judge_after)
-        rejected = list(decoded.rejected)
-        capped = 0
-        if outcome.refused:
-            refused_idx = {i for i, _ in outcome.refused}
-            for i, exc in outcome.refused:
-                rejected.append(Rejection(decoded.indexes[i], exc.field, exc.reason))
-            capped = len(outcome.refused)
-            kept = [r for i, r in enumerate(decoded.records) if i not in refused_idx]
-            rejected.sort(key=lambda r: r.index)
+            self.journal.fed(records, wall, self.pipeline.judge_after)
+        capped = len(outcome.refused)
+        if capped:
+            refused = {i for i, _ in outcome.refused}
+            rejected += [Rejection(indexes[i], exc.field, exc.reason) for i, exc in outcome.refused]
+            kept = [r for i, r in enumerate(records) if i not in refused]
         else:
-            kept = decoded.records
+            kept = records
+        if len(rejected) > len(decoded.rejected):  # refusals after decoding: one sort, by index in the body
+            rejected.sort(key=_index)
         if kept:
             for record_sink in self.record_sinks:
                 try:
@@ -218,20 +225,20 @@ class Service:
                     log.exception("record sink %r failed", record_sink)
         self.stats.accepted += len(kept)
         names = self.watch.note(kept)
-        if len(decoded.rejected) > conflicts:
-            self.stats.reject("invalid", len(decoded.rejected) - conflicts)
+        if invalid:
+            self.stats.reject("invalid", invalid)
         if conflicts:
             self.stats.reject("run_name_taken", conflicts)
         if capped:
             self.stats.reject("capped", capped)
-        self.dispatch(outcome.alerts)
+        self.dispatch(alerts)
         status = 200
         if not kept and rejected:
             status = 429 if capped == len(rejected) else 409 if conflicts == len(rejected) else 400
         body: dict[str, Any] = {
             "accepted": len(kept),
             "rejected": len(rejected),
-            "alerts": len(outcome.alerts),
+            "alerts": len(alerts),
         }
         if conflicts and not kept:  # one line first, where a client's log shows it (a 409)
             body = {"error": rejected[0].reason, **body}
@@ -256,62 +263,70 @@ class Service:
             return ""
         return self.owners.other_job(run, origin, self.pauses.now())
 
-    def _claim(self, decoded: Decoded, origin: launches.Launch, wall: float, alerts: list[Alert]) -> int:
+    def _screen(self, decoded: Decoded, now: float, wall: float, origin: launches.Launch | None,
+                rejected: list[Rejection], alerts: list[Alert]) -> tuple[list[Record], list[int], int]:
+        """The records the pipeline may see, their indexes in the body, and how many were refused because
+        another job owns their run name. Refused here, appended to ``rejected`` (in index order):
+
+        - a record from the future (``limits.max_future_seconds`` past ``now``) would move its run's clock
+          ahead for good (liveness, expiry);
+        - a record of a run another job owns (launches.py; judged only for a batch with ``X-Trainhealth-
+          Launch``, see ``_claim``).
+
+        The decoded batch is not touched; a batch with nothing to refuse passes as it is (no copy)."""
+        records, indexes = decoded.records, decoded.indexes
+        horizon = now + self.settings.limits.max_future_seconds
+        future = bool(records) and max(map(_time, records)) > horizon
+        verdicts = None
+        if origin is not None:  # each run of the batch judged once, in the order of the body
+            runs = dict.fromkeys(rec.run for rec in records if rec.time <= horizon) if future \
+                else dict.fromkeys(map(_run, records))
+            verdicts = self._claim(runs, origin, wall, alerts)
+        if not future and verdicts is None:
+            return records, indexes, 0
+        kept, kept_indexes = [], []
+        conflicts = 0
+        job = origin.job if origin is not None else ""
+        for rec, index in zip(records, indexes):
+            if rec.time > horizon:
+                rejected.append(Rejection(
+                    index, "time", f"{rec.time!r} is {rec.time - now:.0f} s ahead of this sidecar's clock "
+                                   "(limits.max_future_seconds): check the sending host's clock"))
+            elif verdicts is not None and (why := verdicts.get(rec.run)) is not None:
+                conflicts += 1
+                self.owners.conflicts[(rec.run, job)].refused += 1
+                rejected.append(Rejection(index, "run", why))
+            else:
+                kept.append(rec)
+                kept_indexes.append(index)
+        return kept, kept_indexes, conflicts
+
+    def _claim(self, runs: Iterable[str], origin: launches.Launch, wall: float,
+               alerts: list[Alert]) -> dict[str, str] | None:
         """Two jobs under one run name never share state (launches.py): the records of a run another job
         owns are refused, said once on the console and as an info alert on the run; a run whose owner is
-        done passes to this job, the old job's state forgotten. Returns how many records were refused."""
-        verdicts: dict[str, tuple[bool, str]] = {}
-        for rec in decoded.records:
-            if rec.run not in verdicts:
-                run = self.pipeline.runs.get(rec.run)
-                ok, why = verdicts[rec.run] = self.owners.claim(rec.run, origin, wall, run is not None and run.ended)
-                if ok and why:
-                    log.warning("%s", why)
-                    self.watch.forget(rec.run)
-                    alerts.extend(self.pipeline.forget(rec.run, why))
-                elif not ok:
-                    conflict = self.owners.conflicts[(rec.run, origin.job)]
-                    if conflict.refused == 0:  # said once: as an alert (its console line), else a warning
-                        if run is None:
-                            log.warning("%s", why)
-                        else:
-                            alerts.extend(self.book.apply(rec.run, [firing(
-                                "run_name_taken", None, max(0, run_last_step(run)), run.clock, why, "info",
-                                job=conflict.owner.job, host=conflict.owner.host, pid=conflict.owner.pid,
-                                other_job=origin.job, other_host=origin.host, other_pid=origin.pid)]))
-        if all(ok for ok, _ in verdicts.values()):
-            return 0
-        records, indexes = [], []
-        refused = 0
-        for rec, index in zip(decoded.records, decoded.indexes):
-            ok, why = verdicts[rec.run]
-            if ok:
-                records.append(rec)
-                indexes.append(index)
-            else:
-                refused += 1
-                self.owners.conflicts[(rec.run, origin.job)].refused += 1
-                decoded.rejected.append(Rejection(index, "run", why))
-        decoded.records, decoded.indexes = records, indexes
-        decoded.rejected.sort(key=lambda r: r.index)
-        return refused
-
-    def _refuse_future(self, decoded: Decoded, wall: float) -> None:
-        """A record from the future would move its run's clock ahead for good (liveness, expiry)."""
-        horizon = wall + self.settings.limits.max_future_seconds
-        if all(r.time <= horizon for r in decoded.records):
-            return
-        records, indexes = [], []
-        for rec, index in zip(decoded.records, decoded.indexes):
-            if rec.time <= horizon:
-                records.append(rec)
-                indexes.append(index)
-            else:
-                decoded.rejected.append(Rejection(
-                    index, "time", f"{rec.time!r} is {rec.time - wall:.0f} s ahead of this sidecar's clock "
-                                   "(limits.max_future_seconds): check the sending host's clock"))
-        decoded.records, decoded.indexes = records, indexes
-        decoded.rejected.sort(key=lambda r: r.index)
+        done passes to this job, the old job's state forgotten. Returns why each refused run is refused,
+        or None when every run of the batch is this job's."""
+        refused: dict[str, str] = {}
+        for name in runs:
+            run = self.pipeline.runs.get(name)
+            ok, why = self.owners.claim(name, origin, wall, run is not None and run.ended)
+            if ok and why:
+                log.warning("%s", why)
+                self.watch.forget(name)
+                alerts.extend(self.pipeline.forget(name, why))
+            elif not ok:
+                refused[name] = why
+                conflict = self.owners.conflicts[(name, origin.job)]
+                if conflict.refused == 0:  # said once: as an alert (its console line), else a warning
+                    if run is None:
+                        log.warning("%s", why)
+                    else:
+                        alerts.extend(self.book.apply(name, [firing(
+                            "run_name_taken", None, max(0, run_last_step(run)), run.clock, why, "info",
+                            job=conflict.owner.job, host=conflict.owner.host, pid=conflict.owner.pid,
+                            other_job=origin.job, other_host=origin.host, other_pid=origin.pid)]))
+        return refused or None
 
     # -- alerts out ---------------------------------------------------------
     def dispatch(self, alerts: list[Alert]) -> None:

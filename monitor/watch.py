@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .alerts import Alert, AlertBook, extra
@@ -44,6 +45,7 @@ from .state import RunState
 MAX_ALERTS_SHOWN = 50  # firing alerts listed in one view; the count is exact
 MAX_WAITERS_PER_RUN = 4096
 _ALERT_FIELDS = ("alert", "rank", "severity", "step", "time", "summary", "fingerprint")
+_run_of = attrgetter("run")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,8 +100,10 @@ class Watch:
 
     # -- what arrives -------------------------------------------------------------------------------
     def before(self, records: Sequence[Record]) -> None:
-        """A batch about to be processed: a ``start`` from a rank that had sampled before it (as the pipeline
-        knows it before this batch) is a restart, and the run's stops are forgotten."""
+        """A batch's ``start`` records, before the pipeline takes them (the Service passes only those, and
+        only for a batch that has one; other records are skipped): a ``start`` from a rank that had sampled
+        before it (as the pipeline knows it before this batch) is a restart, and the run's stops are
+        forgotten."""
         for rec in records:
             if rec.type != "start":
                 continue
@@ -115,9 +119,7 @@ class Watch:
         the batch (a client sends its rank's records in order; one dict store per record is all ingest
         pays); a restart (the run's newest ``start`` from a rank that had sent samples) forgets its stops.
         Returns the runs of the batch."""
-        newest: dict[str, Record] = {}
-        for rec in records:
-            newest[rec.run] = rec
+        newest = dict(zip(map(_run_of, records), records))  # each run's last record in the batch
         for name, rec in newest.items():
             run = self.runs.get(name)
             if run is None:
