@@ -221,11 +221,14 @@ class GradExplosionSettings(SpikeSettings):
 
 
 class _Rank:
-    __slots__ = ("window", "values", "ordered", "changes", "waiting", "before", "prev", "linear", "high",
+    __slots__ = ("steady", "window", "values", "ordered", "changes", "waiting", "before", "prev", "linear", "high",
                  "onset_step", "firing", "base_median",
                  "base_sigma", "calm", "fired_for", "early", "first_step", "how", "early_from")
 
     def __init__(self, size: int) -> None:
+        # the settings under which its next value takes the common way (``_SpikeDetector.update``): a full
+        # window in log space, early values all in, no alert open; None until then
+        self.steady: SpikeSettings | None = None
         self.window = RobustWindow(size)  # values (log space)
         self.values, self.ordered = self.window.values, self.window.ordered  # (the same objects: read per value)
         self.changes = LazyWindow(size)  # |value - previous value|; its median is read rarely (``sigma_window``)
@@ -307,6 +310,24 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if value is None or not (0.0 < value < INF or isfinite(value)):  # finite (most often > 0)
             return []
         st = self.ranks.get(record.rank)
+        if st is not None and st.steady is s and value > 0.0:
+            # the common way, written out: a value that is not even soft_ratio above the level is not high
+            # (as below, where every case is handled)
+            x = log(value)
+            ordered = st.ordered
+            n = len(ordered)
+            m = n // 2
+            jump = x - (ordered[m] if n % 2 else 0.5 * (ordered[m - 1] + ordered[m]))
+            if jump <= 0 or jump < log(s.soft_ratio):
+                st.high = 0
+                values = st.values
+                st.before = old = values.popleft()  # the window is full
+                del ordered[bisect_left(ordered, old)]
+                values.append(x)
+                insort(ordered, x)
+                st.waiting += 1
+                st.prev = x
+                return []
         if st is None:
             st = self.ranks[record.rank] = _Rank(s.window)
         elif st.window.size != s.window:  # config reload changed the window
@@ -367,6 +388,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if st.prev is not None:
             st.waiting += 1  # |x - prev| joins the changes when they are read
         st.prev = x
+        steady = (not st.linear and not st.firing and len(st.early) >= EARLY_BASE
+                  and len(values) == st.window.size == s.window)
+        st.steady = s if steady else None
         return out
 
     def _early_base(self, st: _Rank, x: float) -> float | None:

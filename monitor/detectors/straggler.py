@@ -186,6 +186,7 @@ class Straggler(Detector[StragglerSettings]):
         dq = r.windows.get(signal)
         if dq is None or dq.maxlen != window:
             dq = r.windows[signal] = deque(dq or (), maxlen=window)
+            self.changed = True  # a new window (or one resized by a reload): no bound on its median holds
         dq.append(value)
 
     # -- time ---------------------------------------------------------------
