@@ -223,11 +223,12 @@ class Straggler(Detector[StragglerSettings]):
                     dq = r.windows.get(signal)
                     if dq is not None and len(dq) >= window:
                         self._median_of(r, signal, dq)
-            if all(self._quiet(s, signal, live, 0, True) for signal in SIGNALS):
-                # no rank is slow, nor can be for a few samples more: until then the ticks have nothing to judge
-                more = window // 2 - 1
-                while more > 0 and not all(self._quiet(s, signal, live, more, True) for signal in SIGNALS):
-                    more //= 2
+            # no rank is slow, nor can be for ``more`` samples more (the most the bounds reach first, then fewer):
+            # until then the ticks have nothing to judge
+            more = window // 2 - 1
+            while more > 0 and not all(self._quiet(s, signal, live, more, True) for signal in SIGNALS):
+                more //= 2
+            if more > 0 or all(self._quiet(s, signal, live, 0, True) for signal in SIGNALS):
                 self._certify(live, more)
                 return []
         self._certify(live, 0)
