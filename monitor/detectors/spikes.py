@@ -163,6 +163,7 @@ class LazyWindow(RobustWindow):
         return super().median()
 
 
+CATCH_UP_INSERTS = 8  # a lagging sorted copy takes this many values by insertion at most, else is sorted again
 EARLY_BASE = 3  # early growth is judged against the median of a rank's first values since its start...
 EARLY_CONFIRM = 3  # ...by this many values in a row (at least confirm_samples)
 EARLY_JUMP = 10.0  # a jump inside those first values: this many times early_growth above the ranks' first values
@@ -221,14 +222,17 @@ class GradExplosionSettings(SpikeSettings):
 
 
 class _Rank:
-    __slots__ = ("steady", "window", "values", "ordered", "changes", "waiting", "before", "prev", "linear", "high",
-                 "onset_step", "firing", "base_median",
-                 "base_sigma", "calm", "fired_for", "early", "first_step", "how", "early_from")
+    __slots__ = ("steady", "added", "dropped", "window", "values", "ordered", "changes", "waiting", "before",
+                 "prev", "linear", "high", "onset_step", "firing", "base_median", "base_sigma", "calm", "fired_for",
+                 "early", "first_step", "how", "early_from")
 
     def __init__(self, size: int) -> None:
         # the settings under which its next value takes the common way (``_SpikeDetector.update``): a full
         # window in log space, early values all in, no alert open; None until then
         self.steady: SpikeSettings | None = None
+        # while steady, the window's sorted copy lags: the values pushed and dropped since (``catch_up``)
+        self.added: list[float] = []
+        self.dropped: list[float] = []
         self.window = RobustWindow(size)  # values (log space)
         self.values, self.ordered = self.window.values, self.window.ordered  # (the same objects: read per value)
         self.changes = LazyWindow(size)  # |value - previous value|; its median is read rarely (``sigma_window``)
@@ -273,6 +277,22 @@ class _Rank:
         self.prev = None
         self.waiting = 0
         self.before = None
+        self.added.clear()
+        self.dropped.clear()
+
+    def catch_up(self) -> None:
+        """The window's sorted copy takes the values pushed and dropped since it was last read exactly: by
+        inserting and deleting them when few, else by sorting the window again."""
+        added, ordered = self.added, self.ordered
+        if len(added) > CATCH_UP_INSERTS:
+            ordered[:] = sorted(self.values)  # in place: the window's own list
+        else:
+            for x in added:  # first the adds: a dropped value may be one of them
+                insort(ordered, x)
+            for x in self.dropped:
+                del ordered[bisect_left(ordered, x)]
+        added.clear()
+        self.dropped.clear()
 
 
 class _SpikeDetector(Detector[SpikeSettings]):
@@ -310,24 +330,28 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if value is None or not (0.0 < value < INF or isfinite(value)):  # finite (most often > 0)
             return []
         st = self.ranks.get(record.rank)
-        if st is not None and st.steady is s and value > 0.0:
-            # the common way, written out: a value that is not even soft_ratio above the level is not high
-            # (as below, where every case is handled)
-            x = log(value)
-            ordered = st.ordered
-            n = len(ordered)
-            m = n // 2
-            jump = x - (ordered[m] if n % 2 else 0.5 * (ordered[m - 1] + ordered[m]))
-            if jump <= 0 or jump < log(s.soft_ratio):
-                st.high = 0
-                values = st.values
-                st.before = old = values.popleft()  # the window is full
-                del ordered[bisect_left(ordered, old)]
-                values.append(x)
-                insort(ordered, x)
-                st.waiting += 1
-                st.prev = x
-                return []
+        if st is not None:
+            if st.steady is s and value > 0.0:
+                # the common way, written out: a value that is not even soft_ratio above the lowest the level
+                # can be is not high (as below, where every case is handled). The window's sorted copy S lags by
+                # the j values pushed since it was read exactly (full window of n, j left it): at most j values
+                # below S[k - j] came, and at most k - j were there, so the median (index k) is at least that
+                x = log(value)
+                ordered, added = st.ordered, st.added
+                n = len(ordered)
+                i = n // 2 - len(added)
+                if i >= 1 and x - (ordered[i] if n % 2 else 0.5 * (ordered[i - 1] + ordered[i])) < log(s.soft_ratio):
+                    st.high = 0
+                    values = st.values
+                    st.before = old = values.popleft()  # the window is full
+                    st.dropped.append(old)
+                    values.append(x)
+                    added.append(x)
+                    st.waiting += 1
+                    st.prev = x
+                    return []
+            if st.added:
+                st.catch_up()
         if st is None:
             st = self.ranks[record.rank] = _Rank(s.window)
         elif st.window.size != s.window:  # config reload changed the window
