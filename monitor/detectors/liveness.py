@@ -46,6 +46,10 @@ A rank quiet since before another rank's collective error is a suspect: its
 silence limit shrinks to 1.5 s after the error when every other rank is
 finished, else to 1.5 of its heartbeat periods + 1.5 s ("rank 1 exited without
 an end record"); the 1.5 s let its launcher's own word arrive first.
+
+A tick that finds no rank stalled notes the earliest moment one could cross a
+limit; the ticks before it return at once (``_deadline``), unless a record
+changed what the limits are made of in a way that brings that moment closer.
 """
 
 from __future__ import annotations
@@ -167,9 +171,8 @@ class RankStalled(Detector[RankStalledSettings]):
         if kind in ("heartbeat", "sample") and t >= r.phase_seen:
             r.phase_seen, r.phase = t, record.phase
             r.phase_time = record.phase_time if record.phase is not None else None
-        if kind in ("start", "end", "oom"):
-            self.deadline = -math.inf  # what is finished, failed or gone changes
         if kind == "start":
+            self.deadline = -math.inf  # what is finished, failed or gone changes (so for end and oom)
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
             r.sample_step, r.phase, r.phase_time, r.error = -1, None, None, ""
             self._forget_failure(rank)
@@ -179,6 +182,7 @@ class RankStalled(Detector[RankStalledSettings]):
             if record.world_size:
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
+            self.deadline = -math.inf
             said = None
             if record.status == "failed":
                 said = death(record.error, signal=record.signal, exit_code=record.exit_code,
@@ -216,6 +220,7 @@ class RankStalled(Detector[RankStalledSettings]):
                         r.beat_gap = t - r.last_beat
                     r.last_beat = t
             elif kind == "oom":
+                self.deadline = -math.inf
                 self.oom.add(rank)
             step = record.step
             if step is not None:
@@ -223,15 +228,18 @@ class RankStalled(Detector[RankStalledSettings]):
                     self.deadline = -math.inf
                     r.step = step
                 elif step > r.step:
-                    if not r.advanced or t < r.advance_time or self.end_step is not None:
-                        # its limit leaves start-up, its advance is older, or it may pass the step a rank ended at
-                        self.deadline = -math.inf
                     if r.advanced:
                         interval = t - r.advance_time
                         if interval > 0:
                             self.recent.append(interval)
                             if interval > self.longest:
                                 self.longest = interval
+                        else:
+                            self.deadline = -math.inf  # an advance older than the last: its limit ends sooner
+                    else:
+                        self.deadline = -math.inf  # its limit leaves start-up
+                    if self.end_step is not None:
+                        self.deadline = -math.inf  # it may pass the step a rank ended at (finished no more)
                     r.step, r.advance_time, r.advanced = step, t, True
                     if t > r.end_time:  # training again after its end (not a late record from before it)
                         if r.ended:

@@ -5,7 +5,10 @@ history rather than fixed thresholds. Per rank, the last ``window`` finite
 values are kept in log space (log-loss, log-grad-norm: an LR drop that
 divides the loss by 10 is a shift, not a change of noise), and so are the
 absolute step-to-step changes of those values, each with a sorted copy, so the
-medians cost O(1) to read and an O(window) memmove to maintain.
+medians cost O(1) to read and an O(window) memmove to maintain. (The copies are
+kept lazily: the changes' median is read only for a value already far above the
+level, and an ordinary value is told from a lower bound on the level; see
+``_SpikeDetector.update``.)
 
 - level: the median of the window;
 - noise: the median absolute step-to-step change / 0.954 (the standard
