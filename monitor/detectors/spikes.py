@@ -225,7 +225,7 @@ class GradExplosionSettings(SpikeSettings):
 
 
 class _Rank:
-    __slots__ = ("steady", "added", "dropped", "window", "values", "ordered", "changes", "waiting", "before",
+    __slots__ = ("steady", "soft", "added", "dropped", "window", "values", "ordered", "changes", "waiting", "before",
                  "prev", "linear", "high", "onset_step", "firing", "base_median", "base_sigma", "calm", "fired_for",
                  "early", "first_step", "how", "early_from")
 
@@ -233,6 +233,7 @@ class _Rank:
         # the settings under which its next value takes the common way (``_SpikeDetector.update``): a full
         # window in log space, early values all in, no alert open; None until then
         self.steady: SpikeSettings | None = None
+        self.soft = 0.0  # log(soft_ratio) of those settings
         # while steady, the window's sorted copy lags: the values pushed and dropped since (``catch_up``)
         self.added: list[float] = []
         self.dropped: list[float] = []
@@ -343,7 +344,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
                 ordered, added = st.ordered, st.added
                 n = len(ordered)
                 i = n // 2 - len(added)
-                if i >= 1 and x - (ordered[i] if n % 2 else 0.5 * (ordered[i - 1] + ordered[i])) < log(s.soft_ratio):
+                if i >= 1 and x - (ordered[i] if n % 2 else 0.5 * (ordered[i - 1] + ordered[i])) < st.soft:
                     st.high = 0
                     values = st.values
                     st.before = old = values.popleft()  # the window is full
@@ -418,6 +419,8 @@ class _SpikeDetector(Detector[SpikeSettings]):
         steady = (not st.linear and not st.firing and len(st.early) >= EARLY_BASE
                   and len(values) == st.window.size == s.window)
         st.steady = s if steady else None
+        if steady:
+            st.soft = log(s.soft_ratio)
         return out
 
     def _early_base(self, st: _Rank, x: float) -> float | None:
