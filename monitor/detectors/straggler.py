@@ -80,7 +80,7 @@ class _Rank:
     onset: dict[str, int] = field(default_factory=dict)  # signal -> samples count when it turned slow
     ended: bool = False
     # signal -> (its window, that window sorted, ``samples`` then): the median while no sample came since,
-    # and bounds on it for a few samples more (``_bounds``)
+    # and bounds on it for a few samples more (``_quiet``)
     sorts: dict[str, tuple[deque[float], list[float], int]] = field(default_factory=dict)
     until: int = 0  # no rank can turn slow before this one's ``samples`` passes this (``_certify``)
     gpu: str | None = None  # its GPU's latest reading, when it throttles: "GPU 3 (0000:65:00.0): HW slowdown"
