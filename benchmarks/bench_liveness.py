@@ -97,8 +97,8 @@ def main() -> None:
     print(f"pipeline (batches of 64, ticks included): {with_:.2f} us/record with both, "
           f"{without:.2f} without; difference {with_ - without:.2f} us/record")
     for ranks in (8, 64, 512, 4096):
-        print(f"tick after a step of samples (mean of 20), {ranks:5d} ranks: rank_stalled {tick_cost(RankStalled, ranks):9.1f} us, "
-              f"straggler {tick_cost(Straggler, ranks):9.1f} us")
+        print(f"tick after a step of samples (mean of 20), {ranks:5d} ranks: "
+              f"rank_stalled {tick_cost(RankStalled, ranks):9.1f} us, straggler {tick_cost(Straggler, ranks):9.1f} us")
 
 
 if __name__ == "__main__":
