@@ -122,6 +122,14 @@ class Incident:
     kills: int = 0  # the OOM killer's kills in its cgroup since it was first seen
 
 
+def _within(left: float, rate: float, horizon: float) -> bool:
+    """Whether what is left is gone within the horizon at this rate of loss; nothing left (an exhausted
+    machine whose available memory sits flat at 0) is gone now, and a rate of 0 never uses anything up."""
+    if rate == 0:
+        return left <= 0
+    return left / rate <= horizon
+
+
 class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     name = "host_memory_leak"
     Settings = HostMemoryLeakSettings
@@ -358,7 +366,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                 if growth is not None:
                     host = self._host(rec.rank)
                     peers = sum(1 for r in self.ranks if self._host(r) == host)
-                    if headroom / (growth.rate * peers) > s.warning_hours * HOUR:
+                    if not _within(headroom, growth.rate * peers, s.warning_hours * HOUR):
                         growth = None
         if growth is None:
             if op is None:
@@ -408,7 +416,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         growth = series.steady(s, t)
         # open when the forecast is within the horizon; close when it moves well past it
         horizon = s.machine_horizon_hours * HOUR * (1 if op is None else 2)
-        if growth is not None and avail / growth.rate > horizon:
+        if growth is not None and not _within(avail, growth.rate, horizon):
             growth = None
         if growth is None:
             if op is None:
