@@ -46,6 +46,10 @@ A rank quiet since before another rank's collective error is a suspect: its
 silence limit shrinks to 1.5 s after the error when every other rank is
 finished, else to 1.5 of its heartbeat periods + 1.5 s ("rank 1 exited without
 an end record"); the 1.5 s let its launcher's own word arrive first.
+
+A tick that finds no rank stalled notes the earliest moment one could cross a
+limit; the ticks before it return at once (``_deadline``), unless a record
+changed what the limits are made of in a way that brings that moment closer.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from .validate import flag
 PEER_GRACE_SECONDS = 1.5  # after a collective error, for the quiet rank's launcher to say how it died
 PEER_BEATS = 1.5  # ... and a suspect is gone after this many of its heartbeat periods without a word
 RECENT_INTERVALS = 64  # step intervals kept for the "typical" figure in summaries
+DEADLINE_MARGIN = 1e-3  # seconds: the deadline's sum is rounded, the tick's comparisons are not
 ADVANCED = "advanced"  # a step advance (its summary words are made only when an alert is open)
 
 
@@ -138,6 +143,10 @@ class RankStalled(Detector[RankStalledSettings]):
         self.open = False  # the run's incident is firing
         self.signature: tuple[frozenset[tuple[int, str]], frozenset[int]] | None = None
         self.picture: dict[str, Any] = {}  # the open incident's fields, for facts()
+        # No rank can cross a limit before this record time (``_deadline``), unless a record changed what
+        # the limits are made of in a way that can bring one closer (then it is -inf: judge the next tick)
+        self.deadline = -math.inf
+        self.judged: RankStalledSettings | None = None  # the settings it was computed with
 
     # -- records ------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
@@ -149,17 +158,21 @@ class RankStalled(Detector[RankStalledSettings]):
         r = self.ranks.get(rank)
         if r is None:
             r = self.ranks[rank] = _Rank(advance_time=t, seen=t)
+            self.deadline = -math.inf
         elif t > r.seen:
             if r.beats and not r.after_start and t - r.seen > self.longest_gap:
                 self.longest_gap = t - r.seen
             r.seen = t
-        r.retired = False
+        if r.retired:
+            r.retired = False
+            self.deadline = -math.inf
         r.after_start = kind == "start"
         why = ""
         if kind in ("heartbeat", "sample") and t >= r.phase_seen:
             r.phase_seen, r.phase = t, record.phase
             r.phase_time = record.phase_time if record.phase is not None else None
         if kind == "start":
+            self.deadline = -math.inf  # what is finished, failed or gone changes (so for end and oom)
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
             r.sample_step, r.phase, r.phase_time, r.error = -1, None, None, ""
             self._forget_failure(rank)
@@ -169,6 +182,7 @@ class RankStalled(Detector[RankStalledSettings]):
             if record.world_size:
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
+            self.deadline = -math.inf
             said = None
             if record.status == "failed":
                 said = death(record.error, signal=record.signal, exit_code=record.exit_code,
@@ -198,16 +212,20 @@ class RankStalled(Detector[RankStalledSettings]):
                 why = "ended"
         else:
             if kind == "heartbeat":
+                if not r.beats:
+                    self.deadline = -math.inf  # its silence limit is the heartbeats' now, maybe shorter
                 r.beats = True
                 if t > r.last_beat:
                     if r.last_beat > -math.inf:
                         r.beat_gap = t - r.last_beat
                     r.last_beat = t
             elif kind == "oom":
+                self.deadline = -math.inf
                 self.oom.add(rank)
             step = record.step
             if step is not None:
                 if r.step < 0:  # baseline after a start or at first sight: not progress yet
+                    self.deadline = -math.inf
                     r.step = step
                 elif step > r.step:
                     if r.advanced:
@@ -216,8 +234,16 @@ class RankStalled(Detector[RankStalledSettings]):
                             self.recent.append(interval)
                             if interval > self.longest:
                                 self.longest = interval
+                        else:
+                            self.deadline = -math.inf  # an advance older than the last: its limit ends sooner
+                    else:
+                        self.deadline = -math.inf  # its limit leaves start-up
+                    if self.end_step is not None:
+                        self.deadline = -math.inf  # it may pass the step a rank ended at (finished no more)
                     r.step, r.advance_time, r.advanced = step, t, True
                     if t > r.end_time:  # training again after its end (not a late record from before it)
+                        if r.ended:
+                            self.deadline = -math.inf  # finished no more: its limits count again
                         r.ended = False
                         if rank in self.oom or r.error:
                             r.error = ""
@@ -227,6 +253,7 @@ class RankStalled(Detector[RankStalledSettings]):
                     # its training thread went back: restarted without a start record. (A heartbeat
                     # may carry an older step than the sample before it: the threads race.)
                     r.step, r.advance_time, r.advanced, r.sample_step = step, t, False, step
+                    self.deadline = -math.inf
                     why = f"restarted at step {step}"
                 if kind == "sample" and step > r.sample_step:
                     r.sample_step = step
@@ -265,6 +292,8 @@ class RankStalled(Detector[RankStalledSettings]):
         if now > self.now:
             self.now = now
         now = self.now
+        if now < self.deadline and self.settings is self.judged and not self.open and not self.peer_times:
+            return []  # no limit can have been crossed yet (the last tick found none, and none came closer)
         self._peer_suspects()
         stalled = {}
         for rank, r in self.ranks.items():
@@ -272,6 +301,8 @@ class RankStalled(Detector[RankStalledSettings]):
             if found is not None:
                 stalled[rank] = found
         self.stalled = stalled
+        if not stalled and not self.open and not self.peer_times:
+            self._deadline()
         if not stalled or self.root_failed or self.oom:
             return [self._resolve(now, None, "")] if self.open else []
         signature = (frozenset((q, f[0]) for q, f in stalled.items()), frozenset(self.peer_failed))
@@ -291,6 +322,21 @@ class RankStalled(Detector[RankStalledSettings]):
         event.refresh = self.open
         self.open = True
         return [event]
+
+    def _deadline(self) -> None:
+        """The earliest record time at which a rank can cross a limit, from what is known now: a later record
+        only moves a rank's last record and step advance later and its limits up (longer intervals learned),
+        except those that set ``self.deadline`` to -inf (a new rank, a start, an end, an oom record, a first
+        heartbeat or step advance, an older advance, a step going back, a retired rank speaking). A little
+        before it, so that rounding the sum never lets a crossing by: the tick then judges as ever."""
+        s = self.settings
+        self.judged = s
+        earliest = math.inf
+        if s.enabled:
+            for r in self.ranks.values():
+                if not self.finished(r):
+                    earliest = min(earliest, r.seen + self.silence_limit(r), r.advance_time + self.step_limit(r))
+        self.deadline = earliest - DEADLINE_MARGIN
 
     # -- the rules ----------------------------------------------------------
     def step_limit(self, r: _Rank) -> float:

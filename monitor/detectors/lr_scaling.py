@@ -143,16 +143,20 @@ class LrScaling(Detector[LrScalingSettings]):
 
     # -- records --------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
-        if not self.settings.enabled:
+        s = self.settings
+        if not s.enabled:
             return []
-        if record.type == "start":
+        kind = record.type
+        if kind == "start":
             return self._start(record)
         lr = record.lr
-        if record.type != "sample" or not _usable(lr) or self.current is None:
-            return []
-        out: list[Event] = []
+        if kind != "sample" or lr is None or not 0 < lr < math.inf or self.current is None:
+            return []  # (not _usable(lr))
         watch = self.watch
-        if watch is not None and watch.active and record.step is not None and self.settings.check_warmup:
+        if (watch is None or not watch.active) and lr <= self.max_lr:
+            return []  # no warmup to watch, and not above the highest LR judged: the common sample
+        out: list[Event] = []
+        if watch is not None and watch.active and record.step is not None and s.check_warmup:
             found = watch.add(record.step, lr)
             if found is not None:
                 self.warmup = self._warmup_finding(found)

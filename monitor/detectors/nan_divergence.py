@@ -79,6 +79,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+INF = math.inf
 SHARED_COMPARISONS = 8  # grad norms of two ranks at one step compared, to tell whether they share gradients
 GRAD_STEPS_KEPT = 256  # steps whose first grad norm is kept for that (ranks send batches ~1 s apart)
 
@@ -137,13 +138,21 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         self.timeline: list[str] = []  # told with the alert: the cause, the rise, frozen when it first fired
 
     def update(self, record: Record) -> list[Event]:
-        if record.type == "start":
+        kind = record.type
+        if kind == "start":
             self.story.note_start()
             return self._restart(record)
-        if record.type != "sample" or not self.settings.enabled:
+        s = self.settings
+        if kind != "sample" or not s.enabled:
             return []
-        if record.lr is not None:
-            self.story.note_lr(record.lr, record.step)
+        lr = record.lr
+        if lr is not None:
+            story = self.story
+            step = record.step
+            if lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
+                story.lr_step = step  # the LR it has: all that note_lr would do
+            else:
+                story.note_lr(lr, step)
         rank = self.ranks.get(record.rank)
         if rank is None:
             rank = self.ranks[record.rank] = _Rank()
@@ -154,7 +163,7 @@ class NanDivergence(Detector[NanDivergenceSettings]):
             self._compare_grad(record.step or 0, grad)
         out: list[Event] = []
         dropped = False
-        if scale is not None and math.isfinite(scale):
+        if scale is not None and -INF < scale < INF:  # finite
             dropped = rank.scale is not None and scale < rank.scale
             pending = rank.pending
             if pending is not None:
@@ -162,7 +171,12 @@ class NanDivergence(Detector[NanDivergenceSettings]):
                 if not dropped:  # the earlier non-finite grad norm was not a skipped step
                     out.extend(self._fire(pending, "grad_norm", pending.grad_norm, rank))
                     return out
-            out.extend(self._amp(record, rank, scale, dropped))
+            if dropped:
+                out.extend(self._amp(record, rank, scale, dropped))
+            else:  # _amp's way for a step that was not skipped, written out (every sample of an fp16 run)
+                rank.overflows = 0
+                if grad is None or -INF < grad < INF:
+                    rank.note_good_step(record.step or 0, scale, s.amp_peak_window)
             rank.scale = scale
             if out:
                 return out

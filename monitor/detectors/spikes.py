@@ -5,7 +5,10 @@ history rather than fixed thresholds. Per rank, the last ``window`` finite
 values are kept in log space (log-loss, log-grad-norm: an LR drop that
 divides the loss by 10 is a shift, not a change of noise), and so are the
 absolute step-to-step changes of those values, each with a sorted copy, so the
-medians cost O(1) to read and an O(window) memmove to maintain.
+medians cost O(1) to read and an O(window) memmove to maintain. (The copies are
+kept lazily: the changes' median is read only for a value already far above the
+level, and an ordinary value is told from a lower bound on the level; see
+``_SpikeDetector.update``.)
 
 - level: the median of the window;
 - noise: the median absolute step-to-step change / 0.954 (the standard
@@ -67,6 +70,7 @@ from .steps import step_of as _step_of
 from .validate import above, flag, whole
 
 LR_ALERT = "lr_scaling"  # the alert a rise joins when it says the LR is too high (divergence_story.py)
+INF = math.inf
 MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 
 
@@ -162,6 +166,7 @@ class LazyWindow(RobustWindow):
         return super().median()
 
 
+CATCH_UP_INSERTS = 8  # a lagging sorted copy takes this many values by insertion at most, else is sorted again
 EARLY_BASE = 3  # early growth is judged against the median of a rank's first values since its start...
 EARLY_CONFIRM = 3  # ...by this many values in a row (at least confirm_samples)
 EARLY_JUMP = 10.0  # a jump inside those first values: this many times early_growth above the ranks' first values
@@ -220,12 +225,23 @@ class GradExplosionSettings(SpikeSettings):
 
 
 class _Rank:
-    __slots__ = ("window", "changes", "prev", "linear", "high", "onset_step", "firing", "base_median",
-                 "base_sigma", "calm", "fired_for", "early", "first_step", "how", "early_from")
+    __slots__ = ("steady", "soft", "added", "dropped", "window", "values", "ordered", "changes", "waiting", "before",
+                 "prev", "linear", "high", "onset_step", "firing", "base_median", "base_sigma", "calm", "fired_for",
+                 "early", "first_step", "how", "early_from")
 
     def __init__(self, size: int) -> None:
+        # the settings under which its next value takes the common way (``_SpikeDetector.update``): a full
+        # window in log space, early values all in, no alert open; None until then
+        self.steady: SpikeSettings | None = None
+        self.soft = 0.0  # log(soft_ratio) of those settings
+        # while steady, the window's sorted copy lags: the values pushed and dropped since (``catch_up``)
+        self.added: list[float] = []
+        self.dropped: list[float] = []
         self.window = RobustWindow(size)  # values (log space)
-        self.changes = LazyWindow(size)  # |value - previous value|; its median is read rarely
+        self.values, self.ordered = self.window.values, self.window.ordered  # (the same objects: read per value)
+        self.changes = LazyWindow(size)  # |value - previous value|; its median is read rarely (``sigma_window``)
+        self.waiting = 0  # changes not pushed to it yet: those between the window's latest values
+        self.before: float | None = None  # the value the window dropped last (the one before its oldest)
         self.prev: float | None = None
         self.linear = False  # True once a value <= 0 was seen (losses only)
         self.high = 0  # high samples in a row
@@ -239,6 +255,48 @@ class _Rank:
         self.early_from = ""  # what the early baseline was, in words
         self.first_step = 0
         self.how = ""  # how the firing was judged: "robust", "soft" or "early"
+
+
+    def sigma_window(self) -> LazyWindow:
+        """The changes' window, caught up: a change is pushed only when the median is read (a value far above
+        the level), from the values it is the difference of (the window's latest, and the one before them)."""
+        n = self.waiting
+        if n:
+            self.waiting = 0
+            changes = self.changes
+            n = min(n, changes.size)  # older ones would leave the window anyway
+            values = self.window.values
+            seq = list(values)[-(n + 1):]
+            if len(seq) <= n:
+                assert self.before is not None
+                seq.insert(0, self.before)
+            push = changes.push
+            for a, b in zip(seq, seq[1:]):
+                push(abs(b - a))
+        return self.changes
+
+    def clear(self) -> None:
+        self.window.clear()
+        self.changes.clear()
+        self.prev = None
+        self.waiting = 0
+        self.before = None
+        self.added.clear()
+        self.dropped.clear()
+
+    def catch_up(self) -> None:
+        """The window's sorted copy takes the values pushed and dropped since it was last read exactly: by
+        inserting and deleting them when few, else by sorting the window again."""
+        added, ordered = self.added, self.ordered
+        if len(added) > CATCH_UP_INSERTS:
+            ordered[:] = sorted(self.values)  # in place: the window's own list
+        else:
+            for x in added:  # first the adds: a dropped value may be one of them
+                insort(ordered, x)
+            for x in self.dropped:
+                del ordered[bisect_left(ordered, x)]
+        added.clear()
+        self.dropped.clear()
 
 
 class _SpikeDetector(Detector[SpikeSettings]):
@@ -260,41 +318,68 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if not s.enabled:
             return []
         story = self.story
-        if record.lr is not None:
-            story.note_lr(record.lr, record.step)
+        lr = record.lr
+        if lr is not None:
+            step = record.step
+            if lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
+                story.lr_step = step  # the LR it has: all that note_lr would do
+            else:
+                story.note_lr(lr, step)
         if story.diverged:  # the run went NaN: nan_divergence tells the rest, until a restart
             if self.ranks:
                 self.ranks.clear()
                 self.firsts.clear()
             return []
         value = getattr(record, self.field)
-        if value is None or not isfinite(value):
+        if value is None or not (0.0 < value < INF or isfinite(value)):  # finite (most often > 0)
             return []
         st = self.ranks.get(record.rank)
+        if st is not None:
+            if st.steady is s and value > 0.0:
+                # the common way, written out: a value that is not even soft_ratio above the lowest the level
+                # can be is not high (as below, where every case is handled). The window's sorted copy S lags by
+                # the j values pushed since it was read exactly (full window of n, j left it): at most j values
+                # below S[k - j] came, and at most k - j were there, so the median (index k) is at least that
+                x = log(value)
+                ordered, added = st.ordered, st.added
+                n = len(ordered)
+                i = n // 2 - len(added)
+                if i >= 1 and x - (ordered[i] if n % 2 else 0.5 * (ordered[i - 1] + ordered[i])) < st.soft:
+                    st.high = 0
+                    values = st.values
+                    st.before = old = values.popleft()  # the window is full
+                    st.dropped.append(old)
+                    values.append(x)
+                    added.append(x)
+                    st.waiting += 1
+                    st.prev = x
+                    return []
+            if st.added:
+                st.catch_up()
         if st is None:
             st = self.ranks[record.rank] = _Rank(s.window)
         elif st.window.size != s.window:  # config reload changed the window
+            st.sigma_window().resize(s.window)
             st.window.resize(s.window)
-            st.changes.resize(s.window)
         if value <= 0 and not st.linear:
             if not self.linear_below_zero:
                 return []
             st.linear = True
-            st.window.clear()
-            st.changes.clear()
-            st.prev = None
+            st.clear()
         x = value if st.linear else log(value)
-        win = st.window
+        ordered = st.ordered  # the window sorted (RobustWindow.median, read here at every value)
         out: list[Event] = []
         if st.firing:
             st.fired_for += 1
             out = self._judge_firing(record, st, x, value)
-        elif len(win.values) >= s.min_history:
-            med = win.median()
+        elif len(ordered) >= s.min_history:
+            n = len(ordered)
+            m = n // 2
+            med = ordered[m] if n % 2 else 0.5 * (ordered[m - 1] + ordered[m])
             jump = x - med
             # the changes' median (sigma) is read only for a value already soft_ratio above the level
             if jump > 0 and (st.linear or jump >= log(s.soft_ratio)):
-                sigma = st.changes.median() / MAD_DIFF_TO_SIGMA
+                sigma = st.sigma_window().median() / MAD_DIFF_TO_SIGMA
                 hard = jump >= s.z_threshold * sigma and (st.linear or jump >= log(s.min_ratio))
                 if hard or (not st.linear and jump >= s.soft_z * sigma):
                     st.high += 1
@@ -321,11 +406,21 @@ class _SpikeDetector(Detector[SpikeSettings]):
                 st.first_step = record.step or 0
                 self.firsts[record.rank] = x
             st.early.append(x)
-        win.push(x)
-        prev = st.prev
-        if prev is not None:
-            st.changes.push(abs(x - prev))
+        # st.window.push(x), written out: this runs for every value of every rank
+        values = st.values
+        if len(values) >= st.window.size:
+            st.before = old = values.popleft()
+            del ordered[bisect_left(ordered, old)]
+        values.append(x)
+        insort(ordered, x)
+        if st.prev is not None:
+            st.waiting += 1  # |x - prev| joins the changes when they are read
         st.prev = x
+        steady = (not st.linear and not st.firing and len(st.early) >= EARLY_BASE
+                  and len(values) == st.window.size == s.window)
+        st.steady = s if steady else None
+        if steady:
+            st.soft = log(s.soft_ratio)
         return out
 
     def _early_base(self, st: _Rank, x: float) -> float | None:
@@ -424,7 +519,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if st.calm >= s.resolve_samples:
             how = f"back to {value:.4g}"
         elif not calm and st.fired_for >= s.window and not self._high(
-                st, x - st.window.median(), st.changes.median() / MAD_DIFF_TO_SIGMA):
+                st, x - st.window.median(), st.sigma_window().median() / MAD_DIFF_TO_SIGMA):
             how = f"settled at a new level {value:.4g} for {st.fired_for} samples"
         else:
             return []

@@ -19,11 +19,18 @@ loses that much on every step). It fires once that has held for
 ``resolve_ratio`` x its peers (or the excess under half the minimum).
 
 Evaluated on ``tick`` (once per second of run time), so the cost per record is
-an append; a tick costs O(ranks x window).
+an append. A tick with no sample, start or end since the one before has nothing
+new to judge (the verdicts depend on nothing else) and returns at once; a rank's
+median is sorted again only after its window changed; and a signal whose slowest
+median is not ``ratio`` x (or not the excess above) the lowest any rank's peers
+can have is settled without the per-rank comparison, except for the ranks with an
+open alert or a slow streak under way.
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from math import isfinite
@@ -38,6 +45,7 @@ from .validate import at_least, flag, whole
 
 SIGNALS = ("data_time", "compute", "step_interval")
 WHAT = {"data_time": "waits for data", "compute": "computes", "step_interval": "takes per step"}
+INF = math.inf
 CLOCK_RATIO = 0.5  # a GPU clocked under half its maximum is said to throttle (as gpu_degraded's default)
 
 
@@ -71,11 +79,21 @@ class _Rank:
     last_time: float = 0.0
     onset: dict[str, int] = field(default_factory=dict)  # signal -> samples count when it turned slow
     ended: bool = False
+    # signal -> (its window, that window sorted, ``samples`` then): the median while no sample came since,
+    # and bounds on it for a few samples more (``_quiet``)
+    sorts: dict[str, tuple[deque[float], list[float], int]] = field(default_factory=dict)
+    until: int = 0  # no rank can turn slow before this one's ``samples`` passes this (``_certify``)
     gpu: str | None = None  # its GPU's latest reading, when it throttles: "GPU 3 (0000:65:00.0): HW slowdown"
 
 
 def _median(values: Iterable[float]) -> float:
     s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _middle(s: list[float]) -> float:
+    """Median of the sorted ``s`` (as ``_median``, without sorting again)."""
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
@@ -98,6 +116,10 @@ class Straggler(Detector[StragglerSettings]):
         self.ranks: dict[int, _Rank] = {}
         self.step_times: deque[float] = deque(maxlen=64)  # step_time_seconds of any rank
         self.firing: dict[int, str] = {}  # rank -> signal of its open alert
+        self.onsets: set[int] = set()  # ranks whose onset may hold a signal (a slow streak under way)
+        self.step_time: float | None = None  # median of step_times, until one is added
+        self.changed = True  # a sample, start or end since the last tick: the verdicts may differ
+        self.judged: StragglerSettings | None = None  # the settings of the last tick
 
     # -- records ------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
@@ -108,26 +130,37 @@ class Straggler(Detector[StragglerSettings]):
                 r = self.ranks[record.rank] = _Rank()
             r.samples += 1
             r.ended = False
+            if r.samples > r.until:
+                self.changed = True
+            window = self.settings.window
+            windows = r.windows
             value = record.data_time_seconds
-            if value is not None and isfinite(value) and value >= 0:
-                dq = r.windows.get("data_time")
-                if dq is not None and dq.maxlen == self.settings.window:
+            if value is not None and 0.0 <= value < INF:  # finite, >= 0
+                dq = windows.get("data_time")
+                if dq is not None and dq.maxlen == window:
                     dq.append(value)
                 else:
                     self._push(r, "data_time", value)
             value = record.compute_seconds
-            if value is not None and isfinite(value) and value >= 0:
+            if value is not None and 0.0 <= value < INF:
                 self._push(r, "compute", value)
                 wait = record.comm_wait_seconds
                 self._push(r, "comm_wait", wait if wait is not None and isfinite(wait) and wait >= 0 else 0.0)
             step = record.step
             if step is not None and step > r.last_step:
-                if r.last_step >= 0 and record.time > r.last_time:
-                    self._push(r, "step_interval", (record.time - r.last_time) / (step - r.last_step))
-                r.last_step, r.last_time = step, record.time
+                t = record.time
+                if r.last_step >= 0 and t > r.last_time:
+                    value = (t - r.last_time) / (step - r.last_step)
+                    dq = windows.get("step_interval")
+                    if dq is not None and dq.maxlen == window:
+                        dq.append(value)
+                    else:
+                        self._push(r, "step_interval", value)
+                r.last_step, r.last_time = step, t
             value = record.step_time_seconds
-            if value is not None and isfinite(value) and value > 0:
+            if value is not None and 0.0 < value < INF:
                 self.step_times.append(value)
+                self.step_time = None
             return []
         if record.gpu_health is not None and record.rank in self.ranks:
             h = record.gpu_health
@@ -135,6 +168,7 @@ class Straggler(Detector[StragglerSettings]):
             bus = f" ({h.pci_bus_id})" if h.pci_bus_id else ""
             self.ranks[record.rank].gpu = None if slow is None else f"GPU {h.index}{bus}: {slow}"
         if kind in ("start", "end") and record.rank in self.ranks:
+            self.changed = True
             r = self.ranks[record.rank]
             if kind == "start":  # a restart: what it did before says nothing about now
                 self.ranks[record.rank] = _Rank()
@@ -152,44 +186,97 @@ class Straggler(Detector[StragglerSettings]):
         dq = r.windows.get(signal)
         if dq is None or dq.maxlen != window:
             dq = r.windows[signal] = deque(dq or (), maxlen=window)
+            self.changed = True  # a new window (or one resized by a reload): no bound on its median holds
         dq.append(value)
 
     # -- time ---------------------------------------------------------------
     def tick(self, now: float) -> list[Event]:
         s = self.settings
+        if not self.changed and s is self.judged:
+            return []  # nothing new since the last tick, which judged this very state: the same verdicts
+        out = self._judge(now, s)
+        self.changed, self.judged = False, s
+        return out
+
+    @staticmethod
+    def _median_of(r: _Rank, signal: str, dq: deque[float]) -> float:
+        """The median of the rank's window ``dq``, sorted again only when a sample came since."""
+        snap = r.sorts.get(signal)
+        if snap is None or snap[2] != r.samples or snap[0] is not dq:
+            snap = r.sorts[signal] = (dq, sorted(dq), r.samples)
+        return _middle(snap[1])
+
+    def _step_time(self) -> float | None:
+        if self.step_time is None and self.step_times:
+            self.step_time = _median(self.step_times)
+        return self.step_time
+
+    def _judge(self, now: float, s: StragglerSettings) -> list[Event]:
         live = {q: r for q, r in self.ranks.items() if not r.ended}
         if len(live) < 2 or not s.enabled:
+            self._certify(live, 0)
             return self._resolve_all(now, "straggler was disabled") if not s.enabled else []
-        step_time = _median(self.step_times) if self.step_times else None
+        firing, window = self.firing, s.window
+        if not firing and not self.onsets:
+            for r in live.values():  # every median exact now: the bounds start from it
+                for signal in SIGNALS:
+                    dq = r.windows.get(signal)
+                    if dq is not None and len(dq) >= window:
+                        self._median_of(r, signal, dq)
+            # no rank is slow, nor can be for ``more`` samples more (the most the bounds reach first, then fewer):
+            # until then the ticks have nothing to judge
+            more = window // 2 - 1
+            while more > 0 and not all(self._quiet(s, signal, live, more, True) for signal in SIGNALS):
+                more //= 2
+            if more > 0 or all(self._quiet(s, signal, live, 0, True) for signal in SIGNALS):
+                self._certify(live, more)
+                return []
+        self._certify(live, 0)
         verdicts: dict[int, tuple[str, float, float]] = {}  # rank -> (signal, median, peers)
         holding: set[int] = set()
         for signal in SIGNALS:
-            meds = {q: _median(dq) for q, r in live.items()
-                    if (dq := r.windows.get(signal)) is not None and len(dq) >= s.window}
+            if not firing and not self.onsets and self._quiet(s, signal, live):
+                continue  # no rank can be slow on this signal, and none has an alert or a streak to update
+            meds: dict[int, float] = {}
+            for q, r in live.items():
+                dq = r.windows.get(signal)
+                if dq is not None and len(dq) >= window:
+                    meds[q] = self._median_of(r, signal, dq)
             if len(meds) < 2:
                 continue
             ordered = sorted(meds.values())
-            index: dict[float, int] = {}
-            for i, v in enumerate(ordered):
-                index.setdefault(v, i)
-            middle = _median(ordered)
-            base = step_time
-            if base is None and signal == "step_interval":
-                base = middle
-            need = max(s.min_excess_seconds, s.min_excess_fraction * base) if base else s.min_excess_seconds
-            for q, m in meds.items():
-                if m < middle and q not in self.firing:
+            middle = _middle(ordered)
+            need = -1.0  # computed when first needed (it reads the median step time)
+            # the lowest median any rank's peers have (the others' without the slowest): when the slowest is
+            # not slow against it, no rank is, and only the ranks with an alert or a streak need a look
+            top, low = ordered[-1], _median_without(ordered, len(ordered) - 1)
+            quiet = top < s.ratio * low
+            if not quiet:
+                need = self._need(s, signal, middle)
+                quiet = top - low < need
+            if quiet:
+                watch = self.onsets
+                if not firing and not watch:
+                    continue
+                todo = [q for q in meds if q in firing or (q in watch and signal in live[q].onset)]
+            else:
+                todo = list(meds)
+            for q in todo:
+                m = meds[q]
+                if m < middle and q not in firing:
                     # below the middle: its peers' median is above it, so it is not slow (most ranks)
                     onset = live[q].onset
                     if onset:
                         onset.pop(signal, None)
                     continue
-                peers = _median_without(ordered, index[m])
+                if need < 0:
+                    need = self._need(s, signal, middle)
+                peers = _median_without(ordered, bisect_left(ordered, m))
                 r = live[q]
                 slow = m >= s.ratio * peers and m - peers >= need
                 if slow and signal == "compute":
                     slow = self._peers_wait(live, q) >= (m - peers) / 2  # they wait for it
-                if q in self.firing:
+                if q in firing:
                     if m >= s.resolve_ratio * peers and m - peers >= need / 2:
                         holding.add(q)
                     continue
@@ -197,13 +284,16 @@ class Straggler(Detector[StragglerSettings]):
                     r.onset.pop(signal, None)
                     continue
                 start = r.onset.setdefault(signal, r.samples)
+                self.onsets.add(q)
                 if r.samples - start >= s.sustain_samples and q not in verdicts:
                     verdicts[q] = (signal, m, peers)
+        if self.onsets:
+            self.onsets = {q for q in self.onsets if q in self.ranks and self.ranks[q].onset}
         out = []
         for q, (signal, m, peers) in sorted(verdicts.items()):
-            out.append(self._fire(q, live[q], signal, m, peers, now, step_time))
-        for q in [q for q in self.firing if q in live and q not in holding and q not in verdicts]:
-            signal = self.firing.pop(q)
+            out.append(self._fire(q, live[q], signal, m, peers, now, self._step_time()))
+        for q in [q for q in firing if q in live and q not in holding and q not in verdicts]:
+            signal = firing.pop(q)
             r = live[q]
             m = _median(r.windows[signal])
             out.append(resolved(self.name, q, max(r.last_step, 0), now,
@@ -212,9 +302,80 @@ class Straggler(Detector[StragglerSettings]):
             r.onset.clear()
         return out
 
+    def _certify(self, live: dict[int, _Rank], more: int) -> None:
+        """The next ``more`` samples of each live rank cannot make any rank slow: no tick need judge them.
+        Fewer for a rank whose window of a signal fills up before (it joins the comparison); none for a rank
+        that is not live (its next sample makes it live)."""
+        window = self.settings.window
+        for q, r in self.ranks.items():
+            room = more
+            if room and q in live:
+                for signal in SIGNALS:
+                    dq = r.windows.get(signal)
+                    if dq is None:
+                        room = min(room, window - 1)
+                    elif len(dq) < window:
+                        room = min(room, window - 1 - len(dq))
+            else:
+                room = 0
+            r.until = r.samples + room
+
+    def _quiet(self, s: StragglerSettings, signal: str, live: dict[int, _Rank], more: int = 0,
+               fixed: bool = False) -> bool:
+        """True when no rank can be slow on ``signal``, judged from bounds on the ranks' medians without sorting
+        a window: a median sorted ``j`` samples ago (full window of n, sorted S) is now between S[k - j] and
+        S[k + j] for each middle index k (j values left and j came). The slowest median is at most the highest
+        upper bound, and the lowest peers' median (without the slowest) at least that of the lower bounds:
+        when those are not ``ratio`` apart (or the excess is under the one worth a page), no rank is slow. False
+        (judge exactly) when a bound is unknown or too loose; then the windows are sorted again.
+
+        ``more``: after that many more samples of every rank. ``fixed``: judged with the least excess worth a
+        page (``min_excess_seconds``), not the one from the median step time, which moves with every sample."""
+        window = s.window
+        lows: list[float] = []
+        top = -math.inf
+        for r in live.values():
+            dq = r.windows.get(signal)
+            if dq is None or len(dq) < window:
+                continue
+            snap = r.sorts.get(signal)
+            if snap is None or snap[0] is not dq:
+                return False
+            ordered = snap[1]
+            n = len(ordered)
+            j = r.samples - snap[2] + more
+            k = n // 2
+            if n != dq.maxlen or k - 1 - j < 0 or k + j >= n:
+                return False  # sorted before the window was full, or too long ago: bounds unknown
+            if n % 2:
+                lo, hi = ordered[k - j], ordered[k + j]
+            else:
+                lo, hi = (ordered[k - 1 - j] + ordered[k - j]) / 2, (ordered[k - 1 + j] + ordered[k + j]) / 2
+            lows.append(lo)
+            if hi > top:
+                top = hi
+        if len(lows) < 2:
+            return True  # fewer than two ranks to compare: nothing to judge (as _judge finds)
+        lows.sort()
+        low = _median_without(lows, len(lows) - 1)
+        if top < s.ratio * low:
+            return True
+        if fixed:
+            return top - low < s.min_excess_seconds
+        # the excess worth a page grows with the middle (step_interval without step times): its lower bound
+        return top - low < self._need(s, signal, _middle(lows))
+
+    def _need(self, s: StragglerSettings, signal: str, middle: float) -> float:
+        """The excess over the peers worth a page: at least min_excess_seconds and min_excess_fraction of the
+        step time (the median step time, else for step_interval the signal's middle)."""
+        base = self._step_time()
+        if base is None and signal == "step_interval":
+            base = middle
+        return max(s.min_excess_seconds, s.min_excess_fraction * base) if base else s.min_excess_seconds
+
     def _peers_wait(self, live: dict[int, _Rank], rank: int) -> float:
         """The median of the other ranks' median collective wait (0 without any)."""
-        waits = [_median(dq) for q, r in live.items()
+        waits = [self._median_of(r, "comm_wait", dq) for q, r in live.items()
                  if q != rank and (dq := r.windows.get("comm_wait")) is not None and dq]
         return _median(waits) if waits else 0.0
 
