@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 
 from . import host_memory
 from .crash import error_info, install_hooks, is_cuda_oom
-from .fields import ALERT_NAMES, DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
+from .fields import ALERT_NAMES, DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, SAMPLE_FIELDS, STAGED, assign
 from .hearing import Hearing
 from .outbox import LimitedLog, Outbox
 from .settings import ClientSettings, from_environ, launch_header
@@ -53,6 +53,7 @@ from .transport import FileSink, HttpSink, Result, Watcher
 __all__ = ["STAGED", "Telemetry"]
 
 log = logging.getLogger("trainhealth.trainer.client")
+_INT_SAMPLE_FIELDS = INT_FIELDS & SAMPLE_FIELDS  # counts a sample carries top level (batch_size, ...)
 _PHASE_NAME = re.compile(r"[a-z0-9_-]{1,32}\Z")  # the record contract's rule for ``phase``
 
 
@@ -92,6 +93,7 @@ class Telemetry:
         self._probes = list(probes) if probes is not None else _default_probes(s)
         self._measured: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
         self._stager = next((p for p in self._probes if hasattr(p, "stage")), None)
+        self._tensor_type: type = getattr(self._stager, "tensor_type", _NoTensor)  # torch.Tensor with a stager
         self._warn = LimitedLog()
         self._outbox = Outbox(self._sink, s, monotonic, self._warn)
         self._push = self._outbox.push
@@ -141,15 +143,18 @@ class Telemetry:
         """One sample. Tensors are read later without a device sync; never raises."""
         try:
             measured, metrics = self._measured  # host/GPU memory, NVML: refreshed by the background thread
-            rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank,
-                                   "time": self._clock(), "step": int(step), **measured}
+            rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank, "time": self._clock(),
+                                   "step": step if type(step) is int else int(step), **measured}
             if metrics:
                 rec["metrics"] = metrics.copy()
             tensors: dict[str, Any] = {}
-            # the fast path (a float) inline: this runs every step
+            tensor = self._tensor_type  # torch.Tensor once torch is in use
+            # the fast paths (a float, a tensor) inline: this runs every step
             if loss is not None:
                 if type(loss) is float:
                     rec["loss"] = loss
+                elif type(loss) is tensor:
+                    tensors["loss"] = loss
                 else:
                     self._put(rec, "loss", loss, tensors)
             if lr is not None:
@@ -160,16 +165,27 @@ class Telemetry:
             if grad_norm is not None:
                 if type(grad_norm) is float:
                     rec["grad_norm"] = grad_norm
+                elif type(grad_norm) is tensor:
+                    tensors["grad_norm"] = grad_norm
                 else:
                     self._put(rec, "grad_norm", grad_norm, tensors)
-            for name, value in fields.items():
-                if value is not None:
-                    if type(value) is float and name in FLOAT_FIELDS:
-                        rec[name] = value
-                    else:
-                        self._put(rec, name, value, tensors)
+            if fields:
+                for name, value in fields.items():
+                    if value is not None:
+                        if type(value) is float and name in FLOAT_FIELDS:
+                            rec[name] = value
+                        elif type(value) is int and name in _INT_SAMPLE_FIELDS:
+                            rec[name] = value
+                        else:
+                            self._put(rec, name, value, tensors)
             if tensors:
-                self._stage(rec, tensors)
+                stager = self._stager if self._stager is not None else self._make_stager()
+                now, staged = stager.stage(tensors)
+                if now:
+                    for name, value in now.items():
+                        assign(rec, name, value)
+                if staged is not None:
+                    rec[STAGED] = staged
             if not self._bound:
                 self._bind()
             self.last_step = rec["step"]
@@ -293,17 +309,13 @@ class Telemetry:
         except Exception as exc:
             self._warn(kind, "%s record failed and was skipped: %r", kind, exc)
 
-    def _stage(self, rec: dict[str, Any], tensors: dict[str, Any]) -> None:
-        if self._stager is None:
-            from .torch_helpers import TorchProbe  # torch is imported: the user gave us a tensor
+    def _make_stager(self) -> Any:
+        from .torch_helpers import TorchProbe  # torch is imported: the user gave us a tensor
 
-            self._stager = TorchProbe(sample_seconds=self.settings.sample_seconds)
-            self._probes.append(self._stager)
-        now, later = self._stager.stage(tensors)
-        for name, value in now.items():
-            assign(rec, name, value)
-        if later is not None:
-            rec[STAGED] = later
+        self._stager = stager = TorchProbe(sample_seconds=self.settings.sample_seconds)
+        self._probes.append(stager)
+        self._tensor_type = stager.tensor_type
+        return stager
 
     def _bind(self) -> None:
         self._bound = True
@@ -507,6 +519,10 @@ class _PhaseScope:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.tm._phase = self.outer
+
+
+class _NoTensor:
+    """The tensor type ``record()`` checks for before any tensor was staged: nothing is of this type."""
 
 
 _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()  # clients with threads, for the fork hook
