@@ -34,11 +34,11 @@ def test_a_loss_that_requires_grad_is_copied_without_a_graph_and_grad_mode_is_re
     loss = weight * 2  # requires grad, has a grad_fn: the loop passed the loss itself, not loss.detach()
     tm.record(1, loss=loss, grad_norm=torch.tensor([0.25], dtype=torch.float64), lr=0.1)
     assert torch.is_grad_enabled()  # the training thread's autograd is as it was
-    assert not tm._stager.slots.free  # in flight: the slot is not back in the pool yet
+    assert not tm._probes.stager.slots.free  # in flight: the slot is not back in the pool yet
     _finish_and_send(tm)
     (rec,) = sink.records
     assert (rec["loss"], rec["grad_norm"], rec["lr"], rec["step"]) == (6.0, 0.25, 0.1, 1)
-    (slot,) = tm._stager.slots.free  # read, so given back
+    (slot,) = tm._probes.stager.slots.free  # read, so given back
     assert not slot.buf.requires_grad and slot.buf.grad_fn is None  # the buffer holds no graph
     loss.backward()  # the loop's own graph is untouched
     assert weight.grad == 2.0
@@ -69,4 +69,4 @@ def test_pooled_slots_are_reused_across_many_records_with_values_intact():
             _finish_and_send(tm)
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in sink.records] == [
         (s, float(s), s / 2) for s in range(1, 201)]
-    assert tm._stager.slots.made <= 10  # at most the records in flight between two reads
+    assert tm._probes.stager.slots.made <= 10  # at most the records in flight between two reads
