@@ -45,9 +45,10 @@ def go(value: float) -> str:
     if -_INF < d < 1e6:
         return repr(d)
     if 1e6 <= d < 1e16:  # (not NaN nor an infinity)
-        s = repr(d)
+        s = repr(d)  # 7 to 16 digits before the dot
         dot = s.find(".")
-        return f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.") + _EXPONENT[dot]
+        digits = (s[:dot] + s[dot + 1:]).rstrip("0")
+        return (f"{digits[0]}.{digits[1:]}" if len(digits) > 1 else digits) + _EXPONENT[dot]
     return _go_rest(d)
 
 
