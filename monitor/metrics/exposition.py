@@ -2,14 +2,15 @@
 
 prometheus-client builds a Sample tuple and a label dict per series and formats each
 through generic escaping: ~5 us per series, ~80 ms for 1,000 ranks. Here each rank's label
-set is formatted once and reused by every family, and values go through prometheus-client's own
-``floatToGoString``: the text is byte for byte what ``generate_latest`` writes for the same
-families (labels in sorted order: ``rank`` before ``run``), at about a fifth of the cost.
+set is formatted once and reused by every family, and values go through ``go``, which writes what
+prometheus-client's ``floatToGoString`` writes: the text is byte for byte what ``generate_latest`` writes
+for the same families (labels in sorted order: ``rank`` before ``run``), at about a fifth of the cost.
 The exporter keeps prometheus-client for the few service-wide families.
 
 A scrape repeats what did not change: ``RankLines`` keeps each rank's lines (one per family) from the
 previous scrape, and reuses them while the rank took no record since (its RankState and record count
-are the same), so a scrape formats only the ranks that reported in between; the text is the same.
+are the same), so a scrape formats only the ranks that reported in between, and of those only the
+values that changed; the text is the same. The lines are kept as bytes and the scrape is joined once.
 """
 
 from __future__ import annotations
