@@ -78,37 +78,35 @@ class _Entry:
 
     def __init__(self, source: object, version: int, values: list[float | None], prefixes: list[str]) -> None:
         self.source, self.version, self.values, self.prefixes = source, version, values, prefixes
-        self.lines = [b""] * len(values)
-        self.zeros: set[int] = set()
-        for i, v in enumerate(values):
-            if v is not None:
-                self._write(i, v)
+        self.lines = [b"" if v is None else _line(p, v) for p, v in zip(prefixes, values)]
+        self.zeros = {i for i, v in enumerate(values) if v == 0}
 
     def update(self, version: int, values: list[float | None]) -> None:
         """The lines whose value changed written again: a value unequal to the one before (NaN always, found
         in C: most values are unchanged), and a zero that is not the same object as before (0.0 and -0.0
         are equal but written apart)."""
-        was = self.values
+        was, lines, prefixes, zeros = self.values, self.lines, self.prefixes, self.zeros
         for i in compress(range(len(values)), map(ne, values, was)):
             v = values[i]
             if v is None:
-                self.lines[i] = b""
-                self.zeros.discard(i)
+                lines[i] = b""
+                zeros.discard(i)
+                continue
+            lines[i] = _line(prefixes[i], v)
+            if v:
+                zeros.discard(i)
             else:
-                self._write(i, v)
-        for i in tuple(self.zeros):
+                zeros.add(i)
+        for i in tuple(zeros):
             v = values[i]
-            if v is not was[i] and v == 0:
-                self._write(i, v)  # (a zero that became None or another number was written above)
+            if v is not was[i] and v == 0:  # (a zero that became None or another number was written above)
+                lines[i] = _line(prefixes[i], v)
         self.version, self.values = version, values
 
-    def _write(self, i: int, v: float) -> None:
-        d = v if type(v) is float else float(v)
-        self.lines[i] = f"{self.prefixes[i]}{repr(d) if -_INF < d < 1e6 else go(d)}\n".encode()  # (go's first case)
-        if d:
-            self.zeros.discard(i)
-        else:
-            self.zeros.add(i)
+
+def _line(prefix: str, v: float) -> bytes:
+    d = v if type(v) is float else float(v)
+    return f"{prefix}{repr(d) if -_INF < d < 1e6 else go(d)}\n".encode()  # (go's first case inline)
 
 
 def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
