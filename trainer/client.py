@@ -13,46 +13,47 @@ The loop hears its run's alerts: ``tm.alerts`` (firing now), ``on_alert=`` (call
 alert), and with ``stop_on={"nan_divergence", ...}`` ``tm.should_stop(step)``, true on every rank from
 the same step on (the sidecar fixes it when the alert first fires; see monitor/watch.py).
 
-``record()`` builds a dict and appends it to a bounded buffer; it never blocks on
-the network and never raises into training. A background thread drains the
-buffer about once a second (at once when ``batch_records`` are waiting), reads
-values that the GPU has finished computing (torch tensors are copied without a
-sync, see ``torch_helpers``) and sends the batch; failed sends are retried with
-exponential backoff, and when the buffer is full the oldest records are dropped
-and counted. Every cycle it also measures host/GPU memory (the probes); each
-sample carries the latest measurement. A GPU health reading (NVML, every few seconds:
-gpu_health.py) goes out once, in a heartbeat of its own, not in the samples. A second thread sends heartbeats while
-the training thread is busy or blocked; with ``tm.phase("data")`` / ``tm.phase("step")``
-around the loop's parts, each heartbeat also says what the training thread is doing, so
-the sidecar can tell a rank stuck in data loading from the ranks it keeps waiting.
+``record()`` builds a dict and appends it to a bounded buffer; it never blocks on the network and never
+raises into training. The rest runs on the client's threads, each part in a module of its own:
+
+- outbox.py: the bounded buffer and the sending cycle: batches, retries with exponential backoff, the
+  oldest records dropped and counted when the buffer is full;
+- background.py: the threads: the sending loop (about once a second; at once when ``batch_records`` are
+  waiting, on a flush, or when a device value read is a NaN), the heartbeats (sent while the training
+  thread is busy or blocked; with ``tm.phase("data")`` / ``tm.phase("step")`` around the loop's parts
+  each says what it is doing, so the sidecar can tell a rank stuck in data loading from the ranks it
+  keeps waiting), and the long poll of the run's alerts;
+- probes.py: what each sample carries besides the loop's values (host and GPU memory, NVML), measured
+  every cycle; a GPU health reading goes out once, in a heartbeat of its own (gpu_health.py); torch
+  tensors are copied off the device without a sync (torch_helpers.py);
+- hearing.py: what the sidecar says back (the run's alerts, the stop step);
+- lifecycle.py and crash.py: the process's exit, its uncaught exceptions, its forks.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import faulthandler
 import logging
 import os
 import re
 import socket
-import sys
-import threading
 import time
-import weakref
 from typing import Any, Callable, Iterable
 
-from . import host_memory
-from .crash import error_info, install_hooks, is_cuda_oom
-from .fields import ALERT_NAMES, DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, STAGED, assign
+from . import lifecycle
+from .background import Background
+from .crash import error_info, is_cuda_oom
+from .fields import ALERT_NAMES, DETAIL_CHARS, FLOAT_FIELDS, INT_FIELDS, MESSAGE_CHARS, SAMPLE_FIELDS, STAGED, assign
 from .hearing import Hearing
 from .outbox import LimitedLog, Outbox
+from .probes import Probes, default_probes
 from .settings import ClientSettings, from_environ, launch_header
-from .transport import FileSink, HttpSink, Result, Watcher
+from .transport import FileSink, HttpSink, Watcher
 
 __all__ = ["STAGED", "Telemetry"]
 
 log = logging.getLogger("trainhealth.trainer.client")
+_INT_SAMPLE_FIELDS = INT_FIELDS & SAMPLE_FIELDS  # counts a sample carries top level (batch_size, ...)
 _PHASE_NAME = re.compile(r"[a-z0-9_-]{1,32}\Z")  # the record contract's rule for ``phase``
 
 
@@ -88,68 +89,48 @@ class Telemetry:
         self.run, self.rank, self.world_size = s.run, s.rank, s.world_size
         self._clock = clock
         self._monotonic = monotonic
-        self._sink = sink if sink is not None else _make_sink(s)
-        self._probes = list(probes) if probes is not None else _default_probes(s)
-        self._measured: tuple[dict[str, Any], dict[str, Any] | None] = ({}, None)
-        self._stager = next((p for p in self._probes if hasattr(p, "stage")), None)
         self._warn = LimitedLog()
+        self._sink = sink if sink is not None else _make_sink(s)
         self._outbox = Outbox(self._sink, s, monotonic, self._warn)
         self._push = self._outbox.push
+        self._probes = Probes(list(probes) if probes is not None else default_probes(s), s.sample_seconds, self._warn)
         self._hearing = Hearing(s.run, frozenset(stop_on), on_alert)
         self._outbox.on_answer = self._hearing.answer
         self._nonfinite = False  # the last sample's loss or grad norm was NaN/Inf (float path)
         self._closed = False
-        self._active = False
-        self._bound = False
+        self._active = False  # started (start() or a record) and not ended: heartbeats go out
         self.last_step: int | None = None
         self._phase: tuple[str, float] | None = None  # (name, start time): one reference, swapped whole
         self._phase_names: set[str] = set()  # names already checked against the contract
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._refresh()  # once here, so that the first samples carry host memory too
-        self._watcher: Watcher | None = None
+        self._background: Background | None = None
         if start_threads:
-            loops = [(self._send_loop, "trainhealth-sender"), (self._heartbeat_loop, "trainhealth-heartbeat")]
+            watcher = None
             if (stop_on or on_alert is not None) and isinstance(self._sink, HttpSink):
-                self._watcher = Watcher(s.url, s.run, s.token, launch=lambda: launch_header(s, os.getpid()))
-                loops.append((self._watch_loop, "trainhealth-watch"))
-            for target, name in loops:
-                thread = threading.Thread(target=target, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-            atexit.register(self._at_exit)
-            _LIVE.add(self)
-            install_hooks(_LIVE)
-            _python_stacks_on_fatal_signals()
+                watcher = Watcher(s.url, s.run, s.token, launch=lambda: launch_header(s, os.getpid()))
+            self._background = Background(self._outbox, s, self.pump, self._beat, self._hearing, watcher, self._warn)
+            self._background.start()
+            lifecycle.register(self)
 
-    def _after_fork_in_child(self) -> None:
-        """A forked child (a DataLoader worker) has this object but not its threads, and one of them
-        may have held the buffer's lock at the fork. This copy goes quiet: records are dropped, nothing
-        is sent on the parent's connection, close() returns at once."""
-        self._closed = True
-        self._threads = []
-        self._watcher = None
-        self._active = False
-        self._sink = _Forked()
-        self._outbox = Outbox(self._sink, self.settings, self._monotonic, self._warn)
-        self._push = _drop
-        self._stop = threading.Event()
-
-    # -- the training thread's API -------------------------------------------------------------------
+    # -- the training thread's API -----------------------------------------------------------------
     def record(self, step: int, loss: Any = None, lr: Any = None, grad_norm: Any = None,
                **fields: Any) -> None:
         """One sample. Tensors are read later without a device sync; never raises."""
         try:
-            measured, metrics = self._measured  # host/GPU memory, NVML: refreshed by the background thread
-            rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank,
-                                   "time": self._clock(), "step": int(step), **measured}
+            probes = self._probes
+            measured, metrics = probes.measured  # host/GPU memory, NVML: refreshed by the background thread
+            rec: dict[str, Any] = {"type": "sample", "run": self.run, "rank": self.rank, "time": self._clock(),
+                                   "step": step if type(step) is int else int(step), **measured}
             if metrics:
                 rec["metrics"] = metrics.copy()
             tensors: dict[str, Any] = {}
-            # the fast path (a float) inline: this runs every step
+            tensor = probes.tensor_type  # torch.Tensor once torch is in use
+            # the fast paths (a float, a tensor) inline: this runs every step
             if loss is not None:
                 if type(loss) is float:
                     rec["loss"] = loss
+                elif type(loss) is tensor:
+                    tensors["loss"] = loss
                 else:
                     self._put(rec, "loss", loss, tensors)
             if lr is not None:
@@ -160,18 +141,29 @@ class Telemetry:
             if grad_norm is not None:
                 if type(grad_norm) is float:
                     rec["grad_norm"] = grad_norm
+                elif type(grad_norm) is tensor:
+                    tensors["grad_norm"] = grad_norm
                 else:
                     self._put(rec, "grad_norm", grad_norm, tensors)
-            for name, value in fields.items():
-                if value is not None:
-                    if type(value) is float and name in FLOAT_FIELDS:
-                        rec[name] = value
-                    else:
-                        self._put(rec, name, value, tensors)
+            if fields:
+                for name, value in fields.items():
+                    if value is not None:
+                        if type(value) is float and name in FLOAT_FIELDS:
+                            rec[name] = value
+                        elif type(value) is int and name in _INT_SAMPLE_FIELDS:
+                            rec[name] = value
+                        else:
+                            self._put(rec, name, value, tensors)
             if tensors:
-                self._stage(rec, tensors)
-            if not self._bound:
-                self._bind()
+                stager = probes.stager if probes.stager is not None else probes.make_stager()
+                now, staged = stager.stage(tensors)
+                if now:
+                    for name, value in now.items():
+                        assign(rec, name, value)
+                if staged is not None:
+                    rec[STAGED] = staged
+            if not probes.bound:
+                probes.bind()
             self.last_step = rec["step"]
             self._phase = None  # the step is over: no phase until the loop names the next one
             self._active = True
@@ -189,6 +181,17 @@ class Telemetry:
                     self._outbox.request_flush()
         except Exception as exc:  # never break training because of telemetry
             self._warn("record", "record(step=%r) failed and was skipped: %r", step, exc)
+
+    @staticmethod
+    def _put(rec: dict[str, Any], name: str, value: Any, tensors: dict[str, Any]) -> None:
+        if name in INT_FIELDS:
+            assign(rec, name, int(value))  # counts: a number (a CUDA tensor here would sync)
+        elif type(value) is float or type(value) is int:
+            assign(rec, name, value)
+        elif hasattr(value, "detach") or hasattr(value, "_get_scale_async"):  # a tensor, a GradScaler
+            tensors[name] = value
+        else:
+            assign(rec, name, float(value))  # numpy scalars and friends
 
     def set_phase(self, name: str | None) -> None:
         """What the training thread does from now on: "data" (waiting for the next batch), "step"
@@ -215,17 +218,6 @@ class Telemetry:
         phase that was current before (with its own start time). Errors in the block go through."""
         return _PhaseScope(self, name)
 
-    @staticmethod
-    def _put(rec: dict[str, Any], name: str, value: Any, tensors: dict[str, Any]) -> None:
-        if name in INT_FIELDS:
-            assign(rec, name, int(value))  # counts: a number (a CUDA tensor here would sync)
-        elif type(value) is float or type(value) is int:
-            assign(rec, name, value)
-        elif hasattr(value, "detach") or hasattr(value, "_get_scale_async"):  # a tensor, a GradScaler
-            tensors[name] = value
-        else:
-            assign(rec, name, float(value))  # numpy scalars and friends
-
     def start(self, **fields: Any) -> None:
         """The run's start: world_size, batch_size, lr, reference_lr, reference_batch_size, warmup_steps,
         optimizer, config... host and pid are filled in. Sent at once, ahead of the first samples."""
@@ -249,28 +241,6 @@ class Telemetry:
         self._active = False
         self._outbox.request_flush()
 
-    # -- what the sidecar says back ------------------------------------------------------------------
-    def should_stop(self, step: int) -> bool:
-        """True once ``step`` reaches the stop step of an alert in ``stop_on`` that fired for this run: the
-        same step on every rank (call it after each step, on every rank, and leave the loop). An
-        attribute read and a comparison; never raises."""
-        hearing = self._hearing
-        hearing.checked = step  # first the step, then the stop (hearing.py: a late stop is not taken)
-        stop = hearing.stop_at
-        return stop is not None and step >= stop
-
-    @property
-    def stop_reason(self) -> dict[str, Any] | None:
-        """Why ``should_stop`` turns true: {alert, step (the stop step), first_step, rank, severity,
-        summary}; None while no alert in ``stop_on`` fired."""
-        return self._hearing.stop_reason
-
-    @property
-    def alerts(self) -> list[dict[str, Any]]:
-        """This run's firing alerts, as the sidecar last said (alert, rank, severity, step, time, summary,
-        and stop_step). Fresh within milliseconds with ``stop_on`` or ``on_alert``, else as of the last send."""
-        return list(self._hearing.alerts)
-
     def oom(self, message: str, step: int | None = None, detail: str | None = None, **fields: Any) -> None:
         """A caught out-of-memory error; sent at once (the process may be about to die)."""
         extra = {"message": str(message)[:MESSAGE_CHARS], **fields}
@@ -293,24 +263,6 @@ class Telemetry:
         except Exception as exc:
             self._warn(kind, "%s record failed and was skipped: %r", kind, exc)
 
-    def _stage(self, rec: dict[str, Any], tensors: dict[str, Any]) -> None:
-        if self._stager is None:
-            from .torch_helpers import TorchProbe  # torch is imported: the user gave us a tensor
-
-            self._stager = TorchProbe(sample_seconds=self.settings.sample_seconds)
-            self._probes.append(self._stager)
-        now, later = self._stager.stage(tensors)
-        for name, value in now.items():
-            assign(rec, name, value)
-        if later is not None:
-            rec[STAGED] = later
-
-    def _bind(self) -> None:
-        self._bound = True
-        for probe in self._probes:
-            if hasattr(probe, "bind"):
-                probe.bind()
-
     @staticmethod
     def grad_norm(parameters: Any) -> Any:
         """The gradients' global L2 norm as a device tensor, no host sync: ``grad_norm=tm.grad_norm(model)``
@@ -325,11 +277,33 @@ class Telemetry:
 
         return oom_guard(self, step=step)
 
-    # -- flushing and closing ------------------------------------------------------------------------
+    # -- what the sidecar says back (hearing.py) ---------------------------------------------------
+    def should_stop(self, step: int) -> bool:
+        """True once ``step`` reaches the stop step of an alert in ``stop_on`` that fired for this run: the
+        same step on every rank (call it after each step, on every rank, and leave the loop). An
+        attribute read and a comparison; never raises."""
+        hearing = self._hearing
+        hearing.checked = step  # first the step, then the stop (hearing.py: a late stop is not taken)
+        stop = hearing.stop_at
+        return stop is not None and step >= stop
+
+    @property
+    def stop_reason(self) -> dict[str, Any] | None:
+        """Why ``should_stop`` turns true: {alert, step (the stop step), first_step, rank, severity,
+        summary}; None while no alert in ``stop_on`` fired."""
+        return self._hearing.stop_reason
+
+    @property
+    def alerts(self) -> list[dict[str, Any]]:
+        """This run's firing alerts, as the sidecar last said (alert, rank, severity, step, time, summary,
+        and stop_step). Fresh within milliseconds with ``stop_on`` or ``on_alert``, else as of the last send."""
+        return list(self._hearing.alerts)
+
+    # -- flushing and closing ----------------------------------------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything recorded so far is delivered; False if that failed or took longer than
         ``timeout`` (the records stay queued)."""
-        if not self._threads:  # driven by hand (tests, benchmarks): one synchronous attempt
+        if self._background is None:  # driven by hand (tests, benchmarks): one synchronous attempt
             self._outbox.request_flush()
             self.pump()
             return self._outbox.stats()["queued"] == 0
@@ -340,17 +314,10 @@ class Telemetry:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self._at_exit)
-        _LIVE.discard(self)
+        lifecycle.unregister(self)
         deadline = self._monotonic() + timeout
         self.flush(timeout)
-        self._stop.set()
-        self._outbox.wake.set()
-        if self._watcher is not None:
-            self._watcher.abort()  # its long poll would hold close() up
-        for thread in self._threads:
-            thread.join(timeout=max(0.1, deadline - self._monotonic()))
-        if any(t.is_alive() for t in self._threads):
+        if self._background is not None and not self._background.end(deadline, self._monotonic):
             return  # stuck in a slow request: leave the daemon thread and its connection be
         left = self._outbox.discard()
         if left:
@@ -361,6 +328,20 @@ class Telemetry:
         except Exception as exc:  # pragma: no cover - closing a socket or file
             log.debug("trainhealth: closing sink: %r", exc)
 
+    def stats(self) -> dict[str, int]:
+        """Records sent, dropped (buffer full, or undelivered at close), rejected by the sidecar, failed
+        sends, and queued now."""
+        return self._outbox.stats()
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.end()
+        self.close()
+
+    # -- the process ends, crashes or forks (lifecycle.py) -----------------------------------------
     def _at_exit(self) -> None:
         """A normal interpreter exit: the rank completed (unless ``end()`` or a crash said so already)."""
         if self._closed:
@@ -389,81 +370,21 @@ class Telemetry:
 
     def _gpu_health_now(self) -> None:
         """A GPU health reading now, in a heartbeat, from the probes that read one (gpu_health.py)."""
-        for probe in self._probes:
-            if hasattr(probe, "read_now"):
-                try:
-                    reading = probe.read_now()
-                except Exception as exc:  # the report must not hide the crash
-                    log.debug("trainhealth: GPU health at the crash: %r", exc)
-                    continue
-                if reading:
-                    self.heartbeat(gpu_health=reading)
+        for reading in self._probes.gpu_health_now():
+            self.heartbeat(gpu_health=reading)
 
-    def __enter__(self) -> Telemetry:
-        return self
+    def _after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker) has this object but not its threads, and one of them
+        may have held the buffer's lock at the fork. This copy goes quiet: records are dropped, nothing
+        is sent on the parent's connection, close() returns at once."""
+        self._closed = True
+        self._background = None
+        self._active = False
+        self._sink = lifecycle.Forked()
+        self._outbox = Outbox(self._sink, self.settings, self._monotonic, self._warn)
+        self._push = lifecycle.drop
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.end()
-        self.close()
-
-    def stats(self) -> dict[str, int]:
-        """Records sent, dropped (buffer full, or undelivered at close), rejected by the sidecar, failed
-        sends, and queued now."""
-        return self._outbox.stats()
-
-    # -- the background threads ----------------------------------------------------------------------
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_seconds):
-            self._beat()
-
-    def _beat(self) -> None:
-        """A heartbeat, once the run started (start() or a record) and until it ended."""
-        if self._active:
-            self.heartbeat()
-
-    def _send_loop(self) -> None:
-        """A cycle (measure, send) every ``flush_seconds``; at once when woken (a full batch, a flush, an
-        urgent record); between cycles, while device values are on their way, a look every
-        ``poll_seconds`` for finished copies, so a non-finite one goes out at once."""
-        outbox, wake = self._outbox, self._outbox.wake
-        flush, poll = self.settings.flush_seconds, self.settings.poll_seconds
-        next_cycle = time.monotonic() + flush
-        while not self._stop.is_set():
-            timeout = max(0.0, next_cycle - time.monotonic())
-            if outbox.has_staged():
-                timeout = min(timeout, poll)
-            woke = wake.wait(timeout)
-            wake.clear()
-            try:
-                urgent = outbox.poll_staged()
-                if urgent:
-                    outbox.request_flush()
-                    wake.clear()
-                if time.monotonic() >= next_cycle:
-                    next_cycle = time.monotonic() + flush
-                    self.pump()
-                elif (woke or urgent) and outbox.due():
-                    outbox.cycle()
-            except Exception as exc:  # pragma: no cover - a bug here must not kill the thread
-                self._warn("sender", "sender cycle failed: %r", exc)
-
-    def _watch_loop(self) -> None:
-        """The long poll of the run's view: alerts and stop steps heard within milliseconds of firing."""
-        watcher = self._watcher
-        delay = 0.0
-        while watcher is not None and not self._stop.is_set():
-            got = watcher.poll(self._hearing.version)
-            if self._stop.is_set():
-                break
-            if isinstance(got, str):
-                delay = min(max(delay * 2, 0.5), 10.0)
-                self._warn("watch", "cannot hear the run's alerts (%s); again in %.1fs", got, delay)
-                self._stop.wait(delay)
-                continue
-            delay = 0.0
-            self._hearing.view(got)
-
+    # -- what the background thread calls (background.py) ------------------------------------------
     def pump(self) -> None:
         """One background cycle: measure, then send what is ready (unless backing off)."""
         self._refresh()
@@ -472,26 +393,18 @@ class Telemetry:
         self._outbox.cycle()
 
     def _refresh(self) -> None:
-        """Measure (each probe keeps its own interval) for the samples recorded from now on. Runs every
-        cycle, also while sends are failing, so samples recorded during an outage keep their values."""
-        top: dict[str, Any] = {}
-        metrics: dict[str, Any] = {}
-        health = None
-        for probe in self._probes:
-            try:
-                fields = dict(probe.sample())
-            except Exception as exc:
-                self._warn(f"probe-{type(probe).__name__}", "%s failed: %r", type(probe).__name__, exc)
-                continue
-            metrics.update(fields.pop("metrics", None) or {})
-            health = fields.pop("gpu_health", None) or health
-            top.update(fields)
-        if health is not None and self._active:
-            self.heartbeat(gpu_health=health)  # each reading once, in its own heartbeat: record() pays nothing
-        dropped = self._outbox.counts["dropped"]
-        if dropped:
-            metrics["client_dropped_records"] = dropped
-        self._measured = (top, metrics or None)  # one reference swap: the training thread reads either
+        """Measure for the samples recorded from now on (probes.py). Runs every cycle, also while sends are
+        failing, so samples recorded during an outage keep their values."""
+        self._probes.refresh(self._health_heartbeat, self._outbox.counts)
+
+    def _health_heartbeat(self, reading: dict[str, Any]) -> None:
+        if self._active:
+            self.heartbeat(gpu_health=reading)  # each reading once, in its own heartbeat: record() pays nothing
+
+    def _beat(self) -> None:
+        """A heartbeat, once the run started (start() or a record) and until it ended."""
+        if self._active:
+            self.heartbeat()
 
 
 class _PhaseScope:
@@ -509,64 +422,7 @@ class _PhaseScope:
         self.tm._phase = self.outer
 
 
-_LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()  # clients with threads, for the fork hook
-
-
-def _drop(rec: dict[str, Any]) -> None:
-    pass
-
-
-class _Forked:
-    """The sink of a forked child's copy: the parent's connection is not ours to use."""
-
-    def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
-        return Result("drop", "a forked child does not send (its parent's client does)")
-
-    def close(self) -> None:
-        pass
-
-
-def _after_fork_in_child() -> None:
-    for tm in list(_LIVE):
-        tm._after_fork_in_child()
-    _LIVE.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _python_stacks_on_fatal_signals() -> None:
-    """faulthandler: a segfault or an abort prints the Python stack of every thread on stderr (where
-    trainhealth.launch keeps the last lines for the rank's end record); left alone if already on."""
-    try:
-        if not faulthandler.is_enabled():
-            faulthandler.enable(all_threads=True)
-    except Exception as exc:  # no usable stderr (closed, replaced by an object without a file descriptor)
-        log.debug("trainhealth: faulthandler not enabled: %r", exc)
-
-
 def _make_sink(s: ClientSettings) -> Any:
     if s.offline_path:
         return FileSink(s.offline_path.format(rank=s.rank, run=s.run))
     return HttpSink(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, os.getpid()))
-
-
-def _default_probes(s: ClientSettings) -> list[Any]:
-    probes: list[Any] = []
-    if host_memory.available():
-        probes.append(host_memory.HostMemory(interval=s.sample_seconds))
-    if "torch" in sys.modules:  # only when the program uses torch: importing it costs seconds
-        try:
-            from .torch_helpers import TorchProbe
-
-            probes.append(TorchProbe(sample_seconds=s.sample_seconds))
-            import torch
-
-            if torch.cuda.is_available():
-                from .gpu_health import GpuHealthProbe
-
-                probes.append(GpuHealthProbe(sample_seconds=s.sample_seconds))
-        except Exception as exc:  # pragma: no cover - a broken torch install
-            log.warning("trainhealth: torch helpers unavailable: %r", exc)
-    return probes

@@ -8,7 +8,8 @@ different threads:
   copy. Nothing waits for the GPU. (``loss.item()`` here would be a CPU-GPU sync point on
   every step.) A CPU tensor is just read: that is not a device sync. The pinned buffer and the
   event come from a pool (``Slots``): made once, given back when the background thread has read
-  the values, so a call costs the copies and one event record, not an allocation and a new event.
+  the values, so a call costs the copies (one ``torch._foreach_copy_`` for all of them) and one event
+  record, not an allocation and a new event.
 - ``sample()`` on the background thread, every client cycle (about a second): the caching
   allocator's counters (host-side bookkeeping, no device sync), the peak since the previous
   cycle, and every few seconds NVML utilisation and temperature. Samples recorded after it
@@ -37,6 +38,9 @@ log = logging.getLogger("trainhealth.trainer.torch_helpers")
 DEFAULT_OOM_FLUSH_SECONDS = 2.0
 
 
+_copy: Any = getattr(torch, "_foreach_copy_", None) or (  # one dispatch for every copy (torch >= 2.1)
+    lambda dst, src, non_blocking: [d.copy_(t, non_blocking=non_blocking) for d, t in zip(dst, src)])
+_set_grad_enabled: Callable[[bool], None] = torch._C._set_grad_enabled  # (torch.no_grad() costs ~1 us a call)
 SLOT_VALUES = 8  # values one pooled slot holds (loss, grad norm, grad scale, ...); more get a slot of their own
 MAX_FREE_SLOTS = 64  # slots kept for reuse (one per record in flight; the client holds a few at a time)
 
@@ -45,9 +49,10 @@ class Slot:
     """A pinned host buffer, a view per element of it (each made once: indexing per copy costs a dispatch),
     and the CUDA event recorded after the copies into it."""
 
-    __slots__ = ("buf", "views", "event")
+    __slots__ = ("size", "buf", "views", "event")
 
     def __init__(self, size: int, pinned: bool, cuda: Any) -> None:
+        self.size = size  # (len() of a tensor goes through Python)
         self.buf = torch.empty(size, dtype=torch.float32, pin_memory=pinned)
         self.views: list[torch.Tensor] = []  # made as first needed: a slot that is never reused makes few
         self.event = cuda.Event()
@@ -73,7 +78,7 @@ class Slots:
         return Slot(max(n, SLOT_VALUES), self.pinned, self.cuda)
 
     def give(self, slot: Slot) -> None:
-        if len(slot.buf) == SLOT_VALUES and len(self.free) < MAX_FREE_SLOTS:
+        if slot.size == SLOT_VALUES and len(self.free) < MAX_FREE_SLOTS:
             self.free.append(slot)
 
 
@@ -101,6 +106,8 @@ class Staged:
 
 
 class TorchProbe:
+    tensor_type = torch.Tensor  # what record() hands to stage() without a look (its subclasses go by _put)
+
     def __init__(self, cuda: Any = None, *, sample_seconds: float = 5.0, reset_peak: bool = True,
                  defer_all: bool = False, nvml: Any = None, device: int | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -131,42 +138,55 @@ class TorchProbe:
             self.device = self.cuda.current_device()
 
     def stage(self, tensors: dict[str, Any]) -> tuple[dict[str, float], Staged | None]:
-        """Values readable now (CPU tensors), and the device values staged for later."""
+        """Values readable now (CPU tensors), and the device values staged for later. Runs on every
+        ``record()`` with a tensor: the checks are ordered for the common case, a 0-dim tensor."""
         now: dict[str, float] = {}
-        later: dict[str, Any] = {}
+        names: list[str] = []
+        values: list[torch.Tensor] = []
+        grads = False  # a value requires grad: copied with autograd off (no detach, no graph)
         for name, value in tensors.items():
-            if not isinstance(value, torch.Tensor):
+            if type(value) is not torch.Tensor and not isinstance(value, torch.Tensor):
                 if not hasattr(value, "_get_scale_async") or not value.is_enabled():
                     continue
                 value = value._get_scale_async()  # a GradScaler's scale tensor (get_scale() would sync)
                 if value is None:  # before its first step
                     continue
-            if value.numel() != 1:
-                self._warn_once(name, f"{name}: expected a one-element tensor, got shape "
-                                      f"{tuple(value.shape)}; not recorded")
-                continue
+            if value.dim():  # not 0-dim: one element of any shape is reshaped (a copy into a 0-dim view)
+                if value.numel() != 1:
+                    self._warn_once(name, f"{name}: expected a one-element tensor, got shape "
+                                          f"{tuple(value.shape)}; not recorded")
+                    continue
+                value = value.reshape(())
             if value.is_cpu and not self.defer_all:
                 now[name] = value.item()  # a CPU tensor: reading it does not touch a device
             else:
-                later[name] = value.detach() if value.requires_grad else value
-        if not later:
+                names.append(name)
+                values.append(value)
+                grads = grads or value.requires_grad
+        if not names:
             return now, None
-        if self.device is None and self.on_gpu:
-            first = next(iter(later.values()))
-            if first.device.type == "cuda":
-                self.device = first.device.index
-        slot = self.slots.take(len(later))
+        if self.device is None and self.on_gpu and values[0].device.type == "cuda":
+            self.device = values[0].device.index
+        n = len(names)
+        free = self.slots.free
+        slot = free.pop() if free and n <= SLOT_VALUES else self.slots.take(n)  # (a deque's pop is atomic)
         views = slot.views
-        while len(views) < len(later):
+        while len(views) < n:
             views.append(slot.buf[len(views)])
-        for view, t in zip(views, later.values()):
-            if t.dtype is not torch.float32:
-                t = t.float()  # converts on the device
-            if t.dim():
-                t = t.reshape(())
-            view.copy_(t, non_blocking=True)  # into pinned memory, asynchronous: no sync
+        # into pinned memory, asynchronous (no sync); one call for all of them, converted to float32 on the
+        # device (a non-blocking copy converts on the source's device)
+        if len(views) > n:
+            views = views[:n]
+        if grads and torch.is_grad_enabled():
+            _set_grad_enabled(False)
+            try:
+                _copy(views, values, non_blocking=True)
+            finally:
+                _set_grad_enabled(True)
+        else:
+            _copy(views, values, non_blocking=True)
         slot.event.record()  # on the current stream, after the copies
-        return now, Staged(list(later), slot, self.slots)
+        return now, Staged(names, slot, self.slots)
 
     # -- background thread ---------------------------------------------------------------------------
     def sample(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class IngestTimer:
 
 
 def _render(snap: Any, health: CollectorRegistry, collector: StateCollector) -> bytes:
-    return render(snap, collector.lines) + generate_latest(health)
+    return render(snap, collector.lines, generate_latest(health))
 
 
 def state_collector(service: Service, settings: ExporterSettings | None = None,

@@ -38,13 +38,13 @@ from prometheus_client.registry import Collector
 from ..detectors.validate import ConfigError
 from ..detectors.validate import build as _build
 from ..health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
-from .exposition import RankLines, per_rank_text
+from .exposition import RankLines, per_rank_parts
 from .snapshot import RankRow, Snapshot
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
     from ..service import IngestStats
-    from ..state import RunState
+    from ..state import RankState, RunState
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ class StateCollector(Collector):
         self.delivery_sources = delivery_sources
         self.settings = settings or ExporterSettings()
         self.lines = RankLines()  # each rank's text from the previous scrape (render(snap, collector.lines))
+        self._rows: dict[int, RankRow] = {}  # each rank's row of the previous snapshot, by id of its RankState
 
     def describe(self) -> list[Metric]:
         return []  # nothing up front: registering then neither collects nor checks name clashes
@@ -171,22 +172,39 @@ class StateCollector(Collector):
         """Live runs newest first, then ended runs; stop adding runs at the series cap."""
         budget = self.settings.max_series
         keep_ended = self.settings.ended_run_seconds
+        seen: dict[int, RankRow] = {}
         for run in sorted(runs, key=lambda r: (r.ended, -r.clock)):
             snap.runs_tracked += 1
             snap.ranks_tracked += len(run.ranks)
             if run.ended and wall - run.clock_wall > keep_ended:
                 snap.omitted["ended"] += 1
                 continue
-            cost = sum(len(PER_RANK_STATE) - (r.loss_nonfinite_step is None) + len(EXPORTED_KEYS & r.latest.keys())
-                       for r in run.ranks.values())  # the first-NaN step only once there is one
+            rows = [self._row(r, seen) for r in run.ranks.values()]
+            cost = sum(row.series for row in rows)
             if cost > budget:
                 snap.omitted["series_cap"] += 1
                 continue
             budget -= cost
-            rows = [RankRow(str(r.rank), r.last_step, r.last_time, r.ended, r.latest.copy(),
-                            loss_nonfinite_step=r.loss_nonfinite_step, source=r, version=r.records)
-                    for r in run.ranks.values()]
             snap.runs.append((run.run, rows))
+        self._rows = seen  # ranks gone since are dropped
+
+    def _row(self, r: RankState, seen: dict[int, RankRow]) -> RankRow:
+        """The rank's row: the previous snapshot's while the rank took no record since (a row is a copy,
+        never changed once made), else a new copy."""
+        was = self._rows.get(id(r))
+        if was is not None and was.source is r and was.version == r.records:
+            seen[id(r)] = was
+            return was
+        same = was is not None and was.source is r
+        row = RankRow(was.rank if was is not None and same else str(r.rank), r.last_step, r.last_time, r.ended,
+                      r.latest.copy(), r.loss_nonfinite_step, r, r.records)  # (positional: half the cost)
+        nan_step = r.loss_nonfinite_step is not None  # its first-NaN step is a series once there is one
+        if was is not None and same and len(was.latest) == len(row.latest):
+            row.series = was.series + nan_step - (was.loss_nonfinite_step is not None)  # (keys are only added)
+        else:
+            row.series = len(PER_RANK_STATE) - 1 + nan_step + len(EXPORTED_KEYS & row.latest.keys())
+        seen[id(r)] = row
+        return row
 
     def _read_deliveries(self, snap: Snapshot) -> None:
         """Duck-typed: ``delivery_stats()`` on any of the delivery sources."""
@@ -315,13 +333,14 @@ class _ServiceFamilies(Collector):
         return service_families(self.snap)
 
 
-def render(snap: Snapshot, cache: RankLines | None = None) -> bytes:
+def render(snap: Snapshot, cache: RankLines | None = None, after: bytes = b"") -> bytes:
     """Text exposition of ``snap`` (pure; callable from any thread).
 
     The per-rank families (nearly every series) are written by exposition.py, first; prometheus-client
     writes the service-wide families. Same text as ``generate_latest`` over ``families(snap)``, and as
     ``generate_latest`` of a registry holding only a StateCollector whose snapshot is ``snap``.
     ``cache`` (the collector's ``lines``): the ranks unchanged since the previous scrape are not formatted
-    again (exposition.RankLines)."""
+    again (exposition.RankLines). ``after``: text that ends the scrape (another registry's), joined in the
+    same copy."""
     rest = generate_latest(_ServiceFamilies(snap))
-    return per_rank_text(snap.runs, PER_RANK_VALUES, PER_RANK_STATE_FAMILIES, cache).encode() + rest
+    return b"".join([*per_rank_parts(snap.runs, PER_RANK_VALUES, PER_RANK_STATE_FAMILIES, cache), rest, after])

@@ -23,6 +23,7 @@ class RankRow:
     loss_nonfinite_step: int | None = None
     source: object = None
     version: int = -1
+    series: int = 0  # how many per-rank series it shows (the series cap)
 
 
 @dataclass(slots=True)
