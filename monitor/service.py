@@ -370,7 +370,7 @@ class Service:
         for reloader in self.reloaders:
             reloader(new)
         self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
-        self.settings.alertmanager, self.settings.raw = new.alertmanager, new.raw
+        self.settings.alertmanager = new.alertmanager
         self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
         self.dispatch(closed)
         log.info("config reloaded")
@@ -386,7 +386,7 @@ class Service:
                 if a != b:
                     shown = "" if f.name == "token" else f" (running {a!r}, the config now says {b!r})"
                     raise ConfigError(f"{section}.{f.name}: needs a restart{shown}")
-        if self.settings.raw.get("exporter", {}) != new.raw.get("exporter", {}):
+        if self.settings.exporter != new.exporter:
             raise ConfigError("exporter: needs a restart (the [exporter] table changed)")
 
     def close(self) -> None:

@@ -16,8 +16,9 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
+from ..config import ExporterSettings
 from ..health import HealthCollector
-from ..metrics.collector import ExporterSettings, LatencyHistogram, StateCollector, exporter_settings, render
+from ..metrics.collector import LatencyHistogram, StateCollector, render
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -51,15 +52,16 @@ def _render(snap: Any, health: CollectorRegistry, collector: StateCollector) -> 
 
 def state_collector(service: Service, settings: ExporterSettings | None = None,
                     latency: LatencyHistogram | None = None) -> StateCollector:
-    """The collector over a Service's parts; its sinks list is read live (a sink added later is seen)."""
+    """The collector over a Service's parts; its sinks list is read live (a sink added later is seen).
+    ``settings``: the Service's ``[exporter]`` unless given."""
     return StateCollector(service.pipeline, service.clock, stats=service.stats, latency=latency,
-                          delivery_sources=service.sinks, settings=settings)
+                          delivery_sources=service.sinks, settings=settings or service.settings.exporter)
 
 
 def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
     """Builds the collector (rendered by ``render``, never a global registry) and the route over it."""
     latency = LatencyHistogram()
-    collector = state_collector(service, exporter_settings(service.settings.raw), latency)
+    collector = state_collector(service, latency=latency)
     # the sidecar's own health (store/recorder/state errors, undelivered notifications): in-memory counters,
     # in a registry of their own, written after the pipeline's families
     health = CollectorRegistry()
