@@ -1,7 +1,7 @@
 """The sidecar as one object: ingest -> pipeline -> alert sinks, plus the timer and reload.
 
 No HTTP here (http/app.py adapts it) and no globals: the clock, the sinks and
-the jobs are passed to the constructor (http/server.py assembles them for the
+the jobs are passed to the constructor (assembly.py assembles them for the
 server), so tests build it directly.
 """
 
@@ -45,6 +45,11 @@ class Journal(Protocol):
     def ticked(self, wall: float, judge_after: float) -> None: ...
 
 
+def pause_watch(clock: Callable[[], float]) -> PauseWatch:
+    """The pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is."""
+    return PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
+
+
 @dataclass(slots=True)
 class IngestStats:
     batches: int = 0
@@ -74,7 +79,10 @@ class Service:
     - ``faults``: components whose writes can fail (store, recorder): ``/healthz`` is 503 while one does;
     - ``restored`` and ``runs_last_seen``: alerts open when the sidecar last stopped, for the book;
     - ``load_settings``: re-reads every setting (file, environment, flags) for a reload;
-    - ``reloaders``: told the new settings after a reload passed (delivery targets).
+    - ``reloaders``: told the new settings after a reload passed (delivery targets);
+    - ``pipeline`` and ``pauses``: the pipeline and the sidecar's clock, when they were restored before
+      (assembly.py: the journal replayed into them); built here from ``settings`` and ``clock`` otherwise;
+    - ``journal``: told every batch and tick the pipeline is fed, for a restart (checkpoint.py).
     """
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
@@ -86,12 +94,14 @@ class Service:
                  faults: Sequence[Fault] = (),
                  restored: Sequence[Alert] = (), runs_last_seen: dict[str, float] | None = None,
                  load_settings: Callable[[], Settings] | None = None,
-                 reloaders: Sequence[Callable[[Settings], None]] = ()) -> None:
+                 reloaders: Sequence[Callable[[Settings], None]] = (),
+                 pipeline: Pipeline | None = None, pauses: PauseWatch | None = None,
+                 journal: Journal | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        # the pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is
-        self.pauses = PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
-        self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
+        self.pauses = pauses if pauses is not None else pause_watch(clock)
+        self.pipeline = pipeline if pipeline is not None else Pipeline(settings.detectors, settings.limits,
+                                                                       settings.server.tick_seconds)
         self.book = self.pipeline.book
         self.sinks: list[AlertSink] = list(sinks)
         self.record_sinks = list(record_sinks)
@@ -101,7 +111,7 @@ class Service:
         self.faults = list(faults)
         self.load_settings = load_settings
         self.reloaders = list(reloaders)
-        self.journal: Journal | None = None  # the pipeline's journal for restarts (checkpoint.py)
+        self.journal = journal
         self.background.append(self.pauses.run)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names

@@ -1,9 +1,10 @@
 """HTTP adapter for the exporter: ``GET /metrics`` and the ingest latency timer.
 
-``metrics_hook(service)`` returns a hook for ``create_app(service, hooks)``; ``state_collector(service)``
-hands the collector the parts of a Service it reads (the pipeline, the clock, the ingest counters, the
-alert sinks that report delivery stats), so the collector never sees the Service itself.
-The bearer-token middleware of api.py covers /metrics like every other route.
+``router(service, latency)`` is the route for ``create_app(service, routers, latency=latency)`` (the app
+times each ingest into ``latency`` with ``IngestTimer``); ``state_collector(service)`` hands the collector
+the parts of a Service it reads (the pipeline, the clock, the ingest counters, the alert sinks that report
+delivery stats, ``[exporter]``), so the collector never sees the Service itself.
+The bearer-token middleware of app.py covers /metrics like every other route.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
@@ -58,22 +59,19 @@ def state_collector(service: Service, settings: ExporterSettings | None = None,
                           delivery_sources=service.sinks, settings=settings or service.settings.exporter)
 
 
-def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
-    """Builds the collector (rendered by ``render``, never a global registry) and the route over it."""
-    latency = LatencyHistogram()
+def router(service: Service, latency: LatencyHistogram | None = None) -> APIRouter:
+    """``GET /metrics`` over a collector built here (rendered by ``render``, never a global registry)."""
     collector = state_collector(service, latency=latency)
     # the sidecar's own health (store/recorder/state errors, undelivered notifications): in-memory counters,
     # in a registry of their own, written after the pipeline's families
     health = CollectorRegistry()
     health.register(HealthCollector(service.faults, service.sinks))
+    api = APIRouter()
 
-    def hook(app: FastAPI) -> None:
-        app.add_middleware(IngestTimer, histogram=latency)
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        snap = collector.snapshot()  # on the event loop: copies only
+        body = await asyncio.to_thread(_render, snap, health, collector)  # building + formatting: off the loop
+        return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
 
-        @app.get("/metrics")
-        async def metrics() -> Response:
-            snap = collector.snapshot()  # on the event loop: copies only
-            body = await asyncio.to_thread(_render, snap, health, collector)  # building + formatting: off the loop
-            return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
-
-    return hook
+    return api

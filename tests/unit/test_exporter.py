@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from trainhealth.config import ConfigError, ExporterSettings, Limits, ServerSettings, Settings, load
 from trainhealth.health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
+from trainhealth.http import metrics
 from trainhealth.http.app import create_app
-from trainhealth.http.metrics import metrics_hook, state_collector
 from trainhealth.metrics.collector import LatencyHistogram, exported_names, families, render
 from trainhealth.service import Service
 
@@ -35,7 +35,7 @@ def make(settings: ExporterSettings | None = None, limits: Limits | None = None,
     clock = Clock()
     service = Service(Settings(limits=limits or Limits()), clock=clock)
     registry = CollectorRegistry()
-    registry.register(state_collector(service, settings, latency))
+    registry.register(metrics.state_collector(service, settings, latency))
     return service, registry, clock
 
 
@@ -248,7 +248,7 @@ def test_every_sample_name_is_declared_in_exported_names() -> None:
 
 def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
     service, reg, _ = make()
-    collector = state_collector(service)
+    collector = metrics.state_collector(service)
     registry = CollectorRegistry()
     registry.register(collector)
     send(service, sample(step=1, loss=1.0))
@@ -262,7 +262,7 @@ def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
 def test_render_writes_exactly_what_prometheus_client_writes() -> None:
     service, _, clock = make()
     latency = LatencyHistogram()
-    collector = state_collector(service, latency=latency)
+    collector = metrics.state_collector(service, latency=latency)
     registry = CollectorRegistry()
     registry.register(collector)
     send(service, sample(rank=0, loss="nan", lr=0.1, grad_norm="inf", gpu_mem_total_bytes=8.0e10,
@@ -304,7 +304,8 @@ def test_exporter_settings_come_from_the_toml_table_and_name_bad_values(tmp_path
 
 def test_metrics_route_requires_the_token_and_times_ingest() -> None:
     service = Service(Settings(server=ServerSettings(token="s3cret")))
-    app = create_app(service, [metrics_hook(service)])
+    latency = LatencyHistogram()
+    app = create_app(service, [metrics.router(service, latency)], latency=latency)
     auth = {"Authorization": "Bearer s3cret"}
 
     async def scenario() -> tuple[int, int, httpx.Response]:
