@@ -4,8 +4,9 @@ the Service and the store build the answers.
 | router | routes |
 | --- | --- |
 | ingest.py | ``POST /v1/ingest`` |
-| runs.py | ``GET /v1/runs``, ``GET /v1/runs/{run}``, ``GET /v1/runs/{run}/watch`` (the long poll) |
+| runs.py | ``GET /v1/runs``, ``GET /v1/runs/{run}`` |
 | alerts.py | ``GET /v1/alerts``; with a store: redeliver, ``POST /v1/alerts/{id}/ack`` |
+| long_poll.py | ``GET /v1/runs/{run}/watch``: a run's alerts and stop steps, for its clients |
 | silences.py | ``/v1/silences`` (with a store) |
 | operations.py | ``POST /-/reload``, ``GET /healthz`` |
 | metrics.py | ``GET /metrics`` |
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from ..metrics.collector import LatencyHistogram
 from ..service import Service
-from . import alerts, ingest, operations, runs
+from . import alerts, ingest, long_poll, operations, runs
 from .answers import JSON
 from .cross_site import CrossSite
 from .methods import AllowedMethods
@@ -48,7 +49,7 @@ PAGE_PATH = "/"  # the only route that also takes the token as ?token= (http/pag
 
 def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
                latency: LatencyHistogram | None = None) -> FastAPI:
-    """The sidecar's ASGI app: the core routers (ingest, runs, the alert history, operations), then
+    """The sidecar's ASGI app: the core routers (ingest, runs, the alert history, the long poll, operations), then
     ``routers`` (/metrics, the store's alert actions, silences, the page: assembly.py). ``latency``: each
     POST /v1/ingest is timed into it (the /metrics router reads it)."""
 
@@ -74,7 +75,13 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
     app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
     app.add_exception_handler(RequestValidationError, _bad_parameter)  # 400, not FastAPI's 422
     token = service.settings.server.token
-    app.add_middleware(AllowedMethods)  # OPTIONS and 405s list every method of a path (methods.py), after the token
+    apis = [ingest.router(service), runs.router(service), alerts.router(service), long_poll.router(service),
+            operations.router(service), *routers]
+    for api in apis:
+        app.include_router(api)
+    app.state.routes = [route for api in apis for route in api.routes]  # for a 404's list of routes
+    # OPTIONS and 405s list every method of a path (methods.py), after the token
+    app.add_middleware(AllowedMethods, routes=app.state.routes)
 
     if token:
         expected = token.encode()
@@ -95,9 +102,6 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
                                 headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
 
-    for router in (ingest.router(service), runs.router(service), alerts.router(service),
-                   operations.router(service), *routers):
-        app.include_router(router)
     if latency is not None:
         app.add_middleware(IngestTimer, histogram=latency)
     app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
@@ -110,7 +114,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404:
-        paths = [getattr(r, "path", "") for r in request.app.routes]
+        paths = [getattr(r, "path", "") for r in request.app.state.routes]
         ours = [p for p in paths if p.startswith(("/v1", "/-", "/metrics", "/health"))]
         message += f" (routes: {', '.join(ours)})"
     return JSON({"error": message}, exc.status_code, headers=exc.headers)

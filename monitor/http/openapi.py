@@ -68,6 +68,17 @@ def silence_body(now: float) -> dict[str, Any]:
         "created_by": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "null"}]}}}
 
 
+def query_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter as a client sends it: absent or a value, never null (an optional one's ``anyOf``
+    with null is its first branch), and one choice (``Literal["live"]``, a JSON Schema ``const``) an enum."""
+    branches = [s for s in schema.get("anyOf", []) if s != {"type": "null"}]
+    if len(branches) == 1:
+        schema = {**branches[0], **{k: v for k, v in schema.items() if k != "anyOf"}}
+    if "const" in schema:
+        schema = {**{k: v for k, v in schema.items() if k != "const"}, "enum": [schema["const"]]}
+    return schema
+
+
 def describe(app: FastAPI) -> None:
     """Complete ``app.openapi()`` (built once, on the first request for it)."""
     generate = app.openapi
@@ -93,6 +104,8 @@ def describe(app: FastAPI) -> None:
                 if body is not None:
                     op["requestBody"] = {"required": (path, method) == ("/v1/silences", "post"), "content": body}
                 for param in op.get("parameters", []):
+                    if param["in"] == "query":
+                        param["schema"] = query_schema(param["schema"])
                     rule = PARAMETERS.get((path, method, param["name"]))
                     if rule is not None:
                         param["schema"] = {**rule, **({"title": param["schema"]["title"]}

@@ -1,18 +1,13 @@
-"""``/v1/runs``: the runs this sidecar watches (status.py builds the views), and the long poll a run's
-clients hear their alerts and stop steps on (watch.py)."""
+"""``/v1/runs``: the runs this sidecar watches, as status.py shows them."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ..record import RecordError, check_run
 from ..service import Service
 from ..status import run_view, runs_view
-from .answers import JSON, MAX_ID, error
+from .answers import JSON, error
 
 
 def router(service: Service) -> APIRouter:
@@ -28,34 +23,5 @@ def router(service: Service) -> APIRouter:
         if state is None:
             return error(f"run {run!r} is not known to this sidecar", 404)
         return JSON(run_view(state, service.book, detail=True, findings=service.pipeline.findings(run)))
-
-    @api.get("/v1/runs/{run}/watch")
-    async def watch(request: Request, run: str, version: Annotated[int, Query(ge=-1, le=MAX_ID)] = -1,
-                    timeout: Annotated[float, Query(ge=0.0, le=60.0)] = 30.0) -> Response:
-        """Long poll: the run's view (firing alerts, stop steps; watch.py) as soon as its version is not
-        ``version``, or after ``timeout`` seconds as it is. A run not known yet has version 0. A client
-        of another job than the run's owner (X-Trainhealth-Launch) hears nothing: 409."""
-        try:
-            check_run(run)  # the record's own rule and words (its pattern is in the OpenAPI schema: openapi.py)
-        except RecordError as exc:
-            return error(str(exc))
-        refused = service.other_job(run, request.headers.get("x-trainhealth-launch"))
-        if refused:
-            return error(refused, 409)
-        if service.watch.version(run) == version and timeout > 0:
-            changed = asyncio.get_running_loop().create_future()
-
-            def wake() -> None:
-                if not changed.done():
-                    changed.set_result(None)
-
-            if service.watch.wait(run, wake):
-                try:
-                    await asyncio.wait_for(changed, timeout)
-                except asyncio.TimeoutError:
-                    pass
-                finally:
-                    service.watch.cancel(run, wake)
-        return JSON(service.watch.view(run))
 
     return api
