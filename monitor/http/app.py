@@ -24,7 +24,7 @@ import contextlib
 import hmac
 import logging
 import signal
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,7 +74,6 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
     app.state.service = service
     app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
     app.add_exception_handler(RequestValidationError, _bad_parameter)  # 400, not FastAPI's 422
-    token = service.settings.server.token
     apis = [ingest.router(service), runs.router(service), alerts.router(service), long_poll.router(service),
             operations.router(service), *routers]
     for api in apis:
@@ -82,32 +81,35 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
     app.state.routes = [route for api in apis for route in api.routes]  # for a 404's list of routes
     # OPTIONS and 405s list every method of a path (methods.py), after the token
     app.add_middleware(AllowedMethods, routes=app.state.routes)
-
-    if token:
-        expected = token.encode()
-
-        @app.middleware("http")
-        async def require_token(request: Request, call_next: Any) -> Response:
-            if request.url.path not in OPEN_PATHS:
-                scheme, _, got = request.headers.get("authorization", "").partition(" ")
-                if request.url.path == PAGE_PATH and not scheme and "token" in request.query_params:
-                    # the live page: a browser cannot send a header when it navigates (docs/page.md)
-                    scheme, got = "bearer", request.query_params["token"]
-                # the scheme is case-insensitive (RFC 9110): "bearer T" is as good as "Bearer T"
-                if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), expected):
-                    error = "missing or wrong Authorization: Bearer token"
-                    if request.url.path == PAGE_PATH:
-                        error += " (in a browser: open /?token=TOKEN)"
-                    return JSON({"error": error}, 401,
-                                headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
-
+    if service.settings.server.token:
+        app.middleware("http")(bearer_token(service.settings.server.token))
     if latency is not None:
         app.add_middleware(IngestTimer, histogram=latency)
     app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
     app.add_middleware(CrossSite)  # no web page on another site may change anything (cross_site.py)
     describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
+
+
+def bearer_token(token: str) -> Callable[[Request, Any], Awaitable[Response]]:
+    """Middleware: every route but /healthz wants ``Authorization: Bearer TOKEN``; the page also ``?token=``."""
+    expected = token.encode()
+
+    async def require_token(request: Request, call_next: Any) -> Response:
+        if request.url.path not in OPEN_PATHS:
+            scheme, _, got = request.headers.get("authorization", "").partition(" ")
+            if request.url.path == PAGE_PATH and not scheme and "token" in request.query_params:
+                # the live page: a browser cannot send a header when it navigates (docs/page.md)
+                scheme, got = "bearer", request.query_params["token"]
+            # the scheme is case-insensitive (RFC 9110): "bearer T" is as good as "Bearer T"
+            if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), expected):
+                error = "missing or wrong Authorization: Bearer token"
+                if request.url.path == PAGE_PATH:
+                    error += " (in a browser: open /?token=TOKEN)"
+                return JSON({"error": error}, 401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    return require_token
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
