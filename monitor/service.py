@@ -77,11 +77,11 @@ class Service:
     - ``closers``: cleanups for ``close()``;
     - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
     - ``faults``: components whose writes can fail (store, recorder): ``/healthz`` is 503 while one does;
-    - ``restored`` and ``runs_last_seen``: alerts open when the sidecar last stopped, for the book;
     - ``load_settings``: re-reads every setting (file, environment, flags) for a reload;
     - ``reloaders``: told the new settings after a reload passed (delivery targets);
     - ``pipeline`` and ``pauses``: the pipeline and the sidecar's clock, when they were restored before
-      (assembly.py: the journal replayed into them); built here from ``settings`` and ``clock`` otherwise;
+      (assembly.py: the store's open alerts and the journal put back into them); built here from
+      ``settings`` and ``clock`` otherwise;
     - ``journal``: told every batch and tick the pipeline is fed, for a restart (checkpoint.py).
     """
 
@@ -92,7 +92,6 @@ class Service:
                  closers: Sequence[Callable[[], None]] = (),
                  query_alerts: Callable[..., dict[str, Any]] | None = None,
                  faults: Sequence[Fault] = (),
-                 restored: Sequence[Alert] = (), runs_last_seen: dict[str, float] | None = None,
                  load_settings: Callable[[], Settings] | None = None,
                  reloaders: Sequence[Callable[[Settings], None]] = (),
                  pipeline: Pipeline | None = None, pauses: PauseWatch | None = None,
@@ -115,8 +114,6 @@ class Service:
         self.background.append(self.pauses.run)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names
-        if restored:
-            self.pipeline.restore(restored, runs_last_seen or {}, clock())
         self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         self.owners = launches.JobOwners()  # which job owns each run name (two jobs never share one)
