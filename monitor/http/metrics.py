@@ -56,7 +56,8 @@ def state_collector(service: Service, settings: ExporterSettings | None = None,
     """The collector over a Service's parts; its sinks list is read live (a sink added later is seen).
     ``settings``: the Service's ``[exporter]`` unless given."""
     return StateCollector(service.pipeline, service.clock, stats=service.stats, latency=latency,
-                          delivery_sources=service.sinks, settings=settings or service.settings.exporter)
+                          delivery_sources=service.sinks,
+                          settings=settings if settings is not None else service.settings.exporter)
 
 
 def router(service: Service, latency: LatencyHistogram | None = None) -> APIRouter:
