@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainhealth import jsonout  # noqa: E402
 from trainhealth.alerts import fingerprint  # noqa: E402
+from trainhealth.assembly import build_service  # noqa: E402
 from trainhealth.config import ServerSettings, Settings  # noqa: E402
-from trainhealth.http.server import build_service  # noqa: E402
 from trainhealth.notify.store import Store, Transition  # noqa: E402
 from trainhealth.service import Service  # noqa: E402
 

@@ -46,13 +46,11 @@ RUNS = 16  # the in-process limit cycles over as many runs
 def in_process_rate(size: int, records: int, tmp: str, name: str) -> tuple[float, float]:
     """Records per CPU-second and per wall second of Service.ingest as served: the store, the detectors'
     journal (checkpoint) and the flight recorder attached."""
-    from trainhealth.checkpoint import attach_checkpoint
+    from trainhealth.assembly import build_service
     from trainhealth.config import load
-    from trainhealth.http.server import build_service
 
     service, _ = build_service(load(None, {"db": os.path.join(tmp, f"{name}.db"),
-                                           "record_dir": os.path.join(tmp, f"{name}-rec")}, {}))
-    attach_checkpoint(service)
+                                           "record_dir": os.path.join(tmp, f"{name}-rec")}, {}), keep_state=True)
     feeds = [Feed(f"{name}-{k}") for k in range(RUNS)]
     bodies = [feeds[i % RUNS].body(size) for i in range(max(1, records // size))]
     gc.collect()

@@ -29,8 +29,8 @@ BATCH = 1000
 
 def _child(checkpoints: list[int], out: Any) -> None:
     import psutil
+    from trainhealth.assembly import build_service
     from trainhealth.config import load
-    from trainhealth.http.server import build_service
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:

@@ -172,14 +172,12 @@ def _served(bodies: list[bytes]) -> Callable[[], float]:
     of the ingest calls (not of building and closing the service)."""
 
     def run() -> float:
-        from trainhealth.checkpoint import attach_checkpoint
+        from trainhealth.assembly import build_service
         from trainhealth.config import load
-        from trainhealth.http.server import build_service
 
         with tempfile.TemporaryDirectory() as tmp:
             service, _ = build_service(load(None, {"db": os.path.join(tmp, "s.db"),
-                                                   "record_dir": os.path.join(tmp, "rec")}, {}))
-            attach_checkpoint(service)
+                                                   "record_dir": os.path.join(tmp, "rec")}, {}), keep_state=True)
             t0 = time.process_time()
             for body in bodies:
                 service.ingest(body, "application/json")

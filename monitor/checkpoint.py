@@ -41,7 +41,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 import msgspec
 
@@ -49,9 +49,6 @@ from .alerts import Alert, Key, copied
 from .health import Fault
 from .pipeline import Pipeline
 from .record import Record
-
-if TYPE_CHECKING:
-    from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -257,30 +254,3 @@ def _same(a: Alert, b: Alert | None) -> bool:
     """The same episode: the object the store put back, or one the replay re-fired at the same start (an
     episode that fired, resolved and fired again within the replayed span ends where the store has it)."""
     return a is b or (b is not None and a["started_at"] == b["started_at"])
-
-
-def attach_checkpoint(service: Service) -> Checkpoint:
-    """Restore the pipeline from ``--db``, send what the stop left unsent, then journal and snapshot."""
-    from .config import ConfigError
-    from .pauses import MAX_GRACE_SECONDS
-
-    server = service.settings.server
-    try:
-        checkpoint = Checkpoint(server.db, server.state_snapshot_seconds)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"db: cannot keep the detectors' state in {server.db!r}: {exc}") from None
-    service.faults.append(checkpoint.fault)
-    unsent = checkpoint.restore(service.pipeline, service.pauses.now())
-    if service.pipeline.runs:  # the clients retry what the stop refused: read it before any verdict
-        service.pauses.hold(MAX_GRACE_SECONDS)
-        service.pipeline.judge_after = service.pauses.hold_until
-    service.dispatch(unsent)
-    service.journal = checkpoint
-    service.background.append(checkpoint.runner(service.pipeline, service.pauses.now))
-
-    def close() -> None:
-        checkpoint.snapshot(service.pipeline, service.pauses.now())  # a clean stop replays nothing
-        checkpoint.close()
-
-    service.closers.insert(0, close)
-    return checkpoint

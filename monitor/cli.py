@@ -191,15 +191,16 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     """Run the sidecar; ``load_settings`` re-reads file, environment and flags on a reload."""
     import uvicorn
 
+    from .assembly import build_sidecar
     from .http.connections import connection_cap, guarded_protocol, raise_fd_limit
-    from .http.server import Server, build_service_and_app
+    from .http.server import Server
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per webhook delivery
     from .dblock import DbLock
 
     lock = DbLock(settings.server.db) if settings.server.db != ":memory:" else None  # one sidecar per --db
-    service, app = build_service_and_app(settings, load_settings)
+    service, app = build_sidecar(settings, load_settings)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -1,7 +1,7 @@
 """The sidecar as one object: ingest -> pipeline -> alert sinks, plus the timer and reload.
 
 No HTTP here (http/app.py adapts it) and no globals: the clock, the sinks and
-the jobs are passed to the constructor (http/server.py assembles them for the
+the jobs are passed to the constructor (assembly.py assembles them for the
 server), so tests build it directly.
 """
 
@@ -54,6 +54,11 @@ class Journal(Protocol):
     def ticked(self, wall: float, judge_after: float) -> None: ...
 
 
+def pause_watch(clock: Callable[[], float]) -> PauseWatch:
+    """The pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is."""
+    return PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
+
+
 @dataclass(slots=True)
 class IngestStats:
     batches: int = 0
@@ -81,10 +86,14 @@ class Service:
     - ``closers``: cleanups for ``close()``;
     - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
     - ``faults``: components whose writes can fail (store, recorder): ``/healthz`` is 503 while one does;
-    - ``restored`` and ``runs_last_seen``: alerts open when the sidecar last stopped, for the book;
-    - ``alert_ids``: the sequence the book assigns transition ids from (the store's); None: no ids;
     - ``load_settings``: re-reads every setting (file, environment, flags) for a reload;
-    - ``reloaders``: told the new settings after a reload passed (delivery targets).
+    - ``reloaders``: told the new settings after a reload passed (delivery targets);
+    - ``pipeline`` and ``pauses``: the pipeline and the sidecar's clock, when they were restored before
+      (assembly.py: the store's open alerts and the journal put back into them); built here from
+      ``settings`` and ``clock`` otherwise;
+    - ``journal``: told every batch and tick the pipeline is fed, for a restart (checkpoint.py);
+    - ``alert_ids``: the sequence a pipeline built here assigns transition ids from (assembly.py gives its
+      pipeline's book the store's); None: no ids.
     """
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
@@ -94,16 +103,15 @@ class Service:
                  closers: Sequence[Callable[[], None]] = (),
                  query_alerts: Callable[..., dict[str, Any]] | None = None,
                  faults: Sequence[Fault] = (),
-                 restored: Sequence[Alert] = (), runs_last_seen: dict[str, float] | None = None,
-                 alert_ids: Callable[[], int] | None = None,
                  load_settings: Callable[[], Settings] | None = None,
-                 reloaders: Sequence[Callable[[Settings], None]] = ()) -> None:
+                 reloaders: Sequence[Callable[[Settings], None]] = (),
+                 pipeline: Pipeline | None = None, pauses: PauseWatch | None = None,
+                 journal: Journal | None = None, alert_ids: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        # the pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is
-        self.pauses = PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
-        self.pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds,
-                                 book=AlertBook(ids=alert_ids))
+        self.pauses = pauses if pauses is not None else pause_watch(clock)
+        self.pipeline = pipeline if pipeline is not None else Pipeline(
+            settings.detectors, settings.limits, settings.server.tick_seconds, book=AlertBook(ids=alert_ids))
         self.book = self.pipeline.book  # the one owner of open alerts and their ids (alerts.py)
         self.sinks: list[AlertSink] = list(sinks)
         self.record_sinks = list(record_sinks)
@@ -113,12 +121,10 @@ class Service:
         self.faults = list(faults)
         self.load_settings = load_settings
         self.reloaders = list(reloaders)
-        self.journal: Journal | None = None  # the pipeline's journal for restarts (checkpoint.py)
+        self.journal = journal
         self.background.append(self.pauses.run)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names
-        if restored:
-            self.pipeline.restore(restored, runs_last_seen or {}, clock())
         self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         self.owners = launches.JobOwners()  # which job owns each run name (two jobs never share one)
@@ -394,7 +400,7 @@ class Service:
         for reloader in self.reloaders:
             reloader(new)
         self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
-        self.settings.alertmanager, self.settings.raw = new.alertmanager, new.raw
+        self.settings.alertmanager = new.alertmanager
         self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
         self.dispatch(closed)
         log.info("config reloaded")
@@ -410,7 +416,7 @@ class Service:
                 if a != b:
                     shown = "" if f.name == "token" else f" (running {a!r}, the config now says {b!r})"
                     raise ConfigError(f"{section}.{f.name}: needs a restart{shown}")
-        if self.settings.raw.get("exporter", {}) != new.raw.get("exporter", {}):
+        if self.settings.exporter != new.exporter:
             raise ConfigError("exporter: needs a restart (the [exporter] table changed)")
 
     def close(self) -> None:

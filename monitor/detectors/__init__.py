@@ -1,7 +1,7 @@
 """The detectors, in the order they see each record.
 
 Add a detector by writing a module with a ``Detector`` subclass and listing it
-here; ``config.py`` finds its settings by ``name``.
+here; the config (``config/load.py``) finds its settings by ``name``.
 """
 
 from __future__ import annotations

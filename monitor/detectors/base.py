@@ -10,7 +10,7 @@ Thresholds are read from ``self.settings`` on every call, so a config reload
 (which assigns a new settings object) changes them without losing state.
 
 ``Detector`` is generic over its settings type: ``class GpuOom(Detector[GpuOomSettings])``
-types ``self.settings`` as ``GpuOomSettings`` (set ``Settings`` to the same class: config.py
+types ``self.settings`` as ``GpuOomSettings`` (set ``Settings`` to the same class: the config
 builds it from that; a ClassVar cannot name a type variable).
 """
 

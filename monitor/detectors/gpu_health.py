@@ -28,11 +28,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.rules import flag, positive, whole
 from ..events import Event, firing, resolved
 from ..record import GpuHealth, Record
 from ..state import RunState
 from .base import Detector
-from .validate import flag, positive, whole
 
 # NVIDIA's XID catalogue (docs.nvidia.com/deploy/xid-errors): what each number means, for the summary
 XID_TEXT = {

@@ -45,12 +45,12 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
+from ..config.rules import flag, fraction, positive, whole
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .trend import Ring, trend_test
-from .validate import flag, fraction, positive, whole
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)

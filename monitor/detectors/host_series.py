@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
+from ..config.rules import flag, fraction, positive
 from .trend import (
     DropWatch,
     FineBuckets,
@@ -29,7 +30,6 @@ from .trend import (
     steady_growth,
     theil_sen,
 )
-from .validate import flag, fraction, positive
 
 MB = 1e6
 HOUR = 3600.0

@@ -60,13 +60,13 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
+from ..config.rules import flag
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .incident import death, oom_error
 from .stall_story import describe
-from .validate import flag
 
 PEER_GRACE_SECONDS = 1.5  # after a collective error, for the quiet rank's launcher to say how it died
 PEER_BEATS = 1.5  # ... and a suspect is gone after this many of its heartbeat periods without a word

@@ -53,6 +53,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from ..config.rules import flag, whole
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -60,7 +61,6 @@ from .base import Detector
 from .divergence_story import story_of
 from .lr_warmup import WarmupFinding, WarmupWatch
 from .steps import step_of as _step_of
-from .validate import flag, whole
 
 SAME_LR = 1.05  # an LR within 5% of an earlier one "stayed"
 MAX_HISTORY = 16  # earlier (total batch, LR) pairs kept for the batch-growth reading

@@ -45,6 +45,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from ..config.rules import flag, whole
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -52,7 +53,6 @@ from .base import Detector
 from .divergence_story import story_of
 from .incident import hosts_of, ranks_phrase, where
 from .steps import step_of as _step_of
-from .validate import flag, whole
 
 
 @dataclass(kw_only=True, slots=True)

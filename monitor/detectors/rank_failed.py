@@ -36,12 +36,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..config.rules import flag
 from ..events import Event, firing, resolved
 from ..record import ErrorInfo, Record
 from ..state import RankState, RunState
 from .base import Detector
 from .incident import death, oom_error, ranks_phrase, where
-from .validate import flag
 
 
 @dataclass(kw_only=True, slots=True)

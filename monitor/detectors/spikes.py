@@ -61,13 +61,13 @@ from math import isfinite, log
 from statistics import median
 from typing import Any, ClassVar, cast
 
+from ..config.rules import above, flag, whole
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .divergence_story import Label, Part, story_of
 from .steps import step_of as _step_of
-from .validate import above, flag, whole
 
 LR_ALERT = "lr_scaling"  # the alert a rise joins when it says the LR is too high (divergence_story.py)
 INF = math.inf

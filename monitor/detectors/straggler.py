@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from math import isfinite
 from typing import Iterable
 
+from ..config.rules import at_least, flag, whole
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .gpu_health import slowdown
-from .validate import at_least, flag, whole
 
 SIGNALS = ("data_time", "compute", "step_interval")
 WHAT = {"data_time": "waits for data", "compute": "computes", "step_interval": "takes per step"}

@@ -7,21 +7,25 @@ with a GET and a POST route said ``Allow: GET`` (RFC 9110 wants every method the
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 
 class AllowedMethods:
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+    """``routes``: the app's routes as its routers hold them (FastAPI may keep an included router's routes
+    behind one entry of the app's own list); the app's own list is read too (/openapi.json, /docs)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
+        self.routes = list(routes)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        allowed = _allowed(scope)
+        allowed = _allowed(scope, self.routes)
         if not allowed:  # no route has this path: the 404 as it is
             await self.app(scope, receive, send)
             return
@@ -41,11 +45,11 @@ class AllowedMethods:
         await self.app(scope, receive, send_with_allow)
 
 
-def _allowed(scope: dict[str, Any]) -> set[str]:
+def _allowed(scope: dict[str, Any], routes: Sequence[BaseRoute]) -> set[str]:
     """Every method of the routes whose path matches (HEAD with GET, and OPTIONS)."""
     app = scope.get("app")
     methods: set[str] = set()
-    for route in getattr(getattr(app, "router", None), "routes", []):
+    for route in [*routes, *getattr(getattr(app, "router", None), "routes", [])]:
         route_methods = getattr(route, "methods", None)
         if route_methods and route.matches(scope)[0] != Match.NONE:  # PARTIAL: the path, not the method
             methods |= set(route_methods)

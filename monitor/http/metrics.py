@@ -1,9 +1,10 @@
 """HTTP adapter for the exporter: ``GET /metrics`` and the ingest latency timer.
 
-``metrics_hook(service)`` returns a hook for ``create_app(service, hooks)``; ``state_collector(service)``
-hands the collector the parts of a Service it reads (the pipeline, the clock, the ingest counters, the
-alert sinks that report delivery stats), so the collector never sees the Service itself.
-The bearer-token middleware of api.py covers /metrics like every other route.
+``router(service, latency)`` is the route for ``create_app(service, routers, latency=latency)`` (the app
+times each ingest into ``latency`` with ``IngestTimer``); ``state_collector(service)`` hands the collector
+the parts of a Service it reads (the pipeline, the clock, the ingest counters, the alert sinks that report
+delivery stats, ``[exporter]``), so the collector never sees the Service itself.
+The bearer-token middleware of app.py covers /metrics like every other route.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
+from ..config import ExporterSettings
 from ..health import HealthCollector
-from ..metrics.collector import ExporterSettings, LatencyHistogram, StateCollector, exporter_settings, render
+from ..metrics.collector import LatencyHistogram, StateCollector, render
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -51,27 +53,26 @@ def _render(snap: Any, health: CollectorRegistry, collector: StateCollector) -> 
 
 def state_collector(service: Service, settings: ExporterSettings | None = None,
                     latency: LatencyHistogram | None = None) -> StateCollector:
-    """The collector over a Service's parts; its sinks list is read live (a sink added later is seen)."""
+    """The collector over a Service's parts; its sinks list is read live (a sink added later is seen).
+    ``settings``: the Service's ``[exporter]`` unless given."""
     return StateCollector(service.pipeline, service.clock, stats=service.stats, latency=latency,
-                          delivery_sources=service.sinks, settings=settings)
+                          delivery_sources=service.sinks,
+                          settings=settings if settings is not None else service.settings.exporter)
 
 
-def metrics_hook(service: Service) -> Callable[[FastAPI], None]:
-    """Builds the collector (rendered by ``render``, never a global registry) and the route over it."""
-    latency = LatencyHistogram()
-    collector = state_collector(service, exporter_settings(service.settings.raw), latency)
+def router(service: Service, latency: LatencyHistogram | None = None) -> APIRouter:
+    """``GET /metrics`` over a collector built here (rendered by ``render``, never a global registry)."""
+    collector = state_collector(service, latency=latency)
     # the sidecar's own health (store/recorder/state errors, undelivered notifications): in-memory counters,
     # in a registry of their own, written after the pipeline's families
     health = CollectorRegistry()
     health.register(HealthCollector(service.faults, service.sinks))
+    api = APIRouter()
 
-    def hook(app: FastAPI) -> None:
-        app.add_middleware(IngestTimer, histogram=latency)
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        snap = collector.snapshot()  # on the event loop: copies only
+        body = await asyncio.to_thread(_render, snap, health, collector)  # building + formatting: off the loop
+        return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
 
-        @app.get("/metrics")
-        async def metrics() -> Response:
-            snap = collector.snapshot()  # on the event loop: copies only
-            body = await asyncio.to_thread(_render, snap, health, collector)  # building + formatting: off the loop
-            return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # 0.0.4: older Prometheus too
-
-    return hook
+    return api

@@ -47,13 +47,10 @@ OK_BY_ROUTE = {  # where the answer is not a JSON object with 200
 # JSON Schema's "pattern" is ECMA-262: no \A or \Z (a pattern there is searched, so ^...$ anchors it whole)
 RUN_NAME = {"type": "string", "pattern": "^(?!\\.+$)[A-Za-z0-9._:-]{1,128}$"}
 assert RUN_PATTERN == r"\A(?!\.+\Z)[A-Za-z0-9._:-]{1,128}\Z", "RUN_NAME above says what RUN_PATTERN does"
-# what each route enforces on its parameters, beyond their types (the routes answer 400 naming the rule)
+# what a route checks by hand, beyond its parameters' annotations (which FastAPI checks and puts in the
+# schema itself): a run name, by the record's own rule and words (record.check_run)
 PARAMETERS: dict[tuple[str, str, str], dict[str, Any]] = {
-    ("/v1/alerts", "get", "state"): {"type": "string", "enum": ["firing", "resolved"]},
-    ("/v1/alerts", "get", "delivery"): {"type": "string", "enum": ["pending", "delivered", "undelivered"]},
-    ("/v1/alerts", "get", "limit"): {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 1000},
     ("/v1/runs/{run}/watch", "get", "run"): RUN_NAME,
-    ("/", "get", "part"): {"type": "string", "enum": ["live"]},
 }
 _TEXT_OR_NULL = {"anyOf": [{"type": "string", "maxLength": 1000}, {"type": "null"}]}
 ACK_BODY = {"type": "object", "additionalProperties": False,
@@ -69,6 +66,17 @@ def silence_body(now: float) -> dict[str, Any]:
         "until": {"type": "number", "minimum": int(now) + 3600, "maximum": int(now) + MAX_SILENCE_SECONDS - 3600},
         "comment": {"anyOf": [{"type": "string", "maxLength": MAX_COMMENT}, {"type": "null"}]},
         "created_by": {"anyOf": [{"type": "string", "maxLength": 128}, {"type": "null"}]}}}
+
+
+def query_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter as a client sends it: absent or a value, never null (an optional one's ``anyOf``
+    with null is its first branch), and one choice (``Literal["live"]``, a JSON Schema ``const``) an enum."""
+    branches = [s for s in schema.get("anyOf", []) if s != {"type": "null"}]
+    if len(branches) == 1:
+        schema = {**branches[0], **{k: v for k, v in schema.items() if k != "anyOf"}}
+    if "const" in schema:
+        schema = {**{k: v for k, v in schema.items() if k != "const"}, "enum": [schema["const"]]}
+    return schema
 
 
 def describe(app: FastAPI) -> None:
@@ -96,6 +104,8 @@ def describe(app: FastAPI) -> None:
                 if body is not None:
                     op["requestBody"] = {"required": (path, method) == ("/v1/silences", "post"), "content": body}
                 for param in op.get("parameters", []):
+                    if param["in"] == "query":
+                        param["schema"] = query_schema(param["schema"])
                     rule = PARAMETERS.get((path, method, param["name"]))
                     if rule is not None:
                         param["schema"] = {**rule, **({"title": param["schema"]["title"]}

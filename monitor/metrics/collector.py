@@ -16,7 +16,8 @@ values, so ingest pays nothing for the export. A scrape works in two parts:
 The collector depends only on what it is given (like prometheus-client's
 ``ProcessCollector(pid=, proc=)``): the pipeline whose state it reads, a clock,
 and optionally the ingest counters, the latency histogram and the objects that
-report webhook delivery stats. ``http/metrics.py`` wires a Service's parts in.
+report webhook delivery stats, and ``[exporter]``'s ExporterSettings as the config built them.
+``http/metrics.py`` wires a Service's parts in.
 
 Names are fixed by docs/grafana.md and the dashboards; per-rank series carry ``run`` and ``rank`` labels.
 Label values are bounded: run names are validated on ingest and runs, ranks and
@@ -28,15 +29,13 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_left
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..detectors.validate import ConfigError
-from ..detectors.validate import build as _build
+from ..config import ExporterSettings
 from ..health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
 from .exposition import RankLines, per_rank_parts
 from .snapshot import RankRow, Snapshot
@@ -90,27 +89,6 @@ def exported_names() -> set[str]:
               "trainhealth_alerts_raised_total", *WRITE_ERROR_NAMES}
     names |= {f"trainhealth_ingest_duration_seconds{s}" for s in ("_bucket", "_sum", "_count")}
     return names
-
-
-@dataclass(kw_only=True, slots=True)
-class ExporterSettings:
-    """``[exporter]`` in the TOML file."""
-
-    max_series: int = 50_000  # per-rank series in one scrape; newest live runs first
-    ended_run_seconds: float = 900.0  # an ended run is exported this long after its last record
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_series, int) or isinstance(self.max_series, bool) or self.max_series < 1:
-            raise ConfigError(f"exporter.max_series: must be an integer >= 1, got {self.max_series!r}")
-        ok = isinstance(self.ended_run_seconds, (int, float)) and not isinstance(self.ended_run_seconds, bool)
-        if not ok or not self.ended_run_seconds >= 0:
-            raise ConfigError(f"exporter.ended_run_seconds: must be a number >= 0, "
-                              f"got {self.ended_run_seconds!r}")
-
-
-def exporter_settings(raw: Mapping[str, Any]) -> ExporterSettings:
-    settings: ExporterSettings = _build(ExporterSettings, "exporter", raw.get("exporter", {}))
-    return settings
 
 
 class LatencyHistogram:

@@ -36,7 +36,7 @@ import httpx
 from .. import jsonout
 from ..alerts import Alert
 from ..config import RetryPolicy
-from ..detectors.validate import redacted
+from ..config.rules import redacted
 from ..health import Fault
 from .store import OutboxRow, Store
 

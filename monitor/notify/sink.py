@@ -102,7 +102,7 @@ class AlertsOut:
         if not alerts:
             return
         missing = [a["fingerprint"] for a in alerts if "id" not in a]
-        if missing:  # wiring: the book was not given the store's id sequence (Service(alert_ids=...))
+        if missing:  # wiring: the book was not given the store's id sequence (assembly.py: AlertBook(ids=store.new_id))
             raise ValueError(f"alert transitions without an id (the AlertBook assigns them): {missing[:5]}")
         now = self.clock()
         transitions: list[Transition] = []

@@ -16,7 +16,7 @@ its stored ``id``); ``alertmanager`` posts what Alertmanager posts to its
 webhook receivers (``version: "4"``, ``status``, ``alerts[]`` with labels,
 annotations, startsAt, endsAt), one notification per (run, alert, state) in a
 batch, so existing receivers work unchanged. Delivery is in delivery.py;
-the settings (one retry policy for every target) are checked in config.py.
+the settings (one retry policy for every target) are checked in config/sections.py.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from trainhealth.assembly import build_service
 from trainhealth.config import Limits, ServerSettings, Settings
-from trainhealth.http.server import build_service
 from trainhealth.notify.silences import SilenceError, parse
 from trainhealth.notify.sink import AlertsOut
 from trainhealth.service import Service

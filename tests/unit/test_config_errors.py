@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainhealth.config import AlertmanagerSettings, ConfigError, Limits, ServerSettings, WebhookSettings, load
+from trainhealth.config import (
+    AlertmanagerSettings,
+    ConfigError,
+    ExporterSettings,
+    Limits,
+    ServerSettings,
+    WebhookSettings,
+    load,
+)
 from trainhealth.detectors import ALL
-from trainhealth.metrics.collector import ExporterSettings
 
 # (header of the table, its dataclass, the keys it needs to be valid, the dotted name errors use)
 SECTIONS: list[tuple[str, type, dict[str, Any], str]] = [

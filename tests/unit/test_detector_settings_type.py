@@ -1,4 +1,4 @@
-"""Each detector's ``Settings`` (what config.py builds) is the settings type it declares as Detector[S]."""
+"""Each detector's ``Settings`` (what the config builds) is the settings type it declares as Detector[S]."""
 
 from __future__ import annotations
 

@@ -6,23 +6,17 @@ import asyncio
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from trainhealth.config import ConfigError, Limits, ServerSettings, Settings
+from trainhealth.config import ConfigError, ExporterSettings, Limits, ServerSettings, Settings, load
 from trainhealth.health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
+from trainhealth.http import metrics
 from trainhealth.http.app import create_app
-from trainhealth.http.metrics import metrics_hook, state_collector
-from trainhealth.metrics.collector import (
-    ExporterSettings,
-    LatencyHistogram,
-    exported_names,
-    exporter_settings,
-    families,
-    render,
-)
+from trainhealth.metrics.collector import LatencyHistogram, exported_names, families, render
 from trainhealth.service import Service
 
 T0 = 1_700_000_000.0
@@ -41,7 +35,7 @@ def make(settings: ExporterSettings | None = None, limits: Limits | None = None,
     clock = Clock()
     service = Service(Settings(limits=limits or Limits()), clock=clock)
     registry = CollectorRegistry()
-    registry.register(state_collector(service, settings, latency))
+    registry.register(metrics.state_collector(service, settings, latency))
     return service, registry, clock
 
 
@@ -254,7 +248,7 @@ def test_every_sample_name_is_declared_in_exported_names() -> None:
 
 def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
     service, reg, _ = make()
-    collector = state_collector(service)
+    collector = metrics.state_collector(service)
     registry = CollectorRegistry()
     registry.register(collector)
     send(service, sample(step=1, loss=1.0))
@@ -268,7 +262,7 @@ def test_render_shows_the_pinned_snapshot_not_later_state() -> None:
 def test_render_writes_exactly_what_prometheus_client_writes() -> None:
     service, _, clock = make()
     latency = LatencyHistogram()
-    collector = state_collector(service, latency=latency)
+    collector = metrics.state_collector(service, latency=latency)
     registry = CollectorRegistry()
     registry.register(collector)
     send(service, sample(rank=0, loss="nan", lr=0.1, grad_norm="inf", gpu_mem_total_bytes=8.0e10,
@@ -294,20 +288,24 @@ def test_render_writes_exactly_what_prometheus_client_writes() -> None:
     assert b'trainhealth_step{rank="3",run="other.job:2"}' not in text  # a start has no step yet
 
 
-def test_exporter_settings_come_from_the_toml_table_and_name_bad_values() -> None:
-    assert exporter_settings({"exporter": {"max_series": 10}}).max_series == 10
-    assert exporter_settings({}) == ExporterSettings()
+def test_exporter_settings_come_from_the_toml_table_and_name_bad_values(tmp_path: Path) -> None:
+    config = tmp_path / "trainhealth.toml"
+    config.write_text("[exporter]\nmax_series = 10\n")
+    assert load(str(config)).exporter.max_series == 10
+    assert load(None).exporter == ExporterSettings()
     with pytest.raises(ConfigError, match=r"exporter.max_series: must be an integer >= 1, got 0"):
         ExporterSettings(max_series=0)
     with pytest.raises(ConfigError, match=r"exporter.ended_run_seconds: .* got -1"):
         ExporterSettings(ended_run_seconds=-1)
+    config.write_text("[exporter]\nseries = 1\n")
     with pytest.raises(ConfigError, match=r"exporter.series: unknown setting"):
-        exporter_settings({"exporter": {"series": 1}})
+        load(str(config))
 
 
 def test_metrics_route_requires_the_token_and_times_ingest() -> None:
     service = Service(Settings(server=ServerSettings(token="s3cret")))
-    app = create_app(service, [metrics_hook(service)])
+    latency = LatencyHistogram()
+    app = create_app(service, [metrics.router(service, latency)], latency=latency)
     auth = {"Authorization": "Bearer s3cret"}
 
     async def scenario() -> tuple[int, int, httpx.Response]:

@@ -116,9 +116,10 @@ def test_the_graph_sees_the_imports_it_must() -> None:
     """The check can fail: it resolves relative imports, from-imports of modules and function-level imports."""
     edges = graph()
     assert "trainhealth.pipeline" in edges["trainhealth.service"]  # from .pipeline import Pipeline
-    assert "trainhealth.http.server" in edges["trainhealth.cli"]  # inside serve()
+    assert "trainhealth.assembly" in edges["trainhealth.cli"]  # inside serve()
     assert "trainhealth.detectors.base" in edges["trainhealth.detectors"]  # from .base import Detector
-    assert "trainhealth.detectors" in edges["trainhealth.config"]  # from .detectors import ALL (a name)
+    assert "trainhealth.detectors" in edges["trainhealth.config.load"]  # from .. import detectors (a package)
+    assert "trainhealth.config.rules" in edges["trainhealth.detectors.spikes"]  # from ..config.rules import flag
     assert "trainhealth.trainer" not in edges["trainhealth.trainer.client"]  # from . import host_memory
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None

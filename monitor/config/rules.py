@@ -1,4 +1,4 @@
-"""The one place settings are checked: every section (server, limits, detectors, webhooks, ...) uses these.
+"""The rules every section's settings are checked by (server, limits, exporter, webhooks, each detector's).
 
 Every error is one line, ``dotted.key: rule, got value`` (``detectors.rank_stalled.floor_seconds: must be a
 positive number, got -1``), raised as ``ConfigError`` (a ``ValueError``): ``trainhealth serve`` prints it and
@@ -9,6 +9,9 @@ its own section (``rank_stalled.floor_seconds``); ``build()`` first checks each 
 dataclass's annotations where the class's own rules did not already refuse the value (no silent coercion:
 ``"5"`` is not a number, ``5.5`` is not an integer), and re-roots messages at the full dotted section
 (``detectors.rank_stalled``, ``webhooks[1]``).
+
+This module imports nothing of trainhealth: each detector's settings (beside the detector) use it, and
+``load.py`` reads the detectors' catalogue, so config and the detectors depend on each other only through it.
 """
 
 from __future__ import annotations
