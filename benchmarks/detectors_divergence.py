@@ -29,11 +29,14 @@ from tests.unit.traces import healthy, merge, samples, start, with_amp  # noqa: 
 
 def records(ranks: int, steps: int) -> list:
     streams = []
+    lr = 0.1 * ranks * 4 / 256
     for r in range(ranks):
-        trace = with_amp(healthy(steps, seed=r, df=3, loss_noise=0.1, grad_noise=0.3),
+        # the LR the start record declares (linear scaling of 0.1 at 256 to the run's total batch), warmed up
+        # over the declared 100 steps: a run the lr_scaling detector must find right
+        trace = with_amp(healthy(steps, seed=r, df=3, loss_noise=0.1, grad_noise=0.3, peak_lr=lr, warmup=100),
                          [0, 1, 2, steps // 2], growth_interval=steps // 3)
         streams.append(samples(trace, rank=r))
-    starts = [start(r, world_size=ranks, batch_size=4, lr=0.1 * ranks * 4 / 256, warmup_steps=100,
+    starts = [start(r, world_size=ranks, batch_size=4, lr=lr, warmup_steps=100,
                     reference_lr=0.1, reference_batch_size=256) for r in range(ranks)]
     return starts + merge(*streams)
 

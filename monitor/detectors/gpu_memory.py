@@ -54,6 +54,7 @@ from .validate import flag, fraction, positive, whole
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
+_INF = math.inf
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,37 +93,53 @@ class GpuOomRiskSettings:
 class _Gpu:
     """One rank's bucket maxima of the GPU peak, and its alert state. Bounded."""
 
-    __slots__ = ("ring", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev", "open", "recent",
-                 "reserved", "b_reserved", "cause", "top")
+    __slots__ = ("ring", "hi", "lo", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev_step",
+                 "prev_time", "open", "recent", "rising", "reserved", "b_reserved", "cause", "top")
 
     def __init__(self, size: int, step: int, time: float) -> None:
         self.ring = Ring(size)  # (last step of the bucket, maximum)
+        self.hi = self.lo = math.nan  # the highest and lowest maximum in the ring
         self.reserved = Ring(size)  # (last step of the bucket, maximum reserved): fragmentation
         self.b_reserved = -math.inf
         self.recent: deque[tuple[int, float, float]] = deque(maxlen=16)  # (step, time, value): the fast path
+        self.rising = 0  # how many of the newest values in ``recent`` are each higher than the one before
         self.cause = ""  # what opened the alert: "trend", "fast" or "fragmentation"
         self.top = -math.inf  # the highest sample before the fast path's last samples
         self.first_step = step
         self.b_step, self.b_time, self.b_max, self.b_last = step, time, -math.inf, step
         self.sps = 0.0  # seconds per step (smoothed)
-        self.prev = (step, time)
+        self.prev_step, self.prev_time = step, time
         self.open = False
 
     def add(self, step: int, time: float, value: float, s: GpuOomRiskSettings) -> bool:
-        """Fold one sample in; True when a bucket closed."""
-        pstep, ptime = self.prev
-        if step > pstep and time > ptime:
-            per = (time - ptime) / (step - pstep)
+        """Fold one sample in; True when a bucket closed. (GpuOomRisk.update has this inline.)"""
+        if step > self.prev_step and time > self.prev_time:
+            per = (time - self.prev_time) / (step - self.prev_step)
             self.sps = per if self.sps == 0.0 else 0.8 * self.sps + 0.2 * per
-        self.prev = (step, time)
-        self.b_max = max(self.b_max, value)
-        self.b_last = max(self.b_last, step)
+        self.prev_step, self.prev_time = step, time
+        if value > self.b_max:
+            self.b_max = value
+        if step > self.b_last:
+            self.b_last = step
         if step - self.b_step >= s.bucket_steps and time - self.b_time >= s.bucket_seconds:
-            self.ring.append(self.b_last, self.b_max)
-            self.reserved.append(self.b_last, self.b_reserved)
-            self.b_step, self.b_time, self.b_max, self.b_reserved = step, time, -math.inf, -math.inf
+            self.close(step, time)
             return True
         return False
+
+    def close(self, step: int, time: float) -> None:
+        ring, v = self.ring, self.b_max
+        evicted = ring.values[ring.head] if ring.count == ring.size else None
+        ring.append(self.b_last, v)
+        if ring.count == 1:
+            self.hi = self.lo = v
+        elif evicted is not None and (evicted == self.hi or evicted == self.lo):  # an extreme left the ring
+            self.hi, self.lo = max(ring.values), min(ring.values)
+        elif v > self.hi:
+            self.hi = v
+        elif v < self.lo:
+            self.lo = v
+        self.reserved.append(self.b_last, self.b_reserved)
+        self.b_step, self.b_time, self.b_max, self.b_reserved = step, time, -math.inf, -math.inf
 
     def fast(self, total: float, s: GpuOomRiskSettings) -> tuple[float, float] | None:
         """(bytes per second, seconds to capacity) when the last ``fast_samples`` samples each rose, the
@@ -157,49 +174,74 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
         self.ranks: dict[int, _Gpu] = {}
 
     def update(self, rec: Record) -> list[Event]:
+        # the hot path (every sample): plain comparisons for finiteness, the bucket fold inline, and the
+        # checks that cost something only when a cheap bound leaves them a say
         s: GpuOomRiskSettings = self.settings
         if not s.enabled:
             return []
-        if rec.type in ("start", "end"):
-            gpu = self.ranks.pop(rec.rank, None)
-            if gpu is not None and gpu.open:
-                why = "restarted" if rec.type == "start" else "ended"
-                return [resolved(self.name, rec.rank, rec.step or 0, rec.time,
-                                 f"rank {rec.rank} {why}; its GPU memory history starts over")]
+        kind = rec.type
+        if kind != "sample":
+            if kind == "start" or kind == "end":
+                gpu = self.ranks.pop(rec.rank, None)
+                if gpu is not None and gpu.open:
+                    why = "restarted" if kind == "start" else "ended"
+                    return [resolved(self.name, rec.rank, rec.step or 0, rec.time,
+                                     f"rank {rec.rank} {why}; its GPU memory history starts over")]
             return []
-        if rec.type != "sample" or rec.step is None:
+        step = rec.step
+        if step is None:
             return []
         value = rec.gpu_mem_peak_bytes
-        if value is None or not math.isfinite(value):
+        if value is None or not -_INF < value < _INF:
             value = rec.gpu_mem_reserved_bytes
-        if value is None or not math.isfinite(value):
-            return []
+            if value is None or not -_INF < value < _INF:
+                return []
+        time = rec.time
         gpu = self.ranks.get(rec.rank)
         if gpu is None or gpu.ring.size != s.window_buckets:  # new, or reconfigured
-            gpu = self.ranks[rec.rank] = _Gpu(s.window_buckets, rec.step, rec.time)
+            gpu = self.ranks[rec.rank] = _Gpu(s.window_buckets, step, time)
         reserved = rec.gpu_mem_reserved_bytes
-        if reserved is not None and math.isfinite(reserved) and reserved > gpu.b_reserved:
+        if reserved is not None and reserved > gpu.b_reserved and reserved < _INF:
             gpu.b_reserved = reserved
-        if not gpu.open and rec.step >= gpu.first_step + s.warmup_steps // 4 and (
-                not gpu.recent or rec.step > gpu.recent[-1][0]):
-            if len(gpu.recent) >= s.fast_samples:
-                gpu.top = max(gpu.top, gpu.recent[-s.fast_samples][2])
-            gpu.recent.append((rec.step, rec.time, value))
-            total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
-            if total is not None and math.isfinite(total) and total > 0:
-                found = gpu.fast(total, s)
-                if found is not None:
-                    return self._fire_fast(rec, gpu, total, value, *found)
-        if not gpu.add(rec.step, rec.time, value, s):
+        if not gpu.open and step >= gpu.first_step + s.warmup_steps // 4:
+            recent = gpu.recent
+            if not recent or step > recent[-1][0]:
+                n = s.fast_samples
+                if len(recent) >= n:
+                    top = recent[-n][2]
+                    if top > gpu.top:
+                        gpu.top = top
+                gpu.rising = gpu.rising + 1 if recent and value > recent[-1][2] else 0
+                recent.append((step, time, value))
+                if gpu.rising >= n - 1 and len(recent) >= n:  # the fast path needs n samples, each higher
+                    total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
+                    if total is not None and 0 < total < _INF:
+                        found = gpu.fast(total, s)
+                        if found is not None:
+                            return self._fire_fast(rec, gpu, total, value, *found)
+        # gpu.add, inline
+        if step > gpu.prev_step and time > gpu.prev_time:
+            per = (time - gpu.prev_time) / (step - gpu.prev_step)
+            gpu.sps = per if gpu.sps == 0.0 else 0.8 * gpu.sps + 0.2 * per
+        gpu.prev_step, gpu.prev_time = step, time
+        if value > gpu.b_max:
+            gpu.b_max = value
+        if step > gpu.b_last:
+            gpu.b_last = step
+        if step - gpu.b_step < s.bucket_steps or time - gpu.b_time < s.bucket_seconds:
             return []
+        gpu.close(step, time)
         total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
-        if total is None or not math.isfinite(total) or total <= 0:
+        if total is None or not 0 < total < _INF:
             return []
         if not gpu.open:
-            fragmented = self._fragmentation(rec, gpu, total, s)
-            if fragmented:
-                return fragmented
-        elif gpu.cause == "fragmentation":
+            # fragmentation needs the newest reserved level within near_fraction of the device
+            if gpu.reserved.last()[1] >= s.near_fraction * total:
+                fragmented = self._fragmentation(rec, gpu, total, s)
+                if fragmented:
+                    return fragmented
+            return self._judge(rec, gpu, total, s)
+        if gpu.cause == "fragmentation":
             level = gpu.reserved.last()[1]
             if level < s.near_fraction * total - s.fragmentation_fraction * total:
                 gpu.open, gpu.cause = False, ""
@@ -246,6 +288,11 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
                        fraction=round(level / total, 4), fix="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")]
 
     def _judge(self, rec: Record, gpu: _Gpu, total: float, s: GpuOomRiskSettings) -> list[Event]:
+        if not gpu.open:
+            # cheap bound first (most buckets of most runs stop here): to fire, the last third's median must
+            # be half the smaller minimum rise above the first third's, so the window's range at least that
+            if gpu.hi - gpu.lo < 0.5 * (min(s.near_min_rise_fraction, s.min_rise_fraction) * total):
+                return []
         pts = gpu.ring.items(since=gpu.first_step + s.warmup_steps)
         if len(pts) < s.min_buckets:
             return []

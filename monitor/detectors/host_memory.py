@@ -62,6 +62,16 @@ PEERS_SECONDS = 5.0  # a non-critical incident of a many-rank job waits this lon
 GroupKey = tuple[str, str, float]  # host, cgroup path ("" when unknown), limit
 
 
+_INF = math.inf
+
+
+def _may_rise(x: Series, v: float, s: HostMemoryLeakSettings) -> bool:
+    """Whether the short or the fast check could fire on ``x`` at ``v`` (both need ``v`` at least
+    ``fast_min_growth_mb`` above the lowest fine minimum of the window, or of the open fine bucket)."""
+    low = x.low.window
+    return bool(low) and v - min(low[0][1], x.fine.low) >= s.fast_min_growth_mb * MB
+
+
 def _rate(x: Series) -> float:
     return 0.0 if x.open is None else x.open.growth.rate
 
@@ -112,6 +122,14 @@ class Incident:
     kills: int = 0  # the OOM killer's kills in its cgroup since it was first seen
 
 
+def _within(left: float, rate: float, horizon: float) -> bool:
+    """Whether what is left is gone within the horizon at this rate of loss; nothing left (an exhausted
+    machine whose available memory sits flat at 0) is gone now, and a rate of 0 never uses anything up."""
+    if rate == 0:
+        return left <= 0
+    return left / rate <= horizon
+
+
 class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     name = "host_memory_leak"
     Settings = HostMemoryLeakSettings
@@ -130,37 +148,62 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         self.whys: list[str] = []  # why each source closed while the incident was open: the resolve's summary
 
     def update(self, rec: Record) -> list[Event]:
+        # the hot path (two series a sample): Series.add's common case (the same fine bucket) is inline, and
+        # between minutes a closed fine bucket is judged only when the fast or short check could fire
         s: HostMemoryLeakSettings = self.settings
         if not s.enabled:
             return []
         if rec.type != "sample":
             return self._restart(rec) if rec.type in ("start", "end") else []
-        judged = False
         value = rec.host_mem_bytes
-        group = None
-        if value is not None and 0 <= value < math.inf:
+        avail = rec.host_mem_available_bytes
+        if value is None and avail is None:
+            return []
+        judged = False
+        t = rec.time
+        if value is not None and 0 <= value < _INF:
+            group = None
             limit = rec.host_mem_limit_bytes
             if limit is not None and limit > 0:
                 group = self._group(rec, limit, value, s)
             series = self.ranks.get(rec.rank)
-            if series is None or not series.matches(s):
-                series = self.ranks[rec.rank] = Series(s, rec.time)
-            closed = series.add(rec.time, value, s)
-            if closed:
-                judged |= self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
-            if group is not None and group.oom_kills > group.reaped:
-                judged |= self._reap(rec, group)
-                group = self.group_of.get(rec.rank)
-            if group is not None and rec.rank == group.leader:
-                judged |= self._judge_group(rec, group, s)
-        avail = rec.host_mem_available_bytes
-        if avail is not None and 0 <= avail < math.inf:
+            if series is None or (series.settings is not s and not series.matches(s)):
+                series = self.ranks[rec.rank] = Series(s, t)
+            series.buckets.last = value  # series.add(t, value, s), inline
+            recent = series.recent
+            if not recent or recent[-1][1] != value:
+                recent.append((t, value))
+            fine = series.fine
+            if int(t // fine.width) == fine.index:
+                if value < fine.low:
+                    fine.low, fine.low_time = value, t
+            else:
+                closed = series.roll(t, value, s)
+                if closed and (closed & MINUTE or series.open is not None or _may_rise(series, value, s)):
+                    judged = self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
+            if group is not None:
+                if group.oom_kills > group.reaped:
+                    judged |= self._reap(rec, group)
+                    group = self.group_of.get(rec.rank)
+                if group is not None and rec.rank == group.leader:
+                    judged |= self._judge_group(rec, group, s)
+        if avail is not None and 0 <= avail < _INF:
             series = self.machine_of.get(rec.rank)
-            if series is None or not series.matches(s):
+            if series is None or (series.settings is not s and not series.matches(s)):
                 series = self._machine_series(rec, s)
-            closed = series.add(rec.time, -avail, s)
-            if closed:
-                judged |= self._judge_machine(rec, avail, series, s, bool(closed & MINUTE))
+            used = -avail
+            series.buckets.last = used  # series.add(t, used, s), inline
+            recent = series.recent
+            if not recent or recent[-1][1] != used:
+                recent.append((t, used))
+            fine = series.fine
+            if int(t // fine.width) == fine.index:
+                if used < fine.low:
+                    fine.low, fine.low_time = used, t
+            else:
+                closed = series.roll(t, used, s)
+                if closed and (closed & MINUTE or series.open is not None or _may_rise(series, used, s)):
+                    judged |= self._judge_machine(rec, avail, series, s, bool(closed & MINUTE))
         if judged:
             return self._incident(rec, s)
         return []
@@ -320,10 +363,11 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                 growth, kind = series.seasonal(s, t), "seasonal"
                 # judged early (one period in): only a leak that matters today, counting every rank of the
                 # machine as leaking alike (they share the sawtooth); slower ones wait for the steady check
-                host = self._host(rec.rank)
-                peers = sum(1 for r in self.ranks if self._host(r) == host)
-                if growth is not None and headroom / (growth.rate * peers) > s.warning_hours * HOUR:
-                    growth = None
+                if growth is not None:
+                    host = self._host(rec.rank)
+                    peers = sum(1 for r in self.ranks if self._host(r) == host)
+                    if not _within(headroom, growth.rate * peers, s.warning_hours * HOUR):
+                        growth = None
         if growth is None:
             if op is None:
                 return False
@@ -372,7 +416,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         growth = series.steady(s, t)
         # open when the forecast is within the horizon; close when it moves well past it
         horizon = s.machine_horizon_hours * HOUR * (1 if op is None else 2)
-        if growth is not None and avail / growth.rate > horizon:
+        if growth is not None and not _within(avail, growth.rate, horizon):
             growth = None
         if growth is None:
             if op is None:

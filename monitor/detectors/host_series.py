@@ -169,7 +169,8 @@ class Series:
 
     # -- feeding ---------------------------------------------------------------
     def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
-        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did."""
+        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did.
+        (HostMemoryLeak.update has the common case inline: keep the two alike.)"""
         fine = self.fine
         self.buckets.last = v
         recent = self.recent
@@ -179,23 +180,53 @@ class Series:
             if v < fine.low:
                 fine.low, fine.low_time = v, t
             return 0
-        closed = fine.add(t, v)
-        if closed is None:
-            return 0
-        ct, cv = closed
-        self.low.add(ct, cv)
+        return self.roll(t, v, s)
+
+    def roll(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
+        """The rest of ``add``, for a sample outside the open fine bucket (``recent`` and ``buckets.last``
+        already hold it)."""
+        # (FineBuckets.add, SlidingMin.add and MinBuckets.add have their common cases inline here)
+        fine = self.fine
+        idx = int(t // fine.width)
+        if fine.index is None or idx <= fine.index:  # the first sample, or a late one
+            closed = fine.add(t, v)
+            if closed is None:
+                return 0
+            ct, cv = closed
+        else:
+            ct, cv = fine.low_time, fine.low
+            fine.ring.append(ct, cv)
+            fine.index, fine.low, fine.low_time = idx, v, t
+        lows = self.low.window  # self.low.add(ct, cv)
+        while lows and lows[-1][1] >= cv:
+            lows.pop()
+        lows.append((ct, cv))
+        while lows[0][0] < ct - self.low.span:
+            lows.popleft()
         drops = self.fine_drops
         min_drop = s.sawtooth_drop_mb * MB
-        if drops.trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
-            min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
-        drops.add(ct, cv, min_drop)
-        minute = self.buckets.add(ct, cv)
-        self.buckets.last = v
+        trough = drops.trough
+        # a fine minimum within what the sawtooth watch has seen, and no drop: it changes nothing there
+        if trough is None or cv < trough or cv > drops.high or drops.high - cv >= min_drop:
+            if trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
+                min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
+            drops.add(ct, cv, min_drop)
+        buckets = self.buckets
+        if buckets.index is not None and int(ct // buckets.width) <= buckets.index:  # the same minute
+            if cv < buckets.low:
+                buckets.low = cv
+            return FINE
+        minute = buckets.add(ct, cv)
+        buckets.last = v
         if not minute:
             return FINE
         bucket_time, low = self.buckets.ring.last()
         if bucket_time >= self.first_time + s.warmup_seconds:  # warmup growth is no sawtooth
-            self.drops.add(bucket_time, low, max(s.sawtooth_drop_mb * MB, NOISE_DROP * self.noise()))
+            drops = self.drops
+            min_drop = s.sawtooth_drop_mb * MB
+            if drops.trough is not None and drops.high - low >= min_drop:  # noise only when it may matter
+                min_drop = max(min_drop, NOISE_DROP * self.noise())
+            drops.add(bucket_time, low, min_drop)
         return FINE | MINUTE
 
     def noise(self) -> float:
@@ -363,16 +394,29 @@ class Series:
         return growth
 
     # -- the steady check ------------------------------------------------------
-    def floors(self, s: HostMemoryLeakSettings, now: float) -> list[tuple[float, float]]:
+    def floor_span(self, s: HostMemoryLeakSettings, now: float) -> tuple[float, float]:
+        """(span of the floor, time of the oldest minute it is taken over)."""
         period = self.drops.period(now, forget_after=s.window_seconds)
         span = min(max(s.floor_seconds, 1.25 * period), s.window_seconds)
-        since = max(self.first_time + s.warmup_seconds, now - s.window_seconds - span)
+        return span, max(self.first_time + s.warmup_seconds, now - s.window_seconds - span)
+
+    def floors(self, s: HostMemoryLeakSettings, now: float,
+               span_since: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+        span, since = span_since or self.floor_span(s, now)
         floors = rolling_floor(self.buckets.ring.items(since), span)
         return [p for p in floors if p[0] >= max(since + span, now - s.window_seconds)]
 
     def steady(self, s: HostMemoryLeakSettings, now: float) -> Growth | None:
         """The steady growth (if any) over the floors; for an open steady alert, None once flat."""
-        floors = self.floors(s, now)
+        span_since = self.floor_span(s, now)
+        if self.open is None or self.open.kind != "steady":
+            # cheap bound first (most minutes of most runs stop here): every lookback needs the newest floor
+            # min_growth_mb / 2 above an older one; the newest floor is at most the newest minute, an older
+            # one at least the lowest minute since the floors begin
+            ring = self.buckets.ring
+            if ring.count and ring.last()[1] - ring.min_since(span_since[1]) < 0.5 * (s.min_growth_mb * MB):
+                return None
+        floors = self.floors(s, now, span_since)
         min_rate = s.min_rate_mb_per_hour * MB / HOUR
         noise = self.noise()
         if self.open is not None and self.open.kind == "steady":  # stays open until the trend flattens

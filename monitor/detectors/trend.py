@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
 
@@ -92,38 +93,79 @@ def rolling_floor(points: list[tuple[float, float]], span: float) -> list[tuple[
 
 
 class Ring:
-    """Fixed-size ring of (time, value) pairs in two float arrays (16 bytes an entry)."""
+    """Fixed-size ring of (time, value) pairs in two float arrays (16 bytes an entry).
 
-    __slots__ = ("times", "values", "size", "head", "count")
+    ``ordered`` stays True while every time appended is >= the one before (the memory detectors'
+    rings, but for a late sample folded into a fine bucket): ``items`` then finds its first entry by
+    bisection and slices the arrays, instead of testing every entry in Python.
+    """
+
+    __slots__ = ("times", "values", "size", "head", "count", "ordered")
 
     def __init__(self, size: int) -> None:
         self.times = array("d", bytes(8 * size))
         self.values = array("d", bytes(8 * size))
         self.size, self.head, self.count = size, 0, 0
+        self.ordered = True
 
     def append(self, t: float, v: float) -> None:
-        self.times[self.head] = t
-        self.values[self.head] = v
-        self.head = (self.head + 1) % self.size
-        self.count = min(self.count + 1, self.size)
+        head = self.head
+        if self.count and t < self.times[head - 1]:  # head - 1 is -1 (the last slot) right after a wrap
+            self.ordered = False
+        self.times[head] = t
+        self.values[head] = v
+        self.head = (head + 1) % self.size
+        if self.count < self.size:
+            self.count += 1
 
     def __len__(self) -> int:
         return self.count
 
+    def arrays(self) -> tuple[array[float], array[float]]:
+        """(times, values), oldest first: copies made by slicing (C speed)."""
+        if self.count < self.size:  # not yet wrapped: the entries are the first ``count`` slots
+            return self.times[:self.count], self.values[:self.count]
+        h = self.head
+        return self.times[h:] + self.times[:h], self.values[h:] + self.values[:h]
+
+    def first_since(self, times: array[float], since: float) -> int:
+        """Index in ``times`` (from ``arrays``) of the first entry with time >= ``since``; only when ordered."""
+        return bisect_left(times, since)
+
     def items(self, since: float = -math.inf) -> list[tuple[float, float]]:
         """Oldest first, those with time >= ``since``."""
-        first = (self.head - self.count) % self.size
-        out = []
-        for k in range(self.count):
-            i = (first + k) % self.size
-            if self.times[i] >= since:
-                out.append((self.times[i], self.values[i]))
-        return out
+        if not self.count:
+            return []
+        times, values = self.arrays()
+        if self.ordered:
+            i = self.first_since(times, since)
+            return list(zip(times[i:], values[i:]))
+        return [p for p in zip(times, values) if p[0] >= since]
+
+    def min_since(self, since: float) -> float:
+        """The lowest value of the entries with time >= ``since`` (inf when none)."""
+        if not self.count:
+            return math.inf
+        if self.ordered:  # bisect the older run of slots, then the newer (no copy of the ring)
+            times, values, head, size = self.times, self.values, self.head, self.size
+            if self.count < size:
+                return min(values[bisect_left(times, since, 0, head):head], default=math.inf)
+            if head and since > times[size - 1]:  # past the older run: within the newer
+                return min(values[bisect_left(times, since, 0, head):head], default=math.inf)
+            i = bisect_left(times, since, head, size)
+            return min(min(values[i:], default=math.inf), min(values[:head], default=math.inf))
+        times, values = self.arrays()
+        return min((v for t, v in zip(times, values) if t >= since), default=math.inf)
 
     def tail(self, n: int) -> list[float]:
         """The newest ``n`` values, oldest first."""
         n = min(n, self.count)
-        return [self.values[(self.head - n + k) % self.size] for k in range(n)]
+        if n <= 0:
+            return []
+        head = self.head
+        if head >= n:
+            return self.values[head - n:head].tolist()
+        return self.values[head - n:].tolist() + self.values[:head].tolist()
 
     def last(self) -> tuple[float, float]:
         i = (self.head - 1) % self.size
@@ -267,7 +309,7 @@ class Growth:
 def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, min_rate: float,
                   min_rise: float, balance: float, short_balance: float | None = None,
                   short_lookback: float = 0.0, slack: float = 0.0) -> Growth | None:
-    """The longest lookback over which the floor rises steadily, or None.
+    """The longest lookback over which the floor rises steadily, or None. ``floors`` in time order.
 
     Steady means: Theil-Sen rate >= ``min_rate``; rate x lookback >= ``min_rise``;
     the floor ends at least ``min_rise / 2`` above where it started (it did not
@@ -284,9 +326,10 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
     if len(floors) < 3:
         return None
     t_end, f_end = floors[-1]
+    times = [p[0] for p in floors]
     seen = -1
     for lookback in reversed(lookbacks):  # the longest that holds: stop at the first one
-        pts = [p for p in floors if p[0] >= t_end - lookback]
+        pts = floors[bisect_left(times, t_end - lookback):]
         if len(pts) < 5 or len(pts) == seen:  # too few, or the same points as a longer lookback
             continue
         seen = len(pts)
@@ -309,7 +352,7 @@ def steady_growth(floors: list[tuple[float, float]], lookbacks: list[float], *, 
         # each half rises like the whole: a step (one allocation) leaves a flat half
         if older <= 0 or recent <= 0 or min(older, recent) < need * max(older, recent, rate) - slack:
             continue
-        before = [p for p in floors if pts[0][0] - span <= p[0] <= pts[0][0]]
+        before = floors[bisect_left(times, pts[0][0] - span):bisect_right(times, pts[0][0])]
         if len(before) >= 5 and before[-1][0] - before[0][0] >= span / 4:
             # slower than the span before it: the tail of a curve that saturates (warmup, a cache)
             if rate < balance * theil_sen([p[0] for p in before], [p[1] for p in before], HALF_FIT_POINTS):

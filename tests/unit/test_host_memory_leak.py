@@ -250,3 +250,20 @@ def test_lower_thresholds_from_settings_apply():
 def test_bad_settings_name_the_key_and_value(key, value):
     with pytest.raises(ValueError, match=rf"host_memory_leak\.{key}: .*{value!r}"):
         HostMemoryLeakSettings(**{key: value})
+
+
+def test_a_machine_that_sits_exhausted_is_judged_without_failing():
+    """Rank 1 leaks from minute 32 until it has taken more than the machine (the OOM killer not acting), then
+    stops: available memory sits at 0 for over an hour, and the machine's steady check finds a growth of
+    rate 0 at 0 bytes left: gone now, not a division by zero (it was: the detector failed every minute)."""
+    records = host_trace({0: total(const(6.5 * GB), noise(60 * MB)),
+                          1: total(const(4.2 * GB), noise(1 * MB), linear(182 * GB, start=1924, stop=6440))},
+                         3.0, every=5.0, seed=23)
+    p = Pipeline(default_detector_settings(), detectors=[HostMemoryLeak])
+    out = []
+    for i in range(0, len(records), 64):
+        out += [dict(a) for a in p.process(records[i:i + 64]).alerts]
+    assert p.detector_errors == {}
+    assert records[-1].host_mem_available_bytes == 0.0
+    assert [(a["state"], a["severity"], a["detection"]) for a in out][:1] == [("firing", "critical", "fast")]
+    assert [a for a in p.book.open.values() if a["alert"] == "host_memory_leak"]

@@ -57,6 +57,20 @@ def test_cli_prints_exactly_what_the_replay_loop_yields(tmp_path: Path, capsys: 
                                                    for a in expected}
 
 
+def test_a_recording_with_no_record_is_exit_1_not_a_clean_bill(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text("{not json\n")
+    for path in (empty, corrupt):
+        assert cli.main(["replay", str(path)], environ={}) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert f"no record read from {path}; nothing was checked" in captured.err
+    assert cli.main(["replay", str(write(tmp_path / "run.jsonl", trace(steps=3)))], environ={}) == 0
+
+
 def test_a_batch_stays_within_one_tick_and_max_batch() -> None:
     records = [from_obj(o) for o in trace(steps=100)]
     pipeline = Recording(default_detector_settings(), tick_seconds=1.0)
