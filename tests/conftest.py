@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -150,3 +151,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     b = Browser(need_binary("chromium"), tmp_path_factory.mktemp("chromium") / "profile")
     yield b
     b.close()
+
+
+@pytest.fixture
+def machine_oom_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Held by the tests that make the kernel's OOM killer kill and by those that tell a SIGKILL from an OOM kill
+    by the machine's OOM-kill count (a launcher outside any memory cgroup reads that one): under pytest-xdist
+    they would overlap, and one test's OOM kill would read as the other's. Shared by the workers of one run."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: the tests run one after the other anyway
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "machine-oom.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -127,7 +127,8 @@ def alerts(sidecar: Sidecar, run: str) -> list[dict[str, Any]]:
     return answer.json()["alerts"][::-1]
 
 
-def test_a_leak_into_a_real_memory_cgroup_is_paged_once_in_time_under_the_kernels_limit(cgroup, sidecar, tmp_path):
+def test_a_leak_into_a_real_memory_cgroup_is_paged_once_in_time_under_the_kernels_limit(machine_oom_lock, cgroup,
+                                                                                        sidecar, tmp_path):
     run = f"e2e-cgroup-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINHEALTH_")}
     env.update({"PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", "TRAINHEALTH_URL": sidecar.url,

@@ -106,7 +106,7 @@ def procs():
         p.wait(10)
 
 
-def test_each_death_is_named_within_seconds_with_its_cause(start_sidecar, tmp_path, procs):
+def test_each_death_is_named_within_seconds_with_its_cause(machine_oom_lock, start_sidecar, tmp_path, procs):
     sidecar = start_sidecar()
     run = f"deaths-{uuid.uuid4().hex[:8]}"
     out0 = tmp_path / "rank0"
@@ -186,7 +186,7 @@ LOOP = str(ROOT / "tests" / "e2e" / "loop_worker.py")
 
 
 @pytest.mark.parametrize("watched", [True, False], ids=["under-trainhealth.launch", "bare"])
-def test_a_ddp_rank_killed_is_named_within_seconds(start_sidecar, tmp_path, procs, watched):
+def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidecar, tmp_path, procs, watched):
     """torchrun, 2 ranks of a DDP loop on gloo; rank 1 is SIGKILLed. Under the launcher: rank_failed says
     SIGKILL. Bare: rank 0's collective fails ("Connection closed by peer") and rank 1, quiet since before it,
     is named by rank_stalled as exited without an end record, at once rather than after the silence limit."""

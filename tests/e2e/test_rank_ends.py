@@ -200,7 +200,9 @@ def test_nan_with_stop_on_stops_every_rank_after_the_same_step(launch, sidecar, 
     proxy = DelayingProxy(sidecar.url, 0.03) if late >= 0 else None
     try:
         extra = ("--late-rank", str(late), "--late-url", proxy.url) if proxy else ()
-        job = launch("--steps", "200", "--stop-on", "nan_divergence", "--nan-rank", "1",
+        # 0.2 s steps: the stop lead is max(2 steps, 0.1 s) (monitor/watch.py), so the late rank has 0.4 s
+        # to hear the stop, not 0.1 s as at the worker's default 50 ms steps (missed on a loaded machine)
+        job = launch("--steps", "200", "--step-sleep", "0.2", "--stop-on", "nan_divergence", "--nan-rank", "1",
                      "--nan-step", str(nan_step), *extra, ranks=ranks)
         assert job.wait() != 0, job.log()  # exit 3 from every rank: torchrun reports the failure
     finally:

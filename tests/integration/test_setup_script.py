@@ -26,6 +26,7 @@ exec {base} "$@"
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)  # three real runs of scripts/setup, one installing torch: minutes on a loaded machine
 def test_setup_creates_and_uses_a_project_venv_on_an_externally_managed_python(tmp_path: Path) -> None:
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(

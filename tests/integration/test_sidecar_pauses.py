@@ -2,7 +2,8 @@
 
 Four ranks (real clients in their own processes) step every 0.1 s against the real sidecar with
 small limits (silent after 3 s, stuck after 4 s). Rank 3 is killed (-9), then the sidecar is
-stopped for 12 s while the others keep sending, and continued: only rank 3 is reported.
+stopped for 7 s (longer than both limits and than the clients' 5 s request timeout) while the others keep
+sending, and continued: only rank 3 is reported.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_sigstop_of_the_sidecar_convicts_no_healthy_rank_but_catches_the_dead_on
         ranks[3].wait()
         time.sleep(0.5)
         sidecar.proc.send_signal(signal.SIGSTOP)
-        time.sleep(12)  # the healthy ranks' requests time out and are retried after back-off
+        time.sleep(7)  # the healthy ranks' requests time out (5 s) and are retried after back-off
         sidecar.proc.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 40
         while stalled(sidecar) != [("firing", 3)]:
