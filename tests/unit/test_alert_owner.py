@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 from trainhealth.alerts import AlertBook
-from trainhealth.checkpoint import attach_checkpoint
+from trainhealth.assembly import build_service
 from trainhealth.config import ServerSettings, Settings, load
 from trainhealth.events import firing, resolved
-from trainhealth.http.server import build_service
 from trainhealth.notify.console import ConsoleLog
 from trainhealth.notify.sink import AlertsOut
 from trainhealth.service import AlertSink, Service
@@ -168,8 +167,8 @@ def test_the_store_sink_refuses_a_transition_without_the_books_id(tmp_path: Path
 
 def test_ids_are_the_books_kept_across_a_restart_and_a_refresh_rewrites_the_stored_body(tmp_path: Path) -> None:
     settings = Settings(server=ServerSettings(db=str(tmp_path / "a.db"), alertmanager="http://127.0.0.1:9"))
-    service, out = build_service(settings, clock=lambda: 5000.0)
-    attach_checkpoint(service)  # the detectors' state survives the restart (as the server does)
+    # keep_state: the detectors' state survives the restart (as the server's does)
+    service, out = build_service(settings, clock=lambda: 5000.0, keep_state=True)
     ingest(service, *HEALTHY)
     ingest(service, RANK1_NAN)
     [held] = service.book.firing("r")
@@ -177,9 +176,9 @@ def test_ids_are_the_books_kept_across_a_restart_and_a_refresh_rewrites_the_stor
     assert held["id"] == stored["id"] == 1
     service.close()
 
-    service, out = build_service(settings, clock=lambda: 5000.0)  # a restart: the store's open alert comes back
+    # a restart: the store's open alert comes back
+    service, out = build_service(settings, clock=lambda: 5000.0, keep_state=True)
     try:
-        attach_checkpoint(service)
         [back] = service.book.firing("r")
         assert back["id"] == 1 and back is not out.open[back["fingerprint"]].alert
         ingest(service, RANK0_NAN)  # a refresh of the restored alert: same id, body rewritten
