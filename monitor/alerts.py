@@ -129,6 +129,18 @@ class AlertBook:
             out.append(copied(now) if now is not None and _episode(now) == _episode(a) else a)
         return out
 
+    def latest(self, alerts: Iterable[Alert]) -> list[Alert]:
+        """These transitions (yielded earlier, e.g. by a replay), each firing replaced by a copy of its alert as
+        the book holds it now: refreshed since (a root named, a rise joined), resolved or still open; as
+        given when the book's bounded history no longer holds it. The given dicts are not changed."""
+        now = {_episode(a): a for a in self.history if a["state"] == "firing"}
+        now.update((_episode(a), a) for a in self.open.values())
+        out = []
+        for a in alerts:
+            held = now.get(_episode(a)) if a["state"] == "firing" else None
+            out.append(copied(held) if held is not None else a)
+        return out
+
     def hand_off(self, alerts: list[Alert]) -> tuple[list[Alert], list[Alert]]:
         """What goes to the sinks after a batch (or tick): its transitions as they stand now (``current``),
         and copies of the open alerts refreshed since the last hand-off that did not fire in this batch (a

@@ -70,6 +70,22 @@ def test_a_transition_the_book_returned_is_not_changed_by_a_later_refresh() -> N
     assert (closed["state"], closed["id"], closed["first_rank"]) == ("resolved", 2, 0)
 
 
+def test_latest_gives_a_yielded_firing_as_its_alert_ended_up_refreshed_and_resolved() -> None:
+    """What the report draws after a replay: each firing with the text it was refreshed to (one text
+    everywhere), also once resolved; another episode of the same alert keeps its own picture."""
+    book = AlertBook()
+    [first] = book.apply("r", [firing("x", None, 30, 1030.0, "rank 1 diverged", "critical", first_rank=1)])
+    book.apply("r", [replace(firing("x", None, 30, 1030.1, "rank 0 diverged first", "critical", first_rank=0),
+                             refresh=True)])
+    [closed] = book.apply("r", [resolved("x", None, 31, 1031.0)])
+    [second] = book.apply("r", [firing("x", None, 40, 1040.0, "again", "warning")])
+    now = book.latest([first, closed, second])
+    assert [(a["state"], a["summary"]) for a in now] == [
+        ("firing", "rank 0 diverged first"), ("resolved", closed["summary"]), ("firing", "again")]
+    assert now[0] is not book.history[0] and first["summary"] == "rank 1 diverged"  # copies; the given unchanged
+    assert AlertBook().latest([first]) == [first]  # a book that never held it: as given
+
+
 def test_what_a_caller_changes_in_a_returned_transition_does_not_reach_the_book() -> None:
     book = AlertBook()
     [fired] = book.apply("r", [firing("x", 2, 5, 10.0, "bad", "critical", ranks=[2])])

@@ -57,6 +57,23 @@ def test_report_timeline_is_replays_and_names_the_first_nan_rank(tmp_path: Path)
     assert "0.005 (4x)" in page
 
 
+def test_report_shows_an_alert_as_it_was_refreshed_after_it_fired(tmp_path: Path) -> None:
+    """Rank 1's loss is NaN at step 30; rank 0's NaN at the same step arrives in the next batch: the alert
+    fired naming rank 1 is refreshed to both ranks together (the all-reduced gradients). The report, like
+    the API and the console, says the refreshed text; replay's streamed lines keep what was said when."""
+    path = tmp_path / "run.jsonl"
+    rows = [{"run": "r", "rank": q, "time": 1000.0 + s, "step": s, "loss": 1.0, "grad_norm": 1.0}
+            for s in range(1, 30) for q in (0, 1)]
+    rows += [{"run": "r", "rank": 1, "time": 1030.0, "step": 30, "loss": math.nan},
+             {"run": "r", "rank": 0, "time": 1031.5, "step": 30, "loss": math.nan}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page, _ = report.build([str(path)], load())
+    assert "on ranks 0-1 (together: the all-reduced gradients)" in page
+    assert "on rank 1 (its own loss)" not in page
+    [said] = [json.loads(x) for x in cli("replay", str(path)).stdout.splitlines()]
+    assert "on rank 1 (its own loss)" in said["summary"]
+
+
 def test_report_escapes_what_records_carry(tmp_path: Path) -> None:
     path = tmp_path / "run.jsonl"
     path.write_text(lines(diverging_run()))
