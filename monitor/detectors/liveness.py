@@ -66,6 +66,7 @@ from ..record import Record
 from ..state import RunState
 from .base import Detector
 from .incident import death, oom_error
+from .stall_story import RankClock as _Rank
 from .stall_story import describe
 
 PEER_GRACE_SECONDS = 1.5  # after a collective error, for the quiet rank's launcher to say how it died
@@ -97,27 +98,6 @@ class RankStalledSettings:
         if self.ceiling_seconds < self.floor_seconds:
             raise ValueError(f"rank_stalled.ceiling_seconds: must be >= floor_seconds "
                              f"({self.floor_seconds!r}), got {self.ceiling_seconds!r}")
-
-
-@dataclass(slots=True)
-class _Rank:
-    advance_time: float  # when step last advanced (or the baseline: start / first record)
-    seen: float  # newest record time
-    step: int = -1  # -1: no step known since the last start
-    shown: int = 0  # the last step it reported (kept across a start), for alerts
-    sample_step: int = -1  # highest step of its samples (the training thread's own order)
-    advanced: bool = False  # step advanced since the baseline
-    beats: bool = False  # sends heartbeats
-    ended: bool = False
-    retired: bool = False  # a later start has a world_size that no longer includes it
-    after_start: bool = True  # the previous record was a start (its gap is start-up, not learned)
-    phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
-    phase_time: float | None = None  # when that phase began
-    phase_seen: float = -math.inf  # time of the record that said so
-    error: str = ""  # its failed end's exception, quoted ("" for none)
-    end_time: float = -math.inf  # time of its latest end (records measured before it may arrive after it)
-    last_beat: float = -math.inf  # time of its newest heartbeat
-    beat_gap: float = 0.0  # between its last two heartbeats (its client's period): 0 until two are seen
 
 
 class RankStalled(Detector[RankStalledSettings]):

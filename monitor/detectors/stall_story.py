@@ -16,17 +16,70 @@ the same root. In order:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from ..state import RunState
 from .incident import ranks_phrase, where, whole_hosts
 
-if TYPE_CHECKING:
-    from .liveness import RankStalled
+
+@dataclass(slots=True)
+class RankClock:
+    """What rank_stalled keeps of one rank: when it last advanced and last spoke, what it said it does."""
+
+    advance_time: float  # when step last advanced (or the baseline: start / first record)
+    seen: float  # newest record time
+    step: int = -1  # -1: no step known since the last start
+    shown: int = 0  # the last step it reported (kept across a start), for alerts
+    sample_step: int = -1  # highest step of its samples (the training thread's own order)
+    advanced: bool = False  # step advanced since the baseline
+    beats: bool = False  # sends heartbeats
+    ended: bool = False
+    retired: bool = False  # a later start has a world_size that no longer includes it
+    after_start: bool = True  # the previous record was a start (its gap is start-up, not learned)
+    phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
+    phase_time: float | None = None  # when that phase began
+    phase_seen: float = -math.inf  # time of the record that said so
+    error: str = ""  # its failed end's exception, quoted ("" for none)
+    end_time: float = -math.inf  # time of its latest end (records measured before it may arrive after it)
+    last_beat: float = -math.inf  # time of its newest heartbeat
+    beat_gap: float = 0.0  # between its last two heartbeats (its client's period): 0 until two are seen
+
+
+class _Limits(Protocol):
+    """The rank_stalled settings a basis names."""
+    @property
+    def factor(self) -> float: ...
+    @property
+    def floor_seconds(self) -> float: ...
+    @property
+    def silence_floor_seconds(self) -> float: ...
+
+
+class Stalls(Protocol):
+    """What the story reads of the rank_stalled detector (liveness.RankStalled): its per-rank clocks and
+    limits. A protocol, so this module does not import the detector that imports it."""
+    run: RunState
+    ranks: dict[int, RankClock]
+    peer_failed: dict[int, str]
+    peer_times: dict[int, float]
+    peer_at_once: bool
+    longest: float
+    longest_gap: float
+
+    @property
+    def settings(self) -> _Limits: ...
+    def finished(self, r: RankClock) -> bool: ...
+    def silence_limit(self, r: RankClock) -> float: ...
+    def typical(self) -> float | None: ...
+    def suspect(self, r: RankClock) -> bool: ...
+
 
 SAME_MOMENT_SECONDS = 5.0  # last records this close together: "at the same moment" (a heartbeat interval)
 
 
-def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
+def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
              at: float) -> tuple[str, int, dict[str, Any]]:
     """(summary, step, fields) of the run's stall incident."""
     ranks = det.ranks
@@ -84,7 +137,7 @@ def describe(det: RankStalled, stalled: dict[int, tuple[str, float, float]],
     return summary, step, data
 
 
-def _stopped_with_failed(det: RankStalled, quiet: list[int], failed: list[int]) -> list[int]:
+def _stopped_with_failed(det: Stalls, quiet: list[int], failed: list[int]) -> list[int]:
     """Quiet ranks on a host where a rank failed with a collective error, while ranks of another host went
     quiet: torchrun stops a node's other workers (SIGTERM: nothing sent) when one of them fails, so their
     silence is a consequence of the others', not the root. Without hosts (older clients): none."""
@@ -95,7 +148,7 @@ def _stopped_with_failed(det: RankStalled, quiet: list[int], failed: list[int]) 
     return stopped if len(stopped) < len(quiet) else []
 
 
-def _silent(det: RankStalled, roots: list[int], live: list[int], at: float) -> tuple[str, int]:
+def _silent(det: Stalls, roots: list[int], live: list[int], at: float) -> tuple[str, int]:
     ranks = det.ranks
     seen = sorted(ranks[q].seen for q in roots)
     spread = seen[-1] - seen[0]
@@ -118,7 +171,7 @@ def _silent(det: RankStalled, roots: list[int], live: list[int], at: float) -> t
             f"or their node is down)"), steps[0]
 
 
-def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
+def _stuck(det: Stalls, live: list[int], at: float, limit: float,
            silent: bool) -> tuple[list[int], str, int]:
     """The blocker by step (and phase); ``silent``: every rank went quiet, only their steps tell."""
     ranks = det.ranks
@@ -161,7 +214,7 @@ def _stuck(det: RankStalled, live: list[int], at: float, limit: float,
                 f"dump)"), low
 
 
-def _moving(det: RankStalled, roots: list[int], others: list[int], quiet: list[int], at: float) -> list[int]:
+def _moving(det: Stalls, roots: list[int], others: list[int], quiet: list[int], at: float) -> list[int]:
     """The other ranks that still finish steps: advanced after the root stopped, past the step after the
     root's (in synchronous training a rank may finish the one step the root's collective let through, never
     more: that rank waits, it does not train on), and recently: within half the root's silence limit of
@@ -178,7 +231,7 @@ def _moving(det: RankStalled, roots: list[int], others: list[int], quiet: list[i
                   and q not in quiet)
 
 
-def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[int],
+def _others(det: Stalls, roots: list[int], others: list[int], failed: list[int],
             quiet: list[int], moving: list[int]) -> str:
     """What the ranks that are not the root do: wait in a collective, train on, or failed after it."""
     if not roots:
@@ -198,7 +251,7 @@ def _others(det: RankStalled, roots: list[int], others: list[int], failed: list[
     return out
 
 
-def _basis(det: RankStalled, r: Any, reason: str, limit: float) -> str:
+def _basis(det: Stalls, r: Any, reason: str, limit: float) -> str:
     s = det.settings
     if reason == "silent" and det.suspect(r):
         q = min(det.peer_times, key=lambda k: (det.peer_times[k], k))

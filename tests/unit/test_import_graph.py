@@ -2,7 +2,8 @@
 
 The graph is built from the source with ``ast`` (every ``import`` and ``from ... import``, also those inside
 functions), resolved against the installed package's folders (``monitor/`` is ``trainhealth``,
-``trainer/`` is ``trainhealth.trainer``). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+``trainer/`` is ``trainhealth.trainer``). Imports under ``if TYPE_CHECKING:`` count too: a cycle that only the
+type checker sees is still two modules that each need the other to be read (a Protocol breaks it).
 A package's ``__init__`` importing its own modules is not an edge back from them (Python imports the
 parent package first by design): only the modules an import statement names count, so
 ``from . import host_memory`` is an edge to ``host_memory``, not to the package.
@@ -32,33 +33,16 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    found: list[ast.Import | ast.ImportFrom] = []
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            found.append(node)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return found
+def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement: at module level, in functions, under ``if TYPE_CHECKING:``."""
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package modules ``name`` imports when it runs."""
+    """The package modules ``name`` imports (when it runs, or when it is type-checked)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+    for node in _imports(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names if alias.name in known}
             continue
