@@ -38,9 +38,9 @@ def best_per_call(fns: dict[str, Callable[[], None]], n: int, rounds: int) -> di
 def record_cost(n: int, rounds: int) -> dict[str, float]:
     from trainhealth.trainer.client import Telemetry
 
-    from tests.unit.trainer_fakes import ENV, FakeSink
+    from tests.unit.trainer_fakes import ENV, FakeSender
 
-    tm = Telemetry(environ=ENV, sink=FakeSink(), probes=[], start_threads=False, capacity=1000)
+    tm = Telemetry(environ=ENV, sink=FakeSender(), probes=[], start_threads=False, capacity=1000)
     step = [0]
 
     def before() -> None:

@@ -9,7 +9,7 @@ built. What a start does, in order (each step needs the one before):
    checkpoint in ``--db`` (snapshot and journal, checkpoint.py), the verdicts held while the clients retry
    what the stop refused;
 4. the Service, given all of them; it sends what the stop left unsent, and its stop-step watch is told
-   what is still open (watch.py);
+   what is still open (stop_steps.py);
 5. the HTTP app over it: one router per resource (http/).
 """
 
@@ -30,13 +30,12 @@ from .metrics.collector import LatencyHistogram
 from .notify.console import ConsoleLog
 from .notify.sink import AlertsOut
 from .notify.store import Store
-from .pauses import MAX_GRACE_SECONDS
-from .pauses import Watch as PauseWatch
 from .pipeline import Pipeline
 from .record import Record
 from .recorder import FlightRecorder
 from .reserve import Reserve
 from .service import Service, pause_watch
+from .sidecar_clock import MAX_GRACE_SECONDS, SidecarClock
 
 
 def build_sidecar(settings: Settings,
@@ -62,13 +61,13 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
         except (sqlite3.Error, OSError) as exc:  # runs and starts: counted, the batch goes on
             alerts_out.fault.failed("runs and starts", exc)
 
-    record_sinks: list[Any] = [note_records]
+    record_writers: list[Any] = [note_records]
     closers = [alerts_out.close, store.close]
     faults = [alerts_out.fault]
     background = [alerts_out.run]
     recorder = open_recorder(settings.server)
-    if recorder is not None:  # the flight recorder: the first record sink
-        record_sinks.insert(0, recorder.write)
+    if recorder is not None:  # the flight recorder: the first record writer
+        record_writers.insert(0, recorder.write)
         closers.insert(0, recorder.close)
         faults.append(recorder.fault)
 
@@ -92,13 +91,14 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
             closers.insert(0, reserve.release)  # given back before the final snapshot and alert writes
 
     service = Service(
-        settings, clock=clock, sinks=[ConsoleLog(), alerts_out],  # the console: one line per transition and refresh
-        record_sinks=record_sinks, background=background, closers=closers,
+        # the console: one line per transition and refresh
+        settings, clock=clock, alert_sinks=[ConsoleLog(), alerts_out],
+        record_writers=record_writers, background=background, closers=closers,
         query_alerts=alerts_out.query_alerts, faults=faults, load_settings=load_settings,
         reloaders=[lambda new: alerts_out.retarget(new.webhooks, new.alertmanager)],
         pipeline=pipeline, pauses=pauses, journal=checkpoint)
     service.dispatch(unsent)  # what the stop left unsent: to the store and the targets, once
-    service.watch.resume(list(service.book.open.values()))  # stops for what is still open after a restart
+    service.stop_steps.resume(list(service.book.open.values()))  # stops for what is still open after a restart
     return service, alerts_out
 
 
@@ -133,7 +133,7 @@ def open_checkpoint(server: ServerSettings) -> Checkpoint:
         raise ConfigError(f"db: cannot keep the detectors' state in {server.db!r}: {exc}") from None
 
 
-def resume(checkpoint: Checkpoint, pipeline: Pipeline, pauses: PauseWatch) -> list[Alert]:
+def resume(checkpoint: Checkpoint, pipeline: Pipeline, pauses: SidecarClock) -> list[Alert]:
     """Restore the pipeline from the checkpoint; returns the transitions the stop left unsent."""
     unsent = checkpoint.restore(pipeline, pauses.now())
     if pipeline.runs:  # the clients retry what the stop refused: read it before any verdict
@@ -142,7 +142,7 @@ def resume(checkpoint: Checkpoint, pipeline: Pipeline, pauses: PauseWatch) -> li
     return unsent
 
 
-def final_snapshot(checkpoint: Checkpoint, pipeline: Pipeline, pauses: PauseWatch) -> Callable[[], None]:
+def final_snapshot(checkpoint: Checkpoint, pipeline: Pipeline, pauses: SidecarClock) -> Callable[[], None]:
     def close() -> None:
         checkpoint.snapshot(pipeline, pauses.now())  # a clean stop replays nothing
         checkpoint.close()

@@ -26,7 +26,7 @@ every alert ends in the state it would have reached without the kill):
 * Wall time: the downtime is nobody's silence. Wall times in the state are shifted by
   the time between the last sign of life before the kill (the newest snapshot or journal
   entry; the timer journals a tick every second while runs are watched) and the restart,
-  and verdicts wait for the clients' retries (pauses.py).
+  and verdicts wait for the clients' retries (sidecar_clock.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS pipeline_snapshot (
     code TEXT NOT NULL, state BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pipeline_journal (
     seq INTEGER PRIMARY KEY,
-    wall REAL NOT NULL,            -- the pipeline's wall time (pauses.Watch) of the batch or tick
+    wall REAL NOT NULL,            -- the pipeline's wall time (sidecar_clock.SidecarClock) of the batch or tick
     judge_after REAL,              -- verdicts held before this wall time; NULL: none held
     records BLOB);                 -- msgpack list of records (NaN kept); NULL: a timer tick
 """

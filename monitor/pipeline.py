@@ -19,7 +19,7 @@ import msgspec
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
-from .detectors.incident import ranks_phrase
+from .detectors.helpers.incident import ranks_phrase
 from .events import Event, resolved
 from .record import Record
 from .state import RankState, RunState
@@ -83,7 +83,7 @@ class Pipeline:
         self.detector_errors: dict[str, int] = {}  # detector name -> exceptions caught (a bug to fix)
         self.owners: dict[str, str] = {}  # alert name -> the detector that raised it (for a reload's disable)
         # server only: wall time before which no tick judges (the sidecar catching up after its own pause
-        # or a restart, see pauses.py); records are still taken
+        # or a restart, see sidecar_clock.py); records are still taken
         self.judge_after = -math.inf
         self._heard: dict[str, set[int]] = {}  # during a hold: each run's ranks read since it began
         self._hold = -math.inf  # the judge_after that _heard belongs to

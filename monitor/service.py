@@ -21,10 +21,10 @@ from .config import ConfigError, Settings
 from .events import firing, resolved
 from .health import Fault, healthz
 from .ingest import BodyError, Decoded, Decoder, Rejection
-from .pauses import Watch as PauseWatch
 from .pipeline import Pipeline, run_last_step
 from .record import Record
-from .watch import Watch
+from .sidecar_clock import SidecarClock
+from .stop_steps import StopSteps
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ class Journal(Protocol):
     def ticked(self, wall: float, judge_after: float) -> None: ...
 
 
-def pause_watch(clock: Callable[[], float]) -> PauseWatch:
-    """The pipeline's wall time: without the sidecar's own pauses (pauses.py); a test's clock is used as is."""
-    return PauseWatch() if clock is time.time else PauseWatch(clock, clock, pause_seconds=math.inf)
+def pause_watch(clock: Callable[[], float]) -> SidecarClock:
+    """The pipeline's wall time: without the sidecar's own pauses (sidecar_clock.py); a test's clock is used as is."""
+    return SidecarClock() if clock is time.time else SidecarClock(clock, clock, pause_seconds=math.inf)
 
 
 @dataclass(slots=True)
@@ -80,8 +80,8 @@ class IngestAnswer:
 class Service:
     """One sidecar. Collaborators, all optional, all given here (one way to build it):
 
-    - ``sinks``: take alert transitions (the store and delivery: notify/sink.py);
-    - ``record_sinks``: take each batch of accepted records (the flight recorder, the store's runs);
+    - ``alert_sinks``: take alert transitions (the store and delivery: notify/sink.py);
+    - ``record_writers``: take each batch of accepted records (the flight recorder, the store's runs);
     - ``background``: jobs run in the app's lifespan (deliveries), cancelled at shutdown;
     - ``closers``: cleanups for ``close()``;
     - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
@@ -97,24 +97,24 @@ class Service:
     """
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
-                 sinks: Sequence[AlertSink] = (),
-                 record_sinks: Sequence[Callable[[Sequence[Record]], None]] = (),
+                 alert_sinks: Sequence[AlertSink] = (),
+                 record_writers: Sequence[Callable[[Sequence[Record]], None]] = (),
                  background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
                  closers: Sequence[Callable[[], None]] = (),
                  query_alerts: Callable[..., dict[str, Any]] | None = None,
                  faults: Sequence[Fault] = (),
                  load_settings: Callable[[], Settings] | None = None,
                  reloaders: Sequence[Callable[[Settings], None]] = (),
-                 pipeline: Pipeline | None = None, pauses: PauseWatch | None = None,
+                 pipeline: Pipeline | None = None, pauses: SidecarClock | None = None,
                  journal: Journal | None = None, alert_ids: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.pauses = pauses if pauses is not None else pause_watch(clock)
+        self.sidecar_clock = pauses if pauses is not None else pause_watch(clock)
         self.pipeline = pipeline if pipeline is not None else Pipeline(
             settings.detectors, settings.limits, settings.server.tick_seconds, book=AlertBook(ids=alert_ids))
         self.book = self.pipeline.book  # the one owner of open alerts and their ids (alerts.py)
-        self.sinks: list[AlertSink] = list(sinks)
-        self.record_sinks = list(record_sinks)
+        self.alert_sinks: list[AlertSink] = list(alert_sinks)
+        self.record_writers = list(record_writers)
         self.background = list(background)
         self.closers = list(closers)
         self.query_alerts = query_alerts
@@ -122,10 +122,10 @@ class Service:
         self.load_settings = load_settings
         self.reloaders = list(reloaders)
         self.journal = journal
-        self.background.append(self.pauses.run)
+        self.background.append(self.sidecar_clock.run)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names
-        self.watch = Watch(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
+        self.stop_steps = StopSteps(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         self.owners = launches.JobOwners()  # which job owns each run name (two jobs never share one)
 
@@ -135,7 +135,7 @@ class Service:
                views: bool = False, launch: str | None = None) -> IngestAnswer:
         """``batch_id``: the client's ``X-Trainhealth-Batch`` (CLIENT/SEQ); a batch already taken is
         answered ``duplicate`` and not ingested again (batches.py). ``views``: the answer also carries
-        ``runs``, the view of each run of the batch that has alerts (watch.py), for the client.
+        ``runs``, the view of each run of the batch that has alerts (stop_steps.py), for the client.
         ``launch``: the client's ``X-Trainhealth-Launch`` (who sent it; launches.py)."""
         early = self.screen(batch_id, launch)
         if early is not None:
@@ -197,7 +197,7 @@ class Service:
     def accept(self, decoded: Decoded, views: bool = False,
                origin: launches.Launch | None = None) -> IngestAnswer:
         """One batch, one pass (docs/code-structure.md): the decoded records go down once (screened here,
-        then the pipeline, then the record sinks and the watch), and every refusal on the way joins one
+        then the pipeline, then the record writers and the watch), and every refusal on the way joins one
         list of rejections, keyed by the record's index in the body, sorted once for the answer."""
         self.stats.batches += 1
         now = self.clock()
@@ -208,7 +208,7 @@ class Service:
         invalid = len(rejected) - conflicts  # the decoder's and the records from the future
         starts = [rec for rec in records if rec.type == "start"]
         if starts:
-            self.watch.before(starts)  # a restart forgets the run's stops
+            self.stop_steps.before(starts)  # a restart forgets the run's stops
         outcome = self.pipeline.process(records, wall=wall,
                                         origin=(origin.host, origin.pid) if origin is not None else None)
         alerts = taken + outcome.alerts if taken else outcome.alerts
@@ -224,13 +224,13 @@ class Service:
         if len(rejected) > len(decoded.rejected):  # refusals after decoding: one sort, by index in the body
             rejected.sort(key=_index)
         if kept:
-            for record_sink in self.record_sinks:
+            for record_writer in self.record_writers:
                 try:
-                    record_sink(kept)
+                    record_writer(kept)
                 except Exception:  # like alert sinks: never break ingest
-                    log.exception("record sink %r failed", record_sink)
+                    log.exception("record writer %r failed", record_writer)
         self.stats.accepted += len(kept)
-        names = self.watch.note(kept)
+        names = self.stop_steps.note(kept)
         if invalid:
             self.stats.reject("invalid", invalid)
         if conflicts:
@@ -252,8 +252,8 @@ class Service:
             body["errors"] = [r.as_dict() for r in rejected[:MAX_REASONS]]
             if len(rejected) > MAX_REASONS:
                 body["errors_truncated"] = len(rejected) - MAX_REASONS
-        if views:  # the job hears its alerts: firing ones and agreed stop steps (watch.py)
-            shown = self.watch.views(names)
+        if views:  # the job hears its alerts: firing ones and agreed stop steps (stop_steps.py)
+            shown = self.stop_steps.views(names)
             if shown:
                 body["runs"] = shown
         return IngestAnswer(status, body)
@@ -267,7 +267,7 @@ class Service:
             origin = launches.parse(launch)
         except launches.LaunchError:
             return ""
-        return self.owners.other_job(run, origin, self.pauses.now())
+        return self.owners.other_job(run, origin, self.sidecar_clock.now())
 
     def _screen(self, decoded: Decoded, now: float, wall: float, origin: launches.Launch | None,
                 rejected: list[Rejection], alerts: list[Alert]) -> tuple[list[Record], list[int], int]:
@@ -319,7 +319,7 @@ class Service:
             ok, why = self.owners.claim(name, origin, wall, run is not None and run.ended)
             if ok and why:
                 log.warning("%s", why)
-                self.watch.forget(name)
+                self.stop_steps.forget(name)
                 alerts.extend(self.pipeline.forget(name, why))
             elif not ok:
                 refused[name] = why
@@ -343,10 +343,10 @@ class Service:
         if not alerts and not refreshed:
             return
         self.stats.alerts_raised += sum(1 for a in alerts if a["state"] == "firing")
-        self.watch.on_alerts(alerts)
+        self.stop_steps.on_alerts(alerts)
         if refreshed:
-            self.watch.on_refreshed(refreshed)
-        for sink in self.sinks:
+            self.stop_steps.on_refreshed(refreshed)
+        for sink in self.alert_sinks:
             try:
                 if refreshed:
                     sink.refresh([copied(a) for a in refreshed])
@@ -381,8 +381,8 @@ class Service:
 
     def _watch(self) -> float:
         """The pipeline's wall time, and whether verdicts wait (the sidecar catching up after a pause)."""
-        wall = self.pauses.now()
-        self.pipeline.judge_after = self.pauses.hold_until
+        wall = self.sidecar_clock.now()
+        self.pipeline.judge_after = self.sidecar_clock.hold_until
         return wall
 
     def reload(self) -> dict[str, Any]:

@@ -119,7 +119,8 @@ class RunState:
     last_wall: float = 0.0  # wall time of the newest arrival (server only; for expiry)
     last_tick: float = 0.0
     records: int = 0
-    notes: dict[str, Any] = field(default_factory=dict)  # what detectors of the run share (divergence_story.py)
+    # what detectors of the run share (detectors/helpers/divergence_story.py)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def first_start(self) -> Record | None:

@@ -6,7 +6,7 @@
   out at once.
 - ``trainhealth-heartbeat``: ``beat`` every ``heartbeat_seconds``, while the training thread is busy or
   blocked.
-- ``trainhealth-watch`` (only with a watcher: ``stop_on`` or ``on_alert`` over HTTP): the long poll of the
+- ``trainhealth-watch`` (only with a view poller: ``stop_on`` or ``on_alert`` over HTTP): the long poll of the
   run's view, so alerts and stop steps are heard within milliseconds of firing (hearing.py).
 
 The threads are daemons named ``trainhealth-...`` (crash.py leaves their exceptions alone).
@@ -25,21 +25,21 @@ from .settings import ClientSettings
 
 class Background:
     def __init__(self, outbox: Outbox, settings: ClientSettings, cycle: Callable[[], None], beat: Callable[[], None],
-                 hearing: Hearing, watcher: Any, warn: Callable[..., None]) -> None:
+                 hearing: Hearing, poller: Any, warn: Callable[..., None]) -> None:
         self.outbox = outbox
         self.settings = settings
         self.cycle = cycle
         self.beat = beat
         self.hearing = hearing
-        self.watcher = watcher  # transport.Watcher, or None: nothing to listen to
+        self.poller = poller  # transport.ViewPoller, or None: nothing to listen to
         self._warn = warn
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
         loops = [(self._send_loop, "trainhealth-sender"), (self._heartbeat_loop, "trainhealth-heartbeat")]
-        if self.watcher is not None:
-            loops.append((self._watch_loop, "trainhealth-watch"))
+        if self.poller is not None:
+            loops.append((self._poll_view_loop, "trainhealth-watch"))
         for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -50,8 +50,8 @@ class Background:
         stuck (in a slow request: its daemon thread and connection are left be)."""
         self.stop.set()
         self.outbox.wake.set()
-        if self.watcher is not None:
-            self.watcher.abort()  # its long poll would hold close() up
+        if self.poller is not None:
+            self.poller.abort()  # its long poll would hold close() up
         for thread in self.threads:
             thread.join(timeout=max(0.1, deadline - monotonic()))
         return not any(t.is_alive() for t in self.threads)
@@ -83,11 +83,11 @@ class Background:
             except Exception as exc:  # pragma: no cover - a bug here must not kill the thread
                 self._warn("sender", "sender cycle failed: %r", exc)
 
-    def _watch_loop(self) -> None:
-        watcher = self.watcher
+    def _poll_view_loop(self) -> None:
+        poller = self.poller
         delay = 0.0
-        while watcher is not None and not self.stop.is_set():
-            got = watcher.poll(self.hearing.version)
+        while poller is not None and not self.stop.is_set():
+            got = poller.poll(self.hearing.version)
             if self.stop.is_set():
                 break
             if isinstance(got, str):

@@ -11,7 +11,7 @@ sidecar's stall detector. A non-finite loss or grad norm, an OOM, a crash and th
 
 The loop hears its run's alerts: ``tm.alerts`` (firing now), ``on_alert=`` (called once per new firing
 alert), and with ``stop_on={"nan_divergence", ...}`` ``tm.should_stop(step)``, true on every rank from
-the same step on (the sidecar fixes it when the alert first fires; see monitor/watch.py).
+the same step on (the sidecar fixes it when the alert first fires; see monitor/stop_steps.py).
 
 ``record()`` builds a dict and appends it to a bounded buffer; it never blocks on the network and never
 raises into training. The rest runs on the client's threads, each part in a module of its own:
@@ -48,7 +48,7 @@ from .hearing import Hearing
 from .outbox import LimitedLog, Outbox
 from .probes import Probes, default_probes
 from .settings import ClientSettings, from_environ, launch_header
-from .transport import FileSink, HttpSink, Watcher
+from .transport import FileSender, HttpSender, ViewPoller
 
 __all__ = ["STAGED", "Telemetry"]
 
@@ -90,8 +90,8 @@ class Telemetry:
         self._clock = clock
         self._monotonic = monotonic
         self._warn = LimitedLog()
-        self._sink = sink if sink is not None else _make_sink(s)
-        self._outbox = Outbox(self._sink, s, monotonic, self._warn)
+        self._sender = sink if sink is not None else _make_sender(s)
+        self._outbox = Outbox(self._sender, s, monotonic, self._warn)
         self._push = self._outbox.push
         self._probes = Probes(list(probes) if probes is not None else default_probes(s), s.sample_seconds, self._warn)
         self._hearing = Hearing(s.run, frozenset(stop_on), on_alert)
@@ -105,10 +105,10 @@ class Telemetry:
         self._refresh()  # once here, so that the first samples carry host memory too
         self._background: Background | None = None
         if start_threads:
-            watcher = None
-            if (stop_on or on_alert is not None) and isinstance(self._sink, HttpSink):
-                watcher = Watcher(s.url, s.run, s.token, launch=lambda: launch_header(s, os.getpid()))
-            self._background = Background(self._outbox, s, self.pump, self._beat, self._hearing, watcher, self._warn)
+            poller = None
+            if (stop_on or on_alert is not None) and isinstance(self._sender, HttpSender):
+                poller = ViewPoller(s.url, s.run, s.token, launch=lambda: launch_header(s, os.getpid()))
+            self._background = Background(self._outbox, s, self.pump, self._beat, self._hearing, poller, self._warn)
             self._background.start()
             lifecycle.register(self)
 
@@ -324,9 +324,9 @@ class Telemetry:
             log.warning("trainhealth: %d records not delivered at close (%s)", left,
                         "sidecar unreachable" if self._outbox.last_failed else "timeout")
         try:
-            self._sink.close()
+            self._sender.close()
         except Exception as exc:  # pragma: no cover - closing a socket or file
-            log.debug("trainhealth: closing sink: %r", exc)
+            log.debug("trainhealth: closing sender: %r", exc)
 
     def stats(self) -> dict[str, int]:
         """Records sent, dropped (buffer full, or undelivered at close), rejected by the sidecar, failed
@@ -380,8 +380,8 @@ class Telemetry:
         self._closed = True
         self._background = None
         self._active = False
-        self._sink = lifecycle.Forked()
-        self._outbox = Outbox(self._sink, self.settings, self._monotonic, self._warn)
+        self._sender = lifecycle.Forked()
+        self._outbox = Outbox(self._sender, self.settings, self._monotonic, self._warn)
         self._push = lifecycle.drop
 
     # -- what the background thread calls (background.py) ------------------------------------------
@@ -422,7 +422,7 @@ class _PhaseScope:
         self.tm._phase = self.outer
 
 
-def _make_sink(s: ClientSettings) -> Any:
+def _make_sender(s: ClientSettings) -> Any:
     if s.offline_path:
-        return FileSink(s.offline_path.format(rank=s.rank, run=s.run))
-    return HttpSink(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, os.getpid()))
+        return FileSender(s.offline_path.format(rank=s.rank, run=s.run))
+    return HttpSender(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, os.getpid()))

@@ -3,7 +3,7 @@
 The views come from two places, the answers to the client's own batches and the long poll of
 ``GET /v1/runs/{run}/watch``, in any order: a view older (by version) than the one held is ignored.
 The stop step is the lowest one the sidecar fixed for an alert named in ``stop_on``; the sidecar
-fixes each once and never lowers one below another (monitor/watch.py), so every rank computes the
+fixes each once and never lowers one below another (monitor/stop_steps.py), so every rank computes the
 same number. Views are written by the client's threads and read by the training thread as whole
 references (an attribute read: ``should_stop`` costs nothing).
 
@@ -49,7 +49,7 @@ class Hearing:
                 self.view(view)
 
     def view(self, view: dict[str, Any]) -> None:
-        """{version, stops: {alert: {step, ...}}, alerts: [...]} (monitor/watch.py)."""
+        """{version, stops: {alert: {step, ...}}, alerts: [...]} (monitor/stop_steps.py)."""
         version = view.get("version")
         if type(version) is not int:
             return

@@ -39,7 +39,7 @@ from typing import Any
 
 from . import host_memory
 from .settings import ClientSettings, from_environ, launch_header
-from .transport import FileSink, HttpSink, Result
+from .transport import FileSender, HttpSender, Result
 
 log = logging.getLogger("trainhealth.launch")
 
@@ -105,11 +105,11 @@ def end_record(s: ClientSettings, returncode: int, tail: str, *, forwarded: int 
     return rec
 
 
-class Watcher:
+class RankWatcher:
     """One rank's watcher: start the child, pass stderr and signals through, report its death."""
 
     def __init__(self, argv: list[str], environ: Mapping[str, str] | None = None, *,
-                 sink: Any = None, clock: Callable[[], float] = time.time) -> None:
+                 sender: Any = None, clock: Callable[[], float] = time.time) -> None:
         env = dict(os.environ if environ is None else environ)
         self.settings: ClientSettings | None = None
         try:
@@ -125,7 +125,7 @@ class Watcher:
         self.tail = Tail()
         self.forwarded: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
-        self._sink = sink
+        self._sender = sender
         self._reader: threading.Thread | None = None
         self.cgroup: host_memory.Cgroup | None = None  # the memory cgroup whose limit applies to the child
         self.oom_before: int | None = None  # its OOM-kill count (the machine's without one) at the start
@@ -195,22 +195,22 @@ class Watcher:
         s = self.settings
         assert s is not None
         pid = self.proc.pid if self.proc is not None else os.getpid()
-        sink = self._sink
-        if sink is None:
-            sink = (FileSink(s.offline_path.format(rank=s.rank, run=s.run)) if s.offline_path
-                    else HttpSink(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, pid)))
+        sender = self._sender
+        if sender is None:
+            sender = (FileSender(s.offline_path.format(rank=s.rank, run=s.run)) if s.offline_path
+                    else HttpSender(s.url, s.token, s.timeout_seconds, launch=lambda: launch_header(s, pid)))
         deadline = time.monotonic() + SEND_SECONDS
         batch_id = f"{s.launch_id}-end/1"
         delay = 0.1
         while True:
-            result: Result = sink.send([rec], batch_id)
+            result: Result = sender.send([rec], batch_id)
             if result.outcome != "retry" or time.monotonic() + delay > deadline:
                 break
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
         if result.outcome != "ok":
             log.warning("trainhealth.launch: could not report rank %d's end (%s)", s.rank, result.reason)
-        sink.close()
+        sender.close()
         return result
 
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE + "\n\n" + (__doc__ or "").split("\n\n")[2], file=sys.stderr)
         sys.exit(0 if args else 2)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    watcher = Watcher(args)
+    watcher = RankWatcher(args)
     try:
         watcher.start()
     except OSError as exc:

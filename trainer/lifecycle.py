@@ -40,7 +40,7 @@ def drop(rec: dict[str, Any]) -> None:
 
 
 class Forked:
-    """The sink of a forked child's copy: the parent's connection is not ours to use."""
+    """The sender of a forked child's copy: the parent's connection is not ours to use."""
 
     def send(self, records: list[dict[str, Any]], batch_id: str | None = None) -> Result:
         return Result("drop", "a forked child does not send (its parent's client does)")

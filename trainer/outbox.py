@@ -2,7 +2,7 @@
 
 The training thread only calls ``push`` (a lock held for one append). Everything else runs on
 the client's background thread: ``cycle`` takes the records that are ready (a device value not
-yet copied keeps its record back, without holding up later ones), hands batches to the sink,
+yet copied keeps its record back, without holding up later ones), hands batches to the sender,
 and settles the outcome: delivered, refused (dropped and counted), too large (halved), or failed
 (kept as it is and retried, first, after an exponential backoff or the sidecar's Retry-After).
 
@@ -47,9 +47,9 @@ class LimitedLog:
 
 
 class Outbox:
-    def __init__(self, sink: Any, settings: ClientSettings, monotonic: Callable[[], float],
+    def __init__(self, sender: Any, settings: ClientSettings, monotonic: Callable[[], float],
                  warn: LimitedLog) -> None:
-        self.sink = sink
+        self.sender = sender
         self.settings = settings
         self._monotonic = monotonic
         self._warn = warn
@@ -181,7 +181,7 @@ class Outbox:
                     batch_id = f"{self.client_id}/{self._seq}"
                 self._sending = len(batch)
                 try:
-                    failed = not self._settle(batch_id, batch, self.sink.send(batch, batch_id))
+                    failed = not self._settle(batch_id, batch, self.sender.send(batch, batch_id))
                 finally:
                     self._sending = 0
                 if failed or (len(batch) < self.batch_limit and not resend):
@@ -220,7 +220,7 @@ class Outbox:
                     _fill(rec)
 
     def _settle(self, batch_id: str, batch: list[dict[str, Any]], result: Result) -> bool:
-        """Account for a send; keep a failed batch for a resend under its id. True when the sink took a
+        """Account for a send; keep a failed batch for a resend under its id. True when the sender took a
         decision."""
         s = self.settings
         if result.outcome == "ok":

@@ -1,6 +1,6 @@
 """Where batches of records go: the sidecar over HTTP, or a .jsonl file (offline mode).
 
-Both sinks take a list of plain dicts and answer with a ``Result``; they never
+Both senders take a list of plain dicts and answer with a ``Result``; they never
 raise. Encoding uses Python's ``json``, which writes NaN and Infinity as the
 bare tokens ``NaN``/``Infinity`` that the sidecar reads. Do not swap in orjson
 or msgspec here: they encode NaN as ``null``, and a NaN loss that arrives as
@@ -104,7 +104,7 @@ class _Connection:
             self._conn = None
 
 
-class HttpSink(_Connection):
+class HttpSender(_Connection):
     """POSTs batches to ``{url}/v1/ingest`` on one keep-alive connection; each batch carries its id and,
     with ``launch`` (a callable: the pid may change at a fork), the sender's launch identity."""
 
@@ -130,7 +130,7 @@ class HttpSink(_Connection):
         return result
 
 
-class Watcher(_Connection):
+class ViewPoller(_Connection):
     """The long poll of a run's view (``GET /v1/runs/{run}/watch``): firing alerts and stop steps."""
 
     def __init__(self, url: str, run: str, token: str | None = None, wait: float = 25.0,
@@ -191,7 +191,7 @@ def classify(status: int, text: str, retry_after: str | None = None) -> Result:
     return Result("drop", reason)
 
 
-class FileSink:
+class FileSender:
     """Appends batches to a .jsonl file. Each batch is one ``os.write`` on an O_APPEND descriptor,
     so several ranks may share one file without interleaving lines (local filesystems)."""
 

@@ -50,7 +50,7 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .trend import Ring, trend_test
+from .helpers.trend import Ring, trend_test
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)

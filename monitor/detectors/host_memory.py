@@ -1,7 +1,7 @@
 """host_memory_leak: host memory that grows until it runs out, as one incident per run.
 
 Leaks are caught at the speed they kill. Each rank's ``host_mem_bytes`` (PSS of the
-process and its DataLoader workers) is watched on two time scales (host_series.py):
+process and its DataLoader workers) is watched on two time scales (helpers/host_series.py):
 
 - **fast**: on 5-second minima, a sustained rise since the lowest point of the last 10
   minutes that exhausts the rank's headroom soon: within ``fast_horizon_seconds`` (7 min), or
@@ -50,9 +50,9 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .host_series import FAST_RECHECK, HOUR, MB, MINUTE, HostMemoryLeakSettings, Open, Series, jitter
-from .incident import ranks_phrase
-from .trend import Growth
+from .helpers.host_series import FAST_RECHECK, HOUR, MB, MINUTE, HostMemoryLeakSettings, Open, Series, jitter
+from .helpers.incident import ranks_phrase
+from .helpers.trend import Growth
 
 __all__ = ["HostMemoryLeak", "HostMemoryLeakSettings", "Series", "jitter"]
 

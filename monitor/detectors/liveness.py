@@ -18,7 +18,7 @@ least ``startup_seconds``. The silence limit learns the longest gap between a
 heartbeating rank's records the same way.
 
 One incident, one page: the run has at most one open rank_stalled alert
-(``rank`` null). It names the root (stall_story.py): the ranks that went
+(``rank`` null). It names the root (helpers/stall_story.py): the ranks that went
 silent while others still send heartbeats (and their host, when they are all of
 one host's ranks: a node down), else the ranks left behind at the lowest step,
 else (all ranks at one step) those whose heartbeats say they wait for data
@@ -65,9 +65,9 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .incident import death, oom_error
-from .stall_story import RankClock as _Rank
-from .stall_story import describe
+from .helpers.incident import death, oom_error
+from .helpers.stall_story import RankClock as _Rank
+from .helpers.stall_story import describe
 
 PEER_GRACE_SECONDS = 1.5  # after a collective error, for the quiet rank's launcher to say how it died
 PEER_BEATS = 1.5  # ... and a suspect is gone after this many of its heartbeat periods without a word

@@ -26,7 +26,7 @@ sent the start) when
   LR at a restart. Warmup exists to ease an LR going up (Goyal et al.); a large
   batch at an LR that did not rise needs none, and a resume at the LR it had
   needs none;
-- the warmup a start declares is not the one the sampled LR shows (lr_warmup.py):
+- the warmup a start declares is not the one the sampled LR shows (helpers/lr_warmup.py):
   at its peak from the first steps, or still below it long after ``warmup_steps``.
 
 **A batch that grows at the same LR is an LR decay** (Smith et al., "Don't Decay
@@ -44,7 +44,7 @@ LR costs accuracy, it does not crash; a warmup not applied as declared);
 adaptive rates make the rule advisory) and for an LR decay by batch growth. A
 later start that fixes the numbers resolves the alert; a later start with
 different wrong numbers resolves it and fires again with the new ones. What the
-warmup watch finds joins the start's finding in the same run-wide alert.
+warmup check finds joins the start's finding in the same run-wide alert.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .divergence_story import story_of
-from .lr_warmup import WarmupFinding, WarmupWatch
-from .steps import step_of as _step_of
+from .helpers.divergence_story import story_of
+from .helpers.lr_warmup import WarmupCheck, WarmupFinding
+from .helpers.steps import step_of as _step_of
 
 SAME_LR = 1.05  # an LR within 5% of an earlier one "stayed"
 MAX_HISTORY = 16  # earlier (total batch, LR) pairs kept for the batch-growth reading
@@ -135,8 +135,8 @@ class LrScaling(Detector[LrScalingSettings]):
         self.current: dict[str, Any] | None = None  # expected LR etc. of the latest usable start
         self.open: Finding | None = None  # what the alert says now: judged + warmup
         self.judged: Finding | None = None  # from the latest start (or a sampled LR above the rule)
-        self.warmup: Finding | None = None  # from the warmup watch of the latest start
-        self.watch: WarmupWatch | None = None
+        self.warmup: Finding | None = None  # from the warmup check of the latest start
+        self.warmup_check: WarmupCheck | None = None
         self.history: list[tuple[int, float]] = []  # (total batch, LR) of earlier usable starts
         self.max_lr = 0.0  # highest sample LR since the latest start
         self.entry_ranks: set[int] = set()  # ranks whose start carried the latest (total batch, LR)
@@ -152,12 +152,12 @@ class LrScaling(Detector[LrScalingSettings]):
         lr = record.lr
         if kind != "sample" or lr is None or not 0 < lr < math.inf or self.current is None:
             return []  # (not _usable(lr))
-        watch = self.watch
-        if (watch is None or not watch.active) and lr <= self.max_lr:
-            return []  # no warmup to watch, and not above the highest LR judged: the common sample
+        check = self.warmup_check
+        if (check is None or not check.active) and lr <= self.max_lr:
+            return []  # no warmup to check, and not above the highest LR judged: the common sample
         out: list[Event] = []
-        if watch is not None and watch.active and record.step is not None and s.check_warmup:
-            found = watch.add(record.step, lr)
+        if check is not None and check.active and record.step is not None and s.check_warmup:
+            found = check.add(record.step, lr)
             if found is not None:
                 self.warmup = self._warmup_finding(found)
                 out += self._settle(record, self._combined())
@@ -170,14 +170,14 @@ class LrScaling(Detector[LrScalingSettings]):
 
     def _start(self, rec: Record) -> list[Event]:
         self.max_lr = 0.0
-        self.warmup, self.watch = None, None
+        self.warmup, self.warmup_check = None, None
         if rec.reference_lr is not None and rec.reference_batch_size:
             self.explicit = (rec.reference_lr, rec.reference_batch_size)
         if rec.batch_size is None or rec.world_size is None or not _usable(rec.lr):
             self.judged = None
             return self._settle(rec, self._combined())  # nothing to check (an LR of 0, NaN or inf is no peak)
         if rec.warmup_steps:
-            self.watch = WarmupWatch(rec.warmup_steps, rec.lr, self.settings.late_factor)
+            self.warmup_check = WarmupCheck(rec.warmup_steps, rec.lr, self.settings.late_factor)
         total = rec.batch_size * rec.world_size
         if self.explicit is not None:
             ref_lr, ref_batch = self.explicit
@@ -305,7 +305,7 @@ class LrScaling(Detector[LrScalingSettings]):
         return Finding((found.problem, found.applied_steps), found.text, "warning", data)
 
     def _combined(self) -> Finding | None:
-        """One run-wide alert: the start's (or sample's) finding and the warmup watch's, joined."""
+        """One run-wide alert: the start's (or sample's) finding and the warmup check's, joined."""
         a, b = self.judged, self.warmup
         if a is None or b is None:
             return a or b

@@ -50,9 +50,9 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .divergence_story import story_of
-from .incident import hosts_of, ranks_phrase, where
-from .steps import step_of as _step_of
+from .helpers.divergence_story import story_of
+from .helpers.incident import hosts_of, ranks_phrase, where
+from .helpers.steps import step_of as _step_of
 
 
 @dataclass(kw_only=True, slots=True)

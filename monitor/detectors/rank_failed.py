@@ -41,7 +41,7 @@ from ..events import Event, firing, resolved
 from ..record import ErrorInfo, Record
 from ..state import RankState, RunState
 from .base import Detector
-from .incident import death, oom_error, ranks_phrase, where
+from .helpers.incident import death, oom_error, ranks_phrase, where
 
 
 @dataclass(kw_only=True, slots=True)

@@ -45,7 +45,7 @@ per-rank loss on a tiny batch is noisy from its first step (the reference traine
 neighbouring steps on healthy runs), and one low first value would make every later one look grown.
 
 Judged per rank, told per run: both detectors share the run's one spike incident
-(divergence_story.py), a run-level alert (``rank`` null) that the first signal
+(helpers/divergence_story.py), a run-level alert (``rank`` null) that the first signal
 fires and every other rank and signal refreshes; it resolves when every rank of
 both signals is back, folds into nan_divergence at the NaN, and joins
 lr_scaling's alert when that one already says the LR is too high.
@@ -66,10 +66,10 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .divergence_story import Label, Part, story_of
-from .steps import step_of as _step_of
+from .helpers.divergence_story import Label, Part, story_of
+from .helpers.steps import step_of as _step_of
 
-LR_ALERT = "lr_scaling"  # the alert a rise joins when it says the LR is too high (divergence_story.py)
+LR_ALERT = "lr_scaling"  # the alert a rise joins when it says the LR is too high (helpers/divergence_story.py)
 INF = math.inf
 MAD_DIFF_TO_SIGMA = 0.6745 * math.sqrt(2.0)  # median |x_t - x_t-1| of Gaussian noise, in sigmas
 

@@ -56,7 +56,7 @@ def state_collector(service: Service, settings: ExporterSettings | None = None,
     """The collector over a Service's parts; its sinks list is read live (a sink added later is seen).
     ``settings``: the Service's ``[exporter]`` unless given."""
     return StateCollector(service.pipeline, service.clock, stats=service.stats, latency=latency,
-                          delivery_sources=service.sinks,
+                          delivery_sources=service.alert_sinks,
                           settings=settings if settings is not None else service.settings.exporter)
 
 
@@ -66,7 +66,7 @@ def router(service: Service, latency: LatencyHistogram | None = None) -> APIRout
     # the sidecar's own health (store/recorder/state errors, undelivered notifications): in-memory counters,
     # in a registry of their own, written after the pipeline's families
     health = CollectorRegistry()
-    health.register(HealthCollector(service.faults, service.sinks))
+    health.register(HealthCollector(service.faults, service.alert_sinks))
     api = APIRouter()
 
     @api.get("/metrics")

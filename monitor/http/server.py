@@ -19,5 +19,5 @@ class Server(uvicorn.Server):
         self.service = service
 
     async def shutdown(self, sockets: Any = None) -> None:
-        self.service.watch.wake_all()
+        self.service.stop_steps.wake_all()
         await super().shutdown(sockets)

@@ -26,7 +26,7 @@ def line(alert: Alert, state: str | None = None) -> str:
 
 
 def log_alerts(alerts: list[Alert]) -> None:
-    """An alert sink (Service.sinks)."""
+    """An alert sink (Service.alert_sinks)."""
     for alert in alerts:
         critical = alert["state"] == "firing" and alert["severity"] == "critical"
         log.log(logging.WARNING if critical else logging.INFO, "%s", line(alert))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ..detectors.incident import death
+from ..detectors.helpers.incident import death
 from ..record import ErrorInfo
 from . import html
 

@@ -200,7 +200,7 @@ def test_nan_with_stop_on_stops_every_rank_after_the_same_step(launch, sidecar, 
     proxy = DelayingProxy(sidecar.url, 0.03) if late >= 0 else None
     try:
         extra = ("--late-rank", str(late), "--late-url", proxy.url) if proxy else ()
-        # 0.2 s steps: the stop lead is max(2 steps, 0.1 s) (monitor/watch.py), so the late rank has 0.4 s
+        # 0.2 s steps: the stop lead is max(2 steps, 0.1 s) (monitor/stop_steps.py), so the late rank has 0.4 s
         # to hear the stop, not 0.1 s as at the worker's default 50 ms steps (missed on a loaded machine)
         job = launch("--steps", "200", "--step-sleep", "0.2", "--stop-on", "nan_divergence", "--nan-rank", "1",
                      "--nan-step", str(nan_step), *extra, ranks=ranks)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from trainhealth.trainer.client import Telemetry
-from trainhealth.trainer.transport import HttpSink
+from trainhealth.trainer.transport import HttpSender
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -60,7 +60,7 @@ def test_a_frozen_sidecar_gets_every_sample_once_though_timed_out_requests_land_
 
 def test_an_answer_listing_many_rejections_is_read_whole_and_the_next_batch_goes_once(start_sidecar, tmp_path):
     sidecar = start_sidecar("--record", str(tmp_path / "records"))
-    sink = HttpSink(sidecar.url)
+    sink = HttpSender(sidecar.url)
     t0 = time.time()
     bad = [{"run": "long", "rank": -1, "time": t0, "step": i} for i in range(60)]
     first = sink.send([*bad, {"run": "long", "rank": 0, "time": t0, "step": 1}], "c/1")

@@ -102,7 +102,7 @@ def test_what_a_caller_changes_in_a_returned_transition_does_not_reach_the_book(
 
 def test_a_caller_holding_a_batchs_firing_sees_it_unchanged_after_a_refresh_in_a_later_batch() -> None:
     sink = SentAlerts()
-    service = Service(load(), clock=lambda: 5000.0, sinks=[sink])
+    service = Service(load(), clock=lambda: 5000.0, alert_sinks=[sink])
     ingest(service, *HEALTHY)
     ingest(service, RANK1_NAN)
     [fired] = sink.sent
@@ -116,7 +116,7 @@ def test_a_caller_holding_a_batchs_firing_sees_it_unchanged_after_a_refresh_in_a
 
 def test_a_firing_refreshed_in_its_own_batch_goes_out_once_with_the_batchs_final_picture() -> None:
     sink = SentAlerts()
-    service = Service(load(), clock=lambda: 5000.0, sinks=[sink])
+    service = Service(load(), clock=lambda: 5000.0, alert_sinks=[sink])
     ingest(service, *HEALTHY)
     ingest(service, RANK1_NAN, RANK0_NAN)
     [fired] = sink.sent
@@ -125,7 +125,8 @@ def test_a_firing_refreshed_in_its_own_batch_goes_out_once_with_the_batchs_final
 
 def test_a_sink_that_changes_what_it_receives_changes_neither_the_book_nor_the_other_sinks() -> None:
     vandal, witness = Vandal(), SentAlerts()
-    service = Service(load(), clock=lambda: 5000.0, sinks=[vandal, witness], alert_ids=itertools.count(7).__next__)
+    service = Service(load(), clock=lambda: 5000.0, alert_sinks=[vandal, witness],
+                      alert_ids=itertools.count(7).__next__)
     ingest(service, *HEALTHY)
     ingest(service, RANK1_NAN)
     ingest(service, RANK0_NAN)  # a refresh, to both sinks
@@ -136,7 +137,7 @@ def test_a_sink_that_changes_what_it_receives_changes_neither_the_book_nor_the_o
     assert (fired["id"], fired["first_rank"], refreshed["id"], refreshed["first_rank"]) == (7, 1, 7, 0)
     assert "overwritten" not in (fired["summary"], refreshed["summary"])
     assert [a["id"] for a in vandal.sent] == [-1, -1]  # it changed its own copies only
-    assert service.watch.view("r")["alerts"][0]["summary"] == held["summary"]
+    assert service.stop_steps.view("r")["alerts"][0]["summary"] == held["summary"]
 
 
 def test_refresh_reaches_every_sink_through_the_protocol_before_the_batchs_resolve(
@@ -151,7 +152,7 @@ def test_refresh_reaches_every_sink_through_the_protocol_before_the_batchs_resol
         def refresh(self, alerts: list[Any]) -> None:
             calls.extend(("refresh", a["state"]) for a in alerts)
 
-    service = Service(load(), clock=lambda: 5000.0, sinks=[ConsoleLog(), Ordered()])
+    service = Service(load(), clock=lambda: 5000.0, alert_sinks=[ConsoleLog(), Ordered()])
     ingest(service, *HEALTHY)
     ingest(service, RANK1_NAN)
     # rank 0's NaN refreshes the incident, and then its start (a restart) resolves it, in one batch

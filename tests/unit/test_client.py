@@ -12,13 +12,13 @@ import pytest
 from trainhealth.record import from_obj
 from trainhealth.trainer.client import STAGED, Telemetry
 from trainhealth.trainer.settings import ClientSettings, from_environ
-from trainhealth.trainer.transport import HttpSink, Result, classify, encode_json, encode_jsonl
+from trainhealth.trainer.transport import HttpSender, Result, classify, encode_json, encode_jsonl
 
-from .trainer_fakes import ENV, Clock, FakeSink
+from .trainer_fakes import ENV, Clock, FakeSender
 
 
-def make(sink=None, probes=(), **kw) -> tuple[Telemetry, FakeSink, Clock]:
-    sink = sink or FakeSink()
+def make(sink=None, probes=(), **kw) -> tuple[Telemetry, FakeSender, Clock]:
+    sink = sink or FakeSender()
     clock = Clock()
     tm = Telemetry(environ=ENV, sink=sink, probes=list(probes), start_threads=False, clock=clock,
                    monotonic=clock, **kw)
@@ -159,7 +159,7 @@ def test_batches_hold_at_most_batch_records_and_a_cycle_sends_them_all():
 
 
 def test_failed_send_keeps_records_in_order_and_backs_off_exponentially():
-    sink = FakeSink([Result("retry", "down")] * 3)
+    sink = FakeSender([Result("retry", "down")] * 3)
     tm, sink, clock = make(sink, backoff_seconds=1.0, max_backoff_seconds=3.0)
     tm.record(1, loss=1.0)
     tm.pump()
@@ -185,7 +185,7 @@ def test_failed_send_keeps_records_in_order_and_backs_off_exponentially():
 
 
 def test_retry_after_from_the_sidecar_is_honoured():
-    tm, sink, clock = make(FakeSink([Result("retry", "busy", retry_after=7.0)]), backoff_seconds=0.5)
+    tm, sink, clock = make(FakeSender([Result("retry", "busy", retry_after=7.0)]), backoff_seconds=0.5)
     tm.record(1, loss=1.0)
     tm.pump()
     clock.now += 6.9
@@ -197,7 +197,7 @@ def test_retry_after_from_the_sidecar_is_honoured():
 
 
 def test_refused_records_are_dropped_not_retried():
-    tm, sink, _ = make(FakeSink([Result("drop", "HTTP 400: bad")]))
+    tm, sink, _ = make(FakeSender([Result("drop", "HTTP 400: bad")]))
     tm.record(1, loss=1.0)
     tm.pump()
     tm.record(2, loss=1.0)
@@ -207,13 +207,13 @@ def test_refused_records_are_dropped_not_retried():
 
 
 def test_too_large_batches_are_split_and_a_single_too_large_record_dropped():
-    tm, sink, _ = make(FakeSink([Result("split"), Result("split"), Result("split")]), batch_records=8)
+    tm, sink, _ = make(FakeSender([Result("split"), Result("split"), Result("split")]), batch_records=8)
     for step in range(8):
         tm.record(step, loss=1.0)
     tm.pump()  # 8 -> split, 4 -> split, 2 -> split, then 1-record batches go through
     assert [len(b) for b in sink.batches] == [1] * 8
 
-    tm, sink, _ = make(FakeSink([Result("split")]), batch_records=1)
+    tm, sink, _ = make(FakeSender([Result("split")]), batch_records=1)
     tm.record(1, loss=1.0)
     tm.record(2, loss=1.0)
     tm.pump()
@@ -231,7 +231,7 @@ def test_a_failed_send_names_the_url_it_tried_but_never_the_token_or_a_password(
     with socket.socket() as s:  # a port nobody listens on: bound, never listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-        sink = HttpSink(f"http://user:hunter2@127.0.0.1:{port}/th/", token="s3cret")
+        sink = HttpSender(f"http://user:hunter2@127.0.0.1:{port}/th/", token="s3cret")
         result = sink.send([{"type": "sample"}])
     assert result.outcome == "retry"
     assert result.reason.endswith(f"(POST http://127.0.0.1:{port}/th/v1/ingest)"), result.reason
@@ -323,7 +323,7 @@ def test_samples_carry_the_latest_measurement_without_overriding_what_the_loop_g
 
 def test_measurements_go_on_while_the_sidecar_is_down():
     probe = FixedProbe()
-    tm, sink, clock = make(FakeSink([Result("retry", "down")]), probes=[probe], backoff_seconds=10.0)
+    tm, sink, clock = make(FakeSender([Result("retry", "down")]), probes=[probe], backoff_seconds=10.0)
     tm.pump()
     tm.record(1, loss=1.0)
     tm.pump()  # fails: backing off for 10 s
@@ -339,7 +339,7 @@ def test_measurements_go_on_while_the_sidecar_is_down():
 
 # -- threads --------------------------------------------------------------------------------------------
 
-class SignallingSink(FakeSink):
+class SignallingSender(FakeSender):
     def __init__(self):
         super().__init__()
         self.heartbeat = threading.Event()
@@ -352,7 +352,7 @@ class SignallingSink(FakeSink):
 
 
 def test_heartbeats_keep_coming_while_the_training_thread_is_blocked():
-    sink = SignallingSink()
+    sink = SignallingSender()
     tm = Telemetry(environ=ENV, sink=sink, probes=[], heartbeat_seconds=0.05, flush_seconds=0.05)
     try:
         tm.record(9, loss=1.0)

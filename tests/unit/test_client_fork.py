@@ -11,7 +11,7 @@ import warnings
 import pytest
 from trainhealth.trainer.client import Telemetry
 
-from .trainer_fakes import ENV, FakeSink
+from .trainer_fakes import ENV, FakeSender
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
 
@@ -35,7 +35,7 @@ def _wait(pid: int, seconds: float) -> int | None:
 
 
 def test_forked_child_records_and_closes_without_hanging_while_the_parent_held_the_lock() -> None:
-    sink = FakeSink()
+    sink = FakeSender()
     tm = Telemetry(environ=ENV, sink=sink, probes=[], flush_seconds=0.05, heartbeat_seconds=0.05)
     try:
         tm.record(1, loss=1.0)

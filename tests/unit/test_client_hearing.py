@@ -12,7 +12,7 @@ from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.transport import Result
 
 from tests.unit.test_client import FakeStager, FakeTensor, make
-from tests.unit.trainer_fakes import ENV, FakeSink
+from tests.unit.trainer_fakes import ENV, FakeSender
 
 
 def view(version: int, stops: dict[str, int] | None = None, alerts: list[tuple[str, int, int]] = ()) -> dict:
@@ -25,8 +25,8 @@ def view(version: int, stops: dict[str, int] | None = None, alerts: list[tuple[s
     }}}
 
 
-def answered(*answers: dict[str, Any]) -> FakeSink:
-    return FakeSink([Result("ok", answer=a) for a in answers])
+def answered(*answers: dict[str, Any]) -> FakeSender:
+    return FakeSender([Result("ok", answer=a) for a in answers])
 
 
 @pytest.mark.parametrize(("stop_on", "message"), [
@@ -104,7 +104,7 @@ def test_end_says_completed_and_goes_out_without_waiting_for_the_next_cycle():
 
 # -- urgent: a non-finite loss or grad norm leaves at once -------------------------------------------------
 
-class Signalled(FakeSink):
+class Signalled(FakeSender):
     """Delivered batches, with an event set when a record matching ``want`` arrives."""
 
     def __init__(self, want) -> None:
@@ -119,7 +119,7 @@ class Signalled(FakeSink):
         return result
 
 
-def slow_client(sink: FakeSink, **kw: Any) -> Telemetry:
+def slow_client(sink: FakeSender, **kw: Any) -> Telemetry:
     """Threads on, a 60 s flush period: anything sent within seconds was sent because it was urgent."""
     return Telemetry(environ=ENV, sink=sink, probes=kw.pop("probes", []), flush_seconds=60.0,
                      heartbeat_seconds=60.0, **kw)

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from trainhealth.detectors.incident import death, last_words
+from trainhealth.detectors.helpers.incident import death, last_words
 from trainhealth.record import ErrorInfo, RecordError, from_obj
 from trainhealth.trainer import host_memory
 from trainhealth.trainer.launch import Tail, end_record

@@ -110,7 +110,7 @@ def test_a_detector_disabled_by_a_reload_resolves_its_open_alerts(tmp_path: Path
     sink = SentAlerts()
     sent = sink.sent
     service = Service(load(str(path)), clock=lambda: 1000.0, load_settings=lambda: load(str(path)),
-                      sinks=[sink])
+                      alert_sinks=[sink])
     service.accept(service.decoder.decode_body(json.dumps([msgspec_obj(r) for r in records]).encode(),
                                                "application/json", None, max_records=100,
                                                max_decoded_bytes=10**6))
@@ -287,7 +287,7 @@ def test_a_recovering_signal_says_it_recovered_while_the_other_stays_high():
 # -- (5) one text everywhere -----------------------------------------------------------------------------------
 def test_the_console_logs_a_refreshed_alerts_new_text(caplog):
     caplog.set_level(logging.INFO, "trainhealth.alerts")
-    service = Service(load(), clock=lambda: 5000.0, sinks=[ConsoleLog()])
+    service = Service(load(), clock=lambda: 5000.0, alert_sinks=[ConsoleLog()])
     body = lambda recs: json.dumps(recs).encode()  # noqa: E731
     base = [{"run": "r", "rank": q, "time": 1000.0 + s, "step": s, "loss": 1.0, "grad_norm": 1.0}
             for s in range(1, 30) for q in (0, 1)]
@@ -299,7 +299,7 @@ def test_the_console_logs_a_refreshed_alerts_new_text(caplog):
                                "30 on rank 1")
     (alert,) = service.book.firing("r")
     assert lines[-1] == f"ALERT updated critical nan_divergence run=r rank=- step=30: {alert['summary']}"
-    assert alert["first_rank"] == 0 and service.watch.view("r")["stops"]["nan_divergence"]["rank"] == 0
+    assert alert["first_rank"] == 0 and service.stop_steps.view("r")["stops"]["nan_divergence"]["rank"] == 0
 
 
 def test_a_frozen_rank_that_resumes_stays_the_root_and_the_ranks_behind_it_only_wait():

@@ -195,9 +195,9 @@ def test_webhook_delivery_stats_are_read_from_a_sink_when_present() -> None:
     service, reg, _ = make()
     assert value(reg, "trainhealth_webhook_deliveries_total", result="delivered") is None
     # the shape of alerts-out's Deliverer.delivery_stats(), and a flat one
-    service.sinks.append(Deliveries({"deliveries": {"ok": 5, "retry": 1, "failed": 2}, "outbox_depth": 3,
+    service.alert_sinks.append(Deliveries({"deliveries": {"ok": 5, "retry": 1, "failed": 2}, "outbox_depth": 3,
                                      "targets": [{"name": "hook", "kind": "webhook", "ok": 5, "pending": 3}]}))
-    service.sinks.append(Deliveries({"ok": 1, "outbox": 1}))
+    service.alert_sinks.append(Deliveries({"ok": 1, "outbox": 1}))
     assert value(reg, "trainhealth_webhook_deliveries_total", result="ok") == 6
     assert value(reg, "trainhealth_webhook_deliveries_total", result="retry") == 1
     assert value(reg, "trainhealth_webhook_deliveries_total", result="failed") == 2
@@ -208,7 +208,7 @@ def test_webhook_delivery_stats_are_read_from_a_sink_when_present() -> None:
 def test_failing_delivery_stats_is_logged_and_the_scrape_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     service, reg, _ = make()
     send(service, sample(loss=1.0))
-    service.sinks.append(Deliveries(RuntimeError("outbox locked")))
+    service.alert_sinks.append(Deliveries(RuntimeError("outbox locked")))
     with caplog.at_level(logging.ERROR):
         assert value(reg, "trainhealth_loss", run="job", rank="0") == 1.0
     assert "delivery_stats()" in caplog.text
@@ -233,7 +233,7 @@ def test_ingest_latency_histogram_buckets_are_cumulative() -> None:
 def test_every_sample_name_is_declared_in_exported_names() -> None:
     latency = LatencyHistogram()
     service, reg, _ = make(latency=latency)
-    service.sinks.append(Deliveries({"delivered": 1, "outbox": 0}))
+    service.alert_sinks.append(Deliveries({"delivered": 1, "outbox": 0}))
     fields = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "grad_scale": 1.0, "gpu_mem_peak_bytes": 1.0,
               "gpu_mem_total_bytes": 2.0, "gpu_mem_allocated_bytes": 1.0, "gpu_mem_reserved_bytes": 1.0,
               "host_mem_bytes": 1.0, "host_mem_available_bytes": 1.0, "host_mem_total_bytes": 2.0,

@@ -18,7 +18,7 @@ from trainhealth.trainer.nvml import open_device
 from tests.live_traces import RUN, T0, feed, settings
 
 from .nvml_fake import FakeNvml
-from .trainer_fakes import ENV, Clock, FakeSink
+from .trainer_fakes import ENV, Clock, FakeSender
 
 
 class FakeCuda:
@@ -80,7 +80,7 @@ def test_what_a_device_does_not_support_is_left_out_and_not_asked_again():
 
 
 def test_client_sends_each_reading_once_in_a_heartbeat_and_record_carries_none():
-    nvml, sink, clock = FakeNvml(), FakeSink(), Clock()
+    nvml, sink, clock = FakeNvml(), FakeSender(), Clock()
     probe = GpuHealthProbe(FakeCuda(), nvml, sample_seconds=5.0, monotonic=clock, clock=clock)
     tm = Telemetry(environ=ENV, sink=sink, probes=[probe], start_threads=False, clock=clock)
     tm.record(1, loss=2.0)  # binds: the training thread's CUDA device
@@ -265,7 +265,7 @@ def test_xid_lists_from_toml_are_taken():
 
 
 def test_a_crash_reads_the_gpu_at_once_and_sends_it_before_the_end_record():
-    nvml, sink, clock = FakeNvml(), FakeSink(), Clock()
+    nvml, sink, clock = FakeNvml(), FakeSender(), Clock()
     probe = GpuHealthProbe(FakeCuda(), nvml, sample_seconds=5.0, monotonic=clock, clock=clock)
     tm = Telemetry(environ=ENV, sink=sink, probes=[probe], start_threads=False, clock=clock)
     tm.record(1, loss=2.0)

@@ -14,7 +14,7 @@ import math
 import msgspec
 import pytest
 from trainhealth.config import default_detector_settings
-from trainhealth.detectors.incident import span
+from trainhealth.detectors.helpers.incident import span
 from trainhealth.pipeline import Pipeline
 from trainhealth.record import Record, from_obj
 
@@ -444,11 +444,11 @@ def test_client_host_comes_from_trainhealth_host_else_the_machine():
     from trainhealth.trainer.client import Telemetry
     from trainhealth.trainer.settings import from_environ
 
-    from .trainer_fakes import Clock, FakeSink
+    from .trainer_fakes import Clock, FakeSender
 
     assert from_environ({"TRAINHEALTH_HOST": "node-b"}).host == "node-b"
     assert from_environ({}).host == socket.gethostname()
-    sink, clock = FakeSink(), Clock()
+    sink, clock = FakeSender(), Clock()
     tm = Telemetry(environ={"TRAINHEALTH_HOST": "node-b", "RANK": "4", "WORLD_SIZE": "8"}, sink=sink, probes=[],
                    start_threads=False, clock=clock, monotonic=clock)
     tm.start(batch_size=2, lr=0.1)
@@ -493,7 +493,7 @@ def test_disabled_rank_failed_is_silent():
     ({"type": "torch.OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 2.00 GiB"}, False),
 ])
 def test_collective_errors_are_told_from_a_ranks_own(error, peer):
-    from trainhealth.detectors.incident import peer_error
+    from trainhealth.detectors.helpers.incident import peer_error
     from trainhealth.record import ErrorInfo
 
     assert peer_error(ErrorInfo(type=error["type"], message=error["message"])) is peer

@@ -10,7 +10,7 @@ from trainhealth.integrations._common import Reporter
 from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.step_timing import StepTimer
 
-from .trainer_fakes import ENV, Clock, FakeSink
+from .trainer_fakes import ENV, Clock, FakeSender
 
 
 class Slow(nn.Module):
@@ -113,7 +113,7 @@ def test_detach_removes_the_hooks():
 
 
 def test_the_callbacks_reporter_puts_the_split_into_the_steps_sample():
-    clock, sink = Clock(), FakeSink()
+    clock, sink = Clock(), FakeSender()
     tm = Telemetry(environ=ENV, sink=sink, probes=[], start_threads=False)
     reporter = Reporter(tm, None, {}, {})
     model = Slow(clock, 0.2)

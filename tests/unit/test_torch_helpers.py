@@ -14,7 +14,7 @@ from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.nvml import open_device
 from trainhealth.trainer.torch_helpers import TorchProbe, oom_guard, pci_bus_id
 
-from .trainer_fakes import ENV, Clock, FakeSink
+from .trainer_fakes import ENV, Clock, FakeSender
 
 
 class FakeEvent:
@@ -151,7 +151,7 @@ def test_grad_scaler_scale_is_read_from_its_tensor_not_get_scale():
 
 def test_client_holds_a_gpu_loss_until_the_copy_is_done_and_nan_arrives_as_nan():
     probe, _, clock = gpu_probe()
-    sink = FakeSink()
+    sink = FakeSender()
     tm = Telemetry(environ=ENV, sink=sink, probes=[probe], start_threads=False, clock=clock, monotonic=clock)
     tm.record(11, loss=1.0)  # the first record tells the probe the training thread's device
     FakeEvent.instances.clear()
@@ -212,7 +212,7 @@ def test_pci_bus_id_is_formatted_for_nvml():
 
 def test_oom_guard_sends_an_oom_record_with_the_allocator_summary_and_reraises():
     cuda = FakeCuda()
-    sink = FakeSink()
+    sink = FakeSender()
     tm = Telemetry(environ=ENV, sink=sink, probes=[], start_threads=False)
     tm.record(99, loss=1.0)
     with pytest.raises(FakeOutOfMemoryError):
@@ -227,7 +227,7 @@ def test_oom_guard_sends_an_oom_record_with_the_allocator_summary_and_reraises()
 
 
 def test_oom_guard_ignores_other_errors():
-    sink = FakeSink()
+    sink = FakeSender()
     tm = Telemetry(environ=ENV, sink=sink, probes=[], start_threads=False)
     with pytest.raises(ValueError), oom_guard(tm, cuda=FakeCuda()):
         raise ValueError("not an OOM")

@@ -11,12 +11,12 @@ from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.torch_helpers import TorchProbe
 
 from .test_torch_helpers import FakeCuda, FakeEvent
-from .trainer_fakes import ENV, Clock, FakeSink
+from .trainer_fakes import ENV, Clock, FakeSender
 
 
-def _client() -> tuple[Telemetry, FakeSink]:
+def _client() -> tuple[Telemetry, FakeSender]:
     clock = Clock()
-    sink = FakeSink()
+    sink = FakeSender()
     probe = TorchProbe(cuda=FakeCuda(), defer_all=True, monotonic=clock)
     tm = Telemetry(environ=ENV, sink=sink, probes=[probe], start_threads=False, clock=clock, monotonic=clock)
     return tm, sink

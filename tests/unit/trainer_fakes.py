@@ -7,7 +7,7 @@ from trainhealth.trainer.transport import Result
 ENV = {"RANK": "3", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "elastic-run"}
 
 
-class FakeSink:
+class FakeSender:
     def __init__(self, outcomes: list[Result] | None = None) -> None:
         self.outcomes = list(outcomes or [])
         self.batches: list[list[dict]] = []  # delivered

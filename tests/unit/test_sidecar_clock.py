@@ -1,4 +1,4 @@
-"""The sidecar's own clock (pauses.py): its pauses and clock jumps are nobody's silence."""
+"""The sidecar's own clock (sidecar_clock.py): its pauses and clock jumps are nobody's silence."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 from trainhealth.config import default_detector_settings
 from trainhealth.detectors.liveness import RankStalledSettings
-from trainhealth.pauses import BEAT_SECONDS, MAX_GRACE_SECONDS, Watch
 from trainhealth.pipeline import Pipeline
 from trainhealth.record import from_obj
+from trainhealth.sidecar_clock import BEAT_SECONDS, MAX_GRACE_SECONDS, SidecarClock
 
 
 class Clocks:
@@ -21,13 +21,13 @@ class Clocks:
         self.wall += seconds + wall_jump
 
 
-def watch() -> tuple[Watch, Clocks]:
+def clock() -> tuple[SidecarClock, Clocks]:
     c = Clocks()
-    return Watch(lambda: c.wall, lambda: c.mono), c
+    return SidecarClock(lambda: c.wall, lambda: c.mono), c
 
 
 def test_steady_beats_keep_the_watch_on_wall_time() -> None:
-    w, c = watch()
+    w, c = clock()
     for _ in range(40):
         c.advance(BEAT_SECONDS)
         assert w.now() == pytest.approx(c.wall)
@@ -35,7 +35,7 @@ def test_steady_beats_keep_the_watch_on_wall_time() -> None:
 
 
 def test_a_stop_is_taken_out_of_the_watch_and_verdicts_wait() -> None:
-    w, c = watch()
+    w, c = clock()
     c.advance(BEAT_SECONDS)
     before = w.now()
     c.advance(12.0)  # SIGSTOP for 12 s
@@ -46,7 +46,7 @@ def test_a_stop_is_taken_out_of_the_watch_and_verdicts_wait() -> None:
 
 
 def test_a_short_lag_holds_verdicts_only_briefly() -> None:
-    w, c = watch()
+    w, c = clock()
     c.advance(2.5)  # one long synchronous handler
     now = w.now()
     assert now + 5.0 < w.hold_until < now + 6.0
@@ -54,7 +54,7 @@ def test_a_short_lag_holds_verdicts_only_briefly() -> None:
 
 @pytest.mark.parametrize("jump", [3600.0, -3600.0])
 def test_a_wall_clock_jump_moves_nothing_and_holds_verdicts(jump: float) -> None:
-    w, c = watch()
+    w, c = clock()
     c.advance(BEAT_SECONDS)
     before = w.now()
     c.advance(BEAT_SECONDS, wall_jump=jump)

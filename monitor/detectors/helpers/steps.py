@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..record import Record
-from ..state import RunState
+from ...record import Record
+from ...state import RunState
 
 
 def step_of(record: Record, run: RunState) -> int:

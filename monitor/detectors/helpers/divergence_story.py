@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..state import RunState
+from ...state import RunState
 from .incident import ranks_phrase
 
 LR_JUMP = 4.0  # an LR that rises this many times from one sample (or start) to the next is a change worth naming

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
-from ..config.rules import flag, fraction, positive
+from ...config.rules import flag, fraction, positive
 from .trend import (
     DropWatch,
     FineBuckets,

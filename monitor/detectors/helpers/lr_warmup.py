@@ -13,7 +13,7 @@ peak by about step N. Two ways it goes wrong, both silent in the loss at first:
   epoch instead of per iteration (the warmup then lasts N *epochs*), or never stepped at all (the LR
   stays at its starting fraction). The applied warmup length is estimated from the LR's climb.
 
-One watch per start; O(1) per sample, and idle once it has decided.
+One check per start; O(1) per sample, and idle once it has decided.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class WarmupFinding:
     applied_steps: int | None  # the warmup the samples show (0: none; None: cannot tell)
 
 
-class WarmupWatch:
+class WarmupCheck:
     """Watches the samples after one start; ``add`` returns a finding once, then goes idle."""
 
     __slots__ = ("declared", "peak", "late_factor", "active", "first", "at_peak", "below", "max_lr", "min_lr")

@@ -73,7 +73,10 @@ class _Run:
     waiters: list[Callable[[], None]] = field(default_factory=list)
 
 
-class Watch:
+class StopSteps:
+    """Each run's view for its clients (firing alerts, agreed stop steps, a version) and the long polls
+    waiting for it to change."""
+
     def __init__(self, book: AlertBook, states: Mapping[str, RunState] | None = None,
                  lead: StopLead | None = None, max_runs: int = 10_000, epoch: int | None = None) -> None:
         """``states``: the pipeline's runs (their newest start records tell a restart). ``epoch``: where

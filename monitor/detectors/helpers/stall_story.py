@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..state import RunState
+from ...state import RunState
 from .incident import ranks_phrase, where, whole_hosts
 
 

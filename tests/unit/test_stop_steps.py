@@ -1,4 +1,4 @@
-"""What a run's clients hear (monitor/watch.py) and resent batches taken once (monitor/batches.py), through
+"""What a run's clients hear (monitor/stop_steps.py) and resent batches taken once (monitor/batches.py), through
 the Service as the ingest route drives it."""
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def test_quiet_runs_get_no_view_in_the_ingest_answer():
     status, body = send(service, *steps("quiet", range(2), 1, 20))
     assert status == 200 and "runs" not in body
     # versions start at the sidecar's start (milliseconds): a client's last version from before a restart is older
-    epoch = service.watch.epoch
-    assert service.watch.view("quiet") == {"version": epoch, "stops": {}, "alerts": [], "alerts_total": 0}
+    epoch = service.stop_steps.epoch
+    assert service.stop_steps.view("quiet") == {"version": epoch, "stops": {}, "alerts": [], "alerts_total": 0}
 
 
 @pytest.mark.parametrize(("period", "lead"), [(0.05, 2), (0.03, 4), (0.5, 2), (0.001, 100)])
@@ -79,10 +79,10 @@ def test_every_rank_is_told_the_same_stop_and_a_later_alert_never_moves_it_lower
     assert (one["rank"], two["rank"]) == (1, 0) == (1, service.book.firing("r")[0]["first_rank"])
     assert second["runs"]["r"]["version"] >= first["runs"]["r"]["version"]  # the same incident, refreshed
     # another alert later, at a much shorter period: its stop is not below the first one
-    service.watch.lead.lead_seconds = 0.0
-    service.watch.on_alerts([{"run": "r", "alert": "loss_spike", "state": "firing", "rank": 0, "step": 29,
+    service.stop_steps.lead.lead_seconds = 0.0
+    service.stop_steps.on_alerts([{"run": "r", "alert": "loss_spike", "state": "firing", "rank": 0, "step": 29,
                               "severity": "warning"}])
-    stops = service.watch.view("r")["stops"]
+    stops = service.stop_steps.view("r")["stops"]
     assert stops["loss_spike"]["step"] >= stops["nan_divergence"]["step"] == 32
 
 
@@ -90,42 +90,42 @@ def test_a_restart_forgets_the_stops():
     service = make()
     send(service, *steps("r", range(2), 1, 29))
     send(service, nan("r", 1, 30))
-    assert service.watch.view("r")["stops"]
+    assert service.stop_steps.view("r")["stops"]
     send(service, {"type": "start", "run": "r", "rank": 0, "time": T0 + 10, "world_size": 2})
-    assert service.watch.view("r")["stops"] == {}
+    assert service.stop_steps.view("r")["stops"] == {}
 
 
 def test_a_restart_whose_start_comes_in_the_same_batch_as_its_samples_forgets_the_stops():
     service = make()
     send(service, *steps("r", range(2), 1, 29))
     send(service, nan("r", 1, 30))
-    assert service.watch.view("r")["stops"]
+    assert service.stop_steps.view("r")["stops"]
     restarted = {"type": "start", "run": "r", "rank": 0, "time": T0 + 10, "world_size": 2}
     send(service, restarted, *[{"run": "r", "rank": 0, "time": T0 + 10 + s * 0.05, "step": s, "loss": 1.0}
                                for s in range(1, 4)])  # one batch: the client flushes start and samples together
-    assert service.watch.view("r")["stops"] == {}
+    assert service.stop_steps.view("r")["stops"] == {}
 
 
 def test_a_run_the_pipeline_forgot_starts_again_without_its_stops():
     service = make()
     send(service, *steps("r", range(2), 1, 29))
     send(service, nan("r", 1, 30))
-    assert service.watch.view("r")["stops"]
+    assert service.stop_steps.view("r")["stops"]
     service.pipeline.forget("r", "expired")
     send(service, *[{"run": "r", "rank": r, "time": T0 + 100 + s, "step": s, "loss": 1.0}
                     for s in range(1, 4) for r in range(2)])
-    assert service.watch.view("r")["stops"] == {}
+    assert service.stop_steps.view("r")["stops"] == {}
 
 
 def test_after_a_sidecar_restart_open_alerts_get_a_stop_again_under_a_newer_version():
     before = make()
     send(before, *steps("r", range(2), 1, 29))
     send(before, nan("r", 1, 30))
-    old = before.watch.view("r")
+    old = before.stop_steps.view("r")
     after = Service(Settings(), clock=lambda: T0 + 3600)
-    after.watch.epoch = old["version"] + 1000  # a later start of the process
-    after.watch.resume(list(before.book.open.values()))  # what the store put back into the book
-    view = after.watch.view("r")
+    after.stop_steps.epoch = old["version"] + 1000  # a later start of the process
+    after.stop_steps.resume(list(before.book.open.values()))  # what the store put back into the book
+    view = after.stop_steps.view("r")
     assert view["version"] > old["version"] and view["stops"]["nan_divergence"]["first_step"] == 30
 
 
@@ -159,9 +159,9 @@ def test_a_long_poll_answers_as_soon_as_an_alert_fires_for_its_run():
 def test_shutdown_answers_every_waiting_poll():
     service = make()
     woken: list[str] = []
-    assert service.watch.wait("r", lambda: woken.append("r"))
-    service.watch.wake_all()
-    assert woken == ["r"] and not service.watch.wait("r", lambda: None)
+    assert service.stop_steps.wait("r", lambda: woken.append("r"))
+    service.stop_steps.wake_all()
+    assert woken == ["r"] and not service.stop_steps.wait("r", lambda: None)
 
 
 # -- batches taken once ---------------------------------------------------------------------------------
@@ -204,10 +204,10 @@ def test_a_stop_every_rank_passed_moves_ahead_of_the_run():
     service = make()
     send(service, *steps("r", range(2), 1, 29))
     send(service, nan("r", 1, 30))
-    assert service.watch.view("r")["stops"]["nan_divergence"]["step"] == 32
-    version = service.watch.version("r")
+    assert service.stop_steps.view("r")["stops"]["nan_divergence"]["step"] == 32
+    version = service.stop_steps.version("r")
     send(service, *steps("r", range(2), 31, 32))  # the ranks reached 32 without having heard: still running
-    assert service.watch.version("r") == version  # at the stop is not past it
+    assert service.stop_steps.version("r") == version  # at the stop is not past it
     _, body = send(service, *steps("r", range(2), 33, 33))  # step 33 done: nobody stopped at 32
     assert body["runs"]["r"]["stops"]["nan_divergence"]["step"] == 35
     assert body["runs"]["r"]["stops"]["nan_divergence"]["moved"] == 1
@@ -227,8 +227,8 @@ def test_a_late_first_start_of_a_slow_rank_is_no_restart():
     service = make()
     send(service, {"type": "start", "run": "r", "rank": 0, "time": T0, "world_size": 2, "batch_size": 2,
                    "lr": 0.02, "reference_lr": 0.02, "reference_batch_size": 16})  # lr_scaling fires at once
-    assert service.watch.view("r")["stops"]["lr_scaling"]["step"] == 2
+    assert service.stop_steps.view("r")["stops"]["lr_scaling"]["step"] == 2
     send(service, *steps("r", [0], 1, 1))
     send(service, {"type": "start", "run": "r", "rank": 1, "time": T0 + 0.01, "world_size": 2, "batch_size": 2,
                    "lr": 0.02})  # rank 1's first start, after rank 0's first sample: not a restart
-    assert service.watch.view("r")["stops"]["lr_scaling"]["step"] == 2
+    assert service.stop_steps.view("r")["stops"]["lr_scaling"]["step"] == 2

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..record import ErrorInfo
-from ..state import RunState
+from ...record import ErrorInfo
+from ...state import RunState
 
 GROUPS_SHOWN = 8  # runs of consecutive ranks named in a summary; the rest are counted
 
