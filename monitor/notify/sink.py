@@ -15,7 +15,7 @@ silenced flag) and handed to the pipeline, whose alert book takes them back
 and resolves them as their runs go on or expire (pipeline.py).
 
 Ids: the AlertBook assigns every transition its id, from this store's sequence
-(``Store.new_id``, given to the book by http/server.py); this sink only reads
+(``Store.new_id``, given to the book by assembly.py); this sink only reads
 them. What it receives are its own copies (Service.dispatch): ``open`` below is
 its own record of the open episodes (id, silenced, latest body), kept in step
 by the transitions and refreshes it is handed, never the book's dicts.
