@@ -111,21 +111,6 @@ class _Gpu:
         self.prev_step, self.prev_time = step, time
         self.open = False
 
-    def add(self, step: int, time: float, value: float, s: GpuOomRiskSettings) -> bool:
-        """Fold one sample in; True when a bucket closed. (GpuOomRisk.update has this inline.)"""
-        if step > self.prev_step and time > self.prev_time:
-            per = (time - self.prev_time) / (step - self.prev_step)
-            self.sps = per if self.sps == 0.0 else 0.8 * self.sps + 0.2 * per
-        self.prev_step, self.prev_time = step, time
-        if value > self.b_max:
-            self.b_max = value
-        if step > self.b_last:
-            self.b_last = step
-        if step - self.b_step >= s.bucket_steps and time - self.b_time >= s.bucket_seconds:
-            self.close(step, time)
-            return True
-        return False
-
     def close(self, step: int, time: float) -> None:
         ring, v = self.ring, self.b_max
         evicted = ring.values[ring.head] if ring.count == ring.size else None
@@ -219,7 +204,7 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
                         found = gpu.fast(total, s)
                         if found is not None:
                             return self._fire_fast(rec, gpu, total, value, *found)
-        # gpu.add, inline
+        # fold the sample into the open bucket (smoothed seconds per step, the bucket's maximum and last step)
         if step > gpu.prev_step and time > gpu.prev_time:
             per = (time - gpu.prev_time) / (step - gpu.prev_step)
             gpu.sps = per if gpu.sps == 0.0 else 0.8 * gpu.sps + 0.2 * per

@@ -117,10 +117,9 @@ def build(paths: Sequence[str], settings: Settings, until: float | None = None) 
             run.add(rec)
             yield rec
 
-    for alert in replay(recorded(read_files(paths, stats)), pipeline, until=until):  # replay's own loop
+    fired = list(replay(recorded(read_files(paths, stats)), pipeline, until=until))  # replay's own loop
+    for alert in pipeline.book.latest(fired):  # each firing as its alert ended up (refreshed since it fired)
         runs[alert["run"]].alerts.append(alert)
-    for run in runs.values():  # each firing as its alert ended up (one text everywhere: refreshed since it fired)
-        run.alerts = pipeline.book.latest(run.alerts)
     ordered = sorted(runs.values(), key=lambda r: r.first_time)
     data = [{"run": r.name, "chart": r.chart()} for r in ordered]
     return render(ordered, pipeline, data, paths, stats), stats
