@@ -21,7 +21,7 @@ from .config import Limits
 from .detectors import ALL, Detector
 from .detectors.helpers.incident import ranks_phrase
 from .events import Event, resolved
-from .record import Record
+from .record import RECORD_TYPES, Record
 from .state import RankState, RunState
 from .textbudget import TextBudget
 
@@ -44,10 +44,11 @@ class Outcome:
 
 
 _step_and_time = attrgetter("step", "time")
-# a run's detectors, their bound update methods, and the bound tick methods of those that have one
-_Bound = tuple[list[Detector[Any]], list[tuple[Detector[Any], Callable[[Record], list[Event]]]],
+_Update = Callable[[Record], list[Event]]
+# a run's detectors, their bound update methods by record type (each type's list holds only the detectors
+# that read it: Detector.record_types), and the bound tick methods of those that have one
+_Bound = tuple[list[Detector[Any]], dict[str, list[_Update]],
                list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
-
 
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
     """Order by step then time; a record without a step takes its rank's previous step."""
@@ -127,6 +128,8 @@ class Pipeline:
         if len(records) > 1:
             order = sorted(order, key=_order_key(records))  # type: ignore[assignment]
         runs, feed = self.runs, self._feed
+        table_of: RunState | None = None  # the run whose detectors ``updates`` holds (a batch is most often one run)
+        updates: dict[str, list[_Update]] = {}
         for i in order:
             rec = records[i]
             run = runs.get(rec.run)
@@ -141,9 +144,12 @@ class Pipeline:
                 rank.host, rank.pid = origin
             if rec.step is None and rec.type == "end":  # a launcher's end: the rank's last known step
                 rec = msgspec.structs.replace(rec, step=max(0, rank.last_step))
-            out = feed(run, rank, rec, wall)
+            if run is not table_of:  # a run made anew (a forgotten one back) is another object: looked up again
+                table_of, updates = run, self._bound_methods(run.run)[1]
+            out = feed(run, rank, rec, wall, updates)
             if out:
                 alerts.extend(out)
+        self.records_processed += len(records) - len(refused)
         if refused:
             refused.sort(key=lambda r: r[0])
         return Outcome(self.book.current(alerts) if alerts else alerts, refused)  # as they stand at its end
@@ -179,39 +185,43 @@ class Pipeline:
         return True
 
     def _bound_methods(self, run: str) -> _Bound:
-        """The run's detectors' bound ``update`` methods, and ``tick`` of those that have one (the base
-        class's does nothing), made once per run, not per record; made again when ``self.detectors`` holds
-        another list for the run (a checkpoint restore replaces it)."""
+        """The run's detectors' bound ``update`` methods by record type, and ``tick`` of those that have one
+        (the base class's does nothing), made once per run, not per record; made again when
+        ``self.detectors`` holds another list for the run (a checkpoint restore replaces it)."""
         dets = self.detectors[run]
         cached = self._bound.get(run)
         if cached is not None and cached[0] is dets:
             return cached
-        updates: list[tuple[Detector[Any], Callable[[Record], list[Event]]]] = [(det, det.update) for det in dets]
+        updates: dict[str, list[_Update]] = {
+            kind: [det.update for det in dets if kind in det.record_types] for kind in RECORD_TYPES}
         ticks: list[tuple[Detector[Any], Callable[[float], list[Event]]]] = [
             (det, det.tick) for det in dets if type(det).tick is not Detector.tick]
         made: _Bound = (dets, updates, ticks)
         self._bound[run] = made
         return made
 
-    def _feed(self, run: RunState, rank: RankState, rec: Record, wall: float) -> list[Alert]:
+    def _feed(self, run: RunState, rank: RankState, rec: Record, wall: float,
+              updates: dict[str, list[_Update]]) -> list[Alert]:
+        """One record: the run's and rank's state, then the detectors that read its type (``updates``: the
+        run's, from ``_bound_methods``), then a tick when a second of record time has passed."""
         run.records += 1
         run.last_wall = wall
-        self.records_processed += 1
         rank.apply(rec)
-        if rec.type == "start":
+        kind = rec.type
+        if kind == "start":
             run.add_start(rec)
             if rec.config:
                 self.text.hold(rec)
-        elif rec.type == "oom" and rec.detail and rank.last_oom is not None:
+        elif kind == "oom" and rec.detail and rank.last_oom is not None:
             self.text.hold(rank.last_oom)
         events: list[Event] = []
-        for det, update in self._bound_methods(run.run)[1]:
+        for update in updates[kind]:  # bound methods: the detector is update.__self__
             try:
                 out = update(rec)
             except Exception:  # one detector's bug must not fail the batch nor blind the others
-                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
+                out = self._detector_failed(update.__self__, rec.run, rec.rank, rec.step)  # type: ignore[attr-defined]
             if out:
-                self._own(det, out)
+                self._own(update.__self__, out)  # type: ignore[attr-defined]
                 events += out
         if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
             run.clock = rec.time
@@ -221,7 +231,7 @@ class Pipeline:
         elif run.clock - run.last_tick >= self.tick_seconds:
             events.extend(self._tick_run(run, run.clock))
         alerts = self.book.apply(run.run, events) if events else []
-        if (rec.type == "end" or alerts) and run.ended:  # every rank has ended: nothing of the run stays open
+        if (kind == "end" or alerts) and run.ended:  # every rank has ended: nothing of the run stays open
             alerts.extend(self._close_ended(run))
         return alerts
 
