@@ -7,7 +7,7 @@ live page: history.py), a few start records per run. Detectors keep their own bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
@@ -16,6 +16,22 @@ from .record import NUMBER_FIELDS, Record
 
 SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size", "host_mem_oom_kills",
                                             "host_mem_max_events", "host_mem_high_events")  # without reference_lr
+
+
+def _fold_code(fields: tuple[str, ...]) -> Callable[[Record, dict[str, float]], None]:
+    """``latest[name] = rec.<name>`` for each of ``fields`` the record carries (not None), written out one
+    field a line: the ingest hot path (every sample). A loop of ``getattr(rec, name)`` over the 23 names cost
+    about 1.9 us a sample, these plain attribute reads (which Python specializes) about 1.0 us. The code is
+    made from the one list of names, so it cannot drift from it."""
+    lines = [f"    if (v := rec.{name}) is not None:\n        latest[{name!r}] = v\n" for name in fields]
+    namespace: dict[str, Any] = {}
+    exec(compile("def fold(rec, latest):\n" + "".join(lines), f"<state.fold {len(fields)} fields>", "exec"),
+         namespace)
+    fold: Callable[[Record, dict[str, float]], None] = namespace["fold"]
+    return fold
+
+
+_fold_sample_values = _fold_code(SAMPLE_VALUE_FIELDS)
 MAX_STARTS_KEPT = 16
 MAX_METRICS_KEPT = 256  # per rank: one record may carry any number of names
 
@@ -63,11 +79,7 @@ class RankState:
             if self.last_sample_time is None or rec.time >= self.last_sample_time:
                 self.last_sample_time = rec.time
                 self.history.add(rec)
-                latest = self.latest
-                for name in SAMPLE_VALUE_FIELDS:
-                    value = getattr(rec, name)
-                    if value is not None:
-                        latest[name] = value
+                _fold_sample_values(rec, self.latest)  # each of SAMPLE_VALUE_FIELDS the sample carries
                 if rec.metrics:
                     metrics = self.metrics
                     if len(metrics) + len(rec.metrics) <= MAX_METRICS_KEPT:
