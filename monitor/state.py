@@ -60,24 +60,28 @@ class RankState:
     gpu_health: dict[str, Any] | None = None  # its GPU's newest NVML reading, with the record's "time"
 
     def apply(self, rec: Record) -> None:
+        # every record of ingest and replay comes here: the record's fields are read once, into locals
         self.records += 1
-        if rec.time > self.last_time:
-            self.last_time = rec.time
-        if rec.type in ("heartbeat", "sample") and rec.time >= self.phase_seen:
-            self.phase_seen = rec.time  # no phase on the newest one: none (an older client, or between phases)
-            self.phase, self.phase_time = rec.phase, rec.phase_time if rec.phase is not None else None
-        if rec.step is not None and rec.step > self.last_step:
-            self.last_step = rec.step
-        if rec.gpu_health is not None and (self.gpu_health is None or rec.time >= self.gpu_health["time"]):
-            self.gpu_health = {**msgspec.to_builtins(rec.gpu_health), "time": rec.time}  # plain: JSON, pickle
-        kind = rec.type
+        t, kind, step = rec.time, rec.type, rec.step
+        if t > self.last_time:
+            self.last_time = t
+        if (kind == "sample" or kind == "heartbeat") and t >= self.phase_seen:
+            self.phase_seen = t  # no phase on the newest one: none (an older client, or between phases)
+            phase = self.phase = rec.phase
+            self.phase_time = rec.phase_time if phase is not None else None
+        if step is not None and step > self.last_step:
+            self.last_step = step
+        health = rec.gpu_health
+        if health is not None and (self.gpu_health is None or t >= self.gpu_health["time"]):
+            self.gpu_health = {**msgspec.to_builtins(health), "time": t}  # plain: JSON, pickle
         if kind == "sample":
             loss = rec.loss
-            if loss is not None and loss - loss != 0.0 and rec.step is not None:  # NaN or infinite
-                if self.loss_nonfinite_step is None or rec.step < self.loss_nonfinite_step:
-                    self.loss_nonfinite_step = rec.step
-            if self.last_sample_time is None or rec.time >= self.last_sample_time:
-                self.last_sample_time = rec.time
+            if loss is not None and loss - loss != 0.0 and step is not None:  # NaN or infinite
+                if self.loss_nonfinite_step is None or step < self.loss_nonfinite_step:
+                    self.loss_nonfinite_step = step
+            last = self.last_sample_time
+            if last is None or t >= last:
+                self.last_sample_time = t
                 self.history.add(rec)
                 _fold_sample_values(rec, self.latest)  # each of SAMPLE_VALUE_FIELDS the sample carries
                 if rec.metrics:
@@ -90,8 +94,8 @@ class RankState:
                                 metrics[name] = value
             self.ended = False
         elif kind == "heartbeat":
-            if self.last_heartbeat_time is None or rec.time > self.last_heartbeat_time:
-                self.last_heartbeat_time = rec.time
+            if self.last_heartbeat_time is None or t > self.last_heartbeat_time:
+                self.last_heartbeat_time = t
             self.ended = False
         elif kind == "start":
             self.phase = self.phase_time = None
