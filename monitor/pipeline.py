@@ -19,6 +19,7 @@ import msgspec
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
+from .detectors.base import GPU_HEALTH
 from .detectors.helpers.incident import ranks_phrase
 from .events import Event, resolved
 from .record import RECORD_TYPES, Record
@@ -45,10 +46,11 @@ class Outcome:
 
 _step_and_time = attrgetter("step", "time")
 _Update = Callable[[Record], list[Event]]
-# a run's detectors, their bound update methods by record type (each type's list holds only the detectors
-# that read it: Detector.record_types), and the bound tick methods of those that have one
-_Bound = tuple[list[Detector[Any]], dict[str, list[_Update]],
-               list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
+_ByType = dict[str, list[_Update]]
+# a run's detectors; their bound update methods by record type, for records without and with a GPU reading
+# (each list holds only the detectors that read such a record: Detector.record_types); and the bound tick
+# methods of those that have one
+_Bound = tuple[list[Detector[Any]], tuple[_ByType, _ByType], list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
 
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
     """Order by step then time; a record without a step takes its rank's previous step."""
@@ -134,7 +136,8 @@ class Pipeline:
         runs, book, text, tick_seconds = self.runs, self.book, self.text, self.tick_seconds
         hold = wall < self.judge_after  # a hold: no verdict in a batch (the timer's tick gives it, see tick_wall)
         table_of: RunState | None = None  # the run whose detectors ``updates`` holds (a batch is most often one run)
-        updates: dict[str, list[_Update]] = {}
+        updates: _ByType = {}
+        health_updates: _ByType = {}  # for a record with a GPU reading
         for i in order:
             rec = records[i]
             run = runs.get(rec.run)
@@ -151,7 +154,7 @@ class Pipeline:
             if rec.step is None and kind == "end":  # a launcher's end: the rank's last known step
                 rec = msgspec.structs.replace(rec, step=max(0, rank.last_step))
             if run is not table_of:  # a run made anew (a forgotten one back) is another object: looked up again
-                table_of, updates = run, self._bound_methods(run.run)[1]
+                table_of, (updates, health_updates) = run, self._bound_methods(run.run)[1]
             run.records += 1
             run.last_wall = wall
             rank.apply(rec)
@@ -162,7 +165,8 @@ class Pipeline:
             elif kind == "oom" and rec.detail and rank.last_oom is not None:
                 text.hold(rank.last_oom)
             events: list[Event] = []
-            for update in updates[kind]:  # bound methods: the detector is update.__self__
+            # bound methods (the detector is update.__self__) of the detectors that read this record
+            for update in (updates if rec.gpu_health is None else health_updates)[kind]:
                 try:
                     out = update(rec)
                 except Exception:  # one detector's bug must not fail the batch nor blind the others
@@ -218,18 +222,21 @@ class Pipeline:
         return True
 
     def _bound_methods(self, run: str) -> _Bound:
-        """The run's detectors' bound ``update`` methods by record type, and ``tick`` of those that have one
-        (the base class's does nothing), made once per run, not per record; made again when
-        ``self.detectors`` holds another list for the run (a checkpoint restore replaces it)."""
+        """The run's detectors' bound ``update`` methods by record type (for records without, and with, a GPU
+        reading), and ``tick`` of those that have one (the base class's does nothing), made once per run, not
+        per record; made again when ``self.detectors`` holds another list for the run (a checkpoint restore
+        replaces it)."""
         dets = self.detectors[run]
         cached = self._bound.get(run)
         if cached is not None and cached[0] is dets:
             return cached
-        updates: dict[str, list[_Update]] = {
-            kind: [det.update for det in dets if kind in det.record_types] for kind in RECORD_TYPES}
+        plain: _ByType = {kind: [det.update for det in dets if kind in det.record_types] for kind in RECORD_TYPES}
+        health: _ByType = {kind: [det.update for det in dets
+                                  if kind in det.record_types or GPU_HEALTH in det.record_types]
+                           for kind in RECORD_TYPES}
         ticks: list[tuple[Detector[Any], Callable[[float], list[Event]]]] = [
             (det, det.tick) for det in dets if type(det).tick is not Detector.tick]
-        made: _Bound = (dets, updates, ticks)
+        made: _Bound = (dets, (plain, health), ticks)
         self._bound[run] = made
         return made
 

@@ -1,12 +1,13 @@
-"""Each detector's ``record_types`` is honest: a record of a type it does not declare changes nothing.
+"""Each detector's ``record_types`` is honest: a record it does not declare changes nothing.
 
-The pipeline calls a detector's ``update`` only for the record types it declares (a heartbeat reaches 5 of
-the 12 detectors), which is exactly the same as calling it for every record only if, for every other type,
-``update`` returns ``[]`` and leaves the detector as it was. Here every detector is brought into several
-states by the real pipeline (healthy fp16 ranks with every memory field, an OOM, a NaN, a failed rank, GPU
-health readings), then handed records of each type it does not declare, carrying every field that could
-tempt it (a heartbeat with a NaN loss and an XID, an oom, failed and clean ends, a rank never seen): its
-pickled state must not change by a byte and it must return no event.
+The pipeline calls a detector's ``update`` only for the records it declares (their types, and any record with
+a GPU reading for those that declare ``gpu_health``: a heartbeat without one reaches 2 of the 12 detectors),
+which is exactly the same as calling it for every record only if, for every other record, ``update`` returns
+``[]`` and leaves the detector as it was. Here every detector is brought into several states by the real
+pipeline (healthy fp16 ranks with every memory field, an OOM, a NaN, a failed rank, GPU health readings), then
+handed records of each type it does not declare, carrying every field that could tempt it (a heartbeat with a
+NaN loss and an XID, an oom, failed and clean ends, a rank never seen; without a GPU reading for a detector
+that reads every record with one): its pickled state must not change by a byte and it must return no event.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from trainhealth.config import default_detector_settings
 from trainhealth.detectors import ALL
+from trainhealth.detectors.base import GPU_HEALTH
 from trainhealth.pipeline import Pipeline
 from trainhealth.record import RECORD_TYPES, Record, from_obj
 
@@ -93,22 +95,24 @@ def scenario(name: str) -> list[Record]:
     raise AssertionError(name)
 
 
-def test_every_declared_type_is_a_record_type() -> None:
+def test_every_declared_type_is_a_record_type_or_a_gpu_reading() -> None:
     for cls in ALL:
-        assert cls.record_types and set(cls.record_types) <= set(RECORD_TYPES), cls.name
+        assert cls.record_types and set(cls.record_types) <= {*RECORD_TYPES, GPU_HEALTH}, cls.name
 
 
 def test_heartbeats_skip_the_detectors_that_do_not_read_them() -> None:
     """The dispatch is in force (else this file would prove nothing about what the pipeline does)."""
-    skipped = sorted(cls.name for cls in ALL if "heartbeat" not in cls.record_types)
-    assert skipped == ["gpu_oom", "gpu_oom_risk", "grad_explosion", "host_memory_leak", "loss_spike",
-                       "lr_scaling", "nan_divergence"]
     p = Pipeline(default_detector_settings())
     p.process(scenario("healthy"))
-    updates = p._bound_methods(RUN)[1]
-    assert [u.__self__.name for u in updates["heartbeat"]] == [  # type: ignore[attr-defined]
-        c.name for c in ALL if "heartbeat" in c.record_types]
-    assert len(updates["sample"]) == len(ALL)
+    plain, health = p._bound_methods(RUN)[1]
+
+    def names(updates: list[Any]) -> list[str]:
+        return [u.__self__.name for u in updates]
+
+    assert names(plain["heartbeat"]) == ["rank_failed", "rank_stalled"]
+    assert names(health["heartbeat"]) == ["rank_failed", "rank_stalled", "straggler", "gpu_fault", "gpu_degraded"]
+    assert names(plain["sample"]) == [c.name for c in ALL if c.name not in ("gpu_fault", "gpu_degraded")]
+    assert names(health["sample"]) == [c.name for c in ALL]
 
 
 @pytest.mark.parametrize("name", ["healthy", "troubled"])
@@ -121,6 +125,8 @@ def test_a_record_of_an_undeclared_type_changes_no_detector(name: str) -> None:
             if kind in det.record_types:
                 continue
             for rec in probes(kind):
+                if rec.gpu_health is not None and GPU_HEALTH in det.record_types:
+                    continue  # it reads every record with a GPU reading
                 before = pickle.dumps(det)
                 assert det.update(rec) == [], (det.name, rec)
                 assert pickle.dumps(det) == before, (det.name, rec)
