@@ -52,6 +52,7 @@ _ByType = dict[str, list[_Update]]
 # methods of those that have one
 _Bound = tuple[list[Detector[Any]], tuple[_ByType, _ByType], list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
 
+
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
     """Order by step then time; a record without a step takes its rank's previous step."""
     keys = list(map(_step_and_time, records))
