@@ -116,6 +116,12 @@ def test_bodies_in_progress_fill_the_budget_then_the_next_is_a_503_with_retry_af
     status, _, got = ask(url, "/v1/ingest", padded(record.replace(b'"step":1', b'"step":2'), 50_000))
     assert (status, got["accepted"]) == (200, 1), got
     assert refused_503(sidecar.client.get("/metrics").text) == refusals  # the silence is not an ingest body
+    # a silence body over 64 KiB is refused unread (it used to be read whole first, however long)
+    for framing in (head("/v1/silences", 70_000) + b"{" + b" " * 69_998 + b"}",
+                    head("/v1/silences") + chunk(b"{" + b" " * 70_000) + chunk(b"}") + b"0\r\n\r\n"):
+        with connect(url) as s:
+            s.sendall(framing)
+            assert answer(s)[::2] == (413, {"error": "body: at most 65536 bytes"})
 
 
 def test_the_client_gets_retry_after_from_a_full_sidecar_and_delivers_once_it_has_room(start_sidecar) -> None:
