@@ -30,7 +30,6 @@ class BodyBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self.peak = 0
 
     def fits(self, size: int) -> bool:
         return self.held + size <= self.limit
@@ -74,7 +73,6 @@ class Receiving:
                 if not budget.fits(len(chunk)):
                     raise Busy(budget.busy(f"a body past {size - len(chunk)} bytes"))
                 budget.held += len(chunk)
-                budget.peak = max(budget.peak, budget.held)
                 self.counted += len(chunk)
             chunks.append(chunk)
         return b"".join(chunks)  # the chunks go with this frame: one copy held, and counted, until close()

@@ -11,10 +11,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from trainhealth.trainer.transport import HttpSender, classify
 
 from tests.browser import Browser
 from tests.conftest import need_binary
-from trainhealth.trainer.transport import HttpSender, classify
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,8 @@ def test_a_page_whose_name_is_rebound_to_the_sidecar_reads_nothing(start_sidecar
     assert read["/metrics"].startswith("200 ") and read["/"].startswith("200 "), read
 
 
-def raw(url: str, host: bytes | None, request: bytes = b"GET /v1/runs HTTP/1.1\r\n", body: bytes = b"") -> tuple[int, bytes]:
+def raw(url: str, host: bytes | None, request: bytes = b"GET /v1/runs HTTP/1.1\r\n",
+        body: bytes = b"") -> tuple[int, bytes]:
     addr, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((addr, int(port)), timeout=10) as s:
         line = b"" if host is None else b"Host: " + host + b"\r\n"

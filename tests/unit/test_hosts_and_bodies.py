@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from trainhealth.config import ConfigError, load
 from trainhealth.http.bodies import default_budget
 from trainhealth.http.hosts import HostNames, host_name
