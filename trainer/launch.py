@@ -11,8 +11,11 @@ child dies with the watcher (PR_SET_PDEATHSIG). When the child exits non-zero or
 signal, the watcher sends the rank's ``end`` on its behalf within milliseconds: status "failed",
 ``exit_code`` or ``signal``, ``stderr_tail`` (the runtime's last words: "terminate called after
 throwing an instance of 'c10::DistBackendError'", faulthandler's Python stack after a segfault),
-``oom_killed`` when the OOM-kill count of its limiting cgroup (else the machine's) rose while it ran,
-with the cgroup's peak usage and limit. A clean exit (code 0) sends nothing: the client's own ``end``
+``oom_killed`` only when the kernel log names its pid as the OOM killer's victim (or, where the log
+cannot be read, the OOM-kill count of its limiting cgroup rose), with the cgroup's peak usage and limit;
+``oom_check`` says how that was decided and ``oom_doubt`` why a SIGKILL could be neither proven nor ruled
+out an OOM kill; a child of the rank (a DataLoader worker) the OOM killer killed is named
+(``oom_killed_pid``, ``oom_child``). A clean exit (code 0) sends nothing: the client's own ``end``
 says it. Then the watcher exits as the child did (the same code, or the same signal), so torchrun sees
 what it would have seen.
 
@@ -33,11 +36,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import host_memory
+from .kernel_log import KernelLog, OomKill, oom_kills
 from .settings import ClientSettings, from_environ, launch_header
 from .transport import FileSender, HttpSender, Result
 
@@ -49,6 +53,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 SEND_SECONDS = 3.0  # the end record is retried this long (the sidecar may be restarting)
 DRAIN_SECONDS = 0.5  # after the child's exit, wait this long for the rest of its stderr (a grandchild may hold it)
 PR_SET_PDEATHSIG = 1
+CHILDREN_SECONDS = 1.0  # how often the rank's descendants are listed (an OOM-killed DataLoader worker is named)
+MAX_CHILDREN = 4096  # descendants remembered (pids of the rank's whole life: a bound, not a filter)
+KILL_LOG_SECONDS = 0.25  # the kernel logs "Killed process" just after its SIGKILL: wait this long for the line
 
 
 @dataclass(slots=True)
@@ -80,22 +87,76 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
+@dataclass(frozen=True, slots=True)
+class OomWitness:
+    """What the watcher can read about OOM kills while the rank ran: the kernel log's kills (None where it
+    cannot be read, ``log_error`` says why) and the OOM-kill counts before and after, of its limiting
+    cgroup (None without one) and of the machine."""
+
+    kills: list[OomKill] | None = None
+    log_error: str | None = None
+    cgroup: tuple[int | None, int | None] = (None, None)
+    machine: tuple[int | None, int | None] = (None, None)
+
+
+def _rose(counts: tuple[int | None, int | None]) -> int | None:
+    before, after = counts
+    return None if before is None or after is None else after - before
+
+
+def oom_verdict(returncode: int, pid: int, children: Collection[int], seen: OomWitness) -> dict[str, Any]:
+    """The ``end`` record's OOM fields for a child that ended with ``returncode`` (docs/liveness.md, "Deaths").
+    Only the kernel log names whom the OOM killer killed: it decides wherever it can be read (the rank's
+    pid, else one of its ``children``). Without it, the count of the rank's limiting cgroup (the job's own:
+    a container, a pod, a Slurm step) decides a SIGKILL; the machine's count can only clear one (it did not
+    rise: nothing on the machine was OOM-killed). Else ``oom_check`` is "unproven" and ``oom_doubt`` says
+    why. Pure."""
+    killed = returncode == -signal.SIGKILL
+    if seen.kills is not None:
+        mine = next((k for k in seen.kills if k.pid == pid), None)
+        child = next((k for k in seen.kills if k.pid in children), None) if mine is None else None
+        if mine is not None:
+            return {"oom_killed": True, "oom_check": "kernel_log", "oom_killed_pid": pid,
+                    "oom_killed_comm": mine.comm}
+        if child is not None:
+            return {"oom_check": "kernel_log", "oom_killed_pid": child.pid, "oom_killed_comm": child.comm,
+                    "oom_child": True}
+        return {"oom_check": "kernel_log"} if killed else {}
+    if not killed:
+        return {}
+    cgroup, machine = _rose(seen.cgroup), _rose(seen.machine)
+    if cgroup is not None:
+        return {"oom_killed": True, "oom_check": "cgroup_count"} if cgroup > 0 else {"oom_check": "cgroup_count"}
+    if machine == 0:
+        return {"oom_check": "machine_count"}
+    unread = f"the kernel log cannot be read ({seen.log_error or 'unknown error'})"
+    if machine is None:
+        doubt = f"{unread} and no OOM-kill count either"
+    else:
+        doubt = (f"{unread} and the only OOM-kill count is the machine's, which rose by {machine} while it ran: "
+                 f"any process on the machine")
+    return {"oom_check": "unproven", "oom_doubt": doubt}
+
+
 def end_record(s: ClientSettings, returncode: int, tail: str, *, forwarded: int | None, now: float,
-               oom_before: int | None, oom_after: int | None, peak: float | None,
-               limit: float | None) -> dict[str, Any] | None:
-    """The rank's ``end`` for a child that ended with ``returncode`` (Popen's: -N for signal N); None for a
-    clean exit. ``forwarded``: the signal the watcher passed on, if any. Pure."""
+               oom: Mapping[str, Any], pid: int | None = None, peak: float | None = None,
+               limit: float | None = None) -> dict[str, Any] | None:
+    """The rank's ``end`` for a child ``pid`` that ended with ``returncode`` (Popen's: -N for signal N); None
+    for a clean exit. ``forwarded``: the signal the watcher passed on, if any; ``oom``: ``oom_verdict``'s
+    fields (the cgroup's ``peak`` usage and ``limit`` are added to an OOM kill). Pure."""
     if returncode == 0:
         return None
     rec: dict[str, Any] = {"type": "end", "run": s.run, "rank": s.rank, "time": now, "status": "failed"}
+    if pid is not None:
+        rec["pid"] = pid
     if returncode < 0:
         rec["signal"] = signal_name(-returncode)
         if forwarded == -returncode:
             rec["signal_forwarded"] = True
     else:
         rec["exit_code"] = returncode
-    if oom_before is not None and oom_after is not None and oom_after > oom_before and returncode == -signal.SIGKILL:
-        rec["oom_killed"] = True
+    rec.update(oom)
+    if oom.get("oom_killed") or oom.get("oom_child"):
         if peak is not None:
             rec["host_mem_bytes"] = peak
         if limit is not None:
@@ -103,6 +164,27 @@ def end_record(s: ClientSettings, returncode: int, tail: str, *, forwarded: int 
     if tail:
         rec["stderr_tail"] = tail
     return rec
+
+
+def descendants(pid: int, proc: str = "/proc") -> set[int]:
+    """The live descendants of ``pid`` (``/proc/PID/task/TID/children``, Linux 3.5+); empty where unreadable."""
+    out: set[int] = set()
+    todo = [pid]
+    while todo and len(out) < MAX_CHILDREN:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"{proc}/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"{proc}/{parent}/task/{tid}/children") as f:
+                    found = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            todo += [c for c in found if c not in out]
+            out.update(found)
+    return out
 
 
 class RankWatcher:
@@ -128,23 +210,64 @@ class RankWatcher:
         self._sender = sender
         self._reader: threading.Thread | None = None
         self.cgroup: host_memory.Cgroup | None = None  # the memory cgroup whose limit applies to the child
-        self.oom_before: int | None = None  # its OOM-kill count (the machine's without one) at the start
+        self.kernel_log: KernelLog | None = None  # the kernel log from the child's start on
+        self.children: set[int] = set()  # every descendant of the child seen while it ran
+        self._done = threading.Event()
+        self._cgroup_before: int | None = None  # OOM-kill counts at the start: its limiting cgroup's
+        self._machine_before: int | None = None  # and the machine's
 
     def start(self) -> subprocess.Popen[bytes]:
+        self.kernel_log = KernelLog()  # before the child: none of its kills is logged before this
+        self._machine_before = host_memory.machine_oom_kills()
         self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent)
         for sig in FORWARDED:
             signal.signal(sig, self._forward)
         self._reader = threading.Thread(target=self._read_stderr, name="trainhealth-stderr", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._list_children, name="trainhealth-children", daemon=True).start()
         self.cgroup = host_memory.limiting_cgroup(self_cgroup=f"/proc/{self.proc.pid}/cgroup")
-        self.oom_before = self._oom_kills()
+        self._cgroup_before = self._cgroup_kills()
         return self.proc
 
-    def _oom_kills(self) -> int | None:
-        """The OOM killer's count where the child lives: its limiting cgroup's, else the machine's."""
+    def _cgroup_kills(self) -> int | None:
         cg = self.cgroup
-        return host_memory.oom_kills(cg.path, cg.version) if cg is not None else host_memory.machine_oom_kills()
+        return host_memory.oom_kills(cg.path, cg.version) if cg is not None else None
+
+    def _list_children(self) -> None:
+        """Remember the child's descendants while it runs (a DataLoader worker the OOM killer kills is named)."""
+        assert self.proc is not None
+        while True:
+            if len(self.children) < MAX_CHILDREN:
+                self.children |= descendants(self.proc.pid)
+            if self._done.wait(CHILDREN_SECONDS):
+                return
+
+    def witness(self, returncode: int) -> OomWitness:
+        """What the kernel says about OOM kills while the child ran, read at its death. A SIGKILL not yet
+        found in the kernel log while the machine's count rose waits up to KILL_LOG_SECONDS for its line."""
+        assert self.proc is not None and self.kernel_log is not None
+        machine = (self._machine_before, host_memory.machine_oom_kills())
+        seen = OomWitness(cgroup=(self._cgroup_before, self._cgroup_kills()), machine=machine)
+        log = self.kernel_log
+        lines = log.read()
+        if lines is None:
+            return OomWitness(None, log.error, seen.cgroup, seen.machine)
+        kills = oom_kills(lines)
+        ours = {self.proc.pid} | self.children
+        if returncode == -signal.SIGKILL and (_rose(machine) or 0) > 0:
+            deadline = time.monotonic() + KILL_LOG_SECONDS
+            while not any(k.pid in ours for k in kills) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                more = log.read()
+                if more is None:
+                    break
+                lines += more
+                kills = oom_kills(lines)
+        if log.lost and not any(k.pid in ours for k in kills):
+            return OomWitness(None, "records logged while it ran were overwritten before they were read",
+                              seen.cgroup, seen.machine)
+        return OomWitness(kills, None, seen.cgroup, seen.machine)
 
     def _forward(self, sig: int, frame: Any) -> None:
         self.forwarded = sig
@@ -176,17 +299,22 @@ class RankWatcher:
         """Wait for the child, report its death, and return its Popen return code."""
         assert self.proc is not None
         code = self.proc.wait()
+        self._done.set()
         if self._reader is not None:
             self._reader.join(DRAIN_SECONDS)
-        oom_after = self._oom_kills()
+        oom: dict[str, Any] = {}
+        if code != 0:
+            oom = oom_verdict(code, self.proc.pid, self.children, self.witness(code))
+        if self.kernel_log is not None:
+            self.kernel_log.close()
         peak = limit = None
-        if self.cgroup is not None:
+        if self.cgroup is not None and (oom.get("oom_killed") or oom.get("oom_child")):
             peak = host_memory.peak_bytes(self.cgroup.path, self.cgroup.version)
             limit = self.cgroup.limit
         if self.settings is None:
             return code
         rec = end_record(self.settings, code, self.tail.text(), forwarded=self.forwarded, now=self.clock(),
-                         oom_before=self.oom_before, oom_after=oom_after, peak=peak, limit=limit)
+                         oom=oom, pid=self.proc.pid, peak=peak, limit=limit)
         if rec is not None:
             self.report(rec)
         return code
