@@ -347,6 +347,17 @@ def available() -> bool:
 
 # -- the launcher's view of its rank's cgroup (trainhealth.launch): its peak usage ------------------------------
 
+def named_cgroup(memcg: str, root: str | Path = "/sys/fs/cgroup") -> Cgroup | None:
+    """The memory cgroup the kernel log names (``oom_memcg=/job``, from the memory hierarchy's root) with its
+    limit, or None: not found here (another cgroup namespace) or no limit."""
+    root = Path(root)
+    v1 = root / "memory"
+    version, base, name = (1, v1, "memory.limit_in_bytes") if v1.is_dir() else (2, root, "memory.max")
+    folder = base.joinpath(*[p for p in memcg.split("/") if p and p != ".."])
+    limit = _number(folder / name)
+    return Cgroup(folder, version, float(limit)) if limit is not None and 0 < limit < UNLIMITED else None
+
+
 def peak_bytes(folder: str | Path, version: int) -> float | None:
     """The cgroup's peak memory usage (v2 ``memory.peak``, kernel 5.19+; v1 ``memory.max_usage_in_bytes``)."""
     name = "memory.peak" if version == 2 else "memory.max_usage_in_bytes"

@@ -38,6 +38,7 @@ _DMESG_PREFIX = re.compile(r"^\[\s*\d+\.\d+\](?:\[\s*[TC]\d+\])?\s?")  # with th
 _KILLED = re.compile(r"(?:^|: )Killed process (\d+) \((.{0,16}?)\)(?= total-vm| vsz|,|$)")
 _SUMMARY = re.compile(r"^oom-kill:.*[,:]task=(.{0,16}?),pid=(\d+),uid=")
 _TASK_MEMCG = re.compile(r"[,:]task_memcg=([^,]*),")
+_OOM_MEMCG = re.compile(r"[,:]oom_memcg=([^,]*),")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,7 @@ class OomKill:
     pid: int
     comm: str  # the process's name (15 characters at most): "python", "pt_data_worker"
     memcg: str | None = None  # its memory cgroup, where the summary line says (``task_memcg``)
+    oom_memcg: str | None = None  # the cgroup whose limit it was killed for (``oom_memcg``; None: the machine's)
 
 
 def message(line: str) -> str | None:
@@ -71,14 +73,15 @@ def oom_kill(line: str) -> OomKill | None:
         return OomKill(int(m.group(1)), m.group(2))
     m = _SUMMARY.search(text)
     if m:
-        memcg = _TASK_MEMCG.search(text)
-        return OomKill(int(m.group(2)), m.group(1), memcg.group(1) if memcg else None)
+        memcg, limited = _TASK_MEMCG.search(text), _OOM_MEMCG.search(text)
+        return OomKill(int(m.group(2)), m.group(1), memcg.group(1) if memcg else None,
+                       limited.group(1) if limited else None)
     return None
 
 
 def oom_kills(lines: Iterable[str]) -> list[OomKill]:
     """The processes the OOM killer killed, once each, in the log's order (a kill's summary line and its
-    "Killed process" line are one kill: the summary's cgroup is kept)."""
+    "Killed process" line are one kill: the summary's cgroups are kept)."""
     out: dict[int, OomKill] = {}
     for line in lines:
         kill = oom_kill(line)
@@ -86,7 +89,7 @@ def oom_kills(lines: Iterable[str]) -> list[OomKill]:
             continue
         had = out.get(kill.pid)
         if had is None or (had.memcg is None and kill.memcg is not None):
-            out[kill.pid] = kill if had is None else OomKill(had.pid, had.comm, kill.memcg)
+            out[kill.pid] = kill if had is None else OomKill(had.pid, had.comm, kill.memcg, kill.oom_memcg)
     return list(out.values())
 
 

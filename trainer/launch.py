@@ -212,13 +212,16 @@ class RankWatcher:
         self.cgroup: host_memory.Cgroup | None = None  # the memory cgroup whose limit applies to the child
         self.kernel_log: KernelLog | None = None  # the kernel log from the child's start on
         self.children: set[int] = set()  # every descendant of the child seen while it ran
+        self.seen: OomWitness | None = None  # what the kernel said of OOM kills, read at its death
         self._done = threading.Event()
         self._cgroup_before: int | None = None  # OOM-kill counts at the start: its limiting cgroup's
         self._machine_before: int | None = None  # and the machine's
 
     def start(self) -> subprocess.Popen[bytes]:
-        self.kernel_log = KernelLog()  # before the child: none of its kills is logged before this
+        # the count, then the log, then the child: none of its kills is missed, and no kill is in the log
+        # that the count's rise leaves out (witness() compares the two)
         self._machine_before = host_memory.machine_oom_kills()
+        self.kernel_log = KernelLog()
         self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent)
         for sig in FORWARDED:
@@ -244,8 +247,9 @@ class RankWatcher:
                 return
 
     def witness(self, returncode: int) -> OomWitness:
-        """What the kernel says about OOM kills while the child ran, read at its death. A SIGKILL not yet
-        found in the kernel log while the machine's count rose waits up to KILL_LOG_SECONDS for its line."""
+        """What the kernel says about OOM kills while the child ran, read at its death. The kernel counts a
+        kill before its SIGKILL and logs "Killed process" after it: a SIGKILL not found in the log while the
+        machine's count rose by more kills than the log shows waits up to KILL_LOG_SECONDS for the rest."""
         assert self.proc is not None and self.kernel_log is not None
         machine = (self._machine_before, host_memory.machine_oom_kills())
         seen = OomWitness(cgroup=(self._cgroup_before, self._cgroup_kills()), machine=machine)
@@ -255,9 +259,10 @@ class RankWatcher:
             return OomWitness(None, log.error, seen.cgroup, seen.machine)
         kills = oom_kills(lines)
         ours = {self.proc.pid} | self.children
-        if returncode == -signal.SIGKILL and (_rose(machine) or 0) > 0:
+        counted = _rose(machine) or 0
+        if returncode == -signal.SIGKILL and len(kills) < counted:
             deadline = time.monotonic() + KILL_LOG_SECONDS
-            while not any(k.pid in ours for k in kills) and time.monotonic() < deadline:
+            while not any(k.pid in ours for k in kills) and len(kills) < counted and time.monotonic() < deadline:
                 time.sleep(0.01)
                 more = log.read()
                 if more is None:
@@ -303,14 +308,16 @@ class RankWatcher:
         if self._reader is not None:
             self._reader.join(DRAIN_SECONDS)
         oom: dict[str, Any] = {}
+        self.seen = None
         if code != 0:
-            oom = oom_verdict(code, self.proc.pid, self.children, self.witness(code))
+            self.seen = self.witness(code)
+            oom = oom_verdict(code, self.proc.pid, self.children, self.seen)
         if self.kernel_log is not None:
             self.kernel_log.close()
         peak = limit = None
-        if self.cgroup is not None and (oom.get("oom_killed") or oom.get("oom_child")):
-            peak = host_memory.peak_bytes(self.cgroup.path, self.cgroup.version)
-            limit = self.cgroup.limit
+        cgroup = self._killed_in(oom)
+        if cgroup is not None:
+            peak, limit = host_memory.peak_bytes(cgroup.path, cgroup.version), cgroup.limit
         if self.settings is None:
             return code
         rec = end_record(self.settings, code, self.tail.text(), forwarded=self.forwarded, now=self.clock(),
@@ -318,6 +325,16 @@ class RankWatcher:
         if rec is not None:
             self.report(rec)
         return code
+
+    def _killed_in(self, oom: Mapping[str, Any]) -> host_memory.Cgroup | None:
+        """The cgroup whose limit an OOM kill of the rank (or its child) was for: the one the kernel log names
+        (the rank may have moved into it after it started), else its limiting cgroup; None without a kill."""
+        if not (oom.get("oom_killed") or oom.get("oom_child")):
+            return None
+        kills = self.seen.kills if self.seen is not None else None
+        named = next((k.oom_memcg for k in kills or () if k.pid == oom.get("oom_killed_pid") and k.oom_memcg), None)
+        found = host_memory.named_cgroup(named) if named else None
+        return found if found is not None else self.cgroup
 
     def report(self, rec: dict[str, Any]) -> Result:
         s = self.settings
@@ -362,7 +379,10 @@ def exit_like(code: int) -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (ValueError, OSError):
         pass
-    signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.signal(sig, signal.SIG_DFL)
+    except (OSError, ValueError):  # SIGKILL and SIGSTOP have no handler to reset (EINVAL): their default stands
+        pass
     os.kill(os.getpid(), sig)
     sys.exit(128 + sig)  # a signal that does not end a process by default
 

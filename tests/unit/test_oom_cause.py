@@ -13,6 +13,7 @@ import signal
 import pytest
 from trainhealth.detectors.helpers.incident import OomFacts, death
 from trainhealth.record import RecordError, from_obj
+from trainhealth.trainer import host_memory
 from trainhealth.trainer.kernel_log import KernelLog, OomKill, oom_kill, oom_kills
 from trainhealth.trainer.launch import OomWitness, end_record, oom_verdict
 from trainhealth.trainer.settings import ClientSettings
@@ -61,13 +62,23 @@ DMESG_54_GLOBAL = [
     "file-rss:0kB, shmem-rss:0kB, UID:1000 pgtables:8100kB oom_score_adj:0",
 ]
 
+# a machine-wide OOM on a 6.0 kernel (cgroup v2): the summary names the victim's cgroup but no limited one
+DMESG_60_GLOBAL_V2 = [
+    "[ 7001.100200] oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0,global_oom,"
+    "task_memcg=/user.slice/user-1000.slice/session-2.scope,task=python3,pid=5555,uid=1000",
+    "[ 7001.100300] Out of memory: Killed process 5555 (python3) total-vm:16932204kB, anon-rss:15744000kB, "
+    "file-rss:4kB, shmem-rss:0kB, UID:1000 pgtables:31000kB oom_score_adj:0",
+]
+
 
 @pytest.mark.parametrize("lines, want", [
-    (KMSG_618_V1, [OomKill(7811, "python", "/trainhealth-memory-6000-7a991c")]),
-    (DMESG_515_V2, [OomKill(40412, "pt_data_worker", "/system.slice/train.service")]),
+    (KMSG_618_V1, [OomKill(7811, "python", "/trainhealth-memory-6000-7a991c", "/trainhealth-memory-6000-7a991c")]),
+    (DMESG_515_V2, [OomKill(40412, "pt_data_worker", "/system.slice/train.service", "/system.slice/train.service")]),
     (DMESG_415_V1, [OomKill(2318, "python")]),  # the victim, not the process it meant to kill
     (DMESG_54_GLOBAL, [OomKill(4321, "stress")]),
-], ids=["kmsg-6.18-v1-memcg", "dmesg-5.15-v2-child", "dmesg-4.15-v1-memcg-line", "dmesg-5.4-global-no-summary"])
+    (DMESG_60_GLOBAL_V2, [OomKill(5555, "python3", "/user.slice/user-1000.slice/session-2.scope")]),
+], ids=["kmsg-6.18-v1-memcg", "dmesg-5.15-v2-child", "dmesg-4.15-v1-memcg-line", "dmesg-5.4-global-no-summary",
+        "dmesg-6.0-global-v2-summary"])
 def test_the_kernel_log_names_each_oom_killers_victim_once(lines, want):
     assert oom_kills(lines) == want
 
@@ -99,6 +110,22 @@ def test_the_kernel_log_returns_only_what_was_logged_since_it_was_opened(tmp_pat
     log.close()
     missing = KernelLog(str(tmp_path / "no-kmsg"))
     assert missing.read() is None and missing.error is not None and "No such file" in missing.error
+
+
+def test_the_cgroup_the_kernel_log_names_is_found_with_its_limit_v1_and_v2(tmp_path):
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "rank1").mkdir(parents=True)
+    (v2 / "job" / "rank1" / "memory.max").write_text("167772160\n")
+    found = host_memory.named_cgroup("/job/rank1", v2)
+    assert found is not None and (found.path, found.version, found.limit) == (v2 / "job" / "rank1", 2, 167772160.0)
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit
+    assert host_memory.named_cgroup("/job", v1) is None
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text("1048576\n")
+    found = host_memory.named_cgroup("/job", v1)
+    assert found is not None and (found.version, found.limit) == (1, 1048576.0)
+    assert host_memory.named_cgroup("/elsewhere", v1) is None  # another cgroup namespace's path
 
 
 # -- the launcher's verdict (pure) ---------------------------------------------------------------------------
