@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import host_memory
-from .kernel_log import KernelLog, OomKill, oom_kills
+from .kernel_log import KMSG, KernelLog, OomKill, oom_kills
 from .settings import ClientSettings, from_environ, launch_header
 from .transport import FileSender, HttpSender, Result
 
@@ -90,8 +90,8 @@ def signal_name(number: int) -> str:
 @dataclass(frozen=True, slots=True)
 class OomWitness:
     """What the watcher can read about OOM kills while the rank ran: the kernel log's kills (None where it
-    cannot be read, ``log_error`` says why) and the OOM-kill counts before and after, of its limiting
-    cgroup (None without one) and of the machine."""
+    cannot be read, ``log_error`` says why) and the OOM-kill counts before and after, of its own memory
+    cgroup where a limit applies to it (None otherwise) and of the machine."""
 
     kills: list[OomKill] | None = None
     log_error: str | None = None
@@ -107,10 +107,10 @@ def _rose(counts: tuple[int | None, int | None]) -> int | None:
 def oom_verdict(returncode: int, pid: int, children: Collection[int], seen: OomWitness) -> dict[str, Any]:
     """The ``end`` record's OOM fields for a child that ended with ``returncode`` (docs/liveness.md, "Deaths").
     Only the kernel log names whom the OOM killer killed: it decides wherever it can be read (the rank's
-    pid, else one of its ``children``). Without it, the count of the rank's limiting cgroup (the job's own:
-    a container, a pod, a Slurm step) decides a SIGKILL; the machine's count can only clear one (it did not
-    rise: nothing on the machine was OOM-killed). Else ``oom_check`` is "unproven" and ``oom_doubt`` says
-    why. Pure."""
+    pid, else one of its ``children``). Without it, the count of the rank's own memory cgroup, where a limit
+    applies to it (the job's own: a container, a pod, a Slurm step), decides a SIGKILL; the machine's count
+    can only clear one (it did not rise: nothing on the machine was OOM-killed). Else ``oom_check`` is
+    "unproven" and ``oom_doubt`` says why. Pure."""
     killed = returncode == -signal.SIGKILL
     if seen.kills is not None:
         mine = next((k for k in seen.kills if k.pid == pid), None)
@@ -191,7 +191,7 @@ class RankWatcher:
     """One rank's watcher: start the child, pass stderr and signals through, report its death."""
 
     def __init__(self, argv: list[str], environ: Mapping[str, str] | None = None, *,
-                 sender: Any = None, clock: Callable[[], float] = time.time) -> None:
+                 sender: Any = None, clock: Callable[[], float] = time.time, kmsg: str = KMSG) -> None:
         env = dict(os.environ if environ is None else environ)
         self.settings: ClientSettings | None = None
         try:
@@ -204,6 +204,7 @@ class RankWatcher:
         env.setdefault("PYTHONFAULTHANDLER", "1")
         self.argv, self.env = argv, env
         self.clock = clock
+        self._kmsg = kmsg  # the kernel log's device (a test names one that cannot be read)
         self.tail = Tail()
         self.forwarded: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -213,6 +214,7 @@ class RankWatcher:
         self.kernel_log: KernelLog | None = None  # the kernel log from the child's start on
         self.children: set[int] = set()  # every descendant of the child seen while it ran
         self.seen: OomWitness | None = None  # what the kernel said of OOM kills, read at its death
+        self._own: host_memory.Cgroup | None = None  # the memory cgroup the child is in
         self._done = threading.Event()
         self._cgroup_before: int | None = None  # OOM-kill counts at the start: its limiting cgroup's
         self._machine_before: int | None = None  # and the machine's
@@ -221,7 +223,7 @@ class RankWatcher:
         # the count, then the log, then the child: none of its kills is missed, and no kill is in the log
         # that the count's rise leaves out (witness() compares the two)
         self._machine_before = host_memory.machine_oom_kills()
-        self.kernel_log = KernelLog()
+        self.kernel_log = KernelLog(self._kmsg)
         self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent)
         for sig in FORWARDED:
@@ -230,12 +232,15 @@ class RankWatcher:
         self._reader.start()
         threading.Thread(target=self._list_children, name="trainhealth-children", daemon=True).start()
         self.cgroup = host_memory.limiting_cgroup(self_cgroup=f"/proc/{self.proc.pid}/cgroup")
+        self._own = host_memory.own_cgroup(self_cgroup=f"/proc/{self.proc.pid}/cgroup")
         self._cgroup_before = self._cgroup_kills()
         return self.proc
 
     def _cgroup_kills(self) -> int | None:
-        cg = self.cgroup
-        return host_memory.oom_kills(cg.path, cg.version) if cg is not None else None
+        """The OOM-kill count of the child's own memory cgroup where a limit applies to it (the job's own
+        cgroup: a container, a pod, a Slurm step), else None."""
+        own = self._own
+        return host_memory.oom_kills(own.path, own.version) if own is not None and self.cgroup is not None else None
 
     def _list_children(self) -> None:
         """Remember the child's descendants while it runs (a DataLoader worker the OOM killer kills is named)."""

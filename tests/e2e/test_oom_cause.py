@@ -11,13 +11,18 @@ used to read as that rank's. Three ranks, each through the real sidecar to a ``r
 * a rank whose child (a DataLoader worker's part) is OOM-killed in that cgroup, and which then fails with
   PyTorch's words: the child is named.
 
+Without the kernel log (a launcher run blind to it): the rank's own limited cgroup's count proves an OOM
+kill, and a kill -9 beside an unrelated OOM kill is "unproven", with why.
+
 Needs root (memory cgroups, /dev/kmsg); without it the test skips on a laptop and fails in CI. Cgroups are
 named ``trainhealth-oomcause-<pid>-<what>`` and removed at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from trainhealth.trainer.host_memory import machine_oom_kills
 
@@ -192,3 +198,57 @@ def test_the_oom_killer_is_named_only_for_the_process_the_kernel_killed(machine_
         alert["summary"]
     print(f"named after (s): {delays}")
     assert all(d < NAMED_WITHIN for d in delays.values()), delays
+
+
+# the launcher with a kernel log it cannot read (as without root or CAP_SYSLOG, or in a container without
+# /dev/kmsg): it prints the end record it would send
+BLIND = """
+import json, sys
+from trainhealth.trainer.launch import RankWatcher
+from trainhealth.trainer.transport import Result
+class Print:
+    def send(self, records, batch_id):
+        print(json.dumps(records[0]), flush=True)
+        return Result("ok")
+    def close(self):
+        pass
+w = RankWatcher(sys.argv[1:], sender=Print(), kmsg="/nonexistent/kmsg")
+w.start()
+w.wait()
+"""
+
+
+def test_without_the_kernel_log_only_the_jobs_own_cgroup_proves_an_oom_kill(machine_oom_lock, tmp_path, kernel):
+    """The fallback: the rank's own limited cgroup's count proves an OOM kill (the launcher and the rank in
+    it, as in a container); the machine's count that rose while a rank was kill -9ed proves nothing."""
+    made, procs = kernel
+    env = {**os.environ, "PYTHONPATH": python_path(), "TRAINHEALTH_RUN": "blind", "RANK": "1"}
+
+    def blind(*command: str, cgroup: Cgroup | None = None) -> subprocess.Popen[str]:
+        args = [sys.executable, "-c", BLIND, *command]
+        proc = subprocess.Popen(inside(cgroup, *args) if cgroup else args, env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)  # type: ignore[arg-type]
+        return proc
+
+    cg = Cgroup("blind", LIMIT)
+    made.append(cg)
+    oom = blind(sys.executable, "-c", HOG, cgroup=cg)
+    end = json.loads(oom.communicate(timeout=60)[0])
+    assert (end["signal"], end["oom_killed"], end["oom_check"], end["host_mem_limit_bytes"]) == (
+        "SIGKILL", True, "cgroup_count", LIMIT), end
+
+    hog_cg = Cgroup("blind-hog", 64 << 20)
+    made.append(hog_cg)
+    victim = blind("sleep", "60")
+    rank = until(lambda: [c for c in psutil.Process(victim.pid).children() if c.name() == "sleep"], 30, "the rank")[0]
+    hog = subprocess.Popen(inside(hog_cg, sys.executable, "-c", HOG))
+    procs.append(hog)  # type: ignore[arg-type]
+    assert hog.wait(30) == -signal.SIGKILL
+    rank.kill()
+    end = json.loads(victim.communicate(timeout=30)[0])
+    assert (end["signal"], end["oom_check"], end["pid"]) == ("SIGKILL", "unproven", rank.pid), end
+    assert "oom_killed" not in end
+    assert re.fullmatch(r"the kernel log cannot be read \(/nonexistent/kmsg: No such file or directory\) and the only "
+                        r"OOM-kill count is the machine's, which rose by [1-9]\d* while it ran: any process on the "
+                        r"machine", end["oom_doubt"]), end

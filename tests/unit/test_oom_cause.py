@@ -128,6 +128,26 @@ def test_the_cgroup_the_kernel_log_names_is_found_with_its_limit_v1_and_v2(tmp_p
     assert host_memory.named_cgroup("/elsewhere", v1) is None  # another cgroup namespace's path
 
 
+def test_the_count_read_is_the_ranks_own_cgroups_v1_and_v2(tmp_path):
+    # v1 counts a kill in the victim's cgroup alone: a rank in a subgroup of the limited one is counted there
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job" / "rank1").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text("167772160\n")
+    (v1 / "memory" / "job" / "rank1" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    procs = tmp_path / "cgroup"
+    procs.write_text("9:name=systemd:/\n4:memory:/job/rank1\n0::/\n")
+    own = host_memory.own_cgroup(v1, procs)
+    assert own is not None and (own.path, own.version) == (v1 / "memory" / "job" / "rank1", 1)
+    assert host_memory.oom_kills(own.path, own.version) == 1
+    v2 = tmp_path / "v2"
+    (v2 / "job").mkdir(parents=True)
+    (v2 / "job" / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    procs.write_text("0::/job\n")
+    own = host_memory.own_cgroup(v2, procs)
+    assert own is not None and (own.path, own.version) == (v2 / "job", 2)
+    assert host_memory.own_cgroup(v2, tmp_path / "gone") is None
+
+
 # -- the launcher's verdict (pure) ---------------------------------------------------------------------------
 KILL, SEGV = -signal.SIGKILL, -signal.SIGSEGV
 LOGGED = [OomKill(40, "python"), OomKill(77, "pt_data_worker")]
