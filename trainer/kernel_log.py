@@ -15,8 +15,9 @@ and, on kernels since 4.19, a summary before it sends the signal (rate-limited: 
 
 ``/dev/kmsg`` (root, or CAP_SYSLOG where ``kernel.dmesg_restrict`` is 1) gives the records one per read,
 ``PRIORITY,SEQUENCE,MICROSECONDS,FLAGS;MESSAGE``. A :class:`KernelLog` opened when a rank starts seeks to
-the end, so reading it at the rank's death returns only what was logged while the rank ran; the reads
-never block and stop after ``MAX_RECORDS``. ``oom_kills`` parses those lines (and ``dmesg``'s
+the end, so it returns only what is logged while the rank runs; it is read every second (a long run's
+records would go round the ring buffer before the rank's death) and at the death, never blocking, at most
+``MAX_RECORDS`` a look. ``oom_kills`` parses those lines (and ``dmesg``'s
 ``[  123.456] MESSAGE`` lines). Rules: docs/liveness.md ("Deaths").
 """
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 KMSG = "/dev/kmsg"
 MAX_RECORDS = 200_000  # the kernel's ring buffer holds far fewer (a few MiB at most): a bound, not a filter
 RECORD_BYTES = 8192  # a kmsg record is at most 1 KiB of text plus its dictionary
+MAX_KILLS = 1024  # OOM kills kept (the latest): the rank's own is logged at its death
 
 _KMSG_PREFIX = re.compile(r"^(\d+),\d+,\d+,[^;]*;")
 _DMESG_PREFIX = re.compile(r"^\[\s*\d+\.\d+\](?:\[\s*[TC]\d+\])?\s?")  # with the caller id (CONFIG_PRINTK_CALLER)
@@ -94,12 +96,17 @@ def oom_kills(lines: Iterable[str]) -> list[OomKill]:
 
 
 class KernelLog:
-    """``/dev/kmsg`` from the moment it was opened on: ``read()`` returns the records logged since (or
-    since the last read), without blocking. ``error`` says why it cannot be read (then ``read`` is None)."""
+    """``/dev/kmsg`` from the moment it was opened on. ``take()`` reads what was logged since the last look,
+    without blocking, and keeps its OOM kills: ``kills`` (the latest MAX_KILLS, by pid) and ``logged`` (how
+    many). ``error`` says why it cannot be read; ``lost``: the last look found records overwritten before
+    they were read (the ring buffer went round)."""
 
     def __init__(self, path: str = KMSG) -> None:
+        self.path = path
         self.error: str | None = None
-        self.lost = False  # the ring buffer overwrote records before they were read
+        self.lost = False
+        self.kills: dict[int, OomKill] = {}
+        self.logged = 0
         self._fd: int | None = None
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -112,6 +119,7 @@ class KernelLog:
         """The records logged since the last read (at most ``limit``); None if the log cannot be read."""
         if self._fd is None:
             return None
+        self.lost = False
         out: list[str] = []
         while len(out) < limit:
             try:
@@ -122,12 +130,29 @@ class KernelLog:
                 if exc.errno == errno.EPIPE:  # the ring buffer overwrote records we had not read: go on
                     self.lost = True
                     continue
-                self.error = f"{KMSG}: {exc.strerror or exc}"
+                self.error = f"{self.path}: {exc.strerror or exc}"
+                self.close()
                 return None
             if not raw:
                 break
             out.append(raw.decode("utf-8", "replace"))
         return out
+
+    def take(self) -> bool:
+        """Read what was logged since the last look and keep its OOM kills; False if the log cannot be read."""
+        lines = self.read()
+        if lines is None:
+            return False
+        for kill in oom_kills(lines):
+            had = self.kills.pop(kill.pid, None)
+            if had is None:
+                self.logged += 1
+            elif kill.memcg is None:  # its summary came in the last look, its "Killed process" line now
+                kill = had
+            self.kills[kill.pid] = kill
+            if len(self.kills) > MAX_KILLS:
+                del self.kills[next(iter(self.kills))]
+        return True
 
     def close(self) -> None:
         if self._fd is not None:

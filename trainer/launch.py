@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import host_memory
-from .kernel_log import KMSG, KernelLog, OomKill, oom_kills
+from .kernel_log import KMSG, KernelLog, OomKill
 from .settings import ClientSettings, from_environ, launch_header
 from .transport import FileSender, HttpSender, Result
 
@@ -210,6 +210,7 @@ class RankWatcher:
         self.proc: subprocess.Popen[bytes] | None = None
         self._sender = sender
         self._reader: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self.cgroup: host_memory.Cgroup | None = None  # the memory cgroup whose limit applies to the child
         self.kernel_log: KernelLog | None = None  # the kernel log from the child's start on
         self.children: set[int] = set()  # every descendant of the child seen while it ran
@@ -230,7 +231,8 @@ class RankWatcher:
             signal.signal(sig, self._forward)
         self._reader = threading.Thread(target=self._read_stderr, name="trainhealth-stderr", daemon=True)
         self._reader.start()
-        threading.Thread(target=self._list_children, name="trainhealth-children", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="trainhealth-children", daemon=True)
+        self._watcher.start()
         self.cgroup = host_memory.limiting_cgroup(self_cgroup=f"/proc/{self.proc.pid}/cgroup")
         self._own = host_memory.own_cgroup(self_cgroup=f"/proc/{self.proc.pid}/cgroup")
         self._cgroup_before = self._cgroup_kills()
@@ -242,42 +244,43 @@ class RankWatcher:
         own = self._own
         return host_memory.oom_kills(own.path, own.version) if own is not None and self.cgroup is not None else None
 
-    def _list_children(self) -> None:
-        """Remember the child's descendants while it runs (a DataLoader worker the OOM killer kills is named)."""
-        assert self.proc is not None
+    def _watch(self) -> None:
+        """While the child runs, every CHILDREN_SECONDS: remember its descendants (a DataLoader worker the OOM
+        killer kills is named) and take the OOM kills logged since the last look (a long run's records would
+        go round the kernel's ring buffer before its death)."""
+        assert self.proc is not None and self.kernel_log is not None
         while True:
             if len(self.children) < MAX_CHILDREN:
                 self.children |= descendants(self.proc.pid)
+            self.kernel_log.take()
             if self._done.wait(CHILDREN_SECONDS):
                 return
 
     def witness(self, returncode: int) -> OomWitness:
-        """What the kernel says about OOM kills while the child ran, read at its death. The kernel counts a
-        kill before its SIGKILL and logs "Killed process" after it: a SIGKILL not found in the log while the
-        machine's count rose by more kills than the log shows waits up to KILL_LOG_SECONDS for the rest."""
+        """What the kernel says about OOM kills while the child ran, read at its death (after ``_watch`` is
+        done). The kernel counts a kill before its SIGKILL and logs "Killed process" after it: a SIGKILL not
+        found in the log while the machine's count rose by more kills than the log shows waits up to
+        KILL_LOG_SECONDS for the rest."""
         assert self.proc is not None and self.kernel_log is not None
         machine = (self._machine_before, host_memory.machine_oom_kills())
-        seen = OomWitness(cgroup=(self._cgroup_before, self._cgroup_kills()), machine=machine)
+        cgroup = (self._cgroup_before, self._cgroup_kills())
         log = self.kernel_log
-        lines = log.read()
-        if lines is None:
-            return OomWitness(None, log.error, seen.cgroup, seen.machine)
-        kills = oom_kills(lines)
         ours = {self.proc.pid} | self.children
+        found = log.take()
+        lost = log.lost
         counted = _rose(machine) or 0
-        if returncode == -signal.SIGKILL and len(kills) < counted:
+        if found and returncode == -signal.SIGKILL and log.logged < counted:
             deadline = time.monotonic() + KILL_LOG_SECONDS
-            while not any(k.pid in ours for k in kills) and len(kills) < counted and time.monotonic() < deadline:
+            while found and not ours & log.kills.keys() and log.logged < counted and time.monotonic() < deadline:
                 time.sleep(0.01)
-                more = log.read()
-                if more is None:
-                    break
-                lines += more
-                kills = oom_kills(lines)
-        if log.lost and not any(k.pid in ours for k in kills):
-            return OomWitness(None, "records logged while it ran were overwritten before they were read",
-                              seen.cgroup, seen.machine)
-        return OomWitness(kills, None, seen.cgroup, seen.machine)
+                found = log.take()
+                lost = lost or log.lost
+        if not found:
+            return OomWitness(None, log.error, cgroup, machine)
+        if lost and not ours & log.kills.keys():
+            return OomWitness(None, "records logged as it died were overwritten before they were read", cgroup,
+                              machine)
+        return OomWitness(list(log.kills.values()), None, cgroup, machine)
 
     def _forward(self, sig: int, frame: Any) -> None:
         self.forwarded = sig
@@ -310,6 +313,8 @@ class RankWatcher:
         assert self.proc is not None
         code = self.proc.wait()
         self._done.set()
+        if self._watcher is not None:
+            self._watcher.join()  # at most one look more: the children and the kernel log are ours now
         if self._reader is not None:
             self._reader.join(DRAIN_SECONDS)
         oom: dict[str, Any] = {}

@@ -107,6 +107,9 @@ def test_the_kernel_log_returns_only_what_was_logged_since_it_was_opened(tmp_pat
     got = log.read()
     assert got is not None and [line for line in got if mark in line][0].startswith("12,")  # user.notice
     assert log.read() == []  # nothing new, and no wait
+    with open("/dev/kmsg", "w") as kmsg:  # a process's forgery: the user facility, not the kernel's
+        kmsg.write(f"Out of memory: Killed process {os.getpid()} (python) total-vm:1kB\n")
+    assert log.take() and log.kills == {} and log.logged == 0
     log.close()
     missing = KernelLog(str(tmp_path / "no-kmsg"))
     assert missing.read() is None and missing.error is not None and "No such file" in missing.error
