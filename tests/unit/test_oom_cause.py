@@ -249,6 +249,9 @@ def test_the_clients_exception_names_the_child_the_oom_killer_killed():
     assert (said.quoted, said.cause) == (
         "RuntimeError: DataLoader worker (pid 4250) is killed by signal: Killed. (its child process 4250 "
         "(pt_data_worker) was killed by the kernel's OOM killer (per the kernel log))", "oom_killer")
+    said = death(None, signal="SIGKILL", oom=oom, memory=2**30, limit=2**30)  # killed after its child was
+    assert said.quoted == ("its child process 4250 (pt_data_worker) was killed by the kernel's OOM killer at 1.0 GiB "
+                           "of its 1.0 GiB limit (per the kernel log), then it was killed by SIGKILL")
     # an older launcher's end (no oom_check): the words it always had
     assert death(None, signal="SIGKILL", oom_killed=True).quoted == "killed by the kernel's OOM killer (SIGKILL)"
     assert death(None, signal="SIGKILL").quoted == \

@@ -246,7 +246,8 @@ def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int 
                  f"{_at(memory, limit)} ({OOM_BY.get(oom.check or '', 'per the kernel log')})")
         if error is not None and (error.type or error.message):
             return Death(f"{quote(error)} ({child})", "oom_killer", False)
-        how = f"killed by {signal}" if signal is not None else f"exited with code {exit_code}"
+        how = (f"was killed by {signal}" if signal is not None
+               else f"exited with code {exit_code}" if exit_code is not None else "ended")
         return Death(f"{child}, then it {how}{after}", "oom_killer", False)
     if error is not None and (error.type or error.message):
         return Death(quote(error), "exception", peer_error(error))
