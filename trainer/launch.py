@@ -12,7 +12,8 @@ signal, the watcher sends the rank's ``end`` on its behalf within milliseconds: 
 ``exit_code`` or ``signal``, ``stderr_tail`` (the runtime's last words: "terminate called after
 throwing an instance of 'c10::DistBackendError'", faulthandler's Python stack after a segfault),
 ``oom_killed`` only when the kernel log names its pid as the OOM killer's victim (or, where the log
-cannot be read, the OOM-kill count of its limiting cgroup rose), with the cgroup's peak usage and limit;
+cannot be read, the OOM-kill count of its own memory cgroup rose, a limit applying to it), with the
+cgroup's peak usage and limit;
 ``oom_check`` says how that was decided and ``oom_doubt`` why a SIGKILL could be neither proven nor ruled
 out an OOM kill; a child of the rank (a DataLoader worker) the OOM killer killed is named
 (``oom_killed_pid``, ``oom_child``). A clean exit (code 0) sends nothing: the client's own ``end``

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 
 import pytest
 from trainhealth.detectors.helpers.incident import OomFacts, death
 from trainhealth.record import RecordError, from_obj
 from trainhealth.trainer import host_memory
 from trainhealth.trainer.kernel_log import KernelLog, OomKill, oom_kill, oom_kills
-from trainhealth.trainer.launch import OomWitness, end_record, oom_verdict
+from trainhealth.trainer.launch import OomWitness, descendants, end_record, oom_verdict
 from trainhealth.trainer.settings import ClientSettings
 
 from tests import live_traces
@@ -149,6 +151,25 @@ def test_the_count_read_is_the_ranks_own_cgroups_v1_and_v2(tmp_path):
     own = host_memory.own_cgroup(v2, procs)
     assert own is not None and (own.path, own.version) == (v2 / "job", 2)
     assert host_memory.own_cgroup(v2, tmp_path / "gone") is None
+
+
+def test_the_ranks_descendants_are_listed_from_proc(tmp_path):
+    # a child that starts a grandchild (a DataLoader worker's own helper): both are the rank's
+    rank = subprocess.Popen(["sh", "-c", f"sleep 30 & echo $! > {tmp_path / 'grandchild'}; wait"])
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "grandchild").exists() or not (tmp_path / "grandchild").read_text().strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sleeper = int((tmp_path / "grandchild").read_text())
+        assert sleeper in descendants(rank.pid) and descendants(os.getpid()) >= {rank.pid, sleeper}
+        assert descendants(2**22 + 1) == set()  # no such process
+    finally:
+        if sleeper is not None:
+            os.kill(sleeper, signal.SIGKILL)
+        rank.kill()
+        rank.wait(10)
 
 
 # -- the launcher's verdict (pure) ---------------------------------------------------------------------------
