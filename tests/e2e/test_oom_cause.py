@@ -14,7 +14,7 @@ used to read as that rank's. Three ranks, each through the real sidecar to a ``r
 Without the kernel log (a launcher run blind to it): the rank's own limited cgroup's count proves an OOM
 kill, and a kill -9 beside an unrelated OOM kill is "unproven", with why.
 
-Needs root (memory cgroups, /dev/kmsg); without it the test skips on a laptop and fails in CI. Cgroups are
+Needs root (memory cgroups, /dev/kmsg): skipped without it; as root, both are required in CI. Cgroups are
 named ``trainhealth-oomcause-<pid>-<what>`` and removed at the end.
 """
 
@@ -102,11 +102,14 @@ def until(condition: Any, timeout: float, what: str) -> Any:
 
 @pytest.fixture
 def kernel():
-    """Root (cgroups, /dev/kmsg) or skip (a laptop) / fail (CI); the cgroups made are removed at the end."""
-    if os.geteuid() != 0 or not os.access("/dev/kmsg", os.R_OK):
+    """Root, or skip (as tests/e2e/test_deaths.py's OOM kind); as root, /dev/kmsg and memory cgroups are
+    required in CI (a cgroup that cannot be made fails the test there); the cgroups made are removed."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: no memory cgroup of our own, no kernel log")
+    if not os.access("/dev/kmsg", os.R_OK):
         if IN_CI:
-            pytest.fail("the OOM-cause test needs root: memory cgroups and /dev/kmsg")
-        pytest.skip("needs root: memory cgroups and /dev/kmsg")
+            pytest.fail("/dev/kmsg is required in CI (running as root)")
+        pytest.skip("/dev/kmsg cannot be read")
     made: list[Cgroup] = []
     procs: list[subprocess.Popen[bytes]] = []
     yield made, procs
