@@ -6,7 +6,7 @@ since 2.6 (v1 and v2 cgroups alike), after it sent the SIGKILL::
 
     Memory cgroup out of memory: Killed process 2966 (python) total-vm:317244kB, anon-rss:150096kB, ...
     Out of memory: Killed process 2966 (python) total-vm:...       (a machine-wide OOM)
-    Killed process 2966 (python) total-vm:...                      (kernels before 5.1, after the
+    Killed process 2966 (python) total-vm:...                      (4.x kernels, after the
     Memory cgroup out of memory: Kill process 2966 (python) score 1000 or sacrifice child)
 
 and, on kernels since 4.19, a summary before it sends the signal (rate-limited: a burst of kills may lack it)::
