@@ -66,12 +66,12 @@ class HostNames:
 
 
 def refusal(header: str) -> str:
-    shown = header[:100]
+    """The 421's error: what to set first (a client log line shows the first 200 characters), then why."""
     name = host_name(header)[:100]
-    return (f"Host {shown!r}: not a name this sidecar is reached by, refused (a web page whose name was pointed "
-            f"at this address, DNS rebinding, sends such requests). If you reach the sidecar as {name!r}, add it "
-            f"to server.allowed_hosts (--allowed-host {name}, TRAINHEALTH_ALLOWED_HOSTS); [\"*\"] turns the "
-            f"check off (docs/operations.md, \"Exposure\")")
+    return (f"Host {header[:100]!r}: not a name of this sidecar; to reach it as {name!r}, add that to "
+            f"server.allowed_hosts (--allowed-host {name}, TRAINHEALTH_ALLOWED_HOSTS; [\"*\"]: any name). Refused "
+            f"because a web page whose name was pointed at this address (DNS rebinding) sends such requests "
+            f"(docs/operations.md, \"Exposure\")")
 
 
 class AllowedHosts:

@@ -27,7 +27,7 @@ READ_ALL = """(async () => {
   return out;
 })()"""
 RECORD = b'{"run":"secret-run","rank":0,"time":1700000000,"step":1,"loss":1.5}\n'
-ADVICE = "add it to server.allowed_hosts (--allowed-host evil.example, TRAINHEALTH_ALLOWED_HOSTS)"
+ADVICE = "to reach it as 'evil.example', add that to server.allowed_hosts (--allowed-host evil.example, "
 
 
 def read_as_evil(sidecar_url: str, tmp_path: Path, name: str) -> tuple[str, dict[str, str]]:
@@ -101,8 +101,10 @@ def test_hostile_host_headers_get_a_421_naming_the_key_and_the_sidecars_names_pa
     sender = HttpSender(f"http://localhost:{port}")
     assert sender.send([{"run": "by-name", "rank": 0, "time": 1700000000.0, "step": 1}]).outcome == "ok"
     sender.close()
-    # a 421 is configuration: the client keeps the records and retries, it never drops them
-    assert classify(421, "not a name", None).outcome == "retry"
+    # a 421 is configuration: the client keeps the records and retries, and its log line names the key
+    status, body = raw(sidecar.url, b"sidecar:9464", b"POST /v1/ingest HTTP/1.1\r\n", RECORD)
+    result = classify(status, body.decode())
+    assert result.outcome == "retry" and "server.allowed_hosts (--allowed-host sidecar," in result.reason, result
 
 
 def test_allowed_hosts_from_the_file_the_environment_and_the_flag(start_sidecar) -> None:
