@@ -137,6 +137,7 @@ class _GpuHealthBase:
 
 class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
     name = "gpu_fault"
+    record_types = ("start", "gpu_health")
     Settings = GpuFaultSettings
 
     def __init__(self, settings: GpuFaultSettings, run: RunState) -> None:
@@ -188,6 +189,7 @@ class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
 
 class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
     name = "gpu_degraded"
+    record_types = ("start", "end", "gpu_health")
     Settings = GpuDegradedSettings
 
     def __init__(self, settings: GpuDegradedSettings, run: RunState) -> None:

@@ -152,6 +152,7 @@ class _Gpu:
 
 class GpuOomRisk(Detector[GpuOomRiskSettings]):
     name = "gpu_oom_risk"
+    record_types = ("start", "sample", "end")
     Settings = GpuOomRiskSettings
 
     def __init__(self, settings: GpuOomRiskSettings, run: RunState) -> None:
@@ -340,6 +341,7 @@ def _gib(value: float | None) -> str:
 
 class GpuOom(Detector[GpuOomSettings]):
     name = "gpu_oom"
+    record_types = ("start", "sample", "oom")
     Settings = GpuOomSettings
 
     def __init__(self, settings: GpuOomSettings, run: RunState) -> None:

@@ -132,6 +132,7 @@ def _within(left: float, rate: float, horizon: float) -> bool:
 
 class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     name = "host_memory_leak"
+    record_types = ("start", "sample", "end")
     Settings = HostMemoryLeakSettings
 
     def __init__(self, settings: HostMemoryLeakSettings, run: RunState) -> None:
