@@ -3,6 +3,7 @@ text must be exactly what a render without the cache writes, scrape after scrape
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -149,3 +150,23 @@ def test_a_rank_whose_values_are_unchanged_keeps_the_text_of_its_run() -> None:
     built = RankRow("0", 3, T0, False, {"loss": 1.0}, None)  # no RankState: written, never kept
     assert b'trainhealth_loss{rank="0",run="job"} 1.0\n' in render(Snapshot(runs=[("job", [built])]), lines)
     assert lines.runs == {}
+
+
+def test_a_snapshot_of_changed_ranks_frees_their_old_rows_as_it_goes() -> None:
+    """Each new row (and its copy of ``latest``) replaces one that is freed then: the garbage collector's
+    count of allocations net of frees barely moves, so a scrape sets off no collection of the whole heap."""
+    service = Service(Settings(), clock=Clock())
+    collector = state_collector(service)
+    send(service, *[sample(r, 1, loss=2.0) for r in range(500)])
+    collector.snapshot()
+    send(service, *[sample(r, 2, loss=1.5) for r in range(500)])
+    threshold = gc.get_threshold()
+    gc.set_threshold(700, *threshold[1:])  # a collection when the count reaches 700 (the default)
+    try:
+        gc.collect()  # the count of allocations net of frees starts at 0
+        collections = gc.get_stats()[0]["collections"]
+        snap = collector.snapshot()
+        assert gc.get_stats()[0]["collections"] == collections  # (one when the old rows outlived the new)
+    finally:
+        gc.set_threshold(*threshold)
+    assert sum(len(rows) for _, rows in snap.runs) == 500 and snap.runs[0][1][0].step == 2
