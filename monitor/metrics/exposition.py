@@ -44,18 +44,24 @@ def gauge_header(name: str, help_text: str) -> str:
 
 
 def go(value: float) -> str:
-    """prometheus-client's ``floatToGoString``: the same text, its common cases first. A finite float below
-    1e6 is its ``repr``; from 1e6 (byte counts, timestamps) Go writes an exponent where Python does not
-    until 1e16: the digits of the ``repr``, the trailing zeros dropped, and the exponent."""
+    """prometheus-client's ``floatToGoString``: the same text, its common case first (a finite float below
+    1e6 is its ``repr``)."""
     d = value if type(value) is float else float(value)
-    if -_INF < d < 1e6:
-        return repr(d)
-    if 1e6 <= d < 1e16:  # (not NaN nor an infinity)
-        s = repr(d)  # 7 to 16 digits before the dot
-        dot = s.find(".")
-        digits = (s[:dot] + s[dot + 1:]).rstrip("0")
-        return (f"{digits[0]}.{digits[1:]}" if len(digits) > 1 else digits) + _EXPONENT[dot]
-    return _go_rest(d)
+    return repr(d) if -_INF < d < 1e6 else _go_large(d)
+
+
+def _go_large(d: float) -> str:
+    """``go`` of a float that is not finite or not below 1e6. From 1e6 (byte counts, timestamps) Go writes an
+    exponent where Python does not until 1e16: the digits of the ``repr``, the trailing zeros dropped, and
+    the exponent."""
+    if not 1e6 <= d < 1e16:  # NaN, an infinity, from 1e16 on (an exponent in Python too), below -1e6
+        return _go_rest(d)
+    s = repr(d)  # 7 to 16 digits before the dot
+    dot = s.find(".")
+    if s[-2:] != ".0":  # (a fraction in a shortest repr has no trailing zero)
+        return f"{s[0]}.{s[1:dot]}{s[dot + 1:]}{_EXPONENT[dot]}"
+    digits = s[:dot].rstrip("0")  # a whole number: its trailing zeros dropped
+    return (f"{digits[0]}.{digits[1:]}" if len(digits) > 1 else digits) + _EXPONENT[dot]
 
 
 _INF = math.inf
@@ -116,7 +122,8 @@ class _Column:
             self.template = self.name + self.name.join(lines) if lines else ""
             self.present = present
         # a finite float below 1e6 goes to % as it is: its str is its repr, written in C
-        self.text = (self.template % tuple([d if -_INF < d < 1e6 else go(d) for d in map(float, shown)])).encode()
+        text = self.template % tuple([d if -_INF < d < 1e6 else _go_large(d) for d in map(float, shown)])
+        self.text = text.encode()
         self.values = values
 
 
