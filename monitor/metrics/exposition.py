@@ -152,6 +152,8 @@ def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
 
 def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
            state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]], cache: RankLines) -> list[bytes]:
+    """Run by run (a run's columns are what the cache keeps: a run moves in the order of runs whole), then
+    assembled family by family. A family's values of a run's ranks are read at once (``map``, in C)."""
     names = [name for name, _, _ in values] + [name for name, _, _ in state]
     if names != cache.names:  # other families: nothing to reuse
         cache.runs, cache.names = {}, names
