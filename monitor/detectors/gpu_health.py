@@ -144,6 +144,8 @@ class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
         _GpuHealthBase.__init__(self)
 
     def update(self, record: Record) -> list[Event]:
+        if record.gpu_health is None and record.type != "start":
+            return []  # the common case: no reading to judge, and no restart to forget a GPU for
         if record.type == "start":
             g = self.gpus.pop(record.rank, None)  # a new process: its GPU is read afresh
             if g is not None and g.faults:
@@ -195,7 +197,10 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
         _GpuHealthBase.__init__(self)
 
     def update(self, record: Record) -> list[Event]:
-        if record.type in ("start", "end"):
+        kind = record.type
+        if record.gpu_health is None and kind != "start" and kind != "end":
+            return []  # the common case: no reading to judge, and no restart or end to forget a GPU for
+        if kind == "start" or kind == "end":
             g = self.gpus.pop(record.rank, None)
             if g is not None and g.degraded is not None:
                 why = "started again" if record.type == "start" else "ended"

@@ -148,8 +148,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         self.whys: list[str] = []  # why each source closed while the incident was open: the resolve's summary
 
     def update(self, rec: Record) -> list[Event]:
-        # the hot path (two series a sample): Series.add's common case (the same fine bucket) is inline, and
-        # between minutes a closed fine bucket is judged only when the fast or short check could fire
+        # the hot path (two series a sample, each folded by Series.add): between minutes a closed fine bucket
+        # is judged only when the fast or short check could fire
         s: HostMemoryLeakSettings = self.settings
         if not s.enabled:
             return []
@@ -169,18 +169,9 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             series = self.ranks.get(rec.rank)
             if series is None or (series.settings is not s and not series.matches(s)):
                 series = self.ranks[rec.rank] = Series(s, t)
-            series.buckets.last = value  # series.add(t, value, s), inline
-            recent = series.recent
-            if not recent or recent[-1][1] != value:
-                recent.append((t, value))
-            fine = series.fine
-            if int(t // fine.width) == fine.index:
-                if value < fine.low:
-                    fine.low, fine.low_time = value, t
-            else:
-                closed = series.roll(t, value, s)
-                if closed and (closed & MINUTE or series.open is not None or _may_rise(series, value, s)):
-                    judged = self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
+            closed = series.add(t, value, s)
+            if closed and (closed & MINUTE or series.open is not None or _may_rise(series, value, s)):
+                judged = self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
             if group is not None:
                 if group.oom_kills > group.reaped:
                     judged |= self._reap(rec, group)
@@ -191,19 +182,9 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             series = self.machine_of.get(rec.rank)
             if series is None or (series.settings is not s and not series.matches(s)):
                 series = self._machine_series(rec, s)
-            used = -avail
-            series.buckets.last = used  # series.add(t, used, s), inline
-            recent = series.recent
-            if not recent or recent[-1][1] != used:
-                recent.append((t, used))
-            fine = series.fine
-            if int(t // fine.width) == fine.index:
-                if used < fine.low:
-                    fine.low, fine.low_time = used, t
-            else:
-                closed = series.roll(t, used, s)
-                if closed and (closed & MINUTE or series.open is not None or _may_rise(series, used, s)):
-                    judged |= self._judge_machine(rec, avail, series, s, bool(closed & MINUTE))
+            closed = series.add(t, -avail, s)
+            if closed and (closed & MINUTE or series.open is not None or _may_rise(series, -avail, s)):
+                judged |= self._judge_machine(rec, avail, series, s, bool(closed & MINUTE))
         if judged:
             return self._incident(rec, s)
         return []

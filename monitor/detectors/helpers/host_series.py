@@ -170,25 +170,22 @@ class Series:
     # -- feeding ---------------------------------------------------------------
     def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
         """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did.
-        (HostMemoryLeak.update has the common case inline: keep the two alike.)"""
-        fine = self.fine
+
+        The one fold of every series (a rank's, a machine's, a group's). Shaped for the hot path (every
+        sample of every rank, twice): FineBuckets.add, SlidingMin.add and MinBuckets.add have their common
+        cases inline, each bucket's index is compared as the float ``t // width`` against the int (exact,
+        and no ``int()`` call), and the sawtooth watch is asked only when a fine minimum can change it."""
         self.buckets.last = v
         recent = self.recent
         if not recent or recent[-1][1] != v:  # records between two probe readings repeat the last one
             recent.append((t, v))
-        if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
+        fine = self.fine
+        if t // fine.width == fine.index:  # the common case: same fine bucket
             if v < fine.low:
                 fine.low, fine.low_time = v, t
             return 0
-        return self.roll(t, v, s)
-
-    def roll(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
-        """The rest of ``add``, for a sample outside the open fine bucket (``recent`` and ``buckets.last``
-        already hold it)."""
-        # (FineBuckets.add, SlidingMin.add and MinBuckets.add have their common cases inline here)
-        fine = self.fine
         idx = int(t // fine.width)
-        if fine.index is None or idx <= fine.index:  # the first sample, or a late one
+        if fine.index is None or idx < fine.index:  # the first sample, or a late one
             closed = fine.add(t, v)
             if closed is None:
                 return 0
@@ -204,15 +201,15 @@ class Series:
         while lows[0][0] < ct - self.low.span:
             lows.popleft()
         drops = self.fine_drops
-        min_drop = s.sawtooth_drop_mb * MB
         trough = drops.trough
         # a fine minimum within what the sawtooth watch has seen, and no drop: it changes nothing there
-        if trough is None or cv < trough or cv > drops.high or drops.high - cv >= min_drop:
+        if trough is None or cv < trough or cv > drops.high or drops.high - cv >= s.sawtooth_drop_mb * MB:
+            min_drop = s.sawtooth_drop_mb * MB
             if trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
                 min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
             drops.add(ct, cv, min_drop)
         buckets = self.buckets
-        if buckets.index is not None and int(ct // buckets.width) <= buckets.index:  # the same minute
+        if buckets.index is not None and ct // buckets.width <= buckets.index:  # the same minute (exact, as above)
             if cv < buckets.low:
                 buckets.low = cv
             return FINE
