@@ -223,10 +223,11 @@ class RankStalled(Detector[RankStalledSettings]):
                             self.deadline = -math.inf  # an advance older than the last: its limit ends sooner
                     else:
                         self.deadline = -math.inf  # its limit leaves start-up
+                        r.advanced = True
                     if self.end_step is not None:
                         self.deadline = -math.inf  # it may pass the step a rank ended at (finished no more)
                     r.step = r.shown = step
-                    r.advance_time, r.advanced = t, True
+                    r.advance_time = t
                     # training again after its end (not a late record from before it); nothing to undo when
                     # it neither ended nor failed (the common case: three cheap tests)
                     if (r.ended or r.error or self.oom) and t > r.end_time:
