@@ -48,6 +48,7 @@ DEGRADED_XIDS = (63, 92)
 # NVML's clocks event (throttle) reasons that mean the hardware slows the GPU down, not a setting
 THROTTLE_BITS = {0x8: "HW slowdown", 0x40: "HW thermal slowdown", 0x80: "HW power brake slowdown",
                  0x20: "SW thermal slowdown"}
+_SLOW_BITS = sum(THROTTLE_BITS)  # any of them (distinct bits)
 GPU_IDLE = 0x1
 COUNTERS = (("ecc_corrected", "corrected ECC errors", "ecc_corrected_increase"),
             ("nvlink_replay_errors", "NVLink replays", "link_errors_increase"),
@@ -247,18 +248,19 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
                 g.slow_since = now
             if now - g.slow_since >= s.throttle_seconds:
                 out.append(("slow", f"{slow} for {now - g.slow_since:.0f} s"))
+        start, counters = now - s.window_seconds, g.counters
         for name, what, key in COUNTERS:
             value = getattr(h, name)
             if value is None:
                 continue
-            dq = g.counters.get(name)
+            dq = counters.get(name)
             if dq is None:
-                dq = g.counters[name] = deque()
+                dq = counters[name] = deque()
             dq.append((now, value))
-            while len(dq) > 1 and dq[1][0] <= now - s.window_seconds:
+            while len(dq) > 1 and dq[1][0] <= start:
                 dq.popleft()  # keeps the newest reading at or before the window's start as the base
             rise = value - dq[0][1]
-            if rise >= getattr(s, key):
+            if rise > 0 and rise >= getattr(s, key):  # (the thresholds are >= 1: a count that did not rise is none)
                 out.append((name, f"{rise} {what} in {now - dq[0][0]:.0f} s"))
         if h.remapped_rows_pending:
             out.append(("remap", "row remapping pending (reset the GPU when the job allows)"))
@@ -276,14 +278,16 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
 
 
 def slowdown(h: GpuHealth, clock_ratio: float) -> str | None:
-    """What slows this GPU in one reading ("HW slowdown, SM clock 705/1980 MHz"), or None."""
+    """What slows this GPU in one reading ("HW slowdown, SM clock 705/1980 MHz"), or None.
+
+    Every reading of every rank asks (gpu_degraded, straggler): a healthy one returns None without building
+    a list or formatting the clocks (the words are made only for a GPU that is slowed)."""
     reasons = h.throttle_reasons or 0
-    names = [text for bit, text in THROTTLE_BITS.items() if reasons & bit]
-    clock = ""
-    if h.sm_clock_mhz is not None and h.sm_clock_max_mhz:
-        clock = f"SM clock {h.sm_clock_mhz:.0f}/{h.sm_clock_max_mhz:.0f} MHz"
-        if not reasons & GPU_IDLE and h.sm_clock_mhz < clock_ratio * h.sm_clock_max_mhz and not names:
-            names.append("clocks down")
+    names = [text for bit, text in THROTTLE_BITS.items() if reasons & bit] if reasons & _SLOW_BITS else []
+    clock, top = h.sm_clock_mhz, h.sm_clock_max_mhz
+    if not names and clock is not None and top and not reasons & GPU_IDLE and clock < clock_ratio * top:
+        names.append("clocks down")
     if not names:
         return None
-    return ", ".join(names) + (f", {clock}" if clock else "")
+    words = ", ".join(names)
+    return f"{words}, SM clock {clock:.0f}/{top:.0f} MHz" if clock is not None and top else words
