@@ -150,8 +150,9 @@ class RankStalled(Detector[RankStalledSettings]):
         if kind == "start":
             r.after_start = True
             self.deadline = -math.inf  # what is finished, failed or gone changes (so for end and oom)
+            r.kept = r.shown
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
-            r.sample_step, r.phase, r.phase_time, r.error = -1, None, None, ""
+            r.sample_step, r.said, r.error = -1, None, ""
             self._forget_failure(rank)
             why = "started again"
             if t > self.end_time:
@@ -192,8 +193,7 @@ class RankStalled(Detector[RankStalledSettings]):
             if r.after_start:  # only a start sets it: stored when it changes, not on every record
                 r.after_start = False
             if kind != "oom" and t >= r.phase_seen:  # a heartbeat or a sample says what the rank does
-                phase = r.phase = record.phase
-                r.phase_seen, r.phase_time = t, record.phase_time if phase is not None else None
+                r.phase_seen, r.said = t, record
             if kind == "heartbeat":
                 if not r.beats:
                     self.deadline = -math.inf  # its silence limit is the heartbeats' now, maybe shorter
@@ -207,11 +207,9 @@ class RankStalled(Detector[RankStalledSettings]):
                 self.oom.add(rank)
             step = record.step
             if step is not None:
-                # ``shown`` (the last step reported, for alerts) follows ``step`` wherever it changes to a
-                # known one: set here, not on every record
                 if r.step < 0:  # baseline after a start or at first sight: not progress yet
                     self.deadline = -math.inf
-                    r.step = r.shown = step
+                    r.step = step
                 elif step > r.step:
                     if r.advanced:
                         interval = t - r.advance_time
@@ -226,7 +224,7 @@ class RankStalled(Detector[RankStalledSettings]):
                         r.advanced = True
                     if self.end_step is not None:
                         self.deadline = -math.inf  # it may pass the step a rank ended at (finished no more)
-                    r.step = r.shown = step
+                    r.step = step
                     r.advance_time = t
                     # training again after its end (not a late record from before it); nothing to undo when
                     # it neither ended nor failed (the common case: three cheap tests)
@@ -241,7 +239,7 @@ class RankStalled(Detector[RankStalledSettings]):
                 elif kind == "sample" and step < r.sample_step and t > r.advance_time:
                     # its training thread went back: restarted without a start record. (A heartbeat
                     # may carry an older step than the sample before it: the threads race.)
-                    r.step = r.shown = step
+                    r.step = step
                     r.advance_time, r.advanced, r.sample_step = t, False, step
                     self.deadline = -math.inf
                     why = f"restarted at step {step}"
