@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ..config.rules import flag, positive, whole
@@ -55,6 +56,7 @@ COUNTERS = (("ecc_corrected", "corrected ECC errors", "ecc_corrected_increase"),
             ("nvlink_crc_errors", "NVLink CRC errors", "link_errors_increase"),
             ("nvlink_recovery_errors", "NVLink recoveries", "link_errors_increase"),
             ("pcie_replay_errors", "PCIe replays", "link_errors_increase"))
+_counts = attrgetter(*(name for name, _, _ in COUNTERS))  # a reading's counts, in COUNTERS' order
 
 
 def _xids(settings: Any, name: str) -> None:
@@ -106,6 +108,9 @@ class _Gpu:
     faults: list[str] = field(default_factory=list)  # what the open gpu_fault says
     fault_xids: list[int] = field(default_factory=list)
     slow_since: float | None = None  # throttled or clocked down since (consecutive readings)
+    # the counters' readings within the window: one deque of (time, counts) while every reading had all of
+    # them, else (None) a deque per counter of (time, count) of the readings that had it
+    readings: deque[tuple[float, tuple[int, ...]]] | None = field(default_factory=deque)
     counters: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
     recent_xids: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
     degraded: tuple[str, ...] | None = None  # what the open gpu_degraded names (kinds, not the numbers)
@@ -248,20 +253,42 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
                 g.slow_since = now
             if now - g.slow_since >= s.throttle_seconds:
                 out.append(("slow", f"{slow} for {now - g.slow_since:.0f} s"))
-        start, counters = now - s.window_seconds, g.counters
-        for name, what, key in COUNTERS:
-            value = getattr(h, name)
-            if value is None:
-                continue
-            dq = counters.get(name)
-            if dq is None:
-                dq = counters[name] = deque()
-            dq.append((now, value))
-            while len(dq) > 1 and dq[1][0] <= start:
-                dq.popleft()  # keeps the newest reading at or before the window's start as the base
-            rise = value - dq[0][1]
-            if rise > 0 and rise >= getattr(s, key):  # (the thresholds are >= 1: a count that did not rise is none)
-                out.append((name, f"{rise} {what} in {now - dq[0][0]:.0f} s"))
+        start = now - s.window_seconds
+        counts = _counts(h)
+        readings = g.readings
+        if readings is not None and None in counts:  # a counter not read: each counter on its own from here on
+            for name, _, _ in COUNTERS:
+                g.counters[name] = deque()
+            for t, values in readings:
+                for (name, _, _), value in zip(COUNTERS, values):
+                    g.counters[name].append((t, value))
+            readings = g.readings = None
+        if readings is not None:
+            # every reading so far had all five counts: one window of readings for them all (what five windows,
+            # one per counter, would hold), and a reading with the counts of the window's base has no rise
+            readings.append((now, counts))
+            while len(readings) > 1 and readings[1][0] <= start:
+                readings.popleft()  # keeps the newest reading at or before the window's start as the base
+            since, base = readings[0]
+            if counts != base:
+                for (name, what, key), value, was in zip(COUNTERS, counts, base):
+                    rise = value - was
+                    if rise > 0 and rise >= getattr(s, key):  # (thresholds are >= 1: no rise is none)
+                        out.append((name, f"{rise} {what} in {now - since:.0f} s"))
+        else:
+            counters = g.counters
+            for (name, what, key), value in zip(COUNTERS, counts):
+                if value is None:
+                    continue
+                dq = counters.get(name)
+                if dq is None:
+                    dq = counters[name] = deque()
+                dq.append((now, value))
+                while len(dq) > 1 and dq[1][0] <= start:
+                    dq.popleft()  # keeps the newest reading at or before the window's start as the base
+                rise = value - dq[0][1]
+                if rise > 0 and rise >= getattr(s, key):
+                    out.append((name, f"{rise} {what} in {now - dq[0][0]:.0f} s"))
         if h.remapped_rows_pending:
             out.append(("remap", "row remapping pending (reset the GPU when the job allows)"))
         if h.retired_pages_pending:
