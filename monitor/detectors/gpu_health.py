@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config.rules import flag, positive, whole
 from ..events import Event, firing, resolved
-from ..record import GpuHealth, Record
+from ..record import GpuHealth, Record, XidEvent
 from ..state import RunState
 from .base import Detector
 
@@ -104,6 +104,9 @@ class _Gpu:
     index: int | None = None
     pci_bus_id: str | None = None
     seen: set[tuple[int, float]] = field(default_factory=set)  # XID events already judged
+    # the last XID list judged (every event of it is in ``seen``): the client sends its list again in every
+    # reading, and the same list again holds nothing new
+    xids: list[XidEvent] | None = None
     ecc_uncorrected: int | None = None  # the first reading's volatile count: a rise is a fault
     faults: list[str] = field(default_factory=list)  # what the open gpu_fault says
     fault_xids: list[int] = field(default_factory=list)
@@ -163,14 +166,16 @@ class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
             return []
         g = self.gpu(record.rank, h)
         found: list[str] = []
-        for x in h.xids or ():
-            key = (x.xid, x.time)
-            if key in g.seen:
-                continue
-            g.seen.add(key)
-            if x.xid in self.settings.xids:
-                g.fault_xids.append(x.xid)
-                found.append(f"XID {x.xid}, {XID_TEXT.get(x.xid, 'see the XID catalogue')}")
+        if h.xids and h.xids != g.xids:
+            for x in h.xids:
+                key = (x.xid, x.time)
+                if key in g.seen:
+                    continue
+                g.seen.add(key)
+                if x.xid in self.settings.xids:
+                    g.fault_xids.append(x.xid)
+                    found.append(f"XID {x.xid}, {XID_TEXT.get(x.xid, 'see the XID catalogue')}")
+            g.xids = h.xids
         if h.ecc_uncorrected is not None:
             if g.ecc_uncorrected is None:
                 g.ecc_uncorrected = h.ecc_uncorrected
@@ -293,11 +298,13 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
             out.append(("remap", "row remapping pending (reset the GPU when the job allows)"))
         if h.retired_pages_pending:
             out.append(("retire", "page retirement pending (reset the GPU when the job allows)"))
-        for x in h.xids or ():
-            if (x.xid, x.time) not in g.seen:
-                g.seen.add((x.xid, x.time))
-                if x.xid in s.xids:
-                    g.recent_xids.append((x.time, x.xid))
+        if h.xids and h.xids != g.xids:
+            for x in h.xids:
+                if (x.xid, x.time) not in g.seen:
+                    g.seen.add((x.xid, x.time))
+                    if x.xid in s.xids:
+                        g.recent_xids.append((x.time, x.xid))
+            g.xids = h.xids
         for when, xid in g.recent_xids:
             if now - when < s.window_seconds:
                 out.append((f"xid{xid}", f"XID {xid}, {XID_TEXT.get(xid, 'see the XID catalogue')}"))
