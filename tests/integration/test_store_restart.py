@@ -74,7 +74,8 @@ backoff_max = 0.5
 def test_open_alert_survives_restart_stays_acknowledged_and_resolves_after(start_sidecar, receiver,
                                                                            tmp_path: Path) -> None:
     db = str(tmp_path / "restart.db")
-    cfg = config(tmp_path, "[limits]\nrun_ttl_seconds = 2\n")
+    # the run expires 4 s after its last record: not before the kill below, even on a loaded machine
+    cfg = config(tmp_path, "[limits]\nrun_ttl_seconds = 4\n")
     args = ("--config", cfg, "--db", db, "--webhook", f"{receiver.url}/hook")
     sidecar = start_sidecar(*args, db=False)
     ingest(sidecar, nan_records("long-job", [0]))
