@@ -1,4 +1,5 @@
-"""The sidecar's own sections: ``[server]``, ``[limits]``, ``[exporter]``, ``[[webhooks]]``, ``[alertmanager]``.
+"""The sidecar's own sections: ``[server]``, ``[limits]``, ``[exporter]``, ``[stop]``, ``[[webhooks]]``,
+``[alertmanager]``.
 
 Each is a ``kw_only, slots`` dataclass checked in ``__post_init__`` by the rules of rules.py, naming its keys
 from its section (``server.port``); the detectors' sections live beside each detector.
@@ -75,6 +76,26 @@ class ExporterSettings:
         value = self.ended_run_seconds  # inf is allowed: ended runs exported for as long as they are kept
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
             raise ConfigError(f"exporter.ended_run_seconds: must be a number >= 0, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class StopSettings:
+    """``[stop]``: how far ahead of an alert the step every rank of the run stops after is fixed
+    (stop_steps.py, docs/trainer.md): ``max(min_lead_steps, ceil(lead_seconds / step period))`` steps, at most
+    ``max_lead_steps``. A larger ``lead_seconds`` gives a slow path to the farthest client (a loaded node, another
+    network) time to hear the stop before it gets there; it costs that many more steps after the alert."""
+
+    lead_seconds: float = 0.1
+    min_lead_steps: int = 2
+    max_lead_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        rules.positive(self, "stop", "lead_seconds")
+        rules.whole(self, "stop", "min_lead_steps", minimum=1)
+        rules.whole(self, "stop", "max_lead_steps", minimum=1)
+        if self.max_lead_steps < self.min_lead_steps:
+            raise ConfigError(f"stop.max_lead_steps: must be >= stop.min_lead_steps ({self.min_lead_steps}), "
+                              f"got {self.max_lead_steps!r}")
 
 
 @dataclass(kw_only=True, slots=True)

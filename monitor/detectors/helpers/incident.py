@@ -73,23 +73,6 @@ def ranks_phrase(ranks: Iterable[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {span(ranks)}"
 
 
-def host_of(run: RunState, ranks: Iterable[int]) -> str | None:
-    """The host when ``ranks`` are every rank this run has on one host (as their start records say)."""
-    group = set(ranks)
-    hosts = set()
-    for q in group:
-        state = run.ranks.get(q)
-        if state is None or state.host is None:
-            return None
-        hosts.add(state.host)
-    if len(hosts) != 1:
-        return None
-    (host,) = hosts
-    if any(s.host == host and q not in group for q, s in run.ranks.items()):
-        return None
-    return host
-
-
 def whole_hosts(run: RunState, ranks: Iterable[int]) -> list[str]:
     """The hosts whose every rank is in ``ranks``, when ``ranks`` are exactly those hosts' ranks; else []."""
     group = set(ranks)
