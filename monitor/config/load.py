@@ -121,7 +121,7 @@ ENV_PREFIX = "TRAINHEALTH_"
 SERVER_KEYS: dict[str, tuple[type, bool]] = {
     "host": (str, False), "port": (int, False), "webhooks": (str, True),
     "alertmanager": (str, False), "db": (str, False), "record_dir": (str, False),
-    "token": (str, False), "tick_seconds": (float, False),
+    "token": (str, False), "tick_seconds": (float, False), "allowed_hosts": (str, True),
 }
 ENV_NAMES = {"webhooks": "WEBHOOK", "record_dir": "RECORD"}
 

@@ -28,9 +28,18 @@ class Limits:
     max_ranks_per_run: int = 4096
     run_ttl_seconds: float = 6 * 3600.0  # an ended or silent run is forgotten after this
     max_future_seconds: float = 3600.0  # serve: a record timed further ahead of the sidecar's clock is refused
+    # the bodies being received by every request together (http/bodies.py); None: 16 x max_body_bytes
+    max_buffered_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        rules.positive(self, "limits", *(f.name for f in dataclasses.fields(self)))
+        rules.positive(self, "limits", *(f.name for f in dataclasses.fields(self) if f.name != "max_buffered_bytes"))
+        value = self.max_buffered_bytes
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < self.max_body_bytes):
+            raise ConfigError(f"limits.max_buffered_bytes: must be an integer >= limits.max_body_bytes "
+                              f"({self.max_body_bytes}, one whole body), got {value!r}")
+
+
+HOST_NAME = re.compile(r"(\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])\Z")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -49,6 +58,8 @@ class ServerSettings:
     keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
     header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
     body_timeout_seconds: float = 30.0  # a request whose body is not complete this long after its headers: 408
+    # Host names beyond localhost, addresses, the machine's name and host's (http/hosts.py); ["*"]: any
+    allowed_hosts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rules.whole(self, "server", "port", minimum=0, maximum=65535)
@@ -62,6 +73,10 @@ class ServerSettings:
                 raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {rules.redacted(url)!r}")
         if self.alertmanager is not None:
             rules.url(self, "server", "alertmanager")
+        for i, name in enumerate(self.allowed_hosts):
+            if not isinstance(name, str) or not HOST_NAME.match(name):
+                raise ConfigError(f"server.allowed_hosts[{i}]: must be a host name without scheme or port "
+                                  f"(sidecar, node-a.example.com, *.example.com) or \"*\", got {name!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -134,7 +134,7 @@ def test_after_a_sidecar_restart_open_alerts_get_a_stop_again_under_a_newer_vers
 async def _poll_then_nan(service: Service) -> tuple[dict[str, Any], float, float]:
     app = create_app(service)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         first = (await client.get("/v1/runs/r/watch", params={"version": -1})).json()
         assert first["version"] == 0  # not known yet: answered at once
         loop = asyncio.get_running_loop()
@@ -216,7 +216,7 @@ def test_a_stop_every_rank_passed_moves_ahead_of_the_run():
 def test_the_long_poll_refuses_a_run_name_no_record_could_carry():
     async def ask() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(make()))
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return await client.get("/v1/runs/bad name!/watch")
 
     answer = asyncio.run(ask())
