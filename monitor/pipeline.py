@@ -364,7 +364,7 @@ def run_last_step(run: RunState) -> int:
 
 
 def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 256,
-           until: float | None = None) -> Iterator[Alert]:
+           until: float | None = None, refreshes: bool = False) -> Iterator[Alert]:
     """The replay loop (``trainhealth replay``, tests, benchmarks): feed records in order, record time
     as the clock, and yield alert transitions as they happen.
 
@@ -373,14 +373,28 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
     a lower step must not have its records applied minutes late). ``until``: after the last record, let
     that many seconds pass with no records, as the server's timer would, so a hang or a silent rank at
     the end of a recording is reported (replay runs with wall = 0, so ``tick_wall(until)`` moves each
-    run's clock on by ``until``)."""
+    run's clock on by ``until``).
+
+    ``refreshes``: after each batch (and the final tick) also yield the open alerts refreshed in place
+    since the last one, as the server hands them to its sinks (``AlertBook.hand_off``: before that
+    batch's transitions; a firing refreshed in its own batch is yielded once, with its latest picture):
+    each a copy of the alert as it stands then, marked ``refreshed: True``. The transitions yielded are
+    the same either way."""
+    def handed(alerts: list[Alert]) -> list[Alert]:
+        if not refreshes:
+            return alerts
+        alerts, refreshed = pipeline.book.hand_off(alerts)
+        for a in refreshed:  # copies: the book's own dicts stay unmarked
+            a["refreshed"] = True
+        return refreshed + alerts if refreshed else alerts
+
     batch: list[Record] = []
     tick = pipeline.tick_seconds
     for rec in records:
         if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
-            yield from pipeline.process(batch).alerts
+            yield from handed(pipeline.process(batch).alerts)
             batch = []
         batch.append(rec)
-    yield from pipeline.process(batch).alerts
+    yield from handed(pipeline.process(batch).alerts)
     if until is not None:
-        yield from pipeline.tick_wall(until)
+        yield from handed(pipeline.tick_wall(until))
