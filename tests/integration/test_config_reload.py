@@ -40,7 +40,7 @@ BAD = [
      "alertmanager.timeout: must be a positive number, got -1"),
     ("[exporter]\nmax_series = 0\n", "exporter.max_series: must be an integer >= 1, got 0"),
     ("[detector.rank_stalled]\nfloor_seconds = 5\n",
-     "detector: unknown section (known: server, limits, detectors, webhooks, alertmanager, exporter)"),
+     "detector: unknown section (known: server, limits, detectors, webhooks, alertmanager, exporter, stop)"),
     ("[detectors.rank_stalled]\nflor_seconds = 5\n",
      "detectors.rank_stalled.flor_seconds: unknown setting (known: ceiling_seconds, enabled, factor, "
      "floor_seconds, silence_floor_seconds, startup_seconds)"),
