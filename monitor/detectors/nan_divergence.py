@@ -145,14 +145,9 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         s = self.settings
         if kind != "sample" or not s.enabled:
             return []
-        lr = record.lr
-        if lr is not None:
-            story = self.story
-            step = record.step
-            if lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
-                story.lr_step = step  # the LR it has: all that note_lr would do
-            else:
-                story.note_lr(lr, step)
+        story = self.story
+        if record is not story.noted:  # its LR, once per record for the divergence detectors together
+            story.note_sample(record)
         rank = self.ranks.get(record.rank)
         if rank is None:
             rank = self.ranks[record.rank] = _Rank()
