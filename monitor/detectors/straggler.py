@@ -33,7 +33,6 @@ import math
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
-from math import isfinite
 from typing import Iterable
 
 from ..config.rules import at_least, flag, whole
@@ -74,6 +73,11 @@ class StragglerSettings:
 @dataclass(slots=True)
 class _Rank:
     windows: dict[str, deque[float]] = field(default_factory=dict)
+    # the same windows as attributes, read per sample without a dict look-up (``_push`` sets both)
+    data_time: deque[float] | None = None
+    compute: deque[float] | None = None
+    comm_wait: deque[float] | None = None
+    step_interval: deque[float] | None = None
     samples: int = 0
     last_step: int = -1
     last_time: float = 0.0
@@ -132,26 +136,34 @@ class Straggler(Detector[StragglerSettings]):
             r.ended = False
             if r.samples > r.until:
                 self.changed = True
+            # each value joins its signal's window in place while that window has the settings' length (else
+            # _push makes it anew: the first value, a reload)
             window = self.settings.window
-            windows = r.windows
             value = record.data_time_seconds
             if value is not None and 0.0 <= value < INF:  # finite, >= 0
-                dq = windows.get("data_time")
+                dq = r.data_time
                 if dq is not None and dq.maxlen == window:
                     dq.append(value)
                 else:
                     self._push(r, "data_time", value)
             value = record.compute_seconds
             if value is not None and 0.0 <= value < INF:
-                self._push(r, "compute", value)
                 wait = record.comm_wait_seconds
-                self._push(r, "comm_wait", wait if wait is not None and isfinite(wait) and wait >= 0 else 0.0)
+                if wait is None or not 0.0 <= wait < INF:
+                    wait = 0.0
+                dq, waits = r.compute, r.comm_wait
+                if dq is not None and waits is not None and dq.maxlen == window == waits.maxlen:
+                    dq.append(value)
+                    waits.append(wait)
+                else:
+                    self._push(r, "compute", value)
+                    self._push(r, "comm_wait", wait)
             step = record.step
             if step is not None and step > r.last_step:
                 t = record.time
                 if r.last_step >= 0 and t > r.last_time:
                     value = (t - r.last_time) / (step - r.last_step)
-                    dq = windows.get("step_interval")
+                    dq = r.step_interval
                     if dq is not None and dq.maxlen == window:
                         dq.append(value)
                     else:
@@ -186,6 +198,7 @@ class Straggler(Detector[StragglerSettings]):
         dq = r.windows.get(signal)
         if dq is None or dq.maxlen != window:
             dq = r.windows[signal] = deque(dq or (), maxlen=window)
+            setattr(r, signal, dq)
             self.changed = True  # a new window (or one resized by a reload): no bound on its median holds
         dq.append(value)
 
