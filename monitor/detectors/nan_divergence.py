@@ -140,10 +140,11 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         story = self.story
         if record is not story.noted:  # its LR, once per record for the divergence detectors together
             story.note_sample(record)
-        rank = self.ranks.get(record.rank)
-        if rank is None:
+        try:  # (cheaper than .get for every sample)
+            rank = self.ranks[record.rank]
+        except KeyError:
             rank = self.ranks[record.rank] = _Rank()
-        elif rank.fired:
+        if rank.fired:
             return []  # terminal until a start
         loss, grad, scale = record.loss, record.grad_norm, record.grad_scale
         good = grad is None or -INF < grad < INF  # the grad norm is finite (or not sent)

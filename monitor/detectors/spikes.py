@@ -58,8 +58,9 @@ from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from math import isfinite, log
+from operator import attrgetter
 from statistics import median
-from typing import Any, ClassVar, cast
+from typing import Any, Callable, ClassVar, cast
 
 from ..config.rules import above, flag, whole
 from ..events import Event, Severity, firing, resolved
@@ -290,13 +291,15 @@ class _Rank:
         insertion when few, else is sorted again."""
         added, values, ordered = self.added, self.values, self.ordered
         size = self.window.size
-        if len(added) > CATCH_UP_INSERTS:
-            for x in added:
-                if len(values) >= size:
-                    self.before = values.popleft()
-                values.append(x)
-            ordered[:] = values  # in place: the window's own list
-            ordered.sort()
+        if len(added) > CATCH_UP_INSERTS:  # the same, by slices
+            seq = [*values, *added]
+            if len(seq) > size:
+                self.before = seq[-size - 1]
+                del seq[:-size]
+            values.clear()
+            values.extend(seq)
+            seq.sort()
+            ordered[:] = seq  # in place: the window's own list
         else:
             for x in added:
                 if len(values) >= size:
@@ -320,6 +323,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
         self.firsts: dict[int, float] = {}  # each rank's first value since its start (log space): early jumps
         self.firsts_median: float | None = None  # their median, until they change (read per early value)
         self.story = story_of(run)  # the run's one spike incident, shared with the other spike detector
+        self.value_of: Callable[[Record], float | None] = attrgetter(self.field)  # (cheaper than getattr)
 
     def update(self, record: Record) -> list[Event]:
         kind = record.type
@@ -337,26 +341,28 @@ class _SpikeDetector(Detector[SpikeSettings]):
                 self.firsts.clear()
                 self.firsts_median = None
             return []
-        value = getattr(record, self.field)
+        value = self.value_of(record)
         if value is None:
             return []
-        st = self.ranks.get(record.rank)
-        if 0.0 < value < INF:  # finite (most often > 0)
-            if st is not None and st.steady is s:
-                # the common way, written out: a value that is not even soft_ratio above the lowest the level
-                # can be is not high (as below, where every case is handled), and only joins the window (in
-                # ``added``, until ``catch_up``). The window's sorted copy S held n values when last caught up; j
-                # values came since and at most j left. A value leaving moves no order statistic down, each one
-                # coming moves them down one place at most, so the window's k-th smallest now is at least S[k - j]
-                # for k = (n - 1) // 2, and its median (the k-th or above: it holds n values or more; the mean of
-                # two middle ones is not below the lower in floats either) at least that
-                x = log(value)
-                added = st.added
-                i = st.low - len(added)
-                if i >= 0 and x - st.ordered[i] < st.soft:
-                    added.append(x)
-                    return []
-        elif not isfinite(value):
+        try:  # (cheaper than .get for every value)
+            st: _Rank | None = self.ranks[record.rank]
+        except KeyError:
+            st = None
+        if value > 0.0 and st is not None and st.steady is s:
+            # the common way, written out: a value that is not even soft_ratio above the lowest the level can be
+            # is not high (as below, where every case is handled), and only joins the window (in ``added``, until
+            # ``catch_up``). The window's sorted copy S held n values when last caught up; j values came since and
+            # at most j left. A value leaving moves no order statistic down, each one coming moves them down one
+            # place at most, so the window's k-th smallest now is at least S[k - j] for k = (n - 1) // 2, and its
+            # median (the k-th or above: it holds n values or more; the mean of two middle ones is not below the
+            # lower in floats either) at least that
+            x = log(value)  # (inf for +inf: never below a bound)
+            added = st.added
+            i = st.low - len(added)
+            if i >= 0 and x - st.ordered[i] < st.soft:
+                added.append(x)
+                return []
+        if not isfinite(value):
             return []
         if st is not None and st.added:
             st.catch_up()
@@ -421,13 +427,20 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if st.prev is not None:
             st.waiting += 1  # |x - prev| joins the changes when they are read
         st.prev = x
-        steady = (not st.linear and not st.firing and not st.high and len(st.early) >= EARLY_BASE
-                  and len(values) >= s.min_history and st.window.size == s.window)
-        st.steady = s if steady else None
-        if steady:
-            st.soft = log(s.soft_ratio)
-            st.low = (len(values) - 1) // 2
+        self._steady(st)
         return out
+
+    def _steady(self, st: _Rank) -> None:
+        """Whether the rank's next value may take the common way (``update``), and its bounds there."""
+        s = self.settings
+        values = st.values
+        if (st.linear or st.firing or st.high or len(st.early) < EARLY_BASE or len(values) < s.min_history
+                or st.window.size != s.window):
+            st.steady = None
+            return
+        st.steady = s
+        st.soft = log(s.soft_ratio)
+        st.low = (len(values) - 1) // 2
 
     def _early_base(self, st: _Rank, x: float) -> float | None:
         """The baseline ``x`` grew ``early_growth`` times above, or None: the median of the rank's first
