@@ -213,12 +213,15 @@ class Straggler(Detector[StragglerSettings]):
         return out
 
     @staticmethod
-    def _median_of(r: _Rank, signal: str, dq: deque[float]) -> float:
-        """The median of the rank's window ``dq``, sorted again only when a sample came since."""
+    def _sorted_of(r: _Rank, signal: str, dq: deque[float]) -> list[float]:
+        """The rank's window ``dq`` sorted, sorted again only when a sample came since."""
         snap = r.sorts.get(signal)
         if snap is None or snap[2] != r.samples or snap[0] is not dq:
             snap = r.sorts[signal] = (dq, sorted(dq), r.samples)
-        return _middle(snap[1])
+        return snap[1]
+
+    def _median_of(self, r: _Rank, signal: str, dq: deque[float]) -> float:
+        return _middle(self._sorted_of(r, signal, dq))
 
     def _step_time(self) -> float | None:
         if self.step_time is None and self.step_times:
@@ -236,7 +239,7 @@ class Straggler(Detector[StragglerSettings]):
                 for signal in SIGNALS:
                     dq = r.windows.get(signal)
                     if dq is not None and len(dq) >= window:
-                        self._median_of(r, signal, dq)
+                        self._sorted_of(r, signal, dq)
             # no rank is slow, nor can be for ``more`` samples more (the most the bounds reach first, then fewer):
             # until then the ticks have nothing to judge
             more = window // 2 - 1
