@@ -7,8 +7,8 @@ divides the loss by 10 is a shift, not a change of noise), and so are the
 absolute step-to-step changes of those values, each with a sorted copy, so the
 medians cost O(1) to read and an O(window) memmove to maintain. (The copies are
 kept lazily: the changes' median is read only for a value already far above the
-level, and an ordinary value is told from a lower bound on the level; see
-``_SpikeDetector.update``.)
+level, and an ordinary value is told from a lower bound on the level and waits in a
+list until a value that is not ordinary; see ``_SpikeDetector.update``.)
 
 - level: the median of the window;
 - noise: the median absolute step-to-step change / 0.954 (the standard
@@ -454,9 +454,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
                 st.early_from = f"the median of its first {EARLY_BASE} samples, from step {st.first_step}"
                 return base
         firsts = self.firsts.values()
+        if self.firsts_median is None:
+            self.firsts_median = median(firsts)
         base = self.firsts_median
-        if base is None:
-            base = self.firsts_median = median(firsts)
         if x - base >= grow + log(EARLY_JUMP):
             who = "its first sample" if len(firsts) == 1 else f"the median of {len(firsts)} ranks' first samples"
             st.early_from = f"{who}, {EARLY_JUMP:g}x the usual bound: a jump"
