@@ -174,9 +174,12 @@ class NanDivergence(Detector[NanDivergenceSettings]):
                     # scale over them, a monotonic deque of (step, scale) with decreasing scales (O(1) amortized)
                     step = record.step or 0
                     peaks = rank.peaks
-                    while peaks and peaks[-1][1] <= scale:
-                        peaks.pop()
-                    peaks.append((step, scale))
+                    if peaks and peaks[-1][1] == scale:  # the scale of the good step before (most often): the
+                        peaks[-1] = (step, scale)  # loop below would pop its entry alone (the others are higher)
+                    else:
+                        while peaks and peaks[-1][1] <= scale:
+                            peaks.pop()
+                        peaks.append((step, scale))
                     oldest = step - self.settings.amp_peak_window
                     while peaks[0][0] <= oldest:
                         peaks.popleft()
