@@ -140,22 +140,41 @@ class LrScaling(Detector[LrScalingSettings]):
         self.warmup_check: WarmupCheck | None = None
         self.history: list[tuple[int, float]] = []  # (total batch, LR) of earlier usable starts
         self.max_lr = 0.0  # highest sample LR since the latest start
+        # a sample whose LR is at most this changes nothing and says nothing (``_note_quiet``)
+        self.quiet = math.inf
         self.entry_ranks: set[int] = set()  # ranks whose start carried the latest (total batch, LR)
 
     # -- records --------------------------------------------------------------
     def update(self, record: Record) -> list[Event]:
-        s = self.settings
-        if not s.enabled:
-            return []
         kind = record.type
-        if kind == "start":
-            return self._start(record)
-        lr = record.lr
-        if kind != "sample" or lr is None or not 0 < lr < math.inf or self.current is None:
+        if kind == "sample":
+            lr = record.lr
+            if lr is None or lr <= self.quiet:
+                return []  # the common sample
+            out = self._sample_lr(record, lr)
+            self._note_quiet()
+            return out
+        if kind == "start" and self.settings.enabled:
+            out = self._start(record)
+            self._note_quiet()
+            return out
+        return []
+
+    def _note_quiet(self) -> None:
+        """The LR up to which a sample is quiet: any before a usable start; none while the warmup is checked (each
+        sampled LR counts); else the highest sampled LR judged since the start (what is not above it says no
+        more). The settings are not in it: a disabled detector's samples are quiet anyway."""
+        check = self.warmup_check
+        self.quiet = (math.inf if self.current is None else -math.inf if check is not None and check.active
+                      else self.max_lr)
+
+    def _sample_lr(self, record: Record, lr: float) -> list[Event]:
+        s = self.settings
+        if not s.enabled or not 0 < lr < math.inf or self.current is None:
             return []  # (not _usable(lr))
         check = self.warmup_check
         if (check is None or not check.active) and lr <= self.max_lr:
-            return []  # no warmup to check, and not above the highest LR judged: the common sample
+            return []  # no warmup to check, and not above the highest LR judged
         out: list[Event] = []
         if check is not None and check.active and record.step is not None and s.check_warmup:
             found = check.add(record.step, lr)

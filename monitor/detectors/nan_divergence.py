@@ -92,18 +92,9 @@ class _Rank:
     def __init__(self) -> None:
         self.scale: float | None = None  # grad_scale of the previous sample
         self.overflows = 0  # consecutive samples whose scale dropped
-        self.peaks: deque[tuple[int, float]] = deque()  # (step, scale) of good steps, decreasing scales
+        self.peaks: deque[tuple[int, float]] = deque()  # (step, scale) of good steps, decreasing scales (update)
         self.pending: Record | None = None  # non-finite grad norm waiting for the scale drop
         self.fired = False
-
-    def note_good_step(self, step: int, scale: float, window: int) -> None:
-        """Sliding maximum of the scale over successful steps (monotonic deque, O(1) amortized)."""
-        peaks = self.peaks
-        while peaks and peaks[-1][1] <= scale:
-            peaks.pop()
-        peaks.append((step, scale))
-        while peaks[0][0] <= step - window:
-            peaks.popleft()
 
     def peak(self, step: int, window: int) -> float | None:
         peaks = self.peaks
@@ -140,55 +131,67 @@ class NanDivergence(Detector[NanDivergenceSettings]):
 
     def update(self, record: Record) -> list[Event]:
         kind = record.type
-        if kind == "start":
-            self.story.note_start()
-            return self._restart(record)
-        s = self.settings
-        if kind != "sample" or not s.enabled:
+        if kind != "sample":
+            if kind == "start":
+                self.story.note_start()
+                return self._restart(record)
             return []
-        lr = record.lr
-        if lr is not None:
-            story = self.story
-            step = record.step
-            if lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
-                story.lr_step = step  # the LR it has: all that note_lr would do
+        if not self.settings.enabled:
+            return []
+        story = self.story
+        if record is not story.noted:  # its LR, once per record for the divergence detectors together
+            lr, step = record.lr, record.step
+            if lr is not None and lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
+                story.lr_step, story.noted = step, record  # the LR it has: all that note_sample would do
             else:
-                story.note_lr(lr, step)
-        rank = self.ranks.get(record.rank)
-        if rank is None:
+                story.note_sample(record)
+        try:  # (cheaper than .get for every sample)
+            rank = self.ranks[record.rank]
+        except KeyError:
             rank = self.ranks[record.rank] = _Rank()
         if rank.fired:
             return []  # terminal until a start
         loss, grad, scale = record.loss, record.grad_norm, record.grad_scale
-        if self.compared < SHARED_COMPARISONS and grad is not None and math.isfinite(grad):
+        good = grad is None or -INF < grad < INF  # the grad norm is finite (or not sent)
+        if self.compared < SHARED_COMPARISONS and grad is not None and good:
             self._compare_grad(record.step or 0, grad)
-        out: list[Event] = []
         dropped = False
         if scale is not None and -INF < scale < INF:  # finite
-            dropped = rank.scale is not None and scale < rank.scale
-            pending = rank.pending
-            if pending is not None:
-                rank.pending = None
-                if not dropped:  # the earlier non-finite grad norm was not a skipped step
-                    out.extend(self._fire(pending, "grad_norm", pending.grad_norm, rank))
-                    return out
-            if dropped:
-                out.extend(self._amp(record, rank, scale, dropped))
-            else:  # _amp's way for a step that was not skipped, written out (every sample of an fp16 run)
-                rank.overflows = 0
-                if grad is None or -INF < grad < INF:
-                    rank.note_good_step(record.step or 0, scale, s.amp_peak_window)
+            before = rank.scale
             rank.scale = scale
-            if out:
-                return out
-        if loss is not None and not math.isfinite(loss):
+            dropped = before is not None and scale < before
+            if dropped:
+                rank.pending = None  # the earlier non-finite grad norm, if any, was a skipped step
+                out = self._amp(record, rank, scale)
+                if out:
+                    return out
+            else:
+                pending = rank.pending
+                if pending is not None:  # the earlier non-finite grad norm was not a skipped step
+                    rank.pending = None
+                    return self._fire(pending, "grad_norm", pending.grad_norm, rank)
+                rank.overflows = 0
+                if good:  # a step that was not skipped (every sample of an fp16 run): the sliding maximum of the
+                    # scale over them, a monotonic deque of (step, scale) with decreasing scales (O(1) amortized)
+                    step = record.step or 0
+                    peaks = rank.peaks
+                    if peaks and peaks[-1][1] == scale:  # the scale of the good step before (most often): the
+                        peaks[-1] = (step, scale)  # loop below would pop its entry alone (the others are higher)
+                    else:
+                        while peaks and peaks[-1][1] <= scale:
+                            peaks.pop()
+                        peaks.append((step, scale))
+                    oldest = step - self.settings.amp_peak_window
+                    while peaks[0][0] <= oldest:
+                        peaks.popleft()
+        if loss is not None and not -INF < loss < INF:
             return self._fire(record, "loss", loss, rank)
-        if grad is not None and not math.isfinite(grad):
+        if not good:
             if scale is None:
                 return self._fire(record, "grad_norm", grad, rank)
             if not dropped:
                 rank.pending = record  # the scale may drop in the next sample
-        return out
+        return []
 
     def _compare_grad(self, step: int, grad: float) -> None:
         seen = self.grad_at.get(step)
@@ -203,15 +206,11 @@ class NanDivergence(Detector[NanDivergenceSettings]):
         if self.compared >= SHARED_COMPARISONS:
             self.grad_at.clear()
 
-    def _amp(self, record: Record, rank: _Rank, scale: float, dropped: bool) -> list[Event]:
+    def _amp(self, record: Record, rank: _Rank, scale: float) -> list[Event]:
+        """The scaler lowered the scale (an overflow-skipped step): divergence when the overflows keep coming
+        while the scale collapses."""
         s = self.settings
         step = record.step or 0
-        if not dropped:
-            rank.overflows = 0
-            grad = record.grad_norm
-            if grad is None or math.isfinite(grad):
-                rank.note_good_step(step, scale, s.amp_peak_window)
-            return []
         rank.overflows += 1
         peak = rank.peak(step, s.amp_peak_window)
         why = ""

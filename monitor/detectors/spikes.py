@@ -7,8 +7,8 @@ divides the loss by 10 is a shift, not a change of noise), and so are the
 absolute step-to-step changes of those values, each with a sorted copy, so the
 medians cost O(1) to read and an O(window) memmove to maintain. (The copies are
 kept lazily: the changes' median is read only for a value already far above the
-level, and an ordinary value is told from a lower bound on the level; see
-``_SpikeDetector.update``.)
+level, and an ordinary value is told from a lower bound on the level and waits in a
+list until a value that is not ordinary; see ``_SpikeDetector.update``.)
 
 - level: the median of the window;
 - noise: the median absolute step-to-step change / 0.954 (the standard
@@ -58,8 +58,9 @@ from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from math import isfinite, log
+from operator import attrgetter
 from statistics import median
-from typing import Any, ClassVar, cast
+from typing import Any, Callable, ClassVar, cast
 
 from ..config.rules import above, flag, whole
 from ..events import Event, Severity, firing, resolved
@@ -225,18 +226,20 @@ class GradExplosionSettings(SpikeSettings):
 
 
 class _Rank:
-    __slots__ = ("steady", "soft", "added", "dropped", "window", "values", "ordered", "changes", "waiting", "before",
+    __slots__ = ("steady", "soft", "low", "added", "window", "values", "ordered", "changes", "waiting", "before",
                  "prev", "linear", "high", "onset_step", "firing", "base_median", "base_sigma", "calm", "fired_for",
                  "early", "first_step", "how", "early_from")
 
     def __init__(self, size: int) -> None:
-        # the settings under which its next value takes the common way (``_SpikeDetector.update``): a full
-        # window in log space, early values all in, no alert open; None until then
+        # the settings under which its next value may take the common way (``_SpikeDetector.update``): at least
+        # min_history values in log space, early values all in, no alert open, no high value in a row; None
+        # until then
         self.steady: SpikeSettings | None = None
         self.soft = 0.0  # log(soft_ratio) of those settings
-        # while steady, the window's sorted copy lags: the values pushed and dropped since (``catch_up``)
+        self.low = 0  # (n - 1) // 2 for the n values of the window when it was last caught up
+        # while steady, the values taken the common way wait here (log space), in order: the window, its sorted
+        # copy and the changes take them at the next value that is not common (``catch_up``)
         self.added: list[float] = []
-        self.dropped: list[float] = []
         self.window = RobustWindow(size)  # values (log space)
         self.values, self.ordered = self.window.values, self.window.ordered  # (the same objects: read per value)
         self.changes = LazyWindow(size)  # |value - previous value|; its median is read rarely (``sigma_window``)
@@ -255,7 +258,6 @@ class _Rank:
         self.early_from = ""  # what the early baseline was, in words
         self.first_step = 0
         self.how = ""  # how the firing was judged: "robust", "soft" or "early"
-
 
     def sigma_window(self) -> LazyWindow:
         """The changes' window, caught up: a change is pushed only when the median is read (a value far above
@@ -282,21 +284,32 @@ class _Rank:
         self.waiting = 0
         self.before = None
         self.added.clear()
-        self.dropped.clear()
 
     def catch_up(self) -> None:
-        """The window's sorted copy takes the values pushed and dropped since it was last read exactly: by
-        inserting and deleting them when few, else by sorting the window again."""
-        added, ordered = self.added, self.ordered
-        if len(added) > CATCH_UP_INSERTS:
-            ordered[:] = sorted(self.values)  # in place: the window's own list
+        """The values taken the common way join the window, as ``RobustWindow.push`` one by one would have added
+        them (and the changes wait for them as ``update`` would have counted them); the sorted copy takes them by
+        insertion when few, else is sorted again."""
+        added, values, ordered = self.added, self.values, self.ordered
+        size = self.window.size
+        if len(added) > CATCH_UP_INSERTS:  # the same, by slices
+            seq = [*values, *added]
+            if len(seq) > size:
+                self.before = seq[-size - 1]
+                del seq[:-size]
+            values.clear()
+            values.extend(seq)
+            seq.sort()
+            ordered[:] = seq  # in place: the window's own list
         else:
-            for x in added:  # first the adds: a dropped value may be one of them
+            for x in added:
+                if len(values) >= size:
+                    self.before = old = values.popleft()
+                    del ordered[bisect_left(ordered, old)]
+                values.append(x)
                 insort(ordered, x)
-            for x in self.dropped:
-                del ordered[bisect_left(ordered, x)]
+        self.waiting += len(added)  # each follows a value (the window held min_history of them): one change each
+        self.prev = added[-1]
         added.clear()
-        self.dropped.clear()
 
 
 class _SpikeDetector(Detector[SpikeSettings]):
@@ -309,7 +322,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
         super().__init__(settings, run)
         self.ranks: dict[int, _Rank] = {}
         self.firsts: dict[int, float] = {}  # each rank's first value since its start (log space): early jumps
+        self.firsts_median: float | None = None  # their median, until they change (read per early value)
         self.story = story_of(run)  # the run's one spike incident, shared with the other spike detector
+        self.value_of: Callable[[Record], float | None] = attrgetter(self.field)  # (cheaper than getattr)
 
     def update(self, record: Record) -> list[Event]:
         kind = record.type
@@ -319,44 +334,43 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if not s.enabled:
             return []
         story = self.story
-        lr = record.lr
-        if lr is not None:
-            step = record.step
-            if lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
-                story.lr_step = step  # the LR it has: all that note_lr would do
+        if record is not story.noted:  # its LR, once per record for the divergence detectors together
+            lr, step = record.lr, record.step
+            if lr is not None and lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
+                story.lr_step, story.noted = step, record  # the LR it has: all that note_sample would do
             else:
-                story.note_lr(lr, step)
+                story.note_sample(record)
         if story.diverged:  # the run went NaN: nan_divergence tells the rest, until a restart
             if self.ranks:
                 self.ranks.clear()
                 self.firsts.clear()
+                self.firsts_median = None
             return []
-        value = getattr(record, self.field)
-        if value is None or not (0.0 < value < INF or isfinite(value)):  # finite (most often > 0)
+        value = self.value_of(record)
+        if value is None:
             return []
-        st = self.ranks.get(record.rank)
-        if st is not None:
-            if st.steady is s and value > 0.0:
-                # the common way, written out: a value that is not even soft_ratio above the lowest the level
-                # can be is not high (as below, where every case is handled). The window's sorted copy S lags by
-                # the j values pushed since it was read exactly (full window of n, j left it): at most j values
-                # below S[k - j] came, and at most k - j were there, so the median (index k) is at least that
-                x = log(value)
-                ordered, added = st.ordered, st.added
-                n = len(ordered)
-                i = n // 2 - len(added)
-                if i >= 1 and x - (ordered[i] if n % 2 else 0.5 * (ordered[i - 1] + ordered[i])) < st.soft:
-                    st.high = 0
-                    values = st.values
-                    st.before = old = values.popleft()  # the window is full
-                    st.dropped.append(old)
-                    values.append(x)
-                    added.append(x)
-                    st.waiting += 1
-                    st.prev = x
-                    return []
-            if st.added:
-                st.catch_up()
+        try:  # (cheaper than .get for every value)
+            st: _Rank | None = self.ranks[record.rank]
+        except KeyError:
+            st = None
+        if value > 0.0 and st is not None and st.steady is s:
+            # the common way, written out: a value that is not even soft_ratio above the lowest the level can be
+            # is not high (as below, where every case is handled), and only joins the window (in ``added``, until
+            # ``catch_up``). The window's sorted copy S held n values when last caught up; j values came since and
+            # at most j left. A value leaving moves no order statistic down, each one coming moves them down one
+            # place at most, so the window's k-th smallest now is at least S[k - j] for k = (n - 1) // 2, and its
+            # median (the k-th or above: it holds n values or more; the mean of two middle ones is not below the
+            # lower in floats either) at least that
+            x = log(value)  # (inf for +inf: never below a bound)
+            added = st.added
+            i = st.low - len(added)
+            if i >= 0 and x - st.ordered[i] < st.soft:
+                added.append(x)
+                return []
+        if not isfinite(value):
+            return []
+        if st is not None and st.added:
+            st.catch_up()
         if st is None:
             st = self.ranks[record.rank] = _Rank(s.window)
         elif st.window.size != s.window:  # config reload changed the window
@@ -406,8 +420,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
             if not st.early:
                 st.first_step = record.step or 0
                 self.firsts[record.rank] = x
+                self.firsts_median = None
             st.early.append(x)
-        # st.window.push(x), written out: this runs for every value of every rank
+        # st.window.push(x), written out
         values = st.values
         if len(values) >= st.window.size:
             st.before = old = values.popleft()
@@ -417,12 +432,20 @@ class _SpikeDetector(Detector[SpikeSettings]):
         if st.prev is not None:
             st.waiting += 1  # |x - prev| joins the changes when they are read
         st.prev = x
-        steady = (not st.linear and not st.firing and len(st.early) >= EARLY_BASE
-                  and len(values) == st.window.size == s.window)
-        st.steady = s if steady else None
-        if steady:
-            st.soft = log(s.soft_ratio)
+        self._steady(st)
         return out
+
+    def _steady(self, st: _Rank) -> None:
+        """Whether the rank's next value may take the common way (``update``), and its bounds there."""
+        s = self.settings
+        values = st.values
+        if (st.linear or st.firing or st.high or len(st.early) < EARLY_BASE or len(values) < s.min_history
+                or st.window.size != s.window):
+            st.steady = None
+            return
+        st.steady = s
+        st.soft = log(s.soft_ratio)
+        st.low = (len(values) - 1) // 2
 
     def _early_base(self, st: _Rank, x: float) -> float | None:
         """The baseline ``x`` grew ``early_growth`` times above, or None: the median of the rank's first
@@ -436,7 +459,9 @@ class _SpikeDetector(Detector[SpikeSettings]):
                 st.early_from = f"the median of its first {EARLY_BASE} samples, from step {st.first_step}"
                 return base
         firsts = self.firsts.values()
-        base = median(firsts)
+        if self.firsts_median is None:
+            self.firsts_median = median(firsts)
+        base = self.firsts_median
         if x - base >= grow + log(EARLY_JUMP):
             who = "its first sample" if len(firsts) == 1 else f"the median of {len(firsts)} ranks' first samples"
             st.early_from = f"{who}, {EARLY_JUMP:g}x the usual bound: a jump"
@@ -558,7 +583,8 @@ class _SpikeDetector(Detector[SpikeSettings]):
 
     def _restart(self, record: Record) -> list[Event]:
         st = self.ranks.pop(record.rank, None)
-        self.firsts.pop(record.rank, None)
+        if self.firsts.pop(record.rank, None) is not None:
+            self.firsts_median = None
         if st is None or not st.firing:
             return []
         return self._calm(record, f"rank {record.rank} restarted; {self.label} history cleared")

@@ -33,7 +33,6 @@ import math
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
-from math import isfinite
 from typing import Iterable
 
 from ..config.rules import at_least, flag, whole
@@ -74,6 +73,11 @@ class StragglerSettings:
 @dataclass(slots=True)
 class _Rank:
     windows: dict[str, deque[float]] = field(default_factory=dict)
+    # the same windows as attributes, read per sample without a dict look-up (``_push`` sets both)
+    data_time: deque[float] | None = None
+    compute: deque[float] | None = None
+    comm_wait: deque[float] | None = None
+    step_interval: deque[float] | None = None
     samples: int = 0
     last_step: int = -1
     last_time: float = 0.0
@@ -126,33 +130,42 @@ class Straggler(Detector[StragglerSettings]):
     def update(self, record: Record) -> list[Event]:
         kind = record.type
         if kind == "sample":
-            r = self.ranks.get(record.rank)
-            if r is None:
+            try:  # (cheaper than .get for every sample)
+                r = self.ranks[record.rank]
+            except KeyError:
                 r = self.ranks[record.rank] = _Rank()
             r.samples += 1
             r.ended = False
             if r.samples > r.until:
                 self.changed = True
+            # each value joins its signal's window in place while that window has the settings' length (else
+            # _push makes it anew: the first value, a reload)
             window = self.settings.window
-            windows = r.windows
             value = record.data_time_seconds
             if value is not None and 0.0 <= value < INF:  # finite, >= 0
-                dq = windows.get("data_time")
+                dq = r.data_time
                 if dq is not None and dq.maxlen == window:
                     dq.append(value)
                 else:
                     self._push(r, "data_time", value)
             value = record.compute_seconds
             if value is not None and 0.0 <= value < INF:
-                self._push(r, "compute", value)
                 wait = record.comm_wait_seconds
-                self._push(r, "comm_wait", wait if wait is not None and isfinite(wait) and wait >= 0 else 0.0)
+                if wait is None or not 0.0 <= wait < INF:
+                    wait = 0.0
+                dq, waits = r.compute, r.comm_wait
+                if dq is not None and waits is not None and dq.maxlen == window == waits.maxlen:
+                    dq.append(value)
+                    waits.append(wait)
+                else:
+                    self._push(r, "compute", value)
+                    self._push(r, "comm_wait", wait)
             step = record.step
             if step is not None and step > r.last_step:
                 t = record.time
                 if r.last_step >= 0 and t > r.last_time:
                     value = (t - r.last_time) / (step - r.last_step)
-                    dq = windows.get("step_interval")
+                    dq = r.step_interval
                     if dq is not None and dq.maxlen == window:
                         dq.append(value)
                     else:
@@ -187,6 +200,7 @@ class Straggler(Detector[StragglerSettings]):
         dq = r.windows.get(signal)
         if dq is None or dq.maxlen != window:
             dq = r.windows[signal] = deque(dq or (), maxlen=window)
+            setattr(r, signal, dq)
             self.changed = True  # a new window (or one resized by a reload): no bound on its median holds
         dq.append(value)
 
@@ -200,12 +214,15 @@ class Straggler(Detector[StragglerSettings]):
         return out
 
     @staticmethod
-    def _median_of(r: _Rank, signal: str, dq: deque[float]) -> float:
-        """The median of the rank's window ``dq``, sorted again only when a sample came since."""
+    def _sorted_of(r: _Rank, signal: str, dq: deque[float]) -> list[float]:
+        """The rank's window ``dq`` sorted, sorted again only when a sample came since."""
         snap = r.sorts.get(signal)
         if snap is None or snap[2] != r.samples or snap[0] is not dq:
             snap = r.sorts[signal] = (dq, sorted(dq), r.samples)
-        return _middle(snap[1])
+        return snap[1]
+
+    def _median_of(self, r: _Rank, signal: str, dq: deque[float]) -> float:
+        return _middle(self._sorted_of(r, signal, dq))
 
     def _step_time(self) -> float | None:
         if self.step_time is None and self.step_times:
@@ -223,7 +240,7 @@ class Straggler(Detector[StragglerSettings]):
                 for signal in SIGNALS:
                     dq = r.windows.get(signal)
                     if dq is not None and len(dq) >= window:
-                        self._median_of(r, signal, dq)
+                        self._sorted_of(r, signal, dq)
             # no rank is slow, nor can be for ``more`` samples more (the most the bounds reach first, then fewer):
             # until then the ticks have nothing to judge
             more = window // 2 - 1

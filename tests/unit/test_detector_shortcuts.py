@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from trainhealth.config import default_detector_settings
 from trainhealth.detectors.liveness import RankStalled
+from trainhealth.detectors.lr_scaling import LrScaling
 from trainhealth.detectors.spikes import GradExplosion, LossSpike
 from trainhealth.detectors.straggler import Straggler
 from trainhealth.pipeline import Pipeline, replay
@@ -57,6 +58,77 @@ class GradExplosionNoShortcut(GradExplosion):
         for st in self.ranks.values():
             st.steady = None
         return super().update(record)
+
+
+class LrScalingNoShortcut(LrScaling):
+    """Judges every sampled LR the whole way (no quiet LR)."""
+
+    def _note_quiet(self) -> None:
+        self.quiet = -math.inf
+
+
+def lr_job(seed: int) -> list[Record]:
+    """Starts and restarts (batch grown or shrunk, the LR scaled or not, warmups declared or not) and the LR each
+    rank samples: warmups applied as declared, not at all, 20x slower, or never stepped; an LR above the
+    schedule now and then; no LR, a zero or a NaN LR at times."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    t, step = T0, 0
+    for _ in range(rng.randint(1, 4)):
+        world = rng.choice([1, 2, 4])
+        lr = rng.choice([0.05, 0.1, 0.4, 1.6])
+        warm = rng.choice([0, 0, 8, 40])
+        start: dict[str, Any] = {"type": "start", "run": "lr", "time": t, "world_size": world, "step": step,
+                                 "batch_size": rng.choice([16, 32, 256, 1024]), "lr": lr}
+        if warm:
+            start["warmup_steps"] = warm
+        if rng.random() < 0.3:
+            start.update(reference_lr=0.1, reference_batch_size=64)
+        if rng.random() < 0.3:
+            start["optimizer"] = rng.choice(["AdamW", "SGD", "LAMB"])
+        out += [{**start, "rank": r, "time": t + 0.01 * r} for r in range(world)]
+        pace = rng.choice([1.0, 0.0, 20.0, None])  # warmup length against the declared one; None: never stepped
+        first = step
+        if rng.random() < 0.3:
+            step += 3 * warm  # resumed past the warmup: its first sample comes late
+        for _ in range(rng.randint(20, 160)):
+            step += 1
+            t += 1.0
+            if pace is None:
+                now = lr / 3
+            elif not warm or not pace:
+                now = lr
+            else:
+                now = lr * min(1.0, (step - first) / (pace * warm) + 1 / 3)
+            if rng.random() < 0.03:
+                now *= rng.choice([2.0, 5.0, 0.5])
+            for r in range(world):
+                rec: dict[str, Any] = {"run": "lr", "rank": r, "time": t + 0.01 * r, "step": step}
+                roll = rng.random()
+                if roll < 0.9:
+                    rec["lr"] = now
+                elif roll < 0.95:
+                    rec["lr"] = rng.choice([0.0, math.nan])
+                out.append(rec)
+        t += 5.0
+    return [from_obj(o) for o in out]
+
+
+def test_lr_scaling_quiet_samples_give_the_alerts_of_judging_every_lr() -> None:
+    fired = 0
+    for seed in range(40):
+        records = lr_job(seed)
+        streams = []
+        for det in (LrScaling, LrScalingNoShortcut):
+            p = Pipeline(default_detector_settings(), detectors=[det])
+            streams.append(repr([dict(a) for a in replay(records, p, max_batch=rng_batch(seed))]))
+        assert streams[0] == streams[1], seed
+        fired += "'firing'" in streams[1]
+    assert fired >= 15  # the jobs do exercise the alert (warmups, samples above the rule), not only quiet runs
+
+
+def rng_batch(seed: int) -> int:
+    return random.Random(seed).choice([1, 7, 256])
 
 
 def job(seed: int) -> list[Record]:

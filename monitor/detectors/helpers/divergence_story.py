@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ...record import Record
 from ...state import RunState
 from .incident import ranks_phrase
 
@@ -71,6 +72,7 @@ class Story:
     holder: str | None = None  # the alert that holds the run's spike incident (loss_spike or grad_explosion)
     parts: dict[str, Part] = field(default_factory=dict)  # by label, in the order they fired
     diverged: bool = False  # the run went NaN: the spike incident folded into nan_divergence until a restart
+    noted: Record | None = None  # the latest sample whose LR was noted (``note_sample``)
 
     # -- the LR ---------------------------------------------------------------------------------------
     def note_lr(self, lr: float, step: int | None) -> None:
@@ -84,6 +86,20 @@ class Story:
         if before is not None and lr >= LR_JUMP * before:
             self.lr_change = LrChange(before, lr, step, self.resumed)
         self.lr, self.lr_step, self.resumed = lr, step, False
+
+    def note_sample(self, record: Record) -> None:
+        """A sample's LR: each divergence detector calls this for a sample unless it is ``noted`` already (the
+        detectors of the run see the same record one after the other, and noting it again changes nothing), or
+        its LR is the one the story has, at a later step (then they write out the common way, as below)."""
+        self.noted = record
+        lr = record.lr
+        if lr is None:
+            return
+        step = record.step
+        if lr == self.lr and step is not None and step >= self.lr_step and not self.resumed:
+            self.lr_step = step  # the LR it has: all that note_lr would do
+        else:
+            self.note_lr(lr, step)
 
     def note_start(self) -> None:
         """A rank (re)started: an LR change seen next is "at a resume"."""
