@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from math import isfinite, log
 from operator import attrgetter
 from statistics import median
-from typing import Any, Callable, ClassVar, cast
+from typing import Any, ClassVar, cast
 
 from ..config.rules import above, flag, whole
 from ..events import Event, Severity, firing, resolved
@@ -317,6 +317,13 @@ class _SpikeDetector(Detector[SpikeSettings]):
     field: ClassVar[str] = ""
     label: ClassVar[Label] = "loss"
     linear_below_zero: ClassVar[bool] = False
+    # the record's value of ``field`` (cheaper than getattr); a class attribute, so no snapshot holds it
+    # (checkpoint.py unpickles only the project's own state)
+    value_of: ClassVar[attrgetter[float | None]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.value_of = attrgetter(cls.field)
 
     def __init__(self, settings: SpikeSettings, run: RunState) -> None:
         super().__init__(settings, run)
@@ -324,7 +331,6 @@ class _SpikeDetector(Detector[SpikeSettings]):
         self.firsts: dict[int, float] = {}  # each rank's first value since its start (log space): early jumps
         self.firsts_median: float | None = None  # their median, until they change (read per early value)
         self.story = story_of(run)  # the run's one spike incident, shared with the other spike detector
-        self.value_of: Callable[[Record], float | None] = attrgetter(self.field)  # (cheaper than getattr)
 
     def update(self, record: Record) -> list[Event]:
         kind = record.type
