@@ -46,6 +46,14 @@ class AlertSink(Protocol):
         nobody paged again), as they stand now; before the transitions of the same batch."""
 
 
+class RecordWriter(Protocol):
+    """Takes each batch of accepted records (the flight recorder, the store's runs and starts)."""
+
+    def __call__(self, records: Sequence[Record], texts: Sequence[bytes] | None) -> None:
+        """``texts``: each record's JSON text as the body held it, one line that decodes back to the record
+        (``Decoded.texts``), where the Service keeps them (``keep_texts``); None otherwise."""
+
+
 class Journal(Protocol):
     """What the pipeline was fed, in order, so a restart can rebuild its state (checkpoint.py)."""
 
@@ -82,6 +90,8 @@ class Service:
 
     - ``alert_sinks``: take alert transitions (the store and delivery: notify/sink.py);
     - ``record_writers``: take each batch of accepted records (the flight recorder, the store's runs);
+    - ``keep_texts``: the decoder keeps each record's JSON text for the record writers (the flight recorder
+      writes it as it came: ingest.Decoder);
     - ``background``: jobs run in the app's lifespan (deliveries), cancelled at shutdown;
     - ``closers``: cleanups for ``close()``;
     - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
@@ -98,7 +108,7 @@ class Service:
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
                  alert_sinks: Sequence[AlertSink] = (),
-                 record_writers: Sequence[Callable[[Sequence[Record]], None]] = (),
+                 record_writers: Sequence[RecordWriter] = (), keep_texts: bool = False,
                  background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
                  closers: Sequence[Callable[[], None]] = (),
                  query_alerts: Callable[..., dict[str, Any]] | None = None,
@@ -124,7 +134,7 @@ class Service:
         self.journal = journal
         self.background.append(self.sidecar_clock.run)
         self.stats = IngestStats()
-        self.decoder = Decoder()  # owns the cache of valid run names
+        self.decoder = Decoder(keep_texts=keep_texts)  # owns the cache of valid run names
         self.stop_steps = StopSteps(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         self.owners = launches.JobOwners()  # which job owns each run name (two jobs never share one)
@@ -215,18 +225,23 @@ class Service:
         if self.journal is not None:
             self.journal.fed(records, wall, self.pipeline.judge_after)
         capped = len(outcome.refused)
+        kept_indexes = indexes
         if capped:
             refused = {i for i, _ in outcome.refused}
             rejected += [Rejection(indexes[i], exc.field, exc.reason) for i, exc in outcome.refused]
             kept = [r for i, r in enumerate(records) if i not in refused]
+            kept_indexes = [index for i, index in enumerate(indexes) if i not in refused]
         else:
             kept = records
         if len(rejected) > len(decoded.rejected):  # refusals after decoding: one sort, by index in the body
             rejected.sort(key=_index)
         if kept:
+            texts = decoded.texts
+            if texts is not None and (kept is not decoded.records or decoded.rejected):  # some were refused
+                texts = [texts[i] for i in kept_indexes]
             for record_writer in self.record_writers:
                 try:
-                    record_writer(kept)
+                    record_writer(kept, texts)
                 except Exception:  # like alert sinks: never break ingest
                     log.exception("record writer %r failed", record_writer)
         self.stats.accepted += len(kept)
