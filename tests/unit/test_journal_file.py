@@ -1,0 +1,122 @@
+"""The detectors' journal as a file beside the database (``DB.journal``, checkpoint.py): a frame torn by a kill
+mid-write is cut off and costs only its own batch; a kill between a snapshot's commit and the file's truncation
+replays nothing twice; a failed write is counted and leaves no partial frame behind; an older version's journal
+rows (the ``pipeline_journal`` table) are still replayed, before the file's frames; while snapshots fail, the
+file keeps only its newest ``MAX_JOURNAL_ROWS`` frames."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from trainhealth import checkpoint
+from trainhealth.checkpoint import Checkpoint, _encode
+from trainhealth.pipeline import Pipeline
+
+from tests.unit.test_checkpoint import feed, restored, settings, shown, trace
+
+
+def fed_pipeline(events: list) -> Pipeline:
+    p = Pipeline(settings())
+    feed(p, events)
+    return p
+
+
+def test_a_frame_torn_by_a_kill_costs_only_its_batch_and_is_cut_off(tmp_path: Path) -> None:
+    events = trace()[:60]
+    db = tmp_path / "state.db"
+    p = Pipeline(settings())
+    cp = Checkpoint(str(db))
+    feed(p, events, cp)
+    cp.close()
+    journal = Path(f"{db}.journal")
+    size = journal.stat().st_size
+    os.truncate(journal, size - 100)  # the last batch's frame, cut mid-write
+    q, unsent = restored(tmp_path, [], now=events[-1][2])
+    assert q.records_processed == fed_pipeline(events[:-1]).records_processed == p.records_processed - 4
+    again = Checkpoint(str(db))  # the torn frame is gone before anything follows it
+    whole = again.size
+    assert journal.stat().st_size == whole < size - 100
+    again.fed(events[-1][1], events[-1][2], float("-inf"))
+    again.close()
+    q, _ = restored(tmp_path, [], now=events[-1][2])
+    assert q.records_processed == p.records_processed
+
+
+def test_a_kill_between_the_snapshot_and_the_truncation_replays_nothing_twice(tmp_path: Path) -> None:
+    events = trace()
+    db = tmp_path / "state.db"
+    p = Pipeline(settings())
+    cp = Checkpoint(str(db))
+    sent = feed(p, events[:100], cp)
+    shutil.copy(f"{db}.journal", tmp_path / "before")
+    cp.snapshot(p, events[99][2])
+    assert os.path.getsize(f"{db}.journal") == 0
+    sent += feed(p, events[100:130], cp)
+    cp.close()
+    # as if killed after the snapshot's commit, before the file was cut: the covered frames are still there
+    with open(f"{db}.journal", "rb") as fh:
+        after = fh.read()
+    Path(f"{db}.journal").write_bytes((tmp_path / "before").read_bytes() + after)
+    q, unsent = restored(tmp_path, [a for a in sent if a["state"] == "firing"][-1:], now=events[129][2])
+    assert q.records_processed == p.records_processed
+    assert shown(sent + feed(q, events[130:])) == shown(feed(Pipeline(settings()), events))
+
+
+def test_a_failed_write_is_counted_leaves_whole_frames_and_the_next_write_works(tmp_path: Path) -> None:
+    events = trace()[:30]
+    db = tmp_path / "state.db"
+    p = Pipeline(settings())
+    cp = Checkpoint(str(db))
+    feed(p, events[:20], cp)
+    size = os.path.getsize(f"{db}.journal")
+    writable, cp.fd = cp.fd, os.open(f"{db}.journal", os.O_RDONLY)  # every write now fails (EBADF)
+    feed(p, events[20:25], cp)
+    assert cp.errors == 5 and cp.fault.failing is not None and os.path.getsize(f"{db}.journal") == size
+    os.close(cp.fd)
+    cp.fd = writable
+    feed(p, events[25:], cp)
+    assert cp.fault.failing is None
+    cp.close()
+    q, _ = restored(tmp_path, [], now=events[-1][2])
+    lost = sum(len(recs) for kind, recs, _ in events[20:25] if kind == "batch")
+    assert q.records_processed == p.records_processed - lost
+
+
+def test_an_older_versions_journal_rows_are_replayed_before_the_files_frames(tmp_path: Path) -> None:
+    events = [e for e in trace()[:40] if e[0] == "batch"]
+    db = tmp_path / "state.db"
+    Checkpoint(str(db)).close()  # the tables
+    with sqlite3.connect(db) as old:  # what a version before DB.journal left
+        old.executemany("INSERT INTO pipeline_journal (wall, judge_after, records) VALUES (?, NULL, ?)",
+                        [(wall, _encode(recs)) for _, recs, wall in events[:25]])
+    cp = Checkpoint(str(db))
+    assert cp.seq == 25
+    p = Pipeline(settings())
+    feed(p, events[:25])
+    feed(p, events[25:], cp)
+    cp.close()
+    q, _ = restored(tmp_path, [], now=events[-1][2])
+    assert q.records_processed == p.records_processed and q.findings("j") == p.findings("j")
+
+
+def test_while_snapshots_fail_the_file_keeps_its_newest_frames(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint, "MAX_JOURNAL_ROWS", 10)
+    events = [e for e in trace()[:60] if e[0] == "batch"]
+    db = tmp_path / "state.db"
+    p = Pipeline(settings())
+    cp = Checkpoint(str(db))
+    feed(p, events[:40], cp)
+    cp.snapshot(p, events[39][2])  # a good one first: it goes when the journal is cut
+    feed(p, events[40:], cp)
+    p.detectors["j"][0].__dict__["callback"] = lambda: None  # the next snapshots cannot pickle
+    cp.snapshot(p, events[-1][2])
+    assert cp.errors == 1 and len(cp.frames) == 10
+    cp.fed(events[-1][1], events[-1][2] + 1, float("-inf"))  # appends go on after the copy
+    cp.close()
+    q, _ = restored(tmp_path, [], now=events[-1][2] + 1)
+    assert q.records_processed == sum(len(recs) for _, recs, _ in events[-10:]) + len(events[-1][1])
