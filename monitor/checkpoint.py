@@ -58,6 +58,7 @@ import msgspec
 
 from .alerts import Alert, Key, copied
 from .health import Fault
+from .ingest import Decoder
 from .pipeline import Pipeline
 from .record import Record
 
@@ -81,8 +82,12 @@ CREATE TABLE IF NOT EXISTS pipeline_journal (
 # (before the file's frames: they are older) and the next snapshot empties it.
 
 # A frame of DB.journal: the length of the records that follow (0: a timer tick), the sequence number, the
-# pipeline's wall time, judge_after (-inf: no verdict held), then the records (msgpack list, NaN kept).
-_FRAME = struct.Struct("<QQdd")
+# pipeline's wall time, judge_after (-inf: no verdict held), how the records are written, then the records:
+# MSGPACK, a msgpack list (NaN kept); or TEXTS, the records' JSON texts as the ingest body held them, one a
+# line (what the flight recorder writes: ingest.Decoder's keep_texts), read back by the decoder that took them
+# live, so they give the same records; kept when the Service has them, which costs no encoding at all.
+_FRAME = struct.Struct("<QQddB")
+MSGPACK, TEXTS = 0, 1
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Record]).decode
@@ -140,7 +145,7 @@ class Checkpoint:
         row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM pipeline_journal").fetchone()
         snap = self.db.execute("SELECT seq FROM pipeline_snapshot WHERE id = 1").fetchone()
         self.seq = max(row[0], snap[0] if snap else 0)  # the last sequence number given (frames go on from it)
-        for seq, offset, _, _, _ in self._frames(read=False):
+        for seq, offset, _, _, _, _ in self._frames(read=False):
             self.frames.append((seq, offset))
             self.seq = max(self.seq, seq)
         if os.fstat(self.fd).st_size > self.size:  # a frame torn by a kill mid-write: cut off
@@ -155,17 +160,22 @@ class Checkpoint:
                 os.unlink(self.journal_path)
 
     # -- writing ------------------------------------------------------------
-    def fed(self, records: Sequence[Record], wall: float, judge_after: float) -> None:
+    def fed(self, records: Sequence[Record], wall: float, judge_after: float,
+            texts: Sequence[bytes] | None = None) -> None:
+        """``texts``: each record's JSON text, one line that ingest.Decoder reads back as the record, or None."""
         if records:
-            self._append(wall, judge_after, _encode(records))
+            if texts is not None:
+                self._append(wall, judge_after, b"\n".join(texts), TEXTS)
+            else:
+                self._append(wall, judge_after, _encode(records), MSGPACK)
 
     def ticked(self, wall: float, judge_after: float) -> None:
-        self._append(wall, judge_after, b"")
+        self._append(wall, judge_after, b"", MSGPACK)
 
-    def _append(self, wall: float, judge_after: float, blob: bytes) -> None:
+    def _append(self, wall: float, judge_after: float, blob: bytes, form: int) -> None:
         self.dirty = True
         self.seq += 1
-        head = _FRAME.pack(len(blob), self.seq, wall, judge_after)
+        head = _FRAME.pack(len(blob), self.seq, wall, judge_after, form)
         try:
             if self.torn:  # never append after a partial frame
                 os.ftruncate(self.fd, self.size)
@@ -272,8 +282,8 @@ class Checkpoint:
         covered = row[0] if row is not None else 0  # the snapshot's last frame: those up to it are in it
         journal = self.db.execute("SELECT wall, judge_after, records FROM pipeline_journal WHERE seq > ? "
                                   "ORDER BY seq", (covered,)).fetchall()
-        journal += [(wall, judge_after if math.isfinite(judge_after) else None, blob or None)
-                    for seq, _, wall, judge_after, blob in self._frames(read=True) if seq > covered]
+        journal += [(wall, judge_after if math.isfinite(judge_after) else None, (form, blob) if blob else None)
+                    for seq, _, wall, judge_after, form, blob in self._frames(read=True) if seq > covered]
         if row is None and not journal:
             return []
         alive = max(([row[1]] if row else []) + ([journal[-1][0]] if journal else []))
@@ -286,14 +296,15 @@ class Checkpoint:
                         self.path)
         before = dict(pipeline.book.open)
         transitions: list[Alert] = []
+        decoder = Decoder()
         for wall, judge_after, blob in journal:
             pipeline.judge_after = -math.inf if judge_after is None else judge_after + offset
             if blob is None:
                 transitions += pipeline.tick_wall(wall + offset)
                 continue
             try:
-                records = _decode(blob)
-            except (msgspec.DecodeError, ValueError) as exc:  # a damaged row costs only itself
+                records = _records(blob, decoder)
+            except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # a damaged entry costs only itself
                 log.warning("state journal in %s: skipped a damaged entry (%s)", self.path, exc)
                 continue
             transitions += pipeline.process(records, wall=wall + offset).alerts
@@ -306,18 +317,18 @@ class Checkpoint:
         self.dirty = True
         return unsent
 
-    def _frames(self, read: bool) -> Iterator[tuple[int, int, float, float, bytes]]:
-        """The journal file's whole frames in order, as (seq, offset, wall, judge_after, records; b"" for a
-        tick; b"" too unless ``read``); a torn last frame (a kill mid-write) ends it. Read to its end, it
-        sets ``size`` to the bytes of the whole frames."""
+    def _frames(self, read: bool) -> Iterator[tuple[int, int, float, float, int, bytes]]:
+        """The journal file's whole frames in order, as (seq, offset, wall, judge_after, form, records; b""
+        for a tick; b"" too unless ``read``); a torn last frame (a kill mid-write) ends it. Read to its end,
+        it sets ``size`` to the bytes of the whole frames."""
         end = os.fstat(self.fd).st_size
         offset = 0
         while offset + _FRAME.size <= end:
-            length, seq, wall, judge_after = _FRAME.unpack(os.pread(self.fd, _FRAME.size, offset))
+            length, seq, wall, judge_after, form = _FRAME.unpack(os.pread(self.fd, _FRAME.size, offset))
             body = offset + _FRAME.size
             if body + length > end:
                 break
-            yield seq, offset, wall, judge_after, os.pread(self.fd, length, body) if read and length else b""
+            yield seq, offset, wall, judge_after, form, os.pread(self.fd, length, body) if read and length else b""
             offset = body + length
         self.size = offset
 
@@ -337,6 +348,16 @@ class Checkpoint:
         pipeline.detectors.update(detectors)
         pipeline.records_processed += processed
         pipeline.text.rebuild(pipeline.runs)  # the text the restored runs keep, under the same budget
+
+
+def _records(entry: bytes | tuple[int, bytes], decoder: Decoder) -> list[Record]:
+    """A journal entry's records: an older version's row (msgpack), or a frame's (MSGPACK or TEXTS)."""
+    form, blob = entry if isinstance(entry, tuple) else (MSGPACK, entry)
+    if form == TEXTS:
+        return [decoder.decode_record(line) for line in blob.split(b"\n")]
+    if form != MSGPACK:
+        raise ValueError(f"unknown record form {form}")
+    return _decode(blob)
 
 
 def lost_transitions(before: dict[Key, Alert], after: dict[Key, Alert], transitions: list[Alert]) -> list[Alert]:

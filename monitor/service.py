@@ -57,7 +57,9 @@ class RecordWriter(Protocol):
 class Journal(Protocol):
     """What the pipeline was fed, in order, so a restart can rebuild its state (checkpoint.py)."""
 
-    def fed(self, records: Sequence[Record], wall: float, judge_after: float) -> None: ...
+    def fed(self, records: Sequence[Record], wall: float, judge_after: float,
+            texts: Sequence[bytes] | None = None) -> None:
+        """``texts``: each record's JSON text, as the record writers get them (``RecordWriter``), or None."""
 
     def ticked(self, wall: float, judge_after: float) -> None: ...
 
@@ -222,23 +224,23 @@ class Service:
         outcome = self.pipeline.process(records, wall=wall,
                                         origin=(origin.host, origin.pid) if origin is not None else None)
         alerts = taken + outcome.alerts if taken else outcome.alerts
+        texts = decoded.texts  # by position in the body: the records' own where none was refused before
+        if texts is not None and (records is not decoded.records or decoded.rejected):
+            texts = [texts[i] for i in indexes]
         if self.journal is not None:
-            self.journal.fed(records, wall, self.pipeline.judge_after)
+            self.journal.fed(records, wall, self.pipeline.judge_after, texts)
         capped = len(outcome.refused)
-        kept_indexes = indexes
         if capped:
             refused = {i for i, _ in outcome.refused}
             rejected += [Rejection(indexes[i], exc.field, exc.reason) for i, exc in outcome.refused]
             kept = [r for i, r in enumerate(records) if i not in refused]
-            kept_indexes = [index for i, index in enumerate(indexes) if i not in refused]
+            if texts is not None:
+                texts = [t for i, t in enumerate(texts) if i not in refused]
         else:
             kept = records
         if len(rejected) > len(decoded.rejected):  # refusals after decoding: one sort, by index in the body
             rejected.sort(key=_index)
         if kept:
-            texts = decoded.texts
-            if texts is not None and (kept is not decoded.records or decoded.rejected):  # some were refused
-                texts = [texts[i] for i in kept_indexes]
             for record_writer in self.record_writers:
                 try:
                     record_writer(kept, texts)

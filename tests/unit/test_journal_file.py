@@ -6,14 +6,20 @@ file keeps only its newest ``MAX_JOURNAL_ROWS`` frames."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 from trainhealth import checkpoint
-from trainhealth.checkpoint import Checkpoint, _encode
+from trainhealth.assembly import build_service
+from trainhealth.checkpoint import MSGPACK, TEXTS, Checkpoint, _encode
+from trainhealth.config import load
+from trainhealth.ingest import Decoder
 from trainhealth.pipeline import Pipeline
 
 from tests.unit.test_checkpoint import feed, restored, settings, shown, trace
@@ -120,3 +126,50 @@ def test_while_snapshots_fail_the_file_keeps_its_newest_frames(tmp_path: Path,
     cp.close()
     q, _ = restored(tmp_path, [], now=events[-1][2] + 1)
     assert q.records_processed == sum(len(recs) for _, recs, _ in events[-10:]) + len(events[-1][1])
+
+
+def test_texts_frames_give_back_the_records_nan_kept_mixed_with_msgpack_ones(tmp_path: Path) -> None:
+    """With a flight recorder the Service hands the journal the records' JSON texts (ingest.Decoder's
+    keep_texts): written as they came, read back by the decoder, NaN (a token or a string) still NaN."""
+    body = b"\n".join([
+        b'{"run":"t","rank":0,"time":1000.0,"type":"start","world_size":1}',
+        b'{"step":1,"run":"t","rank":0,"time":1001.0,"loss":1.5,"unknown":[1,"x"]}',
+        b'{"run":"t","rank":0,"time":1002.0,"step":2,"loss":NaN}',
+        b'{"run":"t","rank":0,"time":1003.0,"step":3,"loss":"nan","grad_norm":-Infinity}'])
+    decoded = Decoder(keep_texts=True).decode_body(body, "application/x-ndjson")
+    assert decoded.texts is not None and len(decoded.records) == 4
+    db = tmp_path / "state.db"
+    live = Pipeline(settings())
+    cp = Checkpoint(str(db))
+    alerts = live.process(decoded.records[:2], wall=1001.0).alerts
+    cp.fed(decoded.records[:2], 1001.0, float("-inf"), decoded.texts[:2])
+    alerts += live.process(decoded.records[2:3], wall=1002.0).alerts
+    cp.fed(decoded.records[2:3], 1002.0, float("-inf"))  # msgpack
+    alerts += live.process(decoded.records[3:], wall=1003.0).alerts
+    cp.fed(decoded.records[3:], 1003.0, float("-inf"), decoded.texts[3:])
+    cp.close()
+    q, unsent = restored(tmp_path, [], now=1003.0)
+    assert [(a["alert"], a["state"]) for a in alerts] == [("nan_divergence", "firing")]
+    assert shown(unsent) == shown(alerts)  # the store never got it: the replay raised it again
+    assert q.records_processed == 4 and q.findings("t") == live.findings("t")
+
+
+def test_a_served_sidecar_with_a_recorder_journals_texts_and_restores_from_them(tmp_path: Path) -> None:
+    over = {"db": str(tmp_path / "s.db"), "record_dir": str(tmp_path / "rec")}
+    service, _ = build_service(load(None, over, {}), keep_state=True)
+    now = time.time()
+    batch = [{"run": "s", "rank": r, "time": now, "step": 1, "loss": 1.0} for r in range(3)]
+    assert service.ingest(json.dumps(batch).encode(), "application/json").body["accepted"] == 3
+    nan = [{"run": "s", "rank": 1, "time": now + 0.5, "step": 2, "loss": math.nan}]
+    assert service.ingest(json.dumps(nan).encode(), "application/json").body["alerts"] == 1  # NaN: msgpack
+    assert isinstance(service.journal, Checkpoint)
+    forms = [form for _, _, _, _, form, _ in service.journal._frames(read=False)]
+    assert forms == [TEXTS, MSGPACK]
+    # kill -9: nothing closed, no final snapshot; a second sidecar on the same files restores
+    again, _ = build_service(load(None, over, {}), keep_state=True)
+    try:
+        assert again.pipeline.records_processed == 4
+        assert again.pipeline.findings("s") == service.pipeline.findings("s")
+    finally:
+        again.close()
+        service.close()  # (its final snapshot comes after the restore it would have spared)
