@@ -233,11 +233,16 @@ class Checkpoint:
         bounded (its newest MAX_JOURNAL_ROWS frames, copied to a new file); the stale snapshot goes too, so
         a restart replays the recent journal alone."""
         try:
-            if self.db.execute("SELECT COUNT(*) FROM pipeline_journal").fetchone()[0]:
-                self.db.execute("DELETE FROM pipeline_journal")  # an older version's rows: older than the file's
-            if len(self.frames) <= MAX_JOURNAL_ROWS:
+            rows = self.db.execute("SELECT COUNT(*) FROM pipeline_journal").fetchone()[0]  # an older version's
+            excess = rows + len(self.frames) - MAX_JOURNAL_ROWS
+            if excess <= 0:
                 return
             self.db.execute("DELETE FROM pipeline_snapshot")
+            if rows:  # the oldest entries: older than the file's frames
+                self.db.execute("DELETE FROM pipeline_journal WHERE seq IN "
+                                "(SELECT seq FROM pipeline_journal ORDER BY seq LIMIT ?)", (excess,))
+            if len(self.frames) <= MAX_JOURNAL_ROWS:
+                return
         except sqlite3.Error as exc:
             self._failed("journal", exc)
             return
@@ -249,7 +254,10 @@ class Checkpoint:
             with open(kept, "wb") as out:
                 copied = start
                 while copied < self.size:
-                    copied += os.sendfile(out.fileno(), self.fd, copied, self.size - copied)
+                    sent = os.sendfile(out.fileno(), self.fd, copied, self.size - copied)
+                    if not sent:
+                        raise OSError(f"{self.journal_path} ends before its frames do")
+                    copied += sent
             os.replace(kept, self.journal_path)
         except OSError as exc:
             self._failed("journal", exc)
@@ -258,6 +266,7 @@ class Checkpoint:
         self.fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         self.frames = deque((seq, offset - start) for seq, offset in self.frames)
         self.size -= start
+        self.torn = False  # the copy holds whole frames only
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.errors += 1

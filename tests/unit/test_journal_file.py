@@ -173,3 +173,23 @@ def test_a_served_sidecar_with_a_recorder_journals_texts_and_restores_from_them(
     finally:
         again.close()
         service.close()  # (its final snapshot comes after the restore it would have spared)
+
+
+def test_the_bound_counts_an_older_versions_rows_first_and_drops_the_oldest(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint, "MAX_JOURNAL_ROWS", 10)
+    events = [e for e in trace()[:40] if e[0] == "batch"]
+    db = tmp_path / "state.db"
+    Checkpoint(str(db)).close()
+    with sqlite3.connect(db) as old:
+        old.executemany("INSERT INTO pipeline_journal (wall, judge_after, records) VALUES (?, NULL, ?)",
+                        [(wall, _encode(recs)) for _, recs, wall in events[:6]])
+    p = Pipeline(settings())
+    cp = Checkpoint(str(db))
+    feed(p, events[6:12], cp)  # 6 rows + 6 frames: 2 over the bound
+    p.detectors["j"][0].__dict__["callback"] = lambda: None
+    cp.snapshot(p, events[11][2])
+    assert cp.db.execute("SELECT COUNT(*) FROM pipeline_journal").fetchone()[0] == 4 and len(cp.frames) == 6
+    cp.close()
+    q, _ = restored(tmp_path, [], now=events[11][2])
+    assert q.records_processed == sum(len(recs) for _, recs, _ in events[2:12])
