@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from fastapi import FastAPI
 
@@ -34,7 +34,7 @@ from .pipeline import Pipeline
 from .record import Record
 from .recorder import FlightRecorder
 from .reserve import Reserve
-from .service import Service, pause_watch
+from .service import RecordWriter, Service, pause_watch
 from .sidecar_clock import MAX_GRACE_SECONDS, SidecarClock
 
 
@@ -61,7 +61,7 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
         except (sqlite3.Error, OSError) as exc:  # runs and starts: counted, the batch goes on
             alerts_out.fault.failed("runs and starts", exc)
 
-    record_writers: list[Any] = [note_records]
+    record_writers: list[RecordWriter] = [note_records]
     closers = [alerts_out.close, store.close]
     faults = [alerts_out.fault]
     background = [alerts_out.run]
