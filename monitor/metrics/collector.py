@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_left
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import generate_latest
@@ -168,8 +169,11 @@ class StateCollector(Collector):
 
     def _row(self, r: RankState, seen: dict[int, RankRow]) -> RankRow:
         """The rank's row: the previous snapshot's while the rank took no record since (a row is a copy,
-        never changed once made), else a new copy."""
-        was = self._rows.get(id(r))
+        never changed once made), else a new copy. The previous row leaves ``_rows`` here, so that a
+        replaced one is freed at once with its copy of ``latest``: the garbage collector counts allocations
+        net of frees, and a thousand new rows made before a thousand old ones went would set off two or three
+        collections over a heap that holds every rank's history (~2.5 ms of a scrape at 1,000 ranks)."""
+        was = self._rows.pop(id(r), None)
         if was is not None and was.source is r and was.version == r.records:
             seen[id(r)] = was
             return was
@@ -210,15 +214,16 @@ def merge_delivery_stats(stats: Mapping[str, Any], snap: Snapshot) -> None:
     snap.deliveries = results
 
 
+# (the text writer reads a family's values of every rank at once: an attrgetter where it can, read in C)
 PER_RANK_STATE_FAMILIES: tuple[tuple[str, str, Callable[[RankRow], float | None]], ...] = (
     ("trainhealth_step", "Highest completed optimizer step the rank reported.",
      lambda row: row.step if row.step >= 0 else None),
     ("trainhealth_last_record_timestamp_seconds",
-     "Record time (unix seconds) of the rank's newest record of any type.", lambda row: row.last_time),
+     "Record time (unix seconds) of the rank's newest record of any type.", attrgetter("last_time")),
     ("trainhealth_rank_ended", "1 once the rank sent an end record.", lambda row: 1.0 if row.ended else 0.0),
     ("trainhealth_loss_nonfinite_first_step", "Step of the rank's first NaN/Inf loss since its start (absent "
      "while its loss is finite): over every sidecar, the lowest is the run's first NaN rank.",
-     lambda row: row.loss_nonfinite_step),
+     attrgetter("loss_nonfinite_step")),
 )
 
 

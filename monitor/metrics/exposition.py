@@ -1,24 +1,29 @@
 """Prometheus text format for the per-rank families, written directly (the bulk of a scrape).
 
 prometheus-client builds a Sample tuple and a label dict per series and formats each
-through generic escaping: ~5 us per series, ~80 ms for 1,000 ranks. Here each rank's label
-set is formatted once and reused by every family, and values go through ``go``, which writes what
-prometheus-client's ``floatToGoString`` writes: the text is byte for byte what ``generate_latest`` writes
-for the same families (labels in sorted order: ``rank`` before ``run``), at about a fifth of the cost.
+through generic escaping: ~5 us per series, ~80 ms for 1,000 ranks. Here the text is written a run and a
+family at a time (a column: the family's lines of one run, ranks in snapshot order) from a template, the
+family's name and each rank's labels baked in, filled with the column's values by one ``%``; values go
+through ``go``, which writes what prometheus-client's ``floatToGoString`` writes: the text is byte for byte
+what ``generate_latest`` writes for the same families (labels in sorted order: ``rank`` before ``run``).
 The exporter keeps prometheus-client for the few service-wide families.
 
-A scrape repeats what did not change: ``RankLines`` keeps each rank's lines (one per family) from the
-previous scrape, and reuses them while the rank took no record since (its RankState and record count
-are the same), so a scrape formats only the ranks that reported in between, and of those only the
-values that changed; the text is the same. The lines are kept as bytes and the scrape is joined once.
+A scrape repeats what did not change: ``RankLines`` keeps each column's values, template and text from the
+previous scrape. A run whose ranks all took no record since (the same RankState and record count each) is
+reused whole; otherwise each column's values are read and compared in C (``map`` and list equality), and
+only the columns that changed are written again. The text is the same; it is kept as bytes and the scrape
+is joined once. Columns, not ranks, because the text is family by family and because most families change in
+every rank or in none between two scrapes (a rank sends a record every step, a scrape comes every few
+seconds): a column is then one ``%`` and one ``encode`` for a thousand lines, where a rank's line each was
+a Python call.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from itertools import compress
-from operator import ne
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_
 from typing import Callable, Iterable, Sequence
 
 from prometheus_client.utils import floatToGoString
@@ -39,18 +44,24 @@ def gauge_header(name: str, help_text: str) -> str:
 
 
 def go(value: float) -> str:
-    """prometheus-client's ``floatToGoString``: the same text, its common cases first. A finite float below
-    1e6 is its ``repr``; from 1e6 (byte counts, timestamps) Go writes an exponent where Python does not
-    until 1e16: the digits of the ``repr``, the trailing zeros dropped, and the exponent."""
+    """prometheus-client's ``floatToGoString``: the same text, its common case first (a finite float below
+    1e6 is its ``repr``)."""
     d = value if type(value) is float else float(value)
-    if -_INF < d < 1e6:
-        return repr(d)
-    if 1e6 <= d < 1e16:  # (not NaN nor an infinity)
-        s = repr(d)  # 7 to 16 digits before the dot
-        dot = s.find(".")
-        digits = (s[:dot] + s[dot + 1:]).rstrip("0")
-        return (f"{digits[0]}.{digits[1:]}" if len(digits) > 1 else digits) + _EXPONENT[dot]
-    return _go_rest(d)
+    return repr(d) if -_INF < d < 1e6 else _go_large(d)
+
+
+def _go_large(d: float) -> str:
+    """``go`` of a float that is not finite or not below 1e6. From 1e6 (byte counts, timestamps) Go writes an
+    exponent where Python does not until 1e16: the digits of the ``repr``, the trailing zeros dropped, and
+    the exponent."""
+    if not 1e6 <= d < 1e16:  # NaN, an infinity, from 1e16 on (an exponent in Python too), below -1e6
+        return _go_rest(d)
+    s = repr(d)  # 7 to 16 digits before the dot
+    dot = s.find(".")
+    if s[-2:] != ".0":  # (a fraction in a shortest repr has no trailing zero)
+        return f"{s[0]}.{s[1:dot]}{s[dot + 1:]}{_EXPONENT[dot]}"
+    digits = s[:dot].rstrip("0")  # a whole number: its trailing zeros dropped
+    return (f"{digits[0]}.{digits[1:]}" if len(digits) > 1 else digits) + _EXPONENT[dot]
 
 
 _INF = math.inf
@@ -59,54 +70,68 @@ _go_rest: Callable[[float], str] = floatToGoString  # prometheus-client leaves i
 
 
 class RankLines:
-    """Each rank's lines from the previous scrape, by (run, rank label). Renders run in worker threads:
+    """The per-rank text of the previous scrape, run by run (by run name). Renders run in worker threads:
     one at a time through the cache (the lock)."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str, str], _Entry] = {}
-        self.names: list[str] = []  # the families the entries' lines are for
+        self.runs: dict[str, _RunLines] = {}
+        self.names: list[str] = []  # the families the columns are for
         self.lock = threading.Lock()
-        self.reused = 0  # ranks whose lines the latest render reused whole (tests, benchmarks)
+        self.reused = 0  # ranks that took no record since the previous render (tests, benchmarks)
 
 
-class _Entry:
-    """One rank's lines (one per family, UTF-8, b"" where it has no value), the values they show, the line
-    prefixes (name and labels: written once per rank), the lines that show a zero, and the RankState and
-    record count they are of."""
+class _RunLines:
+    """One run's columns, one per family, and the ranks they are of: each rank's RankState and record count
+    (``source`` and ``version`` of its row) and its labels, ``{rank="0",run="job"} %s\\n`` (``%`` doubled)."""
 
-    __slots__ = ("source", "version", "values", "lines", "prefixes", "zeros")
+    __slots__ = ("sources", "versions", "labels", "columns")
 
-    def __init__(self, source: object, version: int, values: list[float | None], prefixes: list[str]) -> None:
-        self.source, self.version, self.values, self.prefixes = source, version, values, prefixes
-        self.lines = [b"" if v is None else _line(p, v) for p, v in zip(prefixes, values)]
-        self.zeros = {i for i, v in enumerate(values) if v == 0}
-
-    def update(self, version: int, values: list[float | None]) -> None:
-        """The lines whose value changed written again: a value unequal to the one before (NaN always, found
-        in C: most values are unchanged), and a zero that is not the same object as before (0.0 and -0.0
-        are equal but written apart)."""
-        was, lines, prefixes, zeros = self.values, self.lines, self.prefixes, self.zeros
-        for i in compress(range(len(values)), map(ne, values, was)):
-            v = values[i]
-            if v is None:
-                lines[i] = b""
-                zeros.discard(i)
-                continue
-            lines[i] = _line(prefixes[i], v)
-            if v:
-                zeros.discard(i)
-            else:
-                zeros.add(i)
-        for i in tuple(zeros):
-            v = values[i]
-            if v is not was[i] and v == 0:  # (a zero that became None or another number was written above)
-                lines[i] = _line(prefixes[i], v)
-        self.version, self.values = version, values
+    def __init__(self, run: str, rows: Sequence[RankRow], sources: list[object], versions: list[int],
+                 names: list[str]) -> None:
+        self.sources, self.versions = sources, versions
+        run_label = _template_text(escape_label_value(run))
+        self.labels = [f'{{rank="{_template_text(escape_label_value(row.rank))}",run="{run_label}"}} %s\n'
+                       for row in rows]
+        self.columns = [_Column(_template_text(name)) for name in names]
 
 
-def _line(prefix: str, v: float) -> bytes:
-    d = v if type(v) is float else float(v)
-    return f"{prefix}{repr(d) if -_INF < d < 1e6 else go(d)}\n".encode()  # (go's first case inline)
+class _Column:
+    """One family's lines of one run: the values shown (one per rank, None where the rank has none), which
+    ranks have a line (None: all of them), the template of those lines and its text."""
+
+    __slots__ = ("name", "values", "present", "template", "text")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.values: list[float | None] | None = None  # None: never written
+        self.present: list[bool] | None = None
+        self.template = ""
+        self.text = b""
+
+    def update(self, values: list[float | None], labels: list[str]) -> None:
+        """Written again unless every value is equal to the one before (found in C; most columns are all
+        equal or all changed) and no zero is a new object (0.0 and -0.0 are equal but written apart; an
+        unchanged rank's zero is the same object, a changed rank's a new one)."""
+        was = self.values
+        if was is not None and values == was and (0 not in values or all(map(is_, values, was))):
+            return
+        shown = [v for v in values if v is not None]
+        present = None if len(shown) == len(values) else [v is not None for v in values]
+        if was is None or present != self.present:  # (keys are only added: rare after a run's first scrapes)
+            lines = labels if present is None else list(compress(labels, present))
+            self.template = self.name + self.name.join(lines) if lines else ""
+            self.present = present
+        # a finite float below 1e6 goes to % as it is: its str is its repr, written in C
+        text = self.template % tuple([d if -_INF < d < 1e6 else _go_large(d) for d in map(float, shown)])
+        self.text = text.encode()
+        self.values = values
+
+
+def _template_text(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+_SOURCE, _VERSION, _LATEST = attrgetter("source"), attrgetter("version"), attrgetter("latest")
 
 
 def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
@@ -116,67 +141,55 @@ def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
     """The text in parts (UTF-8) for the caller to join once with the rest of the scrape: a megabyte
     copied once, not three times (each new megabyte costs page faults). ``values``: (metric name, key in
     ``row.latest``, help); ``state``: (name, help, value of a row or None to leave the series out).
-    Families in that order, ranks in snapshot order within each. ``cache``: reuse the lines of ranks
-    unchanged since the previous call with the same cache, and of a changed rank the lines whose value
-    did not change (its GPU total, its learning rate...)."""
+    Families in that order, runs in snapshot order within each, ranks in snapshot order within a run.
+    ``cache``: reuse the text of what did not change since the previous call with the same cache (without
+    one, everything is written: the same code, nothing kept)."""
     if cache is None:
-        return [_plain_text(runs, values, state).encode()]
+        cache = RankLines()
     with cache.lock:
         return _parts(runs, values, state, cache)
 
 
-def _plain_text(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
-                state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]]) -> str:
-    """Family by family, no cache (the first scrape, tests): the cheapest way to write every line once."""
-    rows = []
-    for run, run_rows in runs:
-        run_label = escape_label_value(run)
-        rows += [(f'{{rank="{escape_label_value(row.rank)}",run="{run_label}"}} ', row) for row in run_rows]
-    out = []
-    for name, key, help_text in values:
-        out.append(gauge_header(name, help_text))
-        out += [f"{name}{labels}{go(v)}\n" for labels, row in rows if (v := row.latest.get(key)) is not None]
-    for name, help_text, get in state:
-        out.append(gauge_header(name, help_text))
-        out += [f"{name}{labels}{go(v)}\n" for labels, row in rows if (v := get(row)) is not None]
-    return "".join(out)
-
-
 def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
            state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]], cache: RankLines) -> list[bytes]:
-    """Rank by rank (each rank's lines are what the cache keeps), then assembled family by family."""
+    """Run by run (a run's columns are what the cache keeps: a run moves in the order of runs whole), then
+    assembled family by family. A family's values of a run's ranks are read at once (``map``, in C)."""
     names = [name for name, _, _ in values] + [name for name, _, _ in state]
     if names != cache.names:  # other families: nothing to reuse
-        cache.entries, cache.names = {}, names
-    old = cache.entries
-    kept: dict[tuple[str, str], _Entry] = {}
-    per_row: list[list[bytes]] = []
+        cache.runs, cache.names = {}, names
+    old = cache.runs
+    kept: dict[str, _RunLines] = {}
+    per_run: list[list[_Column]] = []
     keys = [key for _, key, _ in values]
     getters = [get for _, _, get in state]
     reused = 0
-    for run, run_rows in runs:
-        run_label = escape_label_value(run)
-        for row in run_rows:
-            key = (run, row.rank)
-            entry = old.get(key)
-            source = row.source
-            if entry is not None and entry.source is source:
-                if entry.version == row.version:
-                    reused += 1
-                else:
-                    entry.update(row.version, [*map(row.latest.get, keys), *[get(row) for get in getters]])
-            else:
-                labels = f'{{rank="{escape_label_value(row.rank)}",run="{run_label}"}} '
-                entry = _Entry(source, row.version, [*map(row.latest.get, keys), *[get(row) for get in getters]],
-                               [f"{name}{labels}" for name in names])
-            if source is not None:
-                kept[key] = entry
-            per_row.append(entry.lines)
-    cache.entries, cache.reused = kept, reused  # ranks gone since are dropped
+    for run, rows in runs:
+        sources, versions = list(map(_SOURCE, rows)), list(map(_VERSION, rows))
+        lines = old.get(run)
+        if lines is not None and len(sources) == len(lines.sources) and all(map(is_, sources, lines.sources)):
+            if versions == lines.versions:  # no rank took a record since: every column as it was
+                reused += len(rows)
+                kept[run] = lines
+                per_run.append(lines.columns)
+                continue
+            reused += sum(map(eq, versions, lines.versions))
+            lines.versions = versions
+            keep = True
+        else:  # a new run, or its ranks are not the same ones in the same order: every column written
+            lines = _RunLines(run, rows, sources, versions, names)
+            keep = not any(map(is_, sources, repeat(None)))  # (a row built without its RankState: never reused)
+        latest = list(map(_LATEST, rows))
+        columns = [list(map(dict.get, latest, repeat(key))) for key in keys] + [list(map(get, rows)) for get in getters]
+        for column, values_now in zip(lines.columns, columns):
+            column.update(values_now, lines.labels)
+        if keep and run not in kept:  # (a run name twice in one snapshot: the first one's text is kept)
+            kept[run] = lines
+        per_run.append(lines.columns)
+    cache.runs, cache.reused = kept, reused  # runs gone since are dropped
     headers = [gauge_header(name, help_text).encode() for name, _, help_text in values]
     headers += [gauge_header(name, help_text).encode() for name, help_text, _ in state]
     out: list[bytes] = []
-    for header, column in zip(headers, zip(*per_row) if per_row else [()] * len(headers)):
+    for j, header in enumerate(headers):
         out.append(header)
-        out += column
+        out += [columns[j].text for columns in per_run]
     return out
