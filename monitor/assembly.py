@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 from fastapi import FastAPI
 
@@ -34,7 +34,7 @@ from .pipeline import Pipeline
 from .record import Record
 from .recorder import FlightRecorder
 from .reserve import Reserve
-from .service import Service, pause_watch
+from .service import RecordWriter, Service, pause_watch
 from .sidecar_clock import MAX_GRACE_SECONDS, SidecarClock
 
 
@@ -55,13 +55,13 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
     store = open_store(settings.server, clock)
     alerts_out = AlertsOut(store, settings.webhooks, settings.alertmanager, clock=clock)
 
-    def note_records(records: list[Record]) -> None:
+    def note_records(records: Sequence[Record], texts: Sequence[bytes] | None) -> None:
         try:
             store.note_records(records)
         except (sqlite3.Error, OSError) as exc:  # runs and starts: counted, the batch goes on
             alerts_out.fault.failed("runs and starts", exc)
 
-    record_writers: list[Any] = [note_records]
+    record_writers: list[RecordWriter] = [note_records]
     closers = [alerts_out.close, store.close]
     faults = [alerts_out.fault]
     background = [alerts_out.run]
@@ -94,6 +94,7 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
         # the console: one line per transition and refresh
         settings, clock=clock, alert_sinks=[ConsoleLog(), alerts_out],
         record_writers=record_writers, background=background, closers=closers,
+        keep_texts=recorder is not None,  # the flight recorder writes each record's text as the body held it
         query_alerts=alerts_out.query_alerts, faults=faults, load_settings=load_settings,
         reloaders=[lambda new: alerts_out.retarget(new.webhooks, new.alertmanager)],
         pipeline=pipeline, pauses=pauses, journal=checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -204,6 +205,11 @@ def serve(settings: Settings, load_settings: Callable[[], Settings] | None = Non
     from .dblock import DbLock
 
     lock = DbLock(settings.server.db) if settings.server.db != ":memory:" else None  # one sidecar per --db
+    # What is imported by now (modules, classes, functions: ~60,000 objects) lives as long as the process: out
+    # of the collector's sight, a full collection scans only the runs' state (in-process, 64 batches of 1000
+    # records: the one full collection took 55 ms, 0.86 us a record; 16 ms frozen).
+    gc.collect()
+    gc.freeze()
     service, app = build_sidecar(settings, load_settings)
     host, port = settings.server.host, settings.server.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,5 +1,12 @@
 """Flight recorder: every accepted record appended to ``DIR/RUN.jsonl``.
 
+A record whose JSON text the ingest body held on one line (``texts``: ingest.Decoder's ``keep_texts``, the
+Service's batches when a recorder is on) is written as that text, byte for byte as the client sent it (its
+field order, unknown fields too): replay reads the line back through the very decoder that took it live, so it
+gives the same record (a NaN sent as a bare token or a ``"nan"`` string stays one). Nothing is encoded again
+(about 0.5 us a record, where encoding costs 2). Other records (a body Python's json had to read, a replay's
+own writes, tests) are encoded here:
+
 Lines are written by msgspec (one ``encode_lines`` per run and batch, written as the bytes it made: about
 0.5 us a record, where Python's ``json`` took ~10). A batch whose encoding holds a ``null`` (msgspec writes NaN and the
 infinities as null; a ``null`` in ``metrics`` or ``config`` is one too), or an ``end`` with its ``error``,
@@ -73,18 +80,23 @@ class FlightRecorder:
     def path(self, run: str) -> Path:
         return self.dir / f"{run}.jsonl"  # run names are [A-Za-z0-9._:-]: no path separators
 
-    def write(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record], texts: Sequence[bytes] | None = None) -> None:
+        """``texts``: each record's JSON text, one line without its line end (see the module's doc), or None."""
         runs = dict.fromkeys(map(_run, records))
         if len(runs) == 1:  # one run (one job's client): the batch as it is
-            by_run = {run: list(records) for run in runs}
+            groups: list[tuple[str, Sequence[Record], Sequence[bytes] | None]] = [(next(iter(runs)), records, texts)]
         else:
-            by_run = {run: [] for run in runs}
+            by_run: dict[str, list[Record]] = {run: [] for run in runs}
             for rec in records:
                 by_run[rec.run].append(rec)
-        for run, recs in by_run.items():
+            texts_by_run: dict[str, list[bytes]] = {run: [] for run in runs}
+            for rec, text in zip(records, texts or ()):
+                texts_by_run[rec.run].append(text)
+            groups = [(run, recs, texts_by_run[run] if texts is not None else None) for run, recs in by_run.items()]
+        for run, recs, lines in groups:
             try:
                 fh = self._open(run)
-                blob = encoded(recs)
+                blob = b"\n".join(lines) + b"\n" if lines is not None else encoded(list(recs))
                 fh.write(b"\n" + blob if run in self._broken else blob)
                 fh.flush()
                 if fh.tell() >= self.max_bytes:

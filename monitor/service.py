@@ -46,10 +46,20 @@ class AlertSink(Protocol):
         nobody paged again), as they stand now; before the transitions of the same batch."""
 
 
+class RecordWriter(Protocol):
+    """Takes each batch of accepted records (the flight recorder, the store's runs and starts)."""
+
+    def __call__(self, records: Sequence[Record], texts: Sequence[bytes] | None) -> None:
+        """``texts``: each record's JSON text as the body held it, one line that decodes back to the record
+        (``Decoded.texts``), where the Service keeps them (``keep_texts``); None otherwise."""
+
+
 class Journal(Protocol):
     """What the pipeline was fed, in order, so a restart can rebuild its state (checkpoint.py)."""
 
-    def fed(self, records: Sequence[Record], wall: float, judge_after: float) -> None: ...
+    def fed(self, records: Sequence[Record], wall: float, judge_after: float,
+            texts: Sequence[bytes] | None = None) -> None:
+        """``texts``: each record's JSON text, as the record writers get them (``RecordWriter``), or None."""
 
     def ticked(self, wall: float, judge_after: float) -> None: ...
 
@@ -82,6 +92,8 @@ class Service:
 
     - ``alert_sinks``: take alert transitions (the store and delivery: notify/sink.py);
     - ``record_writers``: take each batch of accepted records (the flight recorder, the store's runs);
+    - ``keep_texts``: the decoder keeps each record's JSON text for the record writers (the flight recorder
+      writes it as it came: ingest.Decoder);
     - ``background``: jobs run in the app's lifespan (deliveries), cancelled at shutdown;
     - ``closers``: cleanups for ``close()``;
     - ``query_alerts``: the alert history reader (the store); without it, the in-memory book answers;
@@ -98,7 +110,7 @@ class Service:
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
                  alert_sinks: Sequence[AlertSink] = (),
-                 record_writers: Sequence[Callable[[Sequence[Record]], None]] = (),
+                 record_writers: Sequence[RecordWriter] = (), keep_texts: bool = False,
                  background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
                  closers: Sequence[Callable[[], None]] = (),
                  query_alerts: Callable[..., dict[str, Any]] | None = None,
@@ -124,7 +136,7 @@ class Service:
         self.journal = journal
         self.background.append(self.sidecar_clock.run)
         self.stats = IngestStats()
-        self.decoder = Decoder()  # owns the cache of valid run names
+        self.decoder = Decoder(keep_texts=keep_texts)  # owns the cache of valid run names
         # what the runs' clients hear: alerts, stop steps
         self.stop_steps = StopSteps(self.book, self.pipeline.runs, lead=StopLead.of(settings.stop))
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
@@ -213,13 +225,18 @@ class Service:
         outcome = self.pipeline.process(records, wall=wall,
                                         origin=(origin.host, origin.pid) if origin is not None else None)
         alerts = taken + outcome.alerts if taken else outcome.alerts
+        texts = decoded.texts  # by position in the body: the records' own where none was refused before
+        if texts is not None and (records is not decoded.records or decoded.rejected):
+            texts = [texts[i] for i in indexes]
         if self.journal is not None:
-            self.journal.fed(records, wall, self.pipeline.judge_after)
+            self.journal.fed(records, wall, self.pipeline.judge_after, texts)
         capped = len(outcome.refused)
         if capped:
             refused = {i for i, _ in outcome.refused}
             rejected += [Rejection(indexes[i], exc.field, exc.reason) for i, exc in outcome.refused]
             kept = [r for i, r in enumerate(records) if i not in refused]
+            if texts is not None:
+                texts = [t for i, t in enumerate(texts) if i not in refused]
         else:
             kept = records
         if len(rejected) > len(decoded.rejected):  # refusals after decoding: one sort, by index in the body
@@ -227,7 +244,7 @@ class Service:
         if kept:
             for record_writer in self.record_writers:
                 try:
-                    record_writer(kept)
+                    record_writer(kept, texts)
                 except Exception:  # like alert sinks: never break ingest
                     log.exception("record writer %r failed", record_writer)
         self.stats.accepted += len(kept)
