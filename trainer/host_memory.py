@@ -95,26 +95,32 @@ class Cgroup:
     limit: float
 
 
-def limiting_cgroup(root: str | Path = "/sys/fs/cgroup",
-                    self_cgroup: str | Path = "/proc/self/cgroup") -> Cgroup | None:
-    """The cgroup with the smallest memory limit among this process's cgroup and its ancestors (v2
-    ``memory.max``, v1 ``memory.limit_in_bytes``), or None: no limit, no cgroup, or nothing readable."""
+def _memory_hierarchies(root: Path, self_cgroup: str | Path) -> list[tuple[Path, int, list[str]]] | None:
+    """Each memory hierarchy this process is in, from ``/proc/self/cgroup``: (its root, the cgroup version,
+    the process's cgroup path in it as parts), or None when unreadable."""
     try:
         lines = Path(self_cgroup).read_text().splitlines()
     except OSError:
         return None
-    root = Path(root)
-    best: Cgroup | None = None
+    out: list[tuple[Path, int, list[str]]] = []
     for line in lines:
         ident, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if ident == "0" and controllers == "":
-            base, name, version = root, "memory.max", 2
-        elif "memory" in controllers.split(","):
-            base, name, version = root / "memory", "memory.limit_in_bytes", 1
-        else:
-            continue
         parts = [p for p in path.split("/") if p]
+        if ident == "0" and controllers == "":
+            out.append((root, 2, parts))
+        elif "memory" in controllers.split(","):
+            out.append((root / "memory", 1, parts))
+    return out
+
+
+def limiting_cgroup(root: str | Path = "/sys/fs/cgroup",
+                    self_cgroup: str | Path = "/proc/self/cgroup") -> Cgroup | None:
+    """The cgroup with the smallest memory limit among this process's cgroup and its ancestors (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``), or None: no limit, no cgroup, or nothing readable."""
+    best: Cgroup | None = None
+    for base, version, parts in _memory_hierarchies(Path(root), self_cgroup) or ():
+        name = "memory.max" if version == 2 else "memory.limit_in_bytes"
         for depth in range(len(parts), -1, -1):  # the cgroup itself, then each ancestor
             folder = base.joinpath(*parts[:depth])
             try:
@@ -129,22 +135,13 @@ def limiting_cgroup(root: str | Path = "/sys/fs/cgroup",
 def own_cgroup(root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup") -> Cgroup | None:
     """The memory cgroup the process itself is in (``limit`` 0: not read), or None. Its OOM-kill count is the
     one that counts the process's own kill: v1 counts a kill in the victim's cgroup alone, not its ancestors'."""
-    try:
-        lines = Path(self_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    root = Path(root)
     v2: Cgroup | None = None
-    for line in lines:
-        ident, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        parts = [p for p in path.split("/") if p and p != ".."]
-        if "memory" in controllers.split(","):
-            folder = (root / "memory").joinpath(*parts)
-            if (folder / "memory.oom_control").exists():
-                return Cgroup(folder, 1, 0.0)
-        elif ident == "0" and controllers == "" and (root.joinpath(*parts) / "memory.events").exists():
-            v2 = Cgroup(root.joinpath(*parts), 2, 0.0)
+    for base, version, parts in _memory_hierarchies(Path(root), self_cgroup) or ():
+        folder = base.joinpath(*(p for p in parts if p != ".."))
+        if version == 1 and (folder / "memory.oom_control").exists():
+            return Cgroup(folder, 1, 0.0)
+        if version == 2 and (folder / "memory.events").exists():
+            v2 = Cgroup(folder, 2, 0.0)
     return v2
 
 
