@@ -133,26 +133,10 @@ def stress_job(seed: int) -> list[Record]:
 
 
 def corpora(quick: bool = False) -> dict[str, list[Record]]:
-    from tests import live_traces as lt
-    from tests import memory_traces as mt
-    from tests import page_traces as pt
-
-    out: dict[str, list[Record]] = {
-        "healthy": lt.ddp_job(4, 300).records,
-        "stalled": lt.ddp_job(4, 200, last_step={2: 120}, until=lt.T0 + 400).records,
-        "silent": lt.ddp_job(4, 200, silent_at={1: lt.T0 + 60}).records,
-        "straggler": lt.ddp_job(4, 400, data_time=lambda r, k: 0.4 if r == 3 and 50 < k < 200 else 0.01).records,
-        "paused": lt.ddp_job(4, 200, pauses={100: 300.0}).records,
-        "ended": lt.ddp_job(3, 100, end=True).records,
-        "host_leak": mt.host_trace({0: mt.total(mt.const(4 * GiB), mt.linear(2 * GiB)), 1: mt.const(4 * GiB)},
-                                   hours=3),
-        "host_sawtooth": mt.host_trace({0: mt.total(mt.const(4 * GiB), mt.sawtooth(1 * GiB, 600)),
-                                        1: mt.const(4 * GiB)}, hours=3),
-        "gpu_growth": mt.gpu_trace({0: mt.total(mt.const(40 * GiB), mt.linear(3600 * 2 * GiB)),
-                                    1: mt.const(40 * GiB)}, steps=3000),
-        "diverging": [from_obj(o) for o in pt.diverging_run()],
-    }
     from benchmarks.where_time_goes import long_trace
+    from tests.unit.test_replay_equivalence import corpora as suite_corpora
+
+    out = suite_corpora()  # the suite's replay-equivalence corpora
     out["long8-1h"] = [from_obj(json.loads(line)) for line in long_trace(hours=0.25 if quick else 1.0)]
     for seed in range(12 if quick else 40):
         out[f"stress-{seed}"] = stress_job(seed)
