@@ -36,6 +36,7 @@ import pytest
 from trainhealth.trainer.host_memory import machine_oom_kills
 
 from tests.conftest import IN_CI, ROOT, Sidecar, python_path
+from tests.e2e.test_deaths import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -88,16 +89,6 @@ class Cgroup:
 def inside(cgroup: Cgroup, *command: str) -> list[str]:
     """``command`` run inside ``cgroup`` (it moves itself there, then execs: the same pid)."""
     return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup.procs, *command]
-
-
-def until(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = condition()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture
