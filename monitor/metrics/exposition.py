@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import threading
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_
-from typing import Callable, Iterable, Sequence
+from operator import attrgetter, eq, is_, ne
+from typing import Callable, Iterable, Sequence, cast
 
 from prometheus_client.utils import floatToGoString
 
@@ -96,14 +96,16 @@ class _RunLines:
 
 
 class _Column:
-    """One family's lines of one run: the values shown (one per rank, None where the rank has none), which
-    ranks have a line (None: all of them), the template of those lines and its text."""
+    """One family's lines of one run: the values shown (one per rank, None where the rank has none), the text
+    of each (per rank, "" where none), which ranks have a line (None: all of them), the template of those
+    lines and the column's text."""
 
-    __slots__ = ("name", "values", "present", "template", "text")
+    __slots__ = ("name", "values", "texts", "present", "template", "text")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.values: list[float | None] | None = None  # None: never written
+        self.texts: list[str] = []
         self.present: list[bool] | None = None
         self.template = ""
         self.text = b""
@@ -111,20 +113,63 @@ class _Column:
     def update(self, values: list[float | None], labels: list[str]) -> None:
         """Written again unless every value is equal to the one before (found in C; most columns are all
         equal or all changed) and no zero is a new object (0.0 and -0.0 are equal but written apart; an
-        unchanged rank's zero is the same object, a changed rank's a new one)."""
+        unchanged rank's zero is the same object, a changed rank's a new one). Of a column written again,
+        only the changed values are formatted again (a few ranks between two scrapes: heartbeats, a step
+        half reported), all of them when most changed (in one comprehension) or a rank gained or lost one."""
         was = self.values
         if was is not None and values == was and (0 not in values or all(map(is_, values, was))):
             return
-        shown = [v for v in values if v is not None]
-        present = None if len(shown) == len(values) else [v is not None for v in values]
-        if was is None or present != self.present:  # (keys are only added: rare after a run's first scrapes)
+        self.values = values
+        if was is None:
+            self._write_all(values, labels)
+            return
+        changed = _changed(values, was)
+        if len(changed) > len(values) // 2:
+            self._write_all(values, labels)
+            return
+        texts = self.texts
+        for i in changed:
+            v = values[i]
+            if v is None or was[i] is None:  # (keys are only added: rare after a run's first scrapes)
+                self._write_all(values, labels)
+                return
+            texts[i] = go(v)
+        self._fill()
+
+    def _write_all(self, values: list[float | None], labels: list[str]) -> None:
+        present = [v is not None for v in values] if None in values else None
+        if not self.template or present != self.present:
             lines = labels if present is None else list(compress(labels, present))
             self.template = self.name + self.name.join(lines) if lines else ""
             self.present = present
-        # a finite float below 1e6 goes to % as it is: its str is its repr, written in C
-        text = self.template % tuple([d if -_INF < d < 1e6 else _go_large(d) for d in map(float, shown)])
-        self.text = text.encode()
-        self.values = values
+        if present is None:
+            self.texts = _texts(cast(list[float], values))
+        else:
+            self.texts = ["" if v is None else go(v) for v in values]
+        self._fill()
+
+    def _fill(self) -> None:
+        texts = self.texts if self.present is None else compress(self.texts, self.present)
+        self.text = (self.template % tuple(texts)).encode()
+
+
+def _texts(values: list[float]) -> list[str]:
+    """``go`` of each value. A column of finite floats below 1e6 (losses, learning rates, timings, steps) is
+    their ``repr``s, written in C (``map``), and found in C (NaN: the value unequal to itself); the others
+    go through one comprehension (``go``'s first case inline: a Python call a value fewer)."""
+    floats = list(map(float, values))
+    if floats and not any(map(ne, floats, floats)) and -_INF < min(floats) and max(floats) < 1e6:
+        return list(map(repr, floats))
+    return [repr(d) if -_INF < d < 1e6 else _go_large(d) for d in floats]
+
+
+def _changed(values: list[float | None], was: list[float | None]) -> list[int]:
+    """Where ``values`` must be written again: unequal to the value before (NaN always, found in C), or a
+    zero that is a new object (-0.0 where 0.0 was is equal)."""
+    changed = list(compress(range(len(values)), map(ne, values, was)))
+    if 0 in values:
+        changed += [i for i, v in enumerate(values) if v == 0 and v is not was[i]]
+    return changed
 
 
 def _template_text(text: str) -> str:
