@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_, ne
+from operator import attrgetter, is_, ne
 from typing import Callable, Iterable, Sequence, cast
 
 from prometheus_client.utils import floatToGoString
@@ -111,19 +111,31 @@ class _Column:
         self.text = b""
 
     def update(self, values: list[float | None], labels: list[str]) -> None:
-        """Written again unless every value is equal to the one before (found in C; most columns are all
-        equal or all changed) and no zero is a new object (0.0 and -0.0 are equal but written apart; an
-        unchanged rank's zero is the same object, a changed rank's a new one). Of a column written again,
-        only the changed values are formatted again (a few ranks between two scrapes: heartbeats, a step
-        half reported), all of them when most changed (in one comprehension) or a rank gained or lost one."""
+        """Written again unless every value is as before (``_same``; most columns are all equal or all
+        changed). Of a column written again, only the changed values are formatted again, all of them when
+        most changed (C-level maps) or a rank gained or lost one."""
         was = self.values
-        if was is not None and values == was and (0 not in values or all(map(is_, values, was))):
-            return
-        self.values = values
         if was is None:
+            self.values = values
             self._write_all(values, labels)
+        elif not _same(values, was):
+            self._write_changed(values, was, _changed(values, was), labels)
+
+    def update_ranks(self, ranks: list[int], values: list[float | None], labels: list[str]) -> None:
+        """``update`` when a few ranks took a record since (heartbeats, a step half reported): ``ranks``
+        their positions in the run and ``values`` theirs now; the other ranks' values are as they were."""
+        was = cast(list[float | None], self.values)  # (written before: the run is not new)
+        before = list(map(was.__getitem__, ranks))
+        if _same(values, before):
             return
-        changed = _changed(values, was)
+        now = was.copy()
+        for i, v in zip(ranks, values):
+            now[i] = v
+        self._write_changed(now, was, [ranks[j] for j in _changed(values, before)], labels)
+
+    def _write_changed(self, values: list[float | None], was: list[float | None], changed: list[int],
+                       labels: list[str]) -> None:
+        self.values = values
         if len(changed) > len(values) // 2:
             self._write_all(values, labels)
             return
@@ -163,6 +175,12 @@ def _texts(values: list[float]) -> list[str]:
     return [repr(d) if -_INF < d < 1e6 else _go_large(d) for d in floats]
 
 
+def _same(values: list[float | None], was: list[float | None]) -> bool:
+    """Every value equal to the one before (in C) and no zero a new object: 0.0 and -0.0 are equal but
+    written apart; an unchanged rank's zero is the same object, a changed rank's a new one."""
+    return values == was and (0 not in values or all(map(is_, values, was)))
+
+
 def _changed(values: list[float | None], was: list[float | None]) -> list[int]:
     """Where ``values`` must be written again: unequal to the value before (NaN always, found in C), or a
     zero that is a new object (-0.0 where 0.0 was is equal)."""
@@ -177,6 +195,13 @@ def _template_text(text: str) -> str:
 
 
 _SOURCE, _VERSION, _LATEST = attrgetter("source"), attrgetter("version"), attrgetter("latest")
+
+
+def _read(rows: Sequence[RankRow], keys: list[str],
+          getters: list[Callable[[RankRow], float | None]]) -> list[list[float | None]]:
+    """Each family's values of ``rows``: a family at a time, in C (``map``)."""
+    latest = list(map(_LATEST, rows))
+    return [list(map(dict.get, latest, repeat(key))) for key in keys] + [list(map(get, rows)) for get in getters]
 
 
 def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
@@ -217,15 +242,20 @@ def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple
                 kept[run] = lines
                 per_run.append(lines.columns)
                 continue
-            reused += sum(map(eq, versions, lines.versions))
+            moved = list(compress(range(len(rows)), map(ne, versions, lines.versions)))
+            reused += len(rows) - len(moved)
             lines.versions = versions
             keep = True
+            if len(moved) * 4 < len(rows):  # a few ranks took a record: only theirs read and compared
+                for column, values_now in zip(lines.columns, _read([rows[i] for i in moved], keys, getters)):
+                    column.update_ranks(moved, values_now, lines.labels)
+                kept[run] = lines
+                per_run.append(lines.columns)
+                continue
         else:  # a new run, or its ranks are not the same ones in the same order: every column written
             lines = _RunLines(run, rows, sources, versions, names)
             keep = not any(map(is_, sources, repeat(None)))  # (a row built without its RankState: never reused)
-        latest = list(map(_LATEST, rows))
-        columns = [list(map(dict.get, latest, repeat(key))) for key in keys] + [list(map(get, rows)) for get in getters]
-        for column, values_now in zip(lines.columns, columns):
+        for column, values_now in zip(lines.columns, _read(rows, keys, getters)):
             column.update(values_now, lines.labels)
         if keep and run not in kept:  # (a run name twice in one snapshot: the first one's text is kept)
             kept[run] = lines
