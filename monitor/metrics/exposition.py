@@ -111,19 +111,17 @@ class _Column:
         self.text = b""
 
     def update(self, values: list[float | None], labels: list[str]) -> None:
-        """Written again unless every value is as before (``_same``; most columns are all equal or all
-        changed). Of a column written again, only the changed values are formatted again, all of them when
-        most changed (C-level maps) or a rank gained or lost one."""
+        """Written again, every value (C-level maps where it can), unless every value is as before
+        (``_same``): most columns are all equal or all changed when many ranks took a record since."""
         was = self.values
-        if was is None:
+        if was is None or not _same(values, was):
             self.values = values
             self._write_all(values, labels)
-        elif not _same(values, was):
-            self._write_changed(values, was, _changed(values, was), labels)
 
     def update_ranks(self, ranks: list[int], values: list[float | None], labels: list[str]) -> None:
         """``update`` when a few ranks took a record since (heartbeats, a step half reported): ``ranks``
-        their positions in the run and ``values`` theirs now; the other ranks' values are as they were."""
+        their positions in the run and ``values`` theirs now; the other ranks' values are as they were.
+        Only the changed values are formatted again (all of them when a rank gained or lost one)."""
         was = cast(list[float | None], self.values)  # (written before: the run is not new)
         before = list(map(was.__getitem__, ranks))
         if _same(values, before):
@@ -131,21 +129,14 @@ class _Column:
         now = was.copy()
         for i, v in zip(ranks, values):
             now[i] = v
-        self._write_changed(now, was, [ranks[j] for j in _changed(values, before)], labels)
-
-    def _write_changed(self, values: list[float | None], was: list[float | None], changed: list[int],
-                       labels: list[str]) -> None:
-        self.values = values
-        if len(changed) > len(values) // 2:
-            self._write_all(values, labels)
-            return
+        self.values = now
         texts = self.texts
-        for i in changed:
-            v = values[i]
-            if v is None or was[i] is None:  # (keys are only added: rare after a run's first scrapes)
-                self._write_all(values, labels)
+        for j in _changed(values, before):
+            v = values[j]
+            if v is None or before[j] is None:  # (keys are only added: rare after a run's first scrapes)
+                self._write_all(now, labels)
                 return
-            texts[i] = go(v)
+            texts[ranks[j]] = go(v)
         self._fill()
 
     def _write_all(self, values: list[float | None], labels: list[str]) -> None:
