@@ -11,7 +11,8 @@ The exporter keeps prometheus-client for the few service-wide families.
 A scrape repeats what did not change: ``RankLines`` keeps each column's values, template and text from the
 previous scrape. A run whose ranks all took no record since (the same RankState and record count each) is
 reused whole; otherwise each column's values are read and compared in C (``map`` and list equality), and
-only the columns that changed are written again. The text is the same; it is kept as bytes and the scrape
+only the columns that changed are written again (when only a few of the run's ranks took a record, only
+their values are read, compared and formatted). The text is the same; it is kept as bytes and the scrape
 is joined once. Columns, not ranks, because the text is family by family and because most families change in
 every rank or in none between two scrapes (a rank sends a record every step, a scrape comes every few
 seconds): a column is then one ``%`` and one ``encode`` for a thousand lines, where a rank's line each was
