@@ -106,7 +106,7 @@ class _Column:
     def __init__(self, name: str) -> None:
         self.name = name
         self.values: list[float | None] | None = None  # None: never written
-        self.texts: list[str] = []
+        self.texts: list[str | float] = []  # (a float: one whose str is its text)
         self.present: list[bool] | None = None
         self.template = ""
         self.text = b""
@@ -146,8 +146,8 @@ class _Column:
             lines = labels if present is None else list(compress(labels, present))
             self.template = self.name + self.name.join(lines) if lines else ""
             self.present = present
-        if present is None:
-            self.texts = _texts(cast(list[float], values))
+        if present is None:  # a float whose text is its repr as it is: % writes it, in C (go's first case)
+            self.texts = [d if -_INF < d < 1e6 else _go_large(d) for d in map(float, cast(list[float], values))]
         else:
             self.texts = ["" if v is None else go(v) for v in values]
         self._fill()
@@ -155,16 +155,6 @@ class _Column:
     def _fill(self) -> None:
         texts = self.texts if self.present is None else compress(self.texts, self.present)
         self.text = (self.template % tuple(texts)).encode()
-
-
-def _texts(values: list[float]) -> list[str]:
-    """``go`` of each value. A column of finite floats below 1e6 (losses, learning rates, timings, steps) is
-    their ``repr``s, written in C (``map``), and found in C (NaN: the value unequal to itself); the others
-    go through one comprehension (``go``'s first case inline: a Python call a value fewer)."""
-    floats = list(map(float, values))
-    if floats and not any(map(ne, floats, floats)) and -_INF < min(floats) and max(floats) < 1e6:
-        return list(map(repr, floats))
-    return [repr(d) if -_INF < d < 1e6 else _go_large(d) for d in floats]
 
 
 def _same(values: list[float | None], was: list[float | None]) -> bool:
