@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="require Authorization: Bearer TOKEN (TRAINHEALTH_TOKEN); visible to ps: "
                    "prefer --token-file")
     s.add_argument("--token-file", metavar="PATH", help="read the token from this file (its first line)")
+    s.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                   help="also answer requests sent to this host name (a Compose service, a proxy); repeatable; "
+                        "'*' for any (TRAINHEALTH_ALLOWED_HOSTS, comma-separated). Others get a 421: DNS "
+                        "rebinding (docs/operations.md)")
     s.add_argument("--log-level", choices=LOG_LEVELS, help="TRAINHEALTH_LOG_LEVEL; default info")
     r = sub.add_parser("replay", help="run the detectors over recorded .jsonl files")
     r.add_argument("files", nargs="+", help=".jsonl or .jsonl.gz files of records, or folders of them")
@@ -73,7 +77,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "serve":
             flags = {k: getattr(args, k) for k in ("host", "port", "webhooks", "alertmanager", "db",
-                                                   "record_dir", "token")}
+                                                   "record_dir", "token", "allowed_hosts")}
             if args.token_file is not None:
                 if args.token is not None:
                     raise ConfigError("--token-file: give --token or --token-file, not both")

@@ -63,6 +63,7 @@ NUMBER_FIELDS = (
 
 EndStatus = Literal["completed", "failed"]
 Traceback = Annotated[str, msgspec.Meta(max_length=65536)]
+OomCheck = Literal["kernel_log", "cgroup_count", "machine_count", "unproven"]
 StderrTail = Annotated[str, msgspec.Meta(max_length=16384)]
 SIGNAL_PATTERN = r"\ASIG[A-Z0-9+]{1,14}\Z"
 Signal = Annotated[str, msgspec.Meta(pattern=SIGNAL_PATTERN)]
@@ -179,7 +180,12 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     exit_code: ExitCode | None = None  # it exited with this code
     signal: Signal | None = None  # it was killed by this signal ("SIGKILL")
     signal_forwarded: bool | None = None  # that signal came from the launcher's own parent (the job was stopped)
-    oom_killed: bool | None = None  # the kernel's OOM killer killed it (its cgroup's oom_kill count rose)
+    oom_killed: bool | None = None  # the kernel's OOM killer killed it (the kernel log names it; docs/record.md)
+    oom_check: OomCheck | None = None  # how the launcher decided whether the OOM killer killed it
+    oom_doubt: Text | None = None  # with oom_check "unproven": why neither proven nor ruled out
+    oom_killed_pid: NonNegInt | None = None  # the process the kernel log names as the OOM killer's victim
+    oom_killed_comm: Text | None = None  # and its name ("python", "pt_data_worker")
+    oom_child: bool | None = None  # that process is a child of the rank (a DataLoader worker), not the rank
     stderr_tail: StderrTail | None = None  # its last lines on stderr
 
 

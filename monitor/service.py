@@ -24,7 +24,7 @@ from .ingest import BodyError, Decoded, Decoder, Rejection
 from .pipeline import Pipeline, run_last_step
 from .record import Record
 from .sidecar_clock import SidecarClock
-from .stop_steps import StopSteps
+from .stop_steps import StopLead, StopSteps
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ class Service:
         self.background.append(self.sidecar_clock.run)
         self.stats = IngestStats()
         self.decoder = Decoder()  # owns the cache of valid run names
-        self.stop_steps = StopSteps(self.book, self.pipeline.runs)  # what the runs' clients hear: alerts, stop steps
+        # what the runs' clients hear: alerts, stop steps
+        self.stop_steps = StopSteps(self.book, self.pipeline.runs, lead=StopLead.of(settings.stop))
         self.taken = batches.TakenBatches()  # client batch ids already ingested (resends are skipped)
         self.owners = launches.JobOwners()  # which job owns each run name (two jobs never share one)
 
@@ -400,6 +401,8 @@ class Service:
         for reloader in self.reloaders:
             reloader(new)
         self.settings.detectors, self.settings.webhooks = new.detectors, new.webhooks
+        self.settings.stop = new.stop
+        self.stop_steps.lead = StopLead.of(new.stop)  # stops fixed from now on; those fixed stay as they are
         self.settings.alertmanager = new.alertmanager
         self.settings.server.webhooks, self.settings.server.alertmanager = new.server.webhooks, new.server.alertmanager
         self.dispatch(closed)

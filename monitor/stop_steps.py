@@ -13,11 +13,12 @@ is far enough ahead that every rank learns it before it gets there:
     stop = max(alert step, highest step any rank of the run reported) + lead
     lead = max(min_lead_steps, ceil(lead_seconds / step period)), at most max_lead_steps
 
-``lead_seconds`` (0.1 s by default) covers the path from the sidecar to the slowest client (a long poll
-answer, or the answer to its next urgent send, a few ms on one node); the step period is the run's own
-(an average over its recent samples), so at 50 ms steps a NaN at step N stops every rank after step
-N+2, or N+3 when a rank had already reported N+1. Stops only grow: a later alert's stop is never below
-an earlier one's, so a rank that has heard only the first alert agrees with one that has heard both.
+``lead_seconds`` (0.1 s by default; ``[stop]`` in docs/config.md) covers the path from the sidecar to the
+slowest client (a long poll answer, or the answer to its next urgent send, a few ms on one node); the step
+period is the run's own (an average over its recent samples), so at 50 ms steps a NaN at step N stops
+every rank after step N+2, or N+3 when a rank had already reported N+1. Stops only grow: a later alert's
+stop is never below an earlier one's, so a rank that has heard only the first alert agrees with one that
+has heard both.
 A restart of the run (a ``start`` from a rank that had sent samples) forgets its stops.
 
 A stop heard too late. When a sample of a step past a stop arrives, that rank completed the step after
@@ -39,6 +40,7 @@ from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .alerts import Alert, AlertBook, extra
+from .config import StopSettings
 from .record import Record
 from .state import RunState
 
@@ -50,9 +52,16 @@ _run_of = attrgetter("run")
 
 @dataclass(kw_only=True, slots=True)
 class StopLead:
+    """How far ahead a stop is fixed: the config's ``[stop]`` (docs/config.md)."""
+
     lead_seconds: float = 0.1
     min_lead_steps: int = 2
     max_lead_steps: int = 1000
+
+    @classmethod
+    def of(cls, settings: StopSettings) -> StopLead:
+        return cls(lead_seconds=settings.lead_seconds, min_lead_steps=settings.min_lead_steps,
+                   max_lead_steps=settings.max_lead_steps)
 
     def steps(self, period: float | None) -> int:
         """Steps the run makes in ``lead_seconds`` (1% tolerance: record times are measured, not exact)."""

@@ -27,8 +27,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 class Browser:
-    def __init__(self, binary: str, profile: Path, width: int = 1400, height: int = 1000) -> None:
-        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+    def __init__(self, binary: str, profile: Path, width: int = 1400, height: int = 1000,
+                 flags: tuple[str, ...] = ()) -> None:
+        """``flags``: more command-line switches (``--host-resolver-rules=...``)."""
+        self.proc = subprocess.Popen([binary, *FLAGS, *flags, f"--user-data-dir={profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.stderr: list[str] = []
         self.stack = contextlib.ExitStack()

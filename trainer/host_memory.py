@@ -126,6 +126,28 @@ def limiting_cgroup(root: str | Path = "/sys/fs/cgroup",
     return best
 
 
+def own_cgroup(root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup") -> Cgroup | None:
+    """The memory cgroup the process itself is in (``limit`` 0: not read), or None. Its OOM-kill count is the
+    one that counts the process's own kill: v1 counts a kill in the victim's cgroup alone, not its ancestors'."""
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(root)
+    v2: Cgroup | None = None
+    for line in lines:
+        ident, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        parts = [p for p in path.split("/") if p and p != ".."]
+        if "memory" in controllers.split(","):
+            folder = (root / "memory").joinpath(*parts)
+            if (folder / "memory.oom_control").exists():
+                return Cgroup(folder, 1, 0.0)
+        elif ident == "0" and controllers == "" and (root.joinpath(*parts) / "memory.events").exists():
+            v2 = Cgroup(root.joinpath(*parts), 2, 0.0)
+    return v2
+
+
 def cgroup_limit(root: str | Path = "/sys/fs/cgroup", self_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
     """The smallest memory limit of this process's cgroup and its ancestors, or None (see limiting_cgroup)."""
     found = limiting_cgroup(root, self_cgroup)
@@ -346,6 +368,17 @@ def available() -> bool:
 
 
 # -- the launcher's view of its rank's cgroup (trainhealth.launch): its peak usage ------------------------------
+
+def named_cgroup(memcg: str, root: str | Path = "/sys/fs/cgroup") -> Cgroup | None:
+    """The memory cgroup the kernel log names (``oom_memcg=/job``, from the memory hierarchy's root) with its
+    limit, or None: not found here (another cgroup namespace) or no limit."""
+    root = Path(root)
+    v1 = root / "memory"
+    version, base, name = (1, v1, "memory.limit_in_bytes") if v1.is_dir() else (2, root, "memory.max")
+    folder = base.joinpath(*[p for p in memcg.split("/") if p and p != ".."])
+    limit = _number(folder / name)
+    return Cgroup(folder, version, float(limit)) if limit is not None and 0 < limit < UNLIMITED else None
+
 
 def peak_bytes(folder: str | Path, version: int) -> float | None:
     """The cgroup's peak memory usage (v2 ``memory.peak``, kernel 5.19+; v1 ``memory.max_usage_in_bytes``)."""

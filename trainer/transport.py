@@ -173,14 +173,15 @@ def _json_object(text: bytes) -> dict[str, Any] | None:
 
 
 def classify(status: int, text: str, retry_after: str | None = None) -> Result:
-    """2xx delivered; 413 split the batch; 5xx, 408, 429 and auth errors retried (the sidecar may come
-    back or be reconfigured); any other 4xx means these records will never be accepted: dropped."""
+    """2xx delivered; 413 split the batch; 5xx, 408, 429, auth errors and 421 (a Host name the sidecar is
+    not configured for) retried, after Retry-After when given (the sidecar may come back or be
+    reconfigured); any other 4xx means these records will never be accepted: dropped."""
     reason = f"HTTP {status}: {text[:200]}"
     if 200 <= status < 300:
         return Result("ok")
     if status == 413:
         return Result("split", reason)
-    if status >= 500 or status in (401, 403, 408, 429):
+    if status >= 500 or status in (401, 403, 408, 421, 429):
         after = None
         if retry_after:
             try:

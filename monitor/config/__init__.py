@@ -24,8 +24,16 @@ from .load import (
     webhook_settings,
 )
 from .rules import ConfigError, build
-from .sections import AlertmanagerSettings, ExporterSettings, Limits, RetryPolicy, ServerSettings, WebhookSettings
+from .sections import (
+    AlertmanagerSettings,
+    ExporterSettings,
+    Limits,
+    RetryPolicy,
+    ServerSettings,
+    StopSettings,
+    WebhookSettings,
+)
 
 __all__ = ["ENV_PREFIX", "SECTIONS", "AlertmanagerSettings", "ConfigError", "ExporterSettings", "Limits",
-           "RetryPolicy", "ServerSettings", "Settings", "WebhookSettings", "alertmanager_settings", "build",
-           "default_detector_settings", "detector_settings", "load", "read_toml", "webhook_settings"]
+           "RetryPolicy", "ServerSettings", "Settings", "StopSettings", "WebhookSettings", "alertmanager_settings",
+           "build", "default_detector_settings", "detector_settings", "load", "read_toml", "webhook_settings"]

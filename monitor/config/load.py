@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from .. import detectors
 from . import rules
 from .rules import ConfigError, build
-from .sections import AlertmanagerSettings, ExporterSettings, Limits, ServerSettings, WebhookSettings
+from .sections import AlertmanagerSettings, ExporterSettings, Limits, ServerSettings, StopSettings, WebhookSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +29,7 @@ else:  # pragma: no cover
 
 # Every top-level table the file may hold; anything else is a typo (``[detector.rank_stalled]``) that would
 # otherwise silently leave every threshold at its default.
-SECTIONS = ("server", "limits", "detectors", "webhooks", "alertmanager", "exporter")
+SECTIONS = ("server", "limits", "detectors", "webhooks", "alertmanager", "exporter", "stop")
 
 
 def default_detector_settings() -> dict[str, Any]:
@@ -43,6 +43,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     limits: Limits = field(default_factory=Limits)
     exporter: ExporterSettings = field(default_factory=ExporterSettings)
+    stop: StopSettings = field(default_factory=StopSettings)
     detectors: dict[str, Any] = field(default_factory=default_detector_settings)
     webhooks: list[WebhookSettings] = field(default_factory=list)  # --webhook URLs, then [[webhooks]]
     alertmanager: AlertmanagerSettings | None = None
@@ -120,7 +121,7 @@ ENV_PREFIX = "TRAINHEALTH_"
 SERVER_KEYS: dict[str, tuple[type, bool]] = {
     "host": (str, False), "port": (int, False), "webhooks": (str, True),
     "alertmanager": (str, False), "db": (str, False), "record_dir": (str, False),
-    "token": (str, False), "tick_seconds": (float, False),
+    "token": (str, False), "tick_seconds": (float, False), "allowed_hosts": (str, True),
 }
 ENV_NAMES = {"webhooks": "WEBHOOK", "record_dir": "RECORD"}
 
@@ -163,5 +164,6 @@ def load(config_file: str | None = None, flags: Mapping[str, Any] | None = None,
         # one sidecar per node: TRAINHEALTH_NODE (the name its ranks report) labels its pushes
         alertmanager = dataclasses.replace(alertmanager, node=node)
     exporter: ExporterSettings = build(ExporterSettings, "exporter", doc.get("exporter", {}))
-    return Settings(server=server_settings, limits=limits, exporter=exporter, detectors=detector_table,
+    stop: StopSettings = build(StopSettings, "stop", doc.get("stop", {}))
+    return Settings(server=server_settings, limits=limits, exporter=exporter, stop=stop, detectors=detector_table,
                     webhooks=webhooks, alertmanager=alertmanager)

@@ -1,4 +1,5 @@
-"""The sidecar's own sections: ``[server]``, ``[limits]``, ``[exporter]``, ``[[webhooks]]``, ``[alertmanager]``.
+"""The sidecar's own sections: ``[server]``, ``[limits]``, ``[exporter]``, ``[stop]``, ``[[webhooks]]``,
+``[alertmanager]``.
 
 Each is a ``kw_only, slots`` dataclass checked in ``__post_init__`` by the rules of rules.py, naming its keys
 from its section (``server.port``); the detectors' sections live beside each detector.
@@ -27,9 +28,18 @@ class Limits:
     max_ranks_per_run: int = 4096
     run_ttl_seconds: float = 6 * 3600.0  # an ended or silent run is forgotten after this
     max_future_seconds: float = 3600.0  # serve: a record timed further ahead of the sidecar's clock is refused
+    # the bodies being received by every request together (http/bodies.py); None: 16 x max_body_bytes
+    max_buffered_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        rules.positive(self, "limits", *(f.name for f in dataclasses.fields(self)))
+        rules.positive(self, "limits", *(f.name for f in dataclasses.fields(self) if f.name != "max_buffered_bytes"))
+        value = self.max_buffered_bytes
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < self.max_body_bytes):
+            raise ConfigError(f"limits.max_buffered_bytes: must be an integer >= limits.max_body_bytes "
+                              f"({self.max_body_bytes}, one whole body), got {value!r}")
+
+
+HOST_NAME = re.compile(r"(\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])\Z")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,6 +58,8 @@ class ServerSettings:
     keep_alive_seconds: float = 15.0  # an idle keep-alive connection is closed after this
     header_timeout_seconds: float = 10.0  # a connection that has not sent a request's headers is closed after this
     body_timeout_seconds: float = 30.0  # a request whose body is not complete this long after its headers: 408
+    # Host names beyond localhost, addresses, the machine's name and host's (http/hosts.py); ["*"]: any
+    allowed_hosts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rules.whole(self, "server", "port", minimum=0, maximum=65535)
@@ -61,6 +73,10 @@ class ServerSettings:
                 raise ConfigError(f"server.webhooks[{i}]: must be an http(s) URL, got {rules.redacted(url)!r}")
         if self.alertmanager is not None:
             rules.url(self, "server", "alertmanager")
+        for i, name in enumerate(self.allowed_hosts):
+            if not isinstance(name, str) or not HOST_NAME.match(name):
+                raise ConfigError(f"server.allowed_hosts[{i}]: must be a host name without scheme or port "
+                                  f"(sidecar, node-a.example.com, *.example.com) or \"*\", got {name!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,6 +91,26 @@ class ExporterSettings:
         value = self.ended_run_seconds  # inf is allowed: ended runs exported for as long as they are kept
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
             raise ConfigError(f"exporter.ended_run_seconds: must be a number >= 0, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class StopSettings:
+    """``[stop]``: how far ahead of an alert the step every rank of the run stops after is fixed
+    (stop_steps.py, docs/trainer.md): ``max(min_lead_steps, ceil(lead_seconds / step period))`` steps, at most
+    ``max_lead_steps``. A larger ``lead_seconds`` gives a slow path to the farthest client (a loaded node, another
+    network) time to hear the stop before it gets there; it costs that many more steps after the alert."""
+
+    lead_seconds: float = 0.1
+    min_lead_steps: int = 2
+    max_lead_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        rules.positive(self, "stop", "lead_seconds")
+        rules.whole(self, "stop", "min_lead_steps", minimum=1)
+        rules.whole(self, "stop", "max_lead_steps", minimum=1)
+        if self.max_lead_steps < self.min_lead_steps:
+            raise ConfigError(f"stop.max_lead_steps: must be >= stop.min_lead_steps ({self.min_lead_steps}), "
+                              f"got {self.max_lead_steps!r}")
 
 
 @dataclass(kw_only=True, slots=True)

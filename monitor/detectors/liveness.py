@@ -65,7 +65,7 @@ from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .helpers.incident import death, oom_error
+from .helpers.incident import OomFacts, death, oom_error
 from .helpers.stall_story import RankClock as _Rank
 from .helpers.stall_story import describe
 
@@ -167,7 +167,7 @@ class RankStalled(Detector[RankStalledSettings]):
             if record.status == "failed":
                 said = death(record.error, signal=record.signal, exit_code=record.exit_code,
                              forwarded=bool(record.signal_forwarded), oom_killed=bool(record.oom_killed),
-                             stderr_tail=record.stderr_tail)
+                             stderr_tail=record.stderr_tail, oom=OomFacts.of(record))
                 if said.cause != "exception" and record.error is None and r.ended and not r.error:
                     said = None  # its launcher's word after its own clean end: a deliberate exit code
             r.ended = True

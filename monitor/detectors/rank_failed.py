@@ -41,7 +41,7 @@ from ..events import Event, firing, resolved
 from ..record import ErrorInfo, Record
 from ..state import RankState, RunState
 from .base import Detector
-from .helpers.incident import death, oom_error, ranks_phrase, where
+from .helpers.incident import OomFacts, death, oom_error, ranks_phrase, where
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,6 +64,7 @@ class _Failure:
     signal: str | None = None  # what the launcher saw (trainhealth.launch): killed by this signal,
     exit_code: int | None = None  # or exited with this code,
     oom_killed: bool = False  # killed by the kernel's OOM killer,
+    oom: OomFacts | None = None  # how the launcher decided that (a child it killed, a doubt)
     stderr_tail: str | None = None  # and its last words on stderr
     memory: float | None = None  # its cgroup's peak usage and limit (an OOM kill)
     limit: float | None = None
@@ -146,14 +147,17 @@ class RankFailed(Detector[RankFailedSettings]):
         if _launcher_says(record):
             f.signal, f.exit_code = record.signal, record.exit_code
             f.oom_killed = bool(record.oom_killed)
+            f.oom = OomFacts.of(record)
             f.stderr_tail = record.stderr_tail
             f.memory, f.limit = record.host_mem_bytes, record.host_mem_limit_bytes
         state = self.run.ranks.get(record.rank)
-        if f.oom_killed and state is not None:  # the cgroup's figures, else the rank's last sample's
+        oom = f.oom_killed or (f.oom is not None and f.oom.child)
+        if oom and state is not None:  # the cgroup's figures, else the rank's last sample's
             f.memory = f.memory if f.memory is not None else state.latest.get("host_mem_bytes")
             f.limit = f.limit if f.limit is not None else state.latest.get("host_mem_limit_bytes")
         said = death(f.error, signal=f.signal, exit_code=f.exit_code, forwarded=bool(record.signal_forwarded),
-                     oom_killed=f.oom_killed, stderr_tail=f.stderr_tail, memory=f.memory, limit=f.limit)
+                     oom_killed=f.oom_killed, stderr_tail=f.stderr_tail, memory=f.memory, limit=f.limit,
+                     oom=f.oom)
         f.quoted, f.cause, f.peer = said.quoted, said.cause, said.peer
         if had is None:
             f.steps_then = {q: s.last_step for q, s in self.run.ranks.items() if q != record.rank}

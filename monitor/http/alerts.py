@@ -19,7 +19,7 @@ from fastapi.responses import Response
 
 from ..notify.sink import AlertsOut
 from ..service import Service
-from .answers import JSON, MAX_ID, BadRequest, error, read_body, store_errors
+from .answers import JSON, MAX_ID, BadRequest, error, read_body, refused, store_errors
 
 AlertId = Annotated[int, Path(ge=0, le=MAX_ID)]
 State = Literal["firing", "resolved"]
@@ -72,7 +72,7 @@ def store_router(out: AlertsOut) -> APIRouter:
         try:
             body = await read_body(request)
         except BadRequest as exc:
-            return error(str(exc), exc.status)
+            return refused(exc)
         if not isinstance(body, dict):
             return error(f"body: must be a JSON object, got {body!r:.80}")
         by, comment = body.get("by"), body.get("comment")

@@ -14,7 +14,7 @@ the Service and the store build the answers.
 
 This module adds what covers every route: the lifespan (the timer and the Service's background jobs), the
 bearer token, the error answers (``{"error": ...}``, a bad parameter a 400 naming it), the guards
-(methods.py, strict_text.py, cross_site.py) and the OpenAPI schema (openapi.py).
+(methods.py, strict_text.py, cross_site.py, hosts.py) and the OpenAPI schema (openapi.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from ..metrics.collector import LatencyHistogram
 from ..service import Service
 from . import alerts, ingest, long_poll, operations, runs
 from .answers import JSON
+from .bodies import BodyBudget, default_budget
 from .cross_site import CrossSite
+from .hosts import AllowedHosts, HostNames
 from .methods import AllowedMethods
 from .metrics import IngestTimer
 from .openapi import describe
@@ -74,7 +76,11 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
     app.state.service = service
     app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
     app.add_exception_handler(RequestValidationError, _bad_parameter)  # 400, not FastAPI's 422
-    apis = [ingest.router(service), runs.router(service), alerts.router(service), long_poll.router(service),
+    limits = service.settings.limits
+    bodies = BodyBudget(limits.max_buffered_bytes
+                        or default_budget(limits.max_body_bytes, service.settings.server.max_connections))
+    app.state.bodies = bodies  # every body being received, together (bodies.py; answers.read_body)
+    apis = [ingest.router(service, bodies), runs.router(service), alerts.router(service), long_poll.router(service),
             operations.router(service), *routers]
     for api in apis:
         app.include_router(api)
@@ -87,6 +93,8 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
         app.add_middleware(IngestTimer, histogram=latency)
     app.add_middleware(StrictText)  # paths and queries that are not UTF-8: a 400 naming them
     app.add_middleware(CrossSite)  # no web page on another site may change anything (cross_site.py)
+    server = service.settings.server  # outermost: a name the sidecar is not reached by, 421 (DNS rebinding)
+    app.add_middleware(AllowedHosts, names=HostNames(server.allowed_hosts, server.host))
     describe(app)  # /openapi.json as the API is (bodies, error answers)
     return app
 

@@ -1,7 +1,7 @@
 """The OpenAPI schema the sidecar serves (/openapi.json), completed with what FastAPI cannot see.
 
 Routes that read their body themselves (ingest: msgspec, not pydantic) have no request body in
-FastAPI's schema, and every route answers errors as ``{"error": ...}`` with 400/401/404/413/415/429
+FastAPI's schema, and every route answers errors as ``{"error": ...}`` with 400/401/404/413/415/421/429/503
 rather than FastAPI's 422. Both are added here, so that clients, and the schemathesis fuzz test,
 see the API as it is: the record schema comes from the msgspec Struct itself.
 """
@@ -20,8 +20,10 @@ from ..record import RUN_PATTERN, Record
 ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 ERROR_STATUSES = {"400": "bad input, named in `error`", "401": "missing or wrong bearer token",
                   "404": "no such run, alert or route", "413": "body or batch over a limit",
+                  "421": "the Host header is not a name this sidecar is reached by (server.allowed_hosts)",
                   "415": "unsupported content type or encoding", "429": "a cap on runs or ranks is reached",
-                  "503": "not ready (the store or the recorder cannot write)"}
+                  "503": "not ready (the store or the recorder cannot write), or the bodies being received fill "
+                         "limits.max_buffered_bytes (with Retry-After)"}
 JSON_OBJECT = {"type": "object"}
 _INT = {"type": "integer"}
 INGEST_ANSWER = {"type": "object", "required": ["accepted", "rejected", "alerts"], "properties": {

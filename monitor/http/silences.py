@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from ..notify.silences import SilenceError
 from ..notify.sink import AlertsOut
-from .answers import JSON, MAX_ID, BadRequest, error, read_body, store_errors
+from .answers import JSON, MAX_ID, BadRequest, error, read_body, refused, store_errors
 
 
 def router(out: AlertsOut) -> APIRouter:
@@ -25,7 +25,7 @@ def router(out: AlertsOut) -> APIRouter:
         try:
             return JSON(out.add_silence(await read_body(request)), 201)
         except BadRequest as exc:
-            return error(str(exc), exc.status)
+            return refused(exc)
         except SilenceError as exc:
             return error(str(exc))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ..detectors.helpers.incident import death
+from ..detectors.helpers.incident import OomFacts, death
 from ..record import ErrorInfo
 from . import html
 
@@ -185,4 +185,4 @@ def how_it_ended(end: Mapping[str, Any]) -> str:
     return death(info, signal=end.get("signal"), exit_code=end.get("exit_code"),
                  forwarded=bool(end.get("signal_forwarded")), oom_killed=bool(end.get("oom_killed")),
                  stderr_tail=end.get("stderr_tail"), memory=end.get("host_mem_bytes"),
-                 limit=end.get("host_mem_limit_bytes")).quoted
+                 limit=end.get("host_mem_limit_bytes"), oom=OomFacts.of(end)).quoted

@@ -83,7 +83,7 @@ def test_a_connection_that_sends_no_complete_headers_is_closed(sidecar_url: str)
     host, port = sidecar_url.removeprefix("http://").rsplit(":", 1)
     silent = socket.create_connection((host, int(port)))
     slow = socket.create_connection((host, int(port)))
-    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # ... and never the blank line
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # ... and never the blank line
     for s in (silent, slow):
         s.settimeout(10)
         started = time.monotonic()
@@ -91,7 +91,7 @@ def test_a_connection_that_sends_no_complete_headers_is_closed(sidecar_url: str)
         assert time.monotonic() - started < 6
         s.close()
     kept = socket.create_connection((host, int(port)))
-    kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     kept.settimeout(10)
     assert kept.recv(100).startswith(b"HTTP/1.1 200")
     started = time.monotonic()
@@ -125,7 +125,7 @@ def slow_bodies(url: str, n: int) -> list[socket.socket]:
         s = socket.create_connection((host, int(port)))
         out.append(s)
         try:
-            s.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n[")
         except OSError:  # already closed by the sidecar to make room
             pass

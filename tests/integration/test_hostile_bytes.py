@@ -19,7 +19,7 @@ def send(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(head + (b"Content-Length: %d\r\n" % len(body) if body else b"")
-                  + b"Host: x\r\nConnection: close\r\n\r\n" + body)
+                  + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n" + body)
         data = b""
         while chunk := s.recv(65536):
             data += chunk

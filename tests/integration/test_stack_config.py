@@ -81,6 +81,24 @@ def test_compose_stack_passes_a_token_to_every_service_that_talks_to_the_sidecar
     assert "/etc/prometheus/trainhealth.token" in " ".join(services["prometheus"]["entrypoint"])
 
 
+def test_the_names_the_stack_reaches_the_sidecar_by_are_names_it_answers_to() -> None:
+    from urllib.parse import urlsplit
+
+    from trainhealth.cli import build_parser
+    from trainhealth.config import load
+    from trainhealth.http.hosts import HostNames
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    args = build_parser().parse_args(services["sidecar"]["command"])
+    server = load(None, {"host": args.host, "allowed_hosts": args.allowed_hosts}).server
+    names = HostNames(server.allowed_hosts, server.host, machine="0123abcd")  # a container's hostname
+    trainer = urlsplit(services["trainer"]["environment"]["TRAINHEALTH_URL"]).hostname
+    scrape = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"][0]
+    (target,) = scrape["static_configs"][0]["targets"]
+    assert (trainer, target.rsplit(":", 1)[0]) == ("sidecar", "sidecar")
+    assert names.allows("sidecar") and not names.allows("evil.example")
+
+
 def test_docker_image_binds_loopback_unless_told_otherwise() -> None:
     cmd = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD ["))
     assert "--host" not in cmd  # the sidecar's default, 127.0.0.1

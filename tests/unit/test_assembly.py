@@ -52,7 +52,7 @@ def test_the_checkpoint_is_passed_in_and_a_rebuilt_sidecar_resumes_the_run(tmp_p
 
 
 async def ask(app: Any, *paths: str) -> list[httpx.Response]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://sidecar") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1") as client:
         return [await client.get(path) for path in paths]
 
 

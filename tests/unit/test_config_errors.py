@@ -99,7 +99,7 @@ def test_the_issue_example_reads_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("[detector.rank_stalled]\nfloor_seconds = 5\n",
-     "detector: unknown section (known: server, limits, detectors, webhooks, alertmanager, exporter)"),
+     "detector: unknown section (known: server, limits, detectors, webhooks, alertmanager, exporter, stop)"),
     ("[detectors.rank_stalled]\nflor_seconds = 5\n", "detectors.rank_stalled.flor_seconds: unknown setting"),
     ("[limits]\nmax_run = 5\n", "limits.max_run: unknown setting"),
     ("[server]\nprot = 5\n", "server.prot: unknown setting"),

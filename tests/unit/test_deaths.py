@@ -203,18 +203,17 @@ def test_an_end_needs_no_step_but_its_new_fields_are_checked_by_name():
 # -- the launcher's pure parts ----------------------------------------------------------------------------
 def test_the_launchers_end_record_says_what_it_saw():
     s = ClientSettings(run="r", rank=3)
-    common = {"now": 5.0, "oom_before": 2, "oom_after": 2, "peak": None, "limit": None}
+    common = {"now": 5.0, "oom": {}}
     assert end_record(s, 0, "", forwarded=None, **common) is None  # a clean exit: the client said it
     assert end_record(s, 13, "bye\n", forwarded=None, **common) == {
         "type": "end", "run": "r", "rank": 3, "time": 5.0, "status": "failed", "exit_code": 13, "stderr_tail": "bye\n"}
     assert end_record(s, -signal.SIGTERM, "", forwarded=signal.SIGTERM, **common)["signal_forwarded"] is True
-    oom = end_record(s, -signal.SIGKILL, "", forwarded=None, now=5.0, oom_before=2, oom_after=3, peak=9.0e8,
+    oom = end_record(s, -signal.SIGKILL, "", forwarded=None, now=5.0, oom={"oom_killed": True}, peak=9.0e8,
                      limit=1.0e9)
     assert (oom["signal"], oom["oom_killed"], oom["host_mem_bytes"], oom["host_mem_limit_bytes"]) == \
         ("SIGKILL", True, 9.0e8, 1.0e9)
-    other = end_record(s, -signal.SIGSEGV, "", forwarded=None, now=5.0, oom_before=2, oom_after=3, peak=1.0,
-                       limit=2.0)
-    assert "oom_killed" not in other  # a segfault while something else in its cgroup was OOM-killed
+    other = end_record(s, -signal.SIGSEGV, "", forwarded=None, now=5.0, oom={}, peak=1.0, limit=2.0)
+    assert "oom_killed" not in other and "host_mem_bytes" not in other  # the verdict: tests/unit/test_oom_cause.py
 
 
 def test_the_stderr_tail_is_bounded_and_starts_at_a_line():

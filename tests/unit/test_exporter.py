@@ -309,7 +309,7 @@ def test_metrics_route_requires_the_token_and_times_ingest() -> None:
     auth = {"Authorization": "Bearer s3cret"}
 
     async def scenario() -> tuple[int, int, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1") as client:
             denied = (await client.get("/metrics")).status_code
             posted = await client.post("/v1/ingest", content=json.dumps([sample(loss="NaN")]),
                                        headers={**auth, "content-type": "application/json"})

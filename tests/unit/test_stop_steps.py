@@ -134,7 +134,7 @@ def test_after_a_sidecar_restart_open_alerts_get_a_stop_again_under_a_newer_vers
 async def _poll_then_nan(service: Service) -> tuple[dict[str, Any], float, float]:
     app = create_app(service)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         first = (await client.get("/v1/runs/r/watch", params={"version": -1})).json()
         assert first["version"] == 0  # not known yet: answered at once
         loop = asyncio.get_running_loop()
@@ -216,7 +216,7 @@ def test_a_stop_every_rank_passed_moves_ahead_of_the_run():
 def test_the_long_poll_refuses_a_run_name_no_record_could_carry():
     async def ask() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(make()))
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return await client.get("/v1/runs/bad name!/watch")
 
     answer = asyncio.run(ask())
@@ -232,3 +232,32 @@ def test_a_late_first_start_of_a_slow_rank_is_no_restart():
     send(service, {"type": "start", "run": "r", "rank": 1, "time": T0 + 0.01, "world_size": 2, "batch_size": 2,
                    "lr": 0.02})  # rank 1's first start, after rank 0's first sample: not a restart
     assert service.stop_steps.view("r")["stops"]["lr_scaling"]["step"] == 2
+
+
+def test_the_lead_is_the_configs_stop_section_and_a_reload_applies_it_to_later_stops(tmp_path) -> None:
+    """``[stop]`` (docs/config.md): a larger lead_seconds for a slow path to the farthest client; a reload
+    changes the stops fixed afterwards, never one already told to the ranks."""
+    from trainhealth.config import ConfigError, load
+
+    path = tmp_path / "c.toml"
+    path.write_text("[stop]\nlead_seconds = 1.0\n")
+    service = Service(load(str(path)), clock=lambda: T0 + 3600, load_settings=lambda: load(str(path)))
+    send(service, *steps("r", range(2), 1, 29))
+    _, body = send(service, nan("r", 1, 30))
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["step"] == 30 + 20  # 1 s of 50 ms steps
+    path.write_text("[stop]\nlead_seconds = 0.1\nmax_lead_steps = 3\n")
+    assert service.reload() == {"reloaded": True}
+    assert service.stop_steps.view("r")["stops"]["nan_divergence"]["step"] == 50  # told: it stays
+    send(service, *steps("s", range(2), 1, 29, 0.001))
+    _, body = send(service, nan("s", 1, 30, 0.001))
+    assert body["runs"]["s"]["stops"]["nan_divergence"]["step"] == 33  # 100 steps of lead, capped at 3
+    for text, error in [("lead_seconds = 0", "stop.lead_seconds: must be a positive number, got 0"),
+                        ("min_lead_steps = 0", "stop.min_lead_steps: must be an integer >= 1, got 0"),
+                        ("min_lead_steps = 5\nmax_lead_steps = 4",
+                         "stop.max_lead_steps: must be >= stop.min_lead_steps (5), got 4"),
+                        ("lead = 1",
+                         "stop.lead: unknown setting (known: lead_seconds, max_lead_steps, min_lead_steps)")]:
+        path.write_text(f"[stop]\n{text}\n")
+        with pytest.raises(ConfigError) as exc:
+            load(str(path))
+        assert str(exc.value).startswith(error), (text, str(exc.value))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
-from ...record import ErrorInfo
+from ...record import ErrorInfo, Record
 from ...state import RunState
 
 GROUPS_SHOWN = 8  # runs of consecutive ranks named in a summary; the rest are counted
@@ -71,23 +71,6 @@ def ranks_phrase(ranks: Iterable[int]) -> str:
     """ "rank 3" or "ranks 4-7"."""
     ranks = sorted(set(ranks))
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {span(ranks)}"
-
-
-def host_of(run: RunState, ranks: Iterable[int]) -> str | None:
-    """The host when ``ranks`` are every rank this run has on one host (as their start records say)."""
-    group = set(ranks)
-    hosts = set()
-    for q in group:
-        state = run.ranks.get(q)
-        if state is None or state.host is None:
-            return None
-        hosts.add(state.host)
-    if len(hosts) != 1:
-        return None
-    (host,) = hosts
-    if any(s.host == host and q not in group for q, s in run.ranks.items()):
-        return None
-    return host
 
 
 def whole_hosts(run: RunState, ranks: Iterable[int]) -> list[str]:
@@ -182,27 +165,86 @@ def size(value: float) -> str:
     return f"{value / 2**30:.1f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
 
+@dataclass(frozen=True, slots=True)
+class OomFacts:
+    """What the launcher learnt about the OOM killer at a death (docs/record.md, "A death the launcher saw")."""
+
+    check: str | None = None  # "kernel_log", "cgroup_count", "machine_count", "unproven"; None: not said
+    doubt: str | None = None  # with "unproven": why
+    pid: int | None = None  # the rank's process
+    killed_pid: int | None = None  # whom the kernel log names: the rank, or with ``child`` one of its children
+    killed_comm: str | None = None
+    child: bool = False
+
+    @classmethod
+    def of(cls, end: Record | Mapping[str, Any]) -> OomFacts | None:
+        """An ``end`` record's (or its stored fields'), None where the launcher said nothing of it."""
+        got = end if isinstance(end, Mapping) else {k: getattr(end, k) for k in _OOM_FIELDS}
+        if got.get("oom_check") is None:
+            return None
+        return cls(got["oom_check"], got.get("oom_doubt"), got.get("pid"), got.get("oom_killed_pid"),
+                   got.get("oom_killed_comm"), bool(got.get("oom_child")))
+
+
+_OOM_FIELDS = ("oom_check", "oom_doubt", "pid", "oom_killed_pid", "oom_killed_comm", "oom_child")
+
+
+# how a SIGKILL that was not the OOM killer's is said, by what ruled the OOM killer out
+NOT_OOM = {"kernel_log": "not the OOM killer, per the kernel log",
+           "machine_count": "not the OOM killer: it killed nothing on the machine while the rank ran",
+           "cgroup_count": "not the OOM killer, per its cgroup's OOM-kill count"}
+OOM_BY = {"kernel_log": "per the kernel log", "cgroup_count": "per its cgroup's OOM-kill count: the kernel log "
+          "could not be read"}
+
+
+def _at(memory: float | None, limit: float | None) -> str:
+    if memory is not None and limit is not None:
+        return f" at {size(memory)} of its {size(limit)} limit"
+    if limit is not None:
+        return f" at its {size(limit)} limit"
+    return ""
+
+
+def _sigkill(oom: OomFacts | None, after: str) -> str:
+    """A SIGKILL the OOM killer is not proven to have sent: what ruled it out, or why it may still have."""
+    if oom is None:
+        return f"killed by SIGKILL ({SIGNAL_WORDS['SIGKILL']}){after}"
+    if oom.check == "unproven":
+        which = f"pid {oom.pid}" if oom.pid is not None else "its pid"
+        return (f"killed by SIGKILL (possibly the OOM killer: {oom.doubt or 'nothing could prove it'}; "
+                f"`dmesg` on its host says whether it killed {which}){after}")
+    return f"killed by SIGKILL ({NOT_OOM.get(oom.check or '', 'not the OOM killer')}: a user, the scheduler or a " \
+           f"watchdog){after}"
+
+
 def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int | None = None,
           forwarded: bool = False, oom_killed: bool = False, stderr_tail: str | None = None,
-          memory: float | None = None, limit: float | None = None) -> Death:
-    """A failed ``end``'s words: the exception the client quoted, else what the launcher saw."""
+          memory: float | None = None, limit: float | None = None, oom: OomFacts | None = None) -> Death:
+    """A failed ``end``'s words: the exception the client quoted, else what the launcher saw. The OOM killer
+    is named only where the launcher proved it (``oom_killed``; ``oom``: how, and a child it killed)."""
     words = last_words(stderr_tail)
     after = f": {words}" if words else ""
+    if oom is not None and oom.child:
+        child = (f"its child process {oom.killed_pid} ({oom.killed_comm}) was killed by the kernel's OOM killer"
+                 f"{_at(memory, limit)} ({OOM_BY.get(oom.check or '', 'per the kernel log')})")
+        if error is not None and (error.type or error.message):
+            return Death(f"{quote(error)} ({child})", "oom_killer", False)
+        how = (f"was killed by {signal}" if signal is not None
+               else f"exited with code {exit_code}" if exit_code is not None else "ended")
+        return Death(f"{child}, then it {how}{after}", "oom_killer", False)
     if error is not None and (error.type or error.message):
         return Death(quote(error), "exception", peer_error(error))
     if oom_killed:
-        at = ""
-        if memory is not None and limit is not None:
-            at = f" at {size(memory)} of its {size(limit)} limit"
-        elif limit is not None:
-            at = f" at its {size(limit)} limit"
-        return Death(f"killed by the kernel's OOM killer{at} (SIGKILL)", "oom_killer", False)
+        by = f", {OOM_BY[oom.check]}" if oom is not None and oom.check in OOM_BY else ""
+        return Death(f"killed by the kernel's OOM killer{_at(memory, limit)} (SIGKILL{by})", "oom_killer", False)
     peer = bool(words) and bool(_PEER_ERROR.search(words))
     if signal is not None:
         if forwarded:
             return Death(f"stopped by {signal} from its launcher (the job was being stopped)", "stopped", True)
         if signal == "SIGABRT":
             return Death(f"aborted (SIGABRT){after}", "signal", peer)
+        if signal == "SIGKILL":
+            return Death(_sigkill(oom, after), "signal", peer)
         meaning = SIGNAL_WORDS.get(signal)
         return Death(f"killed by {signal}{f' ({meaning})' if meaning else ''}{after}", "signal", peer)
     if exit_code is not None:
