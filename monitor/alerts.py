@@ -53,6 +53,8 @@ class Alert(AlertFields, total=False):
     acknowledged_by: str | None
     acknowledged_comment: str | None
     delivery: list[Delivery]  # read back from the store: what became of its notification, per target
+    refreshed: bool  # a line of ``trainhealth replay`` (pipeline.replay(refreshes=True)): not a transition, the
+    # open alert as it stands after a refresh in place (the store's body of it then); never set on a transition
 
 
 class Delivery(TypedDict):

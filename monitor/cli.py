@@ -127,7 +127,7 @@ def replay(files: Sequence[str], settings: Settings, until: float | None = None,
     else:  # streamed: each alert printed as it happens
         stats = ReadStats()
         pipeline = Pipeline(settings.detectors, settings.limits, settings.server.tick_seconds)
-        for alert in run_replay(read_files(files, stats), pipeline, until=until):
+        for alert in run_replay(read_files(files, stats), pipeline, until=until, refreshes=True):
             out.write(jsonout.dumps(alert) + "\n")
     out.flush()
     msg = f"trainhealth replay: {stats.records} records, {stats.skipped} corrupt lines skipped"

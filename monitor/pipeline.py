@@ -19,9 +19,10 @@ import msgspec
 from .alerts import Alert, AlertBook
 from .config import Limits
 from .detectors import ALL, Detector
+from .detectors.base import GPU_HEALTH
 from .detectors.helpers.incident import ranks_phrase
 from .events import Event, resolved
-from .record import Record
+from .record import RECORD_TYPES, Record
 from .state import RankState, RunState
 from .textbudget import TextBudget
 
@@ -44,9 +45,12 @@ class Outcome:
 
 
 _step_and_time = attrgetter("step", "time")
-# a run's detectors, their bound update methods, and the bound tick methods of those that have one
-_Bound = tuple[list[Detector[Any]], list[tuple[Detector[Any], Callable[[Record], list[Event]]]],
-               list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
+_Update = Callable[[Record], list[Event]]
+_ByType = dict[str, list[_Update]]
+# a run's detectors; their bound update methods by record type, for records without and with a GPU reading
+# (each list holds only the detectors that read such a record: Detector.record_types); and the bound tick
+# methods of those that have one
+_Bound = tuple[list[Detector[Any]], tuple[_ByType, _ByType], list[tuple[Detector[Any], Callable[[float], list[Event]]]]]
 
 
 def _order_key(records: Sequence[Record]) -> Callable[[int], tuple[int, float]]:
@@ -120,13 +124,21 @@ class Pipeline:
     def process(self, records: Sequence[Record], wall: float = 0.0,
                 origin: tuple[str, int] | None = None) -> Outcome:
         """Feed a batch (any order); returns alert transitions and refused records. ``origin``: the
-        (host, pid) that sent it (X-Trainhealth-Launch): its ranks' host and pid, without a start record."""
+        (host, pid) that sent it (X-Trainhealth-Launch): its ranks' host and pid, without a start record.
+
+        Each record: its run's and rank's state, then the detectors that read its type, then a tick when
+        a second of record time has passed, then the alert book. Written out in one loop (no call per record
+        but the rank's and the detectors'): this is the path every record of ingest and replay takes."""
         alerts: list[Alert] = []
         refused: list[tuple[int, CapExceeded]] = []
         order = range(len(records))
         if len(records) > 1:
             order = sorted(order, key=_order_key(records))  # type: ignore[assignment]
-        runs, feed = self.runs, self._feed
+        runs, book, text, tick_seconds = self.runs, self.book, self.text, self.tick_seconds
+        hold = wall < self.judge_after  # a hold: no verdict in a batch (the timer's tick gives it, see tick_wall)
+        table_of: RunState | None = None  # the run whose detectors ``updates`` holds (a batch is most often one run)
+        updates: _ByType = {}
+        health_updates: _ByType = {}  # for a record with a GPU reading
         for i in order:
             rec = records[i]
             run = runs.get(rec.run)
@@ -139,14 +151,46 @@ class Pipeline:
                 rank = run.ranks[rec.rank]
             if origin is not None and (rank.pid != origin[1] or rank.host != origin[0]):
                 rank.host, rank.pid = origin
-            if rec.step is None and rec.type == "end":  # a launcher's end: the rank's last known step
+            kind = rec.type
+            if rec.step is None and kind == "end":  # a launcher's end: the rank's last known step
                 rec = msgspec.structs.replace(rec, step=max(0, rank.last_step))
-            out = feed(run, rank, rec, wall)
-            if out:
-                alerts.extend(out)
+            if run is not table_of:  # a run made anew (a forgotten one back) is another object: looked up again
+                table_of, (updates, health_updates) = run, self._bound_methods(run.run)[1]
+            run.records += 1
+            run.last_wall = wall
+            rank.apply(rec)
+            if kind == "start":
+                run.add_start(rec)
+                if rec.config:
+                    text.hold(rec)
+            elif kind == "oom" and rec.detail and rank.last_oom is not None:
+                text.hold(rank.last_oom)
+            events: list[Event] = []
+            # bound methods (the detector is update.__self__) of the detectors that read this record
+            for update in (updates if rec.gpu_health is None else health_updates)[kind]:
+                try:
+                    out = update(rec)
+                except Exception:  # one detector's bug must not fail the batch nor blind the others
+                    out = self._detector_failed(update.__self__, rec.run, rec.rank, rec.step)  # type: ignore[attr-defined]
+                if out:
+                    self._own(update.__self__, out)  # type: ignore[attr-defined]
+                    events += out
+            if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
+                run.clock = rec.time
+                run.clock_wall = wall
+            if hold:
+                self._heard_during_hold().setdefault(run.run, set()).add(rec.rank)
+            elif run.clock - run.last_tick >= tick_seconds:
+                events.extend(self._tick_run(run, run.clock))
+            done = book.apply(run.run, events) if events else None
+            if done:
+                alerts += done
+            if (kind == "end" or done) and run.ended:  # every rank has ended: nothing of the run stays open
+                alerts += self._close_ended(run)
+        self.records_processed += len(records) - len(refused)
         if refused:
             refused.sort(key=lambda r: r[0])
-        return Outcome(self.book.current(alerts) if alerts else alerts, refused)  # as they stand at its end
+        return Outcome(book.current(alerts) if alerts else alerts, refused)  # as they stand at its end
 
     def _admit(self, rec: Record, wall: float, alerts: list[Alert]) -> RunState:
         run = self.runs.get(rec.run)
@@ -179,51 +223,23 @@ class Pipeline:
         return True
 
     def _bound_methods(self, run: str) -> _Bound:
-        """The run's detectors' bound ``update`` methods, and ``tick`` of those that have one (the base
-        class's does nothing), made once per run, not per record; made again when ``self.detectors`` holds
-        another list for the run (a checkpoint restore replaces it)."""
+        """The run's detectors' bound ``update`` methods by record type (for records without, and with, a GPU
+        reading), and ``tick`` of those that have one (the base class's does nothing), made once per run, not
+        per record; made again when ``self.detectors`` holds another list for the run (a checkpoint restore
+        replaces it)."""
         dets = self.detectors[run]
         cached = self._bound.get(run)
         if cached is not None and cached[0] is dets:
             return cached
-        updates: list[tuple[Detector[Any], Callable[[Record], list[Event]]]] = [(det, det.update) for det in dets]
+        plain: _ByType = {kind: [det.update for det in dets if kind in det.record_types] for kind in RECORD_TYPES}
+        health: _ByType = {kind: [det.update for det in dets
+                                  if kind in det.record_types or GPU_HEALTH in det.record_types]
+                           for kind in RECORD_TYPES}
         ticks: list[tuple[Detector[Any], Callable[[float], list[Event]]]] = [
             (det, det.tick) for det in dets if type(det).tick is not Detector.tick]
-        made: _Bound = (dets, updates, ticks)
+        made: _Bound = (dets, (plain, health), ticks)
         self._bound[run] = made
         return made
-
-    def _feed(self, run: RunState, rank: RankState, rec: Record, wall: float) -> list[Alert]:
-        run.records += 1
-        run.last_wall = wall
-        self.records_processed += 1
-        rank.apply(rec)
-        if rec.type == "start":
-            run.add_start(rec)
-            if rec.config:
-                self.text.hold(rec)
-        elif rec.type == "oom" and rec.detail and rank.last_oom is not None:
-            self.text.hold(rank.last_oom)
-        events: list[Event] = []
-        for det, update in self._bound_methods(run.run)[1]:
-            try:
-                out = update(rec)
-            except Exception:  # one detector's bug must not fail the batch nor blind the others
-                out = self._detector_failed(det, rec.run, rec.rank, rec.step)
-            if out:
-                self._own(det, out)
-                events += out
-        if rec.time > run.clock or run.records == 1:  # a new run: its wall clock starts now
-            run.clock = rec.time
-            run.clock_wall = wall
-        if wall < self.judge_after:  # a hold: no verdict in a batch (the timer's tick gives it, see tick_wall)
-            self._heard_during_hold().setdefault(run.run, set()).add(rec.rank)
-        elif run.clock - run.last_tick >= self.tick_seconds:
-            events.extend(self._tick_run(run, run.clock))
-        alerts = self.book.apply(run.run, events) if events else []
-        if (rec.type == "end" or alerts) and run.ended:  # every rank has ended: nothing of the run stays open
-            alerts.extend(self._close_ended(run))
-        return alerts
 
     def _own(self, det: Detector[Any], events: list[Event]) -> None:
         owners = self.owners
@@ -348,7 +364,7 @@ def run_last_step(run: RunState) -> int:
 
 
 def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 256,
-           until: float | None = None) -> Iterator[Alert]:
+           until: float | None = None, refreshes: bool = False) -> Iterator[Alert]:
     """The replay loop (``trainhealth replay``, tests, benchmarks): feed records in order, record time
     as the clock, and yield alert transitions as they happen.
 
@@ -357,14 +373,28 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
     a lower step must not have its records applied minutes late). ``until``: after the last record, let
     that many seconds pass with no records, as the server's timer would, so a hang or a silent rank at
     the end of a recording is reported (replay runs with wall = 0, so ``tick_wall(until)`` moves each
-    run's clock on by ``until``)."""
+    run's clock on by ``until``).
+
+    ``refreshes``: after each batch (and the final tick) also yield the open alerts refreshed in place
+    since the last one, as the server hands them to its sinks (``AlertBook.hand_off``: before that
+    batch's transitions; a firing refreshed in its own batch is yielded once, with its latest picture):
+    each a copy of the alert as it stands then, marked ``refreshed: True``. The transitions yielded are
+    the same either way."""
+    def handed(alerts: list[Alert]) -> list[Alert]:
+        if not refreshes:
+            return alerts
+        alerts, refreshed = pipeline.book.hand_off(alerts)
+        for a in refreshed:  # copies: the book's own dicts stay unmarked
+            a["refreshed"] = True
+        return refreshed + alerts if refreshed else alerts
+
     batch: list[Record] = []
     tick = pipeline.tick_seconds
     for rec in records:
         if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
-            yield from pipeline.process(batch).alerts
+            yield from handed(pipeline.process(batch).alerts)
             batch = []
         batch.append(rec)
-    yield from pipeline.process(batch).alerts
+    yield from handed(pipeline.process(batch).alerts)
     if until is not None:
-        yield from pipeline.tick_wall(until)
+        yield from handed(pipeline.tick_wall(until))

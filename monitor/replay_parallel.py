@@ -30,8 +30,8 @@ _RECORDER_NAME = re.compile(r"^(.*?)\.jsonl(\.\d+)?(\.gz)?$")
 
 @dataclass
 class Part:
-    """What one process found: its alerts in order, as (time, the JSON line written when it happened: an open
-    alert is refreshed in place later), its read counts, the runs it saw."""
+    """What one process found: its alerts and refresh lines in order, as (time, the JSON line written when it
+    happened), its read counts, the runs it saw."""
 
     alerts: list[tuple[float, str]] = field(default_factory=list)
     stats: ReadStats = field(default_factory=ReadStats)
@@ -57,8 +57,9 @@ def replay_part(files: Sequence[str], settings: Settings, until: float | None) -
             part.runs.add(rec.run)
             yield rec
 
-    part.alerts = [(a["time"], jsonout.dumps(a))
-                   for a in replay(seen(read_files(files, part.stats)), pipeline, until=until)]
+    # a refresh line happened at its alert's latest event (last_time), not when the alert fired (time)
+    part.alerts = [(a.get("last_time", a["time"]) if a.get("refreshed") else a["time"], jsonout.dumps(a))
+                   for a in replay(seen(read_files(files, part.stats)), pipeline, until=until, refreshes=True)]
     return part
 
 

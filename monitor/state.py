@@ -7,7 +7,7 @@ live page: history.py), a few start records per run. Detectors keep their own bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
@@ -16,6 +16,22 @@ from .record import NUMBER_FIELDS, Record
 
 SAMPLE_VALUE_FIELDS = NUMBER_FIELDS[:-1] + ("batch_size", "world_size", "host_mem_oom_kills",
                                             "host_mem_max_events", "host_mem_high_events")  # without reference_lr
+
+
+def _fold_code(fields: tuple[str, ...]) -> Callable[[Record, dict[str, float]], None]:
+    """``latest[name] = rec.<name>`` for each of ``fields`` the record carries (not None), written out one
+    field a line: the ingest hot path (every sample). A loop of ``getattr(rec, name)`` over the 23 names cost
+    about 1.9 us a sample, these plain attribute reads (which Python specializes) about 1.0 us. The code is
+    made from the one list of names, so it cannot drift from it."""
+    lines = [f"    if (v := rec.{name}) is not None:\n        latest[{name!r}] = v\n" for name in fields]
+    namespace: dict[str, Any] = {}
+    exec(compile("def fold(rec, latest):\n" + "".join(lines), f"<state.fold {len(fields)} fields>", "exec"),
+         namespace)
+    fold: Callable[[Record, dict[str, float]], None] = namespace["fold"]
+    return fold
+
+
+_fold_sample_values = _fold_code(SAMPLE_VALUE_FIELDS)
 MAX_STARTS_KEPT = 16
 MAX_METRICS_KEPT = 256  # per rank: one record may carry any number of names
 
@@ -44,30 +60,30 @@ class RankState:
     gpu_health: dict[str, Any] | None = None  # its GPU's newest NVML reading, with the record's "time"
 
     def apply(self, rec: Record) -> None:
+        # every record of ingest and replay comes here: the record's fields are read once, into locals
         self.records += 1
-        if rec.time > self.last_time:
-            self.last_time = rec.time
-        if rec.type in ("heartbeat", "sample") and rec.time >= self.phase_seen:
-            self.phase_seen = rec.time  # no phase on the newest one: none (an older client, or between phases)
-            self.phase, self.phase_time = rec.phase, rec.phase_time if rec.phase is not None else None
-        if rec.step is not None and rec.step > self.last_step:
-            self.last_step = rec.step
-        if rec.gpu_health is not None and (self.gpu_health is None or rec.time >= self.gpu_health["time"]):
-            self.gpu_health = {**msgspec.to_builtins(rec.gpu_health), "time": rec.time}  # plain: JSON, pickle
-        kind = rec.type
+        t, kind, step = rec.time, rec.type, rec.step
+        if t > self.last_time:
+            self.last_time = t
+        if (kind == "sample" or kind == "heartbeat") and t >= self.phase_seen:
+            self.phase_seen = t  # no phase on the newest one: none (an older client, or between phases)
+            phase = self.phase = rec.phase
+            self.phase_time = rec.phase_time if phase is not None else None
+        if step is not None and step > self.last_step:
+            self.last_step = step
+        health = rec.gpu_health
+        if health is not None and (self.gpu_health is None or t >= self.gpu_health["time"]):
+            self.gpu_health = {**msgspec.to_builtins(health), "time": t}  # plain: JSON, pickle
         if kind == "sample":
             loss = rec.loss
-            if loss is not None and loss - loss != 0.0 and rec.step is not None:  # NaN or infinite
-                if self.loss_nonfinite_step is None or rec.step < self.loss_nonfinite_step:
-                    self.loss_nonfinite_step = rec.step
-            if self.last_sample_time is None or rec.time >= self.last_sample_time:
-                self.last_sample_time = rec.time
+            if loss is not None and loss - loss != 0.0 and step is not None:  # NaN or infinite
+                if self.loss_nonfinite_step is None or step < self.loss_nonfinite_step:
+                    self.loss_nonfinite_step = step
+            last = self.last_sample_time
+            if last is None or t >= last:
+                self.last_sample_time = t
                 self.history.add(rec)
-                latest = self.latest
-                for name in SAMPLE_VALUE_FIELDS:
-                    value = getattr(rec, name)
-                    if value is not None:
-                        latest[name] = value
+                _fold_sample_values(rec, self.latest)  # each of SAMPLE_VALUE_FIELDS the sample carries
                 if rec.metrics:
                     metrics = self.metrics
                     if len(metrics) + len(rec.metrics) <= MAX_METRICS_KEPT:
@@ -78,8 +94,8 @@ class RankState:
                                 metrics[name] = value
             self.ended = False
         elif kind == "heartbeat":
-            if self.last_heartbeat_time is None or rec.time > self.last_heartbeat_time:
-                self.last_heartbeat_time = rec.time
+            if self.last_heartbeat_time is None or t > self.last_heartbeat_time:
+                self.last_heartbeat_time = t
             self.ended = False
         elif kind == "start":
             self.phase = self.phase_time = None

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ..config.rules import flag, positive, whole
 from ..events import Event, firing, resolved
-from ..record import GpuHealth, Record
+from ..record import GpuHealth, Record, XidEvent
 from ..state import RunState
 from .base import Detector
 
@@ -48,12 +49,14 @@ DEGRADED_XIDS = (63, 92)
 # NVML's clocks event (throttle) reasons that mean the hardware slows the GPU down, not a setting
 THROTTLE_BITS = {0x8: "HW slowdown", 0x40: "HW thermal slowdown", 0x80: "HW power brake slowdown",
                  0x20: "SW thermal slowdown"}
+_SLOW_BITS = sum(THROTTLE_BITS)  # any of them (distinct bits)
 GPU_IDLE = 0x1
 COUNTERS = (("ecc_corrected", "corrected ECC errors", "ecc_corrected_increase"),
             ("nvlink_replay_errors", "NVLink replays", "link_errors_increase"),
             ("nvlink_crc_errors", "NVLink CRC errors", "link_errors_increase"),
             ("nvlink_recovery_errors", "NVLink recoveries", "link_errors_increase"),
             ("pcie_replay_errors", "PCIe replays", "link_errors_increase"))
+_counts = attrgetter(*(name for name, _, _ in COUNTERS))  # a reading's counts, in COUNTERS' order
 
 
 def _xids(settings: Any, name: str) -> None:
@@ -101,10 +104,16 @@ class _Gpu:
     index: int | None = None
     pci_bus_id: str | None = None
     seen: set[tuple[int, float]] = field(default_factory=set)  # XID events already judged
+    # the last XID list judged (every event of it is in ``seen``): the client sends its list again in every
+    # reading, and the same list again holds nothing new
+    xids: list[XidEvent] | None = None
     ecc_uncorrected: int | None = None  # the first reading's volatile count: a rise is a fault
     faults: list[str] = field(default_factory=list)  # what the open gpu_fault says
     fault_xids: list[int] = field(default_factory=list)
     slow_since: float | None = None  # throttled or clocked down since (consecutive readings)
+    # the counters' readings within the window: one deque of (time, counts) while every reading had all of
+    # them, else (None) a deque per counter of (time, count) of the readings that had it
+    readings: deque[tuple[float, tuple[int, ...]]] | None = field(default_factory=deque)
     counters: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
     recent_xids: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
     degraded: tuple[str, ...] | None = None  # what the open gpu_degraded names (kinds, not the numbers)
@@ -137,6 +146,7 @@ class _GpuHealthBase:
 
 class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
     name = "gpu_fault"
+    record_types = ("start", "gpu_health")
     Settings = GpuFaultSettings
 
     def __init__(self, settings: GpuFaultSettings, run: RunState) -> None:
@@ -144,6 +154,8 @@ class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
         _GpuHealthBase.__init__(self)
 
     def update(self, record: Record) -> list[Event]:
+        if record.gpu_health is None and record.type != "start":
+            return []  # the common case: no reading to judge, and no restart to forget a GPU for
         if record.type == "start":
             g = self.gpus.pop(record.rank, None)  # a new process: its GPU is read afresh
             if g is not None and g.faults:
@@ -155,14 +167,16 @@ class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
             return []
         g = self.gpu(record.rank, h)
         found: list[str] = []
-        for x in h.xids or ():
-            key = (x.xid, x.time)
-            if key in g.seen:
-                continue
-            g.seen.add(key)
-            if x.xid in self.settings.xids:
-                g.fault_xids.append(x.xid)
-                found.append(f"XID {x.xid}, {XID_TEXT.get(x.xid, 'see the XID catalogue')}")
+        if h.xids and h.xids != g.xids:
+            for x in h.xids:
+                key = (x.xid, x.time)
+                if key in g.seen:
+                    continue
+                g.seen.add(key)
+                if x.xid in self.settings.xids:
+                    g.fault_xids.append(x.xid)
+                    found.append(f"XID {x.xid}, {XID_TEXT.get(x.xid, 'see the XID catalogue')}")
+            g.xids = h.xids
         if h.ecc_uncorrected is not None:
             if g.ecc_uncorrected is None:
                 g.ecc_uncorrected = h.ecc_uncorrected
@@ -188,6 +202,7 @@ class GpuFault(_GpuHealthBase, Detector[GpuFaultSettings]):
 
 class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
     name = "gpu_degraded"
+    record_types = ("start", "end", "gpu_health")
     Settings = GpuDegradedSettings
 
     def __init__(self, settings: GpuDegradedSettings, run: RunState) -> None:
@@ -195,7 +210,10 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
         _GpuHealthBase.__init__(self)
 
     def update(self, record: Record) -> list[Event]:
-        if record.type in ("start", "end"):
+        kind = record.type
+        if record.gpu_health is None and kind != "start" and kind != "end":
+            return []  # the common case: no reading to judge, and no restart or end to forget a GPU for
+        if kind == "start" or kind == "end":
             g = self.gpus.pop(record.rank, None)
             if g is not None and g.degraded is not None:
                 why = "started again" if record.type == "start" else "ended"
@@ -242,28 +260,53 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
                 g.slow_since = now
             if now - g.slow_since >= s.throttle_seconds:
                 out.append(("slow", f"{slow} for {now - g.slow_since:.0f} s"))
-        for name, what, key in COUNTERS:
-            value = getattr(h, name)
-            if value is None:
-                continue
-            dq = g.counters.get(name)
-            if dq is None:
-                dq = g.counters[name] = deque()
-            dq.append((now, value))
-            while len(dq) > 1 and dq[1][0] <= now - s.window_seconds:
-                dq.popleft()  # keeps the newest reading at or before the window's start as the base
-            rise = value - dq[0][1]
-            if rise >= getattr(s, key):
-                out.append((name, f"{rise} {what} in {now - dq[0][0]:.0f} s"))
+        start = now - s.window_seconds
+        counts = _counts(h)
+        readings = g.readings
+        if readings is not None and None in counts:  # a counter not read: each counter on its own from here on
+            for name, _, _ in COUNTERS:
+                g.counters[name] = deque()
+            for t, values in readings:
+                for (name, _, _), value in zip(COUNTERS, values):
+                    g.counters[name].append((t, value))
+            readings = g.readings = None
+        if readings is not None:
+            # every reading so far had all five counts: one window of readings for them all (what five windows,
+            # one per counter, would hold), and a reading with the counts of the window's base has no rise
+            readings.append((now, counts))
+            while len(readings) > 1 and readings[1][0] <= start:
+                readings.popleft()  # keeps the newest reading at or before the window's start as the base
+            since, base = readings[0]
+            if counts != base:
+                for (name, what, key), value, was in zip(COUNTERS, counts, base):
+                    rise = value - was
+                    if rise > 0 and rise >= getattr(s, key):  # (thresholds are >= 1: no rise is none)
+                        out.append((name, f"{rise} {what} in {now - since:.0f} s"))
+        else:
+            counters = g.counters
+            for (name, what, key), value in zip(COUNTERS, counts):
+                if value is None:
+                    continue
+                dq = counters.get(name)
+                if dq is None:
+                    dq = counters[name] = deque()
+                dq.append((now, value))
+                while len(dq) > 1 and dq[1][0] <= start:
+                    dq.popleft()  # keeps the newest reading at or before the window's start as the base
+                rise = value - dq[0][1]
+                if rise > 0 and rise >= getattr(s, key):
+                    out.append((name, f"{rise} {what} in {now - dq[0][0]:.0f} s"))
         if h.remapped_rows_pending:
             out.append(("remap", "row remapping pending (reset the GPU when the job allows)"))
         if h.retired_pages_pending:
             out.append(("retire", "page retirement pending (reset the GPU when the job allows)"))
-        for x in h.xids or ():
-            if (x.xid, x.time) not in g.seen:
-                g.seen.add((x.xid, x.time))
-                if x.xid in s.xids:
-                    g.recent_xids.append((x.time, x.xid))
+        if h.xids and h.xids != g.xids:
+            for x in h.xids:
+                if (x.xid, x.time) not in g.seen:
+                    g.seen.add((x.xid, x.time))
+                    if x.xid in s.xids:
+                        g.recent_xids.append((x.time, x.xid))
+            g.xids = h.xids
         for when, xid in g.recent_xids:
             if now - when < s.window_seconds:
                 out.append((f"xid{xid}", f"XID {xid}, {XID_TEXT.get(xid, 'see the XID catalogue')}"))
@@ -271,14 +314,16 @@ class GpuDegraded(_GpuHealthBase, Detector[GpuDegradedSettings]):
 
 
 def slowdown(h: GpuHealth, clock_ratio: float) -> str | None:
-    """What slows this GPU in one reading ("HW slowdown, SM clock 705/1980 MHz"), or None."""
+    """What slows this GPU in one reading ("HW slowdown, SM clock 705/1980 MHz"), or None.
+
+    Every reading of every rank asks (gpu_degraded, straggler): a healthy one returns None without building
+    a list or formatting the clocks (the words are made only for a GPU that is slowed)."""
     reasons = h.throttle_reasons or 0
-    names = [text for bit, text in THROTTLE_BITS.items() if reasons & bit]
-    clock = ""
-    if h.sm_clock_mhz is not None and h.sm_clock_max_mhz:
-        clock = f"SM clock {h.sm_clock_mhz:.0f}/{h.sm_clock_max_mhz:.0f} MHz"
-        if not reasons & GPU_IDLE and h.sm_clock_mhz < clock_ratio * h.sm_clock_max_mhz and not names:
-            names.append("clocks down")
+    names = [text for bit, text in THROTTLE_BITS.items() if reasons & bit] if reasons & _SLOW_BITS else []
+    clock, top = h.sm_clock_mhz, h.sm_clock_max_mhz
+    if not names and clock is not None and top and not reasons & GPU_IDLE and clock < clock_ratio * top:
+        names.append("clocks down")
     if not names:
         return None
-    return ", ".join(names) + (f", {clock}" if clock else "")
+    words = ", ".join(names)
+    return f"{words}, SM clock {clock:.0f}/{top:.0f} MHz" if clock is not None and top else words

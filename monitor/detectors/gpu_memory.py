@@ -55,6 +55,7 @@ from .helpers.trend import Ring, trend_test
 GiB = float(1 << 30)
 MiB = float(1 << 20)
 _INF = math.inf
+_NINF = -math.inf
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,9 +95,13 @@ class _Gpu:
     """One rank's bucket maxima of the GPU peak, and its alert state. Bounded."""
 
     __slots__ = ("ring", "hi", "lo", "first_step", "b_step", "b_time", "b_max", "b_last", "sps", "prev_step",
-                 "prev_time", "open", "recent", "rising", "reserved", "b_reserved", "cause", "top")
+                 "prev_time", "open", "recent", "rising", "reserved", "b_reserved", "cause", "top", "settings",
+                 "fast_from")
 
-    def __init__(self, size: int, step: int, time: float) -> None:
+    def __init__(self, s: GpuOomRiskSettings, step: int, time: float) -> None:
+        size = s.window_buckets
+        self.settings = s  # what ``fast_from`` was computed with (a reload may change warmup_steps)
+        self.fast_from = step + s.warmup_steps // 4  # the fast path judges from this step on
         self.ring = Ring(size)  # (last step of the bucket, maximum)
         self.hi = self.lo = math.nan  # the highest and lowest maximum in the ring
         self.reserved = Ring(size)  # (last step of the bucket, maximum reserved): fragmentation
@@ -104,7 +109,9 @@ class _Gpu:
         self.recent: deque[tuple[int, float, float]] = deque(maxlen=16)  # (step, time, value): the fast path
         self.rising = 0  # how many of the newest values in ``recent`` are each higher than the one before
         self.cause = ""  # what opened the alert: "trend", "fast" or "fragmentation"
-        self.top = -math.inf  # the highest sample before the fast path's last samples
+        # the highest sample before the newest rising run of ``recent`` (kept as runs end, not per sample): when
+        # the last ``fast_samples`` rose, the highest of all before them, up to the first of them
+        self.top = -math.inf
         self.first_step = step
         self.b_step, self.b_time, self.b_max, self.b_last = step, time, -math.inf, step
         self.sps = 0.0  # seconds per step (smoothed)
@@ -152,6 +159,7 @@ class _Gpu:
 
 class GpuOomRisk(Detector[GpuOomRiskSettings]):
     name = "gpu_oom_risk"
+    record_types = ("start", "sample", "end")
     Settings = GpuOomRiskSettings
 
     def __init__(self, settings: GpuOomRiskSettings, run: RunState) -> None:
@@ -177,27 +185,32 @@ class GpuOomRisk(Detector[GpuOomRiskSettings]):
         if step is None:
             return []
         value = rec.gpu_mem_peak_bytes
-        if value is None or not -_INF < value < _INF:
+        if value is None or not _NINF < value < _INF:
             value = rec.gpu_mem_reserved_bytes
-            if value is None or not -_INF < value < _INF:
+            if value is None or not _NINF < value < _INF:
                 return []
         time = rec.time
         gpu = self.ranks.get(rec.rank)
-        if gpu is None or gpu.ring.size != s.window_buckets:  # new, or reconfigured
-            gpu = self.ranks[rec.rank] = _Gpu(s.window_buckets, step, time)
+        if gpu is None or gpu.settings is not s:  # new, or reconfigured
+            if gpu is None or gpu.ring.size != s.window_buckets:
+                gpu = self.ranks[rec.rank] = _Gpu(s, step, time)
+            else:
+                gpu.settings, gpu.fast_from = s, gpu.first_step + s.warmup_steps // 4
         reserved = rec.gpu_mem_reserved_bytes
         if reserved is not None and reserved > gpu.b_reserved and reserved < _INF:
             gpu.b_reserved = reserved
-        if not gpu.open and step >= gpu.first_step + s.warmup_steps // 4:
+        if step >= gpu.fast_from and not gpu.open:
             recent = gpu.recent
-            if not recent or step > recent[-1][0]:
-                n = s.fast_samples
-                if len(recent) >= n:
-                    top = recent[-n][2]
-                    if top > gpu.top:
-                        gpu.top = top
-                gpu.rising = gpu.rising + 1 if recent and value > recent[-1][2] else 0
+            last = recent[-1] if recent else None
+            if last is None or step > last[0]:
+                if last is not None and value > last[2]:
+                    gpu.rising += 1
+                else:  # a rising run ends (at its highest sample, the one before this): it is history now
+                    gpu.rising = 0
+                    if last is not None and last[2] > gpu.top:
+                        gpu.top = last[2]
                 recent.append((step, time, value))
+                n = s.fast_samples
                 if gpu.rising >= n - 1 and len(recent) >= n:  # the fast path needs n samples, each higher
                     total = self.run.ranks[rec.rank].latest.get("gpu_mem_total_bytes")
                     if total is not None and 0 < total < _INF:
@@ -340,6 +353,7 @@ def _gib(value: float | None) -> str:
 
 class GpuOom(Detector[GpuOomSettings]):
     name = "gpu_oom"
+    record_types = ("start", "sample", "oom")
     Settings = GpuOomSettings
 
     def __init__(self, settings: GpuOomSettings, run: RunState) -> None:
@@ -347,6 +361,8 @@ class GpuOom(Detector[GpuOomSettings]):
         self.open: dict[int, int] = {}  # rank -> step of its last OOM
 
     def update(self, rec: Record) -> list[Event]:
+        if not self.open and rec.type != "oom":
+            return []  # the common case: no OOM open and none now, so nothing can fire or resolve
         s: GpuOomSettings = self.settings
         if not s.enabled:
             return []

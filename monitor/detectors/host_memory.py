@@ -50,7 +50,17 @@ from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
 from .base import Detector
-from .helpers.host_series import FAST_RECHECK, HOUR, MB, MINUTE, HostMemoryLeakSettings, Open, Series, jitter
+from .helpers.host_series import (
+    FAST_RECHECK,
+    HOUR,
+    MB,
+    MINUTE,
+    RISE,
+    HostMemoryLeakSettings,
+    Open,
+    Series,
+    jitter,
+)
 from .helpers.incident import ranks_phrase
 from .helpers.trend import Growth
 
@@ -63,13 +73,6 @@ GroupKey = tuple[str, str, float]  # host, cgroup path ("" when unknown), limit
 
 
 _INF = math.inf
-
-
-def _may_rise(x: Series, v: float, s: HostMemoryLeakSettings) -> bool:
-    """Whether the short or the fast check could fire on ``x`` at ``v`` (both need ``v`` at least
-    ``fast_min_growth_mb`` above the lowest fine minimum of the window, or of the open fine bucket)."""
-    low = x.low.window
-    return bool(low) and v - min(low[0][1], x.fine.low) >= s.fast_min_growth_mb * MB
 
 
 def _rate(x: Series) -> float:
@@ -132,6 +135,7 @@ def _within(left: float, rate: float, horizon: float) -> bool:
 
 class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     name = "host_memory_leak"
+    record_types = ("start", "sample", "end")
     Settings = HostMemoryLeakSettings
 
     def __init__(self, settings: HostMemoryLeakSettings, run: RunState) -> None:
@@ -148,8 +152,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         self.whys: list[str] = []  # why each source closed while the incident was open: the resolve's summary
 
     def update(self, rec: Record) -> list[Event]:
-        # the hot path (two series a sample): Series.add's common case (the same fine bucket) is inline, and
-        # between minutes a closed fine bucket is judged only when the fast or short check could fire
+        # the hot path (two series a sample, each folded by Series.add): between minutes a closed fine bucket
+        # is judged only when the fast or short check could fire
         s: HostMemoryLeakSettings = self.settings
         if not s.enabled:
             return []
@@ -161,49 +165,30 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             return []
         judged = False
         t = rec.time
+        rank = rec.rank
         if value is not None and 0 <= value < _INF:
-            group = None
             limit = rec.host_mem_limit_bytes
-            if limit is not None and limit > 0:
-                group = self._group(rec, limit, value, s)
-            series = self.ranks.get(rec.rank)
+            group = self._group(rec, limit, value, s) if limit is not None and limit > 0 else None
+            series = self.ranks.get(rank)
             if series is None or (series.settings is not s and not series.matches(s)):
-                series = self.ranks[rec.rank] = Series(s, t)
-            series.buckets.last = value  # series.add(t, value, s), inline
-            recent = series.recent
-            if not recent or recent[-1][1] != value:
-                recent.append((t, value))
-            fine = series.fine
-            if int(t // fine.width) == fine.index:
-                if value < fine.low:
-                    fine.low, fine.low_time = value, t
-            else:
-                closed = series.roll(t, value, s)
-                if closed and (closed & MINUTE or series.open is not None or _may_rise(series, value, s)):
-                    judged = self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
+                series = self.ranks[rank] = Series(s, t)
+            closed = series.add(t, value, s)
+            if closed and (closed & (MINUTE | RISE) or series.open is not None):
+                judged = self._judge_rank(rec, value, series, group, s, bool(closed & MINUTE))
             if group is not None:
                 if group.oom_kills > group.reaped:
                     judged |= self._reap(rec, group)
-                    group = self.group_of.get(rec.rank)
-                if group is not None and rec.rank == group.leader:
+                    group = self.group_of.get(rank)
+                if group is not None and rank == group.leader:
                     judged |= self._judge_group(rec, group, s)
         if avail is not None and 0 <= avail < _INF:
-            series = self.machine_of.get(rec.rank)
+            series = self.machine_of.get(rank)
             if series is None or (series.settings is not s and not series.matches(s)):
                 series = self._machine_series(rec, s)
             used = -avail
-            series.buckets.last = used  # series.add(t, used, s), inline
-            recent = series.recent
-            if not recent or recent[-1][1] != used:
-                recent.append((t, used))
-            fine = series.fine
-            if int(t // fine.width) == fine.index:
-                if used < fine.low:
-                    fine.low, fine.low_time = used, t
-            else:
-                closed = series.roll(t, used, s)
-                if closed and (closed & MINUTE or series.open is not None or _may_rise(series, used, s)):
-                    judged |= self._judge_machine(rec, avail, series, s, bool(closed & MINUTE))
+            closed = series.add(t, used, s)
+            if closed and (closed & (MINUTE | RISE) or series.open is not None):
+                judged |= self._judge_machine(rec, avail, series, s, bool(closed & MINUTE))
         if judged:
             return self._incident(rec, s)
         return []
@@ -503,7 +488,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             mine = [r for r in leaking if self._host(r) == host]
             fall = machine.open.growth.rate if machine is not None and machine.open is not None else 0.0
             rate = max(sum(rates[r] for r in mine), fall)
-            avail = self._avail(host) if machine is None else -machine.buckets.last
+            avail = self._avail(host) if machine is None else -machine.last
             left = None if avail is None else max(0.0, avail) / rate if rate > 0 else math.inf
             candidates.append((math.inf if left is None else left, 0, f"{host}|machine",
                                ("machine", host, sorted(mine), rate, left)))
@@ -574,7 +559,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
     def _describe_machine(self, host: str, mine: list[int], rate: float, seconds: float | None, where: str,
                           s: HostMemoryLeakSettings) -> tuple[Severity, tuple[int, ...], str, str, str, dict[str, Any]]:
         machine = self.machines.get(host)
-        avail = self._avail(host) if machine is None else -machine.buckets.last
+        avail = self._avail(host) if machine is None else -machine.last
         rates = self._rates(mine, None)
         first = next((self.ranks[r].open for r in mine if r in self.ranks and self.ranks[r].open), None)
         if first is not None:
@@ -603,7 +588,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         rate " (one rank), or the ranks with each one's rate and the combined rate."""
         if len(mine) == 1 and growth is not None:
             r = mine[0]
-            now = self.ranks[r].buckets.last
+            now = self.ranks[r].last
             if kind == "fast":
                 return (f"host memory of rank {r} rose {growth.rise / 1e9:.2f} GB in the last "
                         f"{growth.lookback:.0f} s ({growth.rate / MB:.1f} MB/s, steadily; now {now / 1e9:.2f} GB); "
@@ -619,7 +604,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
 
     def _data(self, mine: list[int], rates: dict[int, float], growth: Growth | None, kind: str, rate: float,
               seconds: float | None, host: str, scope: str) -> dict[str, Any]:
-        now = self.ranks[mine[0]].buckets.last if len(mine) == 1 and mine[0] in self.ranks else None
+        now = self.ranks[mine[0]].last if len(mine) == 1 and mine[0] in self.ranks else None
         return dict(
             scope=scope, root_ranks=list(mine), host=host or None, detection=kind,
             rate_mb_per_hour=round(rate * HOUR / MB, 1),
@@ -640,7 +625,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
 
     def _avail(self, host: str) -> float | None:
         machine = self.machines.get(host)
-        return None if machine is None or machine.buckets.last is None else -machine.buckets.last
+        return None if machine is None else -machine.last
 
     def _now(self, g: Group) -> float:
         return g.series.recent[-1][0] if g.series.recent else 0.0

@@ -140,21 +140,19 @@ class RankStalled(Detector[RankStalledSettings]):
             r = self.ranks[rank] = _Rank(advance_time=t, seen=t)
             self.deadline = -math.inf
         elif t > r.seen:
-            if r.beats and not r.after_start and t - r.seen > self.longest_gap:
+            if t - r.seen > self.longest_gap and r.beats and not r.after_start:
                 self.longest_gap = t - r.seen
             r.seen = t
         if r.retired:
             r.retired = False
             self.deadline = -math.inf
-        r.after_start = kind == "start"
         why = ""
-        if kind in ("heartbeat", "sample") and t >= r.phase_seen:
-            r.phase_seen, r.phase = t, record.phase
-            r.phase_time = record.phase_time if record.phase is not None else None
         if kind == "start":
+            r.after_start = True
             self.deadline = -math.inf  # what is finished, failed or gone changes (so for end and oom)
+            r.kept = r.shown
             r.advance_time, r.step, r.advanced, r.beats, r.ended = t, -1, False, False, False
-            r.sample_step, r.phase, r.phase_time, r.error = -1, None, None, ""
+            r.sample_step, r.said, r.error = -1, None, ""
             self._forget_failure(rank)
             why = "started again"
             if t > self.end_time:
@@ -162,6 +160,7 @@ class RankStalled(Detector[RankStalledSettings]):
             if record.world_size:
                 self._retire_beyond(record.world_size, t)
         elif kind == "end":
+            r.after_start = False
             self.deadline = -math.inf
             said = None
             if record.status == "failed":
@@ -191,6 +190,10 @@ class RankStalled(Detector[RankStalledSettings]):
                 self.end_time = max(self.end_time, t)
                 why = "ended"
         else:
+            if r.after_start:  # only a start sets it: stored when it changes, not on every record
+                r.after_start = False
+            if kind != "oom" and t >= r.phase_seen:  # a heartbeat or a sample says what the rank does
+                r.phase_seen, r.said = t, record
             if kind == "heartbeat":
                 if not r.beats:
                     self.deadline = -math.inf  # its silence limit is the heartbeats' now, maybe shorter
@@ -218,10 +221,14 @@ class RankStalled(Detector[RankStalledSettings]):
                             self.deadline = -math.inf  # an advance older than the last: its limit ends sooner
                     else:
                         self.deadline = -math.inf  # its limit leaves start-up
+                        r.advanced = True
                     if self.end_step is not None:
                         self.deadline = -math.inf  # it may pass the step a rank ended at (finished no more)
-                    r.step, r.advance_time, r.advanced = step, t, True
-                    if t > r.end_time:  # training again after its end (not a late record from before it)
+                    r.step = step
+                    r.advance_time = t
+                    # training again after its end (not a late record from before it); nothing to undo when
+                    # it neither ended nor failed (the common case: three cheap tests)
+                    if (r.ended or r.error or self.oom) and t > r.end_time:
                         if r.ended:
                             self.deadline = -math.inf  # finished no more: its limits count again
                         r.ended = False
@@ -232,12 +239,12 @@ class RankStalled(Detector[RankStalledSettings]):
                 elif kind == "sample" and step < r.sample_step and t > r.advance_time:
                     # its training thread went back: restarted without a start record. (A heartbeat
                     # may carry an older step than the sample before it: the threads race.)
-                    r.step, r.advance_time, r.advanced, r.sample_step = step, t, False, step
+                    r.step = step
+                    r.advance_time, r.advanced, r.sample_step = t, False, step
                     self.deadline = -math.inf
                     why = f"restarted at step {step}"
                 if kind == "sample" and step > r.sample_step:
                     r.sample_step = step
-                r.shown = r.step
         if not self.open:
             return []
         if why is ADVANCED:

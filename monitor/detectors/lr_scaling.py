@@ -126,6 +126,7 @@ class Finding:
 
 class LrScaling(Detector[LrScalingSettings]):
     name = "lr_scaling"
+    record_types = ("start", "sample")
     Settings = LrScalingSettings
 
     def __init__(self, settings: LrScalingSettings, run: RunState) -> None:

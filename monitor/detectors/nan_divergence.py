@@ -114,6 +114,7 @@ class _Rank:
 
 class NanDivergence(Detector[NanDivergenceSettings]):
     name = "nan_divergence"
+    record_types = ("start", "sample")
     Settings = NanDivergenceSettings
 
     def __init__(self, settings: NanDivergenceSettings, run: RunState) -> None:

@@ -300,6 +300,7 @@ class _Rank:
 
 
 class _SpikeDetector(Detector[SpikeSettings]):
+    record_types = ("start", "sample")  # LossSpike and GradExplosion
     field: ClassVar[str] = ""
     label: ClassVar[Label] = "loss"
     linear_below_zero: ClassVar[bool] = False

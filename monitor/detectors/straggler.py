@@ -109,6 +109,7 @@ def _median_without(s: list[float], i: int) -> float:
 
 class Straggler(Detector[StragglerSettings]):
     name = "straggler"
+    record_types = ("start", "sample", "end", "gpu_health")
     Settings = StragglerSettings
 
     def __init__(self, settings: StragglerSettings, run: RunState) -> None:

@@ -3,7 +3,7 @@
 The receiver is an HTTP server on 127.0.0.1 in a thread.
 
 It records every request as it arrives (path, headers, body), answers
-``status``, can be held (requests wait until ``release()``: a slow receiver,
+``status`` (``answered`` counts the answers written), can be held (requests wait until ``release()``: a slow receiver,
 or one that is killed mid-delivery), and stopped and started again on the same
 port (a receiver that is down for a while).
 """
@@ -48,6 +48,7 @@ class Receiver:
         self.received: list[Delivery] = []
         self.status = 200
         self.in_flight = 0
+        self.answered = 0  # requests whose status line went out (the sender may have it, or have died)
         self._gate = threading.Event()
         self._gate.set()
         self._lock = threading.Lock()
@@ -69,6 +70,8 @@ class Receiver:
                     self.send_response(receiver.status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    with receiver._lock:
+                        receiver.answered += 1
                 except OSError:  # the sender is gone (killed mid-delivery)
                     pass
                 finally:

@@ -177,10 +177,11 @@ def test_replay_and_serve_give_identical_alerts(start_sidecar, tmp_path):
     recorded = tmp_path / "rec" / "same.jsonl"
     out = subprocess.run([sys.executable, "-m", "trainhealth", "replay", str(recorded)], cwd=ROOT,
                          capture_output=True, text=True, check=True)
-    replayed = [json.loads(line) for line in out.stdout.splitlines()]
+    printed = [json.loads(line) for line in out.stdout.splitlines()]
+    replayed = [a for a in printed if "refreshed" not in a]
     assert "60 records, 0 corrupt lines skipped" in out.stderr
     # the same transitions; the served alert is the one incident refreshed in place as rank 0's NaN came
-    # in a later batch (replay prints each transition as it was made)
+    # in a later batch (replay prints each transition as it was made, then a refresh line)
     same = ("alert", "state", "severity", "run", "rank", "step", "time", "started_at", "fingerprint", "first_rank",
             "first_step", "cause")
     assert [{k: a[k] for k in same} for a in replayed] == [{k: a[k] for k in same} for a in reversed(served)]
@@ -190,6 +191,9 @@ def test_replay_and_serve_give_identical_alerts(start_sidecar, tmp_path):
         assert time.monotonic() < deadline, now
         time.sleep(0.1)
     assert (now["received_ranks"], now["first_rank"], now["state"]) == ([0], 1, "firing")
+    (refresh,) = [a for a in printed if "refreshed" in a]  # replay ends where the server's alert ended up
+    picture = ("alert", "state", "started_at", "summary", "first_rank", "diverged_ranks", "received_ranks")
+    assert {k: refresh[k] for k in picture} == {k: now[k] for k in picture}
 
 
 def test_server_survives_a_flood_of_junk(module_sidecar):

@@ -230,6 +230,18 @@ def test_corrected_errors_and_link_replays_climbing_are_degraded():
     assert "100 NVLink CRC errors in 155 s" in alerts[1]["summary"]  # since the window began
 
 
+def test_a_counter_the_gpu_stops_reporting_leaves_the_others_judged_over_their_whole_window():
+    def wearing(k: int) -> dict[str, Any]:  # NVLink CRC counts no longer read from the fifth reading on
+        reading = {**HEALTHY, "ecc_corrected": 10 * max(0, k - 10)}
+        return {f: v for f, v in reading.items() if f != "nvlink_crc_errors" or k < 5}
+
+    def flaky(k: int) -> dict[str, Any]:  # PCIe replays read every other time, never rising: healthy
+        return {f: v for f, v in HEALTHY.items() if f != "pcie_replay_errors" or k % 2}
+    alerts = gpu_alerts(job({0: wearing, 1: flaky}))
+    assert [(a["rank"], a["state"], a["step"]) for a in alerts] == [(0, "firing", 20)]
+    assert "100 corrected ECC errors in 95 s" in alerts[0]["summary"]  # since the first reading
+
+
 def test_gpu_fault_stays_open_past_the_end_and_resolves_when_the_rank_starts_again():
     recs = job({0: lambda k: {**HEALTHY, "xids": [{"xid": 48, "time": T0 + 1.0}]}}, steps=10)
     end = from_obj({"type": "end", "run": RUN, "rank": 0, "time": T0 + 60.0, "step": 10, "status": "failed"})

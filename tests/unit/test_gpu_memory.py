@@ -265,3 +265,26 @@ def test_the_oom_alert_quotes_pytorchs_message_whole_and_names_fragmentation():
 def test_a_steep_warmup_at_ten_steps_a_second_is_not_a_fast_leak(tau):
     shape = total(const(0.4 * T), warmup(0.5 * T, tau), noise(0.002 * T))
     assert alerts(gpu_trace({0: shape, 1: shape}, 600, seconds_per_step=0.1, seed=22)) == []
+
+
+def climb_back(to_gib: float):
+    """H200, 10 steps a second at 20 GiB: one sample at 120 GiB at step 30 (after the fast path's start, a
+    quarter of the warmup), then from step 40 eight samples rising 20 -> ``to_gib`` within 0.7 s."""
+    recs = [from_obj({"type": "start", "run": "climb", "rank": 0, "time": T0})]
+    for step in range(1, 80):
+        k = step - 40
+        peak = 120.0 if step == 30 else 20 + (to_gib - 20) * k / 7 if 0 <= k <= 7 else 20.0
+        recs.append(from_obj({"run": "climb", "rank": 0, "time": T0 + step * 0.1, "step": step,
+                              "gpu_mem_peak_bytes": peak * GiB, "gpu_mem_total_bytes": H200}))
+    return recs
+
+
+def test_a_fast_climb_back_to_an_earlier_high_is_no_new_high():
+    # the eight rising samples would fill the GPU in under a second, but 115 GiB was seen before (120 GiB at
+    # step 30): allocations that come and go, no leak
+    assert alerts(climb_back(115)) == []
+
+
+def test_a_fast_climb_past_an_earlier_high_by_the_minimum_rise_fires():
+    out = alerts(climb_back(130))  # 10 GiB above the earlier high: more than 5% of 140 GiB
+    assert [(a["state"], a["cause"], a["step"]) for a in out] == [("firing", "fast", 47)]

@@ -58,8 +58,10 @@ def transitions(alerts: Any) -> list[dict[str, Any]]:
     return [dict(a) for a in alerts]
 
 
-def replayed(records: list[Record], max_batch: int = 256) -> list[dict[str, Any]]:
-    return transitions(replay(records, Pipeline(default_detector_settings()), max_batch=max_batch, until=UNTIL))
+def replayed(records: list[Record], max_batch: int = 256, refreshes: bool = False,
+             pipeline: Pipeline | None = None) -> list[dict[str, Any]]:
+    return transitions(replay(records, pipeline or Pipeline(default_detector_settings()), max_batch=max_batch,
+                              until=UNTIL, refreshes=refreshes))
 
 
 def test_the_corpora_raise_and_resolve_alerts_of_many_kinds() -> None:
@@ -93,9 +95,9 @@ def test_replay_of_what_the_recorder_wrote_gives_the_same_alerts(name: str, tmp_
     import json
 
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    expected = replayed(records)
-    assert [(a["alert"], a["state"], a["rank"], a["step"], a["summary"]) for a in lines] == \
-        [(a["alert"], a["state"], a["rank"], a["step"], a["summary"]) for a in expected]
+    expected = replayed(records, refreshes=True)  # the CLI prints the refresh lines too: compared as well
+    assert [(a["alert"], a["state"], a["rank"], a["step"], a["summary"], a.get("refreshed")) for a in lines] == \
+        [(a["alert"], a["state"], a["rank"], a["step"], a["summary"], a.get("refreshed")) for a in expected]
 
 
 @pytest.mark.parametrize("name", sorted(set(CORPORA) - TICK_JUDGED))
@@ -103,3 +105,36 @@ def test_the_live_path_gives_the_same_alerts_as_replay(name: str) -> None:
     records = CORPORA[name]
     live: list[Alert] = lt.feed(records, until=records[-1].time + UNTIL)
     assert lt.brief(live) == lt.brief(replayed(records))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_refresh_lines_change_no_transition_and_end_where_the_alert_ended_up(name: str) -> None:
+    """Replay's refresh lines (``refreshed: true``) come between the transitions, which stay as they were;
+    each follows its episode's firing while it is open, and an episode's last line is the alert as the
+    book holds it at the end: what the store's body and the report show."""
+    pipeline = Pipeline(default_detector_settings())
+    lines = replayed(CORPORA[name], refreshes=True, pipeline=pipeline)
+    assert [a for a in lines if "refreshed" not in a] == replayed(CORPORA[name])
+    open_now: set[tuple[str, float]] = set()
+    last: dict[tuple[str, float], dict[str, Any]] = {}
+    for a in lines:
+        episode = (a["fingerprint"], a["started_at"])
+        if a.get("refreshed"):
+            assert (a["state"], a["refreshed"]) == ("firing", True) and episode in open_now, a
+        elif a["state"] == "firing":
+            open_now.add(episode)
+        else:
+            open_now.discard(episode)
+        if a["state"] == "firing":
+            last[episode] = {k: v for k, v in a.items() if k != "refreshed"}
+    firings = [a for a in lines if a["state"] == "firing" and "refreshed" not in a]
+    assert list(last.values()) == transitions(pipeline.book.latest(firings))  # type: ignore[arg-type]
+
+
+def test_the_corpora_have_alerts_refreshed_in_place() -> None:
+    """Not vacuous: a stall whose waiting ranks join it, a divergence whose second rank's NaN joins it."""
+    refreshed = {name: [(a["alert"], a["step"], a.get("last_step")) for a in replayed(recs, refreshes=True)
+                        if a.get("refreshed")] for name, recs in CORPORA.items()}
+    assert {name: got for name, got in refreshed.items() if got} == {
+        "stalled": [("rank_stalled", 120, 120)],
+        "diverging": [("lr_scaling", 0, 146), ("nan_divergence", 150, 150)]}

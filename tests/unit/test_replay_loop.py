@@ -51,7 +51,8 @@ def test_cli_prints_exactly_what_the_replay_loop_yields(tmp_path: Path, capsys: 
     path = write(tmp_path / "run.jsonl", trace())
     assert cli.main(["replay", str(path)], environ={}) == 0
     printed = capsys.readouterr().out.splitlines()
-    expected = list(replay(read_files([str(path)], ReadStats()), Pipeline(default_detector_settings())))
+    expected = list(replay(read_files([str(path)], ReadStats()), Pipeline(default_detector_settings()),
+                           refreshes=True))  # transitions, and the refresh lines of open alerts
     assert printed == [jsonout.dumps(a) for a in expected]
     assert ("nan_divergence", "firing", None, 1) in {(a["alert"], a["state"], a["rank"], a.get("first_rank"))
                                                    for a in expected}

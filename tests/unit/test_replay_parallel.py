@@ -51,7 +51,9 @@ def test_each_run_gets_the_serial_alerts_in_their_order(tmp_path: Path, capsys: 
     parallel, parallel_err = run_cli(capsys, *files, "--until", "60", "--jobs", "3")
     assert {a["run"] for a in serial} == {"stall", "diverge", "slow"}  # every run has something to say
     assert by_run(parallel) == by_run(serial)
-    assert [a["time"] for a in parallel] == sorted(a["time"] for a in parallel)  # merged by time
+    when = [a["last_time"] if a.get("refreshed") else a["time"] for a in parallel]  # a refresh: at its last event
+    assert when == sorted(when)  # merged by time
+    assert [a["alert"] for a in serial if a.get("refreshed")] == ["lr_scaling", "nan_divergence"]  # merged too
     assert parallel_err == serial_err  # the same record and skipped-line counts
 
 

@@ -39,7 +39,8 @@ def test_report_timeline_is_replays_and_names_the_first_nan_rank(tmp_path: Path)
     out = tmp_path / "report.html"
     done = cli("report", str(path), "-o", str(out))
     assert done.returncode == 0, done.stderr
-    replayed = [json.loads(x) for x in cli("replay", str(path)).stdout.splitlines()]
+    printed = [json.loads(x) for x in cli("replay", str(path)).stdout.splitlines()]
+    replayed = [a for a in printed if "refreshed" not in a]  # the transitions (the report has a row for each)
     # the loss's rise joins lr_scaling's alert (the LR it called too high is its cause): no page of its own
     assert {a["alert"] for a in replayed} >= {"lr_scaling", "nan_divergence"} and all(
         a["alert"] != "loss_spike" for a in replayed)
@@ -60,7 +61,8 @@ def test_report_timeline_is_replays_and_names_the_first_nan_rank(tmp_path: Path)
 def test_report_shows_an_alert_as_it_was_refreshed_after_it_fired(tmp_path: Path) -> None:
     """Rank 1's loss is NaN at step 30; rank 0's NaN at the same step arrives in the next batch: the alert
     fired naming rank 1 is refreshed to both ranks together (the all-reduced gradients). The report, like
-    the API and the console, says the refreshed text; replay's streamed lines keep what was said when."""
+    the API and the console, says the refreshed text; replay's streamed lines say what was said when: the
+    firing as it fired, then a refresh line with the picture it ended with."""
     path = tmp_path / "run.jsonl"
     rows = [{"run": "r", "rank": q, "time": 1000.0 + s, "step": s, "loss": 1.0, "grad_norm": 1.0}
             for s in range(1, 30) for q in (0, 1)]
@@ -70,8 +72,10 @@ def test_report_shows_an_alert_as_it_was_refreshed_after_it_fired(tmp_path: Path
     page, _ = report.build([str(path)], load())
     assert "on ranks 0-1 (together: the all-reduced gradients)" in page
     assert "on rank 1 (its own loss)" not in page
-    [said] = [json.loads(x) for x in cli("replay", str(path)).stdout.splitlines()]
-    assert "on rank 1 (its own loss)" in said["summary"]
+    said, refreshed = [json.loads(x) for x in cli("replay", str(path)).stdout.splitlines()]
+    assert "on rank 1 (its own loss)" in said["summary"] and "refreshed" not in said
+    assert (refreshed["state"], refreshed["refreshed"], refreshed["started_at"]) == ("firing", True, 1030.0)
+    assert "on ranks 0-1 (together: the all-reduced gradients)" in refreshed["summary"]
 
 
 def test_report_escapes_what_records_carry(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ NOISE_DROP = 8.0  # and a sawtooth's fall this many
 SHORT_LOOKBACK = 1800.0  # lookbacks shorter than this use short_balance
 FAST_FIT_POINTS = 24  # Theil-Sen of the fast check over at most this many points (276 pairs)
 FINE, MINUTE = 1, 2  # what Series.add closed
+RISE = 4  # ... and, with FINE, that the sample is fast_min_growth_mb above the fine window's lowest minimum
 FAST_RECHECK = 30.0  # seconds between re-judgements of an open fast alert
 FILL_BEND = 0.8  # within the fast horizon, a fill must bend this much (recent rate / older rate) to be judged one
 PLATEAU_MARGIN = 1.25  # a fill's estimated remaining growth may exceed the headroom by this much
@@ -154,6 +155,11 @@ class Series:
         self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_SAMPLES)  # raw samples: the short check
 
     @property
+    def last(self) -> float:
+        """The newest value (0.0 before any): the newest of ``recent``, which skips only a repeat of it."""
+        return self.recent[-1][1] if self.recent else 0.0
+
+    @property
     def growth(self) -> Growth | None:
         return None if self.open is None else self.open.growth
 
@@ -169,57 +175,55 @@ class Series:
 
     # -- feeding ---------------------------------------------------------------
     def add(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
-        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did.
-        (HostMemoryLeak.update has the common case inline: keep the two alike.)"""
-        fine = self.fine
-        self.buckets.last = v
+        """Fold a sample in: 0, or FINE when a fine bucket closed, | MINUTE when a minute one did, | RISE when
+        the sample is ``fast_min_growth_mb`` above the lowest fine minimum of the window (the short and the
+        fast check need that much: without it and with no alert open, a fine bucket's close has nothing to
+        judge).
+
+        The one fold of every series (a rank's, a machine's, a group's). Shaped for the hot path (every
+        sample of every rank, twice): FineBuckets.add, SlidingMin.add and MinBuckets.add have their common
+        cases inline, each bucket's index is compared as the float ``t // width`` against the int (exact,
+        and no ``int()`` call), and the sawtooth watch is asked only when a fine minimum can change it."""
         recent = self.recent
         if not recent or recent[-1][1] != v:  # records between two probe readings repeat the last one
             recent.append((t, v))
-        if int(t // fine.width) == fine.index:  # the common case, inline: same fine bucket
+        fine = self.fine
+        q = t // fine.width
+        if q == fine.index:  # the common case: same fine bucket
             if v < fine.low:
                 fine.low, fine.low_time = v, t
             return 0
-        return self.roll(t, v, s)
-
-    def roll(self, t: float, v: float, s: HostMemoryLeakSettings) -> int:
-        """The rest of ``add``, for a sample outside the open fine bucket (``recent`` and ``buckets.last``
-        already hold it)."""
-        # (FineBuckets.add, SlidingMin.add and MinBuckets.add have their common cases inline here)
-        fine = self.fine
-        idx = int(t // fine.width)
-        if fine.index is None or idx <= fine.index:  # the first sample, or a late one
-            closed = fine.add(t, v)
-            if closed is None:
-                return 0
-            ct, cv = closed
-        else:
-            ct, cv = fine.low_time, fine.low
-            fine.ring.append(ct, cv)
-            fine.index, fine.low, fine.low_time = idx, v, t
+        idx = int(q)
+        if fine.index is None or idx < fine.index:  # the first sample, or a late one: folded into the open bucket
+            fine.add(t, v)
+            return 0
+        ct, cv = fine.low_time, fine.low
+        fine.ring.append(ct, cv)
+        fine.index, fine.low, fine.low_time = idx, v, t
         lows = self.low.window  # self.low.add(ct, cv)
         while lows and lows[-1][1] >= cv:
             lows.pop()
         lows.append((ct, cv))
         while lows[0][0] < ct - self.low.span:
             lows.popleft()
+        # the open fine bucket holds only this sample (its low is v): the window's lowest is lows[0] or v
+        got = FINE | RISE if v - lows[0][1] >= s.fast_min_growth_mb * MB else FINE
         drops = self.fine_drops
-        min_drop = s.sawtooth_drop_mb * MB
         trough = drops.trough
         # a fine minimum within what the sawtooth watch has seen, and no drop: it changes nothing there
-        if trough is None or cv < trough or cv > drops.high or drops.high - cv >= min_drop:
+        if trough is None or cv < trough or cv > drops.high or drops.high - cv >= s.sawtooth_drop_mb * MB:
+            min_drop = s.sawtooth_drop_mb * MB
             if trough is not None and drops.high - cv >= min_drop:  # noise only when it may matter
                 min_drop = max(min_drop, NOISE_DROP * self.fine_noise())
             drops.add(ct, cv, min_drop)
         buckets = self.buckets
-        if buckets.index is not None and int(ct // buckets.width) <= buckets.index:  # the same minute
+        if buckets.index is not None and ct // buckets.width <= buckets.index:  # the same minute (exact, as above)
             if cv < buckets.low:
                 buckets.low = cv
-            return FINE
+            return got
         minute = buckets.add(ct, cv)
-        buckets.last = v
         if not minute:
-            return FINE
+            return got
         bucket_time, low = self.buckets.ring.last()
         if bucket_time >= self.first_time + s.warmup_seconds:  # warmup growth is no sawtooth
             drops = self.drops
@@ -227,7 +231,7 @@ class Series:
             if drops.trough is not None and drops.high - low >= min_drop:  # noise only when it may matter
                 min_drop = max(min_drop, NOISE_DROP * self.noise())
             drops.add(bucket_time, low, min_drop)
-        return FINE | MINUTE
+        return got | MINUTE
 
     def noise(self) -> float:
         """Robust standard deviation of the recent minute minima around their trend."""

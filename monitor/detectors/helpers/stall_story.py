@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ...record import Record
 from ...state import RunState
 from .incident import ranks_phrase, where, whole_hosts
 
@@ -31,20 +32,36 @@ class RankClock:
     advance_time: float  # when step last advanced (or the baseline: start / first record)
     seen: float  # newest record time
     step: int = -1  # -1: no step known since the last start
-    shown: int = 0  # the last step it reported (kept across a start), for alerts
+    kept: int = 0  # the last step it reported before its last start (``shown`` until it reports one again)
     sample_step: int = -1  # highest step of its samples (the training thread's own order)
     advanced: bool = False  # step advanced since the baseline
     beats: bool = False  # sends heartbeats
     ended: bool = False
     retired: bool = False  # a later start has a world_size that no longer includes it
     after_start: bool = True  # the previous record was a start (its gap is start-up, not learned)
-    phase: str | None = None  # what its training thread does, as its newest heartbeat or sample says
-    phase_time: float | None = None  # when that phase began
+    said: Record | None = None  # its newest heartbeat or sample, kept whole (None after a start): ``phase``
     phase_seen: float = -math.inf  # time of the record that said so
     error: str = ""  # its failed end's exception, quoted ("" for none)
     end_time: float = -math.inf  # time of its latest end (records measured before it may arrive after it)
     last_beat: float = -math.inf  # time of its newest heartbeat
     beat_gap: float = 0.0  # between its last two heartbeats (its client's period): 0 until two are seen
+
+    # read when a story is told; kept as the record itself and the step, not copied on every record
+    @property
+    def shown(self) -> int:
+        """The last step it reported (kept across a start), for alerts."""
+        return self.step if self.step >= 0 else self.kept
+
+    @property
+    def phase(self) -> str | None:
+        """What its training thread does ("data", "step", ...), as its newest heartbeat or sample says."""
+        return None if self.said is None else self.said.phase
+
+    @property
+    def phase_time(self) -> float | None:
+        """When that phase began."""
+        said = self.said
+        return None if said is None or said.phase is None else said.phase_time
 
 
 class _Limits(Protocol):
