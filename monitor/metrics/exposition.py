@@ -11,7 +11,8 @@ The exporter keeps prometheus-client for the few service-wide families.
 A scrape repeats what did not change: ``RankLines`` keeps each column's values, template and text from the
 previous scrape. A run whose ranks all took no record since (the same RankState and record count each) is
 reused whole; otherwise each column's values are read and compared in C (``map`` and list equality), and
-only the columns that changed are written again. The text is the same; it is kept as bytes and the scrape
+only the columns that changed are written again (when only a few of the run's ranks took a record, only
+their values are read, compared and formatted). The text is the same; it is kept as bytes and the scrape
 is joined once. Columns, not ranks, because the text is family by family and because most families change in
 every rank or in none between two scrapes (a rank sends a record every step, a scrape comes every few
 seconds): a column is then one ``%`` and one ``encode`` for a thousand lines, where a rank's line each was
@@ -23,8 +24,8 @@ from __future__ import annotations
 import math
 import threading
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_
-from typing import Callable, Iterable, Sequence
+from operator import attrgetter, is_, ne
+from typing import Callable, Iterable, Sequence, cast
 
 from prometheus_client.utils import floatToGoString
 
@@ -96,35 +97,79 @@ class _RunLines:
 
 
 class _Column:
-    """One family's lines of one run: the values shown (one per rank, None where the rank has none), which
-    ranks have a line (None: all of them), the template of those lines and its text."""
+    """One family's lines of one run: the values shown (one per rank, None where the rank has none), the text
+    of each (per rank, "" where none), which ranks have a line (None: all of them), the template of those
+    lines and the column's text."""
 
-    __slots__ = ("name", "values", "present", "template", "text")
+    __slots__ = ("name", "values", "texts", "present", "template", "text")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.values: list[float | None] | None = None  # None: never written
+        self.texts: list[str | float] = []  # (a float: one whose str is its text)
         self.present: list[bool] | None = None
         self.template = ""
         self.text = b""
 
     def update(self, values: list[float | None], labels: list[str]) -> None:
-        """Written again unless every value is equal to the one before (found in C; most columns are all
-        equal or all changed) and no zero is a new object (0.0 and -0.0 are equal but written apart; an
-        unchanged rank's zero is the same object, a changed rank's a new one)."""
+        """Written again, every value (C-level maps where it can), unless every value is as before
+        (``_same``): most columns are all equal or all changed when many ranks took a record since."""
         was = self.values
-        if was is not None and values == was and (0 not in values or all(map(is_, values, was))):
+        if was is None or not _same(values, was):
+            self.values = values
+            self._write_all(values, labels)
+
+    def update_ranks(self, ranks: list[int], values: list[float | None], labels: list[str]) -> None:
+        """``update`` when a few ranks took a record since (heartbeats, a step half reported): ``ranks``
+        their positions in the run and ``values`` theirs now; the other ranks' values are as they were.
+        Only the changed values are formatted again (all of them when a rank gained or lost one)."""
+        was = cast(list[float | None], self.values)  # (written before: the run is not new)
+        before = list(map(was.__getitem__, ranks))
+        if _same(values, before):
             return
-        shown = [v for v in values if v is not None]
-        present = None if len(shown) == len(values) else [v is not None for v in values]
-        if was is None or present != self.present:  # (keys are only added: rare after a run's first scrapes)
+        now = was.copy()
+        for i, v in zip(ranks, values):
+            now[i] = v
+        self.values = now
+        texts = self.texts
+        for j in _changed(values, before):
+            v = values[j]
+            if v is None or before[j] is None:  # (keys are only added: rare after a run's first scrapes)
+                self._write_all(now, labels)
+                return
+            texts[ranks[j]] = go(v)
+        self._fill()
+
+    def _write_all(self, values: list[float | None], labels: list[str]) -> None:
+        present = [v is not None for v in values] if None in values else None
+        if not self.template or present != self.present:
             lines = labels if present is None else list(compress(labels, present))
             self.template = self.name + self.name.join(lines) if lines else ""
             self.present = present
-        # a finite float below 1e6 goes to % as it is: its str is its repr, written in C
-        text = self.template % tuple([d if -_INF < d < 1e6 else _go_large(d) for d in map(float, shown)])
-        self.text = text.encode()
-        self.values = values
+        if present is None:  # a float whose text is its repr as it is: % writes it, in C (go's first case)
+            self.texts = [d if -_INF < d < 1e6 else _go_large(d) for d in map(float, cast(list[float], values))]
+        else:
+            self.texts = ["" if v is None else go(v) for v in values]
+        self._fill()
+
+    def _fill(self) -> None:
+        texts = self.texts if self.present is None else compress(self.texts, self.present)
+        self.text = (self.template % tuple(texts)).encode()
+
+
+def _same(values: list[float | None], was: list[float | None]) -> bool:
+    """Every value equal to the one before (in C) and no zero a new object: 0.0 and -0.0 are equal but
+    written apart; an unchanged rank's zero is the same object, a changed rank's a new one."""
+    return values == was and (0 not in values or all(map(is_, values, was)))
+
+
+def _changed(values: list[float | None], was: list[float | None]) -> list[int]:
+    """Where ``values`` must be written again: unequal to the value before (NaN always, found in C), or a
+    zero that is a new object (-0.0 where 0.0 was is equal)."""
+    changed = list(compress(range(len(values)), map(ne, values, was)))
+    if 0 in values:
+        changed += [i for i, v in enumerate(values) if v == 0 and v is not was[i]]
+    return changed
 
 
 def _template_text(text: str) -> str:
@@ -132,6 +177,13 @@ def _template_text(text: str) -> str:
 
 
 _SOURCE, _VERSION, _LATEST = attrgetter("source"), attrgetter("version"), attrgetter("latest")
+
+
+def _read(rows: Sequence[RankRow], keys: list[str],
+          getters: list[Callable[[RankRow], float | None]]) -> list[list[float | None]]:
+    """Each family's values of ``rows``: a family at a time, in C (``map``)."""
+    latest = list(map(_LATEST, rows))
+    return [list(map(dict.get, latest, repeat(key))) for key in keys] + [list(map(get, rows)) for get in getters]
 
 
 def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
@@ -172,15 +224,20 @@ def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple
                 kept[run] = lines
                 per_run.append(lines.columns)
                 continue
-            reused += sum(map(eq, versions, lines.versions))
+            moved = list(compress(range(len(rows)), map(ne, versions, lines.versions)))
+            reused += len(rows) - len(moved)
             lines.versions = versions
             keep = True
+            if len(moved) * 4 < len(rows):  # a few ranks took a record: only theirs read and compared
+                for column, values_now in zip(lines.columns, _read([rows[i] for i in moved], keys, getters)):
+                    column.update_ranks(moved, values_now, lines.labels)
+                kept[run] = lines
+                per_run.append(lines.columns)
+                continue
         else:  # a new run, or its ranks are not the same ones in the same order: every column written
             lines = _RunLines(run, rows, sources, versions, names)
             keep = not any(map(is_, sources, repeat(None)))  # (a row built without its RankState: never reused)
-        latest = list(map(_LATEST, rows))
-        columns = [list(map(dict.get, latest, repeat(key))) for key in keys] + [list(map(get, rows)) for get in getters]
-        for column, values_now in zip(lines.columns, columns):
+        for column, values_now in zip(lines.columns, _read(rows, keys, getters)):
             column.update(values_now, lines.labels)
         if keep and run not in kept:  # (a run name twice in one snapshot: the first one's text is kept)
             kept[run] = lines

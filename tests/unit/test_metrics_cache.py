@@ -106,22 +106,25 @@ def _plain(snap: Snapshot) -> bytes:
 
 
 def test_every_scrape_of_a_changing_fleet_is_what_prometheus_client_writes() -> None:
-    """Ranks change some values, all or none between scrapes; keys appear; zeros change sign; runs change
-    order, gain a rank, go and come back; labels need escaping (and a % stays a %): each scrape's text,
-    through the cache, is byte for byte what generate_latest writes for the same snapshot."""
+    """Most ranks or a few take a record between scrapes, and change some values, all or none; keys appear;
+    zeros change sign; runs change order, gain a rank, go and come back; labels need escaping (and a % stays
+    a %): each scrape's text, through the cache, is byte for byte what generate_latest writes for the same
+    snapshot."""
     rnd = random.Random(26)
     keys = [key for _, key, _ in PER_RANK_VALUES]
     fleet: dict[str, list[RankRow]] = {}
     for run in ODD_LABELS:
         fleet[run] = [RankRow(rank, 1, T0, False, {k: rnd.choice(ODD_VALUES) for k in keys[:5]}, None, object(), 1)
-                      for rank in ("0", "1", "12", ODD_LABELS[rnd.randrange(1, 4)])]
+                      for rank in ("0", "1", "12", ODD_LABELS[rnd.randrange(1, 4)], *map(str, range(20, 28)))]
     lines = RankLines()
     for scrape in range(60):
+        quiet = rnd.choice((0.3, 0.95))  # most ranks took a record since, or a few (their values alone read)
         for rows in fleet.values():
             for i, row in enumerate(rows):
                 how = rnd.random()
-                if how < 0.3:
+                if how < quiet:
                     continue  # no record since: the same row, as the collector keeps it
+                how = rnd.random()
                 latest = dict(row.latest)
                 for key in rnd.sample(keys, rnd.choice((1, 3, len(keys)))):  # a new key now and then
                     latest[key] = rnd.choice(ODD_VALUES) if how < 0.8 else -latest.get(key, 0.0)
@@ -129,7 +132,7 @@ def test_every_scrape_of_a_changing_fleet_is_what_prometheus_client_writes() -> 
                 rows[i] = RankRow(row.rank, rnd.choice((-1, scrape, 10**7)), rnd.choice(ODD_VALUES[:-5]),
                                   how > 0.95, latest, nan_step, row.source, row.version + 1)
         if scrape % 7 == 3:
-            fleet["job"].append(RankRow(str(len(fleet["job"])), 1, T0, False, {}, None, object(), 1))
+            fleet["job"].append(RankRow(str(100 + len(fleet["job"])), 1, T0, False, {}, None, object(), 1))
         runs = list(fleet.items())
         rnd.shuffle(runs)
         snap = Snapshot(runs=runs[:-1] if scrape % 5 == 4 else runs)  # a run left out now and then
