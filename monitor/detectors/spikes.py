@@ -341,11 +341,7 @@ class _SpikeDetector(Detector[SpikeSettings]):
             return []
         story = self.story
         if record is not story.noted:  # its LR, once per record for the divergence detectors together
-            lr, step = record.lr, record.step
-            if lr is not None and lr == story.lr and step is not None and step >= story.lr_step and not story.resumed:
-                story.lr_step, story.noted = step, record  # the LR it has: all that note_sample would do
-            else:
-                story.note_sample(record)
+            story.note_sample(record)
         if story.diverged:  # the run went NaN: nan_divergence tells the rest, until a restart
             if self.ranks:
                 self.ranks.clear()

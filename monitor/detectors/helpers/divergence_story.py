@@ -89,8 +89,7 @@ class Story:
 
     def note_sample(self, record: Record) -> None:
         """A sample's LR: each divergence detector calls this for a sample unless it is ``noted`` already (the
-        detectors of the run see the same record one after the other, and noting it again changes nothing), or
-        its LR is the one the story has, at a later step (then they write out the common way, as below)."""
+        detectors of the run see the same record one after the other, and noting it again changes nothing)."""
         self.noted = record
         lr = record.lr
         if lr is None:
