@@ -15,15 +15,9 @@ from trainhealth.config import load
 from trainhealth.http.app import create_app
 from trainhealth.service import Service
 
+from .trainer_fakes import Clock
+
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def samples(steps: range) -> bytes:
@@ -32,7 +26,7 @@ def samples(steps: range) -> bytes:
 
 def test_the_checkpoint_is_passed_in_and_a_rebuilt_sidecar_resumes_the_run(tmp_path: Path) -> None:
     settings = load(None, {"db": str(tmp_path / "t.db")})
-    clock = Clock()
+    clock = Clock(T0)
     service, _ = build_service(settings, clock=clock, keep_state=True)
     assert isinstance(service.journal, Checkpoint)
     assert [f.name for f in service.faults] == ["store", "state"]

@@ -19,20 +19,14 @@ from trainhealth.http.app import create_app
 from trainhealth.metrics.collector import LatencyHistogram, exported_names, families, render
 from trainhealth.service import Service
 
+from .trainer_fakes import Clock
+
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(settings: ExporterSettings | None = None, limits: Limits | None = None,
          latency: LatencyHistogram | None = None) -> tuple[Service, CollectorRegistry, Clock]:
-    clock = Clock()
+    clock = Clock(T0)
     service = Service(Settings(limits=limits or Limits()), clock=clock)
     registry = CollectorRegistry()
     registry.register(metrics.state_collector(service, settings, latency))

@@ -15,18 +15,12 @@ from trainhealth.launches import JobOwners, LaunchError, parse
 from trainhealth.service import Service
 from trainhealth.trainer.settings import ClientSettings, from_environ, job_of, launch_header
 
+from .trainer_fakes import Clock
+
 T0 = 1_000_000.0
 A0 = "id=aaaa0; pid=100; host=node-a; job=node-a/127.0.0.1:29500"
 A1 = "id=aaaa1; pid=101; host=node-a; job=node-a/127.0.0.1:29500"
 B0 = "id=bbbb0; pid=200; host=node-a; job=node-a/127.0.0.1:29511"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def send(service: Service, launch: str | None, rank: int, first: int, last: int,
@@ -38,7 +32,7 @@ def send(service: Service, launch: str | None, rank: int, first: int, last: int,
 
 
 def test_the_second_job_under_a_taken_name_is_refused_in_one_line_and_no_detector_sees_it():
-    clock = Clock()
+    clock = Clock(T0)
     service = Service(Settings(), clock=clock)
     for step in range(1, 40, 5):
         clock.now += 0.25
@@ -63,7 +57,7 @@ def test_the_second_job_under_a_taken_name_is_refused_in_one_line_and_no_detecto
 
 
 def test_a_client_of_the_other_job_does_not_hear_the_runs_alerts_and_stops():
-    clock = Clock()
+    clock = Clock(T0)
     service = Service(Settings(), clock=clock)
     assert send(service, A0, 0, 1, 5)[0] == 200
     assert service.other_job("none", A1) == "" and service.other_job("none", None) == ""
@@ -74,7 +68,7 @@ def test_a_client_of_the_other_job_does_not_hear_the_runs_alerts_and_stops():
 
 
 def test_the_name_passes_on_when_its_owner_ended_or_went_quiet_and_the_old_state_is_forgotten():
-    clock = Clock()
+    clock = Clock(T0)
     service = Service(Settings(), clock=clock)
     assert send(service, A0, 0, 1, 10)[0] == 200
     end = [{"type": "end", "run": "none", "rank": 0, "time": clock.now, "step": 10, "status": "completed"}]
@@ -89,7 +83,7 @@ def test_the_name_passes_on_when_its_owner_ended_or_went_quiet_and_the_old_state
 
 
 def test_batches_without_the_header_or_of_an_unknown_job_are_taken_as_before():
-    service = Service(Settings(), clock=Clock())
+    service = Service(Settings(), clock=Clock(T0))
     assert send(service, A0, 0, 1, 5)[0] == 200
     assert send(service, None, 0, 6, 9)[0] == 200  # an older client (or a replay): no owner check
     assert send(service, "id=cc; pid=300; host=node-c; job=-", 1, 6, 9)[0] == 200  # a job not known
@@ -99,7 +93,7 @@ def test_batches_without_the_header_or_of_an_unknown_job_are_taken_as_before():
 @pytest.mark.parametrize("bad", ["", "id=a", "id=a; pid=x; host=h; job=j", "id=a; pid=1; host=h h; job=j",
                                  "pid=1; id=a; host=h; job=j", "id=a; pid=1; host=h; job=" + "j" * 161])
 def test_a_bad_launch_header_is_a_400_naming_it(bad):
-    service = Service(Settings(), clock=Clock())
+    service = Service(Settings(), clock=Clock(T0))
     status, body = send(service, bad, 0, 1, 2)
     assert status == 400 and body["error"].startswith("X-Trainhealth-Launch: must be 'id=ID; pid=PID; host=HOST; ")
     with pytest.raises(LaunchError):

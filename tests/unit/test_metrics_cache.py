@@ -17,14 +17,9 @@ from trainhealth.metrics.exposition import RankLines
 from trainhealth.metrics.snapshot import RankRow, Snapshot
 from trainhealth.service import Service
 
+from .trainer_fakes import Clock
+
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def send(service: Service, *records: dict[str, Any]) -> None:
@@ -46,7 +41,7 @@ def scrape(collector: StateCollector) -> tuple[bytes, int]:
 
 
 def test_unchanged_ranks_are_reused_and_changed_ones_written_again() -> None:
-    service = Service(Settings(), clock=Clock())
+    service = Service(Settings(), clock=Clock(T0))
     collector = state_collector(service)
     send(service, *[sample(r, 1, loss=2.0) for r in range(4)])
     text, reused = scrape(collector)
@@ -62,7 +57,7 @@ def test_unchanged_ranks_are_reused_and_changed_ones_written_again() -> None:
 
 
 def test_values_equal_but_written_apart_are_written_again() -> None:
-    service = Service(Settings(), clock=Clock())
+    service = Service(Settings(), clock=Clock(T0))
     collector = state_collector(service)
     send(service, sample(0, 1, loss=0.0, grad_norm=float("nan")))
     scrape(collector)
@@ -73,7 +68,7 @@ def test_values_equal_but_written_apart_are_written_again() -> None:
 
 
 def test_a_run_forgotten_and_sent_again_is_never_shown_from_the_cache() -> None:
-    service = Service(Settings(), clock=Clock())
+    service = Service(Settings(), clock=Clock(T0))
     collector = state_collector(service)
     send(service, sample(0, 1, loss=2.0), sample(1, 1, loss=2.0))
     scrape(collector)
@@ -158,7 +153,7 @@ def test_a_rank_whose_values_are_unchanged_keeps_the_text_of_its_run() -> None:
 def test_a_snapshot_of_changed_ranks_frees_their_old_rows_as_it_goes() -> None:
     """Each new row (and its copy of ``latest``) replaces one that is freed then: the garbage collector's
     count of allocations net of frees barely moves, so a scrape sets off no collection of the whole heap."""
-    service = Service(Settings(), clock=Clock())
+    service = Service(Settings(), clock=Clock(T0))
     collector = state_collector(service)
     send(service, *[sample(r, 1, loss=2.0) for r in range(500)])
     collector.snapshot()

@@ -31,8 +31,10 @@ class FakeSender:
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    """A clock a test sets: ``clock.now = ...``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
