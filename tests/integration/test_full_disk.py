@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .alerting import Receiver, ingest, nan_records, until
+from .alerting import ingest, nan_records, until
 from .test_config_reload import StderrLines
 
 
@@ -38,14 +38,6 @@ def metric(sc: Any, name: str) -> float:
 
 def healthy(run: str, step: int) -> list[dict[str, Any]]:
     return [{"run": run, "rank": 0, "time": time.time(), "step": step, "loss": 2.0}]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.release()
-    r.stop()
 
 
 def test_full_disk_holds_the_alert_answers_503_and_delivers_it_once_after(start_sidecar, receiver,

@@ -9,7 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from trainhealth.replay import ReadStats, read_files
@@ -17,13 +17,6 @@ from trainhealth.replay import ReadStats, read_files
 from tests.integration.alerting import Receiver, ingest, oom_records
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def sample(rank: int, step: int, **fields: Any) -> dict[str, Any]:

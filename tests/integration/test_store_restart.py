@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.integration.alerting import Delivery, Receiver, config, ingest, nan_records, oom_records, until
+from tests.integration.alerting import Delivery, config, ingest, nan_records, oom_records, until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.release()
-    r.stop()
 
 
 def delivery_state(sidecar: Any, alert_id: int) -> str:

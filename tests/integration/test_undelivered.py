@@ -9,19 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
-
-import pytest
+from typing import Any
 
 from ..conftest import ROOT
-from .alerting import Receiver, ingest, nan_records, until
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
+from .alerting import ingest, nan_records, until
 
 
 def undelivered_metric(sc: Any, target: str) -> float:
