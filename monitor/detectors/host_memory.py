@@ -68,6 +68,7 @@ __all__ = ["HostMemoryLeak", "HostMemoryLeakSettings", "Series", "jitter"]
 
 _RANK = {"info": 0, "warning": 1, "critical": 2}
 REAPED_SECONDS = 5.0  # after an OOM kill in its cgroup, a rank silent this long (since before the kill) is gone
+JOIN_FRACTION = 0.25  # a rank named beside a group's rise grows at least this fraction of the fastest one's rate
 PEERS_SECONDS = 5.0  # a non-critical incident of a many-rank job waits this long for peers judged with it
 GroupKey = tuple[str, str, float]  # host, cgroup path ("" when unknown), limit
 
@@ -519,9 +520,13 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         lead = g.series.open.growth if g.series.open is not None else None
         since = self._now(g) - (lead.lookback if lead is not None else s.near_seconds)
         if lead is not None or g.alarm or not mine:  # the group's own rise: every rank of it that grows with it
+            # a peer joins when it grows a part of the rise that counts: more than a tenth of an even share,
+            # and at least JOIN_FRACTION of the fastest rank's rate (a healthy rank creeping 0.7 MB/s beside a
+            # leak of 11 MB/s is not a root)
             others = self._rates([r for r in g.ranks() if r not in mine], since)
-            share = 0.1 * rate / max(1, len(g.pss))
-            mine = sorted(set(mine) | {r for r, v in others.items() if v > share}) or g.ranks()
+            top = max([*others.values(), *self._rates(mine, since).values()], default=0.0)
+            floor = max(0.1 * rate / max(1, len(g.pss)), JOIN_FRACTION * top)
+            mine = sorted(set(mine) | {r for r, v in others.items() if v > floor}) or g.ranks()
         rates = self._rates(mine, since)
         first = next((self.ranks[r].open for r in mine if r in self.ranks and self.ranks[r].open), None)
         growth = lead or (first.growth if first is not None else None)

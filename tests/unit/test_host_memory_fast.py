@@ -135,6 +135,27 @@ def test_ranks_under_one_shared_limit_share_its_headroom():
     assert out[0]["headroom_bytes"] == pytest.approx(2 * GB - used, abs=30 * MB)
 
 
+@pytest.mark.parametrize("creep", [0.3 * MB, 0.7 * MB, 1.2 * MB])
+@pytest.mark.parametrize("leak", [8 * MB, 11.4 * MB])
+def test_a_healthy_rank_creeping_beside_a_leak_under_one_limit_is_not_named(creep, leak):
+    # the field case: rank 1 leaks ~11 MB/s into a 2.15 GB cgroup both ranks share while rank 0 (allocator
+    # caches, a DataLoader warming) creeps under 1 MB/s: the page names rank 1 alone, the summed rate counts both
+    ranks = {0: total(const(0.6 * GB), linear(creep * 3600), noise(3 * MB)),
+             1: total(const(0.6 * GB), linear(leak * 3600), noise(3 * MB))}
+    out = alerts(host_trace(ranks, 0.04, every=1.0, machine_bytes=512 * GB, seed=8, limit=2.15 * GB))
+    assert [(a["root_ranks"], a["state"], a["severity"]) for a in out][:1] == [([1], "firing", "critical")]
+    assert "GB left under its 2.15 GB memory limit is gone in ~" in out[0]["summary"]
+
+
+@pytest.mark.parametrize("second", [0.5, 0.8, 1.0])
+def test_ranks_leaking_together_under_one_limit_are_all_named(second):
+    # both ranks leak, the second at 50-100% of the first's rate: both are roots of the one page
+    ranks = {0: total(const(0.6 * GB), linear(second * 8 * MB * 3600), noise(3 * MB)),
+             1: total(const(0.6 * GB), linear(8 * MB * 3600), noise(3 * MB))}
+    out = alerts(host_trace(ranks, 0.04, every=1.0, machine_bytes=512 * GB, seed=8, limit=2.15 * GB))
+    assert [(a["root_ranks"], a["state"]) for a in out][:1] == [([0, 1], "firing")]
+
+
 # -- steady leaks: within 30 minutes, severity from the forecast ---------------------------------
 
 @pytest.mark.parametrize("every", [1.0, 10.0])
