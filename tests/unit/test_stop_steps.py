@@ -54,7 +54,7 @@ def test_the_stop_step_is_far_enough_ahead_for_the_runs_own_step_time(period, le
     status, body = send(service, nan("r", 1, 30, period))
     view = body["runs"]["r"]
     assert view["stops"]["nan_divergence"] == {"step": 30 + lead, "alert": "nan_divergence", "rank": 1,
-                                               "first_step": 30, "severity": "critical"}
+                                               "first_step": 30, "severity": "critical", "confirmed": False}
     # one incident for the run (rank null); the stop names its first rank
     assert [(a["alert"], a["rank"], a["step"]) for a in view["alerts"]] == [("nan_divergence", None, 30)]
 
