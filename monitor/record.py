@@ -115,7 +115,7 @@ class GpuHealth(msgspec.Struct, omit_defaults=True, gc=False):
     pcie_replay_errors: Count | None = None
 
 
-class StopAck(msgspec.Struct, gc=False):
+class StopAck(msgspec.Struct, omit_defaults=True, gc=False):
     """A client's word on a stop step it just heard (docs/record.md, ``stop_ack``): the stop step, and the last
     step its loop had asked ``should_stop`` about when it heard it (None: none yet). ``checked < step``: heard
     in time, the rank waits there for the stop to be confirmed; else it passed the stop (monitor/stop_steps.py)."""

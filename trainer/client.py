@@ -65,7 +65,9 @@ class Telemetry:
     ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests.
 
     ``stop_on``: alert names (docs/alerts.md) that end the loop: ``should_stop(step)`` turns true on
-    every rank at the step the sidecar fixed when one of them first fired for this run. Empty by default.
+    every rank at the step the sidecar fixed when one of them first fired for this run, once every rank
+    acked it in time (``stop_confirm_seconds``, 60 s: how long it waits there for that; hearing.py).
+    Empty by default.
     ``on_alert(alert)``: called once for each alert of this run that starts firing (on a client thread:
     keep it short; an exception in it is logged)."""
 
