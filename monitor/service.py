@@ -236,6 +236,9 @@ class Service:
             refused = {i for i, _ in outcome.refused}
             rejected += [Rejection(indexes[i], exc.field, exc.reason) for i, exc in outcome.refused]
             kept = [r for i, r in enumerate(records) if i not in refused]
+            if others:
+                gone = {id(records[i]) for i in refused}
+                others = [r for r in others if id(r) not in gone]  # a refused ack counts for nothing
             if texts is not None:
                 texts = [t for i, t in enumerate(texts) if i not in refused]
         else:
