@@ -25,6 +25,9 @@ step, ``should_stop`` answers yes only for a confirmed stop; until then the trai
 for the stop to move past its step (go on, and meet the moved stop), or for ``stop_confirm_seconds``
 (go on, log an error, and ack the stop as missed so that the sidecar moves it). A view without
 ``confirmed`` (an older sidecar) is taken as confirmed: no ack, no wait, the behaviour before acks.
+The bound is a last resort (a rank that never acks: one without ``stop_on``, or cut off from the sidecar):
+a confirmation crossing a rank's giving up would split the ranks again, so it is long next to the few
+milliseconds a confirmation takes.
 """
 
 from __future__ import annotations
