@@ -392,3 +392,18 @@ def test_a_restart_forgets_a_confirmed_stop_and_its_acks():
 def test_a_bad_stop_ack_is_refused_naming_the_field(said, field, reason):
     status, body = send(make(), {"type": "heartbeat", "run": "r", "rank": 0, "time": T0, "step": 3, "stop_ack": said})
     assert status == 400 and body["errors"][0]["field"] == field and body["errors"][0]["reason"].startswith(reason)
+
+
+def test_an_ack_from_a_rank_past_the_rank_cap_counts_for_nothing():
+    """A record the pipeline refuses (``limits.max_ranks_per_run``) is no rank of the run: its ack neither
+    confirms nor moves a stop."""
+    settings = Settings()
+    settings.limits.max_ranks_per_run = 2
+    service = Service(settings, clock=lambda: T0 + 3600)
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    status, body = send(service, ack("r", 7, 32, 40))  # refused: 7 would be the run's third rank
+    assert status == 429 and body["errors"][0]["field"] == "rank"
+    assert stop_of(service) == (32, False, 0)
+    send(service, ack("r", 0, 32, 30), ack("r", 1, 32, 30))
+    assert stop_of(service) == (32, True, 0)
