@@ -9,36 +9,16 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any
 
 import pytest
 from trainhealth.trainer.client import Telemetry
+
+from tests.late_hearing import hold_the_first_stop_until_checked
 
 pytestmark = pytest.mark.integration
 
 NAN_STEP = 10
 STEP_SECONDS = 0.02  # the ranks' compute per step (the sidecar's lead: 0.1 s, so 5 steps)
-
-
-def hold_the_first_stop_until_checked(tm: Telemetry, ceiling: float = 60.0) -> list[int]:
-    """Rank 1's hearing, delayed: every view naming the first stop step it is told is handed over only once the
-    loop has checked that step (whichever client thread brings it: an ingest answer or the long poll). Returns
-    the list that gets that step."""
-    hearing = tm._hearing
-    take = hearing.view
-    held: list[int] = []
-
-    def delayed(view: dict[str, Any]) -> None:
-        stop = (view.get("stops") or {}).get("nan_divergence")
-        if isinstance(stop, dict) and (not held or held[0] == stop["step"]):
-            held[:1] = [stop["step"]]
-            deadline = time.monotonic() + ceiling
-            while (hearing.checked or -1) < stop["step"] and time.monotonic() < deadline:
-                threading.Event().wait(0.002)  # poll the training thread's progress (a condition, bounded)
-        take(view)
-
-    hearing.view = delayed  # type: ignore[method-assign]
-    return held
 
 
 def test_a_rank_that_hears_the_stop_after_checking_it_is_not_left_alone_both_stop_later_together(sidecar):
