@@ -1,7 +1,8 @@
 """How ranks end, end to end: a user's DDP loop (tests/e2e/loop_worker.py: the two lines, no ``tm.end()``)
 under torchrun on gloo, a real sidecar. A clean end raises no alert; a crash reaches the sidecar quoted;
 a NaN with ``stop_on`` stops every rank after the same step (2 and 4 ranks, one of them hearing late
-through a proxy that delays the sidecar's answers), and only for an alert in ``stop_on``. The reference
+through a proxy that delays the sidecar's answers; one hearing the stop only after checking it: both stop
+later, together), and only for an alert in ``stop_on``. The reference
 trainer's ``--stop-on`` does the same."""
 
 from __future__ import annotations
