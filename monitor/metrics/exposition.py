@@ -134,10 +134,9 @@ class _RunLines:
             for i, v in zip(ranks, values):
                 now[i] = v
             changed = _changed(values, before)
-            if None in values or None in before:  # (keys are only added: rare after a run's first scrapes)
-                if any(values[k] is None or before[k] is None for k in changed):
-                    self._write(j, names[j])
-                    continue
+            if any(values[k] is None or before[k] is None for k in changed):  # (keys are only added: rare)
+                self._write(j, names[j])
+                continue
             texts = self.texts[j]
             if texts is None:  # the first few-ranks update of this column since it was written whole
                 texts = self.texts[j] = _texts(was, self.present[j])
@@ -146,23 +145,17 @@ class _RunLines:
             self._fill(j, texts)
 
     def _write(self, j: int, name: str) -> None:
-        """Column ``j`` written whole from its values (its template made again when ranks gained or lost a line).
-        Written out here, not through ``_texts`` and ``_fill``: a run of a few ranks pays a call per column."""
+        """Column ``j`` written whole from its values (its template made again when ranks gained or lost a line)."""
         values = cast(list[list[float | None]], self.values)[j]
-        if None in values:
-            present: list[bool] | None = [v is not None for v in values]
-            texts: list[str | float] = ["" if v is None else go(v) for v in values]
-        else:  # a float whose text is its repr as it is: % writes it, in C (go's first case)
-            present = None
-            texts = [d if -_INF < d < 1e6 else _go_large(d) for d in map(float, cast(list[float], values))]
-        template = self.templates[j]
-        if not template or present != self.present[j]:
+        present = [v is not None for v in values] if None in values else None
+        if not self.templates[j] or present != self.present[j]:
             lines = self.labels if present is None else list(compress(self.labels, present))
-            template = self.templates[j] = name + name.join(lines) if lines else ""
+            self.templates[j] = name + name.join(lines) if lines else ""
             self.present[j] = present
+        texts = _texts(values, present)
         if self.texts[j] is not None:  # kept for the few-ranks updates this column had
             self.texts[j] = texts
-        self.text[j] = (template % tuple(texts if present is None else compress(texts, present))).encode()
+        self._fill(j, texts)
 
     def _fill(self, j: int, texts: list[str | float]) -> None:
         present = self.present[j]
