@@ -294,11 +294,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             headroom = min(headroom, avail)
         op = series.open
         if op is None:
-            growth = series.short_growth(t, usage, headroom, s)
-            if growth is None and series.fast_candidate(t, usage, headroom, s):
-                growth = series.fast_growth(t, usage, headroom, s)
-            if growth is not None:
-                series.open = Open(growth, "fast", "critical", t - growth.lookback)
+            if series.opens_fast(t, usage, headroom, s):
                 return True
         elif t >= op.next_check:
             op.next_check = t + FAST_RECHECK
@@ -318,13 +314,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         t, op = rec.time, series.open
         headroom = self._headroom(rec.rank, value, group)
         if op is None or op.kind == "steady":
-            if headroom is not None:
-                growth = series.short_growth(t, value, headroom, s) if op is None else None
-                if growth is None and series.fast_candidate(t, value, headroom, s):
-                    growth = series.fast_growth(t, value, headroom, s)
-                if growth is not None:
-                    series.open = Open(growth, "fast", "critical", t - growth.lookback)
-                    return True
+            if headroom is not None and series.opens_fast(t, value, headroom, s, short=op is None):
+                return True
         if op is not None and op.kind == "fast":
             if t < op.next_check:
                 return False
@@ -380,11 +371,7 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                        minute: bool) -> bool:
         t, op = rec.time, series.open
         if op is None or op.kind == "steady":
-            growth = series.short_growth(t, -avail, avail, s) if op is None else None
-            if growth is None and series.fast_candidate(t, -avail, avail, s):
-                growth = series.fast_growth(t, -avail, avail, s)
-            if growth is not None:
-                series.open = Open(growth, "fast", "critical", t - growth.lookback)
+            if series.opens_fast(t, -avail, avail, s, short=op is None):
                 return True
         elif op.kind == "fast":
             if t < op.next_check:

@@ -327,6 +327,17 @@ class Series:
             return None
         return Growth(rate, rise, span, v)
 
+    def opens_fast(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings, short: bool = True) -> bool:
+        """Open a fast alert (critical) when the short check (unless ``short`` is False: an alert is already
+        open) or the fast check sees a rise that exhausts ``headroom`` soon; True when it opened one."""
+        growth = self.short_growth(t, v, headroom, s) if short else None
+        if growth is None and self.fast_candidate(t, v, headroom, s):
+            growth = self.fast_growth(t, v, headroom, s)
+        if growth is None:
+            return False
+        self.open = Open(growth, "fast", "critical", t - growth.lookback)
+        return True
+
     def rate_since(self, since: float) -> float:
         """Theil-Sen rate (bytes/s) since ``since``: of the raw samples where they reach back that far,
         else of the fine minima (0 with too few points)."""
