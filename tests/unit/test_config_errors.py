@@ -75,6 +75,15 @@ def refused(tmp_path: Path, header: str, needed: dict[str, Any], key: str, value
     return str(err.value)
 
 
+def config_error(tmp_path: Path, text: str) -> str:
+    """The ConfigError a config file of ``text`` gets."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path), {}, {})
+    return str(err.value)
+
+
 @pytest.mark.parametrize("header, needed, dotted, key, value", cases("type"))
 def test_a_value_of_the_wrong_type_is_one_line_naming_key_and_value(tmp_path: Path, header: str,
                                                                    needed: dict[str, Any], dotted: str,
@@ -124,11 +133,7 @@ def test_the_issue_example_reads_exactly(tmp_path: Path) -> None:
      "stop.max_lead_steps: must be >= stop.min_lead_steps (5), got 4"),
 ])
 def test_a_setting_out_of_order_with_another_names_both(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load(str(path), {}, {})
-    assert str(err.value) == message
+    assert config_error(tmp_path, text) == message
 
 
 @pytest.mark.parametrize("text, message", [
@@ -148,11 +153,7 @@ def test_a_setting_out_of_order_with_another_names_both(tmp_path: Path, text: st
     ("[server]\nport = 70000\n", "server.port: must be an integer 0-65535, got 70000"),
 ])
 def test_unknown_keys_sections_and_shapes_are_refused(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load(str(path), {}, {})
-    assert str(err.value).startswith(message)
+    assert config_error(tmp_path, text).startswith(message)
 
 
 @pytest.mark.parametrize("header, cls", [("[server]", ServerSettings), ("[limits]", Limits),
