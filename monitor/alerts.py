@@ -88,8 +88,8 @@ def copied(alert: Alert) -> Alert:
 
 
 def _data_copy(value: Any) -> Any:
-    """A deep copy of an alert's data (lists, dicts and tuples of scalars, nested): ~10x faster than
-    ``copy.deepcopy``, which the status routes would pay per open alert on every call."""
+    """A deep copy of an alert's data (lists, dicts and tuples of scalars, nested): 2-4x faster than
+    ``copy.deepcopy`` (no memo, no dispatch), which ``firing()`` and ``query()`` pay per alert they give."""
     if isinstance(value, list):
         return [_data_copy(v) if isinstance(v, (list, dict, tuple)) else v for v in value]
     if isinstance(value, dict):
