@@ -297,13 +297,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             if series.opens_fast(t, usage, headroom, s):
                 return True
         elif t >= op.next_check:
-            op.next_check = t + FAST_RECHECK
-            growth = series.fast_still_rising(t, headroom, s)
-            if growth is None:
-                series.open = None
-                self._closed(f"usage under the {limit / 1e9:.2f} GB memory limit stopped rising fast")
-            else:
-                op.growth = growth
+            self._recheck_fast(series, op, t, headroom, s,
+                               f"usage under the {limit / 1e9:.2f} GB memory limit stopped rising fast")
             return True
         return judged
 
@@ -376,13 +371,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         elif op.kind == "fast":
             if t < op.next_check:
                 return False
-            op.next_check = t + FAST_RECHECK
-            growth = series.fast_still_rising(t, avail, s)
-            if growth is None:
-                series.open = None
-                self._closed(f"available memory on {self._host(rec.rank) or 'the machine'} stopped falling")
-            else:
-                op.growth = growth
+            self._recheck_fast(series, op, t, avail, s,
+                               f"available memory on {self._host(rec.rank) or 'the machine'} stopped falling")
             return True
         if not minute:
             return False
@@ -637,6 +627,18 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         why = "restarted" if rec.type == "start" else "ended"
         self._closed(f"rank {rec.rank} {why}; its host memory history starts over")
         return self._incident(rec, self.settings) if self.incident is not None else []
+
+    def _recheck_fast(self, series: Series, op: Open, t: float, headroom: float, s: HostMemoryLeakSettings,
+                      stopped: str) -> None:
+        """An open fast alert of a group or a machine, due for its recheck: its growth now, or closed
+        (``stopped`` says why) once the rise no longer exhausts ``headroom`` soon."""
+        op.next_check = t + FAST_RECHECK
+        growth = series.fast_still_rising(t, headroom, s)
+        if growth is None:
+            series.open = None
+            self._closed(stopped)
+        else:
+            op.growth = growth
 
     def _closed(self, why: str) -> None:
         if len(self.whys) < 8:
