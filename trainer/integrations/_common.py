@@ -78,7 +78,7 @@ def numbers(values: dict[str, Any], skip: Iterable[str]) -> dict[str, float]:
 
 
 class Reporting:
-    """What either callback shows of its ``Reporter`` (``self.reporter``)."""
+    """What either callback shows of its ``Reporter`` (``self.reporter``), and asks it each step."""
 
     reporter: Reporter
 
@@ -92,6 +92,10 @@ class Reporting:
     def stop_step(self) -> int | None:
         """The optimizer step after which training stopped for an alert in ``stop_on``; None if it did not."""
         return self.reporter.stop_step
+
+    @guarded
+    def _should_stop(self, step: int) -> bool:
+        return self.reporter.should_stop(step)
 
 
 class Reporter:

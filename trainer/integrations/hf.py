@@ -163,10 +163,6 @@ class TrainHealthCallback(Reporting, TrainerCallback):
             self.reporter.step(step, **sample)
 
     @guarded
-    def _should_stop(self, step: int) -> bool:
-        return self.reporter.should_stop(step)
-
-    @guarded
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
         logs = logs or {}

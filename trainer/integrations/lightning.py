@@ -132,10 +132,6 @@ class TrainHealthCallback(Reporting, Callback):
         self._losses, self._norm = [], None
         self.reporter.step(step, **sample)
 
-    @guarded
-    def _should_stop(self, step: int) -> bool:
-        return self.reporter.should_stop(step)
-
     # -- the end --------------------------------------------------------------------------------------
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
