@@ -396,5 +396,17 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
             batch = []
         batch.append(rec)
     yield from handed(pipeline.process(batch).alerts)
-    if until is not None:
-        yield from handed(pipeline.tick_wall(until))
+    if until is None:
+        return
+    # After the last record, the server's timer: a tick every tick_seconds, not one tick at ``until``. A
+    # detector judges what it sees at its tick's moment (the ranks silent then, a pending verdict); one late
+    # tick would picture an alert that fired 14 s after the last record with every rank that had crossed its
+    # limit by ``until`` (ranks still sending at the end of the file, judged silent only because the file
+    # ended), where the sidecar, watching then, named only the rank that had gone silent (docs/liveness.md,
+    # "The end of a recording"). Each run's clock moves on from its own last record (wall = 0 in replay), so
+    # a run replayed alone (--jobs) ticks the same. Stops early when every run has expired (run_ttl_seconds).
+    steps = max(1, math.ceil(until / tick - 1e-9))
+    for k in range(1, steps + 1):
+        yield from handed(pipeline.tick_wall(min(k * tick, until)))
+        if not pipeline.runs and not pipeline.restored_runs:
+            break
