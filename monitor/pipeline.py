@@ -371,9 +371,9 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
     Records go in batches of at most ``max_batch``, each within one tick (``pipeline.tick_seconds``) of
     record time: a batch is sorted by step, and keeping it short keeps the clock honest (a rank stuck at
     a lower step must not have its records applied minutes late). ``until``: after the last record, let
-    that many seconds pass with no records, as the server's timer would, so a hang or a silent rank at
-    the end of a recording is reported (replay runs with wall = 0, so ``tick_wall(until)`` moves each
-    run's clock on by ``until``).
+    that many seconds pass with no records, as the server's timer would (a ``tick_wall`` every
+    ``tick_seconds``), so a hang or a silent rank at the end of a recording is reported (replay runs with
+    wall = 0, so ``tick_wall(w)`` moves each run's clock on by ``w`` from its own last record).
 
     ``refreshes``: after each batch (and the final tick) also yield the open alerts refreshed in place
     since the last one, as the server hands them to its sinks (``AlertBook.hand_off``: before that
