@@ -120,3 +120,14 @@ def test_the_cli_prints_what_the_sidecar_would_have_said(tmp_path: Path, capsys:
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert lines == json.loads(json.dumps(live(records, 120.0)))
 
+
+
+def test_until_past_run_ttl_reports_the_silence_then_forgets_the_run() -> None:
+    """--until longer than limits.run_ttl_seconds (6 h): the sidecar reports the silence, and forgets the run
+    6 h after its last record. One tick at the end forgot the run at once: nothing was reported at all."""
+    records = tail_silent()
+    got = replayed(records, 30_000.0)
+    assert got == live(records, 30_000.0)
+    assert [(a["state"], a.get("refreshed", False)) for a in got] == [
+        ("firing", False), ("firing", True), ("firing", True), ("resolved", False)]
+    assert got[-1]["summary"] == "run job expired after 21601s without records"
