@@ -327,11 +327,18 @@ class Pipeline:
                 continue
             now = run.clock + max(0.0, wall - run.clock_wall)
             if now - run.last_tick >= self.tick_seconds and self._may_judge(run, wall):
-                events = self._tick_run(run, now)
-                if events:
-                    alerts.extend(self.book.apply(run.run, events))
-                    if run.ended:
-                        alerts.extend(self._close_ended(run))
+                alerts.extend(self.tick_run(run, now))
+        return alerts
+
+    def tick_run(self, run: RunState, now: float) -> list[Alert]:
+        """One timer tick of ``run`` at ``now`` (its record time): ``tick_wall``'s for each run, and replay's
+        while a run's records pause."""
+        events = self._tick_run(run, now)
+        if not events:
+            return []
+        alerts = self.book.apply(run.run, events)
+        if run.ended:
+            alerts.extend(self._close_ended(run))
         return alerts
 
     def _heard_during_hold(self) -> dict[str, set[int]]:
@@ -366,7 +373,8 @@ def run_last_step(run: RunState) -> int:
 def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 256,
            until: float | None = None, refreshes: bool = False) -> Iterator[Alert]:
     """The replay loop (``trainhealth replay``, tests, benchmarks): feed records in order, record time
-    as the clock, and yield alert transitions as they happen.
+    as the clock, and yield alert transitions as they happen. While a run's records pause, and after the
+    last record, its detectors tick every ``tick_seconds``, as the server's timer ticks them.
 
     Records go in batches of at most ``max_batch``, each within one tick (``pipeline.tick_seconds``) of
     record time: a batch is sorted by step, and keeping it short keeps the clock honest (a rank stuck at
@@ -390,11 +398,40 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
 
     batch: list[Record] = []
     tick = pipeline.tick_seconds
+    runs, ttl = pipeline.runs, pipeline.limits.run_ttl_seconds
+
+    def paused(batch: list[Record]) -> list[Alert]:
+        """The server's timer ticks a run every tick_seconds while its records pause (a hang, heartbeats
+        only, a checkpoint save): so does replay, on the run's own clock, before the batch that ends the
+        pause. A verdict due in the pause is judged then, on what was known then (the ranks waiting, the
+        memory figures), as the server judges it, not at the next record with that record applied. Per run,
+        so a run replayed alone (--jobs) ticks the same. A batch spans less than a tick: pauses fall between
+        batches, and batches of any size tick alike. At most ``limits.run_ttl_seconds`` of a pause is ticked
+        (the server forgets a run silent that long; replay keeps it, as it always did)."""
+        firsts: dict[str, float] = {}
+        for rec in batch:
+            t = firsts.get(rec.run)
+            if t is None or rec.time < t:
+                firsts[rec.run] = rec.time
+        alerts: list[Alert] = []
+        for name, t in firsts.items():
+            run = runs.get(name)
+            if run is None:
+                continue
+            now, end = run.clock + tick, min(t, run.clock + ttl)
+            while now < end:
+                if now - run.last_tick >= tick:
+                    alerts += pipeline.tick_run(run, now)
+                now += tick
+        return alerts
+
     for rec in records:
         if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
+            yield from handed(paused(batch))
             yield from handed(pipeline.process(batch).alerts)
             batch = []
         batch.append(rec)
+    yield from handed(paused(batch))
     yield from handed(pipeline.process(batch).alerts)
     if until is None:
         return
