@@ -400,20 +400,20 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
     tick = pipeline.tick_seconds
     runs, ttl = pipeline.runs, pipeline.limits.run_ttl_seconds
 
-    def paused(batch: list[Record]) -> list[Alert]:
+    def paused(batch: list[Record]) -> Iterator[list[Alert]]:
         """The server's timer ticks a run every tick_seconds while its records pause (a hang, heartbeats
         only, a checkpoint save): so does replay, on the run's own clock, before the batch that ends the
         pause. A verdict due in the pause is judged then, on what was known then (the ranks waiting, the
         memory figures), as the server judges it, not at the next record with that record applied. Per run,
         so a run replayed alone (--jobs) ticks the same. A batch spans less than a tick: pauses fall between
         batches, and batches of any size tick alike. At most ``limits.run_ttl_seconds`` of a pause is ticked
-        (the server forgets a run silent that long; replay keeps it, as it always did)."""
+        (the server forgets a run silent that long; replay keeps it, as it always did). Each tick's
+        transitions apart, so that its refreshes are handed out after it, as the server's are."""
         firsts: dict[str, float] = {}
         for rec in batch:
             t = firsts.get(rec.run)
             if t is None or rec.time < t:
                 firsts[rec.run] = rec.time
-        alerts: list[Alert] = []
         for name, t in firsts.items():
             run = runs.get(name)
             if run is None:
@@ -421,17 +421,18 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
             now, end = run.clock + tick, min(t, run.clock + ttl)
             while now < end:
                 if now - run.last_tick >= tick:
-                    alerts += pipeline.tick_run(run, now)
+                    yield pipeline.tick_run(run, now)
                 now += tick
-        return alerts
 
     for rec in records:
         if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
-            yield from handed(paused(batch))
+            for ticked in paused(batch):
+                yield from handed(ticked)
             yield from handed(pipeline.process(batch).alerts)
             batch = []
         batch.append(rec)
-    yield from handed(paused(batch))
+    for ticked in paused(batch):
+        yield from handed(ticked)
     yield from handed(pipeline.process(batch).alerts)
     if until is None:
         return
