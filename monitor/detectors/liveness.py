@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
-from ..config.rules import flag
+from ..config.rules import flag, ordered, positive
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -87,17 +87,10 @@ class RankStalledSettings:
 
     def __post_init__(self) -> None:
         flag(self, "rank_stalled", "enabled")
-        for key in ("floor_seconds", "factor", "ceiling_seconds", "startup_seconds",
-                    "silence_floor_seconds"):
-            value = getattr(self, key)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"rank_stalled.{key}: must be a positive number, got {value!r}")
-        if self.factor < 1:
-            raise ValueError(f"rank_stalled.factor: must be >= 1, got {self.factor!r}")
-        if self.ceiling_seconds < self.floor_seconds:
-            raise ValueError(f"rank_stalled.ceiling_seconds: must be >= floor_seconds "
-                             f"({self.floor_seconds!r}), got {self.ceiling_seconds!r}")
+        positive(self, "rank_stalled", "floor_seconds", "factor", "ceiling_seconds", "startup_seconds",
+                 "silence_floor_seconds")
+        ordered(self, "rank_stalled", "factor", ">=", 1)
+        ordered(self, "rank_stalled", "ceiling_seconds", ">=", self.floor_seconds, "floor_seconds")
 
 
 class RankStalled(Detector[RankStalledSettings]):
