@@ -49,6 +49,7 @@ def test_page_charts_the_newest_run_with_its_nan_and_alerts() -> None:
     # the LR's linear-scaling value, dashed on the LR chart: 0.02 x 4 / 16, from the first start to the end
     assert [p[1] for p in chart["lr_expected"]] == [0.005, 0.005]
     assert chart["lr_expected"][-1][0] == chart["series"][1]["time"][-1]
+    assert "First non-finite value: rank <b>1</b> at step <b>150</b>" in page and "diverged: ranks 0, 1</p>" in page
     assert html.page(model(service, "older")).count('class="chosen"') == 1
     assert chart_data(html.page(model(service, "older")))["chosen"] == "older"
 
