@@ -323,16 +323,24 @@
       });
     });
     lines.forEach(function (s, k) {
-      var ys = s[spec.key], d = "", pen = false, n = 0;
+      var ys = s[spec.key], d = "", pen = false, n = 0, lone = [], run = [];
+      // a point with no finite neighbour draws no line (a grad norm sent only on logging steps, then NaN): a dot
+      var endRun = function () { if (run.length === 1) lone.push(run[0]); run = []; };
       for (var i = 0; i < ys.length; i++) {
         if (ys[i] === null || ys[i] === undefined) continue;  // not measured at this sample: join the neighbours
-        if (!finite(ys[i])) { pen = false; continue; }  // NaN/inf: the line breaks, a red x marks it
+        if (!finite(ys[i])) { pen = false; endRun(); continue; }  // NaN/inf: the line breaks, a red x marks it
         d += (pen ? "L" : "M") + X(s.step[i]).toFixed(1) + " " + Y(ys[i]).toFixed(1);
+        run.push([X(s.step[i]), Y(ys[i])]);
         pen = true; n++;
       }
-      var p = el("path", {d: d, stroke: COLORS[k % COLORS.length], "class": "line", "data-rank": s.rank,
-                          "data-points": n}, svg);
+      endRun();
+      var color = COLORS[k % COLORS.length];
+      var p = el("path", {d: d, stroke: color, "class": "line", "data-rank": s.rank, "data-points": n}, svg);
       el("title", {}, p).textContent = "rank " + s.rank;
+      lone.forEach(function (pt) {
+        el("circle", {cx: pt[0].toFixed(1), cy: pt[1].toFixed(1), r: 2.5, fill: color, "class": "dot",
+                      "data-rank": s.rank}, svg);
+      });
     });
     // the dashed references over the lines: a rank exactly at its expected LR still shows the dash
     refs.forEach(function (pts) {
