@@ -151,3 +151,17 @@ def test_a_value_with_no_finite_neighbour_is_drawn_as_a_dot(browser: Browser, tm
                         ".map(c => [c.closest('svg.chart').dataset.key, +c.dataset.rank]))")
     assert json.loads(dots) == [["grad_norm", 1]]  # rank 0's two values make a line; every loss is on one
     assert browser.errors() == [], browser.errors()
+
+
+def test_a_live_window_with_no_finite_value_says_so(start_sidecar, browser: Browser) -> None:
+    # The job went on long after its NaN: the last 240 samples of the loss are all NaN. The loss chart says so
+    # (it was an empty axis with a row of red marks); the grad norm, finite, draws as before.
+    sidecar = start_sidecar()
+    post(sidecar, diverging_run(steps=300, nan_step=20))
+    browser.open(f"{sidecar.url}/?run={RUN}")
+    browser.wait_for("document.querySelectorAll('svg.chart').length === 5")
+    notes = json.loads(browser.eval("JSON.stringify(Array.from(document.querySelectorAll('svg.chart text.no-finite'))"
+                                    ".map(t => [t.closest('svg.chart').dataset.key, t.textContent]))"))
+    assert [key for key, _ in notes] == ["loss"]
+    assert notes[0][1].startswith("every value here is NaN or infinite (steps ")
+    assert browser.errors() == [], browser.errors()

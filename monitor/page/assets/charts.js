@@ -236,6 +236,7 @@
       if (any) lines.push(s);
     });
     if (!lines.length) return null;
+    var noFinite = lo === Infinity;  // every value shown is NaN or infinite: an empty plot says so (below)
     var s0 = tl.s0, s1 = tl.s1 > tl.s0 ? tl.s1 : tl.s0 + 1;
     var xs = xScale(s0, s1, tl.focus), X = xs.X;
     var refs = [];  // dashed reference lines: [[step, y], ...]
@@ -358,6 +359,10 @@
         " (" + fmtTime(m.t) + " UTC)";
       el("path", {d: "M" + (x - 4) + " " + (T - 4) + "l8 8m0 -8l-8 8"}, g);
     });
+    if (noFinite) {  // a run that went on after its NaN: the live window holds no finite value of it any more
+      el("text", {x: (L + W - R) / 2, y: (T + H - B) / 2, "class": "no-finite", "text-anchor": "middle"}, svg)
+        .textContent = "every value here is NaN or infinite (steps " + s0 + "-" + s1 + "): see where it began above";
+    }
     // an alert just before the first sample (lr_scaling at step 0, the start) is drawn at the left edge
     var near = (s1 - s0) * 0.05;
     var shown = marked.filter(function (e) { return e.step >= s0 - near && e.step <= s1; });
