@@ -220,9 +220,14 @@ class Telemetry:
 
     def start(self, **fields: Any) -> None:
         """The run's start: world_size, batch_size, lr, reference_lr, reference_batch_size, warmup_steps,
-        optimizer, config... host and pid are filled in. Sent at once, ahead of the first samples."""
+        optimizer, config... host and pid are filled in, and ``stop_on`` in ``config`` (a dict, or one made)
+        when the client has one and the config does not name it. Sent at once, ahead of the first samples."""
         if dataclasses.is_dataclass(fields.get("config")):
             fields["config"] = dataclasses.asdict(fields["config"])
+        config = fields.get("config")
+        if self._hearing.stop_on and (config is None or isinstance(config, dict) and "stop_on" not in config):
+            # the pages say "stopped by stop_on" from the start's config (docs/page.md)
+            fields["config"] = {**(config or {}), "stop_on": sorted(self._hearing.stop_on)}
         host = self.settings.host or socket.gethostname()  # TRAINHEALTH_HOST, else the machine's
         self._send_kind("start", None, {"world_size": self.world_size, "host": host, "pid": os.getpid(), **fields})
         self._active = True

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ..detectors.helpers.incident import OomFacts, death, span
+from ..detectors.helpers.incident import OomFacts, death
 from ..record import ErrorInfo
 from . import html
+from .html import ranks_text
 
 # Settings found wrong when the run started: the reason for what followed, named under "why", never the
 # incident itself while a later alert says what went wrong.
@@ -33,11 +34,6 @@ def roots(alert: Mapping[str, Any]) -> list[int]:
     if alert.get("rank") is not None:
         return [alert["rank"]]
     return [r for r in (alert.get("root_ranks") or ()) if isinstance(r, int)]
-
-
-def ranks_text(ranks: Sequence[int]) -> str:
-    """"rank 3", "ranks 0, 2", "ranks 0-63, 70": consecutive ranks as a range, every one named."""
-    return ("rank " if len(ranks) == 1 else "ranks ") + span(ranks, groups_shown=None, pair=", ")
 
 
 def where_html(alert: Mapping[str, Any], hosts: Mapping[int, str]) -> str:

@@ -191,3 +191,17 @@ def test_report_of_a_folder_takes_its_jsonl_files_and_nothing_read_is_an_error(t
     err = capsys.readouterr().err
     assert err.startswith("trainhealth report: no record read from ") and "nothing written" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "e.html").exists()
+
+
+def test_host_growth_over_a_short_span_is_told_with_its_span_not_as_a_rate_per_hour(tmp_path) -> None:
+    # 45 MiB in the first 8 s of a run (its start) is not "20 GiB/h"; after 10 minutes a rate per hour means something
+    def page(seconds: float) -> str:
+        path = tmp_path / f"run{seconds}.jsonl"
+        rows = [{"run": "r", "rank": 0, "time": 1000.0 + t, "step": i + 1, "loss": 1.0,
+                 "host_mem_bytes": 281 * 2**20 + 45 * 2**20 * i} for i, t in enumerate((0.0, seconds))]
+        path.write_text(lines(rows))
+        return report.build([str(path)], load())[0]
+
+    short = page(8.0)
+    assert "281 MiB to 326 MiB (+45 MiB in 8 s)" in short and "/h on average" not in short
+    assert "281 MiB to 326 MiB (270 MiB/h on average)" in page(600.0)
