@@ -16,7 +16,8 @@ signal interrupted) is a socket that a thread of ours reads (``trainhealth-sigte
 handler would, and whichever of the two comes first acts, once. Other signal numbers on the socket (the
 SIGINT handler's, a SIGCHLD handler's) are ignored. The wakeup fd is taken only when none is set (an
 event loop's stays: the Python handler alone then). A handler installed after ours (Lightning,
-accelerate, a requeue handler) wins: our thread acts only while ours is SIGTERM's handler. A forked child
+accelerate, a requeue handler) wins: we act only while ours is SIGTERM's handler (one that chains to ours
+is answered with nothing, as SIG_DFL would have been by it). A forked child
 (a DataLoader worker) lets go of both, and never acts. ``release`` (the last watching client closed, in
 the main thread) puts back what is still ours.
 """
@@ -135,7 +136,10 @@ def _read(reader: socket.socket) -> None:
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     """The Python handler (the main thread, between two bytecodes). It may have interrupted a client call that
     holds the outbox's lock, so the ends are sent from another thread; this one waits for them (bounded),
-    then dies by SIGTERM."""
+    then dies by SIGTERM. Called by a handler installed over ours that chains to the one it found (Lightning's
+    does), it does nothing: that handler decides, as it would have without the client."""
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        return
     if _owner == os.getpid():
         threading.Thread(target=_act, name=THREAD_NAME, daemon=True).start()
         _reported.wait(_bound() + MARGIN_SECONDS)

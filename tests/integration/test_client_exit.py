@@ -222,8 +222,10 @@ def test_a_sigterm_sends_end_failed_and_the_process_still_dies_by_sigterm(tmp_pa
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_sigterm_handler_of_the_users_is_left_alone(tmp_path, when):
     # Lightning, accelerate, a Slurm requeue handler: theirs decides. Installed after the client, ours stands
-    # down: its thread hears the signal at once, but the user's handler runs and takes its time.
-    mine = "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.0), os._exit(7)))\n"
+    # down: its thread hears the signal at once, but the user's handler runs and takes its time; it chains to
+    # the handler it found, as Lightning's does (ours, then: it does nothing when called so).
+    mine = ("prev = signal.getsignal(signal.SIGTERM)\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (callable(prev) and prev(*a), time.sleep(1.0), os._exit(7)))\n")
     before = mine if when == "before" else ""
     prelude = PRELUDE.replace("from trainhealth import Telemetry\n", f"from trainhealth import Telemetry\n{before}")
     done, records = signalled(tmp_path, ("tm.flush(5)\n" + (mine if when == "after" else "")
