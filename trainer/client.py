@@ -92,7 +92,7 @@ class Telemetry:
         s = self.settings
         self.run, self.rank, self.world_size = s.run, s.rank, s.world_size
         # under trainhealth.launch (it hands its launch id to its child): the launcher reports the death itself
-        self.launched = bool((os.environ if environ is None else environ).get("TRAINHEALTH_LAUNCH_ID"))
+        self._launched = bool((os.environ if environ is None else environ).get("TRAINHEALTH_LAUNCH_ID"))
         self._clock = clock
         self._monotonic = monotonic
         self._warn = LimitedLog()

@@ -31,7 +31,7 @@ def register(tm: Any) -> None:
     _LIVE.add(tm)
     install_hooks(_LIVE)
     _python_stacks_on_fatal_signals()
-    if tm.settings.report_sigterm and not tm.launched:
+    if tm.settings.report_sigterm and not tm._launched:
         sigterm.watch(tm)
 
 
