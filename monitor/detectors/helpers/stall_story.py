@@ -157,8 +157,9 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
 
 def _stopped_with_failed(det: Stalls, quiet: list[int], failed: list[int]) -> list[int]:
     """Quiet ranks on a host where a rank failed with a collective error, while ranks of another host went
-    quiet: torchrun stops a node's other workers (SIGTERM: nothing sent) when one of them fails, so their
-    silence is a consequence of the others', not the root. Without hosts (older clients): none."""
+    quiet: torchrun stops a node's other workers (SIGTERM: nothing sent by a client that does not report it)
+    when one of them fails, so their silence is a consequence of the others', not the root. Without hosts
+    (older clients): none."""
     if not failed:
         return []
     torn = {det.run.ranks[q].host for q in failed if q in det.run.ranks} - {None}
