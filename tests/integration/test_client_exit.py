@@ -277,3 +277,16 @@ def test_a_forked_child_dies_by_sigterm_silently_and_close_gives_sigterm_back(tm
     """)
     assert done.returncode == 0 and "closed" in done.stdout, done.stderr
     assert [(r["type"], r.get("status")) for r in records if r["type"] != "sample"] == [("end", "completed")]
+
+
+def test_other_signals_on_the_wakeup_fd_are_ignored(tmp_path):
+    # every signal with a Python handler writes its number to the wakeup fd (SIGINT's, a SIGCHLD handler's)
+    done, records = run(tmp_path, """
+        got = []
+        signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.3)  # our thread has read the byte by now
+        assert got == [1] and signal.getsignal(signal.SIGTERM).__name__ == "_on_sigterm"
+    """)
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in ends(records)] == ["completed"]
