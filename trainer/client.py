@@ -374,16 +374,17 @@ class Telemetry:
         except Exception as inner:  # the report must not hide the crash
             log.warning("trainhealth: could not report %s: %r", exc_type.__name__, inner)
 
-    def _signalled(self, name: str) -> None:
+    def _signalled(self, name: str) -> bool:
         """A signal is about to end the process (sigterm.py, on a thread of its own): ``end`` with status "failed"
-        and ``signal``, sent and waited for up to ``crash_flush_seconds``. Records after it are dropped: the end
-        stays the rank's last word."""
+        and ``signal``, sent at once (sigterm.py then waits for it, up to ``crash_flush_seconds``). Records after
+        it are dropped: the end stays the rank's last word. False when closed (nothing to wait for)."""
         if self._closed:
-            return
+            return False
         self._send_kind("end", None, {"status": "failed", "signal": name})
         self._active = False
         self._push = lifecycle.drop
-        self.flush(self.settings.crash_flush_seconds)
+        self._outbox.request_flush()
+        return True
 
     def _gpu_health_now(self) -> None:
         """A GPU health reading now, in a heartbeat, from the probes that read one (gpu_health.py)."""

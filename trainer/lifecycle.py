@@ -4,7 +4,7 @@
 uncaught exception calls ``tm._crashed(...)`` (crash.py's hooks, installed once); in a forked child (a
 DataLoader worker) the copy of ``tm`` gets ``tm._after_fork_in_child()`` and goes quiet; a segfault or an
 abort prints the Python stack of every thread (faulthandler); a SIGTERM, where it would kill the process
-silently, calls ``tm._signalled("SIGTERM")`` first (sigterm.py; ``report_sigterm``, not under
+silently, calls ``tm._signalled("SIGTERM")`` and waits for its end first (sigterm.py; ``report_sigterm``, not under
 trainhealth.launch). ``unregister(tm)`` at close.
 """
 

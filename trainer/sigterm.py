@@ -147,22 +147,31 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _act() -> None:
-    """Once per process: every watching client sends its end and waits for it (bounded); then die."""
+    """Once per process: every watching client sends its end, then they are waited for together, up to the
+    longest ``crash_flush_seconds`` of them; then die."""
     if not _acting.acquire(blocking=False):
         return  # the other path acts, and kills the process
     try:
+        deadline = time.monotonic() + _bound()
+        sent = []
         for tm in list(_clients):
             try:
-                tm._signalled("SIGTERM")
+                if tm._signalled("SIGTERM"):
+                    sent.append(tm)
             except Exception as exc:  # the report must never keep the process alive
                 log.warning("trainhealth: could not report SIGTERM: %r", exc)
+        for tm in sent:
+            try:
+                tm.flush(max(0.0, deadline - time.monotonic()))
+            except Exception as exc:
+                log.warning("trainhealth: could not deliver the SIGTERM report: %r", exc)
     finally:
         _reported.set()
         _die()
 
 
 def _bound() -> float:
-    return float(sum(tm.settings.crash_flush_seconds for tm in list(_clients)))
+    return max((float(tm.settings.crash_flush_seconds) for tm in list(_clients)), default=0.0)
 
 
 def _die() -> None:
