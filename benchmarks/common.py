@@ -130,6 +130,17 @@ class Sidecar:
 
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
+    def peak_rss(self) -> int | None:
+        """The most RSS it has had (VmHWM, Linux); None where /proc does not say."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
     def profile(self, path: Path, seconds: float) -> subprocess.Popen | None:
         """py-spy (if installed) records the sidecar for ``seconds`` into a speedscope file."""
         if shutil.which("py-spy") is None:

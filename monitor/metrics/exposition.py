@@ -16,7 +16,9 @@ their values are read, compared and formatted). The text is the same; it is kept
 is joined once. Columns, not ranks, because the text is family by family and because most families change in
 every rank or in none between two scrapes (a rank sends a record every step, a scrape comes every few
 seconds): a column is then one ``%`` and one ``encode`` for a thousand lines, where a rank's line each was
-a Python call.
+a Python call. A column costs about 2 us beyond its lines, which many small runs feel (256 runs of 4 ranks are
+4,864 columns): a render without a cache writes every run's ranks as one column per family, and a run keeps
+its columns in a few lists, not an object each (fewer objects for the garbage collector to count).
 """
 
 from __future__ import annotations
@@ -82,79 +84,89 @@ class RankLines:
 
 
 class _RunLines:
-    """One run's columns, one per family, and the ranks they are of: each rank's RankState and record count
-    (``source`` and ``version`` of its row) and its labels, ``{rank="0",run="job"} %s\\n`` (``%`` doubled)."""
+    """One run's text, a column per family (the family's lines of the run's ranks, UTF-8), and the ranks it is
+    of: each rank's RankState and record count (``source`` and ``version`` of its row) and its labels,
+    ``{rank="0",run="job"} %s\\n`` (``%`` doubled). Column ``j`` is kept as ``values[j]``, the values shown
+    (one per rank, None where the rank has none), ``present[j]``, which ranks have a line (None: all of them),
+    ``templates[j]``, those lines with ``%s`` where the values go, ``texts[j]``, the text of each value (per
+    rank, "" where none; None until a few-ranks update needs them), and ``text[j]``, the column's text.
 
-    __slots__ = ("sources", "versions", "labels", "columns")
+    Lists by column, not an object per column: a thousand runs of a few ranks would make 20,000 objects for
+    the garbage collector to count at a first scrape, and the collections they set off scan every run's state
+    (256 runs of 4 ranks: a first render twice the time of writing its lines)."""
 
-    def __init__(self, run: str, rows: Sequence[RankRow], sources: list[object], versions: list[int],
-                 names: list[str]) -> None:
-        self.sources, self.versions = sources, versions
-        run_label = _template_text(escape_label_value(run))
-        self.labels = [f'{{rank="{_template_text(escape_label_value(row.rank))}",run="{run_label}"}} %s\n'
-                       for row in rows]
-        self.columns = [_Column(_template_text(name)) for name in names]
+    __slots__ = ("sources", "versions", "labels", "values", "present", "templates", "texts", "text")
 
+    def __init__(self, labels: list[str], sources: list[object], versions: list[int]) -> None:
+        self.sources, self.versions, self.labels = sources, versions, labels
+        self.values: list[list[float | None]] | None = None  # None: never written
+        self.present: list[list[bool] | None] = []
+        self.templates: list[str] = []
+        self.texts: list[list[str | float] | None] = []  # (a float: one whose str is its text)
+        self.text: list[bytes] = []
 
-class _Column:
-    """One family's lines of one run: the values shown (one per rank, None where the rank has none), the text
-    of each (per rank, "" where none), which ranks have a line (None: all of them), the template of those
-    lines and the column's text."""
-
-    __slots__ = ("name", "values", "texts", "present", "template", "text")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.values: list[float | None] | None = None  # None: never written
-        self.texts: list[str | float] = []  # (a float: one whose str is its text)
-        self.present: list[bool] | None = None
-        self.template = ""
-        self.text = b""
-
-    def update(self, values: list[float | None], labels: list[str]) -> None:
-        """Written again, every value (C-level maps where it can), unless every value is as before
-        (``_same``): most columns are all equal or all changed when many ranks took a record since."""
+    def update(self, table: list[list[float | None]], names: list[str]) -> None:
+        """``table``: each column's values now (``_read``). A column is written again, every value (C-level maps
+        where it can), unless every value is as before (``_same``): most columns are all equal or all changed
+        when many ranks took a record since. ``names``: the families' names (``%`` doubled)."""
         was = self.values
-        if was is None or not _same(values, was):
-            self.values = values
-            self._write_all(values, labels)
-
-    def update_ranks(self, ranks: list[int], values: list[float | None], labels: list[str]) -> None:
-        """``update`` when a few ranks took a record since (heartbeats, a step half reported): ``ranks``
-        their positions in the run and ``values`` theirs now; the other ranks' values are as they were.
-        Only the changed values are formatted again (all of them when a rank gained or lost one)."""
-        was = cast(list[float | None], self.values)  # (written before: the run is not new)
-        before = list(map(was.__getitem__, ranks))
-        if _same(values, before):
-            return
-        now = was.copy()
-        for i, v in zip(ranks, values):
-            now[i] = v
-        self.values = now
-        texts = self.texts
-        for j in _changed(values, before):
-            v = values[j]
-            if v is None or before[j] is None:  # (keys are only added: rare after a run's first scrapes)
-                self._write_all(now, labels)
-                return
-            texts[ranks[j]] = go(v)
-        self._fill()
-
-    def _write_all(self, values: list[float | None], labels: list[str]) -> None:
-        present = [v is not None for v in values] if None in values else None
-        if not self.template or present != self.present:
-            lines = labels if present is None else list(compress(labels, present))
-            self.template = self.name + self.name.join(lines) if lines else ""
-            self.present = present
-        if present is None:  # a float whose text is its repr as it is: % writes it, in C (go's first case)
-            self.texts = [d if -_INF < d < 1e6 else _go_large(d) for d in map(float, cast(list[float], values))]
+        self.values = table
+        if was is None:  # the run's first text: every column
+            n = len(table)
+            self.present, self.templates, self.texts, self.text = [None] * n, [""] * n, [None] * n, [b""] * n
+            changed: Iterable[int] = range(n)
         else:
-            self.texts = ["" if v is None else go(v) for v in values]
-        self._fill()
+            changed = [j for j, (now, before) in enumerate(zip(table, was)) if not _same(now, before)]
+        for j in changed:
+            self._write(j, names[j])
 
-    def _fill(self) -> None:
-        texts = self.texts if self.present is None else compress(self.texts, self.present)
-        self.text = (self.template % tuple(texts)).encode()
+    def update_ranks(self, ranks: list[int], table: list[list[float | None]], names: list[str]) -> None:
+        """``update`` when a few ranks took a record since (heartbeats, a step half reported): ``ranks``
+        their positions in the run and ``table`` their values now; the other ranks' values are as they were.
+        Only the changed values are formatted again (a column's all when a rank gained or lost one)."""
+        columns = cast(list[list[float | None]], self.values)  # (written before: the run is not new)
+        for j, values in enumerate(table):
+            was = columns[j]
+            before = list(map(was.__getitem__, ranks))
+            if _same(values, before):
+                continue
+            now = columns[j] = was.copy()
+            for i, v in zip(ranks, values):
+                now[i] = v
+            changed = _changed(values, before)
+            if any(values[k] is None or before[k] is None for k in changed):  # (keys are only added: rare)
+                self._write(j, names[j])
+                continue
+            texts = self.texts[j]
+            if texts is None:  # the first few-ranks update of this column since it was written whole
+                texts = self.texts[j] = _texts(was, self.present[j])
+            for k in changed:
+                texts[ranks[k]] = go(cast(float, values[k]))
+            self._fill(j, texts)
+
+    def _write(self, j: int, name: str) -> None:
+        """Column ``j`` written whole from its values (its template made again when ranks gained or lost a line)."""
+        values = cast(list[list[float | None]], self.values)[j]
+        present = [v is not None for v in values] if None in values else None
+        if not self.templates[j] or present != self.present[j]:
+            lines = self.labels if present is None else list(compress(self.labels, present))
+            self.templates[j] = name + name.join(lines) if lines else ""
+            self.present[j] = present
+        texts = _texts(values, present)
+        if self.texts[j] is not None:  # kept for the few-ranks updates this column had
+            self.texts[j] = texts
+        self._fill(j, texts)
+
+    def _fill(self, j: int, texts: list[str | float]) -> None:
+        present = self.present[j]
+        self.text[j] = (self.templates[j] % tuple(texts if present is None else compress(texts, present))).encode()
+
+
+def _texts(values: list[float | None], present: list[bool] | None) -> list[str | float]:
+    """The text of each value ("" where none; ``present``: None when every rank has one)."""
+    if present is None:  # a float whose text is its repr as it is: % writes it, in C (go's first case)
+        return [d if -_INF < d < 1e6 else _go_large(d) for d in map(float, cast(list[float], values))]
+    return ["" if v is None else go(v) for v in values]
 
 
 def _same(values: list[float | None], was: list[float | None]) -> bool:
@@ -176,6 +188,12 @@ def _template_text(text: str) -> str:
     return text.replace("%", "%%")
 
 
+def _labels(run: str, rows: Sequence[RankRow]) -> list[str]:
+    """Each rank's labels and the place of its value: ``{rank="0",run="job"} %s\n`` (``%`` doubled)."""
+    run_label = _template_text(escape_label_value(run))
+    return [f'{{rank="{_template_text(escape_label_value(row.rank))}",run="{run_label}"}} %s\n' for row in rows]
+
+
 _SOURCE, _VERSION, _LATEST = attrgetter("source"), attrgetter("version"), attrgetter("latest")
 
 
@@ -195,25 +213,33 @@ def per_rank_parts(runs: Iterable[tuple[str, Sequence[RankRow]]],
     ``row.latest``, help); ``state``: (name, help, value of a row or None to leave the series out).
     Families in that order, runs in snapshot order within each, ranks in snapshot order within a run.
     ``cache``: reuse the text of what did not change since the previous call with the same cache (without
-    one, everything is written: the same code, nothing kept)."""
-    if cache is None:
-        cache = RankLines()
-    with cache.lock:
-        return _parts(runs, values, state, cache)
-
-
-def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple[str, str, str]],
-           state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]], cache: RankLines) -> list[bytes]:
-    """Run by run (a run's columns are what the cache keeps: a run moves in the order of runs whole), then
-    assembled family by family. A family's values of a run's ranks are read at once (``map``, in C)."""
+    one, everything is written and nothing kept: the ranks of every run as one run, a column per family)."""
     names = [name for name, _, _ in values] + [name for name, _, _ in state]
+    templated = [_template_text(name) for name in names]
+    keys = [key for _, key, _ in values]
+    getters = [get for _, _, get in state]
+    if cache is None:  # (a column per run and family costs ~2 us more than its lines: 256 runs of 4 ranks, 10 ms)
+        every: list[RankRow] = []
+        labels: list[str] = []
+        for run, rows in runs:
+            every += rows
+            labels += _labels(run, rows)
+        lines = _RunLines(labels, [], [])
+        lines.update(_read(every, keys, getters), templated)
+        return _assembled(values, state, [lines.text])
+    with cache.lock:
+        return _assembled(values, state, _parts(runs, names, templated, keys, getters, cache))
+
+
+def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], names: list[str], templated: list[str], keys: list[str],
+           getters: list[Callable[[RankRow], float | None]], cache: RankLines) -> list[list[bytes]]:
+    """Each run's text, column by column: run by run (a run's columns are what the cache keeps: a run moves in
+    the order of runs whole). A family's values of a run's ranks are read at once (``map``, in C)."""
     if names != cache.names:  # other families: nothing to reuse
         cache.runs, cache.names = {}, names
     old = cache.runs
     kept: dict[str, _RunLines] = {}
-    per_run: list[list[_Column]] = []
-    keys = [key for _, key, _ in values]
-    getters = [get for _, _, get in state]
+    per_run: list[list[bytes]] = []
     reused = 0
     for run, rows in runs:
         sources, versions = list(map(_SOURCE, rows)), list(map(_VERSION, rows))
@@ -222,31 +248,36 @@ def _parts(runs: Iterable[tuple[str, Sequence[RankRow]]], values: Sequence[tuple
             if versions == lines.versions:  # no rank took a record since: every column as it was
                 reused += len(rows)
                 kept[run] = lines
-                per_run.append(lines.columns)
+                per_run.append(lines.text)
                 continue
             moved = list(compress(range(len(rows)), map(ne, versions, lines.versions)))
             reused += len(rows) - len(moved)
             lines.versions = versions
             keep = True
             if len(moved) * 4 < len(rows):  # a few ranks took a record: only theirs read and compared
-                for column, values_now in zip(lines.columns, _read([rows[i] for i in moved], keys, getters)):
-                    column.update_ranks(moved, values_now, lines.labels)
+                lines.update_ranks(moved, _read([rows[i] for i in moved], keys, getters), templated)
                 kept[run] = lines
-                per_run.append(lines.columns)
+                per_run.append(lines.text)
                 continue
         else:  # a new run, or its ranks are not the same ones in the same order: every column written
-            lines = _RunLines(run, rows, sources, versions, names)
+            lines = _RunLines(_labels(run, rows), sources, versions)
             keep = not any(map(is_, sources, repeat(None)))  # (a row built without its RankState: never reused)
-        for column, values_now in zip(lines.columns, _read(rows, keys, getters)):
-            column.update(values_now, lines.labels)
+        lines.update(_read(rows, keys, getters), templated)
         if keep and run not in kept:  # (a run name twice in one snapshot: the first one's text is kept)
             kept[run] = lines
-        per_run.append(lines.columns)
+        per_run.append(lines.text)
     cache.runs, cache.reused = kept, reused  # runs gone since are dropped
+    return per_run
+
+
+def _assembled(values: Sequence[tuple[str, str, str]],
+               state: Sequence[tuple[str, str, Callable[[RankRow], float | None]]],
+               per_run: list[list[bytes]]) -> list[bytes]:
+    """Family by family: its header, then its column of each run in order."""
     headers = [gauge_header(name, help_text).encode() for name, _, help_text in values]
     headers += [gauge_header(name, help_text).encode() for name, help_text, _ in state]
     out: list[bytes] = []
     for j, header in enumerate(headers):
         out.append(header)
-        out += [columns[j].text for columns in per_run]
+        out += [text[j] for text in per_run]
     return out

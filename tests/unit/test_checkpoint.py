@@ -233,3 +233,23 @@ def test_a_snapshot_that_cannot_pickle_is_counted_and_the_journal_kept(tmp_path:
     cp.close()
     q, unsent = restored(tmp_path, open_after(sent), now=events[-1][2])
     assert unsent == [] and sorted(q.runs["j"].ranks) == [0, 1, 2, 3]  # the journal alone rebuilt it
+
+
+def test_a_snapshot_written_leaves_no_copy_of_the_state_in_memory(tmp_path: Path) -> None:
+    """SQLite keeps a cached statement's bound values until the statement runs again: the snapshot's INSERT
+    would hold a copy of the whole pickled state until the next snapshot (a copy this large is a memory
+    mapping of its own, given back to the system when freed)."""
+    import psutil
+
+    events = trace()[:40]
+    p = Pipeline(settings())
+    cp = Checkpoint(str(tmp_path / "state.db"))
+    feed(p, events, cp)
+    p.detectors["j"][0].__dict__["ballast"] = b"\x01" * (48 << 20)  # state of 48 MiB, pickled as it is
+    process = psutil.Process()
+    before = process.memory_info().rss
+    cp.snapshot(p, events[-1][2])
+    grown = process.memory_info().rss - before
+    assert cp.errors == 0 and not cp.dirty
+    assert grown < 16 << 20, f"RSS grew {grown >> 20} MiB over a snapshot of 48 MiB"
+    cp.close()
