@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ..detectors.helpers.incident import OomFacts, death
+from ..detectors.helpers.incident import OomFacts, death, span
 from ..record import ErrorInfo
 from . import html
 
@@ -36,15 +36,8 @@ def roots(alert: Mapping[str, Any]) -> list[int]:
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
-    """"rank 3", "ranks 0, 2", "ranks 0-63, 70": consecutive ranks as a range."""
-    spans: list[list[int]] = []
-    for r in sorted(set(ranks)):
-        if spans and r == spans[-1][1] + 1:
-            spans[-1][1] = r
-        else:
-            spans.append([r, r])
-    text = ", ".join(str(a) if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}" for a, b in spans)
-    return ("rank " if len(ranks) == 1 else "ranks ") + text
+    """"rank 3", "ranks 0, 2", "ranks 0-63, 70": consecutive ranks as a range, every one named."""
+    return ("rank " if len(ranks) == 1 else "ranks ") + span(ranks, groups_shown=None, pair=", ")
 
 
 def where_html(alert: Mapping[str, Any], hosts: Mapping[int, str]) -> str:

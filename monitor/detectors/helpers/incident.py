@@ -54,16 +54,17 @@ def quote(error: ErrorInfo | None) -> str:
     return f"{kind}: {message}" if message else kind
 
 
-def span(ranks: Iterable[int]) -> str:
-    """Sorted ranks as ranges: [0, 1, 2, 3, 6] -> "0-3, 6"; long lists end with "and N more"."""
+def span(ranks: Iterable[int], groups_shown: int | None = GROUPS_SHOWN, pair: str = "-") -> str:
+    """Sorted ranks as ranges: [0, 1, 2, 3, 6] -> "0-3, 6"; past ``groups_shown`` runs (None: never) the
+    rest end as "and N more"; a run of two reads ``0-1``, or ``0, 1`` with ``pair=", "`` (the report's)."""
     groups: list[list[int]] = []
     for q in sorted(set(ranks)):
         if groups and q == groups[-1][1] + 1:
             groups[-1][1] = q
         else:
             groups.append([q, q])
-    shown = [f"{a}" if a == b else f"{a}-{b}" for a, b in groups[:GROUPS_SHOWN]]
-    rest = sum(b - a + 1 for a, b in groups[GROUPS_SHOWN:])
+    shown = [f"{a}" if a == b else f"{a}{pair}{b}" if b == a + 1 else f"{a}-{b}" for a, b in groups[:groups_shown]]
+    rest = sum(b - a + 1 for a, b in groups[len(shown):])
     return ", ".join(shown) + (f" and {rest} more" if rest else "")
 
 

@@ -108,6 +108,9 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
     reason, _, limit = stalled[first]
     stopped = _stopped_with_failed(det, quiet, failed)
     quiet = [q for q in quiet if q not in stopped]
+    later = _quiet_later(det, stalled, live, quiet, at) if len(quiet) == len(live) and not failed else []
+    if later:  # the root went silent while these still sent: it stays the root, they went quiet after it
+        quiet = [q for q in quiet if q not in later]
     if quiet and (len(quiet) < len(live) or failed):
         roots = sorted(quiet)
         head, step = _silent(det, roots, live, at)
@@ -121,9 +124,13 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
         head = prefix + head
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
-    others = [q for q in live if q not in roots and q not in stopped]
+    others = [q for q in live if q not in roots and q not in stopped and q not in later]
     moving = _moving(det, roots, others, quiet, at)
     summary = head + _others(det, roots, others, failed, quiet, moving)
+    if later:
+        gap = min(ranks[q].seen for q in later) - max(ranks[q].seen for q in roots)
+        summary += (f"; {where(det.run, later)} went quiet {gap:.0f} s after {'it' if len(roots) == 1 else 'them'} "
+                    f"(stopped too, or the recording ends there)")
     if stopped and roots:
         its = "its" if len(stopped) == 1 else "their"
         summary += (f"; {where(det.run, stopped)} went silent after {'it' if len(failed) == 1 else 'them'} "
@@ -153,6 +160,22 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
         "phase_time": anchor.phase_time,
     }
     return summary, step, data
+
+
+def _quiet_later(det: Stalls, stalled: dict[int, tuple[str, float, float]], live: list[int], quiet: list[int],
+                 at: float) -> list[int]:
+    """Every live rank is quiet at ``at``, but when the first rank crossed its silence limit some still sent
+    records: those went quiet after the root (returned), they are not a second root. Without this, a refresh
+    after the others stopped too (killed behind the root, a job's scheduler, or just the end of a recording
+    replayed with --until) would re-tell the incident as "every rank went silent" and lose the root: the
+    others stopping later is no evidence about who stopped first. Judged at the first silent crossing, the
+    moment the root was named; [] when that is ``at`` (a new alert) or every rank was quiet already then."""
+    first = min((f[1] for f in stalled.values() if f[0] == "silent"), default=at)
+    if first >= at:
+        return []
+    ranks = det.ranks
+    later = [q for q in quiet if first - ranks[q].seen <= det.silence_limit(ranks[q]) / 2]
+    return later if len(later) < len(live) else []
 
 
 def _stopped_with_failed(det: Stalls, quiet: list[int], failed: list[int]) -> list[int]:
