@@ -37,12 +37,14 @@ step at which another rank ended (in synchronous training nobody ends while
 others still train). A rank that ended ``failed`` is gone, not silent: when
 its error is its own (a CUDA error, a bug), rank_failed owns the incident and
 the others' stall is not paged here; when its error says a peer went away
-first (a collective error: "Connection closed by peer"), it is a consequence,
-listed in ``failed_ranks`` of the stall it followed. A rank that sent an
+first (a collective error: "Connection closed by peer"), or it was stopped by
+SIGTERM (torchrun stops the survivors of a dead rank so: its client, or its
+launcher, says so before it dies), it is a consequence, listed in
+``failed_ranks`` of the stall it followed. A rank that sent an
 ``oom`` record and never finished a step after it is gpu_oom's incident. A new
 ``start`` or a step advance resolves; so does ``end``.
 
-A rank quiet since before another rank's collective error is a suspect: its
+A rank quiet since before another rank's collective error (or SIGTERM) is a suspect: its
 silence limit shrinks to 1.5 s after the error when every other rank is
 finished, else to 1.5 of its heartbeat periods + 1.5 s ("rank 1 exited without
 an end record"); the 1.5 s let its launcher's own word arrive first.
@@ -109,6 +111,7 @@ class RankStalled(Detector[RankStalledSettings]):
         self.root_failed: dict[int, str] = {}  # rank -> its own crash (rank_failed's incident)
         self.peer_failed: dict[int, str] = {}  # rank -> its collective error (a consequence)
         self.peer_times: dict[int, float] = {}  # rank -> when it failed so
+        self.peer_stopped: set[int] = set()  # those of them stopped by SIGTERM (the job being stopped)
         self.peer_cut = -math.inf  # the first collective error: ranks quiet since before it are suspects
         self.peer_at_once = False  # every rank but the suspects is finished: they are named at once
         self.oom: set[int] = set()  # ranks with an oom record and no step since (gpu_oom's incident)
@@ -162,6 +165,8 @@ class RankStalled(Detector[RankStalledSettings]):
                              stderr_tail=record.stderr_tail, oom=OomFacts.of(record))
                 if said.cause != "exception" and record.error is None and r.ended and not r.error:
                     said = None  # its launcher's word after its own clean end: a deliberate exit code
+                elif said.cause == "stopped" and r.ended and r.error:
+                    said = None  # stopped after it failed (torchrun stops what is left): its first word stands
             r.ended = True
             r.end_time = max(r.end_time, t)
             if said is not None:
@@ -169,6 +174,10 @@ class RankStalled(Detector[RankStalledSettings]):
                 if said.peer:
                     self.peer_failed[rank] = r.error
                     self.peer_times[rank] = t
+                    if said.cause == "stopped":
+                        self.peer_stopped.add(rank)
+                    else:
+                        self.peer_stopped.discard(rank)
                     self._peer_suspects()
                 elif oom_error(record.error) and rank in self.oom:
                     pass  # gpu_oom's incident already
@@ -259,6 +268,7 @@ class RankStalled(Detector[RankStalledSettings]):
     def _forget_failure(self, rank: int) -> None:
         self.root_failed.pop(rank, None)
         self.peer_failed.pop(rank, None)
+        self.peer_stopped.discard(rank)
         if self.peer_times.pop(rank, None) is not None:
             self._peer_suspects()
         self.oom.discard(rank)

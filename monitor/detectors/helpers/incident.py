@@ -120,7 +120,8 @@ def hosts_of(run: RunState, ranks: Iterable[int]) -> list[str]:
 
 SIGNAL_WORDS = {"SIGSEGV": "segmentation fault", "SIGBUS": "bus error", "SIGFPE": "arithmetic error",
                 "SIGILL": "illegal instruction", "SIGKILL": "cannot be caught: the OOM killer, the scheduler or "
-                "a user", "SIGTERM": "asked to stop"}
+                "a user",
+                "SIGTERM": "asked to stop: torchrun stopping the workers after a rank died, the scheduler or a user"}
 _TERMINATE = re.compile(r"terminate called (after throwing an instance of '[^']*'|recursively|without an active "
                         r"exception)")
 _FATAL = re.compile(r"Fatal Python error: .*")
@@ -134,7 +135,7 @@ class Death:
 
     quoted: str  # "killed by SIGSEGV (segmentation fault): Fatal Python error: Segmentation fault ..."
     cause: str  # "exception", "oom_killer", "signal", "exit", "stopped" (docs/alerts.md)
-    peer: bool  # a consequence of another rank going away (a collective error, the job being stopped)
+    peer: bool  # a consequence of another rank going away (a collective error, the job being stopped: SIGTERM)
 
 
 def last_words(tail: str | None) -> str:
@@ -233,6 +234,8 @@ def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int 
         how = (f"was killed by {signal}" if signal is not None
                else f"exited with code {exit_code}" if exit_code is not None else "ended")
         return Death(f"{child}, then it {how}{after}", "oom_killer", False)
+    if error is not None and error.type == "KeyboardInterrupt":  # Ctrl-C (SIGINT): the job was being stopped
+        return Death("stopped by Ctrl-C (KeyboardInterrupt: SIGINT)", "stopped", True)
     if error is not None and (error.type or error.message):
         return Death(quote(error), "exception", peer_error(error))
     if oom_killed:
@@ -242,6 +245,8 @@ def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int 
     if signal is not None:
         if forwarded:
             return Death(f"stopped by {signal} from its launcher (the job was being stopped)", "stopped", True)
+        if signal == "SIGTERM":  # asked to stop (the client's own end, or its launcher's): the job was being stopped
+            return Death(f"stopped by SIGTERM ({SIGNAL_WORDS['SIGTERM']}){after}", "stopped", True)
         if signal == "SIGABRT":
             return Death(f"aborted (SIGABRT){after}", "signal", peer)
         if signal == "SIGKILL":
