@@ -10,7 +10,12 @@ leak and sawtooth, GPU growth, diverging), one hour of the benchmarks' long fp16
 jobs with faults injected (NaN, loss and gradient spikes, a mis-scaled LR, GPU memory growth and an OOM, a
 host leak, a stalled rank, a silent rank, a straggler, checkpoint pauses, failed and completed ends, GPU
 XIDs and ECC errors). Each is replayed (``pipeline.replay``, batches of 256 and of 1) and fed the live way
-(one record per call, a timer tick every second); every transition is compared field for field.
+(one record per call, a timer tick every second); every transition is compared field for field. So are the
+refresh lines (an open alert refreshed in place: ``replay_lines`` as ``trainhealth replay`` prints them,
+``live_lines`` as the server hands them to its sinks), where the saved file has them (older files do not: those
+streams are listed, not compared). Last, a line says on which corpora replay and the live path give the same
+lines (after the last record both tick every second; mid-file replay ticks a run when its records come, so
+verdicts due between two records may differ: docs/liveness.md, "The end of a recording").
 """
 
 from __future__ import annotations
@@ -150,7 +155,10 @@ def streams(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
         return [dict(a) for a in replay(records, Pipeline(default_detector_settings()), max_batch=max_batch,
                                         until=UNTIL)]
     return {"replay": replayed(256), "one_at_a_time": replayed(1),
-            "live": [dict(a) for a in lt.feed(records, until=records[-1].time + UNTIL)]}
+            "live": [dict(a) for a in lt.feed(records, until=records[-1].time + UNTIL)],
+            "replay_lines": [dict(a) for a in replay(records, Pipeline(default_detector_settings()), until=UNTIL,
+                                                     refreshes=True)],
+            "live_lines": [dict(a) for a in lt.feed(records, until=records[-1].time + UNTIL, refreshes=True)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     got = json.loads(json.dumps(got, default=str))
     if args.save:
         Path(args.save).write_text(json.dumps(got))
+    alike = [name for name, s in got.items() if s["replay_lines"] == s["live_lines"]]
+    print(f"replay and live give the same lines on {len(alike)} of {len(got)} corpora; not on: "
+          f"{', '.join(sorted(set(got) - set(alike))) or 'none'}")
     if not args.compare:
         return 0
     want = json.loads(Path(args.compare).read_text())
     bad = 0
+    new_streams: set[str] = set()
     for name in sorted(set(want) | set(got)):
         if name not in got or name not in want:
             print(f"{name}: only in {'the saved file' if name in want else 'this tree'}")
             continue
         for path in sorted(set(want[name]) | set(got[name])):
+            if path not in want[name]:
+                new_streams.add(path)
+                continue
             a, b = want[name].get(path, []), got[name].get(path, [])
             if a == b:
                 continue
@@ -188,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"DIFFERS {name} ({path}): {len(a)} -> {len(b)} transitions; first at #{i}")
             print("  was:", json.dumps(a[i] if i < len(a) else None)[:2000])
             print("  now:", json.dumps(b[i] if i < len(b) else None)[:2000])
+    if new_streams:
+        print(f"not in the saved file, not compared: {', '.join(sorted(new_streams))} (--save a new one)")
     print("identical" if not bad else f"{bad} streams differ")
     return 1 if bad else 0
 

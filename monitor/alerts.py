@@ -9,13 +9,13 @@ the same one replay prints, the API returns, the store keeps and webhooks post.
 
 The book is the one owner of open alerts: it assigns ids (from the sequence it is given: the
 store's, in the server) and holds the open set; only it writes into its alert dicts. Everyone
-else gets copies (``apply``, ``take_refreshed``, ``hand_off``) or reads (``open``, ``firing``,
-``query``: the book's own dicts, never written outside it). docs/code-structure.md, "Alerts".
+else gets copies (``apply``, ``take_refreshed``, ``hand_off``, ``firing``, ``query``: what a caller
+changes in them never reaches the book), or reads ``open`` (the book's own dicts, for the few readers
+that only count or look: the exporter, the checkpoint). docs/code-structure.md, "Alerts".
 """
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from typing import Any, Callable, Iterable, TypedDict, cast
 
@@ -84,7 +84,19 @@ def fingerprint(key: Key) -> str:
 
 def copied(alert: Alert) -> Alert:
     """A copy nobody else holds: its lists and dicts (a detector's ``root_ranks``, ...) copied too."""
-    return cast("Alert", {k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in alert.items()})
+    return cast("Alert", {k: _data_copy(v) if isinstance(v, (list, dict)) else v for k, v in alert.items()})
+
+
+def _data_copy(value: Any) -> Any:
+    """A deep copy of an alert's data (lists, dicts and tuples of scalars, nested): 2-4x faster than
+    ``copy.deepcopy`` (no memo, no dispatch), which ``firing()`` and ``query()`` pay per alert they give."""
+    if isinstance(value, list):
+        return [_data_copy(v) if isinstance(v, (list, dict, tuple)) else v for v in value]
+    if isinstance(value, dict):
+        return {k: _data_copy(v) if isinstance(v, (list, dict, tuple)) else v for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_data_copy(v) if isinstance(v, (list, dict, tuple)) else v for v in value)
+    return value
 
 
 def _episode(alert: Alert) -> tuple[str, float]:
@@ -224,12 +236,13 @@ class AlertBook:
         self.open[(alert["run"], alert["rank"], alert["alert"])] = copied(alert)
 
     def firing(self, run: str | None = None) -> list[Alert]:
-        """The open alerts (of ``run``): the book's own dicts, to read."""
-        return [a for (r, _, _), a in self.open.items() if run is None or r == run]
+        """Copies of the open alerts (of ``run``). Copies: the page and the status routes hand them to a
+        worker thread or keep them while the book refreshes its own in place."""
+        return [copied(a) for (r, _, _), a in self.open.items() if run is None or r == run]
 
     def query(self, run: str | None = None, state: str | None = None, alert: str | None = None,
               since: float | None = None, limit: int = 1000) -> list[Alert]:
-        """Transitions, newest first. ``state=firing`` means alerts open now."""
+        """Copies of transitions, newest first. ``state=firing`` means alerts open now."""
         source: Iterable[Alert]
         if state == "firing":
             source = sorted(self.open.values(), key=lambda a: a["time"], reverse=True)
@@ -245,7 +258,7 @@ class AlertBook:
                 continue
             if since is not None and a["time"] < since:
                 continue
-            out.append(a)
+            out.append(copied(a))
             if len(out) >= limit:
                 break
         return out

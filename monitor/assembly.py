@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, ServerSettings, Settings
 from .http import alerts, metrics, page, silences
 from .http.app import create_app
+from .http.bodies import budget_of
 from .metrics.collector import LatencyHistogram
 from .notify.console import ConsoleLog
 from .notify.sink import AlertsOut
@@ -106,9 +107,10 @@ def build_service(settings: Settings, *, clock: Callable[[], float] = time.time,
 def build_app(service: Service, alerts_out: AlertsOut) -> FastAPI:
     """The HTTP app: the core routes (create_app), /metrics, the store's alert actions, silences, the page."""
     latency = LatencyHistogram()  # POST /v1/ingest durations, timed by the app, read by /metrics
-    routers = [metrics.router(service, latency), alerts.store_router(alerts_out), silences.router(alerts_out),
-               page.router(service)]
-    return create_app(service, routers, latency=latency)
+    bodies = budget_of(service.settings)  # the request bodies held at once: counted by the app, read by /metrics
+    routers = [metrics.router(service, latency, bodies), alerts.store_router(alerts_out),
+               silences.router(alerts_out), page.router(service)]
+    return create_app(service, routers, latency=latency, bodies=bodies)
 
 
 def open_store(server: ServerSettings, clock: Callable[[], float]) -> Store:

@@ -327,11 +327,18 @@ class Pipeline:
                 continue
             now = run.clock + max(0.0, wall - run.clock_wall)
             if now - run.last_tick >= self.tick_seconds and self._may_judge(run, wall):
-                events = self._tick_run(run, now)
-                if events:
-                    alerts.extend(self.book.apply(run.run, events))
-                    if run.ended:
-                        alerts.extend(self._close_ended(run))
+                alerts.extend(self.tick_run(run, now))
+        return alerts
+
+    def tick_run(self, run: RunState, now: float) -> list[Alert]:
+        """One timer tick of ``run`` at ``now`` (its record time): ``tick_wall``'s for each run, and replay's
+        while a run's records pause."""
+        events = self._tick_run(run, now)
+        if not events:
+            return []
+        alerts = self.book.apply(run.run, events)
+        if run.ended:
+            alerts.extend(self._close_ended(run))
         return alerts
 
     def _heard_during_hold(self) -> dict[str, set[int]]:
@@ -366,14 +373,15 @@ def run_last_step(run: RunState) -> int:
 def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 256,
            until: float | None = None, refreshes: bool = False) -> Iterator[Alert]:
     """The replay loop (``trainhealth replay``, tests, benchmarks): feed records in order, record time
-    as the clock, and yield alert transitions as they happen.
+    as the clock, and yield alert transitions as they happen. While a run's records pause, and after the
+    last record, its detectors tick every ``tick_seconds``, as the server's timer ticks them.
 
     Records go in batches of at most ``max_batch``, each within one tick (``pipeline.tick_seconds``) of
     record time: a batch is sorted by step, and keeping it short keeps the clock honest (a rank stuck at
     a lower step must not have its records applied minutes late). ``until``: after the last record, let
-    that many seconds pass with no records, as the server's timer would, so a hang or a silent rank at
-    the end of a recording is reported (replay runs with wall = 0, so ``tick_wall(until)`` moves each
-    run's clock on by ``until``).
+    that many seconds pass with no records, as the server's timer would (a ``tick_wall`` every
+    ``tick_seconds``), so a hang or a silent rank at the end of a recording is reported (replay runs with
+    wall = 0, so ``tick_wall(w)`` moves each run's clock on by ``w`` from its own last record).
 
     ``refreshes``: after each batch (and the final tick) also yield the open alerts refreshed in place
     since the last one, as the server hands them to its sinks (``AlertBook.hand_off``: before that
@@ -390,11 +398,53 @@ def replay(records: Iterable[Record], pipeline: Pipeline, *, max_batch: int = 25
 
     batch: list[Record] = []
     tick = pipeline.tick_seconds
+    runs, ttl = pipeline.runs, pipeline.limits.run_ttl_seconds
+
+    def paused(batch: list[Record]) -> Iterator[list[Alert]]:
+        """The server's timer ticks a run every tick_seconds while its records pause (a hang, heartbeats
+        only, a checkpoint save): so does replay, on the run's own clock, before the batch that ends the
+        pause. A verdict due in the pause is judged then, on what was known then (the ranks waiting, the
+        memory figures), as the server judges it, not at the next record with that record applied. Per run,
+        so a run replayed alone (--jobs) ticks the same. A batch spans less than a tick: pauses fall between
+        batches, and batches of any size tick alike. At most ``limits.run_ttl_seconds`` of a pause is ticked
+        (the server forgets a run silent that long; replay keeps it, as it always did). Each tick's
+        transitions apart, so that its refreshes are handed out after it, as the server's are."""
+        firsts: dict[str, float] = {}
+        for rec in batch:
+            t = firsts.get(rec.run)
+            if t is None or rec.time < t:
+                firsts[rec.run] = rec.time
+        for name, t in firsts.items():
+            run = runs.get(name)
+            if run is None:
+                continue
+            now, end = run.clock + tick, min(t, run.clock + ttl)
+            while now < end:
+                if now - run.last_tick >= tick:
+                    yield pipeline.tick_run(run, now)
+                now += tick
+
     for rec in records:
         if batch and (len(batch) >= max_batch or rec.time - batch[0].time >= tick):
+            for ticked in paused(batch):
+                yield from handed(ticked)
             yield from handed(pipeline.process(batch).alerts)
             batch = []
         batch.append(rec)
+    for ticked in paused(batch):
+        yield from handed(ticked)
     yield from handed(pipeline.process(batch).alerts)
-    if until is not None:
-        yield from handed(pipeline.tick_wall(until))
+    if until is None:
+        return
+    # After the last record, the server's timer: a tick every tick_seconds, not one tick at ``until``. A
+    # detector judges what it sees at its tick's moment (the ranks silent then, a pending verdict); one late
+    # tick would picture an alert that fired 14 s after the last record with every rank that had crossed its
+    # limit by ``until`` (ranks still sending at the end of the file, judged silent only because the file
+    # ended), where the sidecar, watching then, named only the rank that had gone silent (docs/liveness.md,
+    # "The end of a recording"). Each run's clock moves on from its own last record (wall = 0 in replay), so
+    # a run replayed alone (--jobs) ticks the same. Stops early when every run has expired (run_ttl_seconds).
+    steps = max(1, math.ceil(until / tick - 1e-9))
+    for k in range(1, steps + 1):
+        yield from handed(pipeline.tick_wall(min(k * tick, until)))
+        if not pipeline.runs and not pipeline.restored_runs:
+            break

@@ -1,10 +1,12 @@
 """The demo's alert feed: prints each alert transition of one run as the sidecar records it.
 
-    python scripts/demo_alerts.py URL RUN [--until-file PATH]
+    python scripts/demo_alerts.py URL RUN [--until-file PATH] [--quiet SECONDS]
 
 Polls ``GET /v1/alerts?run=RUN`` twice a second and prints the transitions it has not printed, oldest
 first (by time, then step); a run-level alert (rank null: one incident for the whole run) says "run".
-Stops when PATH exists (the demo creates it once the job is over) and nothing new came for 2 s.
+Stops once PATH exists (the demo creates it when the job is over) and nothing new came for SECONDS since
+then (default 5: a rank that died without a word is named a couple of seconds after its peer's collective
+broke, when the job may already be over).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def main() -> int:
     p.add_argument("url")
     p.add_argument("run")
     p.add_argument("--until-file")
+    p.add_argument("--quiet", type=float, default=5.0)
     args = p.parse_args()
     seen: set[int] = set()
-    quiet_since = time.monotonic()
+    quiet_since, was_done = time.monotonic(), False
     while True:
         try:
             new = [a for a in fetch(args.url, args.run) if a["id"] not in seen]
@@ -51,9 +54,11 @@ def main() -> int:
         for a in sorted(new, key=lambda a: (a["time"], a.get("step") or 0, a["id"])):
             seen.add(a["id"])
             print(line(a), flush=True)
-        if new:
+        done = bool(args.until_file) and os.path.exists(args.until_file)
+        if new or (done and not was_done):  # quiet counts from the last alert or the job's end, the later
             quiet_since = time.monotonic()
-        if args.until_file and os.path.exists(args.until_file) and time.monotonic() - quiet_since > 2:
+        was_done = done
+        if done and time.monotonic() - quiet_since > args.quiet:
             return 0
         time.sleep(0.5)
 

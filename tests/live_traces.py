@@ -105,22 +105,34 @@ def settings(**overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def feed(records: list[Record], until: float | None = None, only: str | None = None,
-         detector_settings: dict[str, Any] | None = None, timer: bool = True) -> list[Alert]:
+         detector_settings: dict[str, Any] | None = None, timer: bool = True,
+         refreshes: bool = False) -> list[Alert]:
     """Alert transitions, as the server makes them: one record per request, wall = record time,
     and (timer=True) a timer tick every second, continuing to ``until``. Each transition is a copy
-    taken when it was made (an open alert is refreshed in place later: ``last_pipeline`` holds the latest)."""
+    taken when it was made (an open alert is refreshed in place later: ``last_pipeline`` holds the latest).
+    ``refreshes``: also the open alerts refreshed in place, as the server hands them to its sinks after each
+    request and tick (``AlertBook.hand_off``), marked ``refreshed: True`` as replay(refreshes=True) marks them."""
     p = Pipeline(detector_settings or default_detector_settings())
     alerts: list[Alert] = []
+
+    def handed(out: list[Alert]) -> None:
+        if refreshes:
+            out, refreshed = p.book.hand_off(out)
+            for a in refreshed:
+                a["refreshed"] = True
+            alerts.extend(refreshed)
+        alerts.extend(dict(a) for a in out)
+
     wall = records[0].time if records else 0.0
     for rec in records:
         while timer and wall + 1.0 < rec.time:
             wall += 1.0
-            alerts.extend(dict(a) for a in p.tick_wall(wall))
+            handed(p.tick_wall(wall))
         wall = max(wall, rec.time)
-        alerts.extend(dict(a) for a in p.process([rec], wall=rec.time).alerts)
+        handed(p.process([rec], wall=rec.time).alerts)
     while timer and until is not None and wall < until:
         wall += 1.0
-        alerts.extend(dict(a) for a in p.tick_wall(wall))
+        handed(p.tick_wall(wall))
     global last_pipeline
     last_pipeline = p
     return [a for a in alerts if only is None or a["alert"] == only]

@@ -6,8 +6,12 @@
 The end of the rank is reported without a third line: ``end`` (status "completed") at a normal
 interpreter exit (atexit), or ``end`` with status "failed" and the exception quoted when an uncaught
 exception ends the main thread or another thread (sys.excepthook, threading.excepthook, chained to
-the hooks installed before). A process killed by a signal sends nothing: that is silence, for the
-sidecar's stall detector. A non-finite loss or grad norm, an OOM, a crash and the end are sent at once.
+the hooks installed before), or ``end`` with status "failed" and ``signal`` "SIGTERM" when a SIGTERM
+would have killed the process silently (torchrun's agent stopping the survivors of a dead rank, a
+scheduler; sigterm.py: sent even while the training thread is blocked in a collective, then the process
+dies by SIGTERM as before; ``report_sigterm=False`` turns it off). A process killed otherwise (SIGKILL,
+the OOM killer, ``os._exit``) sends nothing: that is silence, for the sidecar's stall detector. A
+non-finite loss or grad norm, an OOM, a crash and the end are sent at once.
 
 The loop hears its run's alerts: ``tm.alerts`` (firing now), ``on_alert=`` (called once per new firing
 alert), and with ``stop_on={"nan_divergence", ...}`` ``tm.should_stop(step)``, true on every rank from
@@ -27,7 +31,7 @@ raises into training. The rest runs on the client's threads, each part in a modu
   every cycle; a GPU health reading goes out once, in a heartbeat of its own (gpu_health.py); torch
   tensors are copied off the device without a sync (torch_helpers.py);
 - hearing.py: what the sidecar says back (the run's alerts, the stop step);
-- lifecycle.py and crash.py: the process's exit, its uncaught exceptions, its forks.
+- lifecycle.py, crash.py and sigterm.py: the process's exit, its uncaught exceptions, a SIGTERM, its forks.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class Telemetry:
             offline_path=offline_path, **settings)
         s = self.settings
         self.run, self.rank, self.world_size = s.run, s.rank, s.world_size
+        # under trainhealth.launch (it hands its launch id to its child): the launcher reports the death itself
+        self._launched = bool((os.environ if environ is None else environ).get("TRAINHEALTH_LAUNCH_ID"))
         self._clock = clock
         self._monotonic = monotonic
         self._warn = LimitedLog()
@@ -222,9 +228,14 @@ class Telemetry:
 
     def start(self, **fields: Any) -> None:
         """The run's start: world_size, batch_size, lr, reference_lr, reference_batch_size, warmup_steps,
-        optimizer, config... host and pid are filled in. Sent at once, ahead of the first samples."""
+        optimizer, config... host and pid are filled in, and ``stop_on`` in ``config`` (a dict, or one made)
+        when the client has one and the config does not name it. Sent at once, ahead of the first samples."""
         if dataclasses.is_dataclass(fields.get("config")):
             fields["config"] = dataclasses.asdict(fields["config"])
+        config = fields.get("config")
+        if self._hearing.stop_on and (config is None or isinstance(config, dict) and "stop_on" not in config):
+            # the pages say "stopped by stop_on" from the start's config (docs/page.md)
+            fields["config"] = {**(config or {}), "stop_on": sorted(self._hearing.stop_on)}
         host = self.settings.host or socket.gethostname()  # TRAINHEALTH_HOST, else the machine's
         self._send_kind("start", None, {"world_size": self.world_size, "host": host, "pid": os.getpid(), **fields})
         self._active = True
@@ -388,6 +399,18 @@ class Telemetry:
             self.flush(self.settings.crash_flush_seconds)
         except Exception as inner:  # the report must not hide the crash
             log.warning("trainhealth: could not report %s: %r", exc_type.__name__, inner)
+
+    def _signalled(self, name: str) -> bool:
+        """A signal is about to end the process (sigterm.py, on a thread of its own): ``end`` with status "failed"
+        and ``signal``, sent at once (sigterm.py then waits for it, up to ``crash_flush_seconds``). Records after
+        it are dropped: the end stays the rank's last word. False when closed (nothing to wait for)."""
+        if self._closed:
+            return False
+        self._send_kind("end", None, {"status": "failed", "signal": name})
+        self._active = False
+        self._push = lifecycle.drop
+        self._outbox.request_flush()
+        return True
 
     def _gpu_health_now(self) -> None:
         """A GPU health reading now, in a heartbeat, from the probes that read one (gpu_health.py)."""

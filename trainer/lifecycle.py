@@ -3,7 +3,9 @@
 ``register(tm)`` (a client with threads): a normal interpreter exit calls ``tm._at_exit()`` (atexit); an
 uncaught exception calls ``tm._crashed(...)`` (crash.py's hooks, installed once); in a forked child (a
 DataLoader worker) the copy of ``tm`` gets ``tm._after_fork_in_child()`` and goes quiet; a segfault or an
-abort prints the Python stack of every thread (faulthandler). ``unregister(tm)`` at close.
+abort prints the Python stack of every thread (faulthandler); a SIGTERM, where it would kill the process
+silently, calls ``tm._signalled("SIGTERM")`` and waits for its end first (sigterm.py; ``report_sigterm``, not under
+trainhealth.launch). ``unregister(tm)`` at close.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import weakref
 from typing import Any
 
+from . import sigterm
 from .crash import install_hooks
 from .transport import Result
 
@@ -28,11 +31,14 @@ def register(tm: Any) -> None:
     _LIVE.add(tm)
     install_hooks(_LIVE)
     _python_stacks_on_fatal_signals()
+    if tm.settings.report_sigterm and not tm._launched:
+        sigterm.watch(tm)
 
 
 def unregister(tm: Any) -> None:
     atexit.unregister(tm._at_exit)
     _LIVE.discard(tm)
+    sigterm.unwatch(tm)
 
 
 def drop(rec: dict[str, Any]) -> None:
@@ -53,6 +59,7 @@ def _after_fork_in_child() -> None:
     for tm in list(_LIVE):
         tm._after_fork_in_child()
     _LIVE.clear()
+    sigterm.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

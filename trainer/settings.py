@@ -64,6 +64,7 @@ class ClientSettings:
     poll_seconds: float = 0.005  # while device values are on their way, look for finished copies this often
     crash_flush_seconds: float = 2.0  # a crash's end record: how long the dying process waits for it to leave
     stop_confirm_seconds: float = 60.0  # should_stop at the stop step: how long it waits for every rank's ack
+    report_sigterm: bool = True  # a SIGTERM that would kill the process silently sends an end first (sigterm.py)
     launch_id: str = LAUNCH_ID  # this process's launch (X-Trainhealth-Launch)
     job: str = ""  # the job its ranks share ("" or "-": not known)
 
@@ -76,6 +77,8 @@ class ClientSettings:
             raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url: must start with http:// or https://, got {self.url!r}")
+        if not isinstance(self.report_sigterm, bool):
+            raise ValueError(f"report_sigterm: must be True or False, got {self.report_sigterm!r}")
         for name in ("capacity", "batch_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 import types
 import typing
@@ -78,6 +79,21 @@ def whole(settings: Any, section: str, *names: str, minimum: int = 0, maximum: i
             rule = f"must be an integer >= {minimum}" if maximum is None else \
                 f"must be an integer {minimum}-{maximum}"
             raise _fail(section, name, rule, value)
+
+
+_ORDERS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+def ordered(settings: Any, section: str, name: str, order: str, limit: float, named: str = "",
+            spec: str = "") -> None:
+    """The named setting is ``order`` (``">"``, ``">="``, ``"<"`` or ``"<="``) ``limit``: a constant
+    (``factor: must be >= 1``) or what another setting makes it, which ``named`` then names
+    (``ceiling_seconds: must be >= floor_seconds (180.0)``); ``spec`` formats the limit (``"g"``: 10 for 10.0).
+    Only the order: check both settings' types and ranges first, with the rules above."""
+    value = getattr(settings, name)
+    if not _ORDERS[order](value, limit):
+        shown = f"{limit:{spec}}" if not named else f"{named} ({limit:{spec}})"
+        raise _fail(section, name, f"must be {order} {shown}", value)
 
 
 def flag(settings: Any, section: str, *names: str) -> None:

@@ -108,9 +108,7 @@ class StopSettings:
         rules.positive(self, "stop", "lead_seconds")
         rules.whole(self, "stop", "min_lead_steps", minimum=1)
         rules.whole(self, "stop", "max_lead_steps", minimum=1)
-        if self.max_lead_steps < self.min_lead_steps:
-            raise ConfigError(f"stop.max_lead_steps: must be >= stop.min_lead_steps ({self.min_lead_steps}), "
-                              f"got {self.max_lead_steps!r}")
+        rules.ordered(self, "stop", "max_lead_steps", ">=", self.min_lead_steps, "stop.min_lead_steps")
 
 
 @dataclass(kw_only=True, slots=True)

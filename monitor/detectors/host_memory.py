@@ -294,20 +294,11 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
             headroom = min(headroom, avail)
         op = series.open
         if op is None:
-            growth = series.short_growth(t, usage, headroom, s)
-            if growth is None and series.fast_candidate(t, usage, headroom, s):
-                growth = series.fast_growth(t, usage, headroom, s)
-            if growth is not None:
-                series.open = Open(growth, "fast", "critical", t - growth.lookback)
+            if series.opens_fast(t, usage, headroom, s):
                 return True
         elif t >= op.next_check:
-            op.next_check = t + FAST_RECHECK
-            growth = series.fast_still_rising(t, headroom, s)
-            if growth is None:
-                series.open = None
-                self._closed(f"usage under the {limit / 1e9:.2f} GB memory limit stopped rising fast")
-            else:
-                op.growth = growth
+            self._recheck_fast(series, op, t, headroom, s,
+                               f"usage under the {limit / 1e9:.2f} GB memory limit stopped rising fast")
             return True
         return judged
 
@@ -318,13 +309,8 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         t, op = rec.time, series.open
         headroom = self._headroom(rec.rank, value, group)
         if op is None or op.kind == "steady":
-            if headroom is not None:
-                growth = series.short_growth(t, value, headroom, s) if op is None else None
-                if growth is None and series.fast_candidate(t, value, headroom, s):
-                    growth = series.fast_growth(t, value, headroom, s)
-                if growth is not None:
-                    series.open = Open(growth, "fast", "critical", t - growth.lookback)
-                    return True
+            if headroom is not None and series.opens_fast(t, value, headroom, s, short=op is None):
+                return True
         if op is not None and op.kind == "fast":
             if t < op.next_check:
                 return False
@@ -380,22 +366,13 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
                        minute: bool) -> bool:
         t, op = rec.time, series.open
         if op is None or op.kind == "steady":
-            growth = series.short_growth(t, -avail, avail, s) if op is None else None
-            if growth is None and series.fast_candidate(t, -avail, avail, s):
-                growth = series.fast_growth(t, -avail, avail, s)
-            if growth is not None:
-                series.open = Open(growth, "fast", "critical", t - growth.lookback)
+            if series.opens_fast(t, -avail, avail, s, short=op is None):
                 return True
         elif op.kind == "fast":
             if t < op.next_check:
                 return False
-            op.next_check = t + FAST_RECHECK
-            growth = series.fast_still_rising(t, avail, s)
-            if growth is None:
-                series.open = None
-                self._closed(f"available memory on {self._host(rec.rank) or 'the machine'} stopped falling")
-            else:
-                op.growth = growth
+            self._recheck_fast(series, op, t, avail, s,
+                               f"available memory on {self._host(rec.rank) or 'the machine'} stopped falling")
             return True
         if not minute:
             return False
@@ -650,6 +627,18 @@ class HostMemoryLeak(Detector[HostMemoryLeakSettings]):
         why = "restarted" if rec.type == "start" else "ended"
         self._closed(f"rank {rec.rank} {why}; its host memory history starts over")
         return self._incident(rec, self.settings) if self.incident is not None else []
+
+    def _recheck_fast(self, series: Series, op: Open, t: float, headroom: float, s: HostMemoryLeakSettings,
+                      stopped: str) -> None:
+        """An open fast alert of a group or a machine, due for its recheck: its growth now, or closed
+        (``stopped`` says why) once the rise no longer exhausts ``headroom`` soon."""
+        op.next_check = t + FAST_RECHECK
+        growth = series.fast_still_rising(t, headroom, s)
+        if growth is None:
+            series.open = None
+            self._closed(stopped)
+        else:
+            op.growth = growth
 
     def _closed(self, why: str) -> None:
         if len(self.whys) < 8:

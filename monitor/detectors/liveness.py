@@ -37,12 +37,14 @@ step at which another rank ended (in synchronous training nobody ends while
 others still train). A rank that ended ``failed`` is gone, not silent: when
 its error is its own (a CUDA error, a bug), rank_failed owns the incident and
 the others' stall is not paged here; when its error says a peer went away
-first (a collective error: "Connection closed by peer"), it is a consequence,
-listed in ``failed_ranks`` of the stall it followed. A rank that sent an
+first (a collective error: "Connection closed by peer"), or it was stopped by
+SIGTERM (torchrun stops the survivors of a dead rank so: its client, or its
+launcher, says so before it dies), it is a consequence, listed in
+``failed_ranks`` of the stall it followed. A rank that sent an
 ``oom`` record and never finished a step after it is gpu_oom's incident. A new
 ``start`` or a step advance resolves; so does ``end``.
 
-A rank quiet since before another rank's collective error is a suspect: its
+A rank quiet since before another rank's collective error (or SIGTERM) is a suspect: its
 silence limit shrinks to 1.5 s after the error when every other rank is
 finished, else to 1.5 of its heartbeat periods + 1.5 s ("rank 1 exited without
 an end record"); the 1.5 s let its launcher's own word arrive first.
@@ -60,7 +62,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
-from ..config.rules import flag
+from ..config.rules import flag, ordered, positive
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -87,17 +89,10 @@ class RankStalledSettings:
 
     def __post_init__(self) -> None:
         flag(self, "rank_stalled", "enabled")
-        for key in ("floor_seconds", "factor", "ceiling_seconds", "startup_seconds",
-                    "silence_floor_seconds"):
-            value = getattr(self, key)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"rank_stalled.{key}: must be a positive number, got {value!r}")
-        if self.factor < 1:
-            raise ValueError(f"rank_stalled.factor: must be >= 1, got {self.factor!r}")
-        if self.ceiling_seconds < self.floor_seconds:
-            raise ValueError(f"rank_stalled.ceiling_seconds: must be >= floor_seconds "
-                             f"({self.floor_seconds!r}), got {self.ceiling_seconds!r}")
+        positive(self, "rank_stalled", "floor_seconds", "factor", "ceiling_seconds", "startup_seconds",
+                 "silence_floor_seconds")
+        ordered(self, "rank_stalled", "factor", ">=", 1)
+        ordered(self, "rank_stalled", "ceiling_seconds", ">=", self.floor_seconds, "floor_seconds")
 
 
 class RankStalled(Detector[RankStalledSettings]):
@@ -116,6 +111,7 @@ class RankStalled(Detector[RankStalledSettings]):
         self.root_failed: dict[int, str] = {}  # rank -> its own crash (rank_failed's incident)
         self.peer_failed: dict[int, str] = {}  # rank -> its collective error (a consequence)
         self.peer_times: dict[int, float] = {}  # rank -> when it failed so
+        self.peer_stopped: set[int] = set()  # those of them stopped by SIGTERM (the job being stopped)
         self.peer_cut = -math.inf  # the first collective error: ranks quiet since before it are suspects
         self.peer_at_once = False  # every rank but the suspects is finished: they are named at once
         self.oom: set[int] = set()  # ranks with an oom record and no step since (gpu_oom's incident)
@@ -169,6 +165,8 @@ class RankStalled(Detector[RankStalledSettings]):
                              stderr_tail=record.stderr_tail, oom=OomFacts.of(record))
                 if said.cause != "exception" and record.error is None and r.ended and not r.error:
                     said = None  # its launcher's word after its own clean end: a deliberate exit code
+                elif said.cause == "stopped" and r.ended and r.error:
+                    said = None  # stopped after it failed (torchrun stops what is left): its first word stands
             r.ended = True
             r.end_time = max(r.end_time, t)
             if said is not None:
@@ -176,6 +174,10 @@ class RankStalled(Detector[RankStalledSettings]):
                 if said.peer:
                     self.peer_failed[rank] = r.error
                     self.peer_times[rank] = t
+                    if said.cause == "stopped":
+                        self.peer_stopped.add(rank)
+                    else:
+                        self.peer_stopped.discard(rank)
                     self._peer_suspects()
                 elif oom_error(record.error) and rank in self.oom:
                     pass  # gpu_oom's incident already
@@ -247,6 +249,7 @@ class RankStalled(Detector[RankStalledSettings]):
                     r.sample_step = step
         if not self.open:
             return []
+        self.deadline = -math.inf  # the open incident's picture may change with any record: the next tick judges
         if why is ADVANCED:
             why = f"advanced to step {r.step}"
         if self.root_failed or self.oom:
@@ -265,6 +268,7 @@ class RankStalled(Detector[RankStalledSettings]):
     def _forget_failure(self, rank: int) -> None:
         self.root_failed.pop(rank, None)
         self.peer_failed.pop(rank, None)
+        self.peer_stopped.discard(rank)
         if self.peer_times.pop(rank, None) is not None:
             self._peer_suspects()
         self.oom.discard(rank)
@@ -279,8 +283,8 @@ class RankStalled(Detector[RankStalledSettings]):
         if now > self.now:
             self.now = now
         now = self.now
-        if now < self.deadline and self.settings is self.judged and not self.open and not self.peer_times:
-            return []  # no limit can have been crossed yet (the last tick found none, and none came closer)
+        if now < self.deadline and self.settings is self.judged and not self.peer_times:
+            return []  # no (further) limit can have been crossed yet: the last tick found none, none came closer
         self._peer_suspects()
         stalled = {}
         for rank, r in self.ranks.items():
@@ -294,6 +298,8 @@ class RankStalled(Detector[RankStalledSettings]):
             return [self._resolve(now, None, "")] if self.open else []
         signature = (frozenset((q, f[0]) for q, f in stalled.items()), frozenset(self.peer_failed))
         if self.open and signature == self.signature:
+            if not self.peer_times:
+                self._deadline(stalled)
             return []
         self.signature = signature
         at = now if self.open else min(f[1] for f in stalled.values())
@@ -308,20 +314,28 @@ class RankStalled(Detector[RankStalledSettings]):
         event = firing(self.name, None, step, at, summary, "critical", **data)
         event.refresh = self.open
         self.open = True
+        if not self.peer_times:
+            self._deadline(stalled)
         return [event]
 
-    def _deadline(self) -> None:
+    def _deadline(self, stalled: dict[int, tuple[str, float, float]] | None = None) -> None:
         """The earliest record time at which a rank can cross a limit, from what is known now: a later record
         only moves a rank's last record and step advance later and its limits up (longer intervals learned),
         except those that set ``self.deadline`` to -inf (a new rank, a start, an end, an oom record, a first
-        heartbeat or step advance, an older advance, a step going back, a retired rank speaking). A little
-        before it, so that rounding the sum never lets a crossing by: the tick then judges as ever."""
+        heartbeat or step advance, an older advance, a step going back, a retired rank speaking, and any
+        record while an incident is open). A little before it, so that rounding the sum never lets a crossing
+        by: the tick then judges as ever.
+
+        With an incident open, the ranks already ``stalled`` are left out: without a record a crossed limit
+        stays crossed, for the same reason (the earlier crossing), so the picture changes only when another
+        rank crosses one. Until then a tick finds the same signature and says nothing: the ticks of a dead
+        job's open alert (every second, on the server and after the end of a replayed recording) skip it."""
         s = self.settings
         self.judged = s
         earliest = math.inf
         if s.enabled:
-            for r in self.ranks.values():
-                if not self.finished(r):
+            for q, r in self.ranks.items():
+                if not self.finished(r) and (stalled is None or q not in stalled):
                     earliest = min(earliest, r.seen + self.silence_limit(r), r.advance_time + self.step_limit(r))
         self.deadline = earliest - DEADLINE_MARGIN
 
@@ -380,6 +394,7 @@ class RankStalled(Detector[RankStalledSettings]):
 
     def _resolve(self, time: float, rank: int | None, why: str) -> Event:
         self.open = False
+        self.deadline = -math.inf
         self.signature = None
         step = self.picture.get("step", 0)
         self.picture = {}

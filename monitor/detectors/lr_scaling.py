@@ -53,7 +53,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from ..config.rules import flag, whole
+from ..config.rules import above, flag, ordered, whole
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -87,14 +87,8 @@ class LrScalingSettings:
     def __post_init__(self) -> None:
         name = "lr_scaling"
         flag(self, name, "enabled", "check_samples", "check_warmup")
-        for key in ("factor", "critical_factor", "large_scale_up", "late_factor"):
-            value = getattr(self, key)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= 1):
-                raise ValueError(f"{name}.{key}: must be a number > 1, got {value!r}")
-        if self.critical_factor < self.factor:
-            raise ValueError(f"{name}.critical_factor: must be >= factor ({self.factor:g}), "
-                             f"got {self.critical_factor!r}")
+        above(self, name, 1.0, "factor", "critical_factor", "large_scale_up", "late_factor")
+        ordered(self, name, "critical_factor", ">=", self.factor, "factor", spec="g")
         whole(self, name, "large_batch", minimum=1)
         for key in ("advisory_optimizers", "sqrt_optimizers"):
             names = getattr(self, key)

@@ -310,8 +310,20 @@ class NanDivergence(Detector[NanDivergenceSettings]):
                       "train in bf16, or keep the layer that overflows (often attention logits or a softmax) in "
                       "fp32")
         else:
-            advice = (f"the loss was still finite: the gradients overflowed; restart from the last good "
-                      f"checkpoint {lower} or clip gradients")
+            # ranks of a job that shares gradients that have not reported the root's step yet: one of them may
+            # be the rank whose own loss went NaN (the all-reduce spread it here first); the page must not say
+            # "overflowed" before they are heard (their record refreshes this alert in place)
+            unheard = [] if self.shared is False else sorted(
+                q for q, r in self.run.ranks.items() if q not in self.diverged and not r.ended
+                and r.last_step < first_step)
+            if unheard:
+                advice = (f"its own loss was still finite: the NaN came through the all-reduce from a rank whose "
+                          f"record has not arrived yet ({ranks_phrase(unheard)}: this alert is updated when it "
+                          f"does), or the gradients overflowed; restart from the last good checkpoint {lower} or "
+                          f"clip gradients")
+            else:
+                advice = (f"the loss was still finite: the gradients overflowed; restart from the last good "
+                          f"checkpoint {lower} or clip gradients")
         if self.timeline:
             head += f" (before it: {'; '.join(self.timeline)})"
         summary = f"{head}; {advice}"

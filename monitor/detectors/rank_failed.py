@@ -18,11 +18,12 @@ one incident per run, however many ranks fail) names the root and what the other
 * A GPU out-of-memory crash whose rank sent an ``oom`` record (since its last start) is gpu_oom's incident:
   not paged again here.
 * An ``end`` with status "completed", or without a status (an older client), is a clean end: never an
-  alert. A rank killed by a signal sends nothing: that silence is rank_stalled's, unless its launcher
+  alert. A rank killed by another signal sends nothing: that silence is rank_stalled's, unless its launcher
   (trainhealth.launch) sends the ``end`` for it: ``signal`` or ``exit_code``, ``stderr_tail``,
   ``oom_killed`` ("rank 1 died at step 4: killed by SIGSEGV (segmentation fault): Fatal Python error: ...").
   The launcher's word on a death the client reported is added to that failure; an exit code after the
-  rank's own clean end is no failure; a signal passed on by the launcher (the job being stopped) is a
+  rank's own clean end is no failure; a SIGTERM (passed on by the launcher, or reported by the rank's
+  client before it died of it: the job being stopped, torchrun stopping the survivors of a death) is a
   consequence, and stops alone are no failure; a consequence alone while the other ranks train on is
   named. A sample measured after a death the launcher saw is a new process: the incident resolves.
 
@@ -66,6 +67,7 @@ class _Failure:
     oom_killed: bool = False  # killed by the kernel's OOM killer,
     oom: OomFacts | None = None  # how the launcher decided that (a child it killed, a doubt)
     stderr_tail: str | None = None  # and its last words on stderr
+    forwarded: bool = False  # its signal came from its launcher (the job being stopped from above)
     memory: float | None = None  # its cgroup's peak usage and limit (an OOM kill)
     limit: float | None = None
     steps_then: dict[int, int] | None = None  # the other ranks' steps when it failed
@@ -146,6 +148,7 @@ class RankFailed(Detector[RankFailedSettings]):
             f.error = record.error
         if _launcher_says(record):
             f.signal, f.exit_code = record.signal, record.exit_code
+            f.forwarded = bool(record.signal_forwarded)
             f.oom_killed = bool(record.oom_killed)
             f.oom = OomFacts.of(record)
             f.stderr_tail = record.stderr_tail
@@ -210,8 +213,9 @@ class RankFailed(Detector[RankFailedSettings]):
                         f"({self.failures[consequences[0]].quoted})")
         stopped = sorted(q for q, f in self.failures.items() if q != root.rank and f.cause == "stopped")
         if stopped:
-            summary += (f"; {where(self.run, stopped)} {'was' if len(stopped) == 1 else 'were'} stopped after it "
-                        f"by {'its' if len(stopped) == 1 else 'their'} launcher")
+            by = (f"by {'its' if len(stopped) == 1 else 'their'} launcher"
+                  if all(self.failures[q].forwarded for q in stopped) else "by SIGTERM")
+            summary += f"; {where(self.run, stopped)} {'was' if len(stopped) == 1 else 'were'} stopped after it {by}"
         if moving:
             summary += f"; {where(self.run, moving)} still finish{'es' if len(moving) == 1 else ''} steps"
         error = root.error

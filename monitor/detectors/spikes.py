@@ -62,7 +62,7 @@ from operator import attrgetter
 from statistics import median
 from typing import Any, ClassVar, cast
 
-from ..config.rules import above, flag, whole
+from ..config.rules import above, flag, ordered, whole
 from ..events import Event, Severity, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -202,16 +202,10 @@ class SpikeSettings:
                              f"got {self.min_history!r}")
         above(self, name, 0.0, "z_threshold", "z_resolve")
         above(self, name, 1.0, "min_ratio")
-        if self.z_resolve > self.z_threshold:
-            raise ValueError(f"{name}.z_resolve: must be <= z_threshold ({self.z_threshold:g}), "
-                             f"got {self.z_resolve!r}")
+        ordered(self, name, "z_resolve", "<=", self.z_threshold, "z_threshold", spec="g")
         above(self, name, 1.0, "soft_ratio", "early_growth")
-        if self.soft_ratio > self.min_ratio:
-            raise ValueError(f"{name}.soft_ratio: must be <= min_ratio ({self.min_ratio:g}), "
-                             f"got {self.soft_ratio!r}")
-        if self.soft_z < self.z_threshold:
-            raise ValueError(f"{name}.soft_z: must be >= z_threshold ({self.z_threshold:g}), "
-                             f"got {self.soft_z!r}")
+        ordered(self, name, "soft_ratio", "<=", self.min_ratio, "min_ratio", spec="g")
+        ordered(self, name, "soft_z", ">=", self.z_threshold, "z_threshold", spec="g")
 
 
 @dataclass(kw_only=True, slots=True)

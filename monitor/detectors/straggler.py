@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..config.rules import at_least, flag, whole
+from ..config.rules import at_least, flag, ordered, whole
 from ..events import Event, firing, resolved
 from ..record import Record
 from ..state import RunState
@@ -63,8 +63,7 @@ class StragglerSettings:
         whole(self, "straggler", "window", minimum=3)
         whole(self, "straggler", "sustain_samples", minimum=0)
         at_least(self, "straggler", 0.0, "ratio", "min_excess_seconds", "min_excess_fraction", "resolve_ratio")
-        if self.ratio <= 1:
-            raise ValueError(f"straggler.ratio: must be > 1, got {self.ratio!r}")
+        ordered(self, "straggler", "ratio", ">", 1)
         if not 1 <= self.resolve_ratio <= self.ratio:
             raise ValueError(f"straggler.resolve_ratio: must be between 1 and ratio "
                              f"({self.ratio!r}), got {self.resolve_ratio!r}")

@@ -35,7 +35,7 @@ from ..metrics.collector import LatencyHistogram
 from ..service import Service
 from . import alerts, ingest, long_poll, operations, runs
 from .answers import JSON
-from .bodies import BodyBudget, default_budget
+from .bodies import BodyBudget, budget_of
 from .cross_site import CrossSite
 from .hosts import AllowedHosts, HostNames
 from .methods import AllowedMethods
@@ -50,10 +50,11 @@ PAGE_PATH = "/"  # the only route that also takes the token as ?token= (http/pag
 
 
 def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
-               latency: LatencyHistogram | None = None) -> FastAPI:
+               latency: LatencyHistogram | None = None, bodies: BodyBudget | None = None) -> FastAPI:
     """The sidecar's ASGI app: the core routers (ingest, runs, the alert history, the long poll, operations), then
     ``routers`` (/metrics, the store's alert actions, silences, the page: assembly.py). ``latency``: each
-    POST /v1/ingest is timed into it (the /metrics router reads it)."""
+    POST /v1/ingest is timed into it (the /metrics router reads it). ``bodies``: the request bodies held at once
+    (bodies.py; the /metrics router reads it too); None: a budget of the Service's settings."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,9 +77,8 @@ def create_app(service: Service, routers: Sequence[APIRouter] = (), *,
     app.state.service = service
     app.add_exception_handler(HTTPException, _http_error)  # every error answer is {"error": ...}
     app.add_exception_handler(RequestValidationError, _bad_parameter)  # 400, not FastAPI's 422
-    limits = service.settings.limits
-    bodies = BodyBudget(limits.max_buffered_bytes
-                        or default_budget(limits.max_body_bytes, service.settings.server.max_connections))
+    if bodies is None:
+        bodies = budget_of(service.settings)
     app.state.bodies = bodies  # every body being received, together (bodies.py; answers.read_body)
     apis = [ingest.router(service, bodies), runs.router(service), alerts.router(service), long_poll.router(service),
             operations.router(service), *routers]

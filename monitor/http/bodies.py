@@ -12,7 +12,12 @@ retries after the wait (trainer/transport.py). Everything runs on the event loop
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 RETRY_AFTER_SECONDS = 1  # bodies in progress finish in milliseconds, or are closed at server.body_timeout_seconds
 BUDGET_BODIES = 16  # the default budget: this many bodies at the per-body cap (fewer with fewer connections)
@@ -24,19 +29,30 @@ def default_budget(max_body_bytes: int, max_connections: int) -> int:
     return min(BUDGET_BODIES, max_connections) * max_body_bytes
 
 
+def budget_of(settings: Settings) -> BodyBudget:
+    """The budget of ``limits.max_buffered_bytes``, or the default one."""
+    limits = settings.limits
+    return BodyBudget(limits.max_buffered_bytes or default_budget(limits.max_body_bytes,
+                                                                  settings.server.max_connections))
+
+
 class BodyBudget:
-    """The bytes of request bodies held now, by every request together."""
+    """The bytes of request bodies held now, by every request together, and how many bodies it refused
+    (/metrics: ``trainhealth_request_bodies_held_bytes``, ``trainhealth_request_bodies_refused_total``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
+        self.refused = 0
 
     def fits(self, size: int) -> bool:
         return self.held + size <= self.limit
 
-    def busy(self, what: str) -> str:
-        return (f"{what}: the bodies being received hold {self.held} bytes of the {self.limit} allowed "
-                f"(limits.max_buffered_bytes): retry after {RETRY_AFTER_SECONDS} s")
+    def refuse(self, what: str) -> Busy:
+        """The 503 for a body that does not fit now, counted."""
+        self.refused += 1
+        return Busy(f"{what}: the bodies being received hold {self.held} bytes of the {self.limit} allowed "
+                    f"(limits.max_buffered_bytes): retry after {RETRY_AFTER_SECONDS} s")
 
 
 class TooBig(Exception):
@@ -62,7 +78,7 @@ class Receiving:
             if int(declared) > limit:
                 raise TooBig(f"body of {declared} bytes is over the limit of {limit} bytes")
             if budget is not None and not budget.fits(int(declared)):
-                raise Busy(budget.busy(f"a body of {declared} bytes"))
+                raise budget.refuse(f"a body of {declared} bytes")
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
@@ -71,7 +87,7 @@ class Receiving:
                 raise TooBig(f"body is over the limit of {limit} bytes")
             if budget is not None:
                 if not budget.fits(len(chunk)):
-                    raise Busy(budget.busy(f"a body past {size - len(chunk)} bytes"))
+                    raise budget.refuse(f"a body past {size - len(chunk)} bytes")
                 budget.held += len(chunk)
                 self.counted += len(chunk)
             chunks.append(chunk)

@@ -1,9 +1,10 @@
 """HTTP adapter for the exporter: ``GET /metrics`` and the ingest latency timer.
 
-``router(service, latency)`` is the route for ``create_app(service, routers, latency=latency)`` (the app
-times each ingest into ``latency`` with ``IngestTimer``); ``state_collector(service)`` hands the collector
-the parts of a Service it reads (the pipeline, the clock, the ingest counters, the alert sinks that report
-delivery stats, ``[exporter]``), so the collector never sees the Service itself.
+``router(service, latency, bodies)`` is the route for ``create_app(service, routers, latency=latency,
+bodies=bodies)`` (the app times each ingest into ``latency`` with ``IngestTimer`` and counts the request bodies
+it holds in ``bodies``); ``state_collector(service)`` hands the collector the parts of a Service it reads (the
+pipeline, the clock, the ingest counters, the alert sinks that report delivery stats, ``[exporter]``), so the
+collector never sees the Service itself.
 The bearer-token middleware of app.py covers /metrics like every other route.
 """
 
@@ -23,6 +24,7 @@ from ..metrics.collector import LatencyHistogram, StateCollector, render
 
 if TYPE_CHECKING:
     from ..service import Service
+    from .bodies import BodyBudget
 
 INGEST_PATH = "/v1/ingest"
 
@@ -52,17 +54,18 @@ def _render(snap: Any, health: CollectorRegistry, collector: StateCollector) -> 
 
 
 def state_collector(service: Service, settings: ExporterSettings | None = None,
-                    latency: LatencyHistogram | None = None) -> StateCollector:
+                    latency: LatencyHistogram | None = None, bodies: BodyBudget | None = None) -> StateCollector:
     """The collector over a Service's parts; its sinks list is read live (a sink added later is seen).
     ``settings``: the Service's ``[exporter]`` unless given."""
     return StateCollector(service.pipeline, service.clock, stats=service.stats, latency=latency,
-                          delivery_sources=service.alert_sinks,
+                          bodies=bodies, delivery_sources=service.alert_sinks,
                           settings=settings if settings is not None else service.settings.exporter)
 
 
-def router(service: Service, latency: LatencyHistogram | None = None) -> APIRouter:
+def router(service: Service, latency: LatencyHistogram | None = None,
+           bodies: BodyBudget | None = None) -> APIRouter:
     """``GET /metrics`` over a collector built here (rendered by ``render``, never a global registry)."""
-    collector = state_collector(service, latency=latency)
+    collector = state_collector(service, latency=latency, bodies=bodies)
     # the sidecar's own health (store/recorder/state errors, undelivered notifications): in-memory counters,
     # in a registry of their own, written after the pipeline's families
     health = CollectorRegistry()

@@ -16,8 +16,8 @@ values, so ingest pays nothing for the export. A scrape works in two parts:
 
 The collector depends only on what it is given (like prometheus-client's
 ``ProcessCollector(pid=, proc=)``): the pipeline whose state it reads, a clock,
-and optionally the ingest counters, the latency histogram and the objects that
-report webhook delivery stats, and ``[exporter]``'s ExporterSettings as the config built them.
+and optionally the ingest counters, the latency histogram, the request body budget and the objects
+that report webhook delivery stats, and ``[exporter]``'s ExporterSettings as the config built them.
 ``http/metrics.py`` wires a Service's parts in.
 
 Names are fixed by docs/grafana.md and the dashboards; per-rank series carry ``run`` and ``rank`` labels.
@@ -43,6 +43,7 @@ from .exposition import RankLines, per_rank_parts
 from .snapshot import RankRow, Snapshot
 
 if TYPE_CHECKING:
+    from ..http.bodies import BodyBudget
     from ..pipeline import Pipeline
     from ..service import IngestStats
     from ..state import RankState, RunState
@@ -79,11 +80,13 @@ PER_RANK_STATE = ("trainhealth_step", "trainhealth_last_record_timestamp_seconds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WEBHOOK_NAMES = ("trainhealth_webhook_deliveries_total", "trainhealth_webhook_outbox_depth", *UNDELIVERED_NAMES)
 OUTBOX_KEYS = ("outbox_depth", "outbox")
+BODY_NAMES = ("trainhealth_request_bodies_held_bytes", "trainhealth_request_bodies_limit_bytes",
+              "trainhealth_request_bodies_refused_total")  # with the app's body budget (http/bodies.py)
 
 
 def exported_names() -> set[str]:
     """Every sample name /metrics can carry (histogram and counter suffixes included)."""
-    names = {n for n, _, _ in PER_RANK_VALUES} | set(PER_RANK_STATE) | set(WEBHOOK_NAMES)
+    names = {n for n, _, _ in PER_RANK_VALUES} | set(PER_RANK_STATE) | set(WEBHOOK_NAMES) | set(BODY_NAMES)
     names |= {"trainhealth_alerts_firing", "trainhealth_runs_tracked", "trainhealth_ranks_tracked",
               "trainhealth_runs_exported", "trainhealth_runs_omitted",
               "trainhealth_records_ingested_total", "trainhealth_records_rejected_total",
@@ -115,11 +118,13 @@ class StateCollector(Collector):
 
     def __init__(self, pipeline: Pipeline, clock: Callable[[], float], *,
                  stats: IngestStats | None = None, latency: LatencyHistogram | None = None,
-                 delivery_sources: Iterable[object] = (), settings: ExporterSettings | None = None) -> None:
+                 bodies: BodyBudget | None = None, delivery_sources: Iterable[object] = (),
+                 settings: ExporterSettings | None = None) -> None:
         self.pipeline = pipeline
         self.clock = clock
         self.stats = stats
         self.latency = latency
+        self.bodies = bodies
         self.delivery_sources = delivery_sources
         self.settings = settings or ExporterSettings()
         self.lines = RankLines()  # each rank's text from the previous scrape (render(snap, collector.lines))
@@ -145,6 +150,8 @@ class StateCollector(Collector):
             snap.rejected, snap.refused = dict(stats.rejected), dict(stats.bodies_refused)
         if self.latency is not None:
             snap.latency = (self.latency.bounds, list(self.latency.counts), self.latency.sum)
+        if self.bodies is not None:
+            snap.bodies = (self.bodies.held, self.bodies.limit, self.bodies.refused)
         self._read_deliveries(snap)
         return snap
 
@@ -288,6 +295,16 @@ def service_families(snap: Snapshot) -> Iterator[Metric]:
     yield refused
     yield CounterMetricFamily("trainhealth_alerts_raised", "Alert firing transitions.",
                               value=snap.alerts_raised)
+    if snap.bodies is not None:
+        held, limit, busy = snap.bodies
+        yield GaugeMetricFamily("trainhealth_request_bodies_held_bytes", "Bytes of request bodies held now, "
+                                "by every request together, from their first byte until they are answered.",
+                                value=held)
+        yield GaugeMetricFamily("trainhealth_request_bodies_limit_bytes", "The most bytes of request bodies "
+                                "held at once (limits.max_buffered_bytes).", value=limit)
+        yield CounterMetricFamily("trainhealth_request_bodies_refused", "Request bodies refused (503, "
+                                  "Retry-After) while the bodies being received held limits.max_buffered_bytes, "
+                                  "on every route.", value=busy)
     if snap.latency is not None:
         bounds, counts, total = snap.latency
         buckets, cumulative = [], 0

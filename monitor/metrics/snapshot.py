@@ -41,5 +41,6 @@ class Snapshot:
     rejected: dict[str, int] = field(default_factory=dict)
     refused: dict[int, int] = field(default_factory=dict)
     latency: tuple[tuple[float, ...], list[int], float] | None = None  # bounds, counts, sum
+    bodies: tuple[int, int, int] | None = None  # request bodies: bytes held, their limit, refusals
     deliveries: dict[str, float] | None = None
     outbox: float | None = None

@@ -55,9 +55,10 @@ def episodes(transitions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             out.append(ep)
         else:
             ep = open_.pop(key, None)
-            if ep is None:  # fired before the window: a band from when it started
-                ep = {k: a.get(k) for k in EPISODE_FIELDS}
+            if ep is None:  # its firing is not in the list: a band from when it started, placed by its first
+                ep = {k: a.get(k) for k in EPISODE_FIELDS}  # step, else by that time (not the resolution's step)
                 ep["time"] = a.get("started_at", a["time"])
+                ep["step"] = a.get("first_step")
                 out.append(ep)
             ep["end"] = a["time"]
     for ep in out:  # the charts' list shows summaries as text: the page's font has no pictographs

@@ -12,9 +12,10 @@ import time as _time
 from functools import cache
 from html import escape
 from importlib import resources
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .. import jsonout
+from ..detectors.helpers.incident import span
 from .chart import dumps
 from .glyphs import plain
 
@@ -85,13 +86,19 @@ def alerts_table(alerts: Iterable[Mapping[str, Any]], empty: str, with_state: bo
             f'<th class="num">rank</th><th class="num">step</th><th>summary</th></tr>{"".join(rows)}</table>')
 
 
+def ranks_text(ranks: Sequence[int]) -> str:
+    """"rank 3", "ranks 0, 2", "ranks 0-63, 70": consecutive ranks as a range, every one named."""
+    return ("rank " if len(ranks) == 1 else "ranks ") + span(ranks, groups_shown=None, pair=", ")
+
+
 def findings_html(findings: dict[str, Any] | None) -> str:
     nan = (findings or {}).get("nan_divergence")
     if not nan:
         return ""
+    diverged = nan.get("diverged_ranks") or []
     return (f'<p class="finding bad">First non-finite value: rank <b>{esc(nan.get("first_rank"))}</b> at step '
             f'<b>{esc(nan.get("first_step"))}</b> ({fmt_time(nan.get("first_time"))}; '
-            f'{esc(nan.get("first_cause", ""))}); diverged ranks: {esc(nan.get("diverged_ranks", []))}</p>')
+            f'{esc(nan.get("first_cause", ""))}); diverged: {esc(ranks_text(diverged)) if diverged else "none"}</p>')
 
 
 def runs_table(runs: list[dict[str, Any]], chosen: str | None) -> str:

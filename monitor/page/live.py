@@ -52,7 +52,11 @@ def finish(model: dict[str, Any]) -> dict[str, Any]:
     if rows is None or detail is None:
         return model
     start = min((r[0] for r in rows.values()), default=None)  # time is each row's first column
-    touching = [a for a in model["recent"] if start is None or a["time"] >= start or a["state"] == "resolved"]
+    # An alert that fired before the window and resolved later (lr_scaling fires on the start records, before
+    # the first sample) keeps its firing transition: it is marked where it fired, with what it said.
+    resolved = {a.get("fingerprint") for a in model["recent"] if a["state"] == "resolved"}
+    touching = [a for a in model["recent"]
+                if start is None or a["time"] >= start or a["state"] == "resolved" or a.get("fingerprint") in resolved]
     model["chart"] = live_chart(model["chosen"], rows, gpu_total, touching + model["detail"]["firing"],
                                 model["detail"]["ranks"], [dict(s) for s in model["detail"]["starts"]], host_limit)
     return model

@@ -199,6 +199,9 @@ def starts_html(run: RunRecording) -> str:
             f'<th>optimizer</th><th></th></tr>{"".join(rows)}</table>')
 
 
+RATE_MIN_SECONDS = 600  # a shorter span's growth is not told as a rate per hour
+
+
 def memory_html(run: RunRecording) -> str:
     """The detectors' own forecasts (the latest of each memory alert), then each rank's peak and growth."""
     latest: dict[tuple[str, Any], Alert] = {}
@@ -218,10 +221,11 @@ def memory_html(run: RunRecording) -> str:
         growth = ""
         if rank in run.first_host:
             (t0, h0), (t1, h1) = run.first_host[rank], run.last_host[rank]
-            rate = (h1 - h0) / (t1 - t0) * 3600 if t1 > t0 else None
             growth = f"{html.fmt_bytes(h0)} to {html.fmt_bytes(h1)}"
-            if rate is not None:
-                growth += f" ({html.fmt_bytes(rate)}/h on average)"
+            if t1 - t0 >= RATE_MIN_SECONDS:
+                growth += f" ({html.fmt_bytes((h1 - h0) / (t1 - t0) * 3600)}/h on average)"
+            elif t1 > t0:  # a start's growth over seconds, told per hour, reads as a leak: say the span instead
+                growth += f" ({'+' if h1 >= h0 else ''}{html.fmt_bytes(h1 - h0)} in {_duration(t1 - t0)})"
         rows.append(f'<tr><td class="num">{rank}</td><td class="num">{html.fmt_bytes(peak)}{frac}</td>'
                     f'<td class="num">{html.fmt_bytes(total)}</td><td>{growth}</td></tr>')
     if rows:

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 from ..detectors.helpers.incident import OomFacts, death
 from ..record import ErrorInfo
 from . import html
+from .html import ranks_text
 
 # Settings found wrong when the run started: the reason for what followed, named under "why", never the
 # incident itself while a later alert says what went wrong.
@@ -33,18 +34,6 @@ def roots(alert: Mapping[str, Any]) -> list[int]:
     if alert.get("rank") is not None:
         return [alert["rank"]]
     return [r for r in (alert.get("root_ranks") or ()) if isinstance(r, int)]
-
-
-def ranks_text(ranks: Sequence[int]) -> str:
-    """"rank 3", "ranks 0, 2", "ranks 0-63, 70": consecutive ranks as a range."""
-    spans: list[list[int]] = []
-    for r in sorted(set(ranks)):
-        if spans and r == spans[-1][1] + 1:
-            spans[-1][1] = r
-        else:
-            spans.append([r, r])
-    text = ", ".join(str(a) if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}" for a, b in spans)
-    return ("rank " if len(ranks) == 1 else "ranks ") + text
 
 
 def where_html(alert: Mapping[str, Any], hosts: Mapping[int, str]) -> str:

@@ -3,8 +3,14 @@ end-to-end tests of how ranks end: a clean end, a crash, a NaN with ``stop_on``.
 
 Each rank writes ``OUT/rank{R}.json``: the step it stopped after (or null), the first step at which it knew
 of the stop, and its last step. ``--late-rank K --late-url URL``: rank K talks to the sidecar through URL
+<<<<<<< HEAD
 (a proxy that delays every answer), so it hears of alerts later than the others. ``--miss-rank K``: rank K
 hears the first stop step only after its loop has checked it (tests/late_hearing.py): a partial miss.
+=======
+(a proxy that delays every answer), so it hears of alerts later than the others. ``--hold-rank K --hold-step
+N``: rank K, after recording step N, writes ``OUT/held`` and blocks for good in a C call that signals do not
+end (as a rank waiting in an NCCL collective does), until it is killed.
+>>>>>>> main
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ def main() -> int:
     ap.add_argument("--miss-rank", type=int, default=-1)
     ap.add_argument("--lr-step", type=int, default=0)  # from this step on the LR is --lr-factor times higher
     ap.add_argument("--lr-factor", type=float, default=1.0)
+    ap.add_argument("--hold-rank", type=int, default=-1)
+    ap.add_argument("--hold-step", type=int, default=0)
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -73,6 +81,8 @@ def main() -> int:
         tm.record(step, loss=loss.detach(), grad_norm=grad_norm, lr=lr)  # the second line
         if heard_at is None and tm.stop_reason is not None:
             heard_at, heard_time = step, time.time()
+        if rank == args.hold_rank and step == args.hold_step:
+            hold_in_c(os.path.join(args.out, "held"))
         if tm.should_stop(step):
             stopped_at = step
             break
@@ -87,6 +97,19 @@ def main() -> int:
     tm.end()
     tm.close()
     return 3
+
+
+def hold_in_c(marker: str) -> None:
+    """Block for good in a second lock of a default pthread mutex: the futex wait resumes after a signal handler,
+    so Python's own handlers never run here (the client's SIGTERM report must come from its thread)."""
+    import ctypes
+
+    mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER
+    libc = ctypes.CDLL(None)
+    libc.pthread_mutex_lock(mutex)
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    libc.pthread_mutex_lock(mutex)
 
 
 if __name__ == "__main__":

@@ -187,11 +187,17 @@ def test_each_death_is_named_within_seconds_with_its_cause(machine_oom_lock, sta
 LOOP = str(ROOT / "tests" / "e2e" / "loop_worker.py")
 
 
-@pytest.mark.parametrize("watched", [True, False], ids=["under-trainhealth.launch", "bare"])
-def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidecar, tmp_path, procs, watched):
+@pytest.mark.parametrize("watched, held", [(True, False), (False, False), (False, True)],
+                         ids=["under-trainhealth.launch", "bare", "bare-survivor-blocked"])
+def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidecar, tmp_path, procs, watched, held):
     """torchrun, 2 ranks of a DDP loop on gloo; rank 1 is SIGKILLed. Under the launcher: rank_failed says
-    SIGKILL. Bare: rank 0's collective fails ("Connection closed by peer") and rank 1, quiet since before it,
-    is named by rank_stalled as exited without an end record, at once rather than after the silence limit."""
+    SIGKILL. Bare, whichever comes first: rank 0's collective fails ("Connection closed by peer": its client
+    sends the exception), or torchrun's agent sees rank 1's death and SIGTERMs rank 0 (its client sends an
+    end saying SIGTERM before it dies of it; the normal case with NCCL). Either way rank 0's end is a
+    consequence and rank 1, quiet since before it, is named by rank_stalled as exited without an end record,
+    at once rather than after the silence limit. "bare-survivor-blocked": rank 0 is blocked for good in a C
+    call (as in an NCCL collective) when rank 1 dies: no collective error can come, the agent's SIGTERM is
+    the only word, and the client's thread sends it while the training thread stays blocked."""
     pytest.importorskip("torch")
     sidecar = start_sidecar()
     run = f"ddp-kill-{uuid.uuid4().hex[:8]}"
@@ -199,6 +205,8 @@ def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidec
     del env["RANK"], env["WORLD_SIZE"]
     env["OMP_NUM_THREADS"] = "1"
     target = ["-m", "trainhealth.launch", sys.executable, LOOP] if watched else [LOOP]
+    if held:
+        target += ["--hold-rank", "0", "--hold-step", "8"]
     with open(tmp_path / "torchrun.log", "wb") as log:
         torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                      "2", *target, "--out", str(tmp_path), "--steps", "100000", "--step-sleep", "0.05"],
@@ -225,6 +233,8 @@ def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidec
             return None
 
         victim = until(rank1, 10, "rank 1's process")
+        if held:
+            until(lambda: (tmp_path / "held").exists(), 30, "rank 0 to block")
         killed = time.time()
         victim.kill()
         fired = until(lambda: [a for a in alerts(sidecar, run) if a["state"] == "firing"], 30, "an alert")[0]
@@ -238,7 +248,13 @@ def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidec
         else:
             assert (fired["alert"], fired["reason"]) == ("rank_stalled", "silent"), fired
             assert fired["summary"].startswith("rank 1 exited without an end record after step"), fired["summary"]
-            assert "rank 0 failed after it with a collective error" in fired["summary"], fired["summary"]
+            assert ("; rank 0 failed after it with a collective error (" in fired["summary"]
+                    or "; rank 0 was stopped after it (stopped by SIGTERM (asked to stop" in fired["summary"]), \
+                fired["summary"]
+            assert fired["failed_ranks"] == [0], fired
+            if held:
+                assert "; rank 0 was stopped after it (stopped by SIGTERM" in fired["summary"], fired["summary"]
+                assert torchrun.wait(60) != 0
         until(lambda: torchrun.poll() is not None or all(r["ended"] for r in status()["rank_states"]), 60,
               "rank 0's end")
         time.sleep(1.5)  # the timer's ticks: still the one incident

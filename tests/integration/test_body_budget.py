@@ -68,6 +68,12 @@ def refused_503(metrics: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def budget_metrics(metrics: str) -> dict[str, float]:
+    """The body budget's samples of one scrape: bytes held now, the limit, refusals on every route."""
+    return {name: float(value) for name, value in
+            re.findall(r"^trainhealth_request_bodies_(\w+) (\S+)$", metrics, flags=re.MULTILINE)}
+
+
 def test_bodies_in_progress_fill_the_budget_then_the_next_is_a_503_with_retry_after(start_sidecar) -> None:
     sidecar = start_sidecar(config=SMALL)
     url = sidecar.url
@@ -88,6 +94,9 @@ def test_bodies_in_progress_fill_the_budget_then_the_next_is_a_503_with_retry_af
             break
         assert status == 200 and time.monotonic() < deadline, (status, got)
     assert headers["retry-after"] == "1"
+    # /metrics (no body) while the slow bodies are held: their bytes, and the one refusal
+    assert budget_metrics(sidecar.client.get("/metrics").text) == {
+        "held_bytes": held, "limit_bytes": BUDGET, "refused_total": 1}
     assert got == {"error": f"a body of 50000 bytes: the bodies being received hold {held} bytes of the {BUDGET} "
                             "allowed (limits.max_buffered_bytes): retry after 1 s"}
     # a chunked body that does not fit is refused part way, as it arrives, and read no further
@@ -101,6 +110,8 @@ def test_bodies_in_progress_fill_the_budget_then_the_next_is_a_503_with_retry_af
     status, headers, got = ask(url, "/v1/silences", silence)
     assert (status, headers["retry-after"]) == (503, "1"), got
     assert got["error"].startswith(f"body: a body of {len(silence)} bytes: the bodies being received hold "), got
+    assert budget_metrics(sidecar.client.get("/metrics").text) == {  # the refused bodies' bytes are let go
+        "held_bytes": held, "limit_bytes": BUDGET, "refused_total": 3}
     # what still fits is taken, and reads need no body
     status, _, got = ask(url, "/v1/ingest", padded(record, 10_000))
     assert (status, got["accepted"]) == (200, 1), got
@@ -115,7 +126,9 @@ def test_bodies_in_progress_fill_the_budget_then_the_next_is_a_503_with_retry_af
         s.close()
     status, _, got = ask(url, "/v1/ingest", padded(record.replace(b'"step":1', b'"step":2'), 50_000))
     assert (status, got["accepted"]) == (200, 1), got
-    assert refused_503(sidecar.client.get("/metrics").text) == refusals  # the silence is not an ingest body
+    scrape = sidecar.client.get("/metrics").text
+    assert refused_503(scrape) == refusals  # the silence is not an ingest body
+    assert budget_metrics(scrape) == {"held_bytes": 0, "limit_bytes": BUDGET, "refused_total": refusals + 1}
     # a silence body over 64 KiB is refused unread (it used to be read whole first, however long)
     for framing in (head("/v1/silences", 70_000) + b"{" + b" " * 69_998 + b"}",
                     head("/v1/silences") + chunk(b"{" + b" " * 70_000) + chunk(b"}") + b"0\r\n\r\n"):

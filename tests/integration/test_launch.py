@@ -53,3 +53,22 @@ def test_a_clean_exit_sends_nothing_and_an_exit_code_is_kept(tmp_path):
     assert proc.returncode == 7 and time.monotonic() - start < 10
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert (rec["exit_code"], rec["status"], "signal" in rec) == (7, "failed", False)
+
+
+def test_a_client_under_the_watcher_leaves_sigterm_to_it_one_end(tmp_path):
+    # the client stands aside under the launcher (TRAINHEALTH_LAUNCH_ID): the launcher's end is the only one
+    proc, out = watch(tmp_path, "import signal, time\n"
+                                "from trainhealth import Telemetry\n"
+                                "tm = Telemetry()\n"
+                                "tm.record(1, loss=0.5)\n"
+                                "tm.flush(5)\n"
+                                "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+                                "print('ready', flush=True)\n"
+                                "time.sleep(60)\n")
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["type"], r.get("signal"), r.get("signal_forwarded")) for r in records if r["type"] != "sample"] == [
+        ("end", "SIGTERM", True)], records

@@ -126,3 +126,42 @@ def test_report_opens_from_disk_with_its_alerts_and_charts(start_sidecar, browse
     assert browser.requests() == [out.as_uri()]  # nothing fetched: script, styles and data are inline
     browser.screenshot(tmp_path / "report.png")
     assert json.loads(browser.eval("JSON.stringify(document.querySelectorAll('svg.chart').length)")) == 5
+
+
+def test_a_value_with_no_finite_neighbour_is_drawn_as_a_dot(browser: Browser, tmp_path: Path) -> None:
+    # The Hugging Face callback sends the grad norm on logging steps only: rank 1's step-10 value is followed by
+    # a NaN, so no line passes through it. Before, the chart showed nothing of it; now it is a dot.
+    records: list[dict] = [{"type": "start", "run": "hf", "rank": r, "time": 1000.0, "world_size": 2, "batch_size": 8,
+                            "lr": 3e-4} for r in (0, 1)]
+    for step in range(1, 26):
+        for r in (0, 1):
+            rec = {"run": "hf", "rank": r, "time": 1000.0 + step, "step": step, "loss": 6.0 - 0.01 * step}
+            if step in (10, 20):
+                rec["grad_norm"] = float("nan") if (r, step) == (1, 20) else 0.7
+            records.append(rec)
+    recorded = tmp_path / "hf.jsonl"
+    recorded.write_text(lines(records))
+    out = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "trainhealth", "report", str(recorded), "-o", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    browser.open(out.as_uri())
+    browser.wait_for("document.querySelectorAll('svg.chart').length > 0")
+    dots = browser.eval("JSON.stringify(Array.from(document.querySelectorAll('svg.chart circle.dot'))"
+                        ".map(c => [c.closest('svg.chart').dataset.key, +c.dataset.rank]))")
+    assert json.loads(dots) == [["grad_norm", 1]]  # rank 0's two values make a line; every loss is on one
+    assert browser.errors() == [], browser.errors()
+
+
+def test_a_live_window_with_no_finite_value_says_so(start_sidecar, browser: Browser) -> None:
+    # The job went on long after its NaN: the last 240 samples of the loss are all NaN. The loss chart says so
+    # (it was an empty axis with a row of red marks); the grad norm, finite, draws as before.
+    sidecar = start_sidecar()
+    post(sidecar, diverging_run(steps=300, nan_step=20))
+    browser.open(f"{sidecar.url}/?run={RUN}")
+    browser.wait_for("document.querySelectorAll('svg.chart').length === 5")
+    notes = json.loads(browser.eval("JSON.stringify(Array.from(document.querySelectorAll('svg.chart text.no-finite'))"
+                                    ".map(t => [t.closest('svg.chart').dataset.key, t.textContent]))"))
+    assert [key for key, _ in notes] == ["loss"]
+    assert notes[0][1].startswith("every value here is NaN or infinite (steps ")
+    assert browser.errors() == [], browser.errors()

@@ -100,6 +100,25 @@ def test_what_a_caller_changes_in_a_returned_transition_does_not_reach_the_book(
     assert book.open[("r", 2, "x")]["summary"] == "bad"
 
 
+def test_what_a_caller_changes_in_the_open_alerts_or_the_history_it_read_does_not_reach_the_book() -> None:
+    """``firing()`` and ``query()`` (the status routes, the page) hand out copies, nested lists included."""
+    book = AlertBook()
+    book.apply("r", [firing("x", 2, 5, 10.0, "bad", "critical", ranks=[2])])
+    book.apply("r", [firing("y", None, 6, 11.0, "worse", "warning", root_ranks=[0, 1])])
+    book.apply("r", [resolved("y", None, 7, 12.0)])
+    read = [*book.firing("r"), *book.firing(), *book.query(), *book.query(state="firing"), *book.query(run="r")]
+    assert len(read) == 1 + 1 + 3 + 1 + 3
+    for a in read:
+        a["summary"] = "changed"
+        a.setdefault("ranks", []).append(7)
+        a.setdefault("root_ranks", []).append(7)
+    assert [(a["alert"], a["summary"], a.get("ranks"), a.get("root_ranks")) for a in book.query()] == [
+        ("y", "resolved: worse", None, [0, 1]), ("y", "worse", None, [0, 1]), ("x", "bad", [2], None)]
+    assert [(a["summary"], a["ranks"]) for a in book.firing("r")] == [("bad", [2])]
+    held = book.open[("r", 2, "x")]
+    assert (held["summary"], held["ranks"]) == ("bad", [2])
+
+
 def test_a_caller_holding_a_batchs_firing_sees_it_unchanged_after_a_refresh_in_a_later_batch() -> None:
     sink = SentAlerts()
     service = Service(load(), clock=lambda: 5000.0, alert_sinks=[sink])

@@ -107,6 +107,19 @@ def test_start_carries_host_pid_world_size_and_the_config_as_an_object():
     assert from_obj(rec).reference_batch_size == 16
 
 
+def test_start_config_names_the_clients_stop_on_unless_it_already_does():
+    def config(stop_on, **start):
+        tm, sink, _ = make(stop_on=stop_on)
+        tm.start(batch_size=2, **start)
+        tm.pump()
+        return sink.records[0].get("config")
+
+    assert config({"rank_stalled", "nan_divergence"}) == {"stop_on": ["nan_divergence", "rank_stalled"]}
+    assert config({"nan_divergence"}, config={"lr": 0.1}) == {"lr": 0.1, "stop_on": ["nan_divergence"]}
+    assert config({"nan_divergence"}, config={"stop_on": "loss_spike"}) == {"stop_on": "loss_spike"}
+    assert config((), config={"lr": 0.1}) == {"lr": 0.1} and config(()) is None
+
+
 def test_heartbeat_end_and_oom_carry_the_last_completed_step():
     tm, sink, _ = make()
     tm.heartbeat()

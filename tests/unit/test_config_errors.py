@@ -75,6 +75,15 @@ def refused(tmp_path: Path, header: str, needed: dict[str, Any], key: str, value
     return str(err.value)
 
 
+def config_error(tmp_path: Path, text: str) -> str:
+    """The ConfigError a config file of ``text`` gets."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path), {}, {})
+    return str(err.value)
+
+
 @pytest.mark.parametrize("header, needed, dotted, key, value", cases("type"))
 def test_a_value_of_the_wrong_type_is_one_line_naming_key_and_value(tmp_path: Path, header: str,
                                                                    needed: dict[str, Any], dotted: str,
@@ -98,6 +107,36 @@ def test_the_issue_example_reads_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text, message", [
+    ("[detectors.host_memory_leak]\nbucket_seconds = 60\nwindow_seconds = 100\n",
+     "detectors.host_memory_leak.window_seconds: must be >= 4 x bucket_seconds (240), got 100"),
+    ("[detectors.host_memory_leak]\nmin_window_seconds = 8000.0\n",
+     "detectors.host_memory_leak.min_window_seconds: must be <= window_seconds (7200.0), got 8000.0"),
+    ("[detectors.host_memory_leak]\nwarning_hours = 1\n",
+     "detectors.host_memory_leak.warning_hours: must be >= critical_hours (2.0), got 1"),
+    ("[detectors.host_memory_leak]\nfast_min_seconds = 700\nfast_window_seconds = 600\n",
+     "detectors.host_memory_leak.fast_min_seconds: must be <= fast_window_seconds (600), got 700"),
+    ("[detectors.rank_stalled]\nfactor = 0.5\n", "detectors.rank_stalled.factor: must be >= 1, got 0.5"),
+    ("[detectors.rank_stalled]\nfloor_seconds = 600.5\nceiling_seconds = 300.0\n",
+     "detectors.rank_stalled.ceiling_seconds: must be >= floor_seconds (600.5), got 300.0"),
+    ("[detectors.lr_scaling]\nfactor = 2.5\ncritical_factor = 2.25\n",
+     "detectors.lr_scaling.critical_factor: must be >= factor (2.5), got 2.25"),
+    ("[detectors.loss_spike]\nz_resolve = 11.0\n",
+     "detectors.loss_spike.z_resolve: must be <= z_threshold (10), got 11.0"),
+    ("[detectors.loss_spike]\nsoft_ratio = 2.5\n",
+     "detectors.loss_spike.soft_ratio: must be <= min_ratio (2), got 2.5"),
+    ("[detectors.loss_spike]\nz_threshold = 12.5\nsoft_z = 12\n",
+     "detectors.loss_spike.soft_z: must be >= z_threshold (12.5), got 12"),
+    ("[detectors.grad_explosion]\nsoft_ratio = 6.0\n",
+     "detectors.grad_explosion.soft_ratio: must be <= min_ratio (5), got 6.0"),
+    ("[detectors.straggler]\nratio = 1\n", "detectors.straggler.ratio: must be > 1, got 1"),
+    ("[stop]\nmin_lead_steps = 5\nmax_lead_steps = 4\n",
+     "stop.max_lead_steps: must be >= stop.min_lead_steps (5), got 4"),
+])
+def test_a_setting_out_of_order_with_another_names_both(tmp_path: Path, text: str, message: str) -> None:
+    assert config_error(tmp_path, text) == message
+
+
+@pytest.mark.parametrize("text, message", [
     ("[detector.rank_stalled]\nfloor_seconds = 5\n",
      "detector: unknown section (known: server, limits, detectors, webhooks, alertmanager, exporter, stop)"),
     ("[detectors.rank_stalled]\nflor_seconds = 5\n", "detectors.rank_stalled.flor_seconds: unknown setting"),
@@ -114,11 +153,7 @@ def test_the_issue_example_reads_exactly(tmp_path: Path) -> None:
     ("[server]\nport = 70000\n", "server.port: must be an integer 0-65535, got 70000"),
 ])
 def test_unknown_keys_sections_and_shapes_are_refused(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as err:
-        load(str(path), {}, {})
-    assert str(err.value).startswith(message)
+    assert config_error(tmp_path, text).startswith(message)
 
 
 @pytest.mark.parametrize("header, cls", [("[server]", ServerSettings), ("[limits]", Limits),

@@ -176,6 +176,70 @@ def test_the_launchers_word_arriving_within_the_grace_takes_the_incident_alone()
     assert alerts[1]["summary"] == "run failed at step 150 (ranks 0-1 ended failed)"
 
 
+# -- without the launcher: a survivor stopped by SIGTERM (its client's own end, trainer/sigterm.py) ----------
+STOPPED = "stopped by SIGTERM (asked to stop: torchrun stopping the workers after a rank died, the scheduler or a user)"
+
+
+@pytest.mark.parametrize("order", ["sigterm-only", "collective-error-then-sigterm"])
+def test_a_peer_killed_silently_is_named_at_once_when_the_survivor_reports_its_sigterm(order):
+    # bare torchrun: rank 1 SIGKILLed; the agent SIGTERMs rank 0 (blocked in the all-reduce), whose client says so.
+    # Or rank 0's gloo error came first, then the agent's SIGTERM: the same incident, named as fast.
+    job = ddp_job(ranks=2, steps=200, last_step={0: 150, 1: 150}, silent_at={1: T0 + 85.4}, until=T0 + 85.55)
+    stop = [end(0, T0 + 85.6, 150, signal="SIGTERM")]
+    if order != "sigterm-only":
+        stop = [end(0, T0 + 85.58, 150, error=PEER), end(0, T0 + 85.6, 150, signal="SIGTERM")]
+    alerts = everything(job.records + stop, T0 + 300)
+    assert brief(alerts) == [(STALL, "firing", None, 150)]  # no rank_failed: rank 0's end is a consequence
+    a = alerts[0]
+    assert a["time"] == pytest.approx(stop[0].time + 1.5)  # within 1.5 s of the survivor's end
+    assert (a["root_ranks"], a["failed_ranks"], a["reason"]) == ([1], [0], "silent")
+    quiet = a["time"] - max(r.time for r in job.records if r.rank == 1)
+    if order == "sigterm-only":
+        assert a["summary"].startswith(f"rank 1 exited without an end record after step 150: nothing from it for "
+                                       f"{quiet:.1f} s while a peer was stopped (killed by a signal"), a["summary"]
+        assert f"; rank 0 was stopped after it ({STOPPED}); limit {quiet:.1f} s: quiet since before rank 0 was " \
+            "stopped (every other rank had finished)" in a["summary"], a["summary"]
+    else:  # its collective error is what it said first, and stays its word
+        assert "; rank 0 failed after it with a collective error (RuntimeError: [../third_party/gloo" in a["summary"]
+
+
+def test_a_rank_stopped_by_a_user_then_its_peer_by_torchrun_is_no_failure():
+    # a user SIGTERMs rank 1; torchrun's agent sees it die and stops rank 0 (waiting in the all-reduce, between two
+    # heartbeats) 0.3 s later: a stop, told within the 1.5 s a suspect is given to speak
+    job = ddp_job(ranks=2, steps=200, last_step={0: 150, 1: 150}, silent_at={1: T0 + 85.4, 0: T0 + 85.7},
+                  until=T0 + 85.7)
+    stops = [end(1, T0 + 85.45, 150, signal="SIGTERM"), end(0, T0 + 85.75, 150, signal="SIGTERM")]
+    assert everything(job.records + stops, T0 + 600) == []
+
+
+@pytest.mark.parametrize("how", [
+    {"signal": "SIGTERM"},  # scancel, a preemption, torchrun's agent stopping everyone: each client says so
+    {"signal": "SIGTERM", "signal_forwarded": True},  # the same under trainhealth.launch
+    {"error": {"type": "KeyboardInterrupt", "message": "", "traceback": "..."}},  # Ctrl-C to torchrun
+], ids=["client", "launcher", "ctrl-c"])
+def test_a_job_stopped_on_every_rank_is_no_failure_however_the_stop_is_reported(how):
+    job = ddp_job(ranks=4, steps=100, last_step={q: 20 for q in range(4)}, silent_at={q: T0 + 15.2 for q in range(4)},
+                  until=T0 + 15.2)
+    stops = [end(q, T0 + 15.3 + 0.05 * q, 20, **how) for q in range(4)]
+    assert everything(job.records + stops, T0 + 600) == []
+    ranks = live_traces.last_pipeline.runs[RUN].ranks
+    assert all(r.ended for r in ranks.values())
+
+
+def test_a_stop_after_a_real_crash_is_listed_as_a_stop_not_a_collective_error():
+    # rank 2 crashes on its own; torchrun stops the others (bare: their clients report the SIGTERM); rank 3 is
+    # still to go (once every rank ended, the run's alerts resolve)
+    job = ddp_job(ranks=4, steps=100, last_step={q: 20 for q in range(4)}, silent_at={q: T0 + 15.2 for q in range(4)},
+                  until=T0 + 15.2)
+    deaths = [end(2, T0 + 15.25, 20, error=CUDA)] + [end(q, T0 + 15.9, 20, signal="SIGTERM") for q in (0, 1)]
+    alerts = everything(job.records + deaths, T0 + 300)
+    assert brief(alerts) == [(FAILED, "firing", None, 20)]
+    now = open_alerts()[FAILED]
+    assert now["first_rank"] == 2 and now["failed_ranks"] == [0, 1, 2]
+    assert now["summary"] == ("rank 2 failed at step 20: RuntimeError: CUDA error: unspecified launch failure; "
+                              "rank 3 waits in a collective; ranks 0-1 were stopped after it by SIGTERM")
+
+
 # -- words and records ------------------------------------------------------------------------------------
 def test_last_words_find_the_runtimes_own_line():
     assert last_words("terminate called recursively\n") == "terminate called recursively"
@@ -185,6 +249,10 @@ def test_last_words_find_the_runtimes_own_line():
     assert death(ErrorInfo(type="RuntimeError", message="x"), signal="SIGABRT").cause == "exception"
     assert death(None, signal="SIGABRT", stderr_tail=WATCHDOG).peer is True  # the watchdog: a consequence
     assert death(None, signal="SIGTERM", forwarded=True).cause == "stopped"
+    said = death(None, signal="SIGTERM")  # not passed on by a launcher: the client's own word, or a kill of the child
+    assert (said.quoted, said.cause, said.peer) == (STOPPED, "stopped", True)
+    said = death(ErrorInfo(type="KeyboardInterrupt", message="", traceback=""))
+    assert (said.quoted, said.cause, said.peer) == ("stopped by Ctrl-C (KeyboardInterrupt: SIGINT)", "stopped", True)
 
 
 def test_an_end_needs_no_step_but_its_new_fields_are_checked_by_name():

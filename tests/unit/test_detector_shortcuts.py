@@ -2,12 +2,13 @@
 
 Each detector skips work that cannot change a verdict: straggler skips ticks while bounds on the ranks'
 medians show that no rank can be slow for the next samples, rank_stalled skips ticks before the earliest
-moment a rank can cross a limit, loss_spike/grad_explosion take a written-out way for a value that is not
-even soft_ratio above a rank's level. Here each runs against a subclass with the shortcut turned off, on
-generated jobs that exercise what the shortcuts must notice: stragglers that come and go (data time, compute
-while the peers wait, step intervals), ranks that stop, go silent, end, restart or come back, records out of
-time order, spikes and NaN, a config reload that resizes the windows mid-run, batches of 1, 7 and 256.
-Every transition must be identical, field for field.
+moment a rank can cross a limit (with an incident open: another rank than those stalled, no record since),
+loss_spike/grad_explosion take a written-out way for a value that is not even soft_ratio above a rank's
+level. Here each runs against a subclass with the shortcut turned off, on generated jobs that exercise what
+the shortcuts must notice: stragglers that come and go (data time, compute while the peers wait, step
+intervals), ranks that stop, go silent, end, restart or come back, records out of time order, spikes and
+NaN, a config reload that resizes the windows mid-run, batches of 1, 7 and 256, and 400 s after the last
+record. Every transition and refresh line must be identical, field for field.
 """
 
 from __future__ import annotations
@@ -199,13 +200,13 @@ def stream(detectors: list[type], records: list[Record], seed: int) -> list[dict
         settings[name] = dataclasses.replace(settings[name], window=30, min_history=8)
     batch, half = rng.choice([1, 7, 256]), len(records) // 2
     p = Pipeline(dict(settings), detectors=detectors)
-    out = [dict(a) for a in replay(records[:half], p, max_batch=batch)]
+    out = [dict(a) for a in replay(records[:half], p, max_batch=batch, refreshes=True)]
     resized = dict(settings)
     window = settings["straggler"].window + rng.choice([-2, 3])
     resized["straggler"] = dataclasses.replace(settings["straggler"], window=window)
     resized["loss_spike"] = dataclasses.replace(settings["loss_spike"], window=rng.choice([10, 40]))
     out += [dict(a) for a in p.reconfigure(resized)]
-    out += [dict(a) for a in replay(records[half:], p, max_batch=batch, until=400.0)]
+    out += [dict(a) for a in replay(records[half:], p, max_batch=batch, until=400.0, refreshes=True)]
     return out
 
 
@@ -222,3 +223,27 @@ def test_shortcuts_give_the_alerts_of_judging_everything(fast: list[type], slow:
         assert repr(stream(fast, records, seed)) == repr(expected), seed  # repr: a NaN field equals itself
         fired += any(a["state"] == "firing" for a in expected)
     assert fired >= 6  # the jobs do exercise the alerts, not only quiet runs
+
+
+def test_rank_stalled_open_incident_ticks_judge_again_after_any_record() -> None:
+    """Every rank stands at step 10 from 10 s, heartbeating. Rank 3's records stop then (the incident: rank 3
+    silent, at 70 s); rank 1's stop from 150 s to 215 s: at 192.5 s every rank is stalled (no limit left to
+    cross: the ticks skip), and rank 1 speaks again: silent no more, stuck, the next tick re-pictures it (root
+    rank 3 alone), as judging every tick does. (A waiting rank's record only moves its own limit later; a
+    stalled rank's may change why it is stalled: the open incident's skipped ticks end at any record.)"""
+    from tests import live_traces as lt
+
+    job = lt.ddp_job(4, 10, heartbeat=5.0, until=lt.T0 + 400)
+    records = [r for r in job.records if not (r.rank == 3 and r.time >= lt.T0 + 10.2)
+               and not (r.rank == 1 and lt.T0 + 150 <= r.time < lt.T0 + 215)]
+
+    def lines(det: type) -> list[dict[str, Any]]:
+        detectors = [d for d in Pipeline(default_detector_settings()).detector_classes if d is not RankStalled]
+        p = Pipeline(default_detector_settings(), detectors=[*detectors, det])
+        return [dict(a) for a in replay(records, p, refreshes=True) if a["alert"] == "rank_stalled"]
+
+    got = lines(RankStalled)
+    assert repr(got) == repr(lines(RankStalledEveryTick))
+    assert [(a.get("refreshed", False), a["root_ranks"], a["silent_ranks"], a["stuck_ranks"]) for a in got] == [
+        (False, [3], [3], []), (True, [1, 3], [3], [0, 1, 2]), (True, [3], [], [0, 1, 2, 3])]
+    assert got[2]["last_time"] == pytest.approx(lt.T0 + 218.5)

@@ -258,3 +258,37 @@ def test_disabled_detector_is_silent():
 def test_bad_settings_name_the_key_and_value(key, value):
     with pytest.raises(ValueError, match=f"nan_divergence.{key}: .*{value!r}"):
         NanDivergenceSettings(**{key: value})
+
+
+def test_a_nan_received_through_the_all_reduce_before_its_root_is_heard_is_not_called_an_overflow():
+    """DDP: rank 1's own loss turns NaN at step 50 and the all-reduce spreads NaN gradients to rank 0 in the same
+    step. Rank 0's record arrives first: the page must not tell on-call "the gradients overflowed" (the wrong fix)
+    while rank 1, which may be the root, is unheard; rank 1's record refreshes it in place to the root's picture."""
+    from trainhealth.pipeline import Pipeline
+
+    from .traces import RUN
+
+    base = healthy(100, seed=3)  # shared gradients: both ranks report the same global grad norm
+    rank0 = set_at(base, "grad_norm", {49: NAN})
+    rank1 = set_at(set_at(base, "grad_norm", {49: NAN}), "loss", {49: NAN})
+    first, second = samples(rank0, rank=0), samples(rank1, rank=1)
+    pipeline = Pipeline(default_detector_settings())
+    pipeline.process(merge(first[:49], second[:49]))  # both healthy through step 49
+    fired = [dict(a) for a in pipeline.process([first[49]]).alerts if a["alert"] == "nan_divergence"]
+    assert [(a["state"], a["first_rank"], a["cause"]) for a in fired] == [("firing", 0, "nonfinite_grad_norm")]
+    assert "the loss was still finite: the gradients overflowed" not in fired[0]["summary"]
+    assert ("its own loss was still finite: the NaN came through the all-reduce from a rank whose record has not "
+            "arrived yet (rank 1: this alert is updated when it does), or the gradients overflowed"
+            ) in fired[0]["summary"]
+    pipeline.process([second[49]])
+    now = [a for a in pipeline.book.firing(RUN) if a["alert"] == "nan_divergence"]
+    assert [(a["first_rank"], a["root_ranks"], a["received_ranks"]) for a in now] == [(1, [1], [0])]
+    assert now[0]["summary"].startswith("loss became nan at step 50 on rank 1 (its own loss); restart from")
+
+
+def test_every_rank_heard_with_a_finite_loss_and_a_nan_grad_norm_is_an_overflow():
+    base = healthy(100, seed=3)
+    ranks = [samples(set_at(base, "grad_norm", {49: NAN}), rank=r) for r in (0, 1)]
+    alerts = nan_alerts(merge(*ranks))
+    assert [(a["state"], a["first_rank"]) for a in alerts] == [("firing", 0)]
+    assert "the loss was still finite: the gradients overflowed; restart" in alerts[0]["summary"]

@@ -16,6 +16,7 @@ from trainhealth.config import ConfigError, ExporterSettings, Limits, ServerSett
 from trainhealth.health import UNDELIVERED_NAMES, WRITE_ERROR_NAMES
 from trainhealth.http import metrics
 from trainhealth.http.app import create_app
+from trainhealth.http.bodies import BodyBudget
 from trainhealth.metrics.collector import LatencyHistogram, exported_names, families, render
 from trainhealth.service import Service
 
@@ -25,11 +26,12 @@ T0 = 1_700_000_000.0
 
 
 def make(settings: ExporterSettings | None = None, limits: Limits | None = None,
-         latency: LatencyHistogram | None = None) -> tuple[Service, CollectorRegistry, Clock]:
+         latency: LatencyHistogram | None = None,
+         bodies: BodyBudget | None = None) -> tuple[Service, CollectorRegistry, Clock]:
     clock = Clock(T0)
     service = Service(Settings(limits=limits or Limits()), clock=clock)
     registry = CollectorRegistry()
-    registry.register(metrics.state_collector(service, settings, latency))
+    registry.register(metrics.state_collector(service, settings, latency, bodies))
     return service, registry, clock
 
 
@@ -226,7 +228,7 @@ def test_ingest_latency_histogram_buckets_are_cumulative() -> None:
 
 def test_every_sample_name_is_declared_in_exported_names() -> None:
     latency = LatencyHistogram()
-    service, reg, _ = make(latency=latency)
+    service, reg, _ = make(latency=latency, bodies=BodyBudget(1 << 20))
     service.alert_sinks.append(Deliveries({"delivered": 1, "outbox": 0}))
     fields = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "grad_scale": 1.0, "gpu_mem_peak_bytes": 1.0,
               "gpu_mem_total_bytes": 2.0, "gpu_mem_allocated_bytes": 1.0, "gpu_mem_reserved_bytes": 1.0,

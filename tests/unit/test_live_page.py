@@ -9,7 +9,7 @@ import re
 from trainhealth import jsonout
 from trainhealth.config import load
 from trainhealth.page import html
-from trainhealth.page.chart import MAX_CHARTED_RANKS
+from trainhealth.page.chart import MAX_CHARTED_RANKS, episodes
 from trainhealth.page.live import finish, snapshot
 from trainhealth.service import Service
 
@@ -49,6 +49,7 @@ def test_page_charts_the_newest_run_with_its_nan_and_alerts() -> None:
     # the LR's linear-scaling value, dashed on the LR chart: 0.02 x 4 / 16, from the first start to the end
     assert [p[1] for p in chart["lr_expected"]] == [0.005, 0.005]
     assert chart["lr_expected"][-1][0] == chart["series"][1]["time"][-1]
+    assert "First non-finite value: rank <b>1</b> at step <b>150</b>" in page and "diverged: ranks 0, 1</p>" in page
     assert html.page(model(service, "older")).count('class="chosen"') == 1
     assert chart_data(html.page(model(service, "older")))["chosen"] == "older"
 
@@ -79,3 +80,29 @@ def test_a_wide_run_charts_its_alerting_ranks_first_and_at_most_64() -> None:
     charted = [s["rank"] for s in chart["series"]]
     assert len(charted) == MAX_CHARTED_RANKS and 97 in charted and chart["ranks_total"] == ranks
     assert charted == sorted(charted)
+
+
+def test_an_alert_fired_at_the_start_keeps_its_step_and_summary_after_it_resolves() -> None:
+    # lr_scaling fires on the start records, before the first charted sample; the end resolves it. The chart
+    # marks it where it fired (step 0) with what it said, not at the resolution's step with "run ended".
+    records = diverging_run()
+    last = records[-1]["time"]
+    records += [{"type": "end", "run": RUN, "rank": r, "time": last + 0.1, "step": 200, "status": "completed"}
+                for r in (0, 1)]
+    alerts = {a["alert"]: a for a in model(service_with(records))["chart"]["alerts"]}
+    lr = alerts["lr_scaling"]
+    assert lr["step"] == 0 and lr["summary"].startswith("LR 0.02 is 4.0x the linear-scaling value")
+    assert lr["time"] < records[2]["time"] and lr["end"] == last + 0.1
+    assert alerts["nan_divergence"]["step"] == 150 and alerts["nan_divergence"]["end"] == last + 0.1
+
+
+def test_a_resolution_without_its_firing_is_placed_by_where_it_started_not_where_it_resolved() -> None:
+    resolved = {"alert": "nan_divergence", "state": "resolved", "severity": "critical", "run": RUN, "rank": None,
+                "step": 113, "time": 20.0, "started_at": 12.0, "first_step": 109, "fingerprint": f"{RUN}/-/nan",
+                "summary": "run ended completed at step 113"}
+    no_first = {**resolved, "alert": "lr_scaling", "fingerprint": f"{RUN}/-/lr"}
+    del no_first["first_step"]
+    ep = {e["alert"]: e for e in episodes([resolved, no_first])}
+    nan = ep["nan_divergence"]
+    assert (nan["step"], nan["time"], nan["end"]) == (109, 12.0, 20.0)
+    assert ep["lr_scaling"]["step"] is None and ep["lr_scaling"]["time"] == 12.0  # the page places it by that time

@@ -35,6 +35,10 @@ def test_the_card_names_where_why_and_the_stop_on_stop() -> None:
     assert "cause: nonfinite_loss" in card
     assert card.index("<b>lr_scaling</b> (run, step 0)") < card.index("<b>loss_spike</b> (ranks 0, 1, step 40)")
     assert "every rank stopped at step <b>44</b> by <code>stop_on</code>: nan_divergence fired at step 42" in card
+    # the client's own form (Telemetry(stop_on=...) adds it to the start's config as a list): the same
+    listed = [{"rank": r, "config": {"stop_on": ["nan_divergence", "rank_stalled"]}} for r in range(2)]
+    stopped = "every rank stopped at step <b>44</b> by <code>stop_on</code>"
+    assert stopped in story.incident_html(fired, ends, [0, 1], listed)
     # the same ends without stop_on in the config: ended, no claim of a stop
     plain = story.incident_html(fired, ends, [0, 1], [{"rank": 0, "config": {}}])
     assert "every rank ended at step <b>44</b>" in plain and "stop_on" not in plain

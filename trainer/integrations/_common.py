@@ -77,6 +77,27 @@ def numbers(values: dict[str, Any], skip: Iterable[str]) -> dict[str, float]:
     return out
 
 
+class Reporting:
+    """What either callback shows of its ``Reporter`` (``self.reporter``), and asks it each step."""
+
+    reporter: Reporter
+
+    @property
+    def telemetry(self) -> Telemetry | None:
+        """The rank's client (None until the framework gives the rank, when none was given: the Trainer's
+        ``on_train_begin``, Lightning's ``setup``)."""
+        return self.reporter.telemetry
+
+    @property
+    def stop_step(self) -> int | None:
+        """The optimizer step after which training stopped for an alert in ``stop_on``; None if it did not."""
+        return self.reporter.stop_step
+
+    @guarded
+    def _should_stop(self, step: int) -> bool:
+        return self.reporter.should_stop(step)
+
+
 class Reporter:
     """One rank's reporting, behind either callback.
 

@@ -35,14 +35,14 @@ from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.outbox import LimitedLog
 from transformers import TrainerCallback
 
-from ._common import Reporter, combine_losses, first_lr, guarded, numbers, optimizer_name
+from ._common import Reporter, Reporting, combine_losses, first_lr, guarded, numbers, optimizer_name
 
 __all__ = ["TrainHealthCallback"]
 
 _LOGGED = ("loss", "learning_rate", "grad_norm")
 
 
-class TrainHealthCallback(TrainerCallback):
+class TrainHealthCallback(Reporting, TrainerCallback):
     """Reports the Trainer's run to the trainhealth sidecar and stops it on an alert in ``stop_on``.
 
     ``telemetry``: a ``Telemetry`` you made yourself (it keeps its own ``stop_on``); otherwise one is made
@@ -69,16 +69,6 @@ class TrainHealthCallback(TrainerCallback):
         self._lr: float | None = None
         self._scaler: Any = None
         self._pending: tuple[int, dict[str, Any]] | None = None  # a logging step's sample, until on_log
-
-    @property
-    def telemetry(self) -> Telemetry | None:
-        """The rank's client (None before ``on_train_begin`` when none was given)."""
-        return self.reporter.telemetry
-
-    @property
-    def stop_step(self) -> int | None:
-        """The optimizer step after which training stopped for an alert in ``stop_on``; None if it did not."""
-        return self.reporter.stop_step
 
     # -- training begins ------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -171,10 +161,6 @@ class TrainHealthCallback(TrainerCallback):
             self._pending = (step, sample)
         else:
             self.reporter.step(step, **sample)
-
-    @guarded
-    def _should_stop(self, step: int) -> bool:
-        return self.reporter.should_stop(step)
 
     @guarded
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,

@@ -32,12 +32,12 @@ from lightning.pytorch import Callback
 from trainhealth.trainer.client import Telemetry
 from trainhealth.trainer.outbox import LimitedLog
 
-from ._common import Reporter, combine_losses, first_lr, guarded, optimizer_name
+from ._common import Reporter, Reporting, combine_losses, first_lr, guarded, optimizer_name
 
 __all__ = ["TrainHealthCallback"]
 
 
-class TrainHealthCallback(Callback):
+class TrainHealthCallback(Reporting, Callback):
     """Reports the fit to the trainhealth sidecar and stops it on an alert in ``stop_on``.
 
     ``telemetry``: a ``Telemetry`` you made yourself (it keeps its own ``stop_on``); otherwise one is made
@@ -61,16 +61,6 @@ class TrainHealthCallback(Callback):
         self._lr: float | None = None
         self._norm: Any = None
         self._last_step = -1  # the global step of the last sample sent
-
-    @property
-    def telemetry(self) -> Telemetry | None:
-        """The rank's client (None before ``setup`` when none was given)."""
-        return self.reporter.telemetry
-
-    @property
-    def stop_step(self) -> int | None:
-        """The optimizer step after which training stopped for an alert in ``stop_on``; None if it did not."""
-        return self.reporter.stop_step
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for ``strategy="ddp_spawn"``: each spawned process makes its own client at setup."""
@@ -141,10 +131,6 @@ class TrainHealthCallback(Callback):
             sample["grad_scale"] = scaler
         self._losses, self._norm = [], None
         self.reporter.step(step, **sample)
-
-    @guarded
-    def _should_stop(self, step: int) -> bool:
-        return self.reporter.should_stop(step)
 
     # -- the end --------------------------------------------------------------------------------------
     @guarded

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from statistics import median
 
-from ...config.rules import flag, fraction, positive
+from ...config.rules import flag, fraction, ordered, positive
 from .trend import (
     DropWatch,
     FineBuckets,
@@ -97,18 +97,10 @@ class HostMemoryLeakSettings:
                  "fast_horizon_seconds", "fast_lead", "fast_min_growth_mb", "short_min_seconds",
                  "near_rise_fraction", "near_seconds")
         fraction(self, section, "balance", "short_balance", "fast_balance", "near_fraction")
-        if self.window_seconds < 4 * self.bucket_seconds:
-            raise ValueError(f"{section}.window_seconds: must be >= 4 x bucket_seconds "
-                             f"({4 * self.bucket_seconds}), got {self.window_seconds!r}")
-        if self.min_window_seconds > self.window_seconds:
-            raise ValueError(f"{section}.min_window_seconds: must be <= window_seconds "
-                             f"({self.window_seconds}), got {self.min_window_seconds!r}")
-        if self.warning_hours < self.critical_hours:
-            raise ValueError(f"{section}.warning_hours: must be >= critical_hours "
-                             f"({self.critical_hours}), got {self.warning_hours!r}")
-        if self.fast_min_seconds > self.fast_window_seconds:
-            raise ValueError(f"{section}.fast_min_seconds: must be <= fast_window_seconds "
-                             f"({self.fast_window_seconds}), got {self.fast_min_seconds!r}")
+        ordered(self, section, "window_seconds", ">=", 4 * self.bucket_seconds, "4 x bucket_seconds")
+        ordered(self, section, "min_window_seconds", "<=", self.window_seconds, "window_seconds")
+        ordered(self, section, "warning_hours", ">=", self.critical_hours, "critical_hours")
+        ordered(self, section, "fast_min_seconds", "<=", self.fast_window_seconds, "fast_window_seconds")
 
 
 def plateau_below(older: float, recent: float, span: float, headroom: float) -> bool:
@@ -334,6 +326,17 @@ class Series:
         if max(0.0, headroom) / rate > s.fast_lead * span:
             return None
         return Growth(rate, rise, span, v)
+
+    def opens_fast(self, t: float, v: float, headroom: float, s: HostMemoryLeakSettings, short: bool = True) -> bool:
+        """Open a fast alert (critical) when the short check (unless ``short`` is False: an alert is already
+        open) or the fast check sees a rise that exhausts ``headroom`` soon; True when it opened one."""
+        growth = self.short_growth(t, v, headroom, s) if short else None
+        if growth is None and self.fast_candidate(t, v, headroom, s):
+            growth = self.fast_growth(t, v, headroom, s)
+        if growth is None:
+            return False
+        self.open = Open(growth, "fast", "critical", t - growth.lookback)
+        return True
 
     def rate_since(self, since: float) -> float:
         """Theil-Sen rate (bytes/s) since ``since``: of the raw samples where they reach back that far,

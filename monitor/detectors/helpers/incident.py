@@ -54,16 +54,17 @@ def quote(error: ErrorInfo | None) -> str:
     return f"{kind}: {message}" if message else kind
 
 
-def span(ranks: Iterable[int]) -> str:
-    """Sorted ranks as ranges: [0, 1, 2, 3, 6] -> "0-3, 6"; long lists end with "and N more"."""
+def span(ranks: Iterable[int], groups_shown: int | None = GROUPS_SHOWN, pair: str = "-") -> str:
+    """Sorted ranks as ranges: [0, 1, 2, 3, 6] -> "0-3, 6"; past ``groups_shown`` runs (None: never) the
+    rest end as "and N more"; a run of two reads ``0-1``, or ``0, 1`` with ``pair=", "`` (the report's)."""
     groups: list[list[int]] = []
     for q in sorted(set(ranks)):
         if groups and q == groups[-1][1] + 1:
             groups[-1][1] = q
         else:
             groups.append([q, q])
-    shown = [f"{a}" if a == b else f"{a}-{b}" for a, b in groups[:GROUPS_SHOWN]]
-    rest = sum(b - a + 1 for a, b in groups[GROUPS_SHOWN:])
+    shown = [f"{a}" if a == b else f"{a}{pair}{b}" if b == a + 1 else f"{a}-{b}" for a, b in groups[:groups_shown]]
+    rest = sum(b - a + 1 for a, b in groups[len(shown):])
     return ", ".join(shown) + (f" and {rest} more" if rest else "")
 
 
@@ -119,7 +120,8 @@ def hosts_of(run: RunState, ranks: Iterable[int]) -> list[str]:
 
 SIGNAL_WORDS = {"SIGSEGV": "segmentation fault", "SIGBUS": "bus error", "SIGFPE": "arithmetic error",
                 "SIGILL": "illegal instruction", "SIGKILL": "cannot be caught: the OOM killer, the scheduler or "
-                "a user", "SIGTERM": "asked to stop"}
+                "a user",
+                "SIGTERM": "asked to stop: torchrun stopping the workers after a rank died, the scheduler or a user"}
 _TERMINATE = re.compile(r"terminate called (after throwing an instance of '[^']*'|recursively|without an active "
                         r"exception)")
 _FATAL = re.compile(r"Fatal Python error: .*")
@@ -133,7 +135,7 @@ class Death:
 
     quoted: str  # "killed by SIGSEGV (segmentation fault): Fatal Python error: Segmentation fault ..."
     cause: str  # "exception", "oom_killer", "signal", "exit", "stopped" (docs/alerts.md)
-    peer: bool  # a consequence of another rank going away (a collective error, the job being stopped)
+    peer: bool  # a consequence of another rank going away (a collective error, the job being stopped: SIGTERM)
 
 
 def last_words(tail: str | None) -> str:
@@ -232,6 +234,8 @@ def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int 
         how = (f"was killed by {signal}" if signal is not None
                else f"exited with code {exit_code}" if exit_code is not None else "ended")
         return Death(f"{child}, then it {how}{after}", "oom_killer", False)
+    if error is not None and error.type == "KeyboardInterrupt":  # Ctrl-C (SIGINT): the job was being stopped
+        return Death("stopped by Ctrl-C (KeyboardInterrupt: SIGINT)", "stopped", True)
     if error is not None and (error.type or error.message):
         return Death(quote(error), "exception", peer_error(error))
     if oom_killed:
@@ -241,6 +245,8 @@ def death(error: ErrorInfo | None, *, signal: str | None = None, exit_code: int 
     if signal is not None:
         if forwarded:
             return Death(f"stopped by {signal} from its launcher (the job was being stopped)", "stopped", True)
+        if signal == "SIGTERM":  # asked to stop (the client's own end, or its launcher's): the job was being stopped
+            return Death(f"stopped by SIGTERM ({SIGNAL_WORDS['SIGTERM']}){after}", "stopped", True)
         if signal == "SIGABRT":
             return Death(f"aborted (SIGABRT){after}", "signal", peer)
         if signal == "SIGKILL":

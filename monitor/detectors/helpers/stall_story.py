@@ -81,6 +81,7 @@ class Stalls(Protocol):
     ranks: dict[int, RankClock]
     peer_failed: dict[int, str]
     peer_times: dict[int, float]
+    peer_stopped: set[int]
     peer_at_once: bool
     longest: float
     longest_gap: float
@@ -107,6 +108,9 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
     reason, _, limit = stalled[first]
     stopped = _stopped_with_failed(det, quiet, failed)
     quiet = [q for q in quiet if q not in stopped]
+    later = _quiet_later(det, stalled, live, quiet, at) if len(quiet) == len(live) and not failed else []
+    if later:  # the root went silent while these still sent: it stays the root, they went quiet after it
+        quiet = [q for q in quiet if q not in later]
     if quiet and (len(quiet) < len(live) or failed):
         roots = sorted(quiet)
         head, step = _silent(det, roots, live, at)
@@ -120,9 +124,13 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
         head = prefix + head
         if roots:
             reason = stalled[roots[0]][0] if roots[0] in stalled else reason
-    others = [q for q in live if q not in roots and q not in stopped]
+    others = [q for q in live if q not in roots and q not in stopped and q not in later]
     moving = _moving(det, roots, others, quiet, at)
     summary = head + _others(det, roots, others, failed, quiet, moving)
+    if later:
+        gap = min(ranks[q].seen for q in later) - max(ranks[q].seen for q in roots)
+        summary += (f"; {where(det.run, later)} went quiet {gap:.0f} s after {'it' if len(roots) == 1 else 'them'} "
+                    f"(stopped too, or the recording ends there)")
     if stopped and roots:
         its = "its" if len(stopped) == 1 else "their"
         summary += (f"; {where(det.run, stopped)} went silent after {'it' if len(failed) == 1 else 'them'} "
@@ -154,10 +162,27 @@ def describe(det: Stalls, stalled: dict[int, tuple[str, float, float]],
     return summary, step, data
 
 
+def _quiet_later(det: Stalls, stalled: dict[int, tuple[str, float, float]], live: list[int], quiet: list[int],
+                 at: float) -> list[int]:
+    """Every live rank is quiet at ``at``, but when the first rank crossed its silence limit some still sent
+    records: those went quiet after the root (returned), they are not a second root. Without this, a refresh
+    after the others stopped too (killed behind the root, a job's scheduler, or just the end of a recording
+    replayed with --until) would re-tell the incident as "every rank went silent" and lose the root: the
+    others stopping later is no evidence about who stopped first. Judged at the first silent crossing, the
+    moment the root was named; [] when that is ``at`` (a new alert) or every rank was quiet already then."""
+    first = min((f[1] for f in stalled.values() if f[0] == "silent"), default=at)
+    if first >= at:
+        return []
+    ranks = det.ranks
+    later = [q for q in quiet if first - ranks[q].seen <= det.silence_limit(ranks[q]) / 2]
+    return later if len(later) < len(live) else []
+
+
 def _stopped_with_failed(det: Stalls, quiet: list[int], failed: list[int]) -> list[int]:
     """Quiet ranks on a host where a rank failed with a collective error, while ranks of another host went
-    quiet: torchrun stops a node's other workers (SIGTERM: nothing sent) when one of them fails, so their
-    silence is a consequence of the others', not the root. Without hosts (older clients): none."""
+    quiet: torchrun stops a node's other workers (SIGTERM: nothing sent by a client that does not report it)
+    when one of them fails, so their silence is a consequence of the others', not the root. Without hosts
+    (older clients): none."""
     if not failed:
         return []
     torn = {det.run.ranks[q].host for q in failed if q in det.run.ranks} - {None}
@@ -178,9 +203,11 @@ def _silent(det: Stalls, roots: list[int], live: list[int], at: float) -> tuple[
                 f"network partition)"), steps[0]
     if len(roots) == 1:
         q = roots[0]
-        if det.suspect(ranks[q]):  # a peer's collective broke after its last word
+        if det.suspect(ranks[q]):  # a peer's collective broke (or the peer was stopped) after its last word
+            broke = ("a peer was stopped" if set(det.peer_times) <= det.peer_stopped
+                     else "a peer's collective broke")
             return (f"rank {q} exited without an end record {after}: nothing from it for {at - ranks[q].seen:.1f} s "
-                    f"while a peer's collective broke (killed by a signal or the OOM killer, or its node is "
+                    f"while {broke} (killed by a signal or the OOM killer, or its node is "
                     f"down; run the ranks under `python -m trainhealth.launch` to learn how)"), steps[0]
         return (f"rank {q} went silent {after}: nothing from it for {at - ranks[q].seen:.0f} s (process "
                 f"gone or frozen: killed by a signal or the OOM killer, or its node is down)"), steps[0]
@@ -261,10 +288,14 @@ def _others(det: Stalls, roots: list[int], others: list[int], failed: list[int],
         out += f"; {where(det.run, waiting)} wait{'s' if n == 1 else ''} in a collective"
     if moving:
         out += f"; {where(det.run, moving)} still finish{'es' if len(moving) == 1 else ''} steps"
-    if failed:
-        error = ranks[failed[0]].error
-        out += (f"; {where(det.run, failed)} failed after {'it' if len(roots) == 1 else 'them'} with a "
-                f"collective error ({error})")
+    it = "it" if len(roots) == 1 else "them"
+    errors = [q for q in failed if q not in det.peer_stopped]
+    if errors:
+        out += f"; {where(det.run, errors)} failed after {it} with a collective error ({ranks[errors[0]].error})"
+    stopped = [q for q in failed if q in det.peer_stopped]
+    if stopped:
+        out += (f"; {where(det.run, stopped)} {'was' if len(stopped) == 1 else 'were'} stopped after {it} "
+                f"({ranks[stopped[0]].error})")
     return out
 
 
@@ -272,7 +303,8 @@ def _basis(det: Stalls, r: Any, reason: str, limit: float) -> str:
     s = det.settings
     if reason == "silent" and det.suspect(r):
         q = min(det.peer_times, key=lambda k: (det.peer_times[k], k))
-        return (f"limit {det.silence_limit(r):.1f} s: quiet since before rank {q}'s collective error "
+        what = f"rank {q} was stopped" if q in det.peer_stopped else f"rank {q}'s collective error"
+        return (f"limit {det.silence_limit(r):.1f} s: quiet since before {what} "
                 f"({'every other rank had finished' if det.peer_at_once else 'its heartbeats stopped'})")
     if reason == "silent" and r.beats:
         return (f"limit {det.silence_limit(r):.0f} s = max(floor {s.silence_floor_seconds:.0f} s, "

@@ -236,6 +236,7 @@
       if (any) lines.push(s);
     });
     if (!lines.length) return null;
+    var noFinite = lo === Infinity;  // every value shown is NaN or infinite: an empty plot says so (below)
     var s0 = tl.s0, s1 = tl.s1 > tl.s0 ? tl.s1 : tl.s0 + 1;
     var xs = xScale(s0, s1, tl.focus), X = xs.X;
     var refs = [];  // dashed reference lines: [[step, y], ...]
@@ -323,16 +324,24 @@
       });
     });
     lines.forEach(function (s, k) {
-      var ys = s[spec.key], d = "", pen = false, n = 0;
+      var ys = s[spec.key], d = "", pen = false, n = 0, lone = [], run = [];
+      // a point with no finite neighbour draws no line (a grad norm sent only on logging steps, then NaN): a dot
+      var endRun = function () { if (run.length === 1) lone.push(run[0]); run = []; };
       for (var i = 0; i < ys.length; i++) {
         if (ys[i] === null || ys[i] === undefined) continue;  // not measured at this sample: join the neighbours
-        if (!finite(ys[i])) { pen = false; continue; }  // NaN/inf: the line breaks, a red x marks it
+        if (!finite(ys[i])) { pen = false; endRun(); continue; }  // NaN/inf: the line breaks, a red x marks it
         d += (pen ? "L" : "M") + X(s.step[i]).toFixed(1) + " " + Y(ys[i]).toFixed(1);
+        run.push([X(s.step[i]), Y(ys[i])]);
         pen = true; n++;
       }
-      var p = el("path", {d: d, stroke: COLORS[k % COLORS.length], "class": "line", "data-rank": s.rank,
-                          "data-points": n}, svg);
+      endRun();
+      var color = COLORS[k % COLORS.length];
+      var p = el("path", {d: d, stroke: color, "class": "line", "data-rank": s.rank, "data-points": n}, svg);
       el("title", {}, p).textContent = "rank " + s.rank;
+      lone.forEach(function (pt) {
+        el("circle", {cx: pt[0].toFixed(1), cy: pt[1].toFixed(1), r: 2.5, fill: color, "class": "dot",
+                      "data-rank": s.rank}, svg);
+      });
     });
     // the dashed references over the lines: a rank exactly at its expected LR still shows the dash
     refs.forEach(function (pts) {
@@ -350,6 +359,10 @@
         " (" + fmtTime(m.t) + " UTC)";
       el("path", {d: "M" + (x - 4) + " " + (T - 4) + "l8 8m0 -8l-8 8"}, g);
     });
+    if (noFinite) {  // a run that went on after its NaN: the live window holds no finite value of it any more
+      el("text", {x: (L + W - R) / 2, y: (T + H - B) / 2, "class": "no-finite", "text-anchor": "middle"}, svg)
+        .textContent = "every value here is NaN or infinite (steps " + s0 + "-" + s1 + "): see where it began above";
+    }
     // an alert just before the first sample (lr_scaling at step 0, the start) is drawn at the left edge
     var near = (s1 - s0) * 0.05;
     var shown = marked.filter(function (e) { return e.step >= s0 - near && e.step <= s1; });
