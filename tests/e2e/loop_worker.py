@@ -3,14 +3,10 @@ end-to-end tests of how ranks end: a clean end, a crash, a NaN with ``stop_on``.
 
 Each rank writes ``OUT/rank{R}.json``: the step it stopped after (or null), the first step at which it knew
 of the stop, and its last step. ``--late-rank K --late-url URL``: rank K talks to the sidecar through URL
-<<<<<<< HEAD
 (a proxy that delays every answer), so it hears of alerts later than the others. ``--miss-rank K``: rank K
 hears the first stop step only after its loop has checked it (tests/late_hearing.py): a partial miss.
-=======
-(a proxy that delays every answer), so it hears of alerts later than the others. ``--hold-rank K --hold-step
-N``: rank K, after recording step N, writes ``OUT/held`` and blocks for good in a C call that signals do not
-end (as a rank waiting in an NCCL collective does), until it is killed.
->>>>>>> main
+``--hold-rank K --hold-step N``: rank K, after recording step N, writes ``OUT/held`` and blocks for good in a
+C call that signals do not end (as a rank waiting in an NCCL collective does), until it is killed.
 """
 
 from __future__ import annotations
