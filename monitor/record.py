@@ -115,6 +115,15 @@ class GpuHealth(msgspec.Struct, omit_defaults=True, gc=False):
     pcie_replay_errors: Count | None = None
 
 
+class StopAck(msgspec.Struct, omit_defaults=True, gc=False):
+    """A client's word on a stop step it just heard (docs/record.md, ``stop_ack``): the stop step, and the last
+    step its loop had asked ``should_stop`` about when it heard it (None: none yet). ``checked < step``: heard
+    in time, the rank waits there for the stop to be confirmed; else it passed the stop (monitor/stop_steps.py)."""
+
+    step: NonNegInt
+    checked: NonNegInt | None = None
+
+
 class Record(msgspec.Struct, omit_defaults=True, gc=False):
     """One telemetry record. ``None`` means "not measured", never NaN.
 
@@ -162,6 +171,8 @@ class Record(msgspec.Struct, omit_defaults=True, gc=False):
     metrics: dict[MetricName, float | None] | None = None
     # heartbeat (and sample): the rank's GPU health from NVML, every few seconds
     gpu_health: GpuHealth | None = None
+    # heartbeat: a stop step the client just heard, and whether it heard it in time (monitor/stop_steps.py)
+    stop_ack: StopAck | None = None
     # start
     reference_lr: float | None = None
     reference_batch_size: NonNegInt | None = None
@@ -410,4 +421,6 @@ def to_obj(record: Record) -> dict[str, Any]:
         obj["error"] = msgspec.structs.asdict(record.error)
     if record.gpu_health is not None:
         obj["gpu_health"] = msgspec.to_builtins(record.gpu_health)
+    if record.stop_ack is not None:
+        obj["stop_ack"] = msgspec.to_builtins(record.stop_ack)
     return obj

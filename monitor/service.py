@@ -219,7 +219,8 @@ class Service:
         taken: list[Alert] = []
         records, indexes, conflicts = self._screen(decoded, now, wall, origin, rejected, taken)
         invalid = len(rejected) - conflicts  # the decoder's and the records from the future
-        starts = [rec for rec in records if rec.type == "start"]
+        others = [rec for rec in records if rec.type != "sample"]  # starts, heartbeats, ends: few
+        starts = [rec for rec in others if rec.type == "start"] if others else others
         if starts:
             self.stop_steps.before(starts)  # a restart forgets the run's stops
         outcome = self.pipeline.process(records, wall=wall,
@@ -235,6 +236,9 @@ class Service:
             refused = {i for i, _ in outcome.refused}
             rejected += [Rejection(indexes[i], exc.field, exc.reason) for i, exc in outcome.refused]
             kept = [r for i, r in enumerate(records) if i not in refused]
+            if others:
+                gone = {id(records[i]) for i in refused}
+                others = [r for r in others if id(r) not in gone]  # a refused ack counts for nothing
             if texts is not None:
                 texts = [t for i, t in enumerate(texts) if i not in refused]
         else:
@@ -249,6 +253,8 @@ class Service:
                     log.exception("record writer %r failed", record_writer)
         self.stats.accepted += len(kept)
         names = self.stop_steps.note(kept)
+        if others:
+            self.stop_steps.heard(others)  # stop acks; starts and ends change who must ack (stop_steps.py)
         if invalid:
             self.stats.reject("invalid", invalid)
         if conflicts:

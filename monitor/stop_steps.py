@@ -27,6 +27,22 @@ stop it hears after it has checked that step). The stop then moves ahead by the 
 highest step seen, and the clients adopt the new one: the job stops later, and never leaves a rank
 waiting in a collective.
 
+A stop every rank takes, or none: confirmation. Samples past the stop cover every rank missing it, not
+a *partial* miss: rank 0 hears stop S before it checks step S and leaves the loop; rank 1 hears it just
+after checking S, goes on into step S+1's collectives, and waits there for rank 0 forever (no sample
+past S ever arrives, so nothing moves; on GPUs that burns the job until the NCCL timeout). So each
+client acks every stop step it adopts, at once, in an urgent heartbeat (``stop_ack: {step, checked}``,
+docs/record.md): ``checked`` is the last step its loop had asked about when it heard the stop. A stop
+is *confirmed* once every live rank of the run (started and not ended: the ranks of the newest start's
+``world_size``, else the ranks seen) acked it in time (``checked < step``); the view's stop says
+``confirmed``, and a client's ``should_stop`` turns true at the stop step only once it is confirmed,
+waiting there for it (trainer/hearing.py). A late ack (``checked >= step``: that rank passed the stop)
+moves every stop not yet confirmed at or below ``checked`` ahead at once, by the same rule from
+``max(highest step seen, checked)``, and its acks start over. A confirmed stop never moves (some rank
+may have left at it); a restart forgets it like any other. A rank blocked in step S+1's collectives has
+checked at most S, and the ranks waiting at S have too, so the moved stop (at least S+2 with the
+default ``min_lead_steps``) is heard in time by all of them.
+
 Pure apart from the waiters: no clock, no I/O. The HTTP layer registers a callback per long poll;
 ``changed`` runs them (in the event loop's thread, where ingest and the timer run).
 """
@@ -77,7 +93,8 @@ class _Run:
     last: dict[int, tuple[int, float]] = field(default_factory=dict)  # rank -> (step, time) of its last sample
     period: float | None = None  # seconds per step, a running average over the ranks' samples
     top_step: int = -1
-    first_stop: int | None = None  # the lowest stop step of the run, None while it has none
+    first_stop: int | None = None  # the lowest stop step not confirmed (one that may move), None while none
+    acks: dict[int, set[int]] = field(default_factory=dict)  # stop step -> ranks that acked it in time
     state: RunState | None = None  # the pipeline's state of the run: a new one means the run was forgotten
     waiters: list[Callable[[], None]] = field(default_factory=list)
 
@@ -126,6 +143,47 @@ class StopSteps:
             if run is not None and sampled is not None and sampled < rec.time:
                 self._restart(rec.run, run)
 
+    def heard(self, records: Sequence[Record]) -> None:
+        """A batch's records other than samples, once the pipeline took them (the Service passes those): the
+        clients' acks of stop steps (``stop_ack`` on a heartbeat), and starts and ends, which change who must
+        ack. Confirms a stop every live rank acked in time; a late ack moves the stops it passed."""
+        touched: dict[str, _Run] = {}
+        for rec in records:
+            run = self.runs.get(rec.run)
+            if run is None or not run.stops:
+                continue
+            ack = rec.stop_ack
+            if ack is not None and rec.type == "heartbeat":
+                if ack.checked is not None and ack.checked >= ack.step:  # that rank passed the stop: nobody stops
+                    if any(not s["confirmed"] and s["step"] <= ack.checked for s in run.stops.values()):
+                        self._move(rec.run, run, ack.checked)
+                elif any(s["step"] == ack.step for s in run.stops.values()):
+                    run.acks.setdefault(ack.step, set()).add(rec.rank)
+            touched[rec.run] = run
+        for name, run in touched.items():
+            if self._confirm(name, run):
+                self._bump(name, run)
+
+    def _confirm(self, name: str, run: _Run) -> bool:
+        """Mark confirmed each stop that every live rank acked in time; True when one was."""
+        state = self.states.get(name)
+        if state is None or run.first_stop is None:
+            return False
+        ranks = state.ranks
+        start = state.last_start
+        world = start.world_size if start is not None and start.world_size else None
+        confirmed = False
+        for stop in run.stops.values():
+            acked = run.acks.get(stop["step"])
+            if stop["confirmed"] or not acked:
+                continue
+            # all() stops at the first rank that neither acked nor ended: a huge world_size costs nothing
+            if all(r in acked or (r in ranks and ranks[r].ended) for r in (range(world) if world else ranks)):
+                stop["confirmed"] = confirmed = True
+        if confirmed:
+            run.first_stop = _lowest_open(run)
+        return confirmed
+
     def note(self, records: Sequence[Record]) -> set[str]:
         """Accepted records: each run's highest step and step period, from the newest record of the run in
         the batch (a client sends its rank's records in order; one dict store per record is all ingest
@@ -153,13 +211,14 @@ class StopSteps:
             if step > run.top_step:
                 run.top_step = step
                 if run.first_stop is not None and step > run.first_stop:
-                    self._move(name, run)
+                    self._move(name, run, step - 1)
         return set(newest)
 
     def _restart(self, name: str, run: _Run) -> None:
         run.last.clear()
         run.top_step = -1
         run.period = None
+        run.acks.clear()
         if run.stops:
             run.stops.clear()
             run.first_stop = None
@@ -183,10 +242,11 @@ class StopSteps:
                 run.stops[alert["alert"]] = {
                     "step": max(base + self.lead.steps(run.period), floor),
                     "alert": alert["alert"], "rank": _root(alert), "first_step": alert["step"],
-                    "severity": alert["severity"],
+                    "severity": alert["severity"], "confirmed": False,
                 }
-                run.first_stop = min(s["step"] for s in run.stops.values())
+                run.first_stop = _lowest_open(run)
         for name, run in touched.items():
+            self._confirm(name, run)  # a new stop at a step every rank already acked is confirmed with it
             self._bump(name, run)
 
     def on_refreshed(self, alerts: Iterable[Alert]) -> None:
@@ -205,14 +265,16 @@ class StopSteps:
         for name, run in touched.items():
             self._bump(name, run)
 
-    def _move(self, name: str, run: _Run) -> None:
-        """A rank went past a stop: nobody stopped there; every stop passed moves ahead of the run."""
-        ahead = run.top_step + self.lead.steps(run.period)
+    def _move(self, name: str, run: _Run, passed: int) -> None:
+        """A rank went past step ``passed`` (a sample of the step after it, or a late ack): nobody stops at or
+        before it; every stop there not confirmed moves ahead of the run, and its acks start over."""
+        ahead = max(run.top_step, passed) + self.lead.steps(run.period)
         for stop in run.stops.values():
-            if stop["step"] < run.top_step:
+            if stop["step"] <= passed and not stop["confirmed"]:
+                run.acks.pop(stop["step"], None)
                 stop["step"] = ahead
                 stop["moved"] = stop.get("moved", 0) + 1
-        run.first_stop = min(s["step"] for s in run.stops.values())
+        run.first_stop = _lowest_open(run)
         self._bump(name, run)
 
     def _bump(self, name: str, run: _Run) -> None:
@@ -227,8 +289,8 @@ class StopSteps:
         return 0 if run is None else run.version
 
     def view(self, name: str) -> dict[str, Any]:
-        """{version, stops: {alert: {step, alert, rank, first_step, severity}}, alerts: [firing now],
-        alerts_total}: what a client of the run needs to act."""
+        """{version, stops: {alert: {step, alert, rank, first_step, severity, confirmed[, moved]}},
+        alerts: [firing now], alerts_total}: what a client of the run needs to act."""
         run = self.runs.get(name)
         if run is None:
             return {"version": 0, "stops": {}, "alerts": [], "alerts_total": 0}
@@ -271,6 +333,11 @@ class StopSteps:
         if run is not None:
             for wake in run.waiters:
                 wake()
+
+
+def _lowest_open(run: _Run) -> int | None:
+    """The lowest stop step of the run not confirmed (a rank past it moves it), None if none."""
+    return min((s["step"] for s in run.stops.values() if not s["confirmed"]), default=None)
 
 
 def _root(alert: Alert) -> int | None:

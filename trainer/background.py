@@ -86,14 +86,18 @@ class Background:
     def _poll_view_loop(self) -> None:
         poller = self.poller
         delay = 0.0
-        while poller is not None and not self.stop.is_set():
-            got = poller.poll(self.hearing.version)
-            if self.stop.is_set():
-                break
-            if isinstance(got, str):
-                delay = min(max(delay * 2, 0.5), 10.0)
-                self._warn("watch", "cannot hear the run's alerts (%s); again in %.1fs", got, delay)
-                self.stop.wait(delay)
-                continue
-            delay = 0.0
-            self.hearing.view(got)
+        try:
+            while poller is not None and not self.stop.is_set():
+                got = poller.poll(self.hearing.version)
+                if self.stop.is_set():
+                    break
+                if isinstance(got, str):
+                    delay = min(max(delay * 2, 0.5), 10.0)
+                    self._warn("watch", "cannot hear the run's alerts (%s); again in %.1fs", got, delay)
+                    self.stop.wait(delay)
+                    continue
+                delay = 0.0
+                self.hearing.view(got)
+        finally:
+            if poller is not None:
+                poller.close()  # its keep-alive connection (an answer that came as close() began left it open)

@@ -69,7 +69,9 @@ class Telemetry:
     ``sink``, ``clock``, ``monotonic``, ``start_threads=False`` (then call ``pump()``) are for tests.
 
     ``stop_on``: alert names (docs/alerts.md) that end the loop: ``should_stop(step)`` turns true on
-    every rank at the step the sidecar fixed when one of them first fired for this run. Empty by default.
+    every rank at the step the sidecar fixed when one of them first fired for this run, once every rank
+    acked it in time (``stop_confirm_seconds``, 60 s: how long it waits there for that; hearing.py).
+    Empty by default.
     ``on_alert(alert)``: called once for each alert of this run that starts firing (on a client thread:
     keep it short; an exception in it is logged)."""
 
@@ -100,7 +102,7 @@ class Telemetry:
         self._outbox = Outbox(self._sender, s, monotonic, self._warn)
         self._push = self._outbox.push
         self._probes = Probes(list(probes) if probes is not None else default_probes(s), s.sample_seconds, self._warn)
-        self._hearing = Hearing(s.run, frozenset(stop_on), on_alert)
+        self._hearing = Hearing(s.run, frozenset(stop_on), on_alert, self._ack_stop)
         self._outbox.on_answer = self._hearing.answer
         self._nonfinite = False  # the last sample's loss or grad norm was NaN/Inf (float path)
         self._closed = False
@@ -246,6 +248,15 @@ class Telemetry:
             fields["gpu_health"] = gpu_health
         self._send_kind("heartbeat", step, fields)
 
+    def _ack_stop(self, stop: int, checked: int | None) -> None:
+        """Tell the sidecar at once that this rank heard the stop at ``stop`` when its loop had last asked
+        about step ``checked``: an urgent heartbeat's ``stop_ack`` (hearing.py, monitor/stop_steps.py)."""
+        phase = self._phase
+        fields: dict[str, Any] = {} if phase is None else {"phase": phase[0], "phase_time": phase[1]}
+        fields["stop_ack"] = {"step": stop} if checked is None else {"step": stop, "checked": checked}
+        self._send_kind("heartbeat", None, fields)
+        self._outbox.request_flush()
+
     def end(self, step: int | None = None) -> None:
         """The rank is done (status "completed"); sent at once. Not needed: a normal exit sends it."""
         self._send_kind("end", step, {"status": "completed"})
@@ -292,11 +303,21 @@ class Telemetry:
     def should_stop(self, step: int) -> bool:
         """True once ``step`` reaches the stop step of an alert in ``stop_on`` that fired for this run: the
         same step on every rank (call it after each step, on every rank, and leave the loop). An
-        attribute read and a comparison; never raises."""
+        attribute read and a comparison, except at the stop step itself: there it waits (up to
+        ``stop_confirm_seconds``) until the sidecar confirms that every rank takes the stop, or moves it
+        (then False: the loop meets the moved stop later). Never raises."""
         hearing = self._hearing
         hearing.checked = step  # first the step, then the stop (hearing.py: a late stop is not taken)
         stop = hearing.stop_at
-        return stop is not None and step >= stop
+        if stop is None or step < stop:
+            return False
+        if hearing.confirmed_at == stop:
+            return True
+        try:
+            return hearing.await_confirmed(step, self.settings.stop_confirm_seconds)
+        except Exception as exc:  # never break training because of telemetry
+            self._warn("stop", "waiting for the stop at step %d failed: %r", stop, exc)
+            return False
 
     @property
     def stop_reason(self) -> dict[str, Any] | None:

@@ -63,6 +63,7 @@ class ClientSettings:
     host: str = ""  # the start record's host (groups ranks by machine); "" = socket.gethostname()
     poll_seconds: float = 0.005  # while device values are on their way, look for finished copies this often
     crash_flush_seconds: float = 2.0  # a crash's end record: how long the dying process waits for it to leave
+    stop_confirm_seconds: float = 60.0  # should_stop at the stop step: how long it waits for every rank's ack
     report_sigterm: bool = True  # a SIGTERM that would kill the process silently sends an end first (sigterm.py)
     launch_id: str = LAUNCH_ID  # this process's launch (X-Trainhealth-Launch)
     job: str = ""  # the job its ranks share ("" or "-": not known)
@@ -82,7 +83,8 @@ class ClientSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("flush_seconds", "heartbeat_seconds", "timeout_seconds", "backoff_seconds",
-                     "max_backoff_seconds", "sample_seconds", "poll_seconds", "crash_flush_seconds"):
+                     "max_backoff_seconds", "sample_seconds", "poll_seconds", "crash_flush_seconds",
+                     "stop_confirm_seconds"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name}: must be > 0, got {value!r}")

@@ -6,8 +6,10 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,34 @@ def worker_env(sidecar_url: str, run: str | None) -> dict[str, str]:
 
 
 def run_script(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run ``argv`` (torchrun, a script) in a session of its own and wait for it. Its whole process group is killed
+    when it exits or runs past ``timeout`` (then the test fails with the tail of its stderr): ``subprocess.run``'s
+    timeout killed torchrun only, and its hung workers went on loading the machine for minutes. The output goes
+    to files, not pipes: a worker left behind holding a pipe would keep the reading waiting."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        hung = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            hung = True
+        finally:
+            _kill_group(proc.pid)  # the workers of a launcher that hung or exited (or of an interrupted test)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if hung:
+        pytest.fail(f"{' '.join(argv[:5])} ... ran past {timeout:g}s; its process group was killed. The tail of "
+                    f"its stderr:\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nobody left in it
+        pass
 
 
 def torchrun_argv(script: str, spec: dict[str, Any], nproc: int = 2) -> list[str]:

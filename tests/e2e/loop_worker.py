@@ -3,9 +3,10 @@ end-to-end tests of how ranks end: a clean end, a crash, a NaN with ``stop_on``.
 
 Each rank writes ``OUT/rank{R}.json``: the step it stopped after (or null), the first step at which it knew
 of the stop, and its last step. ``--late-rank K --late-url URL``: rank K talks to the sidecar through URL
-(a proxy that delays every answer), so it hears of alerts later than the others. ``--hold-rank K --hold-step
-N``: rank K, after recording step N, writes ``OUT/held`` and blocks for good in a C call that signals do not
-end (as a rank waiting in an NCCL collective does), until it is killed.
+(a proxy that delays every answer), so it hears of alerts later than the others. ``--miss-rank K``: rank K
+hears the first stop step only after its loop has checked it (tests/late_hearing.py): a partial miss.
+``--hold-rank K --hold-step N``: rank K, after recording step N, writes ``OUT/held`` and blocks for good in a
+C call that signals do not end (as a rank waiting in an NCCL collective does), until it is killed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> int:
     ap.add_argument("--crash-step", type=int, default=0)
     ap.add_argument("--late-rank", type=int, default=-1)
     ap.add_argument("--late-url", default="")
+    ap.add_argument("--miss-rank", type=int, default=-1)
     ap.add_argument("--lr-step", type=int, default=0)  # from this step on the LR is --lr-factor times higher
     ap.add_argument("--lr-factor", type=float, default=1.0)
     ap.add_argument("--hold-rank", type=int, default=-1)
@@ -48,6 +50,10 @@ def main() -> int:
     url = args.late_url if rank == args.late_rank else None
     stop_on = {name for name in args.stop_on.split(",") if name}
     tm = Telemetry(url=url, stop_on=stop_on)  # the first line (run, rank, world size from torchrun)
+    if rank == args.miss_rank:
+        from tests.late_hearing import hold_the_first_stop_until_checked
+
+        hold_the_first_stop_until_checked(tm)
 
     stopped_at = heard_at = heard_time = None
     step = 0

@@ -1,7 +1,8 @@
 """How ranks end, end to end: a user's DDP loop (tests/e2e/loop_worker.py: the two lines, no ``tm.end()``)
 under torchrun on gloo, a real sidecar. A clean end raises no alert; a crash reaches the sidecar quoted;
 a NaN with ``stop_on`` stops every rank after the same step (2 and 4 ranks, one of them hearing late
-through a proxy that delays the sidecar's answers), and only for an alert in ``stop_on``. The reference
+through a proxy that delays the sidecar's answers; one hearing the stop only after checking it: both stop
+later, together), and only for an alert in ``stop_on``. The reference
 trainer's ``--stop-on`` does the same."""
 
 from __future__ import annotations
@@ -220,6 +221,25 @@ def test_nan_with_stop_on_stops_every_rank_after_the_same_step(launch, sidecar, 
                for r in results.values())
     nan = [a for a in job.alerts() if a["alert"] == "nan_divergence" and a["state"] == "firing"]
     assert {a["step"] for a in nan} == {nan_step}
+
+
+def test_a_rank_that_hears_the_stop_after_checking_it_is_not_stranded_every_rank_stops_later_together(
+        launch, sidecar):
+    """The partial miss (the lead's hang): rank 1 hears the stop step only after its loop checked it, rank 0 in
+    time. Rank 0 used to leave after that step while rank 1 sat in the next step's DDP all-reduce; now rank 1's
+    ack moves the stop at once, and both stop after the same later step."""
+    nan_step = 30
+    job = launch("--steps", "200", "--step-sleep", "0.05", "--stop-on", "nan_divergence", "--nan-rank", "1",
+                 "--nan-step", str(nan_step), "--miss-rank", "1")
+    assert job.wait() != 0, job.log()  # exit 3 from both ranks
+    results = job.results()
+    seen = f"{results}\n{job.log()}\n{sidecar.stderr_text()[-3000:]}"
+    assert sorted(results) == [0, 1], seen  # a rank that stopped alone would have left the other to be killed
+    stops = {r["stopped_at"] for r in results.values()}
+    assert len(stops) == 1, seen
+    view = sidecar.client.get(f"/v1/runs/{job.run}/watch", params={"version": 0, "timeout": 0}).json()
+    stop = view["stops"]["nan_divergence"]
+    assert (stop["step"], stop["confirmed"]) == (stops.pop(), True) and stop["moved"] >= 1, seen
 
 
 def test_no_stop_for_an_alert_not_in_stop_on(launch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -220,3 +221,164 @@ def test_a_quiet_view_overtaken_by_the_stop_does_not_clear_it():
     tm._hearing.view(view(1, {"nan_divergence": 32})["runs"]["elastic-run"])  # an ingest answer
     tm._hearing.view({"version": 0, "stops": {}, "alerts": []})  # a long poll answer computed before it
     assert tm.should_stop(32)
+
+
+# -- a confirmed stop: every rank takes it or none does (hearing.py, monitor/stop_steps.py) ----------------
+
+def confirming(version: int, step: int, confirmed: bool) -> dict[str, Any]:
+    """A view of a sidecar that confirms stops: the stop says whether every rank acked it in time."""
+    out = view(version, {"nan_divergence": step}, [("nan_divergence", 1, 30)])["runs"]["elastic-run"]
+    out["stops"]["nan_divergence"]["confirmed"] = confirmed
+    return out
+
+
+def acks(sink: FakeSender) -> list[dict[str, Any]]:
+    return [r["stop_ack"] for r in sink.records if "stop_ack" in r]
+
+
+def asking(tm: Telemetry, step: int) -> tuple[threading.Thread, list[bool]]:
+    """The training thread asking ``should_stop(step)``, on a thread of its own (it may wait)."""
+    said: list[bool] = []
+    thread = threading.Thread(target=lambda: said.append(tm.should_stop(step)), daemon=True)
+    thread.start()
+    return thread, said
+
+
+def test_a_heard_stop_is_acked_at_once_with_the_step_checked_and_said_again_until_confirmed():
+    tm, sink, _ = make(stop_on={"nan_divergence"})
+    tm.record(30, loss=1.0)
+    assert not tm.should_stop(30)
+    with tm.phase("step"):
+        tm._hearing.view(confirming(1, 32, False))
+        assert tm._outbox._flush_now  # urgent: the next cycle sends it, whatever the backoff
+        tm.pump()
+    beat = sink.records[-1]
+    assert (beat["type"], beat["step"], beat["phase"], beat["stop_ack"]) == ("heartbeat", 30, "step",
+                                                                             {"step": 32, "checked": 30})
+    tm._hearing.view(confirming(2, 32, False))  # another change of the view, the stop still open: said again
+    tm._hearing.view(confirming(3, 32, True))  # confirmed: nothing more to say
+    tm.pump()
+    assert acks(sink) == [{"step": 32, "checked": 30}] * 2
+    assert [tm.should_stop(s) for s in (31, 32)] == [False, True]  # confirmed before the loop got there: no wait
+
+
+def test_a_stop_heard_before_the_loop_asked_anything_is_acked_without_checked():
+    tm, sink, _ = make(stop_on={"nan_divergence"})
+    tm._hearing.view(confirming(1, 32, False))
+    tm.pump()
+    assert acks(sink) == [{"step": 32}]
+
+
+def test_at_the_stop_step_should_stop_waits_for_the_confirmation_then_says_stop():
+    tm, _, _ = make(stop_on={"nan_divergence"})
+    tm._hearing.view(confirming(1, 32, False))
+    assert not tm.should_stop(31)  # before the stop step: no wait
+    thread, said = asking(tm, 32)
+    thread.join(0.2)
+    assert thread.is_alive() and said == []  # it cannot answer before the sidecar confirms (or 60 s pass)
+    tm._hearing.view(confirming(2, 32, True))
+    thread.join(10)
+    assert said == [True] and tm.should_stop(33)
+
+
+def test_a_stop_moved_while_waiting_ends_the_wait_with_go_on_and_the_moved_stop_is_taken():
+    tm, sink, _ = make(stop_on={"nan_divergence"})
+    tm._hearing.view(confirming(1, 32, False))
+    thread, said = asking(tm, 32)
+    thread.join(0.2)
+    assert thread.is_alive()
+    tm._hearing.view(confirming(2, 34, False))  # another rank heard 32 too late: the sidecar moved it
+    thread.join(10)
+    assert said == [False]
+    tm.pump()
+    assert acks(sink) == [{"step": 32}, {"step": 34, "checked": 32}]  # heard in time, waiting at 32
+    assert not tm.should_stop(33)
+    tm._hearing.view(confirming(3, 34, True))
+    assert tm.should_stop(34)
+
+
+def test_an_unconfirmed_stop_is_given_up_after_stop_confirm_seconds_and_acked_as_missed(caplog):
+    tm, sink, _ = make(stop_on={"nan_divergence"}, stop_confirm_seconds=0.05)
+    tm._hearing.view(confirming(1, 32, False))
+    assert not tm.should_stop(32)  # a rank never acked: no stop, rather than a stop some rank does not take
+    assert "the stop at step 32 was not confirmed by every rank of run elastic-run within 0.05s" in caplog.text
+    tm.pump()
+    assert acks(sink) == [{"step": 32}, {"step": 32, "checked": 32}]  # the second says: missed, move it
+    assert not tm.should_stop(33)
+    tm._hearing.view(confirming(2, 32, True))  # confirmed too late for this rank: it already went on
+    assert not tm.should_stop(34)
+    tm._hearing.view(confirming(3, 36, False))  # the sidecar moved it
+    tm._hearing.view(confirming(4, 36, True))
+    assert tm.should_stop(36)
+
+
+def test_an_older_sidecar_without_confirmation_gets_no_ack_and_the_stop_is_taken_without_waiting():
+    tm, sink, _ = make(stop_on={"nan_divergence"}, stop_confirm_seconds=30.0)
+    tm._hearing.view(view(1, {"nan_divergence": 32})["runs"]["elastic-run"])
+    tm.pump()
+    assert acks(sink) == [] and tm.should_stop(32)
+
+
+def test_the_partial_miss_of_the_deadlock_stops_neither_rank_at_the_stop_and_both_at_the_moved_one():
+    """The lead's hang: rank 0 hears stop 32 before checking step 32, rank 1 just after. Before acks, rank 0 left
+    after 32 while rank 1 waited in step 33's all-reduce forever. Now neither stops at 32, both at the moved
+    stop. Two clients, the real sidecar logic (a Service fed by their sends), the views handed over by hand
+    (the long poll) in the order of the race."""
+    from trainhealth.config import Settings
+    from trainhealth.service import Service
+
+    service = Service(Settings(), clock=lambda: 1_000_000.0)
+
+    class ToService(FakeSender):
+        def send(self, records, batch_id=None):
+            answer = service.ingest(json.dumps(records).encode(), "application/json")
+            assert answer.status == 200, answer.body
+            return super().send(records, batch_id)
+
+    ranks = [make(ToService(), run="r", rank=r, world_size=2, stop_on={"nan_divergence"})[0] for r in (0, 1)]
+    a, b = ranks
+
+    def poll(tm: Telemetry) -> None:
+        tm._hearing.view(service.stop_steps.view("r"))
+        tm.pump()  # its ack, if it heard a new stop
+
+    for tm in ranks:
+        tm.start()
+        for step in range(1, 31):
+            tm.record(step, loss=math.nan if (tm.rank, step) == (1, 30) else 1.0)
+            assert not tm.should_stop(step)
+        tm.pump()
+    stop = service.stop_steps.view("r")["stops"]["nan_divergence"]
+    assert (stop["step"], stop["confirmed"]) == (32, False)
+    a.record(31, loss=math.nan)
+    assert not a.should_stop(31)
+    poll(a)  # rank 0 hears 32 at step 31: in time
+    for step in (31, 32):
+        b.record(step, loss=math.nan)
+        assert not b.should_stop(step)  # rank 1 has not heard yet: it passes 32
+    b.pump()
+    poll(b)  # rank 1 hears 32 after checking 32: its ack says so, and the stop moves at once
+    stop = service.stop_steps.view("r")["stops"]["nan_divergence"]
+    assert (stop["step"], stop["confirmed"], stop["moved"]) == (34, False, 1)
+    a.record(32, loss=math.nan)
+    thread, said = asking(a, 32)  # rank 0 at the stop it heard in time: it waits, it does not leave
+    thread.join(0.2)
+    assert thread.is_alive() and said == []
+    poll(a)  # the moved stop
+    thread.join(10)
+    assert said == [False]  # rank 0 goes on into step 33 with rank 1
+    poll(b)
+    assert service.stop_steps.view("r")["stops"]["nan_divergence"]["confirmed"] is True
+    for tm in ranks:
+        tm._hearing.view(service.stop_steps.view("r"))
+    stopped = {}
+    for tm in ranks:
+        for step in (33, 34):
+            if tm.should_stop(step):
+                stopped[tm.rank] = step
+                break
+    assert stopped == {0: 34, 1: 34}
+    assert [r["stop_ack"] for r in a._sender.records if "stop_ack" in r] == [{"step": 32, "checked": 31},
+                                                                             {"step": 34, "checked": 32}]
+    assert [r["stop_ack"] for r in b._sender.records if "stop_ack" in r] == [{"step": 32, "checked": 32},
+                                                                             {"step": 34, "checked": 32}]

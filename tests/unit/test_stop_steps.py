@@ -54,7 +54,7 @@ def test_the_stop_step_is_far_enough_ahead_for_the_runs_own_step_time(period, le
     status, body = send(service, nan("r", 1, 30, period))
     view = body["runs"]["r"]
     assert view["stops"]["nan_divergence"] == {"step": 30 + lead, "alert": "nan_divergence", "rank": 1,
-                                               "first_step": 30, "severity": "critical"}
+                                               "first_step": 30, "severity": "critical", "confirmed": False}
     # one incident for the run (rank null); the stop names its first rank
     assert [(a["alert"], a["rank"], a["step"]) for a in view["alerts"]] == [("nan_divergence", None, 30)]
 
@@ -261,3 +261,149 @@ def test_the_lead_is_the_configs_stop_section_and_a_reload_applies_it_to_later_s
         with pytest.raises(ConfigError) as exc:
             load(str(path))
         assert str(exc.value).startswith(error), (text, str(exc.value))
+
+
+# -- a confirmed stop: every live rank acked it in time (a partial miss must not strand a rank) ------------
+
+def started(run: str, world: int, ranks: range | list[int] | None = None) -> list[dict[str, Any]]:
+    return [{"type": "start", "run": run, "rank": r, "time": T0, "world_size": world}
+            for r in (range(world) if ranks is None else ranks)]
+
+
+def ack(run: str, rank: int, stop: int, checked: int | None) -> dict[str, Any]:
+    """The urgent heartbeat a client sends when it adopts a stop (trainer/hearing.py)."""
+    said = {"step": stop} if checked is None else {"step": stop, "checked": checked}
+    return {"type": "heartbeat", "run": run, "rank": rank, "time": T0 + 1.6, "step": checked or 0, "stop_ack": said}
+
+
+def nan_run(service: Service, world: int = 2) -> None:
+    send(service, *started("r", world))
+    send(service, *steps("r", range(world), 1, 29))
+    send(service, nan("r", 1, 30))
+    stop = service.stop_steps.view("r")["stops"]["nan_divergence"]
+    assert (stop["step"], stop["confirmed"]) == (32, False)
+
+
+def stop_of(service: Service) -> tuple[int, bool, int]:
+    stop = service.stop_steps.view("r")["stops"]["nan_divergence"]
+    return stop["step"], stop["confirmed"], stop.get("moved", 0)
+
+
+def test_a_stop_is_confirmed_once_every_live_rank_acked_it_in_time():
+    service = make()
+    nan_run(service)
+    version = service.stop_steps.version("r")
+    send(service, ack("r", 0, 32, 30))
+    assert stop_of(service) == (32, False, 0) and service.stop_steps.version("r") == version  # no answer to wake
+    _, body = send(service, ack("r", 1, 32, None))  # rank 1 heard it before its loop asked about any step
+    assert body["runs"]["r"]["stops"]["nan_divergence"]["confirmed"] is True
+    assert service.stop_steps.version("r") == version + 1  # the long polls answer: the clients hear it
+    send(service, *steps("r", range(2), 31, 33))  # the ranks' last samples arriving late move nothing confirmed
+    assert stop_of(service) == (32, True, 0)
+    send(service, ack("r", 0, 32, 32))  # nor does a rank saying it passed it (its wait timed out): ranks left there
+    assert stop_of(service) == (32, True, 0)
+
+
+def test_a_late_ack_moves_the_stop_at_once_and_the_acks_start_over():
+    """The deadlock's interleaving: rank 0 heard stop 32 in time, rank 1 after it had checked step 32 (it is in
+    step 33's collectives): nobody may stop at 32; the stop moves ahead of rank 1 before any sample says so."""
+    service = make()
+    nan_run(service)
+    send(service, ack("r", 0, 32, 30))
+    _, body = send(service, ack("r", 1, 32, 32))
+    assert body["runs"]["r"]["stops"]["nan_divergence"] == {
+        "step": 34, "alert": "nan_divergence", "rank": 1, "first_step": 30, "severity": "critical",
+        "confirmed": False, "moved": 1}  # max(highest step seen 30, checked 32) + 2 steps of lead
+    send(service, ack("r", 1, 32, 30))  # an in-time ack of the old step counts for nothing now
+    send(service, ack("r", 0, 34, 32))
+    assert stop_of(service) == (34, False, 1)
+    send(service, ack("r", 1, 34, 32))
+    assert stop_of(service) == (34, True, 1)
+
+
+def test_a_late_ack_of_a_stop_that_already_moved_past_it_moves_nothing():
+    service = make()
+    nan_run(service)
+    send(service, ack("r", 1, 32, 33))
+    assert stop_of(service) == (35, False, 1)
+    version = service.stop_steps.version("r")
+    send(service, ack("r", 1, 32, 33))  # said again (the client repeats an ack until the stop is confirmed)
+    assert stop_of(service) == (35, False, 1) and service.stop_steps.version("r") == version
+
+
+def test_ended_ranks_need_not_ack_and_an_end_can_complete_the_confirmation():
+    service = make()
+    nan_run(service, world=3)
+    send(service, {"type": "end", "run": "r", "rank": 2, "time": T0 + 1.55, "step": 30, "status": "completed"})
+    send(service, ack("r", 0, 32, 30))
+    assert stop_of(service) == (32, False, 0)  # rank 1 is live and has not acked
+    send(service, ack("r", 1, 32, 31))
+    assert stop_of(service) == (32, True, 0)
+    other = make()
+    nan_run(other)
+    send(other, ack("r", 0, 32, 30))
+    send(other, {"type": "end", "run": "r", "rank": 1, "time": T0 + 1.55, "step": 30, "status": "failed"})
+    assert stop_of(other) == (32, True, 0)  # the one rank left acked: nobody waits for the one that ended
+
+
+def test_every_rank_of_the_start_records_world_must_ack_even_one_never_seen():
+    service = make()
+    send(service, *started("r", 2, ranks=[0]))  # rank 1 has sent nothing yet
+    send(service, *steps("r", [0], 1, 29))
+    send(service, nan("r", 0, 30))
+    send(service, ack("r", 0, 32, 30))
+    assert stop_of(service) == (32, False, 0)
+    send(service, ack("r", 1, 32, 29))
+    assert stop_of(service) == (32, True, 0)
+
+
+def test_a_one_rank_run_confirms_on_its_own_ack_and_without_start_records_the_ranks_seen_count():
+    service = make()
+    nan_run(service, world=1)
+    send(service, ack("r", 0, 32, 31))
+    assert stop_of(service) == (32, True, 0)
+    seen = make()
+    send(seen, *steps("r", range(2), 1, 29))  # no start record: the ranks seen are the world
+    send(seen, nan("r", 1, 30))
+    send(seen, ack("r", 1, 32, 30))
+    assert stop_of(seen) == (32, False, 0)
+    send(seen, ack("r", 0, 32, 30))
+    assert stop_of(seen) == (32, True, 0)
+
+
+def test_a_restart_forgets_a_confirmed_stop_and_its_acks():
+    service = make()
+    nan_run(service)
+    send(service, ack("r", 0, 32, 30), ack("r", 1, 32, 30))
+    assert stop_of(service) == (32, True, 0)
+    send(service, *[{**s, "time": T0 + 10} for s in started("r", 2)])  # the job restarted
+    assert service.stop_steps.view("r")["stops"] == {}
+    send(service, *steps("r", range(2), 1, 29, 0.05))
+    send(service, nan("r", 1, 30))
+    assert stop_of(service) == (32, False, 0)  # the same step again, but nobody acked this one
+
+
+@pytest.mark.parametrize(("said", "field", "reason"), [
+    ({"step": -1}, "stop_ack.step", "Expected `int` >= 0"),
+    ({"checked": 3}, "stop_ack", "Object missing required field `step`"),
+    ({"step": 5, "checked": "3"}, "stop_ack.checked", "Expected `int | null`, got `str`"),
+    (5, "stop_ack", "Expected `object | null`, got `int`"),
+])
+def test_a_bad_stop_ack_is_refused_naming_the_field(said, field, reason):
+    status, body = send(make(), {"type": "heartbeat", "run": "r", "rank": 0, "time": T0, "step": 3, "stop_ack": said})
+    assert status == 400 and body["errors"][0]["field"] == field and body["errors"][0]["reason"].startswith(reason)
+
+
+def test_an_ack_from_a_rank_past_the_rank_cap_counts_for_nothing():
+    """A record the pipeline refuses (``limits.max_ranks_per_run``) is no rank of the run: its ack neither
+    confirms nor moves a stop."""
+    settings = Settings()
+    settings.limits.max_ranks_per_run = 2
+    service = Service(settings, clock=lambda: T0 + 3600)
+    send(service, *steps("r", range(2), 1, 29))
+    send(service, nan("r", 1, 30))
+    status, body = send(service, ack("r", 7, 32, 40))  # refused: 7 would be the run's third rank
+    assert status == 429 and body["errors"][0]["field"] == "rank"
+    assert stop_of(service) == (32, False, 0)
+    send(service, ack("r", 0, 32, 30), ack("r", 1, 32, 30))
+    assert stop_of(service) == (32, True, 0)
