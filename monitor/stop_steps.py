@@ -33,8 +33,8 @@ after checking S, goes on into step S+1's collectives, and waits there for rank 
 past S ever arrives, so nothing moves; on GPUs that burns the job until the NCCL timeout). So each
 client acks every stop step it adopts, at once, in an urgent heartbeat (``stop_ack: {step, checked}``,
 docs/record.md): ``checked`` is the last step its loop had asked about when it heard the stop. A stop
-is *confirmed* once every live rank of the run (started and not ended: the ranks of the newest start's
-``world_size``, else the ranks seen) acked it in time (``checked < step``); the view's stop says
+is *confirmed* once every live rank of the run (heard from and not ended; a rank of the ``world_size`` never
+heard from has no client to ack) acked it in time (``checked < step``); the view's stop says
 ``confirmed``, and a client's ``should_stop`` turns true at the stop step only once it is confirmed,
 waiting there for it (trainer/hearing.py). A late ack (``checked >= step``: that rank passed the stop)
 moves every stop not yet confirmed at or below ``checked`` ahead at once, by the same rule from
@@ -169,16 +169,16 @@ class StopSteps:
         state = self.states.get(name)
         if state is None or run.first_stop is None:
             return False
+        # the ranks heard from, not range(world_size): every client sends its start when it is made, long before
+        # any alert, so a rank of the world never heard has no client to hear or ack a stop (a job where only
+        # rank 0 reports); waiting for it would stall that job stop_confirm_seconds at every stop
         ranks = state.ranks
-        start = state.last_start
-        world = start.world_size if start is not None and start.world_size else None
         confirmed = False
         for stop in run.stops.values():
             acked = run.acks.get(stop["step"])
             if stop["confirmed"] or not acked:
                 continue
-            # all() stops at the first rank that neither acked nor ended: a huge world_size costs nothing
-            if all(r in acked or (r in ranks and ranks[r].ended) for r in (range(world) if world else ranks)):
+            if all(r in acked or rank.ended for r, rank in ranks.items()):
                 stop["confirmed"] = confirmed = True
         if confirmed:
             run.first_stop = _lowest_open(run)
