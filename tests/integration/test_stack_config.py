@@ -74,7 +74,7 @@ def test_compose_stack_passes_a_token_to_every_service_that_talks_to_the_sidecar
         assert services[name]["env_file"] == ["trainhealth.env"], name
     example = (ROOT / "trainhealth.env.example").read_text()
     assert "\nTRAINHEALTH_TOKEN=" in example
-    assert "trainhealth.env" in (ROOT / ".gitignore").read_text().split()[-1]
+    assert "/trainhealth.env" in (ROOT / ".gitignore").read_text().split()  # the secret never committed
     assert "trainhealth.env" in (ROOT / ".dockerignore").read_text().split()  # never baked into an image
     scrape = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["authorization"] == {"credentials_file": "trainhealth.token"}
