@@ -189,7 +189,7 @@ LOOP = str(ROOT / "tests" / "e2e" / "loop_worker.py")
 
 @pytest.mark.parametrize("watched, held", [(True, False), (False, False), (False, True)],
                          ids=["under-trainhealth.launch", "bare", "bare-survivor-blocked"])
-def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidecar, tmp_path, procs, watched, held):
+def test_a_ddp_rank_killed_is_named_within_seconds(request, start_sidecar, tmp_path, procs, watched, held):
     """torchrun, 2 ranks of a DDP loop on gloo; rank 1 is SIGKILLed. Under the launcher: rank_failed says
     SIGKILL. Bare, whichever comes first: rank 0's collective fails ("Connection closed by peer": its client
     sends the exception), or torchrun's agent sees rank 1's death and SIGTERMs rank 0 (its client sends an
@@ -198,6 +198,8 @@ def test_a_ddp_rank_killed_is_named_within_seconds(machine_oom_lock, start_sidec
     at once rather than after the silence limit. "bare-survivor-blocked": rank 0 is blocked for good in a C
     call (as in an NCCL collective) when rank 1 dies: no collective error can come, the agent's SIGTERM is
     the only word, and the client's thread sends it while the training thread stays blocked."""
+    if watched:  # the launcher tells a SIGKILL from an OOM kill (the bare ranks have nobody to: no lock to wait on)
+        request.getfixturevalue("machine_oom_lock")
     pytest.importorskip("torch")
     sidecar = start_sidecar()
     run = f"ddp-kill-{uuid.uuid4().hex[:8]}"
