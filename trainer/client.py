@@ -242,19 +242,20 @@ class Telemetry:
         self._outbox.request_flush()
 
     def heartbeat(self, step: int | None = None, *, gpu_health: dict[str, Any] | None = None) -> None:
+        self._heartbeat(step, "gpu_health", gpu_health)
+
+    def _heartbeat(self, step: int | None, name: str, value: Any) -> None:
+        """A heartbeat with the loop's phase and one more field (left out when None)."""
         phase = self._phase  # one read: name and start time stay together
         fields: dict[str, Any] = {} if phase is None else {"phase": phase[0], "phase_time": phase[1]}
-        if gpu_health is not None:
-            fields["gpu_health"] = gpu_health
+        if value is not None:
+            fields[name] = value
         self._send_kind("heartbeat", step, fields)
 
     def _ack_stop(self, stop: int, checked: int | None) -> None:
         """Tell the sidecar at once that this rank heard the stop at ``stop`` when its loop had last asked
         about step ``checked``: an urgent heartbeat's ``stop_ack`` (hearing.py, monitor/stop_steps.py)."""
-        phase = self._phase
-        fields: dict[str, Any] = {} if phase is None else {"phase": phase[0], "phase_time": phase[1]}
-        fields["stop_ack"] = {"step": stop} if checked is None else {"step": stop, "checked": checked}
-        self._send_kind("heartbeat", None, fields)
+        self._heartbeat(None, "stop_ack", {"step": stop} if checked is None else {"step": stop, "checked": checked})
         self._outbox.request_flush()
 
     def end(self, step: int | None = None) -> None:
